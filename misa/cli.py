@@ -1,0 +1,76 @@
+"""The ``misa`` command line: a thin shell over the library."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+
+def _device(name: str | None) -> torch.device:
+    if name in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is available")
+    return dev
+
+
+def _print_table(title: str, columns: list[str], rows: list[list[str]], caption: str | None = None) -> None:
+    from rich.console import Console
+    from rich.table import Table
+    table = Table(title=title, caption=caption)
+    for i, c in enumerate(columns):
+        table.add_column(c, justify="left" if i < 2 else "right")
+    for r in rows:
+        table.add_row(*r)
+    Console().print(table)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import DemoConfig, run_demo
+    device = _device(args.device)
+    cfg = DemoConfig.for_device(device)
+    for field in ("seq_len", "num_queries", "k"):
+        if getattr(args, field) is not None:
+            setattr(cfg, field, getattr(args, field))
+    print(f"misa demo on {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'})")
+    print(f"workload: SYNTHETIC indexer traffic (topics, sinks, local windows, retrieved spans, specialised "
+          f"heads), {cfg.heads} heads x {cfg.head_dim} dims, fp8; {cfg.num_queries} causal queries at the end "
+          f"of a {cfg.seq_len}-token context, top-k = {cfg.k}")
+    rows = run_demo(cfg, device, seed=args.seed)
+    note = ("times are the PyTorch reference on the CPU: they show work, not kernel speed (see `misa bench`)"
+            if device.type == "cpu" else "wall-clock of one call each after a warm-up; `misa bench` times properly")
+    _print_table("Recall of DSA's selected tokens", ["method", "setting", "recall (mean)", "recall (min)", "ms"],
+                 [[r.method, r.setting, f"{r.recall_mean:.4f}", f"{r.recall_min:.4f}", f"{r.ms:.1f}"] for r in rows],
+                 caption=note)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="misa", description="MISA: cheaper token selection for DeepSeek Sparse Attention.")
+    sub = p.add_subparsers(dest="command", required=True)
+    d = sub.add_parser("demo", help="compare DSA, MISA, MISA-dagger and HISA on one indexer workload",
+                       description="Run DSA, MISA (h of H heads), MISA-dagger and HISA on one indexer workload "
+                                   "and print, per method, the recall of DSA's selected tokens and the time.")
+    d.add_argument("--device", default="auto", help="cpu, cuda or auto (default: cuda when present)")
+    d.add_argument("--seq-len", type=int, default=None, help="context length (default: 8192 on CPU, 32768 on GPU)")
+    d.add_argument("--num-queries", type=int, default=None,
+                   help="queries at the end of the context (default: 1024 on CPU, 4096 on GPU)")
+    d.add_argument("--k", type=int, default=None, help="tokens each query keeps (default: 512 on CPU, 2048 on GPU)")
+    d.add_argument("--seed", type=int, default=0, help="seed of the synthetic workload")
+    d.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ValueError as e:
+        print(f"misa: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,58 @@
+"""MISA's head router: block mean-pooled keys, per-head scores over the visible blocks, top-h heads.
+
+    kbar[b]  = mean of the dequantised keys of block b (a partial last block averages its real tokens)
+    r[t, j]  = sum_b | w[t, j] * relu(q[t, j] . kbar[b]) |    over blocks [floor(ks/B), ceil(ke/B))
+
+``abs-sum`` is the paper's statistic and the default; the others are named options for studying
+the router (issue 4): ``sum`` (signed), ``max`` (largest block), ``qnorm`` (``|w| * ||q||``, keys
+ignored).
+"""
+from __future__ import annotations
+
+import torch
+
+from ..dsa.reference import head_scores
+
+ROUTER_STATISTICS = ("abs-sum", "sum", "max", "qnorm")
+
+
+def pool_keys(k: torch.Tensor, block_size: int) -> torch.Tensor:
+    """``k [S, D]`` f32 -> ``kbar [ceil(S / B), D]`` f32."""
+    s, d = k.shape
+    nb = -(-s // block_size)
+    padded = torch.zeros(nb * block_size, d, dtype=k.dtype, device=k.device)
+    padded[:s] = k
+    sums = padded.view(nb, block_size, d).sum(dim=1)
+    counts = torch.clamp(s - torch.arange(nb, device=k.device) * block_size, max=block_size)
+    return sums / counts[:, None].to(k.dtype)
+
+
+def visible_blocks(ks: torch.Tensor, ke: torch.Tensor, num_blocks: int, block_size: int,
+                   block_offset: int = 0) -> torch.Tensor:
+    """``[T, NB]`` bool: block ``block_offset + c`` lies in ``[floor(ks/B), ceil(ke/B))``."""
+    b = torch.arange(block_offset, block_offset + num_blocks, device=ks.device)
+    lo = torch.div(ks, block_size, rounding_mode="floor")
+    hi = torch.div(ke + block_size - 1, block_size, rounding_mode="floor")
+    return (b[None, :] >= lo[:, None]) & (b[None, :] < hi[:, None])
+
+
+def head_router_scores(q: torch.Tensor, kbar: torch.Tensor, weights: torch.Tensor,
+                       visible: torch.Tensor, statistic: str = "abs-sum") -> torch.Tensor:
+    """``r [T, H]`` f32 from ``q [T, H, D]``, ``kbar [NB, D]``, ``weights [T, H]``, ``visible [T, NB]``."""
+    if statistic == "qnorm":
+        return weights.abs() * q.norm(dim=-1)
+    scores = head_scores(q, kbar) * visible[:, None, :]          # [T, H, NB], 0 on hidden blocks
+    if statistic == "abs-sum":
+        return weights.abs() * scores.sum(dim=-1)
+    if statistic == "sum":
+        return weights * scores.sum(dim=-1)
+    if statistic == "max":
+        return weights.abs() * scores.amax(dim=-1) if scores.shape[-1] else torch.zeros_like(weights)
+    raise ValueError(f"router: unknown statistic {statistic!r}, expected one of {ROUTER_STATISTICS}")
+
+
+def top_heads(r: torch.Tensor, active_heads: int) -> torch.Tensor:
+    """The ``active_heads`` largest router scores per query, ties to the lower head, returned in
+    ascending head order (so ``h = H`` reproduces DSA's head order exactly): ``[T, h]`` int64."""
+    order = torch.sort(r, dim=1, descending=True, stable=True).indices[:, :active_heads]
+    return torch.sort(order, dim=1).values

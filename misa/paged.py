@@ -1,0 +1,113 @@
+"""Decode: the same selectors over the paged index-K cache (SPEC section 1, DeepGEMM's layout).
+
+``q [B, next_n, H, D]``; ``weights [B * next_n, H]`` float32; ``context_lens [B]`` int32 (tokens in
+the cache for each sequence, the ``next_n`` new ones included); ``block_table [B, max_pages]`` int32.
+Query ``i`` of sequence ``b`` sees keys ``[0, context_lens[b] - next_n + i + 1)`` (multi-token
+prediction puts several new tokens in one step). Indices are positions inside the sequence.
+Outputs have ``B * next_n`` rows, sequence-major.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import quant, select
+from .api import _check_router, _check_workspace
+from .validate import Inputs, check_finite, check_int, check_stage1_k, check_tensor, Q_DTYPES
+
+
+def _check_paged(q, kv_cache, weights, context_lens, block_table):
+    check_tensor("q", q, 4, Q_DTYPES)
+    b, n, h, d = q.shape
+    check_finite("q", q)
+    cache_dim = quant.paged_head_dim(kv_cache)
+    if cache_dim != d:
+        raise ValueError(f"kv_cache: head dim {cache_dim} does not match q's {d}")
+    check_tensor("weights", weights, 2, (torch.float32,))
+    if tuple(weights.shape) != (b * n, h):
+        raise ValueError(f"weights: expected shape {(b * n, h)}, got {tuple(weights.shape)}")
+    check_finite("weights", weights)
+    check_tensor("context_lens", context_lens, 1, (torch.int32,))
+    if context_lens.shape[0] != b:
+        raise ValueError(f"context_lens: expected [{b}], got {tuple(context_lens.shape)}")
+    check_tensor("block_table", block_table, 2, (torch.int32,))
+    if block_table.shape[0] != b:
+        raise ValueError(f"block_table: expected {b} rows, got {block_table.shape[0]}")
+    for name, x in (("kv_cache", kv_cache), ("weights", weights), ("context_lens", context_lens),
+                    ("block_table", block_table)):
+        if x.device != q.device:
+            raise ValueError(f"{name}: on {x.device}, q on {q.device}")
+    if b and bool((context_lens < n).any()):
+        raise ValueError(f"context_lens: every sequence must hold at least next_n ({n}) tokens")
+    pages_needed = (context_lens.long() + quant.PAGE_SIZE - 1) // quant.PAGE_SIZE
+    if b and int(pages_needed.max()) > block_table.shape[1]:
+        raise ValueError("block_table: too few columns for the longest context")
+
+
+def _sequences(q, kv_cache, weights, context_lens, block_table):
+    """Yield ``(rows, Inputs)`` per sequence: its queries against its keys read from the cache."""
+    b, n = q.shape[:2]
+    for i, length in enumerate(context_lens.tolist()):
+        k_fp8, k_scale = quant.read_paged_kcache(kv_cache, block_table[i], length)
+        ke = torch.arange(length - n + 1, length + 1, dtype=torch.int32, device=q.device)
+        yield slice(i * n, (i + 1) * n), Inputs(q[i], k_fp8, k_scale, weights[i * n:(i + 1) * n],
+                                                torch.zeros_like(ke), ke)
+
+
+def paged_dsa_logits(q, kv_cache, weights, context_lens, block_table, max_context_len: int | None = None
+                     ) -> torch.Tensor:
+    """``[B * next_n, max_context_len]`` float32 logits, -inf beyond each query's visible range."""
+    _check_paged(q, kv_cache, weights, context_lens, block_table)
+    longest = int(context_lens.max()) if context_lens.numel() else 0
+    width = longest if max_context_len is None else check_int("max_context_len", max_context_len, longest)
+    out = torch.full((q.shape[0] * q.shape[1], width), float("-inf"), device=q.device)
+    for rows, inp in _sequences(q, kv_cache, weights, context_lens, block_table):
+        out[rows, : inp.num_keys] = select.dsa_logits(inp)
+    return out
+
+
+def _paged_select(fn, q, kv_cache, weights, context_lens, block_table, k):
+    _check_paged(q, kv_cache, weights, context_lens, block_table)
+    out = torch.empty(q.shape[0] * q.shape[1], k, dtype=torch.int32, device=q.device)
+    for rows, inp in _sequences(q, kv_cache, weights, context_lens, block_table):
+        out[rows] = fn(inp)
+    return out
+
+
+def paged_dsa_select(q, kv_cache, weights, context_lens, block_table, k: int = 2048) -> torch.Tensor:
+    check_int("k", k)
+    return _paged_select(lambda inp: select.dsa_select(inp, k), q, kv_cache, weights, context_lens,
+                         block_table, k)
+
+
+def paged_route_heads(q, kv_cache, weights, context_lens, block_table, active_heads: int = 8,
+                      block_size: int = 1024, *, router: str = "abs-sum") -> torch.Tensor:
+    check_tensor("q", q, 4, Q_DTYPES)
+    check_int("active_heads", active_heads, 1, q.shape[2])
+    check_int("block_size", block_size)
+    _check_router(router)
+    return _paged_select(lambda inp: select.route_heads(inp, active_heads, block_size, router),
+                         q, kv_cache, weights, context_lens, block_table, active_heads)
+
+
+def paged_misa_select(q, kv_cache, weights, context_lens, block_table, k: int = 2048,
+                      active_heads: int = 8, block_size: int = 1024, stage1_k: int | None = None, *,
+                      router: str = "abs-sum", workspace_bytes: int | None = None) -> torch.Tensor:
+    check_int("k", k)
+    check_tensor("q", q, 4, Q_DTYPES)
+    check_int("active_heads", active_heads, 1, q.shape[2])
+    check_int("block_size", block_size)
+    stage1_k = check_stage1_k(stage1_k, k)
+    _check_router(router)
+    _check_workspace(workspace_bytes)
+    return _paged_select(lambda inp: select.misa_select(inp, k, active_heads, block_size, stage1_k, router,
+                                                        workspace_bytes),
+                         q, kv_cache, weights, context_lens, block_table, k)
+
+
+def paged_hisa_select(q, kv_cache, weights, context_lens, block_table, k: int = 2048,
+                      block_size: int = 128, block_k: int = 64) -> torch.Tensor:
+    check_int("k", k)
+    check_int("block_size", block_size)
+    check_int("block_k", block_k, 2)
+    return _paged_select(lambda inp: select.hisa_select(inp, k, block_size, block_k),
+                         q, kv_cache, weights, context_lens, block_table, k)

@@ -1,0 +1,145 @@
+"""Argument checks shared by every public function: one place, one message style.
+
+Every failure is a ``ValueError`` whose message starts with the argument's name.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .quant import FP8
+
+Q_DTYPES = (FP8, torch.bfloat16, torch.float32)
+K_DTYPES = (torch.bfloat16, torch.float32)
+
+
+def _fail(name: str, msg: str) -> None:
+    raise ValueError(f"{name}: {msg}")
+
+
+def check_tensor(name: str, x, ndim: int | None = None, dtypes=None) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        _fail(name, f"expected a torch.Tensor, got {type(x).__name__}")
+    if ndim is not None and x.ndim != ndim:
+        _fail(name, f"expected {ndim} dimensions, got shape {tuple(x.shape)}")
+    if dtypes is not None and x.dtype not in dtypes:
+        _fail(name, f"expected dtype in {[str(d).replace('torch.', '') for d in dtypes]}, got {x.dtype}")
+    return x
+
+
+def check_finite(name: str, x: torch.Tensor) -> None:
+    if x.dtype == FP8:
+        # e4m3fn has no infinity; NaN is S.1111.111 (0x7f / 0xff).
+        bad = (x.view(torch.uint8) & 0x7F) == 0x7F
+    else:
+        bad = ~torch.isfinite(x)
+    if bool(bad.any()):
+        _fail(name, "contains NaN or infinite values")
+
+
+def check_int(name: str, value, low: int = 1, high: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        _fail(name, f"expected an int, got {value!r}")
+    if value < low or (high is not None and value > high):
+        bound = f">= {low}" if high is None else f"in [{low}, {high}]"
+        _fail(name, f"must be {bound}, got {value}")
+    return value
+
+
+def check_power_of_two(name: str, value: int) -> int:
+    check_int(name, value)
+    if value & (value - 1):
+        _fail(name, f"must be a power of two, got {value}")
+    return value
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """Validated indexer inputs (the tensors themselves, untouched)."""
+    q: torch.Tensor            # [T, H, D]
+    k: torch.Tensor            # [S, D]: fp8 with k_scale, or bf16/fp32 with k_scale None
+    k_scale: torch.Tensor | None
+    weights: torch.Tensor      # [T, H] float32
+    ks: torch.Tensor           # [T] int32
+    ke: torch.Tensor           # [T] int32
+
+    @property
+    def num_queries(self) -> int:
+        return self.q.shape[0]
+
+    @property
+    def num_heads(self) -> int:
+        return self.q.shape[1]
+
+    @property
+    def num_keys(self) -> int:
+        return self.k.shape[0]
+
+
+def check_kv(kv, head_dim: int | None, device: torch.device | None):
+    if isinstance(kv, (tuple, list)):
+        if len(kv) != 2:
+            _fail("kv", f"expected (k_fp8, k_scale), got a sequence of {len(kv)}")
+        k, k_scale = kv
+        check_tensor("kv[0] (k_fp8)", k, 2, (FP8,))
+        check_tensor("kv[1] (k_scale)", k_scale, 1, (torch.float32,))
+        if k_scale.shape[0] != k.shape[0]:
+            _fail("kv[1] (k_scale)", f"expected [{k.shape[0]}] to match k_fp8, got {tuple(k_scale.shape)}")
+        if k_scale.device != k.device:
+            _fail("kv[1] (k_scale)", f"on {k_scale.device}, k_fp8 on {k.device}")
+        check_finite("kv[0] (k_fp8)", k)
+        if bool((~torch.isfinite(k_scale) | (k_scale <= 0)).any()):
+            _fail("kv[1] (k_scale)", "scales must be finite and > 0")
+        name = "kv[0] (k_fp8)"
+    else:
+        k, k_scale = check_tensor("kv", kv, 2, K_DTYPES), None
+        check_finite("kv", k)
+        name = "kv"
+    if head_dim is not None and k.shape[1] != head_dim:
+        _fail(name, f"head dim {k.shape[1]} does not match q's {head_dim}")
+    if device is not None and k.device != device:
+        _fail(name, f"on {k.device}, q on {device}")
+    return k, k_scale
+
+
+def check_ranges(ks, ke, num_queries: int, num_keys: int, device: torch.device) -> None:
+    for name, x in (("ks", ks), ("ke", ke)):
+        check_tensor(name, x, 1, (torch.int32,))
+        if x.shape[0] != num_queries:
+            _fail(name, f"expected [{num_queries}] (one per query), got {tuple(x.shape)}")
+        if x.device != device:
+            _fail(name, f"on {x.device}, q on {device}")
+    if num_queries:
+        if bool((ks < 0).any()):
+            _fail("ks", "must be >= 0")
+        if bool((ks > ke).any()):
+            _fail("ks", "must be <= ke for every query")
+        if bool((ke > num_keys).any()):
+            _fail("ke", f"must be <= the number of keys ({num_keys})")
+
+
+def check_inputs(q, kv, weights, ks, ke) -> Inputs:
+    check_tensor("q", q, 3, Q_DTYPES)
+    t, h, d = q.shape
+    if h < 1 or d < 1:
+        _fail("q", f"needs at least one head and one dim, got shape {tuple(q.shape)}")
+    check_finite("q", q)
+    k, k_scale = check_kv(kv, d, q.device)
+    check_tensor("weights", weights, 2, (torch.float32,))
+    if tuple(weights.shape) != (t, h):
+        _fail("weights", f"expected shape {(t, h)}, got {tuple(weights.shape)}")
+    if weights.device != q.device:
+        _fail("weights", f"on {weights.device}, q on {q.device}")
+    check_finite("weights", weights)
+    check_ranges(ks, ke, t, k.shape[0], q.device)
+    return Inputs(q, k, k_scale, weights, ks, ke)
+
+
+def check_stage1_k(stage1_k, k: int):
+    if stage1_k is None:
+        return None
+    check_int("stage1_k", stage1_k)
+    if stage1_k < k:
+        _fail("stage1_k", f"must be >= k ({k}), got {stage1_k}")
+    return stage1_k

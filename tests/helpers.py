@@ -1,0 +1,117 @@
+"""Shared test helpers: random indexer inputs and float64 brute-force formulas."""
+from __future__ import annotations
+
+import torch
+
+import misa
+
+FP8 = torch.float8_e4m3fn
+
+
+def ranges(kind: str, t: int, s: int, g: torch.Generator):
+    """``ks, ke`` int32 of one kind: causal (last t of s), ragged (random), with empties."""
+    if kind == "causal":
+        ke = torch.arange(s - t + 1, s + 1)
+        ks = torch.zeros(t, dtype=torch.long)
+    elif kind == "ragged":
+        a = torch.randint(0, s + 1, (t,), generator=g)
+        b = torch.randint(0, s + 1, (t,), generator=g)
+        ks, ke = torch.minimum(a, b), torch.maximum(a, b)
+    elif kind == "empty":
+        ks = torch.randint(0, s + 1, (t,), generator=g)
+        ke = ks.clone()
+        ke[::3] = torch.clamp(ks[::3] + torch.randint(1, 40, (len(ks[::3]),), generator=g), max=s)
+    else:
+        raise AssertionError(kind)
+    return ks.int(), ke.int()
+
+
+def make_inputs(t: int, s: int, h: int, d: int, kind: str = "causal", seed: int = 0, kv: str = "fp8",
+                q_dtype=FP8, device="cpu"):
+    """Random ``(q, kv, weights, ks, ke)``; q scales are folded into weights as the engines do."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(t, h, d, generator=g)
+    w = torch.randn(t, h, generator=g)
+    k = torch.randn(s, d, generator=g) + 0.3 * torch.randn(1, d, generator=g)  # a shared direction
+    if q_dtype == FP8:
+        q, w = misa.quantize_queries(q, w)
+    else:
+        q = q.to(q_dtype)
+    if kv == "fp8":
+        kvv = misa.quantize_keys(k)
+    else:
+        kvv = k.to({"bf16": torch.bfloat16, "fp32": torch.float32}[kv])
+    ks, ke = ranges(kind, t, s, g)
+    dev = torch.device(device)
+    if isinstance(kvv, tuple):
+        kvv = tuple(x.to(dev) for x in kvv)
+    else:
+        kvv = kvv.to(dev)
+    return q.to(dev), kvv, w.float().to(dev), ks.to(dev), ke.to(dev)
+
+
+def keys64(kv) -> torch.Tensor:
+    if isinstance(kv, tuple):
+        return kv[0].double() * kv[1].double()[:, None]
+    return kv.double()
+
+
+def dsa_logits64(q, kv, w, ks, ke, heads=None) -> torch.Tensor:
+    """Brute force in float64; ``heads [T, h]`` restricts each query to those heads."""
+    q64, k64, w64 = q.double().cpu(), keys64(kv).cpu(), w.double().cpu()
+    if heads is not None:
+        idx = heads.long().cpu()
+        q64 = torch.gather(q64, 1, idx[:, :, None].expand(-1, -1, q64.shape[2]))
+        w64 = torch.gather(w64, 1, idx)
+    out = torch.einsum("th,ths->ts", w64, torch.einsum("thd,sd->ths", q64, k64).clamp_min(0))
+    pos = torch.arange(k64.shape[0])
+    inside = (pos[None] >= ks.cpu().long()[:, None]) & (pos[None] < ke.cpu().long()[:, None])
+    return out.masked_fill(~inside, float("-inf"))
+
+
+def router_scores64(q, kv, w, ks, ke, block_size):
+    """abs-sum router statistic in float64: ``[T, H]``."""
+    k64 = keys64(kv).cpu()
+    s = k64.shape[0]
+    nb = -(-s // block_size)
+    kbar = torch.stack([k64[b * block_size:(b + 1) * block_size].mean(0) for b in range(nb)])
+    sc = torch.einsum("thd,bd->thb", q.double().cpu(), kbar).clamp_min(0)
+    b = torch.arange(nb)
+    lo = ks.cpu().long() // block_size
+    hi = (ke.cpu().long() + block_size - 1) // block_size
+    vis = (b[None] >= lo[:, None]) & (b[None] < hi[:, None])
+    return (w.double().cpu().abs()[:, :, None] * sc * vis[:, None, :]).sum(-1)
+
+
+def check_selection(idx, scores64, ks, ke, k, rtol=1e-5, exact=None):
+    """The SPEC invariants of a selection against float64 scores of the method it implements.
+
+    In range, distinct, exactly ``min(k, ke - ks)`` before the -1 padding, and selected by value
+    (the smallest selected score >= the largest unselected, within rounding). ``exact`` (a set per
+    row) additionally demands the set itself.
+    """
+    idx = idx.cpu().long()
+    assert idx.shape == (scores64.shape[0], k), idx.shape
+    ks, ke = ks.cpu().long(), ke.cpu().long()
+    for t in range(idx.shape[0]):
+        row = idx[t]
+        n = int(min(k, ke[t] - ks[t]))
+        chosen = row[row >= 0]
+        assert chosen.numel() == n, (t, chosen.numel(), n)
+        assert bool((row[n:] == -1).all()), t
+        assert bool(((chosen >= ks[t]) & (chosen < ke[t])).all()), t
+        assert chosen.unique().numel() == n, t
+        if n and n < ke[t] - ks[t]:
+            inside = scores64[t, ks[t]:ke[t]]
+            mask = torch.ones_like(inside, dtype=torch.bool)
+            mask[chosen - ks[t]] = False
+            lo_sel = scores64[t, chosen].min()
+            hi_rest = inside[mask].max()
+            tol = rtol * max(1.0, float(inside.abs().max()))
+            assert lo_sel >= hi_rest - tol, (t, float(lo_sel), float(hi_rest))
+        if exact is not None:
+            assert set(chosen.tolist()) == exact[t], t
+
+
+def as_sets(idx) -> list[set]:
+    return [set(r[r >= 0].tolist()) for r in idx.cpu()]

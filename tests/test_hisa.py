@@ -1,0 +1,58 @@
+import pytest
+import torch
+
+import misa
+from helpers import as_sets, check_selection, dsa_logits64, keys64, make_inputs
+
+
+def _hisa64(q, kv, w, ks, ke, k, bs, m):
+    """HISA by the letter, float64: returns per-row candidate sets and the full DSA scores."""
+    k64 = keys64(kv)
+    s = k64.shape[0]
+    nb = -(-s // bs)
+    kbar = torch.stack([k64[b * bs:(b + 1) * bs].mean(0) for b in range(nb)])
+    blk = torch.einsum("th,thb->tb", w.double(), torch.einsum("thd,bd->thb", q.double(), kbar).clamp_min(0))
+    cands = []
+    for t in range(q.shape[0]):
+        lo, hi = int(ks[t]) // bs, -(-int(ke[t]) // bs)
+        if hi <= lo or ke[t] == ks[t]:
+            cands.append(set())
+            continue
+        scores = {b: float(blk[t, b]) for b in range(lo, hi)}
+        scores[lo] = scores[hi - 1] = float("inf")
+        kept = sorted(scores, key=lambda b: (-scores[b], b))[:m]
+        cands.append({p for b in kept for p in range(b * bs, min((b + 1) * bs, s)) if ks[t] <= p < ke[t]})
+    return cands
+
+
+@pytest.mark.parametrize("kind", ["causal", "ragged", "empty"])
+@pytest.mark.parametrize("bs,m", [(16, 2), (32, 3), (8, 7)])
+def test_hisa_matches_the_method(kind, bs, m):
+    q, kv, w, ks, ke = make_inputs(30, 333, 8, 32, kind, seed=bs + m)
+    idx = misa.hisa_select(q, kv, w, ks, ke, k=20, block_size=bs, block_k=m)
+    full = dsa_logits64(q, kv, w, ks, ke)
+    cands = _hisa64(q, kv, w, ks, ke, 20, bs, m)
+    for t, (got, cand) in enumerate(zip(as_sets(idx), cands)):
+        assert got <= cand, t
+        assert len(got) == min(20, len(cand)), t
+        if len(cand) > len(got):
+            rest = cand - got
+            assert min(full[t, list(got)]) >= max(full[t, list(rest)]) - 1e-5 * full[t].abs().max().clamp_min(1)
+
+
+@pytest.mark.parametrize("kind", ["causal", "ragged", "empty"])
+def test_hisa_keeping_all_blocks_is_dsa(kind):
+    q, kv, w, ks, ke = make_inputs(40, 300, 8, 32, kind, seed=31)
+    dsa = misa.dsa_select(q, kv, w, ks, ke, k=37)
+    h = misa.hisa_select(q, kv, w, ks, ke, k=37, block_size=16, block_k=19)
+    assert as_sets(h) == as_sets(dsa)
+
+
+def test_hisa_keeps_first_and_last_block():
+    q, kv, w, ks, ke = make_inputs(20, 512, 8, 32, "causal", seed=32)
+    # k equal to two blocks and m = 2: exactly the first and the last visible block survive
+    idx = misa.hisa_select(q, kv, w, ks, ke, k=64, block_size=32, block_k=2)
+    for t, got in enumerate(as_sets(idx)):
+        last = (int(ke[t]) - 1) // 32
+        want = set(range(0, 32)) | set(range(last * 32, int(ke[t])))
+        assert got == want

@@ -1,0 +1,53 @@
+import pytest
+import torch
+
+import misa
+from misa.ops.router.reference import pool_keys
+from helpers import keys64, make_inputs, router_scores64
+
+
+@pytest.mark.parametrize("s,b", [(100, 16), (64, 64), (65, 64), (7, 1024)])
+def test_pool_keys_means_real_tokens(s, b):
+    k = torch.randn(s, 8, dtype=torch.float64)
+    got = pool_keys(k, b)
+    want = torch.stack([k[i:i + b].mean(0) for i in range(0, s, b)])
+    assert torch.allclose(got, want)
+
+
+@pytest.mark.parametrize("kind", ["causal", "ragged", "empty"])
+@pytest.mark.parametrize("h,bs", [(1, 16), (3, 32), (8, 64)])
+def test_route_heads_are_top_router_scores(kind, h, bs):
+    q, kv, w, ks, ke = make_inputs(29, 333, 16, 32, kind, seed=h)
+    heads = misa.route_heads(q, kv, w, ks, ke, active_heads=h, block_size=bs)
+    assert heads.shape == (29, h) and heads.dtype == torch.int32
+    assert bool((heads[:, 1:] > heads[:, :-1]).all()), "ascending and distinct"
+    r = router_scores64(q, kv, w, ks, ke, bs)
+    picked = torch.gather(r, 1, heads.long())
+    rest = r.clone()
+    rest.scatter_(1, heads.long(), float("-inf"))
+    tol = 1e-5 * r.abs().max().clamp_min(1)
+    assert bool((picked.min(1).values >= rest.max(1).values - tol).all())
+
+
+def test_route_all_heads_is_identity():
+    q, kv, w, ks, ke = make_inputs(9, 100, 6, 16, "ragged", seed=2)
+    heads = misa.route_heads(q, kv, w, ks, ke, active_heads=6, block_size=32)
+    assert torch.equal(heads, torch.arange(6, dtype=torch.int32).expand(9, 6))
+
+
+@pytest.mark.parametrize("router", ["sum", "max", "qnorm"])
+def test_other_router_statistics(router):
+    q, kv, w, ks, ke = make_inputs(20, 200, 16, 32, "causal", seed=4)
+    heads = misa.route_heads(q, kv, w, ks, ke, active_heads=4, block_size=32, router=router)
+    k64 = keys64(kv)
+    nb = -(-200 // 32)
+    kbar = torch.stack([k64[i * 32:(i + 1) * 32].mean(0) for i in range(nb)])
+    sc = torch.einsum("thd,bd->thb", q.double(), kbar).clamp_min(0)
+    b = torch.arange(nb)
+    vis = (b[None] >= (ks.long() // 32)[:, None]) & (b[None] < ((ke.long() + 31) // 32)[:, None])
+    sc = sc * vis[:, None]
+    w64 = w.double()
+    r = {"sum": w64 * sc.sum(-1), "max": w64.abs() * sc.amax(-1),
+         "qnorm": w64.abs() * q.double().norm(dim=-1)}[router]
+    want = torch.sort(torch.topk(r, 4, dim=1).indices, dim=1).values
+    assert torch.equal(heads.long(), want)

@@ -1,0 +1,121 @@
+import re
+
+import pytest
+import torch
+
+import misa
+from helpers import FP8, make_inputs
+
+
+@pytest.fixture
+def good():
+    return make_inputs(6, 40, 4, 16, "causal", seed=0)
+
+
+def _call(fn, q, kv, w, ks, ke, **kw):
+    return fn(q, kv, w, ks, ke, **kw)
+
+
+SELECTORS = [misa.dsa_logits, misa.dsa_select, misa.route_heads, misa.misa_select, misa.hisa_select]
+
+
+@pytest.mark.parametrize("fn", SELECTORS)
+def test_good_inputs_pass(fn, good):
+    kw = {"active_heads": 2} if fn in (misa.route_heads, misa.misa_select) else {}
+    if fn is misa.misa_select or fn is misa.route_heads:
+        kw["block_size"] = 8
+    if fn is misa.hisa_select:
+        kw.update(block_size=8, block_k=2)
+    fn(*good, **kw)
+
+
+def _bad_cases(good):
+    q, kv, w, ks, ke = good
+    k_fp8, k_scale = kv
+    nan_w = w.clone()
+    nan_w[0, 0] = float("nan")
+    nan_q = q.view(torch.uint8).clone()
+    nan_q[0, 0, 0] = 0x7F
+    return [
+        ("q", (q.float()[:, 0], kv, w, ks, ke)),                       # wrong ndim
+        ("q", (q.float().half(), kv, w, ks, ke)),                      # float16 is not a q dtype
+        ("q", (nan_q.view(FP8), kv, w, ks, ke)),                       # NaN fp8
+        ("kv", (q, (k_fp8,), w, ks, ke)),                              # tuple of one
+        ("kv[0]", (q, (k_fp8.float(), k_scale), w, ks, ke)),          # k not fp8 in tuple
+        ("kv[1]", (q, (k_fp8, k_scale[:-1]), w, ks, ke)),             # scale shape
+        ("kv[1]", (q, (k_fp8, -k_scale), w, ks, ke)),                 # negative scale
+        ("kv[0]", (q, (k_fp8[:, :8], k_scale), w, ks, ke)),           # head dim mismatch
+        ("kv", (q, k_fp8.float().half(), w, ks, ke)),                 # float16 keys
+        ("weights", (q, kv, w.double(), ks, ke)),
+        ("weights", (q, kv, w[:, :2], ks, ke)),
+        ("weights", (q, kv, nan_w, ks, ke)),
+        ("ks", (q, kv, w, ks.long(), ke)),
+        ("ks", (q, kv, w, ks[:-1], ke)),
+        ("ks", (q, kv, w, ks - 1, ke)),
+        ("ks", (q, kv, w, ke + 1, ke)),                                # ks > ke
+        ("ke", (q, kv, w, ks, ke + 1)),                                # ke > S
+    ]
+
+
+@pytest.mark.parametrize("fn", SELECTORS)
+def test_bad_inputs_name_the_argument(fn, good):
+    for name, args in _bad_cases(good):
+        with pytest.raises(ValueError, match="^" + re.escape(name)):
+            fn(*args)
+
+
+def test_bad_scalars(good):
+    with pytest.raises(ValueError, match="^k:"):
+        misa.dsa_select(*good, k=0)
+    with pytest.raises(ValueError, match="^k:"):
+        misa.dsa_select(*good, k=2.5)
+    with pytest.raises(ValueError, match="^active_heads:"):
+        misa.misa_select(*good, active_heads=5)
+    with pytest.raises(ValueError, match="^active_heads:"):
+        misa.route_heads(*good, active_heads=0)
+    with pytest.raises(ValueError, match="^block_size:"):
+        misa.misa_select(*good, active_heads=2, block_size=0)
+    with pytest.raises(ValueError, match="^stage1_k:"):
+        misa.misa_select(*good, k=10, active_heads=2, stage1_k=5)
+    with pytest.raises(ValueError, match="^block_k:"):
+        misa.hisa_select(*good, block_k=1)
+    with pytest.raises(ValueError, match="^router:"):
+        misa.misa_select(*good, active_heads=2, router="median")
+    with pytest.raises(ValueError, match="^workspace_bytes:"):
+        misa.dsa_select(*good, k=4, workspace_bytes=0)
+
+
+def test_topk_bad_inputs(good):
+    _, _, _, ks, ke = good
+    x = torch.randn(6, 40)
+    with pytest.raises(ValueError, match="^logits:"):
+        misa.topk_indices(x.double(), ks, ke, 3)
+    with pytest.raises(ValueError, match="^k:"):
+        misa.topk_indices(x, ks, ke, 0)
+    with pytest.raises(ValueError, match="^ke:"):
+        misa.topk_indices(x[:, :10], ks, ke, 3)
+    y = x.clone()
+    y[1, 2] = float("nan")
+    with pytest.raises(ValueError, match="^logits:"):
+        misa.topk_indices(y, ks, ke, 3)
+
+
+def test_paged_bad_inputs():
+    g = torch.Generator().manual_seed(0)
+    seqs = [misa.quantize_keys(torch.randn(n, 16, generator=g)) for n in (10, 100)]
+    cache, table, lens = misa.build_paged_kcache(seqs, generator=g)
+    q, w = misa.quantize_queries(torch.randn(2, 4, 16, generator=g), torch.randn(2, 4, generator=g))
+    q = q[:, None]
+    misa.paged_dsa_select(q, cache, w, lens, table, k=4)
+    with pytest.raises(ValueError, match="^q:"):
+        misa.paged_dsa_select(q[:, 0], cache, w, lens, table, k=4)
+    with pytest.raises(ValueError, match="^kv_cache:"):
+        misa.paged_dsa_select(q, cache.view(-1, 64, 1, 10), w, lens, table, k=4)
+    with pytest.raises(ValueError, match="^weights:"):
+        misa.paged_dsa_select(q, cache, w[:1], lens, table, k=4)
+    with pytest.raises(ValueError, match="^context_lens:"):
+        misa.paged_dsa_select(q, cache, w, lens.long(), table, k=4)
+    with pytest.raises(ValueError, match="^block_table:"):
+        misa.paged_dsa_select(q, cache, w, lens, table[:, :1], k=4)
+    with pytest.raises(ValueError, match="^block_table:"):
+        misa.paged_dsa_select(q, cache, w, lens, table + 1000, k=4)
