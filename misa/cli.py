@@ -47,6 +47,24 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import BenchConfig, format_rows, run_bench, save
+    device = _device(args.device)
+    cfg = BenchConfig(num_queries=args.num_queries, context_lens=tuple(args.context_lens), heads=args.heads,
+                      k=args.k, active_heads=args.active_heads, block_size=args.block_size,
+                      stage1_k=args.stage1_k, hisa_block_size=args.hisa_block_size,
+                      hisa_block_k=args.hisa_block_k, rep_ms=args.rep_ms)
+    result = run_bench(cfg, device)
+    cols, rows = format_rows(result)
+    _print_table(f"misa bench on {result['gpu']} ({result['date']}), {cfg.num_queries} causal queries, "
+                 f"H={cfg.heads}, D={cfg.head_dim}, k={cfg.k}, h={cfg.active_heads}, B={cfg.block_size}",
+                 cols, rows, caption="medians of triton.testing.do_bench; x = speed-up over dense DSA in the same run")
+    if args.json:
+        save(result, args.json)
+        print(f"wrote {args.json}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="misa", description="MISA: cheaper token selection for DeepSeek Sparse Attention.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -60,6 +78,25 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--k", type=int, default=None, help="tokens each query keeps (default: 512 on CPU, 2048 on GPU)")
     d.add_argument("--seed", type=int, default=0, help="seed of the synthetic workload")
     d.set_defaults(func=cmd_demo)
+
+    b = sub.add_parser("bench", help="time DSA, MISA, MISA-dagger and HISA kernels (needs a GPU)",
+                       description="Time every method end to end and stage by stage (router, scoring, top-k) "
+                                   "on fresh synthetic fp8 inputs, with medians of many runs, and print speed-ups "
+                                   "over dense DSA measured in the same run, recall of DSA's selection and peak memory.")
+    b.add_argument("--device", default="auto", help="a CUDA device (default: cuda)")
+    b.add_argument("--num-queries", type=int, default=4096, help="causal queries at the end of the context")
+    b.add_argument("--context-lens", type=int, nargs="+", default=[16384, 32768, 65536, 131072],
+                   help="key counts to sweep")
+    b.add_argument("--heads", type=int, default=64, help="indexer heads H")
+    b.add_argument("--k", type=int, default=2048, help="tokens kept per query")
+    b.add_argument("--active-heads", type=int, default=8, help="MISA's routed heads h")
+    b.add_argument("--block-size", type=int, default=1024, help="MISA's router block size B")
+    b.add_argument("--stage1-k", type=int, default=8192, help="MISA-dagger's candidate set k1")
+    b.add_argument("--hisa-block-size", type=int, default=128, help="HISA's block size")
+    b.add_argument("--hisa-block-k", type=int, default=64, help="HISA's kept blocks m")
+    b.add_argument("--rep-ms", type=int, default=200, help="do_bench repetition time per measurement")
+    b.add_argument("--json", default=None, help="also write the full results to this JSON file")
+    b.set_defaults(func=cmd_bench)
     return p
 
 

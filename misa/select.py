@@ -19,15 +19,39 @@ from .ops.router import reference as router_ref
 from .ops.topk import reference as topk_ref
 from .validate import Inputs
 
-DEFAULT_WORKSPACE_BYTES = 1 << 30
+DEFAULT_WORKSPACE_BYTES = 1 << 30        # CPU references
+DEFAULT_GPU_WORKSPACE_BYTES = 4 << 30    # kernels: a 4096 x 131072 selection in one chunk
 
 
-def kernels_enabled(x: torch.Tensor) -> bool:
-    """Use the Triton kernels for CUDA tensors, unless ``MISA_DISABLE_KERNELS=1``."""
-    if not x.is_cuda or os.environ.get("MISA_DISABLE_KERNELS") == "1":
+KERNEL_DTYPES = (quant.FP8, torch.bfloat16)
+
+
+def kernels_enabled(x: torch.Tensor, *dtypes) -> bool:
+    """Use the Triton kernels for CUDA tensors of fp8/bf16 (float32 inputs take the reference),
+    unless ``MISA_DISABLE_KERNELS=1``."""
+    if os.environ.get("MISA_DISABLE_KERNELS") == "1":
+        return False
+    if not x.is_cuda and not _interpreting():
+        return False
+    if any(dt not in KERNEL_DTYPES for dt in dtypes):
         return False
     from .ops import kernels_available
     return kernels_available()
+
+
+def _interpreting() -> bool:
+    """Tests run the kernels on CPU tensors through Triton's interpreter."""
+    return os.environ.get("TRITON_INTERPRET") == "1" and os.environ.get("MISA_INTERPRET_KERNELS") == "1"
+
+
+def _use_kernels(inp: Inputs) -> bool:
+    return kernels_enabled(inp.q, inp.q.dtype, inp.k.dtype)
+
+
+def _contiguous(inp: Inputs) -> Inputs:
+    """Kernels take contiguous tensors."""
+    return Inputs(*(x.contiguous() if x is not None else None
+                    for x in (inp.q, inp.k, inp.k_scale, inp.weights, inp.ks, inp.ke)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -41,16 +65,16 @@ def float_keys(inp: Inputs) -> torch.Tensor:
     return inp.k.float()
 
 
-def query_chunks(inp: Inputs, bytes_per_key: int, workspace_bytes: int | None, align: int = 1
-                 ) -> Iterator[tuple[int, int, int, int]]:
+def query_chunks(inp: Inputs, bytes_per_key: int, workspace_bytes: int | None, align: int = 1,
+                 bytes_per_query: int = 0) -> Iterator[tuple[int, int, int, int]]:
     """Yield ``(t0, t1, lo, hi)``: queries ``[t0, t1)`` and the key window ``[lo, hi)`` they see.
 
-    ``bytes_per_key`` is the reference's workspace per (query, key) pair; ``lo`` is aligned down to
-    ``align`` (block-pooled methods need whole blocks).
+    A query costs ``bytes_per_key`` per key plus ``bytes_per_query`` of workspace; chunks stay
+    under ``workspace_bytes``. ``lo`` is aligned down to ``align`` (pooled blocks must be whole).
     """
-    budget = workspace_bytes or DEFAULT_WORKSPACE_BYTES
+    budget = workspace_bytes or (DEFAULT_GPU_WORKSPACE_BYTES if inp.q.is_cuda else DEFAULT_WORKSPACE_BYTES)
     t = inp.num_queries
-    per_query = max(1, bytes_per_key * max(inp.num_keys, 1))
+    per_query = max(1, bytes_per_key * max(inp.num_keys, 1) + bytes_per_query)
     step = max(1, min(t, budget // per_query))
     ks, ke = inp.ks.tolist(), inp.ke.tolist()
     for t0 in range(0, t, step):
@@ -76,9 +100,9 @@ def _to_absolute(cols: torch.Tensor, lo: int) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 
 def dsa_logits(inp: Inputs, workspace_bytes: int | None = None) -> torch.Tensor:
-    if kernels_enabled(inp.q):
+    if _use_kernels(inp):
         from .ops.dsa import triton as dsa_triton
-        return dsa_triton.dsa_logits(inp)
+        return dsa_triton.dsa_logits(_contiguous(inp))
     out = torch.full((inp.num_queries, inp.num_keys), float("-inf"), device=inp.q.device)
     kf = float_keys(inp)
     for t0, t1, lo, hi in query_chunks(inp, 4 * inp.num_heads, workspace_bytes):
@@ -90,28 +114,46 @@ def dsa_logits(inp: Inputs, workspace_bytes: int | None = None) -> torch.Tensor:
 def topk_indices(logits: torch.Tensor, ks: torch.Tensor, ke: torch.Tensor, k: int) -> torch.Tensor:
     if kernels_enabled(logits):
         from .ops.topk import triton as topk_triton
-        return topk_triton.topk_indices(logits, ks, ke, k)
+        return topk_triton.topk_indices(logits.contiguous(), ks.contiguous(), ke.contiguous(), k)
     return topk_ref.topk_indices(logits, ks.long(), ke.long(), k)
 
 
+def _kernel_select(inp: Inputs, k: int, workspace_bytes: int | None, fill_logits, then=None) -> torch.Tensor:
+    """Chunked kernel selection: ``fill_logits(rows, buf, lo)`` writes the chunk's logits for keys
+    ``[lo, hi)`` into ``buf``, the radix top-k picks ``k``; ``then(rows, idx)`` post-processes."""
+    from .ops.topk.triton import topk
+    out = torch.empty(inp.num_queries, k if then is None else then.k, dtype=torch.int32, device=inp.q.device)
+    # workspace per (query, key): the float32 logits (the top-k scratch is bounded separately)
+    from .ops.topk.triton import MAX_SCRATCH
+    for t0, t1, lo, hi in query_chunks(inp, 4, workspace_bytes, bytes_per_query=8 * MAX_SCRATCH):
+        rows = slice(t0, t1)
+        buf = torch.empty(t1 - t0, max(hi - lo, 1), dtype=torch.float32, device=inp.q.device)
+        fill_logits(rows, buf, lo)
+        idx = topk(buf, inp.ks[rows], inp.ke[rows], k, ks_offset=lo, out_offset=lo)
+        out[rows] = idx if then is None else then(rows, idx)
+    return out
+
+
 def dsa_select(inp: Inputs, k: int, workspace_bytes: int | None = None) -> torch.Tensor:
-    if kernels_enabled(inp.q):
-        from .ops.dsa import triton as dsa_triton
-        return dsa_triton.dsa_select(inp, k, workspace_bytes)
+    if _use_kernels(inp):
+        from .ops.dsa.triton import launch_logits
+        inp = _contiguous(inp)
+        return _kernel_select(inp, k, workspace_bytes, lambda rows, buf, lo: launch_logits(
+            inp.q[rows], inp.weights[rows], inp.k, inp.k_scale, inp.ks[rows], inp.ke[rows], buf, lo))
     out = torch.empty(inp.num_queries, k, dtype=torch.int32, device=inp.q.device)
     kf = float_keys(inp)
     for t0, t1, lo, hi in query_chunks(inp, 4 * inp.num_heads + 16, workspace_bytes):
         q, kc, w, ks, ke = _chunk_tensors(inp, kf, t0, t1, lo, hi)
-        logits = dsa_ref.dsa_logits(q, kc, w, ks, ke, lo)
-        out[t0:t1] = _to_absolute(topk_ref.select_topk(logits, dsa_ref.visible_mask(ks, ke, hi - lo, lo), k), lo)
+        out[t0:t1] = _to_absolute(topk_ref.select_topk(dsa_ref.dsa_logits(q, kc, w, ks, ke, lo),
+                                                       dsa_ref.visible_mask(ks, ke, hi - lo, lo), k), lo)
     return out
 
 
 def route_heads(inp: Inputs, active_heads: int, block_size: int, router: str = "abs-sum",
                 workspace_bytes: int | None = None) -> torch.Tensor:
-    if kernels_enabled(inp.q) and router == "abs-sum":
+    if _use_kernels(inp) and router == "abs-sum" and inp.num_heads <= 128:
         from .ops.router import triton as router_triton
-        return router_triton.route_heads(inp, active_heads, block_size)
+        return router_triton.route_heads(_contiguous(inp), active_heads, block_size)
     kbar = router_ref.pool_keys(float_keys(inp), block_size)
     nb = kbar.shape[0]
     out = torch.empty(inp.num_queries, active_heads, dtype=torch.int32, device=inp.q.device)
@@ -125,12 +167,26 @@ def route_heads(inp: Inputs, active_heads: int, block_size: int, router: str = "
     return out
 
 
+class _Rerank:
+    """Second stage on the kernel path: re-score stage-1 candidates with all heads, keep ``k``."""
+
+    def __init__(self, inp: Inputs, k: int):
+        self.inp, self.k = inp, k
+
+    def __call__(self, rows: slice, cand: torch.Tensor) -> torch.Tensor:
+        from .ops.misa.triton import rerank
+        return rerank(self.inp, cand, self.k, rows)
+
+
 def misa_select(inp: Inputs, k: int, active_heads: int, block_size: int, stage1_k: int | None,
                 router: str = "abs-sum", workspace_bytes: int | None = None) -> torch.Tensor:
     heads = route_heads(inp, active_heads, block_size, router, workspace_bytes)
-    if kernels_enabled(inp.q):
-        from .ops.misa import triton as misa_triton
-        return misa_triton.misa_select(inp, heads, k, stage1_k, workspace_bytes)
+    if _use_kernels(inp) and triton_heads_ok(active_heads):
+        from .ops.misa.triton import routed_logits
+        inp = _contiguous(inp)
+        then = _Rerank(inp, k) if stage1_k is not None else None
+        return _kernel_select(inp, stage1_k or k, workspace_bytes,
+                              lambda rows, buf, lo: routed_logits(inp, heads, rows, buf, lo), then)
     out = torch.empty(inp.num_queries, k, dtype=torch.int32, device=inp.q.device)
     kf = float_keys(inp)
     heads_per_pair = inp.num_heads if stage1_k is not None else active_heads
@@ -141,11 +197,16 @@ def misa_select(inp: Inputs, k: int, active_heads: int, block_size: int, stage1_
     return out
 
 
+def triton_heads_ok(num_heads: int) -> bool:
+    """The MMA kernels tile (query, head) pairs by powers of two."""
+    return num_heads & (num_heads - 1) == 0
+
+
 def hisa_select(inp: Inputs, k: int, block_size: int, block_k: int,
                 workspace_bytes: int | None = None) -> torch.Tensor:
-    if kernels_enabled(inp.q):
-        from .ops.hisa import triton as hisa_triton
-        return hisa_triton.hisa_select(inp, k, block_size, block_k, workspace_bytes)
+    if _use_kernels(inp) and triton_heads_ok(inp.num_heads):
+        from .ops.hisa.triton import hisa_select as hisa_kernels
+        return hisa_kernels(_contiguous(inp), k, block_size, block_k, workspace_bytes)
     out = torch.empty(inp.num_queries, k, dtype=torch.int32, device=inp.q.device)
     kf = float_keys(inp)
     kbar = router_ref.pool_keys(kf, block_size)

@@ -1,0 +1,124 @@
+"""Tile-shape sweep for the Triton kernels (a developer tool; its picks are the defaults in
+misa/ops/*/triton.py). Each variant is checked against the default variant's output before it is
+timed; failures to compile (too much shared memory, ...) are recorded, not fatal.
+
+    python benchmarks/sweep_kernels.py --out sweep.json [--budget-s 240]
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import time
+
+import torch
+import triton.testing
+
+from misa.ops.dsa.triton import launch_logits
+from misa.ops.misa.triton import gather_logits
+from misa.ops.topk.triton import topk
+from misa.synthetic import indexer_workload
+from misa.validate import check_inputs
+
+
+def bench(fn):
+    return float(triton.testing.do_bench(fn, warmup=10, rep=60, return_mode="median"))
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--budget-s", type=float, default=240)
+    args = ap.parse_args()
+    t_start = time.time()
+    dev = torch.device("cuda")
+    results = {"gpu": torch.cuda.get_device_name(), "logits": [], "topk": [], "gather": []}
+
+    def left():
+        return args.budget_s - (time.time() - t_start)
+
+    work = {
+        "dense64_8192x65536": (8192, 65536, None),
+        "routed8_4096x131072": (4096, 131072, 8),
+    }
+    for name, (t, s, h) in work.items():
+        w = indexer_workload(s, t, 64, 128, seed=1, device=dev)
+        inp = check_inputs(*w.args)
+        heads = None
+        if h:
+            from misa.ops.router.triton import route_heads
+            heads = route_heads(inp, h, 1024)
+        nh = h or 64
+        pairs = float((inp.ke - inp.ks).sum())
+        buf = torch.full((t, s), float("-inf"), device=dev)
+        ref = torch.full((t, s), float("-inf"), device=dev)
+        launch_logits(inp.q, inp.weights, inp.k, inp.k_scale, inp.ks, inp.ke, ref, heads=heads)
+        fin = torch.isfinite(ref)
+        scale = ref[fin].abs().max()
+        for cfg in [(128, 128, 8, 3)] + list(itertools.product((64, 128, 256), (64, 128), (4, 8), (3, 4))):
+            if left() < 0:
+                break
+            if cfg[0] < nh:
+                continue
+            rec = {"work": name, "config": cfg}
+            try:
+                buf.fill_(float("nan"))
+                fn = lambda: launch_logits(inp.q, inp.weights, inp.k, inp.k_scale, inp.ks, inp.ke, buf,
+                                           heads=heads, config=cfg)
+                fn()
+                torch.cuda.synchronize()
+                rec["max_rel_err"] = float(((buf - ref)[fin]).abs().max() / scale)
+                rec["ms"] = bench(fn)
+                rec["tflops"] = 2 * nh * 128 * pairs / rec["ms"] / 1e9
+            except Exception as e:  # noqa: BLE001 - record and go on
+                rec["error"] = f"{type(e).__name__}: {str(e)[:200]}"
+            results["logits"].append(rec)
+            print(rec, flush=True)
+        if h == 8:
+            ks, ke = inp.ks, inp.ke
+            idx_ref = topk(ref, ks, ke, 2048)
+            ref_sets = torch.sort(idx_ref, dim=1).values
+            results["torch.topk_ms"] = bench(lambda: torch.topk(ref, 2048, dim=1, sorted=False))
+            for cfg in [(1024, 8)] + list(itertools.product((1024, 2048, 4096), (4, 8, 16))):
+                if left() < 0:
+                    break
+                rec = {"config": cfg}
+                try:
+                    fn = lambda: topk(ref, ks, ke, 2048, config=cfg)
+                    rec["same"] = bool(torch.equal(torch.sort(fn(), dim=1).values, ref_sets))
+                    rec["ms"] = bench(fn)
+                except Exception as e:  # noqa: BLE001
+                    rec["error"] = f"{type(e).__name__}: {str(e)[:200]}"
+                results["topk"].append(rec)
+                print(rec, flush=True)
+            cand = topk(ref, ks, ke, 8192)
+            g_ref = gather_logits(inp, cand)
+            for cfg in [(128, 8, 2)] + list(itertools.product((64, 128), (4, 8), (2, 3))):
+                if left() < 0:
+                    break
+                rec = {"config": cfg}
+                try:
+                    fn = lambda: gather_logits(inp, cand, config=cfg)
+                    out = fn()
+                    f = torch.isfinite(g_ref)
+                    rec["max_rel_err"] = float((out - g_ref)[f].abs().max() / g_ref[f].abs().max())
+                    rec["ms"] = bench(fn)
+                    rec["tflops"] = 2 * 64 * 128 * float(f.sum()) / rec["ms"] / 1e9
+                except Exception as e:  # noqa: BLE001
+                    rec["error"] = f"{type(e).__name__}: {str(e)[:200]}"
+                results["gather"].append(rec)
+                print(rec, flush=True)
+        del buf, ref
+        torch.cuda.empty_cache()
+    with open(args.out, "w") as f:
+        json.dump(results, f, indent=1)
+    for key in ("logits", "topk", "gather"):
+        ok = [r for r in results[key] if "ms" in r]
+        for work_name in sorted({r.get("work", key) for r in ok}):
+            sub = [r for r in ok if r.get("work", key) == work_name]
+            best = min(sub, key=lambda r: r["ms"])
+            print("BEST", key, work_name, best)
+
+
+if __name__ == "__main__":
+    main()

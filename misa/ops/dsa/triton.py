@@ -1,0 +1,127 @@
+"""Triton kernel for indexer logits: dense DSA (all heads) and MISA's routed scoring (h heads).
+
+Layout (measured best on Hopper, see docs/benchmarks.md): a key tile sits on the M side of the
+matrix product and the (query, head) pairs on N, so one fp8 MMA scores ``BN`` keys against ``BQ``
+queries times ``NH`` heads; relu, the per-head weight and the head sum run on the accumulator
+before a single float32 store per (query, key). Routed scoring gathers each query's head rows of
+``q`` and ``w`` straight from the full tensors (no copy).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from ...quant import FP8
+
+# Triton's CPU interpreter computes bfloat16 arithmetic wrongly (loads and casts are right), so
+# under TRITON_INTERPRET=1 bf16 operands are widened to float32; the kernel logic is unchanged.
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def mma_cast(*dtypes):
+    """The dtype both MMA operands are cast to in-kernel, or None when they already agree."""
+    if INTERPRET and torch.bfloat16 in dtypes:
+        return tl.float32
+    if len(set(dtypes)) > 1:
+        return tl.bfloat16    # fp8 meets bf16: fp8 widens to bf16 exactly
+    return None
+
+
+
+@triton.jit
+def _mqa_logits_kernel(
+    Q, W, HEADS, K, KSCALE, KS, KE, OUT,
+    T, S, col_offset, out_width,
+    stride_qt, stride_qh, stride_wt, stride_ht, stride_k, stride_out,
+    NH: tl.constexpr, D: tl.constexpr, BQ: tl.constexpr, BN: tl.constexpr,
+    ROUTED: tl.constexpr, HAS_SCALE: tl.constexpr, CAST: tl.constexpr,
+):
+    pid_q = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    n_split = tl.num_programs(1)
+    d = tl.arange(0, D)
+
+    rows = pid_q * BQ + tl.arange(0, BQ)
+    row_ok = rows < T
+    ks = tl.load(KS + rows, mask=row_ok, other=2147483647)
+    ke = tl.load(KE + rows, mask=row_ok, other=0)
+    lo = tl.min(ks, axis=0)
+    hi = tl.max(ke, axis=0)
+
+    # (query, head) pairs along N: pair p is query p // NH, head slot p % NH
+    p = tl.arange(0, BQ * NH)
+    pq = pid_q * BQ + p // NH
+    pq_ok = pq < T
+    if ROUTED:
+        head = tl.load(HEADS + pq * stride_ht + p % NH, mask=pq_ok, other=0)
+    else:
+        head = p % NH
+    q = tl.load(Q + pq[:, None].to(tl.int64) * stride_qt + head[:, None] * stride_qh + d[None, :],
+                mask=pq_ok[:, None], other=0.0)
+    w = tl.load(W + pq * stride_wt + head, mask=pq_ok, other=0.0)
+    if CAST is not None:
+        q = q.to(CAST)
+    qt = tl.trans(q)                                   # [D, BQ * NH], K-major for the MMA
+
+    first = lo // BN
+    last = tl.cdiv(hi, BN)
+    for tile in range(first + pid_s, last, n_split):
+        offs = tile * BN + tl.arange(0, BN)
+        key_ok = offs < S
+        k = tl.load(K + offs[:, None].to(tl.int64) * stride_k + d[None, :], mask=key_ok[:, None], other=0.0)
+        if CAST is not None:
+            k = k.to(CAST)
+        acc = tl.dot(k, qt)                            # [BN, BQ * NH] float32
+        acc = tl.maximum(acc, 0.0) * w[None, :]
+        logits = tl.sum(tl.reshape(acc, (BN, BQ, NH)), axis=2)     # [BN, BQ]
+        if HAS_SCALE:
+            logits = logits * tl.load(KSCALE + offs, mask=key_ok, other=0.0)[:, None]
+        inside = (offs[:, None] >= ks[None, :]) & (offs[:, None] < ke[None, :])
+        logits = tl.where(inside, logits, float("-inf"))
+        col = offs - col_offset
+        tl.store(OUT + rows[None, :].to(tl.int64) * stride_out + col[:, None], logits,
+                 mask=row_ok[None, :] & key_ok[:, None] & ((col >= 0) & (col < out_width))[:, None])
+
+
+# Tile shape: (pairs on N, BN keys on M, num_warps, num_stages); BQ = pairs // NH queries per
+# program. Chosen by benchmarks/sweep_kernels.py on an H200 (docs/benchmarks.md).
+DEFAULT_CONFIG = (128, 128, 8, 3)
+
+
+def launch_logits(q, w, k, k_scale, ks, ke, out, col_offset: int = 0, heads=None, config=None,
+                  splits: int | None = None) -> torch.Tensor:
+    """Write ``out[t, s - col_offset]`` for the key tiles each block of queries can see.
+
+    ``q [T, H, D]`` fp8/bf16, ``w [T, H]`` f32, ``k [S, D]`` fp8/bf16 (``k_scale [S]`` or None),
+    ``heads [T, h]`` int32 for routed scoring (None: all heads), ``out [T, W]`` f32. Columns
+    outside a query's ``[ks, ke)`` but inside its block's tiles get -inf; other columns are not
+    touched, so readers must stay inside ``[ks, ke)``.
+    """
+    t, h_all, d = q.shape
+    nh = heads.shape[1] if heads is not None else h_all
+    if t == 0:
+        return out
+    pairs, bn, warps, stages = config or DEFAULT_CONFIG
+    bq = max(1, pairs // nh)
+    cast = mma_cast(q.dtype, k.dtype)
+    n_blocks = triton.cdiv(t, bq)
+    if splits is None:  # split the keys when there are too few query blocks to fill the GPU
+        sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 1
+        splits = max(1, min(64, (2 * sms) // n_blocks))
+    _mqa_logits_kernel[(n_blocks, splits)](
+        q, w, heads if heads is not None else ks, k, k_scale if k_scale is not None else w, ks, ke, out,
+        t, k.shape[0], col_offset, out.shape[1],
+        q.stride(0), q.stride(1), w.stride(0), heads.stride(0) if heads is not None else 0, k.stride(0),
+        out.stride(0),
+        NH=nh, D=d, BQ=bq, BN=bn, ROUTED=heads is not None, HAS_SCALE=k_scale is not None,
+        CAST=cast, num_warps=warps, num_stages=stages,
+    )
+    return out
+
+
+def dsa_logits(inp) -> torch.Tensor:
+    out = torch.full((inp.num_queries, inp.num_keys), float("-inf"), device=inp.q.device)
+    return launch_logits(inp.q, inp.weights, inp.k, inp.k_scale, inp.ks, inp.ke, out)

@@ -1,0 +1,84 @@
+"""Triton kernel for re-scoring candidate tokens with all heads (MISA-dagger's second stage, HISA's
+exact stage), and the kernel-side MISA selection.
+
+Each program takes one query and walks its candidate list in tiles of ``BN`` gathered keys: one
+MMA of ``[BN, D] x [D, H]`` per tile, relu, weights and the head sum, exactly as the dense
+kernel does, so scores agree with dense DSA up to summation order.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ..dsa.triton import launch_logits, mma_cast
+from ..topk.triton import topk
+
+
+@triton.jit
+def _gather_logits_kernel(Q, W, K, KSCALE, CAND, KS, KE, OUT, C, stride_qt, stride_wt, stride_k,
+                          stride_cand, stride_out,
+                          H: tl.constexpr, D: tl.constexpr, BN: tl.constexpr,
+                          HAS_SCALE: tl.constexpr, CAST: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    split = tl.program_id(1)
+    n_split = tl.num_programs(1)
+    d = tl.arange(0, D)
+    h = tl.arange(0, H)
+    q = tl.load(Q + t * stride_qt + h[:, None] * D + d[None, :])
+    w = tl.load(W + t * stride_wt + h)
+    if CAST is not None:
+        q = q.to(CAST)
+    qt = tl.trans(q)
+    ks = tl.load(KS + t)
+    ke = tl.load(KE + t)
+    for c0 in range(split * BN, C, n_split * BN):
+        cols = c0 + tl.arange(0, BN)
+        in_list = cols < C
+        pos = tl.load(CAND + t * stride_cand + cols, mask=in_list, other=-1)
+        ok = in_list & (pos >= ks) & (pos < ke)
+        k = tl.load(K + pos[:, None].to(tl.int64) * stride_k + d[None, :], mask=ok[:, None], other=0.0)
+        if CAST is not None:
+            k = k.to(CAST)
+        acc = tl.maximum(tl.dot(k, qt), 0.0) * w[None, :]          # [BN, H]
+        s = tl.sum(acc, axis=1)
+        if HAS_SCALE:
+            s = s * tl.load(KSCALE + pos, mask=ok, other=0.0)
+        tl.store(OUT + t * stride_out + cols, tl.where(ok, s, float("-inf")), mask=in_list)
+
+
+DEFAULT_CONFIG = None   # (BN, num_warps, num_stages); None: by head count (benchmarks/sweep_kernels.py)
+
+
+def gather_logits(inp, cand: torch.Tensor, rows: slice = slice(None), config=None) -> torch.Tensor:
+    """DSA scores of each query's candidates: ``cand [T, C]`` int32 positions (-1 = hole) ->
+    ``[T, C]`` f32, -inf at holes and outside ``[ks, ke)``."""
+    q, w, ks, ke = inp.q[rows], inp.weights[rows], inp.ks[rows], inp.ke[rows]
+    t, h, d = q.shape
+    c = cand.shape[1]
+    out = torch.empty(t, c, dtype=torch.float32, device=q.device)
+    if t == 0 or c == 0:
+        return out
+    bn, warps, stages = config or DEFAULT_CONFIG or ((128, 8, 2) if h >= 64 else (128, 4, 2))
+    sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 1
+    splits = max(1, min(triton.cdiv(c, bn), (4 * sms) // t))
+    _gather_logits_kernel[(t, splits)](
+        q, w, inp.k, inp.k_scale if inp.k_scale is not None else w, cand, ks, ke, out, c,
+        q.stride(0), w.stride(0), inp.k.stride(0), cand.stride(0), out.stride(0),
+        H=h, D=d, BN=bn, HAS_SCALE=inp.k_scale is not None,
+        CAST=mma_cast(q.dtype, inp.k.dtype), num_warps=warps, num_stages=stages,
+    )
+    return out
+
+
+def rerank(inp, cand: torch.Tensor, k: int, rows: slice = slice(None)) -> torch.Tensor:
+    """Top-``k`` of the candidates by the full DSA formula, as absolute positions."""
+    scores = gather_logits(inp, cand, rows)
+    zeros = torch.zeros(scores.shape[0], dtype=torch.int32, device=scores.device)
+    width = torch.full_like(zeros, scores.shape[1])
+    return topk(scores, zeros, width, k, cmap=cand, finite_only=True)
+
+
+def routed_logits(inp, heads: torch.Tensor, rows: slice, buf: torch.Tensor, lo: int) -> torch.Tensor:
+    return launch_logits(inp.q[rows], inp.weights[rows], inp.k, inp.k_scale, inp.ks[rows], inp.ke[rows],
+                         buf, lo, heads=heads[rows])

@@ -1,0 +1,154 @@
+"""Every Triton kernel against its PyTorch reference.
+
+On a machine without CUDA the kernels run through Triton's interpreter (TRITON_INTERPRET=1, set
+in conftest.py) on small inputs; with CUDA the same tests run the compiled kernels. Inputs are
+fresh random, ragged, with empty ranges and sizes that are not multiples of the tiles.
+"""
+import pytest
+import torch
+
+import misa
+from helpers import FP8, as_sets, check_selection, dsa_logits64, make_inputs, ranges, router_scores64
+
+pytest.importorskip("triton")
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# interpreter runs are slow: keep them small; the GPU runs bigger shapes
+BIG = DEVICE == "cuda"
+
+
+@pytest.fixture(autouse=True)
+def kernels_on(monkeypatch):
+    monkeypatch.setenv("MISA_INTERPRET_KERNELS", "1")
+    monkeypatch.delenv("MISA_DISABLE_KERNELS", raising=False)
+
+
+def _inputs(t, s, h, d, kind, seed, kv="fp8", q_dtype=FP8):
+    return make_inputs(t, s, h, d, kind, seed=seed, kv=kv, q_dtype=q_dtype, device=DEVICE)
+
+
+def _rel_err(got, ref, inside):
+    if not inside.any():
+        return 0.0
+    return float((got.double().cpu()[inside] - ref[inside]).abs().max() / ref[inside].abs().max().clamp_min(1e-12))
+
+
+SHAPES = [(19, 301, 8, 64), (5, 1000, 64, 128)] + ([(700, 5000, 64, 128), (333, 9000, 32, 64)] if BIG else [])
+
+
+@pytest.mark.parametrize("t,s,h,d", SHAPES)
+@pytest.mark.parametrize("kind", ["causal", "ragged", "empty"])
+@pytest.mark.parametrize("kv,q_dtype", [("fp8", FP8), ("bf16", torch.bfloat16), ("bf16", FP8)])
+def test_logits_kernel(t, s, h, d, kind, kv, q_dtype):
+    q, kvv, w, ks, ke = _inputs(t, s, h, d, kind, seed=t + s, kv=kv, q_dtype=q_dtype)
+    got = misa.dsa_logits(q, kvv, w, ks, ke)
+    ref = dsa_logits64(q, kvv, w, ks, ke)
+    inside = torch.isfinite(ref)
+    assert torch.equal(torch.isinf(got.cpu()), ~inside)
+    assert _rel_err(got, ref, inside) < (1e-5 if kv == "fp8" and q_dtype == FP8 else 1e-2)
+
+
+@pytest.mark.parametrize("kind", ["causal", "ragged", "empty"])
+@pytest.mark.parametrize("k,ties", [(1, False), (100, False), (700, True), (3000, False)])
+def test_topk_kernel(kind, k, ties):
+    g = torch.Generator().manual_seed(k)
+    t, s = (40, 5000) if not BIG else (300, 70000)
+    x = torch.randn(t, s, generator=g)
+    if ties:
+        x = torch.round(x * 8) / 8
+    ks, ke = ranges(kind, t, s, g)
+    idx = misa.topk_indices(x.to(DEVICE), ks.to(DEVICE), ke.to(DEVICE), k)
+    assert idx.dtype == torch.int32
+    check_selection(idx, x.double(), ks, ke, k, rtol=0)
+
+
+def test_topk_kernel_heavy_ties_and_small_scratch(monkeypatch):
+    from misa.ops.topk import triton as topk_triton
+    monkeypatch.setattr(topk_triton, "MAX_SCRATCH", 16)     # force the whole-row refinement path
+    g = torch.Generator().manual_seed(5)
+    x = torch.ones(6, 3000)
+    x[:, 7::11] = 2.0                                         # 272 twos, then a sea of ties
+    x[2] = torch.round(torch.randn(3000, generator=g) * 4) / 4
+    ks, ke = ranges("ragged", 6, 3000, g)
+    ks[0], ke[0] = 0, 3000
+    idx = misa.topk_indices(x.to(DEVICE), ks.to(DEVICE), ke.to(DEVICE), 400)
+    check_selection(idx, x.double(), ks, ke, 400, rtol=0)
+
+
+@pytest.mark.parametrize("h,bs", [(2, 64), (8, 128), (16, 1024)])
+@pytest.mark.parametrize("kind", ["causal", "ragged"])
+def test_router_kernel(h, bs, kind):
+    t, s = (23, 1500) if not BIG else (500, 40000)
+    q, kv, w, ks, ke = _inputs(t, s, 64, 128, kind, seed=h * bs)
+    heads = misa.route_heads(q, kv, w, ks, ke, active_heads=h, block_size=bs)
+    assert heads.shape == (t, h) and heads.dtype == torch.int32
+    heads = heads.cpu().long()
+    assert bool((heads[:, 1:] > heads[:, :-1]).all())
+    r = router_scores64(q, kv, w, ks, ke, bs)
+    picked = torch.gather(r, 1, heads)
+    rest = r.clone().scatter_(1, heads, float("-inf"))
+    tol = 1e-4 * r.abs().amax(1).clamp_min(1e-12)
+    assert bool((picked.min(1).values >= rest.max(1).values - tol).all())
+
+
+@pytest.mark.parametrize("kind", ["causal", "ragged", "empty"])
+@pytest.mark.parametrize("h,stage1", [(4, None), (8, None), (4, 200), (8, 3000)])
+def test_misa_kernels(kind, h, stage1):
+    t, s, k = (17, 1200, 60) if not BIG else (600, 30000, 512)
+    q, kv, w, ks, ke = _inputs(t, s, 64, 128, kind, seed=h + (stage1 or 0))
+    heads = misa.route_heads(q, kv, w, ks, ke, active_heads=h, block_size=64)
+    idx = misa.misa_select(q, kv, w, ks, ke, k=k, active_heads=h, block_size=64, stage1_k=stage1)
+    if stage1 is None:
+        check_selection(idx, dsa_logits64(q, kv, w, ks, ke, heads=heads.cpu()), ks.cpu(), ke.cpu(), k, rtol=1e-5)
+    else:
+        cand = misa.misa_select(q, kv, w, ks, ke, k=stage1, active_heads=h, block_size=64)
+        full = dsa_logits64(q, kv, w, ks, ke)
+        for t_, (c, f) in enumerate(zip(as_sets(cand), as_sets(idx))):
+            assert f <= c and len(f) == min(k, len(c))
+            if len(c) > len(f):
+                tol = 1e-5 * float(full[t_][torch.isfinite(full[t_])].abs().max())
+                assert min(full[t_, list(f)]) >= max(full[t_, list(c - f)]) - tol
+
+
+@pytest.mark.parametrize("kind", ["causal", "ragged", "empty"])
+def test_misa_kernel_all_heads_is_dsa_kernel(kind):
+    t, s, k = (17, 1200, 60) if not BIG else (400, 20000, 700)
+    q, kv, w, ks, ke = _inputs(t, s, 16, 64, kind, seed=3)
+    dsa = misa.dsa_select(q, kv, w, ks, ke, k=k)
+    m = misa.misa_select(q, kv, w, ks, ke, k=k, active_heads=16, block_size=128)
+    check_selection(dsa, dsa_logits64(q, kv, w, ks, ke), ks.cpu(), ke.cpu(), k, rtol=1e-5)
+    assert as_sets(m) == as_sets(dsa)      # same kernel, same heads in the same order
+
+
+@pytest.mark.parametrize("kind", ["causal", "ragged", "empty"])
+@pytest.mark.parametrize("bs,m", [(16, 3), (64, 4), (128, 64)])
+def test_hisa_kernels(kind, bs, m):
+    t, s, k = (15, 900, 40) if not BIG else (300, 20000, 512)
+    q, kv, w, ks, ke = _inputs(t, s, 16, 64, kind, seed=bs + m)
+    idx = misa.hisa_select(q, kv, w, ks, ke, k=k, block_size=bs, block_k=m)
+    full = dsa_logits64(q, kv, w, ks, ke)
+    ks_, ke_ = ks.cpu().long(), ke.cpu().long()
+    for t_, got in enumerate(as_sets(idx)):
+        n = int(ke_[t_] - ks_[t_])
+        assert all(ks_[t_] <= p < ke_[t_] for p in got)
+        if n == 0:
+            assert not got
+            continue
+        first, last = int(ks_[t_]) // bs, (int(ke_[t_]) - 1) // bs
+        blocks = {p // bs for p in got}
+        assert len(blocks) <= m
+        # the candidate set holds the forced blocks; the pick is the top-k of its own candidate blocks
+        cand = {p for b in blocks | {first, last} for p in range(b * bs, (b + 1) * bs) if ks_[t_] <= p < ke_[t_]}
+        assert got <= cand
+        vals = full[t_]
+        tol = 1e-5 * float(vals[torch.isfinite(vals)].abs().max())
+        if len(cand) > len(got):        # kept blocks are whole candidates: the pick is by value
+            assert min(vals[list(got)]) >= max(vals[list(cand - got)]) - tol
+        if m >= last - first + 1:        # every block kept: exactly DSA, by value
+            check_selection(idx[t_:t_ + 1], full[t_:t_ + 1], ks_[t_:t_ + 1], ke_[t_:t_ + 1], k, rtol=1e-5)
+
+
+def test_dispatch_uses_reference_for_float32():
+    q, kv, w, ks, ke = _inputs(7, 100, 8, 32, "causal", seed=0, kv="fp32", q_dtype=torch.float32)
+    got = misa.dsa_select(q, kv, w, ks, ke, k=10)
+    check_selection(got, dsa_logits64(q, kv, w, ks, ke), ks.cpu(), ke.cpu(), 10)
