@@ -48,6 +48,19 @@ def main():
         if h:
             from misa.ops.router.triton import route_heads
             heads = route_heads(inp, h, 1024)
+            results.setdefault("router", [])
+            for cfg in itertools.product((128, 256), (32, 64), (4, 8), ("tf32x3", "tf32", "ieee")):
+                if left() < 0:
+                    break
+                rec = {"config": cfg}
+                try:
+                    fn = lambda: route_heads(inp, h, 1024, config=cfg)
+                    rec["agree"] = float((fn() == heads).all(1).float().mean())
+                    rec["ms"] = bench(fn)
+                except Exception as e:  # noqa: BLE001
+                    rec["error"] = f"{type(e).__name__}: {str(e)[:200]}"
+                results["router"].append(rec)
+                print(rec, flush=True)
         nh = h or 64
         pairs = float((inp.ke - inp.ks).sum())
         buf = torch.full((t, s), float("-inf"), device=dev)
@@ -55,7 +68,10 @@ def main():
         launch_logits(inp.q, inp.weights, inp.k, inp.k_scale, inp.ks, inp.ke, ref, heads=heads)
         fin = torch.isfinite(ref)
         scale = ref[fin].abs().max()
-        for cfg in [(128, 128, 8, 3)] + list(itertools.product((64, 128, 256), (64, 128), (4, 8), (3, 4))):
+        grid = list(itertools.product((128, 256), (64, 128), (4, 8), (3,), (False, True)))
+        if h:
+            grid += list(itertools.product((64, 512), (64, 128), (4, 8), (3,), (False, True)))
+        for cfg in [(256, 64, 4, 3, False)] + grid:
             if left() < 0:
                 break
             if cfg[0] < nh:
@@ -79,7 +95,7 @@ def main():
             idx_ref = topk(ref, ks, ke, 2048)
             ref_sets = torch.sort(idx_ref, dim=1).values
             results["torch.topk_ms"] = bench(lambda: torch.topk(ref, 2048, dim=1, sorted=False))
-            for cfg in [(1024, 8)] + list(itertools.product((1024, 2048, 4096), (4, 8, 16))):
+            for cfg in [(1024, 8, 2048)] + list(itertools.product((1024, 2048, 4096), (4, 8, 16), (1024, 2048, 4096))):
                 if left() < 0:
                     break
                 rec = {"config": cfg}
@@ -112,8 +128,8 @@ def main():
         torch.cuda.empty_cache()
     with open(args.out, "w") as f:
         json.dump(results, f, indent=1)
-    for key in ("logits", "topk", "gather"):
-        ok = [r for r in results[key] if "ms" in r]
+    for key in ("logits", "topk", "gather", "router"):
+        ok = [r for r in results.get(key, []) if "ms" in r]
         for work_name in sorted({r.get("work", key) for r in ok}):
             sub = [r for r in ok if r.get("work", key) == work_name]
             best = min(sub, key=lambda r: r["ms"])

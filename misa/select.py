@@ -124,8 +124,9 @@ def _kernel_select(inp: Inputs, k: int, workspace_bytes: int | None, fill_logits
     from .ops.topk.triton import topk
     out = torch.empty(inp.num_queries, k if then is None else then.k, dtype=torch.int32, device=inp.q.device)
     # workspace per (query, key): the float32 logits (the top-k scratch is bounded separately)
-    from .ops.topk.triton import MAX_SCRATCH
-    for t0, t1, lo, hi in query_chunks(inp, 4, workspace_bytes, bytes_per_query=8 * MAX_SCRATCH):
+    from .ops.topk.triton import scratch_size
+    scratch = 8 * scratch_size(k, inp.num_keys)
+    for t0, t1, lo, hi in query_chunks(inp, 4, workspace_bytes, bytes_per_query=scratch):
         rows = slice(t0, t1)
         buf = torch.empty(t1 - t0, max(hi - lo, 1), dtype=torch.float32, device=inp.q.device)
         fill_logits(rows, buf, lo)

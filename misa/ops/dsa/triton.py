@@ -37,7 +37,7 @@ def _mqa_logits_kernel(
     T, S, col_offset, out_width,
     stride_qt, stride_qh, stride_wt, stride_ht, stride_k, stride_out,
     NH: tl.constexpr, D: tl.constexpr, BQ: tl.constexpr, BN: tl.constexpr,
-    ROUTED: tl.constexpr, HAS_SCALE: tl.constexpr, CAST: tl.constexpr,
+    ROUTED: tl.constexpr, HAS_SCALE: tl.constexpr, CAST: tl.constexpr, HEAD_MAJOR: tl.constexpr,
 ):
     pid_q = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -51,14 +51,21 @@ def _mqa_logits_kernel(
     lo = tl.min(ks, axis=0)
     hi = tl.max(ke, axis=0)
 
-    # (query, head) pairs along N: pair p is query p // NH, head slot p % NH
+    # (query, head) pairs along N. Head-major order (pair p = head slot p // BQ, query p % BQ)
+    # puts all heads of a query in the same thread of the MMA accumulator, so the head sum needs
+    # no shuffles; query-major is kept for the sweep.
     p = tl.arange(0, BQ * NH)
-    pq = pid_q * BQ + p // NH
+    if HEAD_MAJOR:
+        pq = pid_q * BQ + p % BQ
+        slot = p // BQ
+    else:
+        pq = pid_q * BQ + p // NH
+        slot = p % NH
     pq_ok = pq < T
     if ROUTED:
-        head = tl.load(HEADS + pq * stride_ht + p % NH, mask=pq_ok, other=0)
+        head = tl.load(HEADS + pq * stride_ht + slot, mask=pq_ok, other=0)
     else:
-        head = p % NH
+        head = slot
     q = tl.load(Q + pq[:, None].to(tl.int64) * stride_qt + head[:, None] * stride_qh + d[None, :],
                 mask=pq_ok[:, None], other=0.0)
     w = tl.load(W + pq * stride_wt + head, mask=pq_ok, other=0.0)
@@ -76,7 +83,10 @@ def _mqa_logits_kernel(
             k = k.to(CAST)
         acc = tl.dot(k, qt)                            # [BN, BQ * NH] float32
         acc = tl.maximum(acc, 0.0) * w[None, :]
-        logits = tl.sum(tl.reshape(acc, (BN, BQ, NH)), axis=2)     # [BN, BQ]
+        if HEAD_MAJOR:
+            logits = tl.sum(tl.reshape(acc, (BN, NH, BQ)), axis=1)     # [BN, BQ]
+        else:
+            logits = tl.sum(tl.reshape(acc, (BN, BQ, NH)), axis=2)
         if HAS_SCALE:
             logits = logits * tl.load(KSCALE + offs, mask=key_ok, other=0.0)[:, None]
         inside = (offs[:, None] >= ks[None, :]) & (offs[:, None] < ke[None, :])
@@ -86,9 +96,9 @@ def _mqa_logits_kernel(
                  mask=row_ok[None, :] & key_ok[:, None] & ((col >= 0) & (col < out_width))[:, None])
 
 
-# Tile shape: (pairs on N, BN keys on M, num_warps, num_stages); BQ = pairs // NH queries per
-# program. Chosen by benchmarks/sweep_kernels.py on an H200 (docs/benchmarks.md).
-DEFAULT_CONFIG = (128, 128, 8, 3)
+# Tile shape: (pairs on N, BN keys on M, num_warps, num_stages, head-major pairs); BQ = pairs // NH
+# queries per program. Picked by benchmarks/sweep_kernels.py on an H200 (docs/benchmarks.md).
+DEFAULT_CONFIG = (256, 64, 4, 3, False)
 
 
 def launch_logits(q, w, k, k_scale, ks, ke, out, col_offset: int = 0, heads=None, config=None,
@@ -104,7 +114,7 @@ def launch_logits(q, w, k, k_scale, ks, ke, out, col_offset: int = 0, heads=None
     nh = heads.shape[1] if heads is not None else h_all
     if t == 0:
         return out
-    pairs, bn, warps, stages = config or DEFAULT_CONFIG
+    pairs, bn, warps, stages, head_major = config or DEFAULT_CONFIG
     bq = max(1, pairs // nh)
     cast = mma_cast(q.dtype, k.dtype)
     n_blocks = triton.cdiv(t, bq)
@@ -117,7 +127,7 @@ def launch_logits(q, w, k, k_scale, ks, ke, out, col_offset: int = 0, heads=None
         q.stride(0), q.stride(1), w.stride(0), heads.stride(0) if heads is not None else 0, k.stride(0),
         out.stride(0),
         NH=nh, D=d, BQ=bq, BN=bn, ROUTED=heads is not None, HAS_SCALE=k_scale is not None,
-        CAST=cast, num_warps=warps, num_stages=stages,
+        CAST=cast, HEAD_MAJOR=head_major, num_warps=warps, num_stages=stages,
     )
     return out
 

@@ -82,7 +82,11 @@ def _route_kernel(Q, W, KBAR, KS, KE, HEADS, T, NB, block_size, stride_qt, strid
              mask=chosen & (rows < T)[:, None])
 
 
-def route_heads(inp, active_heads: int, block_size: int) -> torch.Tensor:
+# (query-head pairs per program, pooled blocks per step, num_warps, MMA precision): sweep_kernels.py
+DEFAULT_CONFIG = (128, 32, 8, "tf32x3")
+
+
+def route_heads(inp, active_heads: int, block_size: int, config=None) -> torch.Tensor:
     """abs-sum routing, ``[T, h]`` int32 ascending head ids."""
     t, h, d = inp.q.shape
     heads = torch.empty(t, active_heads, dtype=torch.int32, device=inp.q.device)
@@ -91,11 +95,12 @@ def route_heads(inp, active_heads: int, block_size: int) -> torch.Tensor:
     if active_heads == h:     # every head: nothing to route
         return heads.copy_(torch.arange(h, dtype=torch.int32, device=heads.device).expand(t, h))
     kbar = pool_keys(inp.k, inp.k_scale, block_size)
-    bq = max(1, 128 // h)
+    pairs, nbt, warps, precision = config or DEFAULT_CONFIG
+    bq = max(1, pairs // h)
     _route_kernel[(triton.cdiv(t, bq),)](
         inp.q, inp.weights, kbar, inp.ks, inp.ke, heads, t, kbar.shape[0], block_size,
         inp.q.stride(0), inp.weights.stride(0),
-        H=h, D=d, BQ=bq, NBT=32, ACTIVE=active_heads,
-        PRECISION="ieee" if INTERPRET else "tf32x3", num_warps=8,
+        H=h, D=d, BQ=bq, NBT=nbt, ACTIVE=active_heads,
+        PRECISION="ieee" if INTERPRET else precision, num_warps=warps,
     )
     return heads
