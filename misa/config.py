@@ -95,6 +95,14 @@ class MisaConfig:
                 raise ValueError(f"{name}: not a MisaConfig field (fields: {', '.join(sorted(known))})")
         return dataclasses.replace(self, **options)
 
+    def check_heads(self, num_heads: int) -> "MisaConfig":
+        """``self``, after checking its active heads against an indexer with ``num_heads`` heads."""
+        if self.variant in ("misa", "misa-dagger"):
+            check_int("active_heads", self.active_heads, 1, num_heads)
+            if self.decode_active_heads is not None:
+                check_int("decode_active_heads", self.decode_active_heads, 1, num_heads)
+        return self
+
     def heads(self, decode: bool) -> int:
         """Active heads for prefill, or for decode when ``decode_active_heads`` is set."""
         if decode and self.decode_active_heads is not None:
@@ -123,6 +131,15 @@ class MisaConfig:
         return paged.paged_misa_select(q, kv_cache, weights, context_lens, block_table, k,
                                        self.heads(True), self.block_size, self.stage1_k,
                                        router=self.router, workspace_bytes=self.workspace_bytes)
+
+
+def as_misa_config(config) -> MisaConfig:
+    """``config``, or ``MisaConfig()`` for None; anything else raises ``ValueError`` naming ``config``."""
+    if config is None:
+        return MisaConfig()
+    if not isinstance(config, MisaConfig):
+        raise ValueError(f"config: expected a MisaConfig, got {type(config).__name__}")
+    return config
 
 
 def _as_dict(model_config) -> dict:

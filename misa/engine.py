@@ -22,16 +22,8 @@ from __future__ import annotations
 
 import torch
 
-from .config import MisaConfig
+from .config import MisaConfig, as_misa_config
 from .validate import check_int, check_tensor
-
-
-def _config(config) -> MisaConfig:
-    if config is None:
-        return MisaConfig()
-    if not isinstance(config, MisaConfig):
-        raise ValueError(f"config: expected a MisaConfig, got {type(config).__name__}")
-    return config
 
 
 def prefill_select(q_fp8, kv, weights, cu_seqlen_ks, cu_seqlen_ke, topk_tokens: int,
@@ -43,7 +35,7 @@ def prefill_select(q_fp8, kv, weights, cu_seqlen_ks, cu_seqlen_ke, topk_tokens: 
     ``top_k_per_row_prefill`` writes); ``relative=False`` gives positions in the packed buffer.
     """
     check_int("topk_tokens", topk_tokens)
-    idx = _config(config).select(q_fp8, kv, weights, cu_seqlen_ks, cu_seqlen_ke, topk_tokens)
+    idx = as_misa_config(config).select(q_fp8, kv, weights, cu_seqlen_ks, cu_seqlen_ke, topk_tokens)
     if not relative:
         return idx
     return torch.where(idx >= 0, idx - cu_seqlen_ks[:, None], idx).int()
@@ -74,4 +66,5 @@ def decode_select(q_fp8, kv_cache, weights, context_lens, block_table, topk_toke
     check_tensor("kv_cache", kv_cache)
     if kv_cache.ndim == 3:   # vLLM's [num_blocks, block_size, D + 4] allocation
         kv_cache = kv_cache.unsqueeze(-2)
-    return _config(config).paged_select(q_fp8, kv_cache, weights, context_lens, block_table, topk_tokens)
+    return as_misa_config(config).paged_select(q_fp8, kv_cache, weights, context_lens, block_table,
+                                               topk_tokens)

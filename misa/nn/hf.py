@@ -24,10 +24,9 @@ import sys
 import torch
 from torch import nn
 
-from ..config import MisaConfig
+from ..config import MisaConfig, as_misa_config
 from ..quant import quantize_keys, quantize_queries
 from .hadamard import hadamard_transform
-from .indexer import _checked_config
 from .ranges import pad_with_hidden, ranges_from_visible, visible_from_mask
 
 # model_type -> (indexer class name, the RoPE function its indexer applies, in the modeling module)
@@ -133,9 +132,7 @@ def patch_model(model, config: MisaConfig | None = None, *, fp8: bool = False, u
         raw = model.config.to_dict()
         has_keys = "use_misa" in raw or any(key.startswith("misa_") for key in raw)
         config = MisaConfig.from_model_config(raw) if has_keys else MisaConfig()
-    if not isinstance(config, MisaConfig):
-        raise ValueError(f"config: expected a MisaConfig, got {type(config).__name__}")
-    config = _checked_config(config.with_options(**options), model.config.index_n_heads)
+    config = as_misa_config(config).with_options(**options).check_heads(model.config.index_n_heads)
     layers = _attention_layers(model)
     if any(isinstance(m.indexer, PatchedIndexer) for m in layers):
         raise ValueError("model: already patched; call misa.unpatch_model(model) first")

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import MisaConfig
+from ..config import MisaConfig, as_misa_config
 from ..quant import quantize_keys, quantize_queries
 from ..validate import check_int, check_tensor
 from .hadamard import hadamard_transform
@@ -155,7 +155,7 @@ class MISAIndexer(DSAIndexer):
 
     def __init__(self, *args, config: MisaConfig | None = None, **kwargs):
         super().__init__(*args, **kwargs)
-        self.misa_config = _checked_config(config or MisaConfig(), self.n_heads)
+        self.misa_config = as_misa_config(config).check_heads(self.n_heads)
 
     @classmethod
     def from_dsa(cls, indexer: DSAIndexer, config: MisaConfig | None = None, **options) -> "MISAIndexer":
@@ -166,7 +166,7 @@ class MISAIndexer(DSAIndexer):
         """
         if not isinstance(indexer, DSAIndexer):
             raise ValueError(f"indexer: expected a DSAIndexer, got {type(indexer).__name__}")
-        cfg = (config or MisaConfig()).with_options(**options)
+        cfg = as_misa_config(config).with_options(**options)
         with torch.device("meta"):   # projections are replaced by the shared ones right below
             new = cls(indexer.dim, indexer.q_lora_rank, indexer.n_heads, indexer.head_dim,
                       indexer.rope_head_dim, indexer.index_topk, ue8m0=indexer.ue8m0,
@@ -175,12 +175,3 @@ class MISAIndexer(DSAIndexer):
                                                           indexer.weights_proj)
         return new
 
-
-def _checked_config(config: MisaConfig, n_heads: int) -> MisaConfig:
-    if not isinstance(config, MisaConfig):
-        raise ValueError(f"config: expected a MisaConfig, got {type(config).__name__}")
-    if config.variant in ("misa", "misa-dagger"):
-        check_int("active_heads", config.active_heads, 1, n_heads)
-        if config.decode_active_heads is not None:
-            check_int("decode_active_heads", config.decode_active_heads, 1, n_heads)
-    return config
