@@ -95,12 +95,15 @@ class MisaConfig:
                 raise ValueError(f"{name}: not a MisaConfig field (fields: {', '.join(sorted(known))})")
         return dataclasses.replace(self, **options)
 
-    def check_heads(self, num_heads: int) -> "MisaConfig":
-        """``self``, after checking its active heads against an indexer with ``num_heads`` heads."""
+    def check_indexer(self, num_heads: int, index_topk: int) -> "MisaConfig":
+        """``self``, after checking it fits an indexer with ``num_heads`` heads selecting
+        ``index_topk`` tokens (so a misfit fails when a model is patched, not mid-generation)."""
         if self.variant in ("misa", "misa-dagger"):
             check_int("active_heads", self.active_heads, 1, num_heads)
             if self.decode_active_heads is not None:
                 check_int("decode_active_heads", self.decode_active_heads, 1, num_heads)
+        if self.variant == "misa-dagger" and self.stage1_k < index_topk:
+            raise ValueError(f"stage1_k: must be >= the indexer's top-k ({index_topk}), got {self.stage1_k}")
         return self
 
     def heads(self, decode: bool) -> int:

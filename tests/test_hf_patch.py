@@ -190,6 +190,8 @@ def test_patch_errors_name_the_argument():
         misa.unpatch_model(model)
     with pytest.raises(ValueError, match="^active_heads:"):
         misa.patch_model(model, active_heads=TINY["index_n_heads"] + 1)
+    with pytest.raises(ValueError, match="^stage1_k:"):
+        misa.patch_model(model, variant="misa-dagger", stage1_k=TINY["index_topk"] - 1)
     with pytest.raises(ValueError, match="^active_head:"):
         misa.patch_model(model, active_head=2)
     with pytest.raises(ValueError, match="^config:"):

@@ -144,6 +144,8 @@ def test_errors_name_the_argument():
     ind = make_indexer()
     with pytest.raises(ValueError, match="^active_heads:"):
         MISAIndexer.from_dsa(ind, active_heads=H + 1)
+    with pytest.raises(ValueError, match="^stage1_k:"):
+        MISAIndexer.from_dsa(ind, variant="misa-dagger", stage1_k=TOPK - 1)
     with pytest.raises(ValueError, match="^indexer:"):
         MISAIndexer.from_dsa(torch.nn.Linear(2, 2))
     with pytest.raises(ValueError, match="^activ:"):

@@ -5,9 +5,11 @@ Hadamard matrix (``H_2n = [[H_n, H_n], [H_n, -H_n]]``, the natural order that
 ``fast_hadamard_transform`` uses). It is orthogonal, so it leaves every ``q . k`` unchanged in exact
 arithmetic; it spreads outliers over all coordinates so that one fp8 scale per vector loses less.
 
-Why written here: the package the reference code imports (``fast_hadamard_transform``) is a CUDA
-extension built from source with no CPU path and no wheels; ``scipy.linalg.hadamard`` builds the
-dense ``n x n`` matrix (and would add scipy). The butterfly below is ``log2(n)`` vectorised steps.
+Why written here: the package the reference code imports (``fast-hadamard-transform``) is a CUDA
+extension built from source, with no CPU path; ``hadamard-transform`` (PyPI, pure PyTorch) runs the
+same butterfly but only on 1-D/2-D inputs and in the input's dtype (bf16 sums in bf16, where the
+reference kernel accumulates in float32); ``scipy.linalg.hadamard`` builds the dense ``n x n``
+matrix and would add scipy. Adapting any of them takes as many lines as the butterfly below.
 """
 from __future__ import annotations
 

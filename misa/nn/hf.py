@@ -132,7 +132,8 @@ def patch_model(model, config: MisaConfig | None = None, *, fp8: bool = False, u
         raw = model.config.to_dict()
         has_keys = "use_misa" in raw or any(key.startswith("misa_") for key in raw)
         config = MisaConfig.from_model_config(raw) if has_keys else MisaConfig()
-    config = as_misa_config(config).with_options(**options).check_heads(model.config.index_n_heads)
+    config = as_misa_config(config).with_options(**options).check_indexer(model.config.index_n_heads,
+                                                                          model.config.index_topk)
     layers = _attention_layers(model)
     if any(isinstance(m.indexer, PatchedIndexer) for m in layers):
         raise ValueError("model: already patched; call misa.unpatch_model(model) first")

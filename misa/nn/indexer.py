@@ -155,7 +155,7 @@ class MISAIndexer(DSAIndexer):
 
     def __init__(self, *args, config: MisaConfig | None = None, **kwargs):
         super().__init__(*args, **kwargs)
-        self.misa_config = as_misa_config(config).check_heads(self.n_heads)
+        self.misa_config = as_misa_config(config).check_indexer(self.n_heads, self.index_topk)
 
     @classmethod
     def from_dsa(cls, indexer: DSAIndexer, config: MisaConfig | None = None, **options) -> "MISAIndexer":
