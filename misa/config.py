@@ -1,0 +1,183 @@
+"""Every MISA option in one dataclass, and the selector each variant runs.
+
+``MisaConfig`` is what ``misa.patch_model``, the ``misa.nn`` modules and the engine ops in
+``misa.engine`` take. It can be read from a model's ``config.json`` keys, the way MISA's published
+code is switched on:
+
+    use_misa                 true -> MISA (or MISA-dagger, below); false or absent -> plain DSA
+    misa_topk_heads          active heads per query at prefill (paper: 8)
+    misa_decode_topk_heads   active heads per query at decode (default: misa_topk_heads)
+    misa_k_block_size        key block size of the router's mean pooling (paper: 1024)
+    misa_stage1_topk         set -> MISA-dagger: candidates kept by the routed score (paper: 8192)
+
+Bad values raise ``ValueError`` naming the field (or the ``config.json`` key they came from).
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from . import api, paged
+from .ops.router.reference import ROUTER_STATISTICS
+from .validate import check_int
+
+VARIANTS = ("misa", "misa-dagger", "hisa", "dsa")
+
+# config.json key -> MisaConfig field
+MODEL_CONFIG_KEYS = {
+    "misa_topk_heads": "active_heads",
+    "misa_decode_topk_heads": "decode_active_heads",
+    "misa_k_block_size": "block_size",
+    "misa_stage1_topk": "stage1_k",
+}
+
+
+@dataclass(frozen=True)
+class MisaConfig:
+    """Which selector replaces the DSA indexer's top-k, and its parameters.
+
+    ``variant``: ``"misa"`` (routed heads), ``"misa-dagger"`` (routed heads keep ``stage1_k``
+    candidates, all heads re-rank them), ``"hisa"`` (block pruning, all heads) or ``"dsa"`` (the
+    unmodified indexer, for comparison). ``active_heads``/``decode_active_heads``, ``block_size``,
+    ``router`` and ``stage1_k`` belong to the MISA variants; ``hisa_block_size`` and
+    ``hisa_block_k`` to HISA. ``stage1_k`` is required by ``"misa-dagger"`` and refused by
+    ``"misa"`` (setting it there almost always means MISA-dagger was meant).
+    ``workspace_bytes`` bounds the CPU references' largest intermediate.
+    """
+    variant: str = "misa"
+    active_heads: int = 8
+    decode_active_heads: int | None = None
+    block_size: int = 1024
+    stage1_k: int | None = None
+    router: str = "abs-sum"
+    hisa_block_size: int = 128
+    hisa_block_k: int = 64
+    workspace_bytes: int | None = None
+
+    def __post_init__(self):
+        _check_fields(dataclasses.asdict(self), {})
+
+    @classmethod
+    def from_model_config(cls, model_config, **overrides) -> "MisaConfig":
+        """Read the ``use_misa`` / ``misa_*`` keys of a ``config.json`` dict or a HF config object.
+
+        ``overrides`` (field names) are applied on top. Unknown ``misa_*`` keys are refused, so a
+        misspelt option cannot be silently ignored.
+        """
+        raw = _as_dict(model_config)
+        unknown = sorted(k for k in raw if k.startswith("misa_") and k not in MODEL_CONFIG_KEYS)
+        if unknown:
+            raise ValueError(f"{unknown[0]}: unknown MISA option (known: use_misa, "
+                             f"{', '.join(MODEL_CONFIG_KEYS)})")
+        use_misa = raw.get("use_misa", False)
+        if not isinstance(use_misa, bool):
+            raise ValueError(f"use_misa: expected true or false, got {use_misa!r}")
+        values = {field: raw[key] for key, field in MODEL_CONFIG_KEYS.items() if key in raw}
+        if "block_size" in values and values["block_size"] is None:
+            raise ValueError("misa_k_block_size: null (the published code's q-norm router) is not "
+                             "supported here; give a block size, or set router='qnorm' explicitly")
+        if not use_misa:
+            values["variant"] = "dsa"
+        else:
+            values["variant"] = "misa-dagger" if values.get("stage1_k") is not None else "misa"
+        # Check with the config.json key names, so the message points at the file's line.
+        names = {field: key for key, field in MODEL_CONFIG_KEYS.items()}
+        _check_fields({**dataclasses.asdict(cls()), **values}, names)
+        values.update(overrides)
+        return cls(**values)
+
+    def with_options(self, **options) -> "MisaConfig":
+        """A copy with some fields changed; an unknown field name raises ``ValueError``."""
+        known = {f.name for f in dataclasses.fields(self)}
+        for name in options:
+            if name not in known:
+                raise ValueError(f"{name}: not a MisaConfig field (fields: {', '.join(sorted(known))})")
+        return dataclasses.replace(self, **options)
+
+    def check_indexer(self, num_heads: int, index_topk: int) -> "MisaConfig":
+        """``self``, after checking it fits an indexer with ``num_heads`` heads selecting
+        ``index_topk`` tokens (so a misfit fails when a model is patched, not mid-generation)."""
+        if self.variant in ("misa", "misa-dagger"):
+            check_int("active_heads", self.active_heads, 1, num_heads)
+            if self.decode_active_heads is not None:
+                check_int("decode_active_heads", self.decode_active_heads, 1, num_heads)
+        if self.variant == "misa-dagger" and self.stage1_k < index_topk:
+            raise ValueError(f"stage1_k: must be >= the indexer's top-k ({index_topk}), got {self.stage1_k}")
+        return self
+
+    def heads(self, decode: bool) -> int:
+        """Active heads for prefill, or for decode when ``decode_active_heads`` is set."""
+        if decode and self.decode_active_heads is not None:
+            return self.decode_active_heads
+        return self.active_heads
+
+    def select(self, q, kv, weights, ks, ke, k: int, *, decode: bool = False):
+        """This variant's selection (``misa.api`` conventions): ``[T, k]`` int32 absolute positions,
+        -1 padded. ``decode`` picks ``decode_active_heads``."""
+        ws = self.workspace_bytes
+        if self.variant == "dsa":
+            return api.dsa_select(q, kv, weights, ks, ke, k, workspace_bytes=ws)
+        if self.variant == "hisa":
+            return api.hisa_select(q, kv, weights, ks, ke, k, self.hisa_block_size, self.hisa_block_k,
+                                   workspace_bytes=ws)
+        return api.misa_select(q, kv, weights, ks, ke, k, self.heads(decode), self.block_size,
+                               self.stage1_k, router=self.router, workspace_bytes=ws)
+
+    def paged_select(self, q, kv_cache, weights, context_lens, block_table, k: int):
+        """This variant's decode selection over the paged cache (``misa.paged`` conventions)."""
+        if self.variant == "dsa":
+            return paged.paged_dsa_select(q, kv_cache, weights, context_lens, block_table, k)
+        if self.variant == "hisa":
+            return paged.paged_hisa_select(q, kv_cache, weights, context_lens, block_table, k,
+                                           self.hisa_block_size, self.hisa_block_k)
+        return paged.paged_misa_select(q, kv_cache, weights, context_lens, block_table, k,
+                                       self.heads(True), self.block_size, self.stage1_k,
+                                       router=self.router, workspace_bytes=self.workspace_bytes)
+
+
+def as_misa_config(config) -> MisaConfig:
+    """``config``, or ``MisaConfig()`` for None; anything else raises ``ValueError`` naming ``config``."""
+    if config is None:
+        return MisaConfig()
+    if not isinstance(config, MisaConfig):
+        raise ValueError(f"config: expected a MisaConfig, got {type(config).__name__}")
+    return config
+
+
+def _as_dict(model_config) -> dict:
+    if isinstance(model_config, Mapping):
+        return dict(model_config)
+    if hasattr(model_config, "to_dict"):       # transformers.PretrainedConfig
+        return model_config.to_dict()
+    raise ValueError(f"model_config: expected a config.json dict or a transformers config, "
+                     f"got {type(model_config).__name__}")
+
+
+def _check_fields(values: dict, names: dict) -> None:
+    """Validate MisaConfig field values; messages use ``names[field]`` where given."""
+    def name(field):
+        return names.get(field, field)
+
+    variant = values["variant"]
+    if variant not in VARIANTS:
+        raise ValueError(f"{name('variant')}: expected one of {VARIANTS}, got {variant!r}")
+    check_int(name("active_heads"), values["active_heads"])
+    if values["decode_active_heads"] is not None:
+        check_int(name("decode_active_heads"), values["decode_active_heads"])
+    check_int(name("block_size"), values["block_size"])
+    stage1_k = values["stage1_k"]
+    if stage1_k is not None:
+        check_int(name("stage1_k"), stage1_k)
+        if variant == "misa":
+            raise ValueError(f"{name('stage1_k')}: set with variant 'misa'; use variant "
+                             "'misa-dagger' for the two-stage selection, or leave it unset")
+    elif variant == "misa-dagger":
+        raise ValueError(f"{name('stage1_k')}: variant 'misa-dagger' needs the number of stage-1 "
+                         "candidates (the paper uses 4 * k = 8192)")
+    if values["router"] not in ROUTER_STATISTICS:
+        raise ValueError(f"{name('router')}: expected one of {ROUTER_STATISTICS}, got {values['router']!r}")
+    check_int(name("hisa_block_size"), values["hisa_block_size"])
+    check_int(name("hisa_block_k"), values["hisa_block_k"], 2)
+    if values["workspace_bytes"] is not None:
+        check_int(name("workspace_bytes"), values["workspace_bytes"])
