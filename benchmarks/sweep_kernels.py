@@ -95,7 +95,7 @@ def main():
             idx_ref = topk(ref, ks, ke, 2048)
             ref_sets = torch.sort(idx_ref, dim=1).values
             results["torch.topk_ms"] = bench(lambda: torch.topk(ref, 2048, dim=1, sorted=False))
-            for cfg in [(1024, 8, 2048)] + list(itertools.product((1024, 2048, 4096), (4, 8, 16), (1024, 2048, 4096))):
+            for cfg in [(1024, 4, 2048)] + list(itertools.product((512, 1024, 2048), (4, 8), (1024, 2048))):
                 if left() < 0:
                     break
                 rec = {"config": cfg}

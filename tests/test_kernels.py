@@ -15,6 +15,11 @@ pytest.importorskip("triton")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # interpreter runs are slow: keep them small; the GPU runs bigger shapes
 BIG = DEVICE == "cuda"
+# Hopper's fp8 MMA accumulates in reduced precision (about 13 mantissa bits, as DeepGEMM's kernels
+# do too), and the router runs in tf32: on the GPU, scores agree with float64 to ~2e-4 of the
+# largest score; the interpreter computes in float32.
+RTOL = 5e-4 if BIG else 1e-5
+ROUTER_RTOL = 3e-3 if BIG else 1e-4
 
 
 @pytest.fixture(autouse=True)
@@ -45,7 +50,7 @@ def test_logits_kernel(t, s, h, d, kind, kv, q_dtype):
     ref = dsa_logits64(q, kvv, w, ks, ke)
     inside = torch.isfinite(ref)
     assert torch.equal(torch.isinf(got.cpu()), ~inside)
-    assert _rel_err(got, ref, inside) < (1e-5 if kv == "fp8" and q_dtype == FP8 else 1e-2)
+    assert _rel_err(got, ref, inside) < (RTOL if kv == "fp8" and q_dtype == FP8 else 1e-2)
 
 
 @pytest.mark.parametrize("kind", ["causal", "ragged", "empty"])
@@ -87,7 +92,7 @@ def test_router_kernel(h, bs, kind):
     r = router_scores64(q, kv, w, ks, ke, bs)
     picked = torch.gather(r, 1, heads)
     rest = r.clone().scatter_(1, heads, float("-inf"))
-    tol = 1e-4 * r.abs().amax(1).clamp_min(1e-12)
+    tol = ROUTER_RTOL * r.abs().amax(1).clamp_min(1e-12)
     assert bool((picked.min(1).values >= rest.max(1).values - tol).all())
 
 
@@ -99,14 +104,14 @@ def test_misa_kernels(kind, h, stage1):
     heads = misa.route_heads(q, kv, w, ks, ke, active_heads=h, block_size=64)
     idx = misa.misa_select(q, kv, w, ks, ke, k=k, active_heads=h, block_size=64, stage1_k=stage1)
     if stage1 is None:
-        check_selection(idx, dsa_logits64(q, kv, w, ks, ke, heads=heads.cpu()), ks.cpu(), ke.cpu(), k, rtol=1e-5)
+        check_selection(idx, dsa_logits64(q, kv, w, ks, ke, heads=heads.cpu()), ks.cpu(), ke.cpu(), k, rtol=RTOL)
     else:
         cand = misa.misa_select(q, kv, w, ks, ke, k=stage1, active_heads=h, block_size=64)
         full = dsa_logits64(q, kv, w, ks, ke)
         for t_, (c, f) in enumerate(zip(as_sets(cand), as_sets(idx))):
             assert f <= c and len(f) == min(k, len(c))
             if len(c) > len(f):
-                tol = 1e-5 * float(full[t_][torch.isfinite(full[t_])].abs().max())
+                tol = RTOL * float(full[t_][torch.isfinite(full[t_])].abs().max())
                 assert min(full[t_, list(f)]) >= max(full[t_, list(c - f)]) - tol
 
 
@@ -116,7 +121,7 @@ def test_misa_kernel_all_heads_is_dsa_kernel(kind):
     q, kv, w, ks, ke = _inputs(t, s, 16, 64, kind, seed=3)
     dsa = misa.dsa_select(q, kv, w, ks, ke, k=k)
     m = misa.misa_select(q, kv, w, ks, ke, k=k, active_heads=16, block_size=128)
-    check_selection(dsa, dsa_logits64(q, kv, w, ks, ke), ks.cpu(), ke.cpu(), k, rtol=1e-5)
+    check_selection(dsa, dsa_logits64(q, kv, w, ks, ke), ks.cpu(), ke.cpu(), k, rtol=RTOL)
     assert as_sets(m) == as_sets(dsa)      # same kernel, same heads in the same order
 
 
@@ -141,11 +146,11 @@ def test_hisa_kernels(kind, bs, m):
         cand = {p for b in blocks | {first, last} for p in range(b * bs, (b + 1) * bs) if ks_[t_] <= p < ke_[t_]}
         assert got <= cand
         vals = full[t_]
-        tol = 1e-5 * float(vals[torch.isfinite(vals)].abs().max())
+        tol = RTOL * float(vals[torch.isfinite(vals)].abs().max())
         if len(cand) > len(got):        # kept blocks are whole candidates: the pick is by value
             assert min(vals[list(got)]) >= max(vals[list(cand - got)]) - tol
         if m >= last - first + 1:        # every block kept: exactly DSA, by value
-            check_selection(idx[t_:t_ + 1], full[t_:t_ + 1], ks_[t_:t_ + 1], ke_[t_:t_ + 1], k, rtol=1e-5)
+            check_selection(idx[t_:t_ + 1], full[t_:t_ + 1], ks_[t_:t_ + 1], ke_[t_:t_ + 1], k, rtol=RTOL)
 
 
 def test_dispatch_uses_reference_for_float32():

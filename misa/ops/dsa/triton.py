@@ -98,7 +98,7 @@ def _mqa_logits_kernel(
 
 # Tile shape: (pairs on N, BN keys on M, num_warps, num_stages, head-major pairs); BQ = pairs // NH
 # queries per program. Picked by benchmarks/sweep_kernels.py on an H200 (docs/benchmarks.md).
-DEFAULT_CONFIG = (256, 64, 4, 3, False)
+DEFAULT_CONFIG = (256, 64, 4, 3, True)
 
 
 def launch_logits(q, w, k, k_scale, ks, ke, out, col_offset: int = 0, heads=None, config=None,

@@ -47,7 +47,7 @@ def _gather_logits_kernel(Q, W, K, KSCALE, CAND, KS, KE, OUT, C, stride_qt, stri
         tl.store(OUT + t * stride_out + cols, tl.where(ok, s, float("-inf")), mask=in_list)
 
 
-DEFAULT_CONFIG = None   # (BN, num_warps, num_stages); None: by head count (benchmarks/sweep_kernels.py)
+DEFAULT_CONFIG = (128, 4, 3)   # (BN, num_warps, num_stages): benchmarks/sweep_kernels.py on an H200
 
 
 def gather_logits(inp, cand: torch.Tensor, rows: slice = slice(None), config=None) -> torch.Tensor:
@@ -59,7 +59,7 @@ def gather_logits(inp, cand: torch.Tensor, rows: slice = slice(None), config=Non
     out = torch.empty(t, c, dtype=torch.float32, device=q.device)
     if t == 0 or c == 0:
         return out
-    bn, warps, stages = config or DEFAULT_CONFIG or ((128, 8, 2) if h >= 64 else (128, 4, 2))
+    bn, warps, stages = config or DEFAULT_CONFIG
     sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 1
     splits = max(1, min(triton.cdiv(c, bn), (4 * sms) // t))
     _gather_logits_kernel[(t, splits)](

@@ -2,18 +2,20 @@
 
 One program per row; floats are mapped to order-preserving uint32 keys.
 
-Fast path (rows of at least ``2 * SAMPLE`` columns): a spread-out sample of ``SAMPLE`` columns is
-sorted in registers, and a sample quantile safely below the k-th value (expected rank plus four
-standard deviations) becomes a cut; one pass over the row moves every element at or above the cut
-into a scratch buffer of ``~2k`` entries, where a 4 x 8-bit radix select finds the exact threshold.
-So a long row is read once (plus a 1/64 sample), whatever k is.
+Fast path (rows of at least ``2 * SAMPLE`` columns), three launches: (1) a spread-out sample of
+``SAMPLE`` columns is sorted in registers and a sample quantile safely below the k-th value
+(expected rank plus four standard deviations) becomes the row's cut; (2) several programs per row
+stream it once and move every element at or above the cut into a scratch buffer (slots handed out
+by an atomic counter); (3) one program per row runs a 4 x 8-bit radix select over the scratch and
+writes the winners. A long row is read once (plus a sample), whatever k is. Ties at the threshold
+are then broken in arrival order (SPEC allows either way).
 
 General path (short rows, or when the cut misses: fewer than k or more than the scratch above
 it): a histogram of the top 8 key bits over the row finds the bin holding the k-th value; while
 that bin is larger than the scratch, further 8-bit rounds run over the row; then one pass writes
 every element above the bin and moves the bin into the scratch for the remaining rounds.
 
-Ties at the threshold go to the lowest columns. Output order within a row is unspecified; rows
+On the general path ties go to the lowest columns. Output order within a row is unspecified; rows
 with fewer than ``k`` eligible columns are padded with -1. (Triton's ``tl.histogram`` costs about
 one operation per bin and element on the GPU, so digits stay at 8 bits.)
 """
@@ -27,12 +29,13 @@ from ..dsa.triton import INTERPRET
 
 # (elements per step, num_warps, sample size): benchmarks/sweep_kernels.py. The interpreter sorts
 # slowly, so CI runs the same code with a smaller sample.
-DEFAULT_CONFIG = (1024, 4, 256) if INTERPRET else (1024, 8, 2048)
+DEFAULT_CONFIG = (1024, 4, 256) if INTERPRET else (1024, 4, 2048)
 
 
 def scratch_size(k: int, width: int) -> int:
-    """Scratch entries per row: room for the fast path's ~1.75 k candidates."""
-    return max(1, min(width, max(4096, 2 * k + 1024)))
+    """Scratch entries per row: room for the fast path's candidates (~2.2 k at k = 2048 of 128K
+    with the default sample, and a wide margin), and for the general path's threshold bin."""
+    return max(1, min(width, 4 * k + 4096))
 
 
 @triton.jit
@@ -70,10 +73,61 @@ def _threshold_digit(hist, bins, k_rem):
 
 
 @triton.jit
-def _topk_kernel(X, KS, KE, OUT, CMAP, SCR_KEY, SCR_COL,
-                 stride_x, stride_out, stride_cmap, stride_scr, ks_offset, out_offset, K, CAP,
-                 BLOCK: tl.constexpr, SAMPLE: tl.constexpr, HAS_CMAP: tl.constexpr,
-                 FINITE_ONLY: tl.constexpr):
+def _cut_kernel(X, KS, KE, CUT, COUNT, stride_x, ks_offset, K,
+                SAMPLE: tl.constexpr, FINITE_ONLY: tl.constexpr):
+    """Per long row: a sample quantile safely below the k-th largest value (expected rank plus
+    four standard deviations). Short rows get no cut (the selection kernel takes them whole)."""
+    row = tl.program_id(0).to(tl.int64)
+    ks = tl.load(KS + row) - ks_offset
+    ke = tl.load(KE + row) - ks_offset
+    n = ke - ks
+    cut = tl.zeros([], dtype=tl.uint32)
+    if (n >= 2 * SAMPLE) & ((n > K) | FINITE_ONLY):
+        i = tl.arange(0, SAMPLE)
+        pos = ks + ((i // 16) * n) // (SAMPLE // 16) + i % 16      # 16-wide chunks spread over the row
+        sample = tl.load(X + row * stride_x + pos, mask=pos < ke, other=float("-inf"))
+        ranked = tl.sort(_ordered_key(sample), descending=True)
+        expect = (K * 1.0) * SAMPLE / (n * 1.0)
+        r = tl.minimum((expect + 4.0 * tl.sqrt(expect) + 16.0).to(tl.int32), SAMPLE - 1)
+        cut = tl.max(tl.where(i == r, ranked, 0), axis=0)
+    tl.store(CUT + row, cut.to(tl.int32, bitcast=True))
+    tl.store(COUNT + row, 0)
+
+
+@triton.jit
+def _compact_kernel(X, KS, KE, CUT, COUNT, SCR_KEY, SCR_COL, stride_x, stride_scr, ks_offset, CAP,
+                    BLOCK: tl.constexpr, FINITE_ONLY: tl.constexpr):
+    """Every element at or above its row's cut goes to the row's scratch; several programs share a
+    row (a counter in memory hands out scratch slots), so the row streams at full bandwidth."""
+    row = tl.program_id(0).to(tl.int64)
+    part = tl.program_id(1)
+    n_parts = tl.num_programs(1)
+    cut = tl.load(CUT + row).to(tl.uint32, bitcast=True)
+    if cut != 0:
+        ks = tl.load(KS + row) - ks_offset
+        ke = tl.load(KE + row) - ks_offset
+        per = tl.cdiv(tl.cdiv(ke - ks, n_parts), BLOCK) * BLOCK
+        lo = ks + part * per
+        hi = tl.minimum(lo + per, ke)
+        lane = tl.arange(0, BLOCK)
+        x_row = X + row * stride_x
+        for start in range(lo, hi, BLOCK):
+            c = start + lane
+            key, m = _eligible_keys(x_row, c, hi, FINITE_ONLY)
+            keep = m & (key >= cut)
+            n_keep = tl.sum(keep.to(tl.int32), axis=0)
+            if n_keep > 0:
+                base = tl.atomic_add(COUNT + row, n_keep)
+                spos = base + tl.cumsum(keep.to(tl.int32), axis=0) - 1
+                ok = keep & (spos < CAP)
+                tl.store(SCR_KEY + row * stride_scr + spos, key.to(tl.int32, bitcast=True), mask=ok)
+                tl.store(SCR_COL + row * stride_scr + spos, c, mask=ok)
+
+
+@triton.jit
+def _select_kernel(X, KS, KE, OUT, CMAP, CUT, COUNT, SCR_KEY, SCR_COL,
+                   stride_x, stride_out, stride_cmap, stride_scr, ks_offset, out_offset, K, CAP,
+                   BLOCK: tl.constexpr, HAS_CMAP: tl.constexpr, FINITE_ONLY: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     x_row = X + row * stride_x
     out_row = OUT + row * stride_out
@@ -82,40 +136,18 @@ def _topk_kernel(X, KS, KE, OUT, CMAP, SCR_KEY, SCR_COL,
     scr_col = SCR_COL + row * stride_scr
     ks = tl.load(KS + row) - ks_offset
     ke = tl.load(KE + row) - ks_offset
-    n = ke - ks
     lane = tl.arange(0, BLOCK)
     bins = tl.arange(0, 256)
 
     n_out = 0
-    n_scr = 0
     k_rem = K
     prefix = tl.zeros([], dtype=tl.uint32)
     shift = 0
-    write_all = (n <= K) & (not FINITE_ONLY)
-
-    fast = n < 0
-    if (n >= 2 * SAMPLE) & (not write_all):
-        # cut = a sample quantile safely below the k-th largest value
-        i = tl.arange(0, SAMPLE)
-        chunk = i // 16
-        pos = ks + (chunk * n) // (SAMPLE // 16) + i % 16
-        sample = tl.load(x_row + pos, mask=pos < ke, other=float("-inf"))
-        ranked = tl.sort(_ordered_key(sample), descending=True)
-        expect = K.to(tl.float32) * SAMPLE / n.to(tl.float32)
-        r = tl.minimum((expect + 4.0 * tl.sqrt(expect) + 16.0).to(tl.int32), SAMPLE - 1)
-        cut = tl.max(tl.where(i == r, ranked, 0), axis=0)
-        for start in range(ks, ke, BLOCK):
-            c = start + lane
-            key, m = _eligible_keys(x_row, c, ke, FINITE_ONLY)
-            keep = m & (key >= cut)
-            spos = n_scr + tl.cumsum(keep.to(tl.int32), axis=0) - 1
-            tl.store(scr_key + spos, key.to(tl.int32, bitcast=True), mask=keep & (spos < CAP))
-            tl.store(scr_col + spos, c, mask=keep & (spos < CAP))
-            n_scr += tl.sum(keep.to(tl.int32), axis=0)
-        fast = (n_scr >= K) & (n_scr <= CAP)
+    n_scr = tl.load(COUNT + row)
+    fast = (tl.load(CUT + row) != 0) & (n_scr >= K) & (n_scr <= CAP)
 
     if fast:
-        # first 8-bit round over the scratch
+        # the scratch holds every element at or above the cut, k of them at least
         h = tl.zeros([256], dtype=tl.int32)
         for start in range(0, n_scr, BLOCK):
             j = start + lane
@@ -133,7 +165,7 @@ def _topk_kernel(X, KS, KE, OUT, CMAP, SCR_KEY, SCR_COL,
             key, m = _eligible_keys(x_row, start + lane, ke, FINITE_ONLY)
             h += tl.histogram((key >> 24).to(tl.int32), 256, mask=m)
         total = tl.sum(h, axis=0)
-        if write_all | (total <= K):
+        if total <= K:
             # every eligible column is selected; pad the rest with -1
             for start in range(ks, ke, BLOCK):
                 c = start + lane
@@ -227,11 +259,19 @@ def topk(x: torch.Tensor, ks: torch.Tensor, ke: torch.Tensor, k: int, ks_offset:
     cap = scratch_size(k, w)
     scr_key = torch.empty(t, cap, dtype=torch.int32, device=x.device)
     scr_col = torch.empty(t, cap, dtype=torch.int32, device=x.device)
-    _topk_kernel[(t,)](
-        x, ks, ke, out, cmap if cmap is not None else out, scr_key, scr_col,
+    cut = torch.empty(t, dtype=torch.int32, device=x.device)
+    count = torch.empty(t, dtype=torch.int32, device=x.device)
+    cmap_arg = cmap if cmap is not None else out
+    _cut_kernel[(t,)](x, ks, ke, cut, count, x.stride(0), ks_offset, k,
+                      SAMPLE=sample, FINITE_ONLY=finite_only, num_warps=4)
+    parts = max(1, min(64, w // (8 * block)))
+    _compact_kernel[(t, parts)](x, ks, ke, cut, count, scr_key, scr_col, x.stride(0), scr_key.stride(0),
+                                ks_offset, cap, BLOCK=block, FINITE_ONLY=finite_only, num_warps=4)
+    _select_kernel[(t,)](
+        x, ks, ke, out, cmap_arg, cut, count, scr_key, scr_col,
         x.stride(0), out.stride(0), cmap.stride(0) if cmap is not None else 0, scr_key.stride(0),
         ks_offset, out_offset, k, cap,
-        BLOCK=block, SAMPLE=sample, HAS_CMAP=cmap is not None, FINITE_ONLY=finite_only, num_warps=warps,
+        BLOCK=block, HAS_CMAP=cmap is not None, FINITE_ONLY=finite_only, num_warps=warps,
     )
     return out
 
