@@ -60,6 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--k", type=int, default=None, help="tokens each query keeps (default: 512 on CPU, 2048 on GPU)")
     d.add_argument("--seed", type=int, default=0, help="seed of the synthetic workload")
     d.set_defaults(func=cmd_demo)
+    from .eval.cli import add_commands   # misa warmup, misa eval ... (heavy imports stay inside the commands)
+    add_commands(sub)
     return p
 
 
