@@ -183,7 +183,7 @@ class IndexerStack(nn.Module):
         for name, p in self.state_dict().items():
             t = p.detach().to(dtype).cpu().contiguous()
             nbytes = t.numel() * t.element_size()
-            if cur and size + nbytes > SHARD_BYTES - (64 << 10):   # leave room for the header
+            if cur and size + nbytes > SHARD_BYTES - SHARD_BYTES // 16:   # room for the header
                 shards.append(cur)
                 cur, size = {}, 0
             cur[name] = t

@@ -31,13 +31,12 @@ def _out(path: str | None) -> Path | None:
     return p
 
 
-def train(args) -> int:
+def train(args, loaded=None) -> int:
     from .model import load_model
     from .warmup import WarmupConfig, warmup
     t0 = time.perf_counter()
     run = Path(args.run_dir)
-    os.environ.setdefault("MISA_CACHE", str(run / "cache"))
-    model, tok, path = load_model(args.model, args.device)
+    model, tok, path = loaded or load_model(args.model, args.device)
     cuda = next(model.parameters()).device.type == "cuda"
     load_s = time.perf_counter() - t0
     cfg = WarmupConfig(minutes=args.minutes - load_s / 60 - 0.25, dense_fraction=args.dense_fraction,
@@ -67,18 +66,18 @@ def train(args) -> int:
     return 0
 
 
-def evaluate(args) -> int:
+def evaluate(args, loaded=None) -> int:
     from .cli import configs
     from .common import EvalContext
     from . import niah, ppl, recall
     t0 = time.perf_counter()
     deadline = t0 + args.minutes * 60
     run = Path(args.run_dir)
-    os.environ.setdefault("MISA_CACHE", str(run / "cache"))
     indexer = Path(args.indexer) if args.indexer else run / "indexer"
     res_dir = run / "results"
     res_dir.mkdir(parents=True, exist_ok=True)
-    ctx = EvalContext.create(args.model, args.device, indexer, args.corpus, token_cache=run / "cache" / "tokens")
+    ctx = EvalContext.create(args.model, args.device, indexer, args.corpus, token_cache=run / "cache" / "tokens",
+                             loaded=loaded)
     cuda = ctx.device.type == "cuda"
     cfgs = configs(args, cuda)
     print(f"[job eval] model + indexer loaded in {time.perf_counter() - t0:.0f} s on {ctx.device}", flush=True)
@@ -160,10 +159,12 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv=None) -> int:
+def main(argv=None, loaded=None) -> int:
+    """``loaded``: an already loaded ``(model, tokenizer, path)`` (tests run both phases on one load)."""
     args = build_parser().parse_args(argv)
-    torch.backends.cuda.matmul.allow_tf32 = False
-    return args.func(args)
+    if loaded is None:   # the converted model copy lives with the run (the GPU machine has no home cache)
+        os.environ.setdefault("MISA_CACHE", str(Path(args.run_dir) / "cache"))
+    return args.func(args, loaded)
 
 
 if __name__ == "__main__":
