@@ -113,3 +113,20 @@ def test_chunked_warmup_loss_and_gradients_match_the_plain_formula(sparse):
     assert dense >= 0
     for n, p in idx.named_parameters():
         assert torch.allclose(p.grad, want[n], rtol=1e-5, atol=1e-9), n   # logits are float32
+
+
+def test_a_failing_fused_kernel_falls_back_to_eager(monkeypatch):
+    from contextlib import nullcontext
+    from misa.eval import fused, warmup
+    stack = _stack(layers=(0,))
+    cap = {"x": torch.randn(20, 32), "q": torch.randn(6, 20, 8), "k": torch.randn(2, 20, 8)}
+    monkeypatch.setattr(fused, "available", lambda device: True)
+
+    def broken(*a):
+        raise RuntimeError("no GPU here")
+    monkeypatch.setattr(fused, "fused_logits", broken)
+    kernel, why = warmup.choose_kernel(stack[0], cap, torch.arange(20), 0.35, 4, 8, nullcontext(), "auto")
+    assert kernel == "eager" and "no GPU here" in why
+    assert all(p.grad is None for p in stack.parameters())
+    with pytest.raises(ValueError, match="kernel"):
+        warmup.WarmupConfig(kernel="fast")

@@ -59,6 +59,8 @@ def add_commands(sub) -> None:
     w.add_argument("--chunk", type=int, default=None, help="queries per chunk (default: 1024 on CUDA, 256 on CPU)")
     w.add_argument("--lr", type=float, default=1e-3)
     w.add_argument("--max-steps", type=int, default=None)
+    w.add_argument("--kernel", default="auto", choices=["auto", "fused", "eager"],
+                   help="indexer loss: fused Triton kernels (checked against eager on the first batch) or eager")
     w.add_argument("--seed", type=int, default=0)
     w.add_argument("--no-progress", action="store_true", help="no progress bar")
     w.set_defaults(func=cmd_warmup)
@@ -102,7 +104,7 @@ def cmd_warmup(args) -> int:
     cfg = WarmupConfig(minutes=args.minutes or (6.0 if cuda else 2.0), dense_fraction=args.dense_fraction,
                        lengths=args.lengths or ([8192] if cuda else [1024]), layers=args.layers, heads=args.heads,
                        head_dim=args.head_dim, q_rank=args.q_rank, k_sparse=args.k_sparse,
-                       chunk=args.chunk or (1024 if cuda else 256), lr=args.lr, max_steps=args.max_steps, seed=args.seed)
+                       chunk=args.chunk or (1024 if cuda else 256), lr=args.lr, max_steps=args.max_steps, seed=args.seed, kernel=args.kernel)
     run_dir = Path(args.run_dir) if args.run_dir else default_run_dir()
     print(f"misa warmup: {path.name} on {'cuda' if cuda else 'cpu'}, {cfg.minutes} min, windows {cfg.lengths}, "
           f"indexer {cfg.heads} heads x {cfg.head_dim}, run dir {run_dir}", file=sys.stderr)

@@ -42,7 +42,7 @@ def train(args, loaded=None) -> int:
     cfg = WarmupConfig(minutes=args.minutes - load_s / 60 - 0.25, dense_fraction=args.dense_fraction,
                        lengths=args.lengths, layers=args.layers, heads=args.heads, head_dim=args.head_dim,
                        q_rank=args.q_rank, k_sparse=args.k_sparse, chunk=args.chunk or (1024 if cuda else 128),
-                       max_steps=args.max_steps, save_every_s=args.save_every)
+                       max_steps=args.max_steps, save_every_s=args.save_every, kernel=args.kernel)
     print(f"[job train] model loaded in {load_s:.0f} s; training {cfg.minutes:.2f} min on "
           f"{'cuda' if cuda else 'cpu'}", flush=True)
     s = warmup(model, tok, cfg, run, corpus=args.corpus, progress_bar=not args.no_progress,
@@ -144,6 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--chunk", type=int, default=None)
     t.add_argument("--max-steps", type=int, default=None)
     t.add_argument("--save-every", type=float, default=90.0)
+    t.add_argument("--kernel", default="auto", choices=["auto", "fused", "eager"])
     t.set_defaults(func=train)
     e = sub.choices["eval"]
     e.add_argument("--indexer", default=None, help="indexer folder (default: RUN_DIR/indexer)")

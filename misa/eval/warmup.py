@@ -55,6 +55,7 @@ class WarmupConfig:
     max_steps: int | None = None
     save_every_s: float = 120.0
     reserve_s: float = 5.0
+    kernel: str = "auto"             # auto: fused Triton kernels where they run and check out, else eager
 
     def __post_init__(self):
         if not self.minutes > 0:
@@ -63,13 +64,41 @@ class WarmupConfig:
             raise ValueError(f"dense_fraction: must be in [0, 1], got {self.dense_fraction}")
         if not self.lengths or any(int(n) < 2 for n in self.lengths):
             raise ValueError(f"lengths: expected window lengths >= 2, got {self.lengths}")
+        if self.kernel not in ("auto", "fused", "eager"):
+            raise ValueError(f"kernel: expected auto, fused or eager, got {self.kernel!r}")
         for name in ("k_sparse", "chunk"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
 
 
+def _chunk_kl(logits, p, logp, causal, sparse: bool, k_sparse: int):
+    """(stage KL summed over the chunk's queries [differentiable], dense KL [detached])."""
+    logits = logits.masked_fill(~causal, float("-inf"))
+    logq = torch.log_softmax(logits, dim=-1)
+    with torch.no_grad():
+        dense = torch.where(causal, p * (logp - logq.masked_fill(~causal, 0.0)), 0.0).sum()
+    if sparse:
+        top = torch.topk(logits.detach(), min(k_sparse, logits.shape[1]), dim=-1).indices
+        valid = torch.zeros_like(causal).scatter_(1, top, True) & causal
+        pt = p * valid
+        pt = pt / pt.sum(dim=-1, keepdim=True).clamp_min(1e-30)
+        logq = torch.log_softmax(logits.masked_fill(~valid, float("-inf")), dim=-1)
+        logpt = torch.log(pt.clamp_min(1e-30))
+    else:
+        valid, pt, logpt = causal, p, logp
+    kl = torch.where(valid, pt * (logpt - logq.masked_fill(~valid, 0.0)), 0.0).sum()
+    return kl, dense
+
+
+def _target(qm, km, scaling, qpos, width):
+    with torch.no_grad():
+        p = attention_probs(qm, km, scaling, qpos, width=width)                    # [C, width] f32
+        return p, torch.log(p.clamp_min(1e-30))
+
+
 def _layer_loss(idx, cap, pos, scaling, sparse: bool, k_sparse: int, chunk: int, amp) -> tuple[torch.Tensor, torch.Tensor]:
-    """Backward of one layer's KL over all queries; returns (stage KL, dense KL) per query, detached."""
+    """Backward of one layer's KL over all queries (eager PyTorch, query chunks of ``chunk``);
+    returns (stage KL, dense KL) per query, detached."""
     x, qm, km = cap["x"], cap["q"], cap["k"]
     t = x.shape[0]
     with amp:
@@ -82,31 +111,84 @@ def _layer_loss(idx, cap, pos, scaling, sparse: bool, k_sparse: int, chunk: int,
         t1 = min(t, t0 + chunk)
         qpos = pos[t0:t1]
         causal = cols[None, :t1] <= qpos[:, None]
-        with torch.no_grad():
-            p = attention_probs(qm[:, t0:t1], km, scaling, qpos, width=t1)       # [C, t1] f32
-            logp = torch.log(p.clamp_min(1e-30))
+        p, logp = _target(qm[:, t0:t1], km, scaling, qpos, t1)
         with amp:
             q, w = idx.queries(x[t0:t1], qpos)
             logits = indexer_logits(q, k_leaf[:t1], w)                            # [C, t1] f32
-        logits = logits.masked_fill(~causal, float("-inf"))
-        logq = torch.log_softmax(logits, dim=-1)
-        with torch.no_grad():
-            dense = torch.where(causal, p * (logp - logq.masked_fill(~causal, 0.0)), 0.0).sum()
-        if sparse:
-            top = torch.topk(logits.detach(), min(k_sparse, t1), dim=-1).indices
-            valid = torch.zeros_like(causal).scatter_(1, top, True) & causal
-            pt = p * valid
-            pt = pt / pt.sum(dim=-1, keepdim=True).clamp_min(1e-30)
-            logq = torch.log_softmax(logits.masked_fill(~valid, float("-inf")), dim=-1)
-            logpt = torch.log(pt.clamp_min(1e-30))
-        else:
-            valid, pt, logpt = causal, p, logp
-        kl = torch.where(valid, pt * (logpt - logq.masked_fill(~valid, 0.0)), 0.0).sum()
+        kl, dense = _chunk_kl(logits, p, logp, causal, sparse, k_sparse)
         (kl / t).backward()
         stage_kl += kl.detach()
         dense_kl += dense
     k.backward(k_leaf.grad)
     return stage_kl / t, dense_kl / t
+
+
+def _layer_loss_fused(idx, cap, pos, scaling, sparse: bool, k_sparse: int, chunk: int, amp):
+    """The same loss with the fused Triton logits (no [T, H, S] intermediate); one backward."""
+    from .fused import fused_logits
+    x, qm, km = cap["x"], cap["q"], cap["k"]
+    t = x.shape[0]
+    with amp:
+        q, w = idx.queries(x, pos)
+        k = idx.keys(x, pos)
+    dtype = q.dtype if q.dtype in (torch.bfloat16, torch.float16) else torch.float32
+    logits = fused_logits(q.to(dtype), k.to(dtype), w.float())                    # [T, T] f32, causal
+    cols = torch.arange(t, device=x.device)
+    total = torch.zeros((), device=x.device)
+    dense_kl = torch.zeros((), device=x.device)
+    rows = max(chunk, 2048)
+    for t0 in range(0, t, rows):
+        t1 = min(t, t0 + rows)
+        qpos = pos[t0:t1]
+        p, logp = _target(qm[:, t0:t1], km, scaling, qpos, t1)
+        kl, dense = _chunk_kl(logits[t0:t1, :t1], p, logp, cols[None, :t1] <= qpos[:, None], sparse, k_sparse)
+        total = total + kl
+        dense_kl += dense
+    (total / t).backward()
+    return total.detach() / t, dense_kl / t
+
+
+def choose_kernel(stack, cap, pos, scaling, k_sparse, chunk, amp, want: str) -> tuple[str, str]:
+    """'fused' when the Triton kernels run here and agree with the eager formula on this batch
+    (loss within 2%, every gradient's cosine similarity >= 0.99), else 'eager'; and why."""
+    from . import fused
+    if want == "eager":
+        return "eager", "asked for"
+    if not fused.available(pos.device):
+        if want == "fused":
+            raise ValueError("kernel: the fused Triton kernels need CUDA (or TRITON_INTERPRET=1)")
+        return "eager", "no CUDA/Triton"
+    idx = stack
+    n = min(pos.numel(), 2048)
+    sub = {"x": cap["x"][:n], "q": cap["q"][:, :n], "k": cap["k"][:, :n]}
+    results = {}
+    try:
+        for name, fn in (("eager", _layer_loss), ("fused", _layer_loss_fused)):
+            idx.zero_grad(set_to_none=True)
+            if pos.device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            loss, _ = fn(idx, sub, pos[:n], scaling, False, k_sparse, chunk, amp)
+            if pos.device.type == "cuda":
+                torch.cuda.synchronize()
+            results[name] = (float(loss), {k: p.grad.detach().float().clone() for k, p in idx.named_parameters()},
+                             time.perf_counter() - t0)
+        idx.zero_grad(set_to_none=True)
+    except Exception as e:          # a kernel that does not compile or run here: keep training eagerly
+        idx.zero_grad(set_to_none=True)
+        if want == "fused":
+            raise
+        return "eager", f"fused kernels failed: {type(e).__name__}: {str(e)[:300]}"
+    le, ge, te = results["eager"]
+    lf, gf, tf = results["fused"]
+    cos = min(float(torch.nn.functional.cosine_similarity(ge[k].flatten(), gf[k].flatten(), dim=0)) for k in ge)
+    rel = abs(lf - le) / max(abs(le), 1e-12)
+    why = f"check on {n} tokens: loss {le:.5f} eager vs {lf:.5f} fused, min grad cosine {cos:.4f}, {te * 1e3:.0f} ms vs {tf * 1e3:.0f} ms (incl. first-call compile)"
+    if rel <= 0.02 and cos >= 0.99 and math.isfinite(lf):
+        return "fused", why
+    if want == "fused":
+        raise ValueError(f"kernel: the fused kernels disagree with eager ({why})")
+    return "eager", "fused kernels disagree: " + why
 
 
 def _lr(cfg: WarmupConfig, step: int, frac: float) -> float:
@@ -183,6 +265,7 @@ def warmup(model, tokenizer, cfg: WarmupConfig, run_dir: str | Path, corpus=None
         bar = tqdm(total=round(budget), unit="s", desc="warmup", dynamic_ncols=True, file=sys.stderr)
     t_start = time.perf_counter()
     last_save = t_start
+    kernel, kernel_why = None, ""
     step_time = None
     steps_here = 0
     stopped = "time"
@@ -211,10 +294,16 @@ def warmup(model, tokenizer, cfg: WarmupConfig, run_dir: str | Path, corpus=None
             with amp:
                 run_layers(model, ids, ctl)
             pos = torch.arange(length, device=device)
+            if kernel is None:
+                kernel, kernel_why = choose_kernel(stack[layers[0]], ctl.captured[layers[0]], pos, scaling,
+                                                   cfg.k_sparse, cfg.chunk, amp, cfg.kernel)
+                meta["kernel"] = f"{kernel} ({kernel_why})"
+                print(f"misa warmup: {kernel} indexer loss ({kernel_why})", file=sys.stderr, flush=True)
+            loss_fn = _layer_loss_fused if kernel == "fused" else _layer_loss
             stage_kl, dense_kl = [], []
             for layer in layers:
-                s, d = _layer_loss(stack[layer], ctl.captured.pop(layer), pos, scaling, sparse, cfg.k_sparse,
-                                   cfg.chunk, amp)
+                s, d = loss_fn(stack[layer], ctl.captured.pop(layer), pos, scaling, sparse, cfg.k_sparse,
+                               cfg.chunk, amp)
                 stage_kl.append(s)
                 dense_kl.append(d)
             opt.step()
