@@ -26,7 +26,7 @@ def loaded():
     torch.set_num_threads(threads)
 
 
-def test_train_then_eval_end_to_end(loaded, tmp_path):
+def test_train_then_eval_end_to_end(loaded, tmp_path, capsys):
     run, out = tmp_path / "run", tmp_path / "out"
     assert job.main(["train", "--run-dir", str(run), "--out", str(out / "train"), "--minutes", "1",
                      "--lengths", "256", "--layers", "0,2", "--max-steps", "2", "--chunk", "64",
@@ -59,6 +59,12 @@ def test_train_then_eval_end_to_end(loaded, tmp_path):
     assert 0 < layer0["dsa/mass"] <= layer0["oracle/mass"] + 1e-6     # the oracle holds the most mass
     md = (out / "eval" / "results.md").read_text()
     assert "teacher-forced" in md and "sink + window" in md
+    # misa demo on the real model with the indexer just trained
+    from misa.cli import main as cli_main
+    assert cli_main(["demo", "--device", "cpu", "--workload", "real", "--model", str(loaded[2]),
+                     "--indexer", str(run / "indexer"), "--seq-len", "256", "--num-queries", "32", "--k", "16"]) == 0
+    shown = capsys.readouterr().out
+    assert "REAL SmolLM2" in shown and "MISA-dagger" in shown
     # a second eval run finds every phase done and only re-writes the summary
     assert job.main(["eval", "--run-dir", str(run), "--out", str(out / "eval2"), "--minutes", "1"] + sizes,
                     loaded=loaded) == 0
