@@ -83,7 +83,7 @@ def add_commands(sub) -> None:
         p.add_argument("--methods", type=_strs, default=None, help="comma-separated methods (default: all)")
         if name in ("recall", "router", "all"):
             p.add_argument("--context", type=int, default=None, help="recall context (default: 8192 CUDA, 2048 CPU)")
-            p.add_argument("--windows", type=int, default=None, help="held-out windows (default: 2 CUDA, 1 CPU)")
+            p.add_argument("--windows", type=int, default=None, help="held-out windows (default: 4 CUDA, 1 CPU)")
             p.add_argument("--queries", type=int, default=None, help="queries per window (default: 1024 CUDA, 128 CPU)")
         if name in ("niah", "all"):
             p.add_argument("--lengths", type=_ints, default=None, help="NIAH contexts (default: 1K..8K CUDA, 512,1024 CPU)")
@@ -128,7 +128,7 @@ def configs(args, cuda: bool):
     g = lambda name, gpu, cpu: (getattr(args, name, None) or (gpu if cuda else cpu))
     out = {}
     if hasattr(args, "context"):
-        out["recall"] = RecallConfig(context=g("context", 8192, 2048), windows=g("windows", 2, 1),
+        out["recall"] = RecallConfig(context=g("context", 8192, 2048), windows=g("windows", 4, 1),
                                      queries=g("queries", 1024, 128), ks=ks,
                                      methods=[m for m in (args.methods or RECALL_METHODS) if m not in ("dense",)],
                                      router_k=ks[len(ks) // 2], settings=settings)

@@ -86,14 +86,14 @@ def evaluate(args, loaded=None) -> int:
         t = time.perf_counter()
         rc = cfgs["recall"]
         rc.router_study = "router" not in done
-        res = recall.collect(ctx, rc)
+        res = recall.collect(ctx, rc, deadline=t0 + 0.35 * args.minutes * 60)
         done["recall"] = recall.recall_report(ctx, rc, res, res_dir)
         if rc.router_study:
             done["router"] = recall.router_report(ctx, rc, res, res_dir)
         print(f"[job eval] recall + router: {time.perf_counter() - t:.0f} s", flush=True)
     if "ppl" not in done:
         t = time.perf_counter()
-        done["ppl"] = ppl.run(ctx, cfgs["ppl"], res_dir)
+        done["ppl"] = ppl.run(ctx, cfgs["ppl"], res_dir, deadline=t0 + 0.5 * args.minutes * 60)
         print(f"[job eval] ppl: {time.perf_counter() - t:.0f} s", flush=True)
     if "niah" not in done or any(v is None for g in done["niah"]["grid"].values() for row in g for v in row):
         t = time.perf_counter()

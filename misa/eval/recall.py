@@ -69,8 +69,10 @@ def _subset(inp: IndexerInputs, rows: torch.Tensor) -> IndexerInputs:
 
 
 @torch.no_grad()
-def collect(ctx: EvalContext, cfg: RecallConfig, progress=None) -> dict:
-    """Sums per (layer, k, method): recall, mass; and the router grid. Returns per-layer means."""
+def collect(ctx: EvalContext, cfg: RecallConfig, progress=None, deadline: float | None = None) -> dict:
+    """Sums per (layer, k, method): recall, mass; and the router grid. Returns per-layer means.
+    Past ``deadline`` (a ``time.perf_counter()`` value) no further window is started (one at least)."""
+    import time
     stack = ctx.stack
     tokens = data.heldout_tokens(ctx.tokenizer, ctx.corpus, ctx.token_cache)
     wins = data.windows(tokens, cfg.context, cfg.windows)
@@ -80,7 +82,11 @@ def collect(ctx: EvalContext, cfg: RecallConfig, progress=None) -> dict:
     acc = defaultdict(lambda: defaultdict(list))      # (layer, k) -> metric name -> per-window means
     router = defaultdict(list)                        # (layer, stat, B) -> recalls
     layers = stack.layer_ids
+    used = 0
     for wi, win in enumerate(wins):
+        if wi > 0 and deadline is not None and time.perf_counter() > deadline:
+            break
+        used += 1
         caps = ctx.capture(win, layers)
         for layer in layers:
             cap = caps.pop(layer)
@@ -117,7 +123,7 @@ def collect(ctx: EvalContext, cfg: RecallConfig, progress=None) -> dict:
         r["oracle/mass_ratio"] = r["oracle/mass"] / max(r["dsa/mass"], 1e-12)
         per_layer[f"{layer}/{k}"] = r
     router_out = {f"{l}/{s}/{b}": sum(v) / len(v) for (l, s, b), v in router.items()}
-    return {"per_layer": per_layer, "router": router_out, "windows": len(wins), "queries_per_window": int(qpos.numel())}
+    return {"per_layer": per_layer, "router": router_out, "windows": used, "queries_per_window": int(qpos.numel())}
 
 
 # ---------------------------------------------------------------------------------------------
