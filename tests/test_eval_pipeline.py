@@ -63,6 +63,12 @@ def test_train_then_eval_end_to_end(loaded, tmp_path, capsys):
     from misa.cli import main as cli_main
     assert cli_main(["demo", "--device", "cpu", "--workload", "real", "--model", str(loaded[2]),
                      "--indexer", str(run / "indexer"), "--seq-len", "256", "--num-queries", "32", "--k", "16"]) == 0
+    # the `misa eval` subcommands themselves
+    common = ["--device", "cpu", "--model", str(loaded[2]), "--indexer", str(run / "indexer"), "--k", "16",
+              "--methods", "dense,dsa,misa-h8"]
+    assert cli_main(["eval", "ppl", "--out", str(out / "cli"), "--contexts", "256", "--ppl-windows", "1"] + common) == 0
+    assert cli_main(["eval", "router", "--out", str(out / "cli"), "--context", "256", "--queries", "8"] + common) == 0
+    assert sorted(p.name for p in (out / "cli").iterdir()) == ["ppl.json", "ppl.md", "router.json", "router.md"]
     shown = capsys.readouterr().out
     assert "REAL SmolLM2" in shown and "MISA-dagger" in shown
     # a second eval run finds every phase done and only re-writes the summary
