@@ -98,7 +98,7 @@ def evaluate(args, loaded=None) -> int:
     if "niah" not in done or any(v is None for g in done["niah"]["grid"].values() for row in g for v in row):
         t = time.perf_counter()
         # leave time to write the results
-        done["niah"] = niah.run(ctx, cfgs["niah"], res_dir, deadline=deadline - 20)
+        done["niah"] = niah.run(ctx, cfgs["niah"], res_dir, deadline=deadline - 20, previous=done.get("niah"))
         print(f"[job eval] niah: {time.perf_counter() - t:.0f} s", flush=True)
     order = ["recall", "router", "niah", "ppl"]
     md = "\n\n".join((res_dir / f"{n}.md").read_text() for n in order if (res_dir / f"{n}.md").is_file())

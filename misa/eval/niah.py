@@ -145,7 +145,8 @@ def exact_match(ctx: EvalContext, s: Sample, sparse) -> bool:
     return bool(torch.equal(pred, s.ids[s.answer_start:]))
 
 
-def run(ctx: EvalContext, cfg: NiahConfig, out_dir: Path, progress=None, deadline: float | None = None) -> dict:
+def run(ctx: EvalContext, cfg: NiahConfig, out_dir: Path, progress=None, deadline: float | None = None,
+        previous: dict | None = None) -> dict:
     """All cells for every method; past ``deadline`` (a ``time.perf_counter()`` value) the remaining
     cells are left unscored (None, grey in the heatmap) rather than overrunning the time given."""
     import time
@@ -160,6 +161,12 @@ def run(ctx: EvalContext, cfg: NiahConfig, out_dir: Path, progress=None, deadlin
              for _ in range(cfg.ruler_samples)]
     grid = {m: [[None] * len(depths) for _ in cfg.lengths] for m in cfg.methods}
     rul: dict = {m: {} for m in cfg.methods}
+    if previous and previous.get("config", {}).get("lengths") == cfg.lengths and previous.get("depths") == depths \
+            and previous.get("config", {}).get("k") == cfg.k and previous.get("config", {}).get("seed") == cfg.seed:
+        for m in cfg.methods:          # resume: keep what an earlier, time-limited run scored
+            if m in previous.get("grid", {}):
+                grid[m] = previous["grid"][m]
+            rul[m] = {key: list(v) for key, v in previous.get("ruler_raw", {}).get(m, {}).items()}
     sparse = {m: SparseAttention(ctx.stack, m, cfg.k, cfg.settings) for m in cfg.methods}
     # cells in a fixed shuffled order, every method per cell: if time runs out, what was scored is
     # spread over the grid and comparable across methods
@@ -167,15 +174,18 @@ def run(ctx: EvalContext, cfg: NiahConfig, out_dir: Path, progress=None, deadlin
     random.Random(cfg.seed + 2).shuffle(order)
     for i, j in order:
         for m in cfg.methods:
-            if late():
-                break
+            if late() or grid[m][i][j] is not None:
+                continue
             grid[m][i][j] = exact_match(ctx, cells[i * len(depths) + j][2], sparse[m])
             if progress is not None:
                 progress(m)
+    seen: dict = {}
     for task, L, s in ruler:
+        key = f"{task}/{L}"
+        seen[key] = seen.get(key, 0) + 1
         for m in cfg.methods:
-            if late():
-                break
+            if late() or len(rul[m].get(key, [])) >= seen[key]:
+                continue
             rul[m].setdefault(f"{task}/{L}", []).append(exact_match(ctx, s, sparse[m]))
             if progress is not None:
                 progress(m)
@@ -206,7 +216,7 @@ def report(ctx, cfg: NiahConfig, grid, rul, depths, out_dir: Path) -> dict:
               f"assignments, the answer lists all {cfg.vt_hops} names in order; {cfg.ruler_samples} samples each.\n")
     payload = {**ctx.meta(), "config": asdict(cfg), "note": TEACHER_FORCING_NOTE, "depths": depths,
                "grid": grid, "accuracy": acc, "agrees_with_dsa": agree,
-               "ruler": {m: {k: sum(v) / len(v) for k, v in r.items()} for m, r in rul.items()}}
+               "ruler": {m: {k: sum(v) / len(v) for k, v in r.items()} for m, r in rul.items()}, "ruler_raw": rul}
     write_result(out_dir, "niah", payload, "\n".join(md))
     plot(grid, cfg, depths, out_dir / "niah.png")
     return payload

@@ -96,6 +96,7 @@ def collect(ctx: EvalContext, cfg: RecallConfig, progress=None, deadline: float 
             if not cfg.skip_recall:
                 for k in cfg.ks:
                     a = acc[(layer, k)]
+                    a["negative_weights"].append(float((inp.raw_weights < 0).float().mean()))
                     ref = select("dsa", inp, ks, ke, k, cfg.settings)
                     m_ref = mass(ref, probs)
                     a["dsa/mass"].append(float(m_ref.mean()))
@@ -139,16 +140,17 @@ def recall_report(ctx: EvalContext, cfg: RecallConfig, res: dict, out_dir: Path)
           f"(mean over its 9 query heads) on the selected tokens. This is a 135M model at 8K context, "
           f"not DeepSeek-V3.2 at 128K.\n"]
     md.append("Methods: " + "; ".join(f"{m}: {describe(m, main_k, s)}" for m in cfg.methods) + "\n")
-    md.append("## Is the indexer worth testing? Mass held by k tokens\n")
+    md.append("## Is the indexer worth testing? Mass held by k tokens\n\n'w < 0': the share of negative per-head "
+              "weights (queries x heads).\n")
     rows = []
     for layer in layers:
-        row = [str(layer)]
+        row = [str(layer), f"{pl[f'{layer}/{cfg.ks[0]}']['negative_weights']:.2f}"]
         for k in cfg.ks:
             r = pl[f"{layer}/{k}"]
             row += [fmt(r["dsa/mass"]), fmt(r["sink-window/mass"]) if "sink-window/mass" in r else "-",
                     fmt(r["oracle/mass"])]
         rows.append(row)
-    cols = ["layer"] + [f"{name} k={k}" for k in cfg.ks for name in ("DSA", "sink+window", "oracle")]
+    cols = ["layer", "w < 0"] + [f"{name} k={k}" for k in cfg.ks for name in ("DSA", "sink+window", "oracle")]
     md.append(md_table(cols, rows))
     wins = {k: sum(pl[f"{l}/{k}"]["dsa/mass"] > pl[f"{l}/{k}"].get("sink-window/mass", 0) for l in layers)
             for k in cfg.ks}
