@@ -6,7 +6,8 @@
 # Needs: the gguf wheel in .whl/ (python3 -m pip download --no-deps -d .whl gguf), and the model,
 # either at $MISA_MODEL, or at /tmp/stage/SmolLM2-135M-Instruct.Q4_1.gguf, or as the parts
 # /tmp/stage/part.1, part.2 that shared/tools/split-for-device made (assembled and checked here
-# against .device/smollm2/SHA256 when that file was carried).
+# against .device/smollm2/SHA256 when that file was carried); and the texts, since shared/ does not
+# travel: a copy of shared/data/text carried as .device/text, kept in $MISA_RUN/text for the next call.
 set -euo pipefail
 phase=${1:?usage: gpu_job.sh train|eval MINUTES [options]}
 minutes=${2:?usage: gpu_job.sh train|eval MINUTES [options]}
@@ -29,6 +30,9 @@ fi
 if [ -f .device/smollm2/SHA256 ]; then
   echo "$(cat .device/smollm2/SHA256)  $MODEL" | sha256sum -c --quiet || { echo "gpu_job: model checksum mismatch"; exit 2; }
 fi
+if [ -d .device/text ]; then mkdir -p "$RUN/text" && cp .device/text/*.txt "$RUN/text/"; fi
+[ -d "$RUN/text" ] && export MISA_CORPUS=$RUN/text
+echo "corpus: ${MISA_CORPUS:-default}; $(ls ${MISA_CORPUS:-/nonexistent} 2>/dev/null | wc -l) files"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 MISA_CACHE=$RUN/cache
 nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader || true
 python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"

