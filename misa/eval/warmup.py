@@ -210,7 +210,10 @@ def _save(stack, opt, run_dir: Path, progress: dict, log: list, cfg: WarmupConfi
 
 def warmup(model, tokenizer, cfg: WarmupConfig, run_dir: str | Path, corpus=None, progress_bar: bool = True,
            token_cache: Path | None = None) -> dict:
-    """Train (or resume training) the indexers in ``run_dir``; returns a summary dict."""
+    """Train (or resume training) the indexers in ``run_dir``; returns a summary dict.
+
+    ``cfg.minutes`` counts from this call: tokenising the corpus and resuming come out of it."""
+    t_call = time.perf_counter()
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     device = next(model.parameters()).device
@@ -254,7 +257,7 @@ def warmup(model, tokenizer, cfg: WarmupConfig, run_dir: str | Path, corpus=None
     ctl = Controller().install(model)
     ctl.capture, ctl.stop_after = set(layers), max(layers)
     scaling = geo["head_dim"] ** -0.5
-    budget = cfg.minutes * 60.0
+    budget = cfg.minutes * 60.0 - (time.perf_counter() - t_call)
     planned_total = progress["elapsed_s"] + budget
     meta = provenance(device)
     meta.update(model_geometry=geo, train_tokens=int(tokens.numel()), resumed=resumed)
@@ -262,7 +265,7 @@ def warmup(model, tokenizer, cfg: WarmupConfig, run_dir: str | Path, corpus=None
     bar = None
     if progress_bar:
         from tqdm.auto import tqdm
-        bar = tqdm(total=round(budget), unit="s", desc="warmup", dynamic_ncols=True, file=sys.stderr)
+        bar = tqdm(total=max(1, round(budget)), unit="s", desc="warmup", dynamic_ncols=True, file=sys.stderr)
     t_start = time.perf_counter()
     last_save = t_start
     kernel, kernel_why = None, ""
