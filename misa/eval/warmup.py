@@ -267,7 +267,7 @@ def warmup(model, tokenizer, cfg: WarmupConfig, run_dir: str | Path, corpus=None
         from tqdm.auto import tqdm
         bar = tqdm(total=max(1, round(budget)), unit="s", desc="warmup", dynamic_ncols=True, file=sys.stderr)
     t_start = time.perf_counter()
-    last_save = t_start
+    last_save = last_print = t_start
     kernel, kernel_why = None, ""
     step_time = None
     steps_here = 0
@@ -327,6 +327,11 @@ def warmup(model, tokenizer, cfg: WarmupConfig, run_dir: str | Path, corpus=None
                 bar.set_postfix_str(f"{'sparse' if sparse else 'dense'} step {progress['step']} "
                                     f"KL {sum(dense_v) / len(dense_v):.3f} {length / dt:,.0f} tok/s")
                 bar.refresh()
+            elif time.perf_counter() - last_print > 30:
+                last_print = time.perf_counter()
+                print(f"[warmup] {last_print - t_start:5.0f} s  step {progress['step']}  "
+                      f"{'sparse' if sparse else 'dense '}  {progress['tokens_per_layer']:,} tokens/layer  "
+                      f"mean dense KL {sum(dense_v) / len(dense_v):.4f}  {length / dt:,.0f} tok/s", file=sys.stderr, flush=True)
             if time.perf_counter() - last_save > cfg.save_every_s:
                 _save(stack, opt, run_dir, progress, log, cfg, meta)
                 last_save = time.perf_counter()
