@@ -81,21 +81,25 @@ def evaluate(args, loaded=None) -> int:
     cuda = ctx.device.type == "cuda"
     cfgs = configs(args, cuda)
     print(f"[job eval] model + indexer loaded in {time.perf_counter() - t0:.0f} s on {ctx.device}", flush=True)
-    done = {p.stem: json.loads(p.read_text()) for p in res_dir.glob("*.json")}
-    if not {"recall", "router"} <= done.keys():
+    done = {p.stem: json.loads(p.read_text()) for p in res_dir.glob("*.json") if p.stem in PHASES}
+    want = set(args.phases)
+    if want & {"recall", "router"} and not want & {"recall", "router"} <= done.keys():
         t = time.perf_counter()
         rc = cfgs["recall"]
-        rc.router_study = "router" not in done
+        rc.router_study = "router" in want and "router" not in done
+        rc.skip_recall = "recall" not in want or "recall" in done
         res = recall.collect(ctx, rc, deadline=t0 + 0.35 * args.minutes * 60)
-        done["recall"] = recall.recall_report(ctx, rc, res, res_dir)
+        if not rc.skip_recall:
+            done["recall"] = recall.recall_report(ctx, rc, res, res_dir)
         if rc.router_study:
             done["router"] = recall.router_report(ctx, rc, res, res_dir)
         print(f"[job eval] recall + router: {time.perf_counter() - t:.0f} s", flush=True)
-    if "ppl" not in done:
+    if "ppl" in want and "ppl" not in done:
         t = time.perf_counter()
         done["ppl"] = ppl.run(ctx, cfgs["ppl"], res_dir, deadline=t0 + 0.5 * args.minutes * 60)
         print(f"[job eval] ppl: {time.perf_counter() - t:.0f} s", flush=True)
-    if "niah" not in done or any(v is None for g in done["niah"]["grid"].values() for row in g for v in row):
+    if "niah" in want and ("niah" not in done or
+                           any(v is None for g in done["niah"]["grid"].values() for row in g for v in row)):
         t = time.perf_counter()
         # leave time to write the results
         done["niah"] = niah.run(ctx, cfgs["niah"], res_dir, deadline=deadline - 20, previous=done.get("niah"))
@@ -114,6 +118,17 @@ def evaluate(args, loaded=None) -> int:
     print(md)
     print(f"[job eval] done in {time.perf_counter() - t0:.0f} s", flush=True)
     return 0
+
+
+PHASES = ("recall", "router", "ppl", "niah")
+
+
+def _phases(s):
+    out = [x.strip() for x in s.split(",") if x.strip()]
+    bad = [x for x in out if x not in PHASES]
+    if bad or not out:
+        raise argparse.ArgumentTypeError(f"phases: expected some of {PHASES}, got {s!r}")
+    return out
 
 
 def _ints(s):
@@ -148,6 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=train)
     e = sub.choices["eval"]
     e.add_argument("--indexer", default=None, help="indexer folder (default: RUN_DIR/indexer)")
+    e.add_argument("--phases", type=_phases, default=list(PHASES), help="comma-separated subset of recall,router,ppl,niah")
     e.add_argument("--k", type=_ints, default=None)
     e.add_argument("--block-size", type=int, default=128)
     e.add_argument("--router", default="abs-sum")
