@@ -103,3 +103,21 @@ def test_masked_attention_chunks_agree():
     a = attention(q, k, v, 0.3, mask, chunk=7)
     b = attention(q, k, v, 0.3, mask, chunk=64)
     assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_eval_configs_name_the_bad_argument():
+    from misa.eval.niah import NiahConfig
+    from misa.eval.ppl import PplConfig
+    from misa.eval.recall import RecallConfig
+    with pytest.raises(ValueError, match="queries"):
+        RecallConfig(queries=0)
+    with pytest.raises(ValueError, match="k:"):
+        RecallConfig(context=256, ks=[256])
+    with pytest.raises(ValueError, match="router"):
+        RecallConfig(router_stats=["median"])
+    with pytest.raises(ValueError, match="methods"):
+        NiahConfig(methods=["dense", "magic"])
+    with pytest.raises(ValueError, match="depths"):
+        NiahConfig(depths=0)
+    with pytest.raises(ValueError, match="windows"):
+        PplConfig(windows=0)

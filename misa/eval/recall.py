@@ -54,8 +54,10 @@ class RecallConfig:
         bad = [s for s in self.router_stats if s not in ROUTER_STATISTICS]
         if bad:
             raise ValueError(f"router: unknown statistics {bad}, expected some of {list(ROUTER_STATISTICS)}")
-        if self.queries < 1 or self.windows < 1:
-            raise ValueError("queries: and windows must be >= 1")
+        if self.queries < 1:
+            raise ValueError(f"queries: must be >= 1, got {self.queries}")
+        if self.windows < 1:
+            raise ValueError(f"windows: must be >= 1, got {self.windows}")
         if any(k < 1 or k >= self.context for k in self.ks):
             raise ValueError(f"k: each k must be in [1, context={self.context}), got {self.ks}")
 
