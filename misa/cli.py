@@ -35,10 +35,29 @@ def cmd_demo(args: argparse.Namespace) -> int:
         if getattr(args, field) is not None:
             setattr(cfg, field, getattr(args, field))
     print(f"misa demo on {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'})")
-    print(f"workload: SYNTHETIC indexer traffic (topics, sinks, local windows, retrieved spans, specialised "
-          f"heads), {cfg.heads} heads x {cfg.head_dim} dims, fp8; {cfg.num_queries} causal queries at the end "
-          f"of a {cfg.seq_len}-token context, top-k = {cfg.k}")
-    rows = run_demo(cfg, device, seed=args.seed)
+    workload, why = None, "--workload synthetic"
+    if args.workload != "synthetic":
+        try:
+            from .eval.realdemo import real_workload
+            real_cfg = DemoConfig.for_device(torch.device("cpu"))   # the 8K-context settings: the model's context
+            for field in ("seq_len", "num_queries", "k"):
+                if getattr(args, field) is not None:
+                    setattr(real_cfg, field, getattr(args, field))
+            workload, why = real_workload(device, real_cfg.seq_len, real_cfg.num_queries, args.model, args.indexer,
+                                          fetch=args.workload == "real")
+        except ImportError as e:        # the eval extra is not installed
+            workload, why = None, f"the eval extra is missing ({e.name})"
+        if workload is None and args.workload == "real":
+            raise ValueError(f"workload: real asked for, but {why}")
+        if workload is not None:
+            cfg = real_cfg
+            cfg.seq_len = int(workload.ke.max())
+            print(f"workload: {workload.description}, top-k = {cfg.k}")
+    if workload is None:
+        print(f"workload: SYNTHETIC indexer traffic (topics, sinks, local windows, retrieved spans, specialised "
+              f"heads), {cfg.heads} heads x {cfg.head_dim} dims, fp8; {cfg.num_queries} causal queries at the end "
+              f"of a {cfg.seq_len}-token context, top-k = {cfg.k} (real model not used: {why})")
+    rows = run_demo(cfg, device, seed=args.seed, workload=workload)
     note = ("times are the PyTorch reference on the CPU: they show work, not kernel speed (see `misa bench`)"
             if device.type == "cpu" else "wall-clock of one call each after a warm-up; `misa bench` times properly")
     _print_table("Recall of DSA's selected tokens", ["method", "setting", "recall (mean)", "recall (min)", "ms"],
@@ -77,6 +96,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="queries at the end of the context (default: 1024 on CPU, 4096 on GPU)")
     d.add_argument("--k", type=int, default=None, help="tokens each query keeps (default: 512 on CPU, 2048 on GPU)")
     d.add_argument("--seed", type=int, default=0, help="seed of the synthetic workload")
+    d.add_argument("--workload", choices=["auto", "real", "synthetic"], default="auto",
+                   help="real: SmolLM2 + the indexer `misa warmup` trained; auto (default): real when both are on "
+                        "this machine, else synthetic")
+    d.add_argument("--model", default=None, help="real workload: the GGUF model file (default: the cache)")
+    d.add_argument("--indexer", default=None, help="real workload: the indexer folder (default: the cache)")
     d.set_defaults(func=cmd_demo)
 
     b = sub.add_parser("bench", help="time DSA, MISA, MISA-dagger and HISA kernels (needs a GPU)",
@@ -97,6 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--rep-ms", type=int, default=200, help="do_bench repetition time per measurement")
     b.add_argument("--json", default=None, help="also write the full results to this JSON file")
     b.set_defaults(func=cmd_bench)
+
+    from .eval.cli import add_commands   # misa warmup, misa eval ... (heavy imports stay inside the commands)
+    add_commands(sub)
     return p
 
 

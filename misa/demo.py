@@ -51,8 +51,9 @@ def _timed(fn, device: torch.device):
     return out, (time.perf_counter() - t) * 1e3
 
 
-def run_demo(cfg: DemoConfig, device: torch.device, seed: int = 0) -> list[DemoRow]:
-    w = indexer_workload(cfg.seq_len, cfg.num_queries, cfg.heads, cfg.head_dim, seed=seed, device=device)
+def run_demo(cfg: DemoConfig, device: torch.device, seed: int = 0, workload=None) -> list[DemoRow]:
+    """``workload``: anything with ``.args`` = (q, kv, weights, ks, ke); default: the synthetic one."""
+    w = workload or indexer_workload(cfg.seq_len, cfg.num_queries, cfg.heads, cfg.head_dim, seed=seed, device=device)
     args = w.args
     api.dsa_select(*args, k=cfg.k)      # warm-up: kernel compilation, allocator
     methods = [

@@ -5,7 +5,8 @@ from misa.cli import main
 
 
 def test_demo_prints_a_table(capsys):
-    assert main(["demo", "--device", "cpu", "--seq-len", "1024", "--num-queries", "128", "--k", "64"]) == 0
+    assert main(["demo", "--device", "cpu", "--seq-len", "1024", "--num-queries", "128", "--k", "64",
+                 "--workload", "synthetic"]) == 0
     out = capsys.readouterr().out
     assert "SYNTHETIC" in out
     for method in ("DSA", "MISA", "MISA-dagger", "HISA"):
@@ -14,7 +15,7 @@ def test_demo_prints_a_table(capsys):
 
 
 def test_bad_argument_is_a_clean_error(capsys):
-    assert main(["demo", "--device", "cpu", "--seq-len", "100", "--num-queries", "200"]) == 2
+    assert main(["demo", "--device", "cpu", "--seq-len", "100", "--num-queries", "200", "--workload", "synthetic"]) == 2
     assert "num_queries" in capsys.readouterr().err
 
 

