@@ -16,6 +16,9 @@ import triton.language as tl
 
 from ...quant import FP8
 
+# Lengths and offsets are not specialised (do_not_specialize): an engine calls these kernels with a
+# different sequence length every step, and each new specialisation would be a compile.
+
 # Triton's CPU interpreter computes bfloat16 arithmetic wrongly (loads and casts are right), so
 # under TRITON_INTERPRET=1 bf16 operands are widened to float32; the kernel logic is unchanged.
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -31,7 +34,7 @@ def mma_cast(*dtypes):
 
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T", "S", "col_offset", "out_width"])
 def _mqa_logits_kernel(
     Q, W, HEADS, K, KSCALE, KS, KE, OUT,
     T, S, col_offset, out_width,

@@ -15,7 +15,7 @@ from ..dsa.triton import launch_logits, mma_cast
 from ..topk.triton import topk
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["C"])
 def _gather_logits_kernel(Q, W, K, KSCALE, CAND, KS, KE, OUT, C, stride_qt, stride_wt, stride_k,
                           stride_cand, stride_out,
                           H: tl.constexpr, D: tl.constexpr, BN: tl.constexpr,

@@ -14,7 +14,7 @@ import triton.language as tl
 from ..dsa.triton import INTERPRET
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["S", "block_size"])
 def _pool_keys_kernel(K, KSCALE, OUT, S, block_size, stride_k,
                       D: tl.constexpr, CHUNK: tl.constexpr, HAS_SCALE: tl.constexpr):
     b = tl.program_id(0)
@@ -43,7 +43,7 @@ def pool_keys(k: torch.Tensor, k_scale: torch.Tensor | None, block_size: int) ->
     return out
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T", "NB", "block_size"])
 def _route_kernel(Q, W, KBAR, KS, KE, HEADS, T, NB, block_size, stride_qt, stride_wt,
                   H: tl.constexpr, D: tl.constexpr, BQ: tl.constexpr, NBT: tl.constexpr,
                   ACTIVE: tl.constexpr, PRECISION: tl.constexpr):

@@ -72,7 +72,7 @@ def _threshold_digit(hist, bins, k_rem):
     return digit, above, inside
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["ks_offset", "K"])
 def _cut_kernel(X, KS, KE, CUT, COUNT, stride_x, ks_offset, K,
                 SAMPLE: tl.constexpr, FINITE_ONLY: tl.constexpr):
     """Per long row: a sample quantile safely below the k-th largest value (expected rank plus
@@ -94,7 +94,7 @@ def _cut_kernel(X, KS, KE, CUT, COUNT, stride_x, ks_offset, K,
     tl.store(COUNT + row, 0)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["ks_offset", "CAP"])
 def _compact_kernel(X, KS, KE, CUT, COUNT, SCR_KEY, SCR_COL, stride_x, stride_scr, ks_offset, CAP,
                     BLOCK: tl.constexpr, FINITE_ONLY: tl.constexpr):
     """Every element at or above its row's cut goes to the row's scratch; several programs share a
@@ -124,7 +124,7 @@ def _compact_kernel(X, KS, KE, CUT, COUNT, SCR_KEY, SCR_COL, stride_x, stride_sc
                 tl.store(SCR_COL + row * stride_scr + spos, c, mask=ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["ks_offset", "out_offset", "K", "CAP"])
 def _select_kernel(X, KS, KE, OUT, CMAP, CUT, COUNT, SCR_KEY, SCR_COL,
                    stride_x, stride_out, stride_cmap, stride_scr, ks_offset, out_offset, K, CAP,
                    BLOCK: tl.constexpr, HAS_CMAP: tl.constexpr, FINITE_ONLY: tl.constexpr):

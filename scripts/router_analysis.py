@@ -1,0 +1,396 @@
+"""Why MISA's router falls short on the trained SmolLM2 indexer: oracle routers, head statistics and
+training-free router statistics, per layer, on the CPU.
+
+    python scripts/router_analysis.py --indexer /work/trained-indexer \
+        --model /work/models/SmolLM2-135M-Instruct.Q4_1.gguf --context 4096 --windows 2 --queries 256 \
+        --layers 4,10,11,16,17,19,22,28 --k 128,256 --out /work/why/run1
+
+For each layer and window it captures the dense model's q/k and the layer's indexer inputs (fp8, as
+the evaluation uses them), then per query (spread over the window's second half, causal):
+
+- DSA's top-k (``misa.dsa_select``) is the reference; recall = share of its tokens a method keeps;
+- the per-head contribution ``C[t, j, s] = w[t, j] relu(q[t, j] . k[s])`` (dequantised fp8 q and k),
+  so that DSA's score is ``sum_j C``;
+- oracle routers (they read DSA's selection, so they bound what any router of 8 heads can do):
+  ``oracle-greedy`` adds, one at a time, the head that most raises the recall of the top-k of the
+  partial sum (ties broken by the margin), then swaps single heads while recall rises;
+  ``oracle-gap`` takes the 8 heads with the largest ``mean_{s in DSA} C_j - mean_{s not in DSA} C_j``
+  (each head's own contribution to separating DSA's tokens from the rest);
+- router statistics from pooled keys only (``P[t, j, b] = relu(q[t, j] . kbar[b])``, block size B,
+  the library's pooling): see ``STATS``; routed scoring is the SPEC's (routed heads, weights as is),
+  plus a "block residual" variant that adds the dropped heads' pooled contribution of the key's
+  block (``sum_{j dropped} w_j P[t, j, b(s)]``: no more products than the router already computed);
+- head diagnostics: sign of w, activity (share of visible keys with q.k > 0) and contrast
+  (std over keys / mean over keys of relu(q.k)) of the heads each router picks.
+
+Writes ``results.json`` and ``results.md`` to ``--out``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+import misa
+from misa.eval import data
+from misa.eval.common import EvalContext
+from misa.eval.hooks import attention_probs
+from misa.eval.recall import query_positions
+from misa.eval.selectors import mass, oracle_select, window_select
+from misa.ops.router.reference import pool_keys, visible_blocks
+
+
+# ---------------------------------------------------------------------------------------------
+def topk_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """``[T, S]`` bool: the ``k`` largest entries per row (scores already -inf outside the range)."""
+    idx = scores.topk(k, dim=1).indices
+    return torch.zeros_like(scores, dtype=torch.bool).scatter_(1, idx, True)
+
+
+def recall_of(sel_mask: torch.Tensor, ref_mask: torch.Tensor) -> torch.Tensor:
+    return (sel_mask & ref_mask).sum(1).float() / ref_mask.sum(1).clamp_min(1).float()
+
+
+def routed_scores(C: torch.Tensor, heads: torch.Tensor, vis: torch.Tensor) -> torch.Tensor:
+    """``sum_{j in heads} C[:, j, :]``, -inf outside the visible range."""
+    s = torch.gather(C, 1, heads[:, :, None].expand(-1, -1, C.shape[2])).sum(1)
+    return s.masked_fill(~vis, float("-inf"))
+
+
+def greedy_oracle(C: torch.Tensor, ref: torch.Tensor, vis: torch.Tensor, k: int, h: int,
+                  swaps: int = 1) -> tuple[torch.Tensor, list[float]]:
+    """Per query, heads chosen one at a time to maximise recall of ``ref`` (ties: the largest
+    gap between DSA's tokens and the rest), then single-head swaps while recall rises.
+    Returns ``heads [T, h]`` and the mean recall after each added head."""
+    T, H, S = C.shape
+    chosen = torch.zeros(T, H, dtype=torch.bool)
+    cur = torch.zeros(T, S)
+    curve = []
+    nref = ref.sum(1).clamp_min(1).float()
+    inv = (vis & ~ref).sum(1).clamp_min(1).float()
+
+    def objective(s):  # recall, tie-broken by the (scaled) mean margin of ref over the rest
+        sm = s.masked_fill(~vis, float("-inf"))
+        rec = recall_of(topk_mask(sm, k), ref)
+        gap = (s * ref).sum(1) / nref - (s * (vis & ~ref)).sum(1) / inv
+        return rec + 1e-4 * torch.tanh(gap / (s.abs().amax(1) + 1e-12))
+
+    for _ in range(h):
+        best_val = torch.full((T,), -1e9)
+        best_j = torch.zeros(T, dtype=torch.long)
+        for j in range(H):
+            v = objective(cur + C[:, j])
+            v = torch.where(chosen[:, j], torch.full_like(v, -1e9), v)
+            better = v > best_val
+            best_val = torch.where(better, v, best_val)
+            best_j = torch.where(better, torch.full_like(best_j, j), best_j)
+        chosen[torch.arange(T), best_j] = True
+        cur = cur + C[torch.arange(T), best_j]
+        curve.append(float(recall_of(topk_mask(cur.masked_fill(~vis, float("-inf")), k), ref).mean()))
+    for _ in range(swaps):
+        heads = chosen.nonzero()[:, 1].view(T, h)
+        base = objective(cur)
+        for a in range(h):
+            out_j = heads[:, a]
+            wo = cur - C[torch.arange(T), out_j]
+            best_val, best_j = base.clone(), out_j.clone()
+            for j in range(H):
+                v = objective(wo + C[:, j])
+                v = torch.where(chosen[:, j], torch.full_like(v, -1e9), v)
+                better = v > best_val + 1e-9
+                best_val = torch.where(better, v, best_val)
+                best_j = torch.where(better, torch.full_like(best_j, j), best_j)
+            moved = best_j != out_j
+            chosen[torch.arange(T)[moved], out_j[moved]] = False
+            chosen[torch.arange(T)[moved], best_j[moved]] = True
+            cur = wo + C[torch.arange(T), best_j]
+            heads[:, a] = best_j
+            base = best_val
+    heads = chosen.nonzero()[:, 1].view(T, h)
+    return heads, curve
+
+
+def backward_oracle(C: torch.Tensor, ref: torch.Tensor, vis: torch.Tensor, k: int, h: int,
+                    report: tuple = (32, 16, 8)) -> tuple[torch.Tensor, dict]:
+    """Per query, start from all heads (= DSA) and drop, one at a time, the head whose removal keeps
+    the recall of ``ref`` highest (ties: the largest margin), down to ``h`` heads; then single-head
+    swaps while recall rises. Returns ``heads [T, h]`` and the mean recall at the ``report`` sizes."""
+    T, H, S = C.shape
+    chosen = torch.ones(T, H, dtype=torch.bool)
+    cur = C.sum(1)
+    nref = ref.sum(1).clamp_min(1).float()
+    rest = vis & ~ref
+    inv = rest.sum(1).clamp_min(1).float()
+    ar = torch.arange(T)
+
+    def objective(s):
+        rec = recall_of(topk_mask(s.masked_fill(~vis, float("-inf")), k), ref)
+        gap = (s * ref).sum(1) / nref - (s * rest).sum(1) / inv
+        return rec + 1e-4 * torch.tanh(gap / (s.abs().amax(1) + 1e-12))
+
+    curve = {}
+    for n in range(H, h, -1):
+        best_val = torch.full((T,), -1e9)
+        best_j = torch.zeros(T, dtype=torch.long)
+        for j in range(H):
+            v = objective(cur - C[:, j])
+            v = torch.where(chosen[:, j], v, torch.full_like(v, -1e9))
+            better = v > best_val
+            best_val = torch.where(better, v, best_val)
+            best_j = torch.where(better, torch.full_like(best_j, j), best_j)
+        chosen[ar, best_j] = False
+        cur = cur - C[ar, best_j]
+        if n - 1 in report:
+            curve[n - 1] = float(recall_of(topk_mask(cur.masked_fill(~vis, float("-inf")), k), ref).mean())
+    heads = chosen.nonzero()[:, 1].view(T, h)
+    base = objective(cur)
+    for a in range(h):
+        out_j = heads[:, a]
+        wo = cur - C[ar, out_j]
+        best_val, best_j = base.clone(), out_j.clone()
+        for j in range(H):
+            v = objective(wo + C[:, j])
+            v = torch.where(chosen[:, j], torch.full_like(v, -1e9), v)
+            better = v > best_val + 1e-9
+            best_val = torch.where(better, v, best_val)
+            best_j = torch.where(better, torch.full_like(best_j, j), best_j)
+        moved = best_j != out_j
+        chosen[ar[moved], out_j[moved]] = False
+        chosen[ar[moved], best_j[moved]] = True
+        cur = wo + C[ar, best_j]
+        heads[:, a] = best_j
+        base = best_val
+    return heads, curve
+
+
+# ---------------------------------------------------------------------------------------------
+def router_stats(w: torch.Tensor, P: torch.Tensor, bvis: torch.Tensor, k: int, block: int) -> dict:
+    """Router statistics ``[T, H]`` from pooled scores ``P [T, H, NB]`` (0 on hidden blocks)."""
+    n = bvis.sum(1).clamp_min(1).float()[:, None]
+    sum_b = P.sum(-1)
+    mean_b = sum_b / n
+    max_b = P.amax(-1)
+    var_b = ((P - mean_b[..., None]) ** 2 * bvis[:, None, :]).sum(-1) / n
+    std_b = var_b.sqrt()
+    # the pooled DSA block score (all heads: the products the router already has) -> estimated
+    # selected blocks: the top ceil(k / B) + 1 visible blocks
+    blk = (w[:, :, None] * P).sum(1).masked_fill(~bvis, float("-inf"))
+    m = min(max(1, math.ceil(k / block)) + 1, P.shape[-1])
+    top = torch.zeros_like(bvis).scatter_(1, blk.topk(m, dim=1).indices, True) & bvis
+    rest = bvis & ~top
+    mt = (P * top[:, None]).sum(-1) / top.sum(1).clamp_min(1)[:, None]
+    mr = (P * rest[:, None]).sum(-1) / rest.sum(1).clamp_min(1)[:, None]
+    gap = w * (mt - mr)
+    return {
+        "abs-sum": w.abs() * sum_b,
+        "pos-sum": w.clamp_min(0) * sum_b,
+        "abs-max": w.abs() * max_b,
+        "abs-std": w.abs() * std_b,
+        "pos-std": w.clamp_min(0) * std_b,
+        "abs-contrast": w.abs() * (max_b - mean_b),
+        "pos-contrast": w.clamp_min(0) * (max_b - mean_b),
+        "gap": gap,
+        "abs-gap": gap.abs(),
+        "abs-w": w.abs(),
+    }
+
+
+def head_diag(S_: torch.Tensor, vis: torch.Tensor) -> dict:
+    """Per (query, head): share of visible keys with q.k > 0, mean and std of relu(q.k)."""
+    n = vis.sum(1).clamp_min(1).float()[:, None]
+    v = vis[:, None, :]
+    act = ((S_ > 0) & v).sum(-1) / n
+    mean = (S_ * v).sum(-1) / n
+    std = (((S_ - mean[..., None]) ** 2) * v).sum(-1).div(n).sqrt()
+    return {"active": act, "mean": mean, "cv": std / mean.clamp_min(1e-12)}
+
+
+# ---------------------------------------------------------------------------------------------
+def analyse_layer(inp, probs, ke, ks_, block: int, h: int, ks: list[int], g: torch.Generator,
+                  acc: dict, layer: int, oracle: bool) -> None:
+    T = inp.q.shape[0]
+    q = inp.q.float()                                       # fp8 values; scales are folded into w
+    kf = inp.kv[0].float() * inp.kv[1][:, None]
+    w = inp.weights
+    S = kf.shape[0]
+    vis = torch.arange(S)[None, :] < ke.long()[:, None]
+    S_ = torch.matmul(q, kf.t()).relu_()                    # [T, H, S]
+    C = w[:, :, None] * S_
+    I = C.sum(1).masked_fill(~vis, float("-inf"))
+    kbar = pool_keys(kf, block)
+    bvis = visible_blocks(ks_, ke, kbar.shape[0], block)
+    P = torch.matmul(q, kbar.t()).relu_() * bvis[:, None, :]
+    bidx = torch.arange(S) // block
+    diag = head_diag(S_, vis)
+    H = q.shape[1]
+    a = acc[(layer, "all")]
+    a["w<0"].append(float((w < 0).float().mean()))
+    for key in ("active", "cv"):
+        a[f"all/{key}"].append(float(diag[key].mean()))
+    for k in ks:
+        a = acc[(layer, k)]
+        ref_sel = misa.dsa_select(inp.q, inp.kv, w, ks_, ke, k=k)
+        ref = torch.zeros(T, S + 1, dtype=torch.bool).scatter_(1, torch.where(ref_sel >= 0, ref_sel.long(), S), True)[:, :S]
+        a["check/float-dsa"].append(float(recall_of(topk_mask(I, k), ref).mean()))
+        # is the indexer meaningful at this context: mass of DSA vs sink + window vs oracle
+        a["mass/dsa"].append(float(mass(ref_sel, probs).mean()))
+        a["mass/sink-window"].append(float(mass(window_select(ks_, ke, k, 4), probs).mean()))
+        a["mass/oracle"].append(float(mass(oracle_select(probs, ks_, ke, k), probs).mean()))
+        win = torch.arange(S)[None, :] >= (ke.long()[:, None] - k)
+        a["dsa/in-window"].append(float(((ref & win).sum(1).float() / k).mean()))
+        # library MISA (abs-sum) as a cross-check of the reimplementation
+        lib = misa.misa_select(inp.q, inp.kv, w, ks_, ke, k=k, active_heads=h, block_size=block)
+        a["recall/lib-misa"].append(float(misa.recall(lib, ref_sel).mean()))
+        # separation contribution of each head: mean over DSA's tokens minus mean over the rest
+        rest = vis & ~ref
+        D = (C * ref[:, None]).sum(-1) / k - (C * rest[:, None]).sum(-1) / rest.sum(1).clamp_min(1)[:, None]
+        tot = D.sum(1)
+        Ds = D.abs().sort(1, descending=True).values
+        a["gap/top8-share-abs"].append(float((Ds[:, :h].sum(1) / Ds.sum(1)).mean()))
+        Dp = D.sort(1, descending=True).values
+        a["gap/top8/total"].append(float((Dp[:, :h].sum(1) / tot).mean()))
+        a["gap/pos/total"].append(float((D.clamp_min(0).sum(1) / tot).mean()))
+        a["gap/neg-heads"].append(float((D < 0).float().mean()))
+        # participation ratio of |D| (effective number of heads carrying the separation)
+        a["gap/eff-heads"].append(float(((D.abs().sum(1) ** 2) / (D ** 2).sum(1)).mean()))
+        methods = {}
+        if oracle:
+            gh, curve = greedy_oracle(C, ref, vis, k, h)
+            methods["oracle-greedy"] = gh
+            for i, c in enumerate(curve):
+                a[f"greedy-curve/{i + 1}"].append(c)
+            bh, bcurve = backward_oracle(C, ref, vis, k, h, report=(32, 2 * h, h))
+            methods["oracle-backward"] = bh
+            for n, c in bcurve.items():
+                a[f"backward-curve/{n}"].append(c)
+            # the better of the two oracles, per query
+            rg = recall_of(topk_mask(routed_scores(C, gh, vis), k), ref)
+            rb = recall_of(topk_mask(routed_scores(C, bh, vis), k), ref)
+            methods["oracle-best"] = torch.where((rb >= rg)[:, None], bh, gh)
+        methods["oracle-gap"] = D.topk(h, 1).indices
+        stats = router_stats(w, P, bvis, k, block)
+        for name, r in stats.items():
+            methods[name] = r.topk(h, 1).indices
+        methods["random"] = torch.rand(T, H, generator=g).argsort(1)[:, :h]
+        for name, heads in methods.items():
+            sc = routed_scores(C, heads, vis)
+            sel = topk_mask(sc, k)
+            a[f"recall/{name}"].append(float(recall_of(sel, ref).mean()))
+            wh = torch.gather(w, 1, heads)
+            a[f"w<0/{name}"].append(float((wh < 0).float().mean()))
+            for key in ("active", "cv"):
+                a[f"{key}/{name}"].append(float(torch.gather(diag[key], 1, heads).mean()))
+            # block residual: the dropped heads' pooled contribution of each key's block
+            dropped = torch.ones(T, H, dtype=torch.bool).scatter_(1, heads, False)
+            resid = ((w * dropped)[:, :, None] * P).sum(1)                  # [T, NB]
+            sc2 = sc + resid[:, bidx]
+            a[f"recall+resid/{name}"].append(float(recall_of(topk_mask(sc2, k), ref).mean()))
+            # dagger: stage-1 top 4k by the routed score, re-scored by DSA
+            s1 = topk_mask(sc, min(4 * k, S))
+            a[f"dagger/{name}"].append(float(recall_of(topk_mask(I.masked_fill(~s1, float("-inf")), k), ref).mean()))
+
+
+# ---------------------------------------------------------------------------------------------
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--indexer", default="/work/trained-indexer")
+    p.add_argument("--model", default="/work/models/SmolLM2-135M-Instruct.Q4_1.gguf")
+    p.add_argument("--corpus", default=None)
+    p.add_argument("--context", type=int, default=4096)
+    p.add_argument("--windows", type=int, default=2)
+    p.add_argument("--queries", type=int, default=256)
+    p.add_argument("--layers", default="4,10,11,16,17,19,22,28")
+    p.add_argument("--k", default="128,256")
+    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--block", type=int, default=128)
+    p.add_argument("--no-oracle", action="store_true")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--out", required=True)
+    a = p.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    layers = [int(x) for x in a.layers.split(",")]
+    ks = [int(x) for x in a.k.split(",")]
+    t0 = time.time()
+    ctx = EvalContext.create(model=a.model, device="cpu", indexer=a.indexer, corpus=a.corpus,
+                             token_cache=Path.home() / ".cache" / "misa" / "tokens")
+    tokens = data.heldout_tokens(ctx.tokenizer, ctx.corpus, ctx.token_cache)
+    wins = data.windows(tokens, a.context, a.windows)
+    qpos = query_positions(a.context, a.queries, ctx.device)
+    ke = (qpos + 1).int()
+    ks_ = torch.zeros_like(ke)
+    acc = defaultdict(lambda: defaultdict(list))
+    for wi, win in enumerate(wins):
+        caps = ctx.capture(win, layers)
+        for layer in layers:
+            cap = caps.pop(layer)
+            with torch.no_grad():
+                full = ctx.stack.inference_inputs(layer, cap["x"])
+                inp = type(full)(full.q[qpos], full.kv, full.weights[qpos], full.raw_weights[qpos])
+                probs = attention_probs(cap["q"][:, qpos], cap["k"], ctx.scaling, qpos)
+                g = torch.Generator().manual_seed(layer * 31 + wi)
+                analyse_layer(inp, probs, ke, ks_, a.block, a.heads, ks, g, acc, layer, not a.no_oracle)
+            print(f"window {wi} layer {layer} done, {time.time() - t0:.0f} s", flush=True)
+    res = {f"{l}/{k}": {m: sum(v) / len(v) for m, v in d.items()} for (l, k), d in acc.items()}
+    meta = {"command": "python scripts/router_analysis.py " + " ".join(argv or __import__("sys").argv[1:]),
+            "cpu": platform.processor() or platform.machine(), "threads": a.threads,
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "torch": torch.__version__,
+            "context": a.context, "windows": len(wins), "queries_per_window": int(qpos.numel()),
+            "layers": layers, "k": ks, "heads": a.heads, "block": a.block, "seconds": round(time.time() - t0)}
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps({"meta": meta, "results": res}, indent=1))
+    (out / "results.md").write_text(report(meta, res, layers, ks))
+    print(report(meta, res, layers, ks))
+
+
+def report(meta, res, layers, ks) -> str:
+    md = [f"<!-- {meta['command']} | {meta['cpu']}, {meta['threads']} threads | {meta['date']} | "
+          f"{meta['seconds']} s -->",
+          f"context {meta['context']}, {meta['windows']} windows x {meta['queries_per_window']} queries, "
+          f"h = {meta['heads']}, B = {meta['block']}\n"]
+    for k in ks:
+        names = sorted({m.split("/", 1)[1] for m in res[f"{layers[0]}/{k}"] if m.startswith("recall/")})
+        md.append(f"## recall of DSA's top-{k}\n")
+        md.append("| layer | " + " | ".join(names) + " |")
+        md.append("|---" * (len(names) + 1) + "|")
+        for l in layers + ["mean"]:
+            if l == "mean":
+                vals = [sum(res[f"{x}/{k}"][f"recall/{n}"] for x in layers) / len(layers) for n in names]
+            else:
+                vals = [res[f"{l}/{k}"][f"recall/{n}"] for n in names]
+            md.append(f"| {l} | " + " | ".join(f"{v:.3f}" for v in vals) + " |")
+        for prefix in ("recall+resid", "dagger", "w<0", "active", "cv"):
+            names2 = sorted({m.split("/", 1)[1] for m in res[f"{layers[0]}/{k}"] if m.startswith(prefix + "/")})
+            md.append(f"\n### {prefix}, k = {k}\n")
+            md.append("| layer | " + " | ".join(names2) + " |")
+            md.append("|---" * (len(names2) + 1) + "|")
+            for l in layers + ["mean"]:
+                if l == "mean":
+                    vals = [sum(res[f"{x}/{k}"][f"{prefix}/{n}"] for x in layers) / len(layers) for n in names2]
+                else:
+                    vals = [res[f"{l}/{k}"][f"{prefix}/{n}"] for n in names2]
+                md.append(f"| {l} | " + " | ".join(f"{v:.3f}" for v in vals) + " |")
+        other = sorted(m for m in res[f"{layers[0]}/{k}"] if "/" in m and m.split("/")[0] in
+                       ("check", "mass", "dsa", "gap", "greedy-curve", "backward-curve"))
+        md.append(f"\n### diagnostics, k = {k}\n")
+        md.append("| layer | " + " | ".join(other) + " |")
+        md.append("|---" * (len(other) + 1) + "|")
+        for l in layers:
+            md.append(f"| {l} | " + " | ".join(f"{res[f'{l}/{k}'][m]:.3f}" for m in other) + " |")
+        md.append("")
+    md.append("### all heads\n")
+    md.append("| layer | w<0 | active | cv |\n|---|---|---|---|")
+    for l in layers:
+        r = res[f"{l}/all"]
+        md.append(f"| {l} | {r['w<0']:.3f} | {r['all/active']:.3f} | {r['all/cv']:.3f} |")
+    return "\n".join(md) + "\n"
+
+
+if __name__ == "__main__":
+    main()
