@@ -78,3 +78,46 @@ def test_top_blocks_router_with_few_blocks_is_abs_sum():
     a = misa.route_heads(q, kv, w, ks, ke, active_heads=5, block_size=32, router="top-blocks")
     b = misa.route_heads(q, kv, w, ks, ke, active_heads=5, block_size=32, router="abs-sum")
     assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("kind", ["causal", "ragged", "empty"])
+def test_gap_router_against_float64_formula(kind):
+    """``gap``: w * (P at the best pooled block by the all-head DSA score - mean P over the other
+    visible blocks), P = relu(q . kbar); written out per query in float64."""
+    bs, s = 16, 200
+    q, kv, w, ks, ke = make_inputs(24, s, 16, 32, kind, seed=7)
+    heads = misa.route_heads(q, kv, w, ks, ke, active_heads=4, block_size=bs, router="gap")
+    k64 = keys64(kv)
+    nb = -(-s // bs)
+    kbar = torch.stack([k64[i * bs:(i + 1) * bs].mean(0) for i in range(nb)])
+    w64 = w.double()
+    r = torch.zeros(24, 16, dtype=torch.float64)
+    for t in range(24):
+        blocks = list(range(int(ks[t]) // bs, -(-int(ke[t]) // bs)))
+        if not blocks:
+            continue
+        p = torch.einsum("hd,bd->hb", q[t].double(), kbar[blocks]).clamp_min(0)     # [H, visible]
+        best = int((w64[t][:, None] * p).sum(0).argmax())
+        others = [i for i in range(len(blocks)) if i != best]
+        rest = p[:, others].mean(1) if others else torch.zeros(16, dtype=torch.float64)
+        r[t] = w64[t] * (p[:, best] - rest)
+    # ties (rows without a visible block: r = 0) go to the lower head, as in top_heads
+    want = torch.sort(torch.sort(r, dim=1, descending=True, stable=True).indices[:, :4], dim=1).values
+    assert torch.equal(heads.long(), want)
+
+
+def test_gap_router_prefers_the_discriminating_head_over_a_loud_uniform_one():
+    """Head 0 is large and the same on every block (a constant offset); head 1 is small but fires
+    only on the last block. abs-sum routes head 0, gap routes head 1."""
+    d, bs, nb = 4, 8, 6
+    k = torch.zeros(nb * bs, d)
+    k[:, 0] = 1.0                         # every key: head 0 sees q . k = 5 everywhere
+    k[-bs:, 1] = 1.0                      # the last block only: head 1 fires
+    q = torch.zeros(1, 2, d)
+    q[0, 0, 0] = 5.0
+    q[0, 1, 1] = 1.0
+    w = torch.tensor([[-1.0, 0.5]])
+    ks = torch.tensor([0], dtype=torch.int32)
+    ke = torch.tensor([nb * bs], dtype=torch.int32)
+    assert misa.route_heads(q, k, w, ks, ke, active_heads=1, block_size=bs).tolist() == [[0]]
+    assert misa.route_heads(q, k, w, ks, ke, active_heads=1, block_size=bs, router="gap").tolist() == [[1]]

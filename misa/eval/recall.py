@@ -29,7 +29,7 @@ from .report import fmt, md_table, write_result
 from .selectors import METHODS, SelectorSettings, describe, mass, oracle_select, select
 
 RECALL_METHODS = ["misa-h4", "misa-h8", "misa-h16", "misa-dagger", "hisa", "random-h4", "random-h8", "random-h16",
-                  "topw-h4", "topw-h8", "topw-h16", "sink-window"]
+                  "topw-h4", "topw-h8", "topw-h16", "sink-window", "misa-gap-h8", "misa-gap-h16", "misa-gap-dagger"]
 
 
 @dataclass
@@ -205,7 +205,8 @@ def router_report(ctx: EvalContext, cfg: RecallConfig, res: dict, out_dir: Path)
     md = [f"# Router study: MISA (h = {cfg.router_heads}) recall of DSA's top-{cfg.router_k}, training-free\n",
           f"Context {cfg.context}, {res['windows']} held-out windows x {res['queries_per_window']} queries, "
           f"{len(layers)} layers. Statistics: abs-sum (the paper's), sum (signed), max (largest block), "
-          f"qnorm (|w| * ||q||, keys ignored), top-blocks (only the query's 8 best pooled blocks vote).\n",
+          f"qnorm (|w| * ||q||, keys ignored), top-blocks (only the query's 8 best pooled blocks vote), "
+          f"gap (w * (pooled score on the best pooled block - mean on the other visible blocks)).\n",
           md_table(["router", "block size", "recall (mean over layers)", "recall (worst layer)", "worst layer"], rows),
           f"\nBest: **{best[0]}, B = {best[1]}**: mean {best[2]:.4f}, worst layer {best[3]:.4f}.\n"]
     per_layer_rows = []
@@ -232,7 +233,8 @@ def plot_recall(cfg: RecallConfig, res: dict, layers: list[int], out: Path) -> N
     fig, axes = plt.subplots(2, len(cfg.ks), figsize=(5 * len(cfg.ks), 8), dpi=100, squeeze=False)
     style = {"misa-h4": ("tab:blue", ":"), "misa-h8": ("tab:blue", "-"), "misa-h16": ("tab:blue", "--"),
              "misa-dagger": ("tab:purple", "-"), "hisa": ("tab:green", "-"), "random-h8": ("tab:gray", "-"),
-             "topw-h8": ("tab:orange", "-"), "sink-window": ("tab:red", "-")}
+             "topw-h8": ("tab:orange", "-"), "sink-window": ("tab:red", "-"),
+             "misa-gap-h8": ("tab:cyan", "-"), "misa-gap-dagger": ("tab:pink", "-")}
     for c, k in enumerate(cfg.ks):
         for m in cfg.methods:
             if m not in style:

@@ -38,17 +38,21 @@ METHODS = {
     "random-h4": ("random", 4), "random-h8": ("random", 8), "random-h16": ("random", 16),
     "topw-h4": ("topw", 4), "topw-h8": ("topw", 8), "topw-h16": ("topw", 16),
     "sink-window": ("window", None),
+    # MISA with the "gap" router statistic instead of settings.router (docs/results.md, CPU analysis)
+    "misa-gap-h8": ("misa", 8), "misa-gap-h16": ("misa", 16), "misa-gap-dagger": ("dagger", None),
 }
+ROUTER_OF = {"misa-gap-h8": "gap", "misa-gap-h16": "gap", "misa-gap-dagger": "gap"}
 IN_MODEL = ["dense", "dsa", "misa-h4", "misa-h8", "misa-h16", "misa-dagger", "hisa", "sink-window"]
 
 
 def describe(name: str, k: int, s: SelectorSettings) -> str:
     kind, h = METHODS.get(name, (name, None))
+    router = ROUTER_OF.get(name, s.router)
     return {
         "dense": "full causal attention",
         "dsa": "all indexer heads",
-        "misa": f"h={h}, router {s.router}, B={s.block_size}",
-        "dagger": f"h={s.dagger_heads}, k1={s.stage1_mult * k}",
+        "misa": f"h={h}, router {router}, B={s.block_size}",
+        "dagger": f"h={s.dagger_heads}, k1={s.stage1_mult * k}" + (f", router {router}" if name in ROUTER_OF else ""),
         "hisa": f"B={s.hisa_block}, m={max(2, s.stage1_mult * k // s.hisa_block)}",
         "random": f"{h} random heads per query",
         "topw": f"the {h} heads of largest |w| per query",
@@ -86,6 +90,7 @@ def select(name: str, inp: IndexerInputs, ks: torch.Tensor, ke: torch.Tensor, k:
     if name not in METHODS:
         raise ValueError(f"method: expected one of {sorted(METHODS)}, got {name!r}")
     kind, h = METHODS[name]
+    router = router or ROUTER_OF.get(name)
     args = (inp.q, inp.kv, inp.weights, ks, ke)
     if kind == "dsa":
         return misa.dsa_select(*args, k=k)

@@ -6,7 +6,20 @@
 ``abs-sum`` is the paper's statistic and the default; the others are named options for studying
 the router (issue 4): ``sum`` (signed), ``max`` (largest block), ``qnorm`` (``|w| * ||q||``, keys
 ignored), ``top-blocks`` (only the query's ``TOP_BLOCKS`` best pooled blocks by the DSA formula
-vote, each with abs-sum: blocks the query will not read cannot pull a head in).
+vote, each with abs-sum: blocks the query will not read cannot pull a head in), ``gap`` (see below).
+
+``gap`` keeps the heads that most separate, in DSA's direction, the block DSA would rank first
+from the rest. With ``P[t, j, b] = relu(q[t, j] . kbar[b])`` on the visible blocks and
+``b*(t) = argmax_b sum_j w[t, j] P[t, j, b]`` (the all-head pooled DSA score: the products abs-sum
+already needs, ties to the lower block):
+
+    r[t, j] = w[t, j] * ( P[t, j, b*] - mean_{visible b != b*} P[t, j, b] )     (the mean is 0 when b* is
+                                                                                  the only visible block)
+
+Signed: a head with w < 0 scores high when it is quieter on b* than elsewhere (it suppresses the
+rest), a head with w > 0 when it is louder on b*. Unlike abs-sum it does not reward heads that are
+large everywhere (near-constant offsets that cancel between heads of opposite sign and do not
+discriminate); see docs/results.md, "Why MISA's router falls short here".
 """
 from __future__ import annotations
 
@@ -14,7 +27,7 @@ import torch
 
 from ..dsa.reference import head_scores
 
-ROUTER_STATISTICS = ("abs-sum", "sum", "max", "qnorm", "top-blocks")
+ROUTER_STATISTICS = ("abs-sum", "sum", "max", "qnorm", "top-blocks", "gap")
 TOP_BLOCKS = 8
 
 
@@ -56,6 +69,15 @@ def head_router_scores(q: torch.Tensor, kbar: torch.Tensor, weights: torch.Tenso
         block = per.sum(dim=1).masked_fill(~visible, float("-inf"))
         keep = torch.zeros_like(visible).scatter_(1, block.topk(min(TOP_BLOCKS, nb), dim=1).indices, True)
         return (per.abs() * (keep & visible)[:, None, :]).sum(dim=-1)
+    if statistic == "gap":
+        if scores.shape[-1] == 0:
+            return torch.zeros_like(weights)
+        block = (weights[:, :, None] * scores).sum(dim=1).masked_fill(~visible, float("-inf"))
+        best = torch.zeros_like(visible).scatter_(1, block.argmax(dim=1, keepdim=True), True) & visible
+        rest = visible & ~best
+        at_best = (scores * best[:, None, :]).sum(dim=-1)
+        rest_mean = (scores * rest[:, None, :]).sum(dim=-1) / rest.sum(dim=1).clamp_min(1)[:, None]
+        return weights * (at_best - rest_mean)
     if statistic == "max":
         return weights.abs() * scores.amax(dim=-1) if scores.shape[-1] else torch.zeros_like(weights)
     raise ValueError(f"router: unknown statistic {statistic!r}, expected one of {ROUTER_STATISTICS}")
