@@ -2,8 +2,11 @@
 training-free router statistics, per layer, on the CPU.
 
     python scripts/router_analysis.py --indexer /work/trained-indexer \
-        --model /work/models/SmolLM2-135M-Instruct.Q4_1.gguf --context 4096 --windows 2 --queries 256 \
-        --layers 4,10,11,16,17,19,22,28 --k 128,256 --out /work/why/run1
+        --model /work/models/SmolLM2-135M-Instruct.Q4_1.gguf --context 8192 --windows 2 --queries 128 \
+        --layers $(seq -s, 0 29) --k 128,256,512 --no-oracle --out /work/why/final-30L-8k
+
+(docs/results.md, "Why MISA's router falls short here", lists the runs behind its tables;
+scripts/router_analysis_tables.py prints those tables from the ``results.json`` files.)
 
 For each layer and window it captures the dense model's q/k and the layer's indexer inputs (fp8, as
 the evaluation uses them), then per query (spread over the window's second half, causal):
@@ -11,15 +14,23 @@ the evaluation uses them), then per query (spread over the window's second half,
 - DSA's top-k (``misa.dsa_select``) is the reference; recall = share of its tokens a method keeps;
 - the per-head contribution ``C[t, j, s] = w[t, j] relu(q[t, j] . k[s])`` (dequantised fp8 q and k),
   so that DSA's score is ``sum_j C``;
-- oracle routers (they read DSA's selection, so they bound what any router of 8 heads can do):
-  ``oracle-greedy`` adds, one at a time, the head that most raises the recall of the top-k of the
-  partial sum (ties broken by the margin), then swaps single heads while recall rises;
+- oracle routers (they read DSA's selection: what a router of 8 heads could reach; heuristic
+  searches, so lower bounds on the best 8 heads): ``oracle-greedy`` adds, one at a time, the head
+  that most raises the recall of the top-k of the partial sum (ties broken by the margin), then
+  swaps single heads while recall rises; ``oracle-backward`` starts from all heads and drops one at
+  a time (recall also reported at 16 and 32 heads), then swaps; ``oracle-best`` is the better of
+  the two per query;
   ``oracle-gap`` takes the 8 heads with the largest ``mean_{s in DSA} C_j - mean_{s not in DSA} C_j``
   (each head's own contribution to separating DSA's tokens from the rest);
+- ``lib-misa`` / ``lib-gap`` / ``lib-gap-dagger``: the library's ``misa.misa_select`` with the
+  ``abs-sum`` and ``gap`` routers (cross-checks of the reimplementation: ``lib-gap`` = ``gap-m1``);
 - router statistics from pooled keys only (``P[t, j, b] = relu(q[t, j] . kbar[b])``, block size B,
-  the library's pooling): see ``STATS``; routed scoring is the SPEC's (routed heads, weights as is),
-  plus a "block residual" variant that adds the dropped heads' pooled contribution of the key's
-  block (``sum_{j dropped} w_j P[t, j, b(s)]``: no more products than the router already computed);
+  the library's pooling): see ``router_stats``. ``gap-m<m>`` contrasts the top-m pooled blocks with
+  the rest: ``gap-m1`` is the library's ``gap`` router; plain ``gap`` (also behind ``gap-h16`` and
+  ``pooled-greedy``) takes the top ceil(k/B)+1 blocks. Routed scoring is the SPEC's (routed heads,
+  weights as is), plus a "block residual" variant that adds the dropped heads' pooled contribution
+  of the key's block (``sum_{j dropped} w_j P[t, j, b(s)]``: no more products than the router
+  already computed);
 - head diagnostics: sign of w, activity (share of visible keys with q.k > 0) and contrast
   (std over keys / mean over keys of relu(q.k)) of the heads each router picks.
 
@@ -121,7 +132,7 @@ def backward_oracle(C: torch.Tensor, ref: torch.Tensor, vis: torch.Tensor, k: in
     """Per query, start from all heads (= DSA) and drop, one at a time, the head whose removal keeps
     the recall of ``ref`` highest (ties: the largest margin), down to ``h`` heads; then single-head
     swaps while recall rises. Returns ``heads [T, h]`` and the mean recall at the ``report`` sizes."""
-    T, H, S = C.shape
+    T, H, _ = C.shape
     chosen = torch.ones(T, H, dtype=torch.bool)
     cur = C.sum(1)
     nref = ref.sum(1).clamp_min(1).float()
@@ -169,9 +180,41 @@ def backward_oracle(C: torch.Tensor, ref: torch.Tensor, vis: torch.Tensor, k: in
     return heads, curve
 
 
+def pooled_greedy(w, P, bvis, m: int, h: int, tie: torch.Tensor) -> torch.Tensor:
+    """Training-free combinatorial router on pooled keys only: heads added one at a time so that
+    the partial pooled score ``sum_{chosen} w_j P_j`` ranks the same top-``m`` blocks as the full
+    pooled score (block-level recall), ties broken by the ``tie`` statistic."""
+    T, H, NB = P.shape
+    contrib = w[:, :, None] * P
+    full = contrib.sum(1).masked_fill(~bvis, float("-inf"))
+    m = min(m, NB)
+    target = torch.zeros_like(bvis).scatter_(1, full.topk(m, 1).indices, True) & bvis
+    nt = target.sum(1).clamp_min(1).float()
+    chosen = torch.zeros(T, H, dtype=torch.bool)
+    cur = torch.zeros(T, NB)
+    ar = torch.arange(T)
+    tnorm = tie / (tie.abs().amax(1, keepdim=True) + 1e-12)
+    for _ in range(h):
+        best_val = torch.full((T,), -1e9)
+        best_j = torch.zeros(T, dtype=torch.long)
+        for j in range(H):
+            s = (cur + contrib[:, j]).masked_fill(~bvis, float("-inf"))
+            sel = torch.zeros_like(bvis).scatter_(1, s.topk(m, 1).indices, True)
+            v = (sel & target).sum(1) / nt + 1e-3 * tnorm[:, j]
+            v = torch.where(chosen[:, j], torch.full_like(v, -1e9), v)
+            better = v > best_val
+            best_val = torch.where(better, v, best_val)
+            best_j = torch.where(better, torch.full_like(best_j, j), best_j)
+        chosen[ar, best_j] = True
+        cur = cur + contrib[ar, best_j]
+    return chosen.nonzero()[:, 1].view(T, h)
+
+
 # ---------------------------------------------------------------------------------------------
-def router_stats(w: torch.Tensor, P: torch.Tensor, bvis: torch.Tensor, k: int, block: int) -> dict:
-    """Router statistics ``[T, H]`` from pooled scores ``P [T, H, NB]`` (0 on hidden blocks)."""
+def router_stats(w: torch.Tensor, P: torch.Tensor, bvis: torch.Tensor, k: int, block: int,
+                 P_lin: torch.Tensor) -> dict:
+    """Router statistics ``[T, H]`` from pooled scores ``P [T, H, NB]`` (0 on hidden blocks) and
+    ``P_lin = q . kbar`` (before the relu)."""
     n = bvis.sum(1).clamp_min(1).float()[:, None]
     sum_b = P.sum(-1)
     mean_b = sum_b / n
@@ -181,13 +224,28 @@ def router_stats(w: torch.Tensor, P: torch.Tensor, bvis: torch.Tensor, k: int, b
     # the pooled DSA block score (all heads: the products the router already has) -> estimated
     # selected blocks: the top ceil(k / B) + 1 visible blocks
     blk = (w[:, :, None] * P).sum(1).masked_fill(~bvis, float("-inf"))
-    m = min(max(1, math.ceil(k / block)) + 1, P.shape[-1])
-    top = torch.zeros_like(bvis).scatter_(1, blk.topk(m, dim=1).indices, True) & bvis
-    rest = bvis & ~top
-    mt = (P * top[:, None]).sum(-1) / top.sum(1).clamp_min(1)[:, None]
-    mr = (P * rest[:, None]).sum(-1) / rest.sum(1).clamp_min(1)[:, None]
-    gap = w * (mt - mr)
-    return {
+
+    rank = blk.argsort(1, descending=True).argsort(1)      # 0 = the best visible block
+
+    def gap_stat(m, last: bool = False):
+        """``m``: an int, or a [T] tensor (per-query number of blocks counted as selected)."""
+        mt_ = torch.as_tensor(m)[..., None] if torch.is_tensor(m) else m
+        top = (rank < mt_) & bvis
+        if last:      # always count the query's own (last visible) block as selected
+            lastb = (bvis.long() * torch.arange(P.shape[-1])[None]).argmax(1)
+            top[torch.arange(top.shape[0]), lastb] = True
+        rest = bvis & ~top
+        mt = (P * top[:, None]).sum(-1) / top.sum(1).clamp_min(1)[:, None]
+        mr = (P * rest[:, None]).sum(-1) / rest.sum(1).clamp_min(1)[:, None]
+        return w * (mt - mr)
+
+    gap = gap_stat(max(1, math.ceil(k / block)) + 1)
+    extra = {f"gap-m{m}": gap_stat(m) for m in (1, 2, 4, 8)}
+    extra["gap-m2-last"] = gap_stat(2, last=True)
+    nvis = bvis.sum(1)
+    extra["gap-f8"] = gap_stat(torch.clamp((nvis + 7) // 8, min=1))
+    extra["gap-f4"] = gap_stat(torch.clamp((nvis + 3) // 4, min=1))
+    return {**extra,
         "abs-sum": w.abs() * sum_b,
         "pos-sum": w.clamp_min(0) * sum_b,
         "abs-max": w.abs() * max_b,
@@ -198,7 +256,24 @@ def router_stats(w: torch.Tensor, P: torch.Tensor, bvis: torch.Tensor, k: int, b
         "gap": gap,
         "abs-gap": gap.abs(),
         "abs-w": w.abs(),
+        # |w| relu(q . mean of the visible pooled keys) * blocks: the "DC level" of each head; equal to
+        # abs-sum for every head whose q . kbar > 0 on all visible blocks
+        "abs-dc": w.abs() * torch.einsum("thb,tb->th", P_lin, bvis.float()).clamp_min(0),
     }
+
+
+def masked_corr(x: torch.Tensor, y: torch.Tensor, vis: torch.Tensor) -> torch.Tensor:
+    """Per row, Pearson correlation of ``x`` and ``y [T, S]`` over the visible keys."""
+    nv = vis.sum(1, keepdim=True).clamp_min(2).float()
+    xc = (x - (x * vis).sum(1, keepdim=True) / nv) * vis
+    yc = (y - (y * vis).sum(1, keepdim=True) / nv) * vis
+    return (xc * yc).sum(1) / ((xc ** 2).sum(1).sqrt() * (yc ** 2).sum(1).sqrt() + 1e-12)
+
+
+def masked_sd(x: torch.Tensor, vis: torch.Tensor) -> torch.Tensor:
+    """Per row, standard deviation of ``x [T, S]`` over the visible keys."""
+    nv = vis.sum(1, keepdim=True).clamp_min(2).float()
+    return ((((x - (x * vis).sum(1, keepdim=True) / nv) * vis) ** 2).sum(1, keepdim=True) / nv).sqrt()[:, 0]
 
 
 def head_diag(S_: torch.Tensor, vis: torch.Tensor) -> dict:
@@ -225,7 +300,8 @@ def analyse_layer(inp, probs, ke, ks_, block: int, h: int, ks: list[int], g: tor
     I = C.sum(1).masked_fill(~vis, float("-inf"))
     kbar = pool_keys(kf, block)
     bvis = visible_blocks(ks_, ke, kbar.shape[0], block)
-    P = torch.matmul(q, kbar.t()).relu_() * bvis[:, None, :]
+    P_lin = torch.matmul(q, kbar.t())
+    P = P_lin.relu() * bvis[:, None, :]
     bidx = torch.arange(S) // block
     diag = head_diag(S_, vis)
     H = q.shape[1]
@@ -247,6 +323,11 @@ def analyse_layer(inp, probs, ke, ks_, block: int, h: int, ks: list[int], g: tor
         # library MISA (abs-sum) as a cross-check of the reimplementation
         lib = misa.misa_select(inp.q, inp.kv, w, ks_, ke, k=k, active_heads=h, block_size=block)
         a["recall/lib-misa"].append(float(misa.recall(lib, ref_sel).mean()))
+        lib = misa.misa_select(inp.q, inp.kv, w, ks_, ke, k=k, active_heads=h, block_size=block, router="gap")
+        a["recall/lib-gap"].append(float(misa.recall(lib, ref_sel).mean()))
+        lib = misa.misa_select(inp.q, inp.kv, w, ks_, ke, k=k, active_heads=h, block_size=block, router="gap",
+                               stage1_k=min(4 * k, S))
+        a["recall/lib-gap-dagger"].append(float(misa.recall(lib, ref_sel).mean()))
         # separation contribution of each head: mean over DSA's tokens minus mean over the rest
         rest = vis & ~ref
         D = (C * ref[:, None]).sum(-1) / k - (C * rest[:, None]).sum(-1) / rest.sum(1).clamp_min(1)[:, None]
@@ -274,15 +355,44 @@ def analyse_layer(inp, probs, ke, ks_, block: int, h: int, ks: list[int], g: tor
             rb = recall_of(topk_mask(routed_scores(C, bh, vis), k), ref)
             methods["oracle-best"] = torch.where((rb >= rg)[:, None], bh, gh)
         methods["oracle-gap"] = D.topk(h, 1).indices
-        stats = router_stats(w, P, bvis, k, block)
+        stats = router_stats(w, P, bvis, k, block, P_lin)
+        # where is the best pooled block (by the all-head pooled DSA score)?
+        blk = (w[:, :, None] * P).sum(1).masked_fill(~bvis, float("-inf"))
+        best = blk.argmax(1)
+        lastb = (bvis.long() * torch.arange(bvis.shape[1])[None]).argmax(1)
+        a["best-block/last"].append(float((best == lastb).float().mean()))
+        a["best-block/first"].append(float((best == 0).float().mean()))
         for name, r in stats.items():
             methods[name] = r.topk(h, 1).indices
         methods["random"] = torch.rand(T, H, generator=g).argsort(1)[:, :h]
+        methods["pooled-greedy"] = pooled_greedy(w, P, bvis, max(1, math.ceil(k / block)) + 1, h,
+                                                 stats["gap"])
+        # twice the heads, for the h = 16 comparison
+        methods["abs-sum-h16"] = stats["abs-sum"].topk(2 * h, 1).indices
+        methods["gap-h16"] = stats["gap"].topk(2 * h, 1).indices
+        methods["random-h16"] = torch.rand(T, H, generator=g).argsort(1)[:, :2 * h]
+        # cancellation: the positive-weight heads' sum against the negative-weight heads' sum
+        Ifull = C.sum(1)
+        Ipos = (C * (w > 0)[:, :, None]).sum(1)
+        Ineg = Ifull - Ipos
+        a["cancel/corr(pos,neg)"].append(float(masked_corr(Ipos, -Ineg, vis).mean()))
+        a["cancel/sd(I)/(sd(pos)+sd(neg))"].append(float(
+            (masked_sd(Ifull, vis) / (masked_sd(Ipos, vis) + masked_sd(Ineg, vis) + 1e-12)).mean()))
+        a["cancel/corr(pos,I)"].append(float(masked_corr(Ipos, Ifull, vis).mean()))
+        a["cancel/corr(neg,I)"].append(float(masked_corr(Ineg, Ifull, vis).mean()))
+        a["recall/sink-window"].append(float(misa.recall(window_select(ks_, ke, k, 4), ref_sel).mean()))
         for name, heads in methods.items():
             sc = routed_scores(C, heads, vis)
+            routed = torch.gather(C, 1, heads[:, :, None].expand(-1, -1, S)).sum(1)
+            a[f"corr/{name}"].append(float(masked_corr(routed, Ifull, vis).mean()))
             sel = topk_mask(sc, k)
             a[f"recall/{name}"].append(float(recall_of(sel, ref).mean()))
+            a[f"selmass/{name}"].append(float((probs * sel).sum(1).mean()))
             wh = torch.gather(w, 1, heads)
+            if heads.shape[1] == h:      # share of the routed heads that abs-sum routes too
+                same = torch.zeros(T, H, dtype=torch.bool).scatter_(1, heads, True)
+                same &= torch.zeros(T, H, dtype=torch.bool).scatter_(1, methods["abs-sum"], True)
+                a[f"overlap-abs-sum/{name}"].append(float(same.sum(1).float().mean() / h))
             a[f"w<0/{name}"].append(float((wh < 0).float().mean()))
             for key in ("active", "cv"):
                 a[f"{key}/{name}"].append(float(torch.gather(diag[key], 1, heads).mean()))
@@ -365,7 +475,7 @@ def report(meta, res, layers, ks) -> str:
             else:
                 vals = [res[f"{l}/{k}"][f"recall/{n}"] for n in names]
             md.append(f"| {l} | " + " | ".join(f"{v:.3f}" for v in vals) + " |")
-        for prefix in ("recall+resid", "dagger", "w<0", "active", "cv"):
+        for prefix in ("selmass", "recall+resid", "dagger", "corr", "overlap-abs-sum", "w<0", "active", "cv"):
             names2 = sorted({m.split("/", 1)[1] for m in res[f"{layers[0]}/{k}"] if m.startswith(prefix + "/")})
             md.append(f"\n### {prefix}, k = {k}\n")
             md.append("| layer | " + " | ".join(names2) + " |")
@@ -377,7 +487,7 @@ def report(meta, res, layers, ks) -> str:
                     vals = [res[f"{l}/{k}"][f"{prefix}/{n}"] for n in names2]
                 md.append(f"| {l} | " + " | ".join(f"{v:.3f}" for v in vals) + " |")
         other = sorted(m for m in res[f"{layers[0]}/{k}"] if "/" in m and m.split("/")[0] in
-                       ("check", "mass", "dsa", "gap", "greedy-curve", "backward-curve"))
+                       ("check", "mass", "dsa", "gap", "greedy-curve", "backward-curve", "best-block", "cancel"))
         md.append(f"\n### diagnostics, k = {k}\n")
         md.append("| layer | " + " | ".join(other) + " |")
         md.append("|---" * (len(other) + 1) + "|")
