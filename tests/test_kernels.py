@@ -107,13 +107,26 @@ def test_misa_kernels(kind, h, stage1_factor):
     if stage1 is None:
         check_selection(idx, dsa_logits64(q, kv, w, ks, ke, heads=heads.cpu()), ks.cpu(), ke.cpu(), k, rtol=RTOL)
     else:
-        cand = misa.misa_select(q, kv, w, ks, ke, k=stage1, active_heads=h, block_size=64)
+        # Stage 1 breaks exact ties (many keys score exactly 0 with few heads) in the order the
+        # parallel compaction meets them, so a second call may keep other tied keys: check against
+        # the routed scores, not against another call's candidate set.
+        routed = dsa_logits64(q, kv, w, ks, ke, heads=heads.cpu())
         full = dsa_logits64(q, kv, w, ks, ke)
-        for t_, (c, f) in enumerate(zip(as_sets(cand), as_sets(idx))):
-            assert f <= c and len(f) == min(k, len(c))
-            if len(c) > len(f):
-                tol = RTOL * float(full[t_][torch.isfinite(full[t_])].abs().max())
-                assert min(full[t_, list(f)]) >= max(full[t_, list(c - f)]) - tol
+        for t_, row in enumerate(idx.cpu().long()):
+            f = row[row >= 0]
+            vis = torch.isfinite(routed[t_])
+            n_vis = int(vis.sum())
+            assert len(f) == min(k, n_vis) and len(set(f.tolist())) == len(f) and bool(vis[f].all())
+            if n_vis <= len(f):
+                continue
+            tol_r = RTOL * float(routed[t_][vis].abs().max())
+            thr1 = float(torch.topk(routed[t_][vis], min(stage1, n_vis)).values[-1])
+            assert float(routed[t_, f].min()) >= thr1 - tol_r              # every pick was a candidate
+            sure = vis & (routed[t_] > thr1 + tol_r)                      # certainly candidates
+            sure[f] = False
+            if sure.any():                                                 # and the best of them by DSA
+                tol = RTOL * float(full[t_][vis].abs().max())
+                assert float(full[t_, f].min()) >= float(full[t_][sure].max()) - tol
 
 
 @pytest.mark.parametrize("kind", ["causal", "ragged", "empty"])

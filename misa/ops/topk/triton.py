@@ -3,12 +3,17 @@
 One program per row; floats are mapped to order-preserving uint32 keys.
 
 Fast path (rows of at least ``2 * SAMPLE`` columns), three launches: (1) a spread-out sample of
-``SAMPLE`` columns is sorted in registers and a sample quantile safely below the k-th value
+``SAMPLE`` columns is held in registers and a sample quantile safely below the k-th value
 (expected rank plus four standard deviations) becomes the row's cut; (2) several programs per row
 stream it once and move every element at or above the cut into a scratch buffer (slots handed out
-by an atomic counter); (3) one program per row runs a 4 x 8-bit radix select over the scratch and
-writes the winners. A long row is read once (plus a sample), whatever k is. Ties at the threshold
-are then broken in arrival order (SPEC allows either way).
+by an atomic counter); (3) one program per row finds the k-th largest key of the scratch and writes
+the winners. A long row is read once (plus a sample), whatever k is. Ties at the threshold are then
+broken in arrival order (SPEC allows either way).
+
+Both quantiles (of the sample and of the scratch) are found by a ``WAYS``-ary search on the key
+range actually present ([cut, max]), each pass counting the keys at or above ``WAYS`` thresholds:
+about 8 passes of 8 compares per key, where an 8-bit histogram round costs one operation per bin and element
+(``tl.histogram`` on the GPU) and four rounds are always needed.
 
 General path (short rows, or when the cut misses: fewer than k or more than the scratch above
 it): a histogram of the top 8 key bits over the row finds the bin holding the k-th value; while
@@ -27,9 +32,16 @@ import triton.language as tl
 
 from ..dsa.triton import INTERPRET
 
-# (elements per step, num_warps, sample size): benchmarks/sweep_kernels.py. The interpreter sorts
-# slowly, so CI runs the same code with a smaller sample.
+# (elements per step, num_warps, sample size): benchmarks/sweep_kernels.py. The interpreter is
+# slow, so CI runs the same code with a smaller sample.
 DEFAULT_CONFIG = (1024, 4, 256) if INTERPRET else (1024, 4, 2048)
+# thresholds tested per pass of the quantile search, scratch elements per step, and steps of
+# BLOCK row elements per compaction program (benchmarks/topk_compare.py on an H200: 8-way search
+# 2.27 ms, 16-way 2.51, 32-way 5.6; holding the scratch in registers (8192) was slower, 2.77;
+# prefetching the next step before the compaction's atomic slowed it from 0.99 to 1.41 ms)
+WAYS = 8
+SCRATCH_BLOCK = 1024
+COMPACT_STEPS = 8
 
 
 def scratch_size(k: int, width: int) -> int:
@@ -72,9 +84,51 @@ def _threshold_digit(hist, bins, k_rem):
     return digit, above, inside
 
 
+@triton.jit
+def _count_at_least(key, m, lo, step, WAYS: tl.constexpr):
+    """For the thresholds ``lo + j * step`` (j < WAYS): how many of ``key[m]`` are at or above each.
+    (One 1-D reduction per threshold: a [n, WAYS] comparison reduced over n was 2x slower.)"""
+    j = tl.arange(0, WAYS)
+    counts = tl.zeros([WAYS], dtype=tl.int32)
+    for w in tl.static_range(WAYS):
+        c = tl.sum(((key >= lo + w * step) & m).to(tl.int32), axis=0)
+        counts = tl.where(j == w, c, counts)
+    return counts
+
+
+@triton.jit
+def _count_at_least_2d(key, m, lo, step, WAYS: tl.constexpr):
+    """As ``_count_at_least`` as one [n, WAYS] comparison: faster on short chunks of the scratch
+    (the sample, held whole in registers, prefers one reduction per threshold)."""
+    j = tl.arange(0, WAYS).to(tl.uint32)
+    ge = (key[:, None] >= (lo + j * step)[None, :]) & m[:, None]
+    return tl.sum(ge.to(tl.int32), axis=0)
+
+
+@triton.jit
+def _narrow(counts, lo, hi, above, step, need, WAYS: tl.constexpr):
+    """One pass of the search for the largest key t in [lo, hi] with count(>= t) >= need, given
+    count(>= lo) >= need and ``above`` = count(> hi). Returns the narrowed (lo, hi, above)."""
+    j = tl.arange(0, WAYS)
+    valid = j.to(tl.uint32) * step <= hi - lo          # thresholds past hi do not exist
+    ok = valid & (counts >= need)
+    best = tl.max(tl.where(ok, j, 0), axis=0)           # j = 0 is lo itself, always ok
+    nxt = best + 1
+    has_next = tl.sum((valid & (j == nxt)).to(tl.int32), axis=0) > 0
+    new_lo = lo + best.to(tl.uint32) * step
+    new_hi = tl.where(has_next, new_lo + step - 1, hi)
+    new_above = tl.where(has_next, tl.sum(tl.where(j == nxt, counts, 0), axis=0), above)
+    return new_lo, new_hi, new_above
+
+
+@triton.jit
+def _search_step(hi, lo, WAYS: tl.constexpr):
+    return (hi - lo) // WAYS + 1
+
+
 @triton.jit(do_not_specialize=["ks_offset", "K"])
 def _cut_kernel(X, KS, KE, CUT, COUNT, stride_x, ks_offset, K,
-                SAMPLE: tl.constexpr, FINITE_ONLY: tl.constexpr):
+                SAMPLE: tl.constexpr, WAYS: tl.constexpr, FINITE_ONLY: tl.constexpr):
     """Per long row: a sample quantile safely below the k-th largest value (expected rank plus
     four standard deviations). Short rows get no cut (the selection kernel takes them whole)."""
     row = tl.program_id(0).to(tl.int64)
@@ -86,10 +140,18 @@ def _cut_kernel(X, KS, KE, CUT, COUNT, stride_x, ks_offset, K,
         i = tl.arange(0, SAMPLE)
         pos = ks + ((i // 16) * n) // (SAMPLE // 16) + i % 16      # 16-wide chunks spread over the row
         sample = tl.load(X + row * stride_x + pos, mask=pos < ke, other=float("-inf"))
-        ranked = tl.sort(_ordered_key(sample), descending=True)
+        key = _ordered_key(sample)
         expect = (K * 1.0) * SAMPLE / (n * 1.0)
-        r = tl.minimum((expect + 4.0 * tl.sqrt(expect) + 16.0).to(tl.int32), SAMPLE - 1)
-        cut = tl.max(tl.where(i == r, ranked, 0), axis=0)
+        need = tl.minimum((expect + 4.0 * tl.sqrt(expect) + 17.0).to(tl.int32), SAMPLE)
+        lo = tl.min(key, axis=0)
+        hi = tl.max(key, axis=0)
+        above = 0
+        every = tl.full([SAMPLE], 1, tl.int1)
+        while hi > lo:
+            step = _search_step(hi, lo, WAYS)
+            counts = _count_at_least(key, every, lo, step, WAYS)
+            lo, hi, above = _narrow(counts, lo, hi, above, step, need, WAYS)
+        cut = lo
     tl.store(CUT + row, cut.to(tl.int32, bitcast=True))
     tl.store(COUNT + row, 0)
 
@@ -127,7 +189,8 @@ def _compact_kernel(X, KS, KE, CUT, COUNT, SCR_KEY, SCR_COL, stride_x, stride_sc
 @triton.jit(do_not_specialize=["ks_offset", "out_offset", "K", "CAP"])
 def _select_kernel(X, KS, KE, OUT, CMAP, CUT, COUNT, SCR_KEY, SCR_COL,
                    stride_x, stride_out, stride_cmap, stride_scr, ks_offset, out_offset, K, CAP,
-                   BLOCK: tl.constexpr, HAS_CMAP: tl.constexpr, FINITE_ONLY: tl.constexpr):
+                   BLOCK: tl.constexpr, SBLOCK: tl.constexpr, WAYS: tl.constexpr,
+                   HAS_CMAP: tl.constexpr, FINITE_ONLY: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     x_row = X + row * stride_x
     out_row = OUT + row * stride_out
@@ -137,6 +200,7 @@ def _select_kernel(X, KS, KE, OUT, CMAP, CUT, COUNT, SCR_KEY, SCR_COL,
     ks = tl.load(KS + row) - ks_offset
     ke = tl.load(KE + row) - ks_offset
     lane = tl.arange(0, BLOCK)
+    slane = tl.arange(0, SBLOCK)
     bins = tl.arange(0, 256)
 
     n_out = 0
@@ -147,17 +211,38 @@ def _select_kernel(X, KS, KE, OUT, CMAP, CUT, COUNT, SCR_KEY, SCR_COL,
     fast = (tl.load(CUT + row) != 0) & (n_scr >= K) & (n_scr <= CAP)
 
     if fast:
-        # the scratch holds every element at or above the cut, k of them at least
-        h = tl.zeros([256], dtype=tl.int32)
-        for start in range(0, n_scr, BLOCK):
-            j = start + lane
+        # the scratch holds every element at or above the cut, k of them at least: search its
+        # key range [cut, max] for the k-th largest key, then write the winners
+        lo = tl.load(CUT + row).to(tl.uint32, bitcast=True)
+        hi = lo
+        for start in range(0, n_scr, SBLOCK):
+            j = start + slane
+            key = tl.load(scr_key + j, mask=j < n_scr, other=0).to(tl.uint32, bitcast=True)
+            hi = tl.maximum(hi, tl.max(key, axis=0))
+        above = 0
+        while hi > lo:
+            step = _search_step(hi, lo, WAYS)
+            counts = tl.zeros([WAYS], dtype=tl.int32)
+            for start in range(0, n_scr, SBLOCK):
+                j = start + slane
+                m = j < n_scr
+                key = tl.load(scr_key + j, mask=m, other=0).to(tl.uint32, bitcast=True)
+                counts += _count_at_least_2d(key, m, lo, step, WAYS)
+            lo, hi, above = _narrow(counts, lo, hi, above, step, K, WAYS)
+        k_rem = K - above
+        n_tie = 0
+        for start in range(0, n_scr, SBLOCK):
+            j = start + slane
             m = j < n_scr
             key = tl.load(scr_key + j, mask=m, other=0).to(tl.uint32, bitcast=True)
-            h += tl.histogram((key >> 24).to(tl.int32), 256, mask=m)
-        digit, above, cnt = _threshold_digit(h, bins, k_rem)
-        k_rem -= above
-        prefix = digit.to(tl.uint32)
-        shift = 24
+            c = tl.load(scr_col + j, mask=m, other=0)
+            tie = m & (key == lo)
+            rank = n_tie + tl.cumsum(tie.to(tl.int32), axis=0)
+            n_tie += tl.sum(tie.to(tl.int32), axis=0)
+            take = (m & (key > lo)) | (tie & (rank <= k_rem))
+            pos = n_out + tl.cumsum(take.to(tl.int32), axis=0) - 1
+            tl.store(out_row + pos, _position(c, cmap_row, out_offset, HAS_CMAP, take), mask=take)
+            n_out += tl.sum(take.to(tl.int32), axis=0)
     else:
         n_scr = 0
         h = tl.zeros([256], dtype=tl.int32)
@@ -213,8 +298,8 @@ def _select_kernel(X, KS, KE, OUT, CMAP, CUT, COUNT, SCR_KEY, SCR_COL,
                 tl.store(out_row + pos, _position(c, cmap_row, out_offset, HAS_CMAP, take), mask=take)
                 n_out += tl.sum(take.to(tl.int32), axis=0)
 
-    # remaining 8-bit rounds over the scratch, then write its winners
-    if (shift > 0) & (n_scr > 0):
+    # general path: remaining 8-bit rounds over the scratch, then write its winners
+    if (fast == 0) & (shift > 0) & (n_scr > 0):
         while shift > 0:
             h = tl.zeros([256], dtype=tl.int32)
             for start in range(0, n_scr, BLOCK):
@@ -263,15 +348,16 @@ def topk(x: torch.Tensor, ks: torch.Tensor, ke: torch.Tensor, k: int, ks_offset:
     count = torch.empty(t, dtype=torch.int32, device=x.device)
     cmap_arg = cmap if cmap is not None else out
     _cut_kernel[(t,)](x, ks, ke, cut, count, x.stride(0), ks_offset, k,
-                      SAMPLE=sample, FINITE_ONLY=finite_only, num_warps=4)
-    parts = max(1, min(64, w // (8 * block)))
+                      SAMPLE=sample, WAYS=WAYS, FINITE_ONLY=finite_only, num_warps=4)
+    parts = max(1, min(256, w // (COMPACT_STEPS * block)))
     _compact_kernel[(t, parts)](x, ks, ke, cut, count, scr_key, scr_col, x.stride(0), scr_key.stride(0),
                                 ks_offset, cap, BLOCK=block, FINITE_ONLY=finite_only, num_warps=4)
     _select_kernel[(t,)](
         x, ks, ke, out, cmap_arg, cut, count, scr_key, scr_col,
         x.stride(0), out.stride(0), cmap.stride(0) if cmap is not None else 0, scr_key.stride(0),
         ks_offset, out_offset, k, cap,
-        BLOCK=block, HAS_CMAP=cmap is not None, FINITE_ONLY=finite_only, num_warps=warps,
+        BLOCK=block, SBLOCK=SCRATCH_BLOCK, WAYS=WAYS, HAS_CMAP=cmap is not None,
+        FINITE_ONLY=finite_only, num_warps=warps,
     )
     return out
 

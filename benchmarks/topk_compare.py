@@ -1,0 +1,141 @@
+"""Top-k on the GPU, stage by stage, against torch.topk and (when benchmarks/topk_previous.py is
+present: a copy of an earlier misa/ops/topk/triton.py) the previous kernel, in the same call.
+
+Inputs are DSA-like logits (the routed-logits buffer of the synthetic workload) and plain randn;
+each variant's selection is checked against torch.topk by value before it is timed.
+
+    python benchmarks/topk_compare.py --out topk.json
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import itertools
+import json
+
+import torch
+import triton.testing
+
+from misa.ops.topk import triton as topk_mod
+
+
+def bench(fn):
+    return float(triton.testing.do_bench(fn, warmup=10, rep=80, return_mode="median"))
+
+
+def same_by_value(idx, x, k):
+    """Every picked value is at least the k-th largest, and picks are distinct and in range."""
+    kth = torch.topk(x, k, dim=1).values[:, -1:]
+    got = torch.gather(x, 1, idx.long().clamp_min(0))
+    distinct = torch.sort(idx, dim=1).values.diff(dim=1).ne(0).all()
+    return bool((idx >= 0).all() and distinct and (got >= kth).all())
+
+
+def stages(x, ks, ke, k):
+    """Times of the new kernel's three launches on their own."""
+    t, w = x.shape
+    block, warps, sample = topk_mod.DEFAULT_CONFIG
+    cap = topk_mod.scratch_size(k, w)
+    dev = x.device
+    scr_key = torch.empty(t, cap, dtype=torch.int32, device=dev)
+    scr_col = torch.empty_like(scr_key)
+    cut = torch.empty(t, dtype=torch.int32, device=dev)
+    count = torch.empty_like(cut)
+    out = torch.empty(t, k, dtype=torch.int32, device=dev)
+    parts = max(1, min(256, w // (topk_mod.COMPACT_STEPS * block)))
+
+    def cut_fn():
+        topk_mod._cut_kernel[(t,)](x, ks, ke, cut, count, x.stride(0), 0, k, SAMPLE=sample,
+                                   WAYS=topk_mod.WAYS, FINITE_ONLY=False, num_warps=4)
+
+    def compact_fn():
+        count.zero_()
+        topk_mod._compact_kernel[(t, parts)](x, ks, ke, cut, count, scr_key, scr_col, x.stride(0),
+                                             cap, 0, cap, BLOCK=block, FINITE_ONLY=False, num_warps=4)
+
+    def select_fn():
+        topk_mod._select_kernel[(t,)](x, ks, ke, out, out, cut, count, scr_key, scr_col, x.stride(0),
+                                      out.stride(0), 0, cap, 0, 0, k, cap, BLOCK=block,
+                                      SBLOCK=topk_mod.SCRATCH_BLOCK, WAYS=topk_mod.WAYS, HAS_CMAP=False,
+                                      FINITE_ONLY=False, num_warps=warps)
+    cut_fn(); compact_fn(); select_fn()
+    torch.cuda.synchronize()
+    res = {"cut_ms": bench(cut_fn), "compact_ms": bench(compact_fn)}
+    compact_fn()
+    res["select_ms"] = bench(select_fn)
+    res["survivors_mean"] = float(count.float().mean())
+    res["fast_rows"] = float(((count >= k) & (count <= cap) & (cut != 0)).float().mean())
+    return res
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+    dev = torch.device("cuda")
+    try:
+        previous = importlib.import_module("topk_previous")
+    except ImportError:
+        previous = None
+    from misa.ops.misa.triton import routed_logits
+    from misa.ops.router.triton import route_heads
+    from misa.synthetic import indexer_workload
+    from misa.validate import check_inputs
+
+    results = {"gpu": torch.cuda.get_device_name(), "rows": []}
+    for s, k in [(16384, 2048), (32768, 2048), (65536, 2048), (131072, 2048), (131072, 8192), (8192, 2048)]:
+        t = 4096
+        if s == 8192:      # MISA-dagger's second stage: 8192 candidates, no range
+            x = torch.randn(t, s, device=dev)
+            ks = torch.zeros(t, dtype=torch.int32, device=dev)
+            ke = torch.full((t,), s, dtype=torch.int32, device=dev)
+            kind = "randn"
+        else:
+            inp = check_inputs(*indexer_workload(s, t, 64, 128, seed=1, device=dev).args)
+            heads = route_heads(inp, 8, 1024)
+            x = torch.full((t, s), float("-inf"), device=dev)
+            routed_logits(inp, heads, slice(None), x, 0)
+            ks, ke = inp.ks, inp.ke
+            kind = "misa-logits"
+            del inp
+        row = {"keys": s, "k": k, "input": kind}
+        row["torch_ms"] = bench(lambda: torch.topk(x, k, dim=1, sorted=False))
+        new = lambda: topk_mod.topk(x, ks, ke, k)
+        row["new_ok"] = same_by_value(new(), x, k)
+        row["new_ms"] = bench(new)
+        row.update(stages(x, ks, ke, k))
+        if previous is not None:
+            old = lambda: previous.topk(x, ks, ke, k)
+            row["previous_ok"] = same_by_value(old(), x, k)
+            row["previous_ms"] = bench(old)
+        if s == 131072 and k == 2048:
+            row["variants"] = []
+            names = ("WAYS", "SCRATCH_BLOCK", "COMPACT_STEPS", "DEFAULT_CONFIG")
+            base = {n: getattr(topk_mod, n) for n in names}
+            grid = [{"WAYS": 4}, {"WAYS": 16}, {"COMPACT_STEPS": 16}, {"COMPACT_STEPS": 4},
+                    {"DEFAULT_CONFIG": (512, 4, 2048)}, {"SCRATCH_BLOCK": 512}, {"SCRATCH_BLOCK": 2048}]
+            for change in grid:
+                for n in names:
+                    setattr(topk_mod, n, change.get(n, base[n]))
+                rec = {n: getattr(topk_mod, n) for n in names}
+                try:
+                    rec["ok"] = same_by_value(topk_mod.topk(x, ks, ke, k), x, k)
+                    rec["ms"] = bench(lambda: topk_mod.topk(x, ks, ke, k))
+                except Exception as e:  # noqa: BLE001 - record and go on
+                    rec["error"] = f"{type(e).__name__}: {str(e)[:200]}"
+                print(rec, flush=True)
+                row["variants"].append(rec)
+            for n in names:
+                setattr(topk_mod, n, base[n])
+            ok = [v for v in row["variants"] if v.get("ok")]
+            row["best_variant"] = min(ok, key=lambda v: v["ms"]) if ok else None
+        print({kk: v for kk, v in row.items() if kk != "variants"}, flush=True)
+        results["rows"].append(row)
+        del x
+        torch.cuda.empty_cache()
+    with open(args.out, "w") as f:
+        json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
