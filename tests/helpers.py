@@ -69,8 +69,8 @@ def dsa_logits64(q, kv, w, ks, ke, heads=None) -> torch.Tensor:
     return out.masked_fill(~inside, float("-inf"))
 
 
-def router_scores64(q, kv, w, ks, ke, block_size):
-    """abs-sum router statistic in float64: ``[T, H]``."""
+def router_scores64(q, kv, w, ks, ke, block_size, statistic="abs-sum"):
+    """The router statistic (``abs-sum`` or ``gap``) in float64, by its formula: ``[T, H]``."""
     k64 = keys64(kv).cpu()
     s = k64.shape[0]
     nb = -(-s // block_size)
@@ -80,7 +80,21 @@ def router_scores64(q, kv, w, ks, ke, block_size):
     lo = ks.cpu().long() // block_size
     hi = (ke.cpu().long() + block_size - 1) // block_size
     vis = (b[None] >= lo[:, None]) & (b[None] < hi[:, None])
-    return (w.double().cpu().abs()[:, :, None] * sc * vis[:, None, :]).sum(-1)
+    w64 = w.double().cpu()
+    if statistic == "abs-sum":
+        return (w64.abs()[:, :, None] * sc * vis[:, None, :]).sum(-1)
+    assert statistic == "gap", statistic
+    out = torch.zeros_like(w64)
+    for t in range(q.shape[0]):
+        blocks = vis[t].nonzero().flatten().tolist()
+        if not blocks:
+            continue
+        pooled = {bb: float((w64[t] * sc[t, :, bb]).sum()) for bb in blocks}
+        best = max(blocks, key=lambda bb: (pooled[bb], -bb))          # first of equal maxima
+        rest = [bb for bb in blocks if bb != best]
+        rest_mean = sc[t][:, rest].mean(-1) if rest else torch.zeros(q.shape[1], dtype=torch.float64)
+        out[t] = w64[t] * (sc[t, :, best] - rest_mean)
+    return out
 
 
 def check_selection(idx, scores64, ks, ke, k, rtol=1e-5, exact=None):

@@ -82,14 +82,15 @@ def test_topk_kernel_heavy_ties_and_small_scratch(monkeypatch):
 
 @pytest.mark.parametrize("h,bs", [(2, 64), (8, 128), (16, 1024)])
 @pytest.mark.parametrize("kind", ["causal", "ragged"])
-def test_router_kernel(h, bs, kind):
+@pytest.mark.parametrize("router", ["abs-sum", "gap"])
+def test_router_kernel(h, bs, kind, router):
     t, s = (23, 1500) if not BIG else (500, 40000)
     q, kv, w, ks, ke = _inputs(t, s, 64, 128, kind, seed=h * bs)
-    heads = misa.route_heads(q, kv, w, ks, ke, active_heads=h, block_size=bs)
+    heads = misa.route_heads(q, kv, w, ks, ke, active_heads=h, block_size=bs, router=router)
     assert heads.shape == (t, h) and heads.dtype == torch.int32
     heads = heads.cpu().long()
     assert bool((heads[:, 1:] > heads[:, :-1]).all())
-    r = router_scores64(q, kv, w, ks, ke, bs)
+    r = router_scores64(q, kv, w, ks, ke, bs, router)
     picked = torch.gather(r, 1, heads)
     rest = r.clone().scatter_(1, heads, float("-inf"))
     tol = ROUTER_RTOL * r.abs().amax(1).clamp_min(1e-12)
