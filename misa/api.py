@@ -16,7 +16,7 @@ import torch
 
 from . import select
 from .ops.router.reference import ROUTER_STATISTICS
-from .validate import check_inputs, check_int, check_ranges, check_stage1_k, check_tensor
+from .validate import DeferredChecks, check_inputs, check_int, check_ranges, check_stage1_k, check_tensor
 
 
 def _check_router(router: str) -> str:
@@ -43,9 +43,10 @@ def topk_indices(logits, ks, ke, k: int) -> torch.Tensor:
     """
     check_tensor("logits", logits, 2, (torch.float32,))
     check_int("k", k)
-    check_ranges(ks, ke, logits.shape[0], logits.shape[1], logits.device)
-    if bool(torch.isnan(logits).any()):
-        raise ValueError("logits: contains NaN")
+    checks = DeferredChecks()
+    check_ranges(ks, ke, logits.shape[0], logits.shape[1], logits.device, checks)
+    checks.add("logits", "contains NaN", torch.isnan(logits))
+    checks.run()
     return select.topk_indices(logits, ks, ke, k)
 
 

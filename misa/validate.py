@@ -1,6 +1,10 @@
 """Argument checks shared by every public function: one place, one message style.
 
 Every failure is a ``ValueError`` whose message starts with the argument's name.
+
+Checks of tensor values (NaN, ranges) are collected in ``DeferredChecks`` and read back from the
+device together, once per call: each separate ``bool(t.any())`` would stall the host until the GPU
+drains, and a selection call made seven of them (0.3-0.7 ms of idle GPU per call on an H200).
 """
 from __future__ import annotations
 
@@ -28,14 +32,44 @@ def check_tensor(name: str, x, ndim: int | None = None, dtypes=None) -> torch.Te
     return x
 
 
-def check_finite(name: str, x: torch.Tensor) -> None:
+class DeferredChecks:
+    """Value checks queued on the device and read back with one synchronisation; the first failing
+    one (in the order queued) raises. ``extent`` queues values to read back in the same transfer."""
+
+    def __init__(self):
+        self._checks: list[tuple[str, str, torch.Tensor]] = []
+        self._values: list[torch.Tensor] = []
+
+    def add(self, name: str, msg: str, bad: torch.Tensor) -> None:
+        self._checks.append((name, msg, bad.any()))
+
+    def extent(self, value: torch.Tensor) -> int:
+        self._values.append(value.reshape(()).to(torch.int64))
+        return len(self._values) - 1
+
+    def run(self) -> list[int]:
+        """Raise the first failing check; return the queued values."""
+        flags = [bad.to(torch.int64) for _, _, bad in self._checks]
+        if not flags and not self._values:
+            return []
+        read = torch.stack(flags + self._values).tolist()         # the one synchronisation
+        for (name, msg, _), bad in zip(self._checks, read):
+            if bad:
+                _fail(name, msg)
+        return read[len(flags):]
+
+
+def check_finite(name: str, x: torch.Tensor, checks: DeferredChecks | None = None) -> None:
     if x.dtype == FP8:
         # e4m3fn has no infinity; NaN is S.1111.111 (0x7f / 0xff).
         bad = (x.view(torch.uint8) & 0x7F) == 0x7F
     else:
         bad = ~torch.isfinite(x)
-    if bool(bad.any()):
-        _fail(name, "contains NaN or infinite values")
+    now = checks is None
+    checks = checks or DeferredChecks()
+    checks.add(name, "contains NaN or infinite values", bad)
+    if now:
+        checks.run()
 
 
 def check_int(name: str, value, low: int = 1, high: int | None = None) -> int:
@@ -63,6 +97,7 @@ class Inputs:
     weights: torch.Tensor      # [T, H] float32
     ks: torch.Tensor           # [T] int32
     ke: torch.Tensor           # [T] int32
+    extent: tuple[int, int] | None = None   # (min ks, max ke) when known, read back with the checks
 
     @property
     def num_queries(self) -> int:
@@ -77,7 +112,7 @@ class Inputs:
         return self.k.shape[0]
 
 
-def check_kv(kv, head_dim: int | None, device: torch.device | None):
+def check_kv(kv, head_dim: int | None, device: torch.device | None, checks: DeferredChecks | None = None):
     if isinstance(kv, (tuple, list)):
         if len(kv) != 2:
             _fail("kv", f"expected (k_fp8, k_scale), got a sequence of {len(kv)}")
@@ -88,13 +123,16 @@ def check_kv(kv, head_dim: int | None, device: torch.device | None):
             _fail("kv[1] (k_scale)", f"expected [{k.shape[0]}] to match k_fp8, got {tuple(k_scale.shape)}")
         if k_scale.device != k.device:
             _fail("kv[1] (k_scale)", f"on {k_scale.device}, k_fp8 on {k.device}")
-        check_finite("kv[0] (k_fp8)", k)
-        if bool((~torch.isfinite(k_scale) | (k_scale <= 0)).any()):
-            _fail("kv[1] (k_scale)", "scales must be finite and > 0")
+        now = checks is None
+        checks = checks or DeferredChecks()
+        check_finite("kv[0] (k_fp8)", k, checks)
+        checks.add("kv[1] (k_scale)", "scales must be finite and > 0", ~torch.isfinite(k_scale) | (k_scale <= 0))
+        if now:
+            checks.run()
         name = "kv[0] (k_fp8)"
     else:
         k, k_scale = check_tensor("kv", kv, 2, K_DTYPES), None
-        check_finite("kv", k)
+        check_finite("kv", k, checks)
         name = "kv"
     if head_dim is not None and k.shape[1] != head_dim:
         _fail(name, f"head dim {k.shape[1]} does not match q's {head_dim}")
@@ -103,7 +141,8 @@ def check_kv(kv, head_dim: int | None, device: torch.device | None):
     return k, k_scale
 
 
-def check_ranges(ks, ke, num_queries: int, num_keys: int, device: torch.device) -> None:
+def check_ranges(ks, ke, num_queries: int, num_keys: int, device: torch.device,
+                 checks: DeferredChecks | None = None) -> None:
     for name, x in (("ks", ks), ("ke", ke)):
         check_tensor(name, x, 1, (torch.int32,))
         if x.shape[0] != num_queries:
@@ -111,12 +150,13 @@ def check_ranges(ks, ke, num_queries: int, num_keys: int, device: torch.device) 
         if x.device != device:
             _fail(name, f"on {x.device}, q on {device}")
     if num_queries:
-        if bool((ks < 0).any()):
-            _fail("ks", "must be >= 0")
-        if bool((ks > ke).any()):
-            _fail("ks", "must be <= ke for every query")
-        if bool((ke > num_keys).any()):
-            _fail("ke", f"must be <= the number of keys ({num_keys})")
+        now = checks is None
+        checks = checks or DeferredChecks()
+        checks.add("ks", "must be >= 0", ks < 0)
+        checks.add("ks", "must be <= ke for every query", ks > ke)
+        checks.add("ke", f"must be <= the number of keys ({num_keys})", ke > num_keys)
+        if now:
+            checks.run()
 
 
 def check_inputs(q, kv, weights, ks, ke) -> Inputs:
@@ -124,16 +164,21 @@ def check_inputs(q, kv, weights, ks, ke) -> Inputs:
     t, h, d = q.shape
     if h < 1 or d < 1:
         _fail("q", f"needs at least one head and one dim, got shape {tuple(q.shape)}")
-    check_finite("q", q)
-    k, k_scale = check_kv(kv, d, q.device)
+    checks = DeferredChecks()
+    check_finite("q", q, checks)
+    k, k_scale = check_kv(kv, d, q.device, checks)
     check_tensor("weights", weights, 2, (torch.float32,))
     if tuple(weights.shape) != (t, h):
         _fail("weights", f"expected shape {(t, h)}, got {tuple(weights.shape)}")
     if weights.device != q.device:
         _fail("weights", f"on {weights.device}, q on {q.device}")
-    check_finite("weights", weights)
-    check_ranges(ks, ke, t, k.shape[0], q.device)
-    return Inputs(q, k, k_scale, weights, ks, ke)
+    check_finite("weights", weights, checks)
+    check_ranges(ks, ke, t, k.shape[0], q.device, checks)
+    if t:
+        checks.extent(ks.min())
+        checks.extent(ke.max())
+    values = checks.run()
+    return Inputs(q, k, k_scale, weights, ks, ke, extent=tuple(values) if t else None)
 
 
 def check_stage1_k(stage1_k, k: int):

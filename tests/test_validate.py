@@ -119,3 +119,24 @@ def test_paged_bad_inputs():
         misa.paged_dsa_select(q, cache, w, lens, table[:, :1], k=4)
     with pytest.raises(ValueError, match="^block_table:"):
         misa.paged_dsa_select(q, cache, w, lens, table + 1000, k=4)
+
+
+def test_value_checks_are_read_back_together_and_the_first_failure_wins(good):
+    from misa.select import query_chunks
+    from misa.validate import check_inputs
+    q, kv, w, ks, ke = good
+    inp = check_inputs(q, kv, w, ks, ke)
+    assert inp.extent == (int(ks.min()), int(ke.max()))
+    # one chunk: the key window comes from the values read back with the checks, not a new read
+    fake = type(inp)(*(inp.q, inp.k, inp.k_scale, inp.weights, inp.ks, inp.ke), extent=(3, 7))
+    assert list(query_chunks(fake, 4, 1 << 40)) == [(0, q.shape[0], 3, 7)]
+    assert list(query_chunks(inp, 4, 1 << 40)) == [(0, q.shape[0], int(ks.min()), int(ke.max()))]
+    # several bad values: the error is the first check in argument order (q before weights before ks)
+    w_bad = w.clone()
+    w_bad[0, 0] = float("nan")
+    ks_bad = ks.clone()
+    ks_bad[0] = -1
+    with pytest.raises(ValueError, match="^weights:"):
+        check_inputs(q, kv, w_bad, ks_bad, ke)
+    with pytest.raises(ValueError, match="^ks:"):
+        check_inputs(q, kv, w, ks_bad, ke)
