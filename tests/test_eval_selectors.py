@@ -121,3 +121,20 @@ def test_eval_configs_name_the_bad_argument():
         NiahConfig(depths=0)
     with pytest.raises(ValueError, match="windows"):
         PplConfig(windows=0)
+
+
+def test_gap_methods_run_in_the_model_evaluations_when_asked_for():
+    from misa.eval.niah import NIAH_METHODS, NiahConfig
+    from misa.eval.ppl import PPL_METHODS, PplConfig
+    gap = ["misa-gap-h8", "misa-gap-h16", "misa-gap-dagger"]
+    assert PplConfig(methods=["dsa"] + gap).methods == ["dsa"] + gap
+    assert NiahConfig(methods=["dsa", "misa-gap-h8"]).methods == ["dsa", "misa-gap-h8"]
+    assert not set(gap) & set(PPL_METHODS + NIAH_METHODS)       # the default lists are unchanged
+    assert PPL_METHODS == ["dense", "dsa", "misa-h4", "misa-h8", "misa-h16", "misa-dagger", "hisa", "sink-window"]
+    s = sl.SelectorSettings(block_size=8)
+    assert "router gap" in sl.describe("misa-gap-h8", 8, s) and "router gap" in sl.describe("misa-gap-dagger", 8, s)
+    # in the model a gap method selects what its abs-sum twin selects with router="gap"
+    inp, ks, ke = _inputs()
+    for name, twin in (("misa-gap-h8", "misa-h8"), ("misa-gap-dagger", "misa-dagger")):
+        got = sl.select(name, inp, ks, ke, 8, s)
+        assert torch.equal(got, sl.select(twin, inp, ks, ke, 8, sl.SelectorSettings(block_size=8, router="gap")))

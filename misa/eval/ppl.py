@@ -10,10 +10,10 @@ import torch
 from . import data
 from .common import EvalContext
 from .report import md_table, write_result
-from .selectors import IN_MODEL, SelectorSettings, describe
+from .selectors import IN_MODEL, ROUTER_OF, SelectorSettings, describe
 from .sparse import SparseAttention
 
-PPL_METHODS = list(IN_MODEL)
+PPL_METHODS = [m for m in IN_MODEL if m not in ROUTER_OF]     # the gap methods only when asked for
 
 
 @dataclass

@@ -42,7 +42,9 @@ METHODS = {
     "misa-gap-h8": ("misa", 8), "misa-gap-h16": ("misa", 16), "misa-gap-dagger": ("dagger", None),
 }
 ROUTER_OF = {"misa-gap-h8": "gap", "misa-gap-h16": "gap", "misa-gap-dagger": "gap"}
-IN_MODEL = ["dense", "dsa", "misa-h4", "misa-h8", "misa-h16", "misa-dagger", "hisa", "sink-window"]
+# methods the model evaluations (ppl, niah) accept; their default lists leave out the gap methods
+IN_MODEL = ["dense", "dsa", "misa-h4", "misa-h8", "misa-h16", "misa-dagger", "hisa", "sink-window",
+            "misa-gap-h8", "misa-gap-h16", "misa-gap-dagger"]
 
 
 def describe(name: str, k: int, s: SelectorSettings) -> str:
