@@ -1,4 +1,5 @@
-"""``misa demo``: DSA, MISA, MISA-dagger and HISA side by side on one indexer workload."""
+"""``misa demo``: DSA, MISA (the paper's abs-sum router and our gap router), MISA-dagger and HISA side
+by side on one indexer workload."""
 from __future__ import annotations
 
 import time
@@ -60,6 +61,9 @@ def run_demo(cfg: DemoConfig, device: torch.device, seed: int = 0, workload=None
         ("DSA", f"{cfg.heads} heads", lambda: api.dsa_select(*args, k=cfg.k)),
         ("MISA", f"h={cfg.active_heads}, B={cfg.block_size}",
          lambda: api.misa_select(*args, k=cfg.k, active_heads=cfg.active_heads, block_size=cfg.block_size)),
+        ("MISA (gap router)", f"h={cfg.active_heads}, B={cfg.block_size}",      # ours: docs/results.md
+         lambda: api.misa_select(*args, k=cfg.k, active_heads=cfg.active_heads, block_size=cfg.block_size,
+                                 router="gap")),
         ("MISA-dagger", f"h={cfg.active_heads}, k1={cfg.stage1_k}",
          lambda: api.misa_select(*args, k=cfg.k, active_heads=cfg.active_heads, block_size=cfg.block_size,
                                  stage1_k=cfg.stage1_k)),

@@ -9,7 +9,7 @@ def test_demo_prints_a_table(capsys):
                  "--workload", "synthetic"]) == 0
     out = capsys.readouterr().out
     assert "SYNTHETIC" in out
-    for method in ("DSA", "MISA", "MISA-dagger", "HISA"):
+    for method in ("DSA", "MISA", "MISA (gap router)", "MISA-dagger", "HISA"):
         assert method in out
     assert "1.0000" in out          # DSA against itself
 
