@@ -32,39 +32,21 @@ def same_by_value(idx, x, k):
 
 
 def stages(x, ks, ke, k):
-    """Times of the new kernel's three launches on their own."""
-    t, w = x.shape
-    block, warps, sample = topk_mod.DEFAULT_CONFIG
-    cap = topk_mod.scratch_size(k, w)
-    dev = x.device
-    scr_key = torch.empty(t, cap, dtype=torch.int32, device=dev)
-    scr_col = torch.empty_like(scr_key)
-    cut = torch.empty(t, dtype=torch.int32, device=dev)
-    count = torch.empty_like(cut)
-    out = torch.empty(t, k, dtype=torch.int32, device=dev)
-    parts = max(1, min(256, w // (topk_mod.COMPACT_STEPS * block)))
-
-    def cut_fn():
-        topk_mod._cut_kernel[(t,)](x, ks, ke, cut, count, x.stride(0), 0, k, SAMPLE=sample,
-                                   WAYS=topk_mod.WAYS, FINITE_ONLY=False, num_warps=4)
+    """Times of the kernel's three launches on their own."""
+    call = topk_mod.TopkLaunches(x, ks, ke, k)
 
     def compact_fn():
-        count.zero_()
-        topk_mod._compact_kernel[(t, parts)](x, ks, ke, cut, count, scr_key, scr_col, x.stride(0),
-                                             cap, 0, cap, BLOCK=block, FINITE_ONLY=False, num_warps=4)
+        call.count.zero_()       # the cut launch zeroes the counters in a whole call
+        call.compact()
 
-    def select_fn():
-        topk_mod._select_kernel[(t,)](x, ks, ke, out, out, cut, count, scr_key, scr_col, x.stride(0),
-                                      out.stride(0), 0, cap, 0, 0, k, cap, BLOCK=block,
-                                      SBLOCK=topk_mod.SCRATCH_BLOCK, WAYS=topk_mod.WAYS, HAS_CMAP=False,
-                                      FINITE_ONLY=False, num_warps=warps)
-    cut_fn(); compact_fn(); select_fn()
+    call.cut(); compact_fn(); call.select()
     torch.cuda.synchronize()
-    res = {"cut_ms": bench(cut_fn), "compact_ms": bench(compact_fn)}
+    res = {"cut_ms": bench(call.cut), "compact_ms": bench(compact_fn)}
     compact_fn()
-    res["select_ms"] = bench(select_fn)
+    res["select_ms"] = bench(call.select)
+    count, cut = call.count, call.cut_keys
     res["survivors_mean"] = float(count.float().mean())
-    res["fast_rows"] = float(((count >= k) & (count <= cap) & (cut != 0)).float().mean())
+    res["fast_rows"] = float(((count >= k) & (count <= call.cap) & (cut != 0)).float().mean())
     return res
 
 

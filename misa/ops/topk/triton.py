@@ -229,20 +229,8 @@ def _select_kernel(X, KS, KE, OUT, CMAP, CUT, COUNT, SCR_KEY, SCR_COL,
                 key = tl.load(scr_key + j, mask=m, other=0).to(tl.uint32, bitcast=True)
                 counts += _count_at_least_2d(key, m, lo, step, WAYS)
             lo, hi, above = _narrow(counts, lo, hi, above, step, K, WAYS)
+        prefix = lo                 # the k-th largest key, all 32 bits
         k_rem = K - above
-        n_tie = 0
-        for start in range(0, n_scr, SBLOCK):
-            j = start + slane
-            m = j < n_scr
-            key = tl.load(scr_key + j, mask=m, other=0).to(tl.uint32, bitcast=True)
-            c = tl.load(scr_col + j, mask=m, other=0)
-            tie = m & (key == lo)
-            rank = n_tie + tl.cumsum(tie.to(tl.int32), axis=0)
-            n_tie += tl.sum(tie.to(tl.int32), axis=0)
-            take = (m & (key > lo)) | (tie & (rank <= k_rem))
-            pos = n_out + tl.cumsum(take.to(tl.int32), axis=0) - 1
-            tl.store(out_row + pos, _position(c, cmap_row, out_offset, HAS_CMAP, take), mask=take)
-            n_out += tl.sum(take.to(tl.int32), axis=0)
     else:
         n_scr = 0
         h = tl.zeros([256], dtype=tl.int32)
@@ -298,7 +286,7 @@ def _select_kernel(X, KS, KE, OUT, CMAP, CUT, COUNT, SCR_KEY, SCR_COL,
                 tl.store(out_row + pos, _position(c, cmap_row, out_offset, HAS_CMAP, take), mask=take)
                 n_out += tl.sum(take.to(tl.int32), axis=0)
 
-    # general path: remaining 8-bit rounds over the scratch, then write its winners
+    # general path: remaining 8-bit rounds over the scratch
     if (fast == 0) & (shift > 0) & (n_scr > 0):
         while shift > 0:
             h = tl.zeros([256], dtype=tl.int32)
@@ -312,19 +300,23 @@ def _select_kernel(X, KS, KE, OUT, CMAP, CUT, COUNT, SCR_KEY, SCR_COL,
             k_rem -= above
             prefix = (prefix << 8) | digit.to(tl.uint32)
             shift -= 8
-        n_tie = 0
-        for start in range(0, n_scr, BLOCK):
-            j = start + lane
-            m = j < n_scr
-            key = tl.load(scr_key + j, mask=m, other=0).to(tl.uint32, bitcast=True)
-            c = tl.load(scr_col + j, mask=m, other=0)
-            tie = m & (key == prefix)
-            rank = n_tie + tl.cumsum(tie.to(tl.int32), axis=0)
-            n_tie += tl.sum(tie.to(tl.int32), axis=0)
-            take = (m & (key > prefix)) | (tie & (rank <= k_rem))
-            pos = n_out + tl.cumsum(take.to(tl.int32), axis=0) - 1
-            tl.store(out_row + pos, _position(c, cmap_row, out_offset, HAS_CMAP, take), mask=take)
-            n_out += tl.sum(take.to(tl.int32), axis=0)
+
+    # both paths: the scratch's winners, every key above the k-th largest (``prefix``, all bits
+    # fixed now) and its ties in arrival order up to ``k_rem``. (A general-path row whose rounds
+    # ran over the row itself wrote everything already and left the scratch empty.)
+    n_tie = 0
+    for start in range(0, n_scr, SBLOCK):
+        j = start + slane
+        m = j < n_scr
+        key = tl.load(scr_key + j, mask=m, other=0).to(tl.uint32, bitcast=True)
+        c = tl.load(scr_col + j, mask=m, other=0)
+        tie = m & (key == prefix)
+        rank = n_tie + tl.cumsum(tie.to(tl.int32), axis=0)
+        n_tie += tl.sum(tie.to(tl.int32), axis=0)
+        take = (m & (key > prefix)) | (tie & (rank <= k_rem))
+        pos = n_out + tl.cumsum(take.to(tl.int32), axis=0) - 1
+        tl.store(out_row + pos, _position(c, cmap_row, out_offset, HAS_CMAP, take), mask=take)
+        n_out += tl.sum(take.to(tl.int32), axis=0)
 
 
 def topk(x: torch.Tensor, ks: torch.Tensor, ke: torch.Tensor, k: int, ks_offset: int = 0,
@@ -336,30 +328,54 @@ def topk(x: torch.Tensor, ks: torch.Tensor, ke: torch.Tensor, k: int, ks_offset:
     -1 padded. ``finite_only`` also skips -inf entries (candidate lists with holes). ``config``:
     (elements per step, num_warps, sample size).
     """
-    t, w = x.shape
-    out = torch.empty(t, k, dtype=torch.int32, device=x.device)
-    if t == 0:
-        return out
-    block, warps, sample = config or DEFAULT_CONFIG
-    cap = scratch_size(k, w)
-    scr_key = torch.empty(t, cap, dtype=torch.int32, device=x.device)
-    scr_col = torch.empty(t, cap, dtype=torch.int32, device=x.device)
-    cut = torch.empty(t, dtype=torch.int32, device=x.device)
-    count = torch.empty(t, dtype=torch.int32, device=x.device)
-    cmap_arg = cmap if cmap is not None else out
-    _cut_kernel[(t,)](x, ks, ke, cut, count, x.stride(0), ks_offset, k,
-                      SAMPLE=sample, WAYS=WAYS, FINITE_ONLY=finite_only, num_warps=4)
-    parts = max(1, min(256, w // (COMPACT_STEPS * block)))
-    _compact_kernel[(t, parts)](x, ks, ke, cut, count, scr_key, scr_col, x.stride(0), scr_key.stride(0),
-                                ks_offset, cap, BLOCK=block, FINITE_ONLY=finite_only, num_warps=4)
-    _select_kernel[(t,)](
-        x, ks, ke, out, cmap_arg, cut, count, scr_key, scr_col,
-        x.stride(0), out.stride(0), cmap.stride(0) if cmap is not None else 0, scr_key.stride(0),
-        ks_offset, out_offset, k, cap,
-        BLOCK=block, SBLOCK=SCRATCH_BLOCK, WAYS=WAYS, HAS_CMAP=cmap is not None,
-        FINITE_ONLY=finite_only, num_warps=warps,
-    )
-    return out
+    call = TopkLaunches(x, ks, ke, k, ks_offset, out_offset, cmap, finite_only, config)
+    if x.shape[0]:
+        call.cut()
+        call.compact()
+        call.select()
+    return call.out
+
+
+class TopkLaunches:
+    """One ``topk`` call's buffers and its three launches (``benchmarks/topk_compare.py`` times
+    them one by one)."""
+
+    def __init__(self, x, ks, ke, k, ks_offset=0, out_offset=0, cmap=None, finite_only=False, config=None):
+        t, w = x.shape
+        dev = x.device
+        self.args = (x, ks, ke, k, ks_offset, out_offset, cmap, finite_only)
+        self.block, self.warps, self.sample = config or DEFAULT_CONFIG
+        self.cap = scratch_size(k, w)
+        self.parts = max(1, min(256, w // (COMPACT_STEPS * self.block)))
+        self.out = torch.empty(t, k, dtype=torch.int32, device=dev)
+        self.scr_key = torch.empty(t, self.cap, dtype=torch.int32, device=dev)
+        self.scr_col = torch.empty(t, self.cap, dtype=torch.int32, device=dev)
+        self.cut_keys = torch.empty(t, dtype=torch.int32, device=dev)    # per row; 0 = no cut
+        self.count = torch.empty(t, dtype=torch.int32, device=dev)       # scratch entries per row
+
+    def cut(self):
+        """The sample cut per row; also zeroes the scratch counters."""
+        x, ks, ke, k, ks_offset, _, _, finite_only = self.args
+        _cut_kernel[(x.shape[0],)](x, ks, ke, self.cut_keys, self.count, x.stride(0), ks_offset, k,
+                                   SAMPLE=self.sample, WAYS=WAYS, FINITE_ONLY=finite_only, num_warps=4)
+
+    def compact(self):
+        x, ks, ke, _, ks_offset, _, _, finite_only = self.args
+        _compact_kernel[(x.shape[0], self.parts)](
+            x, ks, ke, self.cut_keys, self.count, self.scr_key, self.scr_col, x.stride(0),
+            self.scr_key.stride(0), ks_offset, self.cap, BLOCK=self.block, FINITE_ONLY=finite_only,
+            num_warps=4)
+
+    def select(self):
+        x, ks, ke, k, ks_offset, out_offset, cmap, finite_only = self.args
+        _select_kernel[(x.shape[0],)](
+            x, ks, ke, self.out, cmap if cmap is not None else self.out, self.cut_keys, self.count,
+            self.scr_key, self.scr_col, x.stride(0), self.out.stride(0),
+            cmap.stride(0) if cmap is not None else 0, self.scr_key.stride(0),
+            ks_offset, out_offset, k, self.cap,
+            BLOCK=self.block, SBLOCK=SCRATCH_BLOCK, WAYS=WAYS, HAS_CMAP=cmap is not None,
+            FINITE_ONLY=finite_only, num_warps=self.warps,
+        )
 
 
 def topk_indices(logits: torch.Tensor, ks: torch.Tensor, ke: torch.Tensor, k: int) -> torch.Tensor:
