@@ -158,9 +158,10 @@ def dsa_select(inp: Inputs, k: int, workspace_bytes: int | None = None) -> torch
 
 def route_heads(inp: Inputs, active_heads: int, block_size: int, router: str = "abs-sum",
                 workspace_bytes: int | None = None) -> torch.Tensor:
-    if _use_kernels(inp) and router in ("abs-sum", "gap") and inp.num_heads <= 128:
+    if _use_kernels(inp) and inp.num_heads <= 128:
         from .ops.router import triton as router_triton
-        return router_triton.route_heads(_contiguous(inp), active_heads, block_size, router=router)
+        if router in router_triton.STATISTICS:
+            return router_triton.route_heads(_contiguous(inp), active_heads, block_size, router=router)
     kbar = router_ref.pool_keys(float_keys(inp), block_size)
     nb = kbar.shape[0]
     out = torch.empty(inp.num_queries, active_heads, dtype=torch.int32, device=inp.q.device)

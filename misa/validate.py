@@ -43,9 +43,8 @@ class DeferredChecks:
     def add(self, name: str, msg: str, bad: torch.Tensor) -> None:
         self._checks.append((name, msg, bad.any()))
 
-    def extent(self, value: torch.Tensor) -> int:
+    def extent(self, value: torch.Tensor) -> None:
         self._values.append(value.reshape(()).to(torch.int64))
-        return len(self._values) - 1
 
     def run(self) -> list[int]:
         """Raise the first failing check; return the queued values."""
@@ -60,16 +59,16 @@ class DeferredChecks:
 
 
 def check_finite(name: str, x: torch.Tensor, checks: DeferredChecks | None = None) -> None:
+    """Queued on ``checks``, or checked at once without them."""
     if x.dtype == FP8:
         # e4m3fn has no infinity; NaN is S.1111.111 (0x7f / 0xff).
         bad = (x.view(torch.uint8) & 0x7F) == 0x7F
     else:
         bad = ~torch.isfinite(x)
-    now = checks is None
-    checks = checks or DeferredChecks()
-    checks.add(name, "contains NaN or infinite values", bad)
-    if now:
-        checks.run()
+    if checks is not None:
+        checks.add(name, "contains NaN or infinite values", bad)
+    elif bool(bad.any()):
+        _fail(name, "contains NaN or infinite values")
 
 
 def check_int(name: str, value, low: int = 1, high: int | None = None) -> int:
@@ -112,7 +111,8 @@ class Inputs:
         return self.k.shape[0]
 
 
-def check_kv(kv, head_dim: int | None, device: torch.device | None, checks: DeferredChecks | None = None):
+def check_kv(kv, head_dim: int | None, device: torch.device | None, checks: DeferredChecks):
+    """``(k, k_scale)``; the value checks are queued on ``checks``."""
     if isinstance(kv, (tuple, list)):
         if len(kv) != 2:
             _fail("kv", f"expected (k_fp8, k_scale), got a sequence of {len(kv)}")
@@ -123,12 +123,8 @@ def check_kv(kv, head_dim: int | None, device: torch.device | None, checks: Defe
             _fail("kv[1] (k_scale)", f"expected [{k.shape[0]}] to match k_fp8, got {tuple(k_scale.shape)}")
         if k_scale.device != k.device:
             _fail("kv[1] (k_scale)", f"on {k_scale.device}, k_fp8 on {k.device}")
-        now = checks is None
-        checks = checks or DeferredChecks()
         check_finite("kv[0] (k_fp8)", k, checks)
         checks.add("kv[1] (k_scale)", "scales must be finite and > 0", ~torch.isfinite(k_scale) | (k_scale <= 0))
-        if now:
-            checks.run()
         name = "kv[0] (k_fp8)"
     else:
         k, k_scale = check_tensor("kv", kv, 2, K_DTYPES), None
@@ -141,8 +137,8 @@ def check_kv(kv, head_dim: int | None, device: torch.device | None, checks: Defe
     return k, k_scale
 
 
-def check_ranges(ks, ke, num_queries: int, num_keys: int, device: torch.device,
-                 checks: DeferredChecks | None = None) -> None:
+def check_ranges(ks, ke, num_queries: int, num_keys: int, device: torch.device, checks: DeferredChecks) -> None:
+    """Dtypes, shapes and devices now; the value checks queued on ``checks``."""
     for name, x in (("ks", ks), ("ke", ke)):
         check_tensor(name, x, 1, (torch.int32,))
         if x.shape[0] != num_queries:
@@ -150,13 +146,9 @@ def check_ranges(ks, ke, num_queries: int, num_keys: int, device: torch.device,
         if x.device != device:
             _fail(name, f"on {x.device}, q on {device}")
     if num_queries:
-        now = checks is None
-        checks = checks or DeferredChecks()
         checks.add("ks", "must be >= 0", ks < 0)
         checks.add("ks", "must be <= ke for every query", ks > ke)
         checks.add("ke", f"must be <= the number of keys ({num_keys})", ke > num_keys)
-        if now:
-            checks.run()
 
 
 def check_inputs(q, kv, weights, ks, ke) -> Inputs:
