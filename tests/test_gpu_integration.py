@@ -14,8 +14,8 @@ from misa.select import kernels_enabled
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 transformers = pytest.importorskip("transformers")
 
-from test_hf_patch import (MODEL_TYPES, TINY, indexer_layers, prompt, recording,  # noqa: E402
-                           tiny_model, visible_only)
+from test_hf_patch import (MODEL_TYPES, TINY, fp8_dsa_and_all_heads_runs, indexer_layers,  # noqa: E402
+                           prompt, recording, tiny_model, visible_only)
 
 AGREEMENT = 0.99
 CUDA = torch.device("cuda")
@@ -75,13 +75,7 @@ def test_patched_generation_on_cuda(model_type, options):
 def test_fp8_path_on_cuda(model_type):
     model = cuda_model(model_type, seed=2)
     ids, mask = (t.to(CUDA) for t in prompt())
-    runs = []
-    for options in (dict(variant="dsa"), dict(variant="misa", active_heads=8, block_size=16)):
-        misa.patch_model(model, fp8=True, ue8m0=True, **options)
-        with recording(model) as calls, torch.no_grad():
-            model(ids, attention_mask=mask)
-        runs.append(calls)
-        misa.unpatch_model(model)
+    runs = fp8_dsa_and_all_heads_runs(model, ids, mask)
     assert min(layer_recalls(*runs)) >= AGREEMENT
 
 

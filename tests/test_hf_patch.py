@@ -167,10 +167,8 @@ def test_patch_reads_the_model_config_keys():
     assert (cfg.variant, cfg.active_heads, cfg.block_size) == ("misa", 3, 8)
 
 
-@pytest.mark.parametrize("model_type", MODEL_TYPES)
-def test_fp8_path_all_heads_is_fp8_dsa(model_type):
-    model = tiny_model(model_type, seed=6)
-    ids, mask = prompt(seed=7)
+def fp8_dsa_and_all_heads_runs(model, ids, mask):
+    """The recorded selections of the fp8 path patched as DSA, then as MISA with every head."""
     runs = []
     for options in (dict(variant="dsa"), dict(variant="misa", active_heads=8, block_size=16)):
         misa.patch_model(model, fp8=True, ue8m0=True, **options)
@@ -178,6 +176,14 @@ def test_fp8_path_all_heads_is_fp8_dsa(model_type):
             model(ids, attention_mask=mask)
         runs.append(calls)
         misa.unpatch_model(model)
+    return runs
+
+
+@pytest.mark.parametrize("model_type", MODEL_TYPES)
+def test_fp8_path_all_heads_is_fp8_dsa(model_type):
+    model = tiny_model(model_type, seed=6)
+    ids, mask = prompt(seed=7)
+    runs = fp8_dsa_and_all_heads_runs(model, ids, mask)
     for (vis, a, _), (_, b, _) in zip(*runs):
         assert visible_sets(vis, a) == visible_sets(vis, b)
 
