@@ -464,28 +464,24 @@ def report(meta, res, layers, ks) -> str:
           f"{meta['seconds']} s -->",
           f"context {meta['context']}, {meta['windows']} windows x {meta['queries_per_window']} queries, "
           f"h = {meta['heads']}, B = {meta['block']}\n"]
-    for k in ks:
-        names = sorted({m.split("/", 1)[1] for m in res[f"{layers[0]}/{k}"] if m.startswith("recall/")})
-        md.append(f"## recall of DSA's top-{k}\n")
+
+    def per_layer_table(k, prefix, title):
+        """One column per metric ``prefix/<name>``, one row per layer, then the mean over layers."""
+        names = sorted({m.split("/", 1)[1] for m in res[f"{layers[0]}/{k}"] if m.startswith(prefix + "/")})
+        md.append(title)
         md.append("| layer | " + " | ".join(names) + " |")
         md.append("|---" * (len(names) + 1) + "|")
         for l in layers + ["mean"]:
             if l == "mean":
-                vals = [sum(res[f"{x}/{k}"][f"recall/{n}"] for x in layers) / len(layers) for n in names]
+                vals = [sum(res[f"{x}/{k}"][f"{prefix}/{n}"] for x in layers) / len(layers) for n in names]
             else:
-                vals = [res[f"{l}/{k}"][f"recall/{n}"] for n in names]
+                vals = [res[f"{l}/{k}"][f"{prefix}/{n}"] for n in names]
             md.append(f"| {l} | " + " | ".join(f"{v:.3f}" for v in vals) + " |")
+
+    for k in ks:
+        per_layer_table(k, "recall", f"## recall of DSA's top-{k}\n")
         for prefix in ("selmass", "recall+resid", "dagger", "corr", "overlap-abs-sum", "w<0", "active", "cv"):
-            names2 = sorted({m.split("/", 1)[1] for m in res[f"{layers[0]}/{k}"] if m.startswith(prefix + "/")})
-            md.append(f"\n### {prefix}, k = {k}\n")
-            md.append("| layer | " + " | ".join(names2) + " |")
-            md.append("|---" * (len(names2) + 1) + "|")
-            for l in layers + ["mean"]:
-                if l == "mean":
-                    vals = [sum(res[f"{x}/{k}"][f"{prefix}/{n}"] for x in layers) / len(layers) for n in names2]
-                else:
-                    vals = [res[f"{l}/{k}"][f"{prefix}/{n}"] for n in names2]
-                md.append(f"| {l} | " + " | ".join(f"{v:.3f}" for v in vals) + " |")
+            per_layer_table(k, prefix, f"\n### {prefix}, k = {k}\n")
         other = sorted(m for m in res[f"{layers[0]}/{k}"] if "/" in m and m.split("/")[0] in
                        ("check", "mass", "dsa", "gap", "greedy-curve", "backward-curve", "best-block", "cancel"))
         md.append(f"\n### diagnostics, k = {k}\n")
