@@ -39,10 +39,22 @@ def test_train_then_eval_end_to_end(loaded, tmp_path, capsys):
     assert job.main(["train", "--run-dir", str(run), "--minutes", "1", "--lengths", "256", "--layers", "0,2",
                      "--max-steps", "1", "--chunk", "64", "--no-progress"], loaded=loaded) == 0
     assert json.loads((run / "warmup.json").read_text())["steps_total"] == 3
+    # another run dir continues from that indexer (its weights, a new schedule) and counts its tokens
+    run2 = tmp_path / "run2"
+    more = ["--minutes", "1", "--lengths", "256", "--layers", "0,2", "--max-steps", "1", "--chunk", "64",
+            "--no-progress", "--init-from", str(run / "indexer")]
+    with pytest.raises(ValueError, match="init_from"):
+        job.main(["train", "--run-dir", str(tmp_path / "run3"), "--heads", "32"] + more, loaded=loaded)
+    assert job.main(["train", "--run-dir", str(run2), "--total-minutes", "30"] + more, loaded=loaded) == 0
+    s2 = json.loads((run2 / "warmup.json").read_text())
+    assert s2["prior_tokens_per_layer"] == 3 * 256 and s2["tokens_per_layer_total"] == 4 * 256
+    assert s2["steps_total"] == 1 and s2["planned_s"] == 1800 and "continued from" in s2["resumed"]
+    assert "continued from an indexer trained on 768 tokens" in (run2 / "warmup.md").read_text()
 
     sizes = ["--context", "256", "--windows", "1", "--queries", "16", "--k", "16", "--lengths", "256",
              "--depths", "2", "--ruler-lengths", "320", "--ruler-samples", "1", "--contexts", "256",
-             "--ppl-windows", "1", "--block-size", "32", "--methods", "dense,dsa,misa-h8,sink-window"]
+             "--ppl-windows", "1", "--block-size", "32", "--methods", "dense,dsa,misa-h8,sink-window",
+             "--model-methods", "dense,dsa,misa-gap-h8,sink-window"]
     # a run out of time leaves NIAH unscored (grey cells); the next run resumes and fills them in
     assert job.main(["eval", "--run-dir", str(run), "--out", str(out / "partial"), "--minutes", "0.01"] + sizes,
                     loaded=loaded) == 0
@@ -60,6 +72,9 @@ def test_train_then_eval_end_to_end(loaded, tmp_path, capsys):
     # DSA against itself and dense NIAH at a short context are exact
     assert res["niah"]["agrees_with_dsa"]["dsa"] == 1.0
     assert res["ppl"]["results"]["dense/256"]["ppl"] < 200
+    # --model-methods picks the in-model methods; recall keeps --methods
+    assert "misa-gap-h8/256" in res["ppl"]["results"] and "misa-h8/256" not in res["ppl"]["results"]
+    assert set(res["niah"]["grid"]) == {"dense", "dsa", "misa-gap-h8", "sink-window"}
     assert all(0.0 <= v <= 1.0 for v in res["router"]["router"].values())
     layer0 = res["recall"]["per_layer"]["0/16"]
     assert 0 < layer0["dsa/mass"] <= layer0["oracle/mass"] + 1e-6     # the oracle holds the most mass

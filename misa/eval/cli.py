@@ -62,6 +62,10 @@ def add_commands(sub) -> None:
     w.add_argument("--kernel", default="auto", choices=["auto", "fused", "eager"],
                    help="indexer loss: fused Triton kernels (checked against eager on the first batch) or eager")
     w.add_argument("--seed", type=int, default=0)
+    w.add_argument("--total-minutes", type=float, default=None,
+                   help="plan the lr schedule and stage split over this much training, across resumed calls")
+    w.add_argument("--init-from", default=None,
+                   help="continue from this indexer folder (weights only; new schedule, fresh optimizer)")
     w.add_argument("--no-progress", action="store_true", help="no progress bar")
     w.set_defaults(func=cmd_warmup)
 
@@ -104,7 +108,8 @@ def cmd_warmup(args) -> int:
     cfg = WarmupConfig(minutes=args.minutes or (6.0 if cuda else 2.0), dense_fraction=args.dense_fraction,
                        lengths=args.lengths or ([8192] if cuda else [1024]), layers=args.layers, heads=args.heads,
                        head_dim=args.head_dim, q_rank=args.q_rank, k_sparse=args.k_sparse,
-                       chunk=args.chunk or (1024 if cuda else 256), lr=args.lr, max_steps=args.max_steps, seed=args.seed, kernel=args.kernel)
+                       chunk=args.chunk or (1024 if cuda else 256), lr=args.lr, max_steps=args.max_steps, seed=args.seed, kernel=args.kernel,
+                       total_minutes=args.total_minutes, init_from=args.init_from)
     run_dir = Path(args.run_dir) if args.run_dir else default_run_dir()
     print(f"misa warmup: {path.name} on {'cuda' if cuda else 'cpu'}, {cfg.minutes} min, windows {cfg.lengths}, "
           f"indexer {cfg.heads} heads x {cfg.head_dim}, run dir {run_dir}", file=sys.stderr)

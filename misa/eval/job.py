@@ -42,12 +42,14 @@ def train(args, loaded=None) -> int:
     cfg = WarmupConfig(minutes=args.minutes - load_s / 60 - 0.25, dense_fraction=args.dense_fraction,
                        lengths=args.lengths, layers=args.layers, heads=args.heads, head_dim=args.head_dim,
                        q_rank=args.q_rank, k_sparse=args.k_sparse, chunk=args.chunk or (1024 if cuda else 128),
-                       max_steps=args.max_steps, save_every_s=args.save_every, kernel=args.kernel)
+                       max_steps=args.max_steps, save_every_s=args.save_every, kernel=args.kernel,
+                       total_minutes=args.total_minutes, init_from=args.init_from)
     print(f"[job train] model loaded in {load_s:.0f} s; training {cfg.minutes:.2f} min on "
           f"{'cuda' if cuda else 'cpu'}", flush=True)
     s = warmup(model, tok, cfg, run, corpus=args.corpus, progress_bar=not args.no_progress,
                token_cache=run / "cache" / "tokens")
-    print(f"[job train] {s['steps_total']} steps, {s['tokens_per_layer']:,} tokens per layer, "
+    print(f"[job train] {s['steps_total']} steps, {s['tokens_per_layer']:,} tokens per layer "
+          f"({s['tokens_per_layer_total']:,} with the prior training), "
           f"{s['tokens_per_s']} tok/s, {s['us_per_token_per_layer']} us/token/layer", flush=True)
     for r in s["per_layer"]:
         print(f"  layer {r['layer']:2d}: dense KL {r['dense_kl_first']} -> {r['dense_kl_last']}, "
@@ -80,6 +82,10 @@ def evaluate(args, loaded=None) -> int:
                              loaded=loaded)
     cuda = ctx.device.type == "cuda"
     cfgs = configs(args, cuda)
+    if args.model_methods:
+        import dataclasses
+        for name in ("ppl", "niah"):     # replace() re-runs the configs' checks on the names
+            cfgs[name] = dataclasses.replace(cfgs[name], methods=list(args.model_methods))
     print(f"[job eval] model + indexer loaded in {time.perf_counter() - t0:.0f} s on {ctx.device}", flush=True)
     done = {p.stem: json.loads(p.read_text()) for p in res_dir.glob("*.json") if p.stem in PHASES}
     want = set(args.phases)
@@ -160,6 +166,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--max-steps", type=int, default=None)
     t.add_argument("--save-every", type=float, default=90.0)
     t.add_argument("--kernel", default="auto", choices=["auto", "fused", "eager"])
+    t.add_argument("--total-minutes", type=float, default=None,
+                   help="training minutes the lr schedule and stage split are planned over, across resumed calls")
+    t.add_argument("--init-from", default=None, help="indexer folder to continue from (weights; new schedule)")
     t.set_defaults(func=train)
     e = sub.choices["eval"]
     e.add_argument("--indexer", default=None, help="indexer folder (default: RUN_DIR/indexer)")
@@ -168,6 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--block-size", type=int, default=128)
     e.add_argument("--router", default="abs-sum")
     e.add_argument("--methods", type=lambda s: s.split(","), default=None)
+    e.add_argument("--model-methods", type=lambda s: s.split(","), default=None,
+                   help="methods for ppl and niah only (default: --methods, else their own lists)")
     for opt, typ in (("--context", int), ("--windows", int), ("--queries", int), ("--lengths", _ints),
                      ("--depths", int), ("--ruler-lengths", _ints), ("--ruler-samples", int),
                      ("--contexts", _ints), ("--ppl-windows", int)):

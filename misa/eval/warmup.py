@@ -11,7 +11,10 @@ to its end only (the causal upper triangle is skipped), under bf16 autocast on C
 the keys are accumulated over chunks on a detached leaf and pushed through the key projection once.
 
 Time-bounded: ``minutes`` of training (the stage split is a fraction of it); it checkpoints to the
-run dir every ``save_every_s`` and when time is up, and resumes from there.
+run dir every ``save_every_s`` and when time is up, and resumes from there. ``total_minutes`` plans
+one schedule (lr decay, stage split) over several such calls, as a GPU machine with a 10-minute
+limit per command needs. ``init_from`` continues from an indexer trained elsewhere (weights only:
+a new schedule and a fresh optimizer; its tokens are counted as prior training).
 """
 from __future__ import annotations
 
@@ -56,6 +59,8 @@ class WarmupConfig:
     save_every_s: float = 120.0
     reserve_s: float = 5.0
     kernel: str = "auto"             # auto: fused Triton kernels where they run and check out, else eager
+    total_minutes: float | None = None   # training time the schedule is planned over (None: this call's)
+    init_from: str | None = None     # an indexer folder to continue from when the run dir has none
 
     def __post_init__(self):
         if not self.minutes > 0:
@@ -64,6 +69,8 @@ class WarmupConfig:
             raise ValueError(f"dense_fraction: must be in [0, 1], got {self.dense_fraction}")
         if not self.lengths or any(int(n) < 2 for n in self.lengths):
             raise ValueError(f"lengths: expected window lengths >= 2, got {self.lengths}")
+        if self.total_minutes is not None and not self.total_minutes > 0:
+            raise ValueError(f"total_minutes: must be > 0, got {self.total_minutes}")
         if self.kernel not in ("auto", "fused", "eager"):
             raise ValueError(f"kernel: expected auto, fused or eager, got {self.kernel!r}")
         for name in ("k_sparse", "chunk"):
@@ -252,6 +259,19 @@ def warmup(model, tokenizer, cfg: WarmupConfig, run_dir: str | Path, corpus=None
             stack.load_state_dict(old.state_dict())
             progress.update(old.cfg.meta.get("progress", {}))
             resumed = f"weights only (step {progress['step']}; optimizer state lost)"
+    elif cfg.init_from is not None:
+        src = Path(cfg.init_from)
+        if not (src / "indexer.json").is_file():
+            raise ValueError(f"init_from: no indexer.json in {src}")
+        old = IndexerStack.load(src, device=device)
+        if old.cfg.shape_key() != icfg.shape_key():
+            raise ValueError(f"init_from: {src} holds an indexer of shape {old.cfg.shape_key()}, "
+                             f"this run trains {icfg.shape_key()}")
+        stack.load_state_dict(old.state_dict())
+        before = old.cfg.meta.get("progress", {})
+        progress["prior_tokens_per_layer"] = before.get("tokens_per_layer", 0) + before.get("prior_tokens_per_layer", 0)
+        resumed = (f"continued from {src} ({progress['prior_tokens_per_layer']:,} tokens per layer before; "
+                   f"new schedule, fresh optimizer)")
 
     tokens = data.train_tokens(tokenizer, corpus, token_cache)
     rng = random.Random(cfg.seed * 1000003 + progress["step"])
@@ -260,7 +280,9 @@ def warmup(model, tokenizer, cfg: WarmupConfig, run_dir: str | Path, corpus=None
     ctl.capture, ctl.stop_after = set(layers), max(layers)
     scaling = geo["head_dim"] ** -0.5
     budget = cfg.minutes * 60.0 - (time.perf_counter() - t_call)
-    planned_total = progress["elapsed_s"] + budget
+    if cfg.total_minutes is not None:
+        progress["planned_s"] = cfg.total_minutes * 60.0
+    planned_total = progress.get("planned_s") or progress["elapsed_s"] + budget
     meta = provenance(device)
     meta.update(model_geometry=geo, train_tokens=int(tokens.numel()), resumed=resumed)
 
@@ -347,7 +369,8 @@ def warmup(model, tokenizer, cfg: WarmupConfig, run_dir: str | Path, corpus=None
     summary = summarize(log, layers, progress, meta, cfg, stopped, steps_here, time.perf_counter() - t_start)
     (run_dir / "warmup.json").write_text(json.dumps(summary, indent=2))
     write_report(summary, run_dir)
-    plot_loss(log, layers, run_dir / "warmup_loss.png", progress.get("sparse_from_step"))
+    plot_loss(log, layers, run_dir / "warmup_loss.png", progress.get("sparse_from_step"),
+              prior_tokens=progress.get("prior_tokens_per_layer", 0))
     return summary
 
 
@@ -367,6 +390,9 @@ def summarize(log, layers, progress, meta, cfg, stopped, steps_here, wall_s) -> 
         })
     return {**meta, "config": asdict(cfg), "layers": layers, "stopped": stopped, "steps_total": progress["step"],
             "steps_this_run": steps_here, "tokens_per_layer": progress["tokens_per_layer"],
+            "prior_tokens_per_layer": progress.get("prior_tokens_per_layer", 0),
+            "tokens_per_layer_total": progress["tokens_per_layer"] + progress.get("prior_tokens_per_layer", 0),
+            "planned_s": progress.get("planned_s"),
             "trained_s": round(progress["elapsed_s"], 1), "wall_s_this_run": round(wall_s, 1),
             "tokens_per_s": round(tok / busy, 1) if busy else None,
             "us_per_token_per_layer": round(1e6 * busy / tok / len(layers), 3) if tok else None,
@@ -385,6 +411,9 @@ def write_report(summary: dict, run_dir: Path) -> None:
     head = (f"# Indexer warm-up\n\n{summary['command']}  \n{summary['device']}, {summary['date']}\n\n"
             f"steps {summary['steps_total']} ({summary['steps_this_run']} in this run, stopped on {summary['stopped']}), "
             f"{summary['tokens_per_layer']:,} tokens per layer, {summary['trained_s']} s of training; "
+            + (f"continued from an indexer trained on {summary['prior_tokens_per_layer']:,} tokens per layer "
+               f"before ({summary['tokens_per_layer_total']:,} in all); " if summary.get("prior_tokens_per_layer") else "")
+            + f"resumed: {summary.get('resumed', 'no')}; "
             f"{summary['tokens_per_s']} tokens/s through all {len(summary['layers'])} layers = "
             f"{summary['us_per_token_per_layer']} us per token per layer. Sparse stage from step "
             f"{summary['sparse_from_step']}.\n\n")
@@ -396,14 +425,14 @@ def _f(x):
     return "-" if x is None else f"{x:.4f}"
 
 
-def plot_loss(log: list, layers: list, out: Path, sparse_from: int | None) -> None:
+def plot_loss(log: list, layers: list, out: Path, sparse_from: int | None, prior_tokens: int = 0) -> None:
     if not log:
         return
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
-    tokens = np.cumsum([r["len"] for r in log]) / 1e6
+    tokens = (prior_tokens + np.cumsum([r["len"] for r in log])) / 1e6   # a continued run starts at its prior
     dense = np.array([r["dense_kl"] for r in log])          # [steps, layers]
 
     def ema(v, a=0.9):
@@ -422,7 +451,8 @@ def plot_loss(log: list, layers: list, out: Path, sparse_from: int | None) -> No
     ax.set_xlabel("tokens per layer (millions)")
     ax.set_ylabel("KL(attention || indexer), dense, EMA")
     ax.set_yscale("log")
-    ax.set_title(f"Indexer warm-up: {len(layers)} layers (colour: layer, dark = first)")
+    ax.set_title(f"Indexer warm-up: {len(layers)} layers (colour: layer, dark = first)"
+                 + (f"\ncontinued from {prior_tokens / 1e6:.1f}M tokens per layer (new schedule)" if prior_tokens else ""))
     ax.legend()
     fig.tight_layout()
     fig.savefig(out)
