@@ -49,8 +49,11 @@ class EvalContext:
         if self.stack is not None:
             c = self.stack.cfg
             trained = c.meta.get("progress", {})
+            tokens = trained.get("tokens_per_layer")
+            if tokens is not None:    # a continued run also counts the training it continued from
+                tokens = f"{tokens + trained.get('prior_tokens_per_layer', 0):,}"
             out["indexer"] = (f"{self.indexer_path} ({len(c.layers)} layers, {c.heads} heads x {c.head_dim}, "
-                              f"q rank {c.q_rank}, {trained.get('tokens_per_layer', '?')} tokens per layer, "
+                              f"q rank {c.q_rank}, {tokens or '?'} tokens per layer, "
                               f"id {self.stack.fingerprint()})")
             out["indexer_config"] = {k: v for k, v in c.shape_key().items()}
             out["indexer_training"] = trained
