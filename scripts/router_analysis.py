@@ -74,6 +74,54 @@ def routed_scores(C: torch.Tensor, heads: torch.Tensor, vis: torch.Tensor) -> to
     return s.masked_fill(~vis, float("-inf"))
 
 
+def _oracle_objective(ref: torch.Tensor, vis: torch.Tensor, k: int):
+    """Recall of ``ref`` by the top-``k`` of a score, tie-broken by the (scaled) mean margin of
+    ``ref`` over the rest: what the oracle head searches maximise."""
+    nref = ref.sum(1).clamp_min(1).float()
+    rest = vis & ~ref
+    inv = rest.sum(1).clamp_min(1).float()
+
+    def objective(s):
+        rec = recall_of(topk_mask(s.masked_fill(~vis, float("-inf")), k), ref)
+        gap = (s * ref).sum(1) / nref - (s * rest).sum(1) / inv
+        return rec + 1e-4 * torch.tanh(gap / (s.abs().amax(1) + 1e-12))
+    return objective
+
+
+def _best_head(objective, base: torch.Tensor, C: torch.Tensor, allowed: torch.Tensor, sign: int,
+               best_val: torch.Tensor, best_j: torch.Tensor, margin: float = 0.0):
+    """Per query, the allowed head j whose ``base + sign * C[:, j]`` scores best (strictly above
+    ``best_val + margin`` to replace ``best_j``)."""
+    for j in range(C.shape[1]):
+        v = objective(base + sign * C[:, j])
+        v = torch.where(allowed[:, j], v, torch.full_like(v, -1e9))
+        better = v > best_val + margin
+        best_val = torch.where(better, v, best_val)
+        best_j = torch.where(better, torch.full_like(best_j, j), best_j)
+    return best_val, best_j
+
+
+def _swap_pass(objective, C: torch.Tensor, chosen: torch.Tensor, cur: torch.Tensor, h: int):
+    """One pass of single-head swaps: each chosen head in turn is replaced by the unchosen head
+    that raises the objective most, if any does. Updates ``chosen`` in place; returns ``cur`` and
+    the heads ``[T, h]`` with each replacement in its predecessor's slot."""
+    T = C.shape[0]
+    ar = torch.arange(T)
+    heads = chosen.nonzero()[:, 1].view(T, h)
+    base = objective(cur)
+    for a in range(h):
+        out_j = heads[:, a]
+        wo = cur - C[ar, out_j]
+        best_val, best_j = _best_head(objective, wo, C, ~chosen, 1, base.clone(), out_j.clone(), margin=1e-9)
+        moved = best_j != out_j
+        chosen[ar[moved], out_j[moved]] = False
+        chosen[ar[moved], best_j[moved]] = True
+        cur = wo + C[ar, best_j]
+        heads[:, a] = best_j
+        base = best_val
+    return cur, heads
+
+
 def greedy_oracle(C: torch.Tensor, ref: torch.Tensor, vis: torch.Tensor, k: int, h: int,
                   swaps: int = 1) -> tuple[torch.Tensor, list[float]]:
     """Per query, heads chosen one at a time to maximise recall of ``ref`` (ties: the largest
@@ -82,49 +130,18 @@ def greedy_oracle(C: torch.Tensor, ref: torch.Tensor, vis: torch.Tensor, k: int,
     T, H, S = C.shape
     chosen = torch.zeros(T, H, dtype=torch.bool)
     cur = torch.zeros(T, S)
+    ar = torch.arange(T)
+    objective = _oracle_objective(ref, vis, k)
     curve = []
-    nref = ref.sum(1).clamp_min(1).float()
-    inv = (vis & ~ref).sum(1).clamp_min(1).float()
-
-    def objective(s):  # recall, tie-broken by the (scaled) mean margin of ref over the rest
-        sm = s.masked_fill(~vis, float("-inf"))
-        rec = recall_of(topk_mask(sm, k), ref)
-        gap = (s * ref).sum(1) / nref - (s * (vis & ~ref)).sum(1) / inv
-        return rec + 1e-4 * torch.tanh(gap / (s.abs().amax(1) + 1e-12))
-
     for _ in range(h):
-        best_val = torch.full((T,), -1e9)
-        best_j = torch.zeros(T, dtype=torch.long)
-        for j in range(H):
-            v = objective(cur + C[:, j])
-            v = torch.where(chosen[:, j], torch.full_like(v, -1e9), v)
-            better = v > best_val
-            best_val = torch.where(better, v, best_val)
-            best_j = torch.where(better, torch.full_like(best_j, j), best_j)
-        chosen[torch.arange(T), best_j] = True
-        cur = cur + C[torch.arange(T), best_j]
+        _, best_j = _best_head(objective, cur, C, ~chosen, 1, torch.full((T,), -1e9),
+                               torch.zeros(T, dtype=torch.long))
+        chosen[ar, best_j] = True
+        cur = cur + C[ar, best_j]
         curve.append(float(recall_of(topk_mask(cur.masked_fill(~vis, float("-inf")), k), ref).mean()))
     for _ in range(swaps):
-        heads = chosen.nonzero()[:, 1].view(T, h)
-        base = objective(cur)
-        for a in range(h):
-            out_j = heads[:, a]
-            wo = cur - C[torch.arange(T), out_j]
-            best_val, best_j = base.clone(), out_j.clone()
-            for j in range(H):
-                v = objective(wo + C[:, j])
-                v = torch.where(chosen[:, j], torch.full_like(v, -1e9), v)
-                better = v > best_val + 1e-9
-                best_val = torch.where(better, v, best_val)
-                best_j = torch.where(better, torch.full_like(best_j, j), best_j)
-            moved = best_j != out_j
-            chosen[torch.arange(T)[moved], out_j[moved]] = False
-            chosen[torch.arange(T)[moved], best_j[moved]] = True
-            cur = wo + C[torch.arange(T), best_j]
-            heads[:, a] = best_j
-            base = best_val
-    heads = chosen.nonzero()[:, 1].view(T, h)
-    return heads, curve
+        cur, _ = _swap_pass(objective, C, chosen, cur, h)
+    return chosen.nonzero()[:, 1].view(T, h), curve
 
 
 def backward_oracle(C: torch.Tensor, ref: torch.Tensor, vis: torch.Tensor, k: int, h: int,
@@ -135,48 +152,17 @@ def backward_oracle(C: torch.Tensor, ref: torch.Tensor, vis: torch.Tensor, k: in
     T, H, _ = C.shape
     chosen = torch.ones(T, H, dtype=torch.bool)
     cur = C.sum(1)
-    nref = ref.sum(1).clamp_min(1).float()
-    rest = vis & ~ref
-    inv = rest.sum(1).clamp_min(1).float()
     ar = torch.arange(T)
-
-    def objective(s):
-        rec = recall_of(topk_mask(s.masked_fill(~vis, float("-inf")), k), ref)
-        gap = (s * ref).sum(1) / nref - (s * rest).sum(1) / inv
-        return rec + 1e-4 * torch.tanh(gap / (s.abs().amax(1) + 1e-12))
-
+    objective = _oracle_objective(ref, vis, k)
     curve = {}
     for n in range(H, h, -1):
-        best_val = torch.full((T,), -1e9)
-        best_j = torch.zeros(T, dtype=torch.long)
-        for j in range(H):
-            v = objective(cur - C[:, j])
-            v = torch.where(chosen[:, j], v, torch.full_like(v, -1e9))
-            better = v > best_val
-            best_val = torch.where(better, v, best_val)
-            best_j = torch.where(better, torch.full_like(best_j, j), best_j)
+        _, best_j = _best_head(objective, cur, C, chosen, -1, torch.full((T,), -1e9),
+                               torch.zeros(T, dtype=torch.long))
         chosen[ar, best_j] = False
         cur = cur - C[ar, best_j]
         if n - 1 in report:
             curve[n - 1] = float(recall_of(topk_mask(cur.masked_fill(~vis, float("-inf")), k), ref).mean())
-    heads = chosen.nonzero()[:, 1].view(T, h)
-    base = objective(cur)
-    for a in range(h):
-        out_j = heads[:, a]
-        wo = cur - C[ar, out_j]
-        best_val, best_j = base.clone(), out_j.clone()
-        for j in range(H):
-            v = objective(wo + C[:, j])
-            v = torch.where(chosen[:, j], torch.full_like(v, -1e9), v)
-            better = v > best_val + 1e-9
-            best_val = torch.where(better, v, best_val)
-            best_j = torch.where(better, torch.full_like(best_j, j), best_j)
-        moved = best_j != out_j
-        chosen[ar[moved], out_j[moved]] = False
-        chosen[ar[moved], best_j[moved]] = True
-        cur = wo + C[ar, best_j]
-        heads[:, a] = best_j
-        base = best_val
+    _, heads = _swap_pass(objective, C, chosen, cur, h)
     return heads, curve
 
 
