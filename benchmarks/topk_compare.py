@@ -5,6 +5,7 @@ Inputs are DSA-like logits (the routed-logits buffer of the synthetic workload) 
 each variant's selection is checked against torch.topk by value before it is timed.
 
     python benchmarks/topk_compare.py --out topk.json
+    python benchmarks/topk_compare.py --out topk.json --sizes 131072:2048 --variants WAYS=8,WAYS=2
 """
 from __future__ import annotations
 
@@ -17,6 +18,9 @@ import torch
 import triton.testing
 
 from misa.ops.topk import triton as topk_mod
+
+
+TUNABLE = ("WAYS", "SCRATCH_BLOCK", "COMPACT_STEPS", "DEFAULT_CONFIG")   # module constants of the kernel
 
 
 def bench(fn):
@@ -53,7 +57,20 @@ def stages(x, ks, ke, k):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
+    ap.add_argument("--sizes", default="16384:2048,32768:2048,65536:2048,131072:2048,131072:8192,8192:2048",
+                    help="keys:k pairs (8192 keys: MISA-dagger's second stage on randn)")
+    ap.add_argument("--variants", default="WAYS=2,WAYS=8,WAYS=16,COMPACT_STEPS=16,COMPACT_STEPS=4,"
+                                          "DEFAULT_CONFIG=512/4/2048,SCRATCH_BLOCK=512,SCRATCH_BLOCK=2048",
+                    help="module constants to try one at a time at 131072:2048 (NAME=value, tuples with /)")
     args = ap.parse_args()
+    sizes = [tuple(int(v) for v in p.split(":")) for p in args.sizes.split(",") if p]
+    grid = []
+    for item in filter(None, args.variants.split(",")):
+        name, value = item.split("=")
+        if name not in TUNABLE:
+            ap.error(f"--variants: {name!r} is not one of {TUNABLE}")
+        vals = tuple(int(v) for v in value.split("/"))
+        grid.append({name: vals if len(vals) > 1 else vals[0]})
     dev = torch.device("cuda")
     try:
         previous = importlib.import_module("topk_previous")
@@ -65,7 +82,7 @@ def main():
     from misa.validate import check_inputs
 
     results = {"gpu": torch.cuda.get_device_name(), "rows": []}
-    for s, k in [(16384, 2048), (32768, 2048), (65536, 2048), (131072, 2048), (131072, 8192), (8192, 2048)]:
+    for s, k in sizes:
         t = 4096
         if s == 8192:      # MISA-dagger's second stage: 8192 candidates, no range
             x = torch.randn(t, s, device=dev)
@@ -90,13 +107,11 @@ def main():
             old = lambda: previous.topk(x, ks, ke, k)
             row["previous_ok"] = same_by_value(old(), x, k)
             row["previous_ms"] = bench(old)
-        if s == 131072 and k == 2048:
+        if s == 131072 and k == 2048 and grid:
             row["variants"] = []
-            names = ("WAYS", "SCRATCH_BLOCK", "COMPACT_STEPS", "DEFAULT_CONFIG")
+            names = TUNABLE
             base = {n: getattr(topk_mod, n) for n in names}
-            grid = [{"WAYS": 4}, {"WAYS": 16}, {"COMPACT_STEPS": 16}, {"COMPACT_STEPS": 4},
-                    {"DEFAULT_CONFIG": (512, 4, 2048)}, {"SCRATCH_BLOCK": 512}, {"SCRATCH_BLOCK": 2048}]
-            for change in grid:
+            for change in [{}] + grid:          # {}: the defaults again, timed beside the variants
                 for n in names:
                     setattr(topk_mod, n, change.get(n, base[n]))
                 rec = {n: getattr(topk_mod, n) for n in names}

@@ -12,7 +12,7 @@ broken in arrival order (SPEC allows either way).
 
 Both quantiles (of the sample and of the scratch) are found by a ``WAYS``-ary search on the key
 range actually present ([cut, max]), each pass counting the keys at or above ``WAYS`` thresholds:
-about 8 passes of 8 compares per key, where an 8-bit histogram round costs one operation per bin and element
+about 12 passes of 4 compares per key, where an 8-bit histogram round costs one operation per bin and element
 (``tl.histogram`` on the GPU) and four rounds are always needed.
 
 General path (short rows, or when the cut misses: fewer than k or more than the scratch above
@@ -36,10 +36,12 @@ from ..dsa.triton import INTERPRET
 # slow, so CI runs the same code with a smaller sample.
 DEFAULT_CONFIG = (1024, 4, 256) if INTERPRET else (1024, 4, 2048)
 # thresholds tested per pass of the quantile search, scratch elements per step, and steps of
-# BLOCK row elements per compaction program (benchmarks/topk_compare.py on an H200: 8-way search
-# 2.27 ms, 16-way 2.51, 32-way 5.6; holding the scratch in registers (8192) was slower, 2.77;
-# prefetching the next step before the compaction's atomic slowed it from 0.99 to 1.41 ms)
-WAYS = 8
+# BLOCK row elements per compaction program (benchmarks/topk_compare.py on an H200, 4096 x 128K,
+# k = 2048, one call: 4-way search 2.17 ms, 8-way 2.27, 16-way 2.49; 32-way 5.6 in another call.
+# Compares per key ~ WAYS * bits / log2(WAYS): 2 and 4 ways tie, 2 ways needs twice the passes.
+# Holding the scratch in registers (8192) was slower, 2.77; prefetching the next step before the
+# compaction's atomic slowed it from 0.99 to 1.41 ms)
+WAYS = 4
 SCRATCH_BLOCK = 1024
 COMPACT_STEPS = 8
 
