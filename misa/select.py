@@ -124,29 +124,41 @@ def topk_indices(logits: torch.Tensor, ks: torch.Tensor, ke: torch.Tensor, k: in
     return topk_ref.topk_indices(logits, ks.long(), ke.long(), k)
 
 
-def _kernel_select(inp: Inputs, k: int, workspace_bytes: int | None, fill_logits, then=None) -> torch.Tensor:
-    """Chunked kernel selection: ``fill_logits(rows, buf, lo)`` writes the chunk's logits for keys
-    ``[lo, hi)`` into ``buf``, the radix top-k picks ``k``; ``then(rows, idx)`` post-processes."""
-    from .ops.topk.triton import topk
+def fused_topk_enabled() -> bool:
+    """``MISA_FUSED_TOPK=1``: the top-k's compaction runs inside the logits kernel
+    (``misa/ops/topk/fused.py``; opt-in until it is measured on a GPU)."""
+    return os.environ.get("MISA_FUSED_TOPK") == "1"
+
+
+def _kernel_select(inp: Inputs, k: int, workspace_bytes: int | None, heads: torch.Tensor | None = None,
+                   then=None) -> torch.Tensor:
+    """Chunked kernel selection: each chunk's logits for keys ``[lo, hi)`` (all heads, or the
+    routed ``heads``) into a buffer, the radix top-k picks ``k``; ``then(rows, idx)``
+    post-processes (MISA-dagger's re-ranking)."""
+    from .ops.dsa.triton import launch_logits
+    from .ops.topk.fused import fused_logits_topk
+    from .ops.topk.triton import scratch_size, topk
     out = torch.empty(inp.num_queries, k if then is None else then.k, dtype=torch.int32, device=inp.q.device)
+    fused = fused_topk_enabled()
     # workspace per (query, key): the float32 logits (the top-k scratch is bounded separately)
-    from .ops.topk.triton import scratch_size
     scratch = 8 * scratch_size(k, inp.num_keys)
     for t0, t1, lo, hi in query_chunks(inp, 4, workspace_bytes, bytes_per_query=scratch):
         rows = slice(t0, t1)
+        args = (inp.q[rows], inp.weights[rows], inp.k, inp.k_scale, inp.ks[rows], inp.ke[rows])
+        chunk_heads = heads[rows] if heads is not None else None
         buf = torch.empty(t1 - t0, max(hi - lo, 1), dtype=torch.float32, device=inp.q.device)
-        fill_logits(rows, buf, lo)
-        idx = topk(buf, inp.ks[rows], inp.ke[rows], k, ks_offset=lo, out_offset=lo)
+        if fused:
+            idx = fused_logits_topk(*args, k, buf, lo, heads=chunk_heads)
+        else:
+            launch_logits(*args, buf, lo, heads=chunk_heads)
+            idx = topk(buf, inp.ks[rows], inp.ke[rows], k, ks_offset=lo, out_offset=lo)
         out[rows] = idx if then is None else then(rows, idx)
     return out
 
 
 def dsa_select(inp: Inputs, k: int, workspace_bytes: int | None = None) -> torch.Tensor:
     if _use_kernels(inp):
-        from .ops.dsa.triton import launch_logits
-        inp = _contiguous(inp)
-        return _kernel_select(inp, k, workspace_bytes, lambda rows, buf, lo: launch_logits(
-            inp.q[rows], inp.weights[rows], inp.k, inp.k_scale, inp.ks[rows], inp.ke[rows], buf, lo))
+        return _kernel_select(_contiguous(inp), k, workspace_bytes)
     out = torch.empty(inp.num_queries, k, dtype=torch.int32, device=inp.q.device)
     kf = float_keys(inp)
     for t0, t1, lo, hi in query_chunks(inp, 4 * inp.num_heads + 16, workspace_bytes):
@@ -190,11 +202,9 @@ def misa_select(inp: Inputs, k: int, active_heads: int, block_size: int, stage1_
                 router: str = "abs-sum", workspace_bytes: int | None = None) -> torch.Tensor:
     heads = route_heads(inp, active_heads, block_size, router, workspace_bytes)
     if _use_kernels(inp) and triton_heads_ok(active_heads):
-        from .ops.misa.triton import routed_logits
         inp = _contiguous(inp)
         then = _Rerank(inp, k) if stage1_k is not None else None
-        return _kernel_select(inp, stage1_k or k, workspace_bytes,
-                              lambda rows, buf, lo: routed_logits(inp, heads, rows, buf, lo), then)
+        return _kernel_select(inp, stage1_k or k, workspace_bytes, heads=heads, then=then)
     out = torch.empty(inp.num_queries, k, dtype=torch.int32, device=inp.q.device)
     kf = float_keys(inp)
     heads_per_pair = inp.num_heads if stage1_k is not None else active_heads

@@ -80,6 +80,62 @@ def test_topk_kernel_heavy_ties_and_small_scratch(monkeypatch):
     check_selection(idx, x.double(), ks, ke, 400, rtol=0)
 
 
+def _fused_case(kind, seed, routed, monkeypatch=None):
+    """Inputs, the fused top-k's selection into a NaN-filled buffer, and the float64 scores."""
+    from misa.ops.topk.fused import fused_logits_topk
+    from misa.validate import check_inputs
+    t, s, k = (13, 1500, 40) if not BIG else (300, 40000, 700)
+    q, kv, w, ks, ke = _inputs(t, s, 16, 64, kind, seed=seed)
+    inp = check_inputs(q, kv, w, ks, ke)
+    heads = misa.route_heads(q, kv, w, ks, ke, active_heads=4, block_size=64) if routed else None
+    lo = int(ks.min())
+    buf = torch.full((t, int(ke.max()) - lo), float("nan"), device=DEVICE)
+    idx = fused_logits_topk(inp.q, inp.weights, inp.k, inp.k_scale, inp.ks, inp.ke, k, buf, lo, heads=heads)
+    scores = dsa_logits64(q, kv, w, ks, ke, heads=heads.cpu() if routed else None)
+    return idx, buf, scores, ks, ke, k
+
+
+@pytest.mark.parametrize("kind", ["causal", "ragged", "empty"])
+@pytest.mark.parametrize("routed", [False, True])
+def test_fused_topk_selects_without_storing_the_scores(kind, routed):
+    idx, buf, scores, ks, ke, k = _fused_case(kind, 7 + routed, routed)
+    check_selection(idx, scores, ks.cpu(), ke.cpu(), k, rtol=RTOL)
+    # rows long enough for a sampled cut never had their scores stored: the compaction ran in the
+    # logits kernel; short rows were stored whole and took the top-k's general path
+    from misa.ops.topk import fused
+    stride = max(fused.SAMPLE_STRIDE, -(-buf.shape[1] // fused.SAMPLE_MAX))
+    long_rows = ((ke - ks) >= 2 * fused.MIN_SAMPLE * stride).cpu()
+    unstored = torch.isnan(buf).all(dim=1).cpu()
+    if kind != "empty":
+        assert long_rows.any()
+    assert bool(unstored[long_rows].all())
+
+
+def test_fused_topk_repairs_rows_whose_cut_missed(monkeypatch):
+    # a scratch of k + 3 entries: every sampled cut lets more through, so every row is re-scored
+    # by the REPAIR launch, stored, and selected by the general path
+    from misa.ops.topk import triton as topk_triton
+    monkeypatch.setattr(topk_triton, "scratch_size", lambda k, width: k + 3)
+    idx, buf, scores, ks, ke, k = _fused_case("causal", 9, True)
+    check_selection(idx, scores, ks.cpu(), ke.cpu(), k, rtol=RTOL)
+    for t, (a, b) in enumerate(zip(ks.tolist(), ke.tolist())):
+        assert not torch.isnan(buf[t, a - int(ks.min()): b - int(ks.min())]).any(), t
+
+
+@pytest.mark.parametrize("kind", ["causal", "ragged"])
+def test_fused_topk_through_the_public_api(monkeypatch, kind):
+    t, s, k = (11, 1300, 50) if not BIG else (300, 30000, 512)
+    q, kv, w, ks, ke = _inputs(t, s, 16, 64, kind, seed=12)
+    monkeypatch.setenv("MISA_FUSED_TOPK", "1")
+    dsa = misa.dsa_select(q, kv, w, ks, ke, k=k)
+    check_selection(dsa, dsa_logits64(q, kv, w, ks, ke), ks.cpu(), ke.cpu(), k, rtol=RTOL)
+    heads = misa.route_heads(q, kv, w, ks, ke, active_heads=8, block_size=64)
+    m = misa.misa_select(q, kv, w, ks, ke, k=k, active_heads=8, block_size=64)
+    check_selection(m, dsa_logits64(q, kv, w, ks, ke, heads=heads.cpu()), ks.cpu(), ke.cpu(), k, rtol=RTOL)
+    dagger = misa.misa_select(q, kv, w, ks, ke, k=k, active_heads=8, block_size=64, stage1_k=4 * k)
+    assert dagger.shape == (t, k)
+
+
 @pytest.mark.parametrize("h,bs", [(2, 64), (8, 128), (16, 1024)])
 @pytest.mark.parametrize("kind", ["causal", "ragged"])
 @pytest.mark.parametrize("router", ["abs-sum", "gap"])

@@ -8,20 +8,14 @@ before a single float32 store per (query, key). Routed scoring gathers each quer
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-from ...quant import FP8
+from ..triton_common import INTERPRET, ordered_key
 
 # Lengths and offsets are not specialised (do_not_specialize): an engine calls these kernels with a
 # different sequence length every step, and each new specialisation would be a compile.
-
-# Triton's CPU interpreter computes bfloat16 arithmetic wrongly (loads and casts are right), so
-# under TRITON_INTERPRET=1 bf16 operands are widened to float32; the kernel logic is unchanged.
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def mma_cast(*dtypes):
@@ -34,13 +28,21 @@ def mma_cast(*dtypes):
 
 
 
-@triton.jit(do_not_specialize=["T", "S", "col_offset", "out_width"])
+# What the kernel does with the scores (``MODE``): store them all; or, for rows with a top-k cut,
+# move the scores at or above the cut into the top-k scratch (and store the rows without a cut);
+# or store the rows whose cut missed (too few or too many survivors), skipping every other block.
+STORE, COMPACT, REPAIR = 0, 1, 2
+
+
+@triton.jit(do_not_specialize=["T", "S", "col_offset", "out_width", "TOPK", "CAP"])
 def _mqa_logits_kernel(
     Q, W, HEADS, K, KSCALE, KS, KE, OUT,
     T, S, col_offset, out_width,
     stride_qt, stride_qh, stride_wt, stride_ht, stride_k, stride_out,
+    CUT, COUNT, SCR_KEY, SCR_COL, stride_scr, TOPK, CAP,
     NH: tl.constexpr, D: tl.constexpr, BQ: tl.constexpr, BN: tl.constexpr,
     ROUTED: tl.constexpr, HAS_SCALE: tl.constexpr, CAST: tl.constexpr, HEAD_MAJOR: tl.constexpr,
+    MODE: tl.constexpr,
 ):
     pid_q = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -53,6 +55,15 @@ def _mqa_logits_kernel(
     ke = tl.load(KE + rows, mask=row_ok, other=0)
     lo = tl.min(ks, axis=0)
     hi = tl.max(ke, axis=0)
+    write_row = row_ok
+    if MODE != 0:
+        cut = tl.load(CUT + rows, mask=row_ok, other=0).to(tl.uint32, bitcast=True)
+        if MODE == 1:
+            write_row = row_ok & (cut == 0)
+        else:
+            n_kept = tl.load(COUNT + rows, mask=row_ok, other=0)
+            write_row = row_ok & (cut != 0) & ((n_kept < TOPK) | (n_kept > CAP))
+            hi = tl.where(tl.max(write_row.to(tl.int32), axis=0) > 0, hi, 0)   # nothing to redo
 
     # (query, head) pairs along N. Head-major order (pair p = head slot p // BQ, query p % BQ)
     # puts all heads of a query in the same thread of the MMA accumulator, so the head sum needs
@@ -95,8 +106,21 @@ def _mqa_logits_kernel(
         inside = (offs[:, None] >= ks[None, :]) & (offs[:, None] < ke[None, :])
         logits = tl.where(inside, logits, float("-inf"))
         col = offs - col_offset
+        in_out = key_ok[:, None] & ((col >= 0) & (col < out_width))[:, None]
         tl.store(OUT + rows[None, :].to(tl.int64) * stride_out + col[:, None], logits,
-                 mask=row_ok[None, :] & key_ok[:, None] & ((col >= 0) & (col < out_width))[:, None])
+                 mask=write_row[None, :] & in_out)
+        if MODE == 1:
+            # the scores at or above the row's cut go to its scratch, slots from a counter
+            key = ordered_key(logits)
+            keep = inside & in_out & (row_ok & (cut != 0))[None, :] & (key >= cut[None, :])
+            keep_i = keep.to(tl.int32)
+            n_keep = tl.sum(keep_i, axis=0)                                   # [BQ]
+            base = tl.atomic_add(COUNT + rows, n_keep, mask=n_keep > 0)
+            slot = base[None, :] + tl.cumsum(keep_i, axis=0) - 1
+            ok = keep & (slot < CAP)
+            at = rows[None, :].to(tl.int64) * stride_scr + slot
+            tl.store(SCR_KEY + at, key.to(tl.int32, bitcast=True), mask=ok)
+            tl.store(SCR_COL + at, col[:, None] + slot * 0, mask=ok)
 
 
 # Tile shape: (pairs on N, BN keys on M, num_warps, num_stages, head-major pairs); BQ = pairs // NH
@@ -105,13 +129,15 @@ DEFAULT_CONFIG = (256, 64, 4, 3, True)
 
 
 def launch_logits(q, w, k, k_scale, ks, ke, out, col_offset: int = 0, heads=None, config=None,
-                  splits: int | None = None) -> torch.Tensor:
+                  splits: int | None = None, topk=None, mode: int = STORE) -> torch.Tensor:
     """Write ``out[t, s - col_offset]`` for the key tiles each block of queries can see.
 
     ``q [T, H, D]`` fp8/bf16, ``w [T, H]`` f32, ``k [S, D]`` fp8/bf16 (``k_scale [S]`` or None),
     ``heads [T, h]`` int32 for routed scoring (None: all heads), ``out [T, W]`` f32. Columns
     outside a query's ``[ks, ke)`` but inside its block's tiles get -inf; other columns are not
-    touched, so readers must stay inside ``[ks, ke)``.
+    touched, so readers must stay inside ``[ks, ke)``. ``k`` may be a strided view (a sample of
+    the keys). ``topk`` (a ``TopkLaunches`` over ``out``) with ``mode`` COMPACT or REPAIR fuses
+    the top-k's compaction into this kernel (``misa/ops/topk/fused.py``).
     """
     t, h_all, d = q.shape
     nh = heads.shape[1] if heads is not None else h_all
@@ -124,13 +150,18 @@ def launch_logits(q, w, k, k_scale, ks, ke, out, col_offset: int = 0, heads=None
     if splits is None:  # split the keys when there are too few query blocks to fill the GPU
         sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 1
         splits = max(1, min(64, (2 * sms) // n_blocks))
+    if mode != STORE and topk is None:
+        raise ValueError("topk: the COMPACT and REPAIR modes need the top-k's buffers")
+    tk = topk
     _mqa_logits_kernel[(n_blocks, splits)](
         q, w, heads if heads is not None else ks, k, k_scale if k_scale is not None else w, ks, ke, out,
         t, k.shape[0], col_offset, out.shape[1],
         q.stride(0), q.stride(1), w.stride(0), heads.stride(0) if heads is not None else 0, k.stride(0),
         out.stride(0),
+        *((tk.cut_keys, tk.count, tk.scr_key, tk.scr_col, tk.scr_key.stride(0), tk.k, tk.cap) if tk is not None
+          else (ks, ks, ks, ks, 0, 0, 0)),
         NH=nh, D=d, BQ=bq, BN=bn, ROUTED=heads is not None, HAS_SCALE=k_scale is not None,
-        CAST=cast, HEAD_MAJOR=head_major, num_warps=warps, num_stages=stages,
+        CAST=cast, HEAD_MAJOR=head_major, MODE=mode, num_warps=warps, num_stages=stages,
     )
     return out
 

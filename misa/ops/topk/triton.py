@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..dsa.triton import INTERPRET
+from ..triton_common import INTERPRET, ordered_key as _ordered_key
 
 # (elements per step, num_warps, sample size): benchmarks/sweep_kernels.py. The interpreter is
 # slow, so CI runs the same code with a smaller sample.
@@ -50,13 +50,6 @@ def scratch_size(k: int, width: int) -> int:
     """Scratch entries per row: room for the fast path's candidates (~2.2 k at k = 2048 of 128K
     with the default sample, and a wide margin), and for the general path's threshold bin."""
     return max(1, min(width, 4 * k + 4096))
-
-
-@triton.jit
-def _ordered_key(x):
-    """float32 -> uint32 with the same order (-inf smallest)."""
-    u = x.to(tl.uint32, bitcast=True)
-    return tl.where((u >> 31) == 1, ~u, u | 0x80000000)
 
 
 @triton.jit
@@ -154,6 +147,36 @@ def _cut_kernel(X, KS, KE, CUT, COUNT, stride_x, ks_offset, K,
             counts = _count_at_least(key, every, lo, step, WAYS)
             lo, hi, above = _narrow(counts, lo, hi, above, step, need, WAYS)
         cut = lo
+    tl.store(CUT + row, cut.to(tl.int32, bitcast=True))
+    tl.store(COUNT + row, 0)
+
+
+@triton.jit(do_not_specialize=["s_offset", "K"])
+def _sample_cut_kernel(XS, KS_S, KE_S, KS, KE, CUT, COUNT, stride_xs, s_offset, K,
+                       NS: tl.constexpr, MIN_SAMPLE: tl.constexpr, WAYS: tl.constexpr):
+    """As ``_cut_kernel``, from the scores of an evenly strided sample of each row's keys
+    (``XS``, sample columns ``[KS_S, KE_S)`` minus ``s_offset``, at most ``NS`` of them) rather
+    than from the row itself: the fused path knows the cut before the row's scores exist."""
+    row = tl.program_id(0).to(tl.int64)
+    n = tl.load(KE + row) - tl.load(KS + row)
+    s0 = tl.load(KS_S + row) - s_offset
+    ns = tl.load(KE_S + row) - s_offset - s0
+    cut = tl.zeros([], dtype=tl.uint32)
+    if (ns >= MIN_SAMPLE) & (n > K):
+        i = tl.arange(0, NS)
+        m = i < ns
+        key = _ordered_key(tl.load(XS + row * stride_xs + s0 + i, mask=m, other=float("-inf")))
+        expect = (K * 1.0) * ns / (n * 1.0)
+        need = (expect + 4.0 * tl.sqrt(expect) + 17.0).to(tl.int32)
+        if need < ns:
+            lo = tl.min(key, axis=0)        # padding is -inf: at most the smallest sampled key
+            hi = tl.max(key, axis=0)
+            above = 0
+            while hi > lo:
+                step = _search_step(hi, lo, WAYS)
+                counts = _count_at_least(key, m, lo, step, WAYS)
+                lo, hi, above = _narrow(counts, lo, hi, above, step, need, WAYS)
+            cut = lo
     tl.store(CUT + row, cut.to(tl.int32, bitcast=True))
     tl.store(COUNT + row, 0)
 
@@ -346,6 +369,7 @@ class TopkLaunches:
         t, w = x.shape
         dev = x.device
         self.args = (x, ks, ke, k, ks_offset, out_offset, cmap, finite_only)
+        self.k = k
         self.block, self.warps, self.sample = config or DEFAULT_CONFIG
         self.cap = scratch_size(k, w)
         self.parts = max(1, min(256, w // (COMPACT_STEPS * self.block)))

@@ -1,0 +1,18 @@
+"""Pieces the Triton kernels of several operations share."""
+from __future__ import annotations
+
+import os
+
+import triton
+import triton.language as tl
+
+# Triton's CPU interpreter computes bfloat16 arithmetic wrongly (loads and casts are right), so
+# under TRITON_INTERPRET=1 bf16 operands are widened to float32; the kernel logic is unchanged.
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@triton.jit
+def ordered_key(x):
+    """float32 -> uint32 with the same order (-inf smallest)."""
+    u = x.to(tl.uint32, bitcast=True)
+    return tl.where((u >> 31) == 1, ~u, u | 0x80000000)
