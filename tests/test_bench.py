@@ -1,0 +1,24 @@
+"""``misa bench``: its arguments on any machine; a small run of every method on a GPU."""
+import pytest
+import torch
+
+from misa.bench import METHODS, BenchConfig, format_rows, run_bench
+
+
+def test_bad_methods_and_devices_name_the_argument():
+    with pytest.raises(ValueError, match="methods"):
+        BenchConfig(methods=("dsa", "fast"))
+    with pytest.raises(ValueError, match="device"):
+        run_bench(BenchConfig(context_lens=(4096,)), torch.device("cpu"), progress=False)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="times the GPU kernels")
+def test_every_method_runs_and_the_fused_top_k_selects_like_the_unfused():
+    cfg = BenchConfig(num_queries=512, context_lens=(20000,), k=256, stage1_k=1024, rep_ms=5, methods=METHODS)
+    res = run_bench(cfg, torch.device("cuda"), progress=False)
+    row = res["rows"][0]
+    # the same selection up to ties at the threshold
+    assert row["dsa-fused.recall"] > 0.999
+    assert abs(row["misa-fused.recall"] - row["misa.recall"]) < 0.01
+    cols, rows = format_rows(res)
+    assert len(rows[0]) == len(cols)
