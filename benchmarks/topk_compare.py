@@ -5,7 +5,7 @@ Inputs are DSA-like logits (the routed-logits buffer of the synthetic workload) 
 each variant's selection is checked against torch.topk by value before it is timed.
 
     python benchmarks/topk_compare.py --out topk.json
-    python benchmarks/topk_compare.py --out topk.json --sizes 131072:2048 --variants WAYS=8,WAYS=2
+    python benchmarks/topk_compare.py --out topk.json --sizes 131072:2048 --variants WAYS=8,SAMPLE_CHUNK=1
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ import triton.testing
 from misa.ops.topk import triton as topk_mod
 
 
-TUNABLE = ("WAYS", "SCRATCH_BLOCK", "COMPACT_STEPS", "DEFAULT_CONFIG")   # module constants of the kernel
+TUNABLE = ("WAYS", "SCRATCH_BLOCK", "COMPACT_STEPS", "DEFAULT_CONFIG", "SAMPLE_CHUNK")   # module constants of the kernel
 
 
 def bench(fn):
@@ -59,7 +59,7 @@ def main():
     ap.add_argument("--out", required=True)
     ap.add_argument("--sizes", default="16384:2048,32768:2048,65536:2048,131072:2048,131072:8192,8192:2048",
                     help="keys:k pairs (8192 keys: MISA-dagger's second stage on randn)")
-    ap.add_argument("--variants", default="WAYS=2,WAYS=8,WAYS=16,COMPACT_STEPS=16,COMPACT_STEPS=4,"
+    ap.add_argument("--variants", default="SAMPLE_CHUNK=1,WAYS=2,WAYS=8,WAYS=16,COMPACT_STEPS=16,COMPACT_STEPS=4,"
                                           "DEFAULT_CONFIG=512/4/2048,SCRATCH_BLOCK=512,SCRATCH_BLOCK=2048",
                     help="module constants to try one at a time at 131072:2048 (NAME=value, tuples with /)")
     args = ap.parse_args()

@@ -67,6 +67,22 @@ def test_topk_kernel(kind, k, ties):
     check_selection(idx, x.double(), ks, ke, k, rtol=0)
 
 
+@pytest.mark.parametrize("kind", ["causal", "ragged"])
+def test_topk_kernel_with_single_column_samples(monkeypatch, kind):
+    # SAMPLE_CHUNK = 1: the cut's sample is single columns spread over the row (a tuning variant)
+    from misa.ops.topk import triton as topk_triton
+    monkeypatch.setattr(topk_triton, "SAMPLE_CHUNK", 1)
+    g = torch.Generator().manual_seed(21)
+    t, s, k = (30, 7000, 90) if not BIG else (300, 70000, 2048)
+    x = torch.randn(t, s, generator=g)
+    ks, ke = ranges(kind, t, s, g)
+    call = topk_triton.TopkLaunches(x.to(DEVICE), ks.to(DEVICE), ke.to(DEVICE), k)
+    call.cut(); call.compact(); call.select()
+    check_selection(call.out, x.double(), ks, ke, k, rtol=0)
+    long = (ke - ks) >= 2 * call.sample
+    assert bool((call.cut_keys.cpu()[long] != 0).all())         # the long rows took the sampled path
+
+
 def test_topk_kernel_heavy_ties_and_small_scratch(monkeypatch):
     from misa.ops.topk import triton as topk_triton
     monkeypatch.setattr(topk_triton, "scratch_size", lambda k, w: 16)   # force whole-row refinement

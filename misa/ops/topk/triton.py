@@ -42,6 +42,10 @@ DEFAULT_CONFIG = (1024, 4, 256) if INTERPRET else (1024, 4, 2048)
 # Holding the scratch in registers (8192) was slower, 2.77; prefetching the next step before the
 # compaction's atomic slowed it from 0.99 to 1.41 ms)
 WAYS = 4
+# the cut's sample: runs of SAMPLE_CHUNK adjacent columns (16: 64-byte loads) spread over the row;
+# 1 samples single columns, which benchmarks/cut_simulation.py finds gives fewer, steadier
+# survivors (not yet timed on a GPU: topk_compare.py --variants SAMPLE_CHUNK=1)
+SAMPLE_CHUNK = 16
 SCRATCH_BLOCK = 1024
 COMPACT_STEPS = 8
 
@@ -123,7 +127,7 @@ def _search_step(hi, lo, WAYS: tl.constexpr):
 
 @triton.jit(do_not_specialize=["ks_offset", "K"])
 def _cut_kernel(X, KS, KE, CUT, COUNT, stride_x, ks_offset, K,
-                SAMPLE: tl.constexpr, WAYS: tl.constexpr, FINITE_ONLY: tl.constexpr):
+                SAMPLE: tl.constexpr, CHUNK: tl.constexpr, WAYS: tl.constexpr, FINITE_ONLY: tl.constexpr):
     """Per long row: a sample quantile safely below the k-th largest value (expected rank plus
     four standard deviations). Short rows get no cut (the selection kernel takes them whole)."""
     row = tl.program_id(0).to(tl.int64)
@@ -133,7 +137,8 @@ def _cut_kernel(X, KS, KE, CUT, COUNT, stride_x, ks_offset, K,
     cut = tl.zeros([], dtype=tl.uint32)
     if (n >= 2 * SAMPLE) & ((n > K) | FINITE_ONLY):
         i = tl.arange(0, SAMPLE)
-        pos = ks + ((i // 16) * n) // (SAMPLE // 16) + i % 16      # 16-wide chunks spread over the row
+        # CHUNK-wide runs of columns spread evenly over the row
+        pos = ks + ((i // CHUNK).to(tl.int64) * n // (SAMPLE // CHUNK)).to(tl.int32) + i % CHUNK
         sample = tl.load(X + row * stride_x + pos, mask=pos < ke, other=float("-inf"))
         key = _ordered_key(sample)
         expect = (K * 1.0) * SAMPLE / (n * 1.0)
@@ -383,7 +388,8 @@ class TopkLaunches:
         """The sample cut per row; also zeroes the scratch counters."""
         x, ks, ke, k, ks_offset, _, _, finite_only = self.args
         _cut_kernel[(x.shape[0],)](x, ks, ke, self.cut_keys, self.count, x.stride(0), ks_offset, k,
-                                   SAMPLE=self.sample, WAYS=WAYS, FINITE_ONLY=finite_only, num_warps=4)
+                                   SAMPLE=self.sample, CHUNK=SAMPLE_CHUNK, WAYS=WAYS, FINITE_ONLY=finite_only,
+                                   num_warps=4)
 
     def compact(self):
         x, ks, ke, _, ks_offset, _, _, finite_only = self.args
