@@ -116,11 +116,11 @@ def _mqa_logits_kernel(
             keep_i = keep.to(tl.int32)
             n_keep = tl.sum(keep_i, axis=0)                                   # [BQ]
             base = tl.atomic_add(COUNT + rows, n_keep, mask=n_keep > 0)
-            slot = base[None, :] + tl.cumsum(keep_i, axis=0) - 1
-            ok = keep & (slot < CAP)
-            at = rows[None, :].to(tl.int64) * stride_scr + slot
+            spos = base[None, :] + tl.cumsum(keep_i, axis=0) - 1
+            ok = keep & (spos < CAP)
+            at = rows[None, :].to(tl.int64) * stride_scr + spos
             tl.store(SCR_KEY + at, key.to(tl.int32, bitcast=True), mask=ok)
-            tl.store(SCR_COL + at, col[:, None] + slot * 0, mask=ok)
+            tl.store(SCR_COL + at, col[:, None] + spos * 0, mask=ok)
 
 
 # Tile shape: (pairs on N, BN keys on M, num_warps, num_stages, head-major pairs); BQ = pairs // NH

@@ -1,0 +1,74 @@
+"""Compile every Triton kernel for Hopper (sm_90) without a GPU; run by test_compile_hopper.py
+in a fresh process (the test session imports the kernels in interpreter mode).
+
+    python tests/hopper_compile.py          # one line per kernel variant; exit 1 on any failure
+"""
+import inspect
+import sys
+import traceback
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from misa.ops.dsa import triton as dsa
+from misa.ops.misa import triton as misa_k
+from misa.ops.router import triton as router
+from misa.ops.topk import triton as topk
+
+HOPPER = GPUTarget("cuda", 90, 32)
+I32 = "i32"
+
+
+def compile_for_hopper(kernel, pointers: dict, consts: dict, num_warps=4, num_stages=3):
+    """``pointers``: argument name -> element type; other non-constexpr arguments are i32."""
+    sig = {}
+    for name in inspect.signature(kernel.fn).parameters:
+        sig[name] = "constexpr" if name in consts else ("*" + pointers[name] if name in pointers else I32)
+    return triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=consts), target=HOPPER,
+                          options={"num_warps": num_warps, "num_stages": num_stages})
+
+
+def variants():
+    pairs, bn, warps, stages, head_major = dsa.DEFAULT_CONFIG
+    ptrs = {"Q": "fp8e4nv", "W": "fp32", "HEADS": I32, "K": "fp8e4nv", "KSCALE": "fp32", "KS": I32, "KE": I32,
+            "OUT": "fp32", "CUT": I32, "COUNT": I32, "SCR_KEY": I32, "SCR_COL": I32}
+    for mode in (dsa.STORE, dsa.COMPACT, dsa.REPAIR):
+        for heads in (64, 8):
+            consts = {"NH": heads, "D": 128, "BQ": pairs // heads, "BN": bn, "ROUTED": heads < 64,
+                      "HAS_SCALE": True, "CAST": None, "HEAD_MAJOR": head_major, "MODE": mode}
+            yield f"logits mode={mode} heads={heads}", dsa._mqa_logits_kernel, ptrs, consts, warps, stages
+    block, warps, sample = topk.DEFAULT_CONFIG
+    rows = {"X": "fp32", "KS": I32, "KE": I32, "CUT": I32, "COUNT": I32, "SCR_KEY": I32, "SCR_COL": I32,
+            "OUT": I32, "CMAP": I32, "XS": "fp32", "KS_S": I32, "KE_S": I32}
+    for chunk in (16, 1):
+        yield (f"top-k cut chunk={chunk}", topk._cut_kernel, rows,
+               {"SAMPLE": sample, "CHUNK": chunk, "WAYS": topk.WAYS, "FINITE_ONLY": False}, 4, 3)
+    yield "top-k compact", topk._compact_kernel, rows, {"BLOCK": block, "FINITE_ONLY": True}, 4, 3
+    for has_cmap in (False, True):
+        yield (f"top-k select cmap={has_cmap}", topk._select_kernel, rows,
+               {"BLOCK": block, "SBLOCK": topk.SCRATCH_BLOCK, "WAYS": topk.WAYS, "HAS_CMAP": has_cmap,
+                "FINITE_ONLY": has_cmap}, warps, 3)
+    yield ("top-k sampled cut (fused)", topk._sample_cut_kernel, rows,
+           {"NS": 4096, "MIN_SAMPLE": 128, "WAYS": topk.WAYS}, 4, 3)
+    yield ("router pooling", router._pool_keys_kernel, {"K": "fp8e4nv", "KSCALE": "fp32", "OUT": "fp32"},
+           {"D": 128, "CHUNK": 64, "HAS_SCALE": True}, 4, 3)
+    yield ("MISA-dagger gathered logits", misa_k._gather_logits_kernel,
+           {"Q": "fp8e4nv", "W": "fp32", "K": "fp8e4nv", "KSCALE": "fp32", "CAND": I32, "KS": I32, "KE": I32,
+            "OUT": "fp32"}, {"H": 64, "D": 128, "BN": 128, "HAS_SCALE": True, "CAST": None}, 4, 3)
+
+
+def main() -> int:
+    failed = 0
+    for name, kernel, ptrs, consts, warps, stages in variants():
+        try:
+            compile_for_hopper(kernel, ptrs, consts, warps, stages)
+            print(f"ok   {name}")
+        except Exception:      # noqa: BLE001 - report every variant, then fail
+            failed += 1
+            print(f"FAIL {name}\n{traceback.format_exc(limit=1)}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
