@@ -17,7 +17,7 @@ import triton
 
 from ..dsa.triton import COMPACT, REPAIR, launch_logits
 from ..triton_common import INTERPRET
-from .triton import WAYS, TopkLaunches, _sample_cut_kernel
+from . import triton as topk_kernels     # module attributes read per call: benchmarks tune them
 
 # (sample stride at least, sampled keys per row at most, fewest sampled keys for a cut): the
 # interpreter's tests use short rows
@@ -30,7 +30,7 @@ def fused_logits_topk(q, w, k, k_scale, ks, ke, k_top: int, buf: torch.Tensor, l
     buf, lo, heads)``, without storing the scores of rows that have a cut. ``buf [T, W]`` f32
     covers keys ``[lo, lo + W)``."""
     t, width = buf.shape
-    call = TopkLaunches(buf, ks, ke, k_top, ks_offset=lo, out_offset=lo)
+    call = topk_kernels.TopkLaunches(buf, ks, ke, k_top, ks_offset=lo, out_offset=lo)
     if t == 0:
         return call.out
     stride = max(SAMPLE_STRIDE, triton.cdiv(width, SAMPLE_MAX))
@@ -40,9 +40,9 @@ def fused_logits_topk(q, w, k, k_scale, ks, ke, k_top: int, buf: torch.Tensor, l
     ks_s, ke_s = (ks + stride - 1) // stride, (ke + stride - 1) // stride
     k_scale_s = k_scale[::stride].contiguous() if k_scale is not None else None
     launch_logits(q, w, k[::stride], k_scale_s, ks_s, ke_s, sample, first, heads=heads)
-    _sample_cut_kernel[(t,)](sample, ks_s, ke_s, ks, ke, call.cut_keys, call.count, sample.stride(0), first,
-                             k_top, NS=triton.next_power_of_2(SAMPLE_MAX), MIN_SAMPLE=MIN_SAMPLE, WAYS=WAYS,
-                             num_warps=4)
+    topk_kernels._sample_cut_kernel[(t,)](
+        sample, ks_s, ke_s, ks, ke, call.cut_keys, call.count, sample.stride(0), first, k_top,
+        NS=triton.next_power_of_2(SAMPLE_MAX), MIN_SAMPLE=MIN_SAMPLE, WAYS=topk_kernels.WAYS, num_warps=4)
     launch_logits(q, w, k, k_scale, ks, ke, buf, lo, heads=heads, topk=call, mode=COMPACT)
     launch_logits(q, w, k, k_scale, ks, ke, buf, lo, heads=heads, topk=call, mode=REPAIR)
     call.select()
