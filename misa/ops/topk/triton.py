@@ -125,6 +125,20 @@ def _search_step(hi, lo, WAYS: tl.constexpr):
     return (hi - lo) // WAYS + 1
 
 
+@triton.jit
+def _sample_quantile(key, m, need, WAYS: tl.constexpr):
+    """The largest key t with at least ``need`` of ``key[m]`` at or above it (``need`` <= the
+    count of ``m``; keys outside ``m`` must be no larger than those inside, as -inf padding is)."""
+    lo = tl.min(key, axis=0)
+    hi = tl.max(key, axis=0)
+    above = 0
+    while hi > lo:
+        step = _search_step(hi, lo, WAYS)
+        counts = _count_at_least(key, m, lo, step, WAYS)
+        lo, hi, above = _narrow(counts, lo, hi, above, step, need, WAYS)
+    return lo
+
+
 @triton.jit(do_not_specialize=["ks_offset", "K"])
 def _cut_kernel(X, KS, KE, CUT, COUNT, stride_x, ks_offset, K,
                 SAMPLE: tl.constexpr, CHUNK: tl.constexpr, WAYS: tl.constexpr, FINITE_ONLY: tl.constexpr):
@@ -143,15 +157,7 @@ def _cut_kernel(X, KS, KE, CUT, COUNT, stride_x, ks_offset, K,
         key = _ordered_key(sample)
         expect = (K * 1.0) * SAMPLE / (n * 1.0)
         need = tl.minimum((expect + 4.0 * tl.sqrt(expect) + 17.0).to(tl.int32), SAMPLE)
-        lo = tl.min(key, axis=0)
-        hi = tl.max(key, axis=0)
-        above = 0
-        every = tl.full([SAMPLE], 1, tl.int1)
-        while hi > lo:
-            step = _search_step(hi, lo, WAYS)
-            counts = _count_at_least(key, every, lo, step, WAYS)
-            lo, hi, above = _narrow(counts, lo, hi, above, step, need, WAYS)
-        cut = lo
+        cut = _sample_quantile(key, tl.full([SAMPLE], 1, tl.int1), need, WAYS)
     tl.store(CUT + row, cut.to(tl.int32, bitcast=True))
     tl.store(COUNT + row, 0)
 
@@ -174,14 +180,7 @@ def _sample_cut_kernel(XS, KS_S, KE_S, KS, KE, CUT, COUNT, stride_xs, s_offset, 
         expect = (K * 1.0) * ns / (n * 1.0)
         need = (expect + 4.0 * tl.sqrt(expect) + 17.0).to(tl.int32)
         if need < ns:
-            lo = tl.min(key, axis=0)        # padding is -inf: at most the smallest sampled key
-            hi = tl.max(key, axis=0)
-            above = 0
-            while hi > lo:
-                step = _search_step(hi, lo, WAYS)
-                counts = _count_at_least(key, m, lo, step, WAYS)
-                lo, hi, above = _narrow(counts, lo, hi, above, step, need, WAYS)
-            cut = lo
+            cut = _sample_quantile(key, m, need, WAYS)     # padding is -inf: below every sampled key
     tl.store(CUT + row, cut.to(tl.int32, bitcast=True))
     tl.store(COUNT + row, 0)
 
