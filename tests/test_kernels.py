@@ -96,7 +96,7 @@ def test_topk_kernel_heavy_ties_and_small_scratch(monkeypatch):
     check_selection(idx, x.double(), ks, ke, 400, rtol=0)
 
 
-def _fused_case(kind, seed, routed, monkeypatch=None):
+def _fused_case(kind, seed, routed, splits=None):
     """Inputs, the fused top-k's selection into a NaN-filled buffer, and the float64 scores."""
     from misa.ops.topk.fused import fused_logits_topk
     from misa.validate import check_inputs
@@ -106,15 +106,17 @@ def _fused_case(kind, seed, routed, monkeypatch=None):
     heads = misa.route_heads(q, kv, w, ks, ke, active_heads=4, block_size=64) if routed else None
     lo = int(ks.min())
     buf = torch.full((t, int(ke.max()) - lo), float("nan"), device=DEVICE)
-    idx = fused_logits_topk(inp.q, inp.weights, inp.k, inp.k_scale, inp.ks, inp.ke, k, buf, lo, heads=heads)
+    idx = fused_logits_topk(inp.q, inp.weights, inp.k, inp.k_scale, inp.ks, inp.ke, k, buf, lo, heads=heads,
+                            splits=splits)
     scores = dsa_logits64(q, kv, w, ks, ke, heads=heads.cpu() if routed else None)
     return idx, buf, scores, ks, ke, k
 
 
 @pytest.mark.parametrize("kind", ["causal", "ragged", "empty"])
-@pytest.mark.parametrize("routed", [False, True])
-def test_fused_topk_selects_without_storing_the_scores(kind, routed):
-    idx, buf, scores, ks, ke, k = _fused_case(kind, 7 + routed, routed)
+@pytest.mark.parametrize("routed,splits", [(False, None), (True, None), (True, 3)])
+def test_fused_topk_selects_without_storing_the_scores(kind, routed, splits):
+    # splits = 3: several programs share a query block's keys, and so its rows' scratch counters
+    idx, buf, scores, ks, ke, k = _fused_case(kind, 7 + routed, routed, splits)
     check_selection(idx, scores, ks.cpu(), ke.cpu(), k, rtol=RTOL)
     # rows long enough for a sampled cut never had their scores stored: the compaction ran in the
     # logits kernel; short rows were stored whole and took the top-k's general path
@@ -132,7 +134,7 @@ def test_fused_topk_repairs_rows_whose_cut_missed(monkeypatch):
     # by the REPAIR launch, stored, and selected by the general path
     from misa.ops.topk import triton as topk_triton
     monkeypatch.setattr(topk_triton, "scratch_size", lambda k, width: k + 3)
-    idx, buf, scores, ks, ke, k = _fused_case("causal", 9, True)
+    idx, buf, scores, ks, ke, k = _fused_case("causal", 9, True, splits=2)
     check_selection(idx, scores, ks.cpu(), ke.cpu(), k, rtol=RTOL)
     for t, (a, b) in enumerate(zip(ks.tolist(), ke.tolist())):
         assert not torch.isnan(buf[t, a - int(ks.min()): b - int(ks.min())]).any(), t

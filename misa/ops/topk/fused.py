@@ -25,10 +25,11 @@ SAMPLE_STRIDE, SAMPLE_MAX, MIN_SAMPLE = (4, 256, 32) if INTERPRET else (64, 4096
 
 
 def fused_logits_topk(q, w, k, k_scale, ks, ke, k_top: int, buf: torch.Tensor, lo: int,
-                      heads=None) -> torch.Tensor:
+                      heads=None, splits: int | None = None) -> torch.Tensor:
     """Top-``k_top`` absolute positions per query of ``launch_logits(q, w, k, k_scale, ks, ke,
     buf, lo, heads)``, without storing the scores of rows that have a cut. ``buf [T, W]`` f32
-    covers keys ``[lo, lo + W)``."""
+    covers keys ``[lo, lo + W)``. ``splits``: programs per query block along the keys (default:
+    as ``launch_logits`` picks; tests force several, as a GPU with few query blocks does)."""
     t, width = buf.shape
     call = topk_kernels.TopkLaunches(buf, ks, ke, k_top, ks_offset=lo, out_offset=lo)
     if t == 0:
@@ -39,11 +40,11 @@ def fused_logits_topk(q, w, k, k_scale, ks, ke, k_top: int, buf: torch.Tensor, l
     sample = torch.empty(t, max(end - first, 1), dtype=torch.float32, device=buf.device)
     ks_s, ke_s = (ks + stride - 1) // stride, (ke + stride - 1) // stride
     k_scale_s = k_scale[::stride].contiguous() if k_scale is not None else None
-    launch_logits(q, w, k[::stride], k_scale_s, ks_s, ke_s, sample, first, heads=heads)
+    launch_logits(q, w, k[::stride], k_scale_s, ks_s, ke_s, sample, first, heads=heads, splits=splits)
     topk_kernels._sample_cut_kernel[(t,)](
         sample, ks_s, ke_s, ks, ke, call.cut_keys, call.count, sample.stride(0), first, k_top,
         NS=triton.next_power_of_2(SAMPLE_MAX), MIN_SAMPLE=MIN_SAMPLE, WAYS=topk_kernels.WAYS, num_warps=4)
-    launch_logits(q, w, k, k_scale, ks, ke, buf, lo, heads=heads, topk=call, mode=COMPACT)
-    launch_logits(q, w, k, k_scale, ks, ke, buf, lo, heads=heads, topk=call, mode=REPAIR)
+    launch_logits(q, w, k, k_scale, ks, ke, buf, lo, heads=heads, topk=call, mode=COMPACT, splits=splits)
+    launch_logits(q, w, k, k_scale, ks, ke, buf, lo, heads=heads, topk=call, mode=REPAIR, splits=splits)
     call.select()
     return call.out
