@@ -76,7 +76,7 @@ def main():
         previous = importlib.import_module("topk_previous")
     except ImportError:
         previous = None
-    from misa.ops.misa.triton import routed_logits
+    from misa.ops.dsa.triton import launch_logits
     from misa.ops.router.triton import route_heads
     from misa.synthetic import indexer_workload
     from misa.validate import check_inputs
@@ -93,7 +93,7 @@ def main():
             inp = check_inputs(*indexer_workload(s, t, 64, 128, seed=1, device=dev).args)
             heads = route_heads(inp, 8, 1024)
             x = torch.full((t, s), float("-inf"), device=dev)
-            routed_logits(inp, heads, slice(None), x, 0)
+            launch_logits(inp.q, inp.weights, inp.k, inp.k_scale, inp.ks, inp.ke, x, heads=heads)
             ks, ke = inp.ks, inp.ke
             kind = "misa-logits"
             del inp

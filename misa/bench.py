@@ -7,6 +7,7 @@ against DSA is meaningful on it, unlike on i.i.d. noise). Times are medians of m
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -114,7 +115,6 @@ def bench_one(cfg: BenchConfig, seq_len: int, device: torch.device) -> dict:
         row["hisa.peak_mb"] = _peak_mb(run, device)
 
     if "fused" in cfg.methods:
-        import os
         before = os.environ.get("MISA_FUSED_TOPK")
         os.environ["MISA_FUSED_TOPK"] = "1"
         try:

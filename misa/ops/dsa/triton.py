@@ -59,6 +59,7 @@ def _mqa_logits_kernel(
     if MODE != 0:
         cut = tl.load(CUT + rows, mask=row_ok, other=0).to(tl.uint32, bitcast=True)
         if MODE == 1:
+            compact_row = row_ok & (cut != 0)
             write_row = row_ok & (cut == 0)
         else:
             n_kept = tl.load(COUNT + rows, mask=row_ok, other=0)
@@ -112,7 +113,7 @@ def _mqa_logits_kernel(
         if MODE == 1:
             # the scores at or above the row's cut go to its scratch, slots from a counter
             key = ordered_key(logits)
-            keep = inside & in_out & (row_ok & (cut != 0))[None, :] & (key >= cut[None, :])
+            keep = inside & in_out & compact_row[None, :] & (key >= cut[None, :])
             keep_i = keep.to(tl.int32)
             n_keep = tl.sum(keep_i, axis=0)                                   # [BQ]
             base = tl.atomic_add(COUNT + rows, n_keep, mask=n_keep > 0)
@@ -152,14 +153,13 @@ def launch_logits(q, w, k, k_scale, ks, ke, out, col_offset: int = 0, heads=None
         splits = max(1, min(64, (2 * sms) // n_blocks))
     if mode != STORE and topk is None:
         raise ValueError("topk: the COMPACT and REPAIR modes need the top-k's buffers")
-    tk = topk
     _mqa_logits_kernel[(n_blocks, splits)](
         q, w, heads if heads is not None else ks, k, k_scale if k_scale is not None else w, ks, ke, out,
         t, k.shape[0], col_offset, out.shape[1],
         q.stride(0), q.stride(1), w.stride(0), heads.stride(0) if heads is not None else 0, k.stride(0),
         out.stride(0),
-        *((tk.cut_keys, tk.count, tk.scr_key, tk.scr_col, tk.scr_key.stride(0), tk.k, tk.cap) if tk is not None
-          else (ks, ks, ks, ks, 0, 0, 0)),
+        *((topk.cut_keys, topk.count, topk.scr_key, topk.scr_col, topk.scr_key.stride(0), topk.k, topk.cap)
+          if topk is not None else (ks, ks, ks, ks, 0, 0, 0)),
         NH=nh, D=d, BQ=bq, BN=bn, ROUTED=heads is not None, HAS_SCALE=k_scale is not None,
         CAST=cast, HEAD_MAJOR=head_major, MODE=mode, num_warps=warps, num_stages=stages,
     )

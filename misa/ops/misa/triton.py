@@ -1,5 +1,5 @@
 """Triton kernel for re-scoring candidate tokens with all heads (MISA-dagger's second stage, HISA's
-exact stage), and the kernel-side MISA selection.
+exact stage). MISA's routed scoring is the logits kernel's (``misa/ops/dsa/triton.py``, ``heads=``).
 
 Each program takes one query and walks its candidate list in tiles of ``BN`` gathered keys: one
 MMA of ``[BN, D] x [D, H]`` per tile, relu, weights and the head sum, exactly as the dense
@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..dsa.triton import launch_logits, mma_cast
+from ..dsa.triton import mma_cast
 from ..topk.triton import topk
 
 
@@ -77,8 +77,3 @@ def rerank(inp, cand: torch.Tensor, k: int, rows: slice = slice(None)) -> torch.
     zeros = torch.zeros(scores.shape[0], dtype=torch.int32, device=scores.device)
     width = torch.full_like(zeros, scores.shape[1])
     return topk(scores, zeros, width, k, cmap=cand, finite_only=True)
-
-
-def routed_logits(inp, heads: torch.Tensor, rows: slice, buf: torch.Tensor, lo: int) -> torch.Tensor:
-    return launch_logits(inp.q[rows], inp.weights[rows], inp.k, inp.k_scale, inp.ks[rows], inp.ke[rows],
-                         buf, lo, heads=heads[rows])

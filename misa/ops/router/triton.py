@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..dsa.triton import INTERPRET
+from ..triton_common import INTERPRET
 
 
 @triton.jit(do_not_specialize=["S", "block_size"])
