@@ -32,14 +32,15 @@ def compile_for_hopper(kernel, pointers: dict, consts: dict, num_warps=4, num_st
 def variants():
     pairs, bn, warps, stages, head_major = dsa.DEFAULT_CONFIG
     ptrs = {"Q": "fp8e4nv", "W": "fp32", "HEADS": I32, "K": "fp8e4nv", "KSCALE": "fp32", "KS": I32, "KE": I32,
-            "OUT": "fp32", "CUT": I32, "COUNT": I32, "SCR_KEY": I32, "SCR_COL": I32}
+            "OUT": "fp32", "CUT": I32, "COUNT": I32, "KEPT": I32, "SCR_KEY": I32, "SCR_COL": I32}
     for mode in (dsa.STORE, dsa.COMPACT, dsa.REPAIR):
         for heads in (64, 8):
             consts = {"NH": heads, "D": 128, "BQ": pairs // heads, "BN": bn, "ROUTED": heads < 64,
-                      "HAS_SCALE": True, "CAST": None, "HEAD_MAJOR": head_major, "MODE": mode}
+                      "HAS_SCALE": True, "CAST": None, "HEAD_MAJOR": head_major, "MODE": mode,
+                      "RESERVE": max(128, bn)}
             yield f"logits mode={mode} heads={heads}", dsa._mqa_logits_kernel, ptrs, consts, warps, stages
     block, warps, sample = topk.DEFAULT_CONFIG
-    rows = {"X": "fp32", "KS": I32, "KE": I32, "CUT": I32, "COUNT": I32, "SCR_KEY": I32, "SCR_COL": I32,
+    rows = {"X": "fp32", "KS": I32, "KE": I32, "CUT": I32, "COUNT": I32, "KEPT": I32, "SCR_KEY": I32, "SCR_COL": I32,
             "OUT": I32, "CMAP": I32, "XS": "fp32", "KS_S": I32, "KE_S": I32}
     for chunk in (16, 1):
         yield (f"top-k cut chunk={chunk}", topk._cut_kernel, rows,

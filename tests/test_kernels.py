@@ -140,6 +140,29 @@ def test_fused_topk_repairs_rows_whose_cut_missed(monkeypatch):
         assert not torch.isnan(buf[t, a - int(ks.min()): b - int(ks.min())]).any(), t
 
 
+def test_fused_topk_with_short_slot_runs(monkeypatch):
+    # runs of one key tile's worth of slots: rows give up part-used runs often, leaving key-0
+    # holes in the scratch that the selection must skip (kept < slots taken)
+    from misa.ops.dsa import triton as dsa_triton
+    from misa.ops.topk import triton as topk_triton
+    monkeypatch.setattr(dsa_triton, "SLOT_RUN", 1)
+    calls = []
+
+    class Recorded(topk_triton.TopkLaunches):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw)
+            self.scr_key.fill_(-1)      # the largest key: a hole left unfilled would be selected
+            calls.append(self)
+
+    monkeypatch.setattr(topk_triton, "TopkLaunches", Recorded)
+    idx, buf, scores, ks, ke, k = _fused_case("causal", 5, False, splits=2)
+    check_selection(idx, scores, ks.cpu(), ke.cpu(), k, rtol=RTOL)
+    (call,) = calls
+    fast = (call.cut_keys != 0) & (call.kept >= k)
+    assert bool(fast.any())
+    assert bool((call.count[fast] > call.kept[fast]).any())
+
+
 @pytest.mark.parametrize("kind", ["causal", "ragged"])
 def test_fused_topk_through_the_public_api(monkeypatch, kind):
     t, s, k = (11, 1300, 50) if not BIG else (300, 30000, 512)

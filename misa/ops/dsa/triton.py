@@ -39,10 +39,10 @@ def _mqa_logits_kernel(
     Q, W, HEADS, K, KSCALE, KS, KE, OUT,
     T, S, col_offset, out_width,
     stride_qt, stride_qh, stride_wt, stride_ht, stride_k, stride_out,
-    CUT, COUNT, SCR_KEY, SCR_COL, stride_scr, TOPK, CAP,
+    CUT, COUNT, KEPT, SCR_KEY, SCR_COL, stride_scr, TOPK, CAP,
     NH: tl.constexpr, D: tl.constexpr, BQ: tl.constexpr, BN: tl.constexpr,
     ROUTED: tl.constexpr, HAS_SCALE: tl.constexpr, CAST: tl.constexpr, HEAD_MAJOR: tl.constexpr,
-    MODE: tl.constexpr,
+    MODE: tl.constexpr, RESERVE: tl.constexpr,
 ):
     pid_q = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -62,8 +62,9 @@ def _mqa_logits_kernel(
             compact_row = row_ok & (cut != 0)
             write_row = row_ok & (cut == 0)
         else:
-            n_kept = tl.load(COUNT + rows, mask=row_ok, other=0)
-            write_row = row_ok & (cut != 0) & ((n_kept < TOPK) | (n_kept > CAP))
+            n_kept = tl.load(KEPT + rows, mask=row_ok, other=0)
+            n_slots = tl.load(COUNT + rows, mask=row_ok, other=0)
+            write_row = row_ok & (cut != 0) & ((n_kept < TOPK) | (n_slots > CAP))
             hi = tl.where(tl.max(write_row.to(tl.int32), axis=0) > 0, hi, 0)   # nothing to redo
 
     # (query, head) pairs along N. Head-major order (pair p = head slot p // BQ, query p % BQ)
@@ -90,6 +91,13 @@ def _mqa_logits_kernel(
 
     first = lo // BN
     last = tl.cdiv(hi, BN)
+    if MODE == 1:
+        # scratch slots are taken RESERVE at a time per row (one atomic per few tiles, not one
+        # blocking atomic per tile); a run left unused gets key 0, below every cut
+        slot_next = tl.zeros([BQ], dtype=tl.int32)
+        slot_end = tl.zeros([BQ], dtype=tl.int32)
+        n_real = tl.zeros([BQ], dtype=tl.int32)
+        run = tl.arange(0, RESERVE)
     for tile in range(first + pid_s, last, n_split):
         offs = tile * BN + tl.arange(0, BN)
         key_ok = offs < S
@@ -116,17 +124,38 @@ def _mqa_logits_kernel(
             keep = inside & in_out & compact_row[None, :] & (key >= cut[None, :])
             keep_i = keep.to(tl.int32)
             n_keep = tl.sum(keep_i, axis=0)                                   # [BQ]
-            base = tl.atomic_add(COUNT + rows, n_keep, mask=n_keep > 0)
-            spos = base[None, :] + tl.cumsum(keep_i, axis=0) - 1
+            short = n_keep > slot_end - slot_next
+            if tl.max(short.to(tl.int32), axis=0) > 0:
+                _fill_holes(SCR_KEY, rows, stride_scr, slot_next, slot_end, short, run, CAP)
+                got = tl.atomic_add(COUNT + rows, tl.full([BQ], RESERVE, tl.int32), mask=short)
+                slot_next = tl.where(short, got, slot_next)
+                slot_end = tl.where(short, got + RESERVE, slot_end)
+            spos = slot_next[None, :] + tl.cumsum(keep_i, axis=0) - 1
             ok = keep & (spos < CAP)
             at = rows[None, :].to(tl.int64) * stride_scr + spos
             tl.store(SCR_KEY + at, key.to(tl.int32, bitcast=True), mask=ok)
             tl.store(SCR_COL + at, col[:, None] + spos * 0, mask=ok)
+            slot_next += n_keep
+            n_real += n_keep
+    if MODE == 1:
+        _fill_holes(SCR_KEY, rows, stride_scr, slot_next, slot_end, compact_row, run, CAP)
+        tl.atomic_add(KEPT + rows, n_real, mask=compact_row & (n_real > 0))
+
+
+@triton.jit
+def _fill_holes(SCR_KEY, rows, stride_scr, slot_next, slot_end, which, run, CAP):
+    """Key 0 into the unused slots [slot_next, slot_end) of the rows in ``which``."""
+    pos = slot_next[:, None] + run[None, :]
+    hole = which[:, None] & (pos < slot_end[:, None]) & (pos < CAP)
+    tl.store(SCR_KEY + rows[:, None].to(tl.int64) * stride_scr + pos, tl.zeros_like(pos), mask=hole)
 
 
 # Tile shape: (pairs on N, BN keys on M, num_warps, num_stages, head-major pairs); BQ = pairs // NH
 # queries per program. Picked by benchmarks/sweep_kernels.py on an H200 (docs/benchmarks.md).
 DEFAULT_CONFIG = (256, 64, 4, 3, True)
+# COMPACT mode: scratch slots a row takes per atomic (at least the key tile, whose survivors a run
+# must hold)
+SLOT_RUN = 128
 
 
 def launch_logits(q, w, k, k_scale, ks, ke, out, col_offset: int = 0, heads=None, config=None,
@@ -158,10 +187,10 @@ def launch_logits(q, w, k, k_scale, ks, ke, out, col_offset: int = 0, heads=None
         t, k.shape[0], col_offset, out.shape[1],
         q.stride(0), q.stride(1), w.stride(0), heads.stride(0) if heads is not None else 0, k.stride(0),
         out.stride(0),
-        *((topk.cut_keys, topk.count, topk.scr_key, topk.scr_col, topk.scr_key.stride(0), topk.k, topk.cap)
-          if topk is not None else (ks, ks, ks, ks, 0, 0, 0)),
+        *((topk.cut_keys, topk.count, topk.kept, topk.scr_key, topk.scr_col, topk.scr_key.stride(0), topk.k,
+           topk.cap) if topk is not None else (ks, ks, ks, ks, ks, 0, 0, 0)),
         NH=nh, D=d, BQ=bq, BN=bn, ROUTED=heads is not None, HAS_SCALE=k_scale is not None,
-        CAST=cast, HEAD_MAJOR=head_major, MODE=mode, num_warps=warps, num_stages=stages,
+        CAST=cast, HEAD_MAJOR=head_major, MODE=mode, RESERVE=max(SLOT_RUN, bn), num_warps=warps, num_stages=stages,
     )
     return out
 

@@ -32,6 +32,7 @@ def fused_logits_topk(q, w, k, k_scale, ks, ke, k_top: int, buf: torch.Tensor, l
     as ``launch_logits`` picks; tests force several, as a GPU with few query blocks does)."""
     t, width = buf.shape
     call = topk_kernels.TopkLaunches(buf, ks, ke, k_top, ks_offset=lo, out_offset=lo)
+    call.kept = torch.empty_like(call.count)
     if t == 0:
         return call.out
     stride = max(SAMPLE_STRIDE, triton.cdiv(width, SAMPLE_MAX))
@@ -42,7 +43,7 @@ def fused_logits_topk(q, w, k, k_scale, ks, ke, k_top: int, buf: torch.Tensor, l
     k_scale_s = k_scale[::stride].contiguous() if k_scale is not None else None
     launch_logits(q, w, k[::stride], k_scale_s, ks_s, ke_s, sample, first, heads=heads, splits=splits)
     topk_kernels._sample_cut_kernel[(t,)](
-        sample, ks_s, ke_s, ks, ke, call.cut_keys, call.count, sample.stride(0), first, k_top,
+        sample, ks_s, ke_s, ks, ke, call.cut_keys, call.count, call.kept, sample.stride(0), first, k_top,
         NS=triton.next_power_of_2(SAMPLE_MAX), MIN_SAMPLE=MIN_SAMPLE, WAYS=topk_kernels.WAYS, num_warps=4)
     launch_logits(q, w, k, k_scale, ks, ke, buf, lo, heads=heads, topk=call, mode=COMPACT, splits=splits)
     launch_logits(q, w, k, k_scale, ks, ke, buf, lo, heads=heads, topk=call, mode=REPAIR, splits=splits)

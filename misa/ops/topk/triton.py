@@ -163,7 +163,7 @@ def _cut_kernel(X, KS, KE, CUT, COUNT, stride_x, ks_offset, K,
 
 
 @triton.jit(do_not_specialize=["s_offset", "K"])
-def _sample_cut_kernel(XS, KS_S, KE_S, KS, KE, CUT, COUNT, stride_xs, s_offset, K,
+def _sample_cut_kernel(XS, KS_S, KE_S, KS, KE, CUT, COUNT, KEPT, stride_xs, s_offset, K,
                        NS: tl.constexpr, MIN_SAMPLE: tl.constexpr, WAYS: tl.constexpr):
     """As ``_cut_kernel``, from the scores of an evenly strided sample of each row's keys
     (``XS``, sample columns ``[KS_S, KE_S)`` minus ``s_offset``, at most ``NS`` of them) rather
@@ -183,6 +183,7 @@ def _sample_cut_kernel(XS, KS_S, KE_S, KS, KE, CUT, COUNT, stride_xs, s_offset, 
             cut = _sample_quantile(key, m, need, WAYS)     # padding is -inf: below every sampled key
     tl.store(CUT + row, cut.to(tl.int32, bitcast=True))
     tl.store(COUNT + row, 0)
+    tl.store(KEPT + row, 0)
 
 
 @triton.jit(do_not_specialize=["ks_offset", "CAP"])
@@ -216,7 +217,7 @@ def _compact_kernel(X, KS, KE, CUT, COUNT, SCR_KEY, SCR_COL, stride_x, stride_sc
 
 
 @triton.jit(do_not_specialize=["ks_offset", "out_offset", "K", "CAP"])
-def _select_kernel(X, KS, KE, OUT, CMAP, CUT, COUNT, SCR_KEY, SCR_COL,
+def _select_kernel(X, KS, KE, OUT, CMAP, CUT, COUNT, KEPT, SCR_KEY, SCR_COL,
                    stride_x, stride_out, stride_cmap, stride_scr, ks_offset, out_offset, K, CAP,
                    BLOCK: tl.constexpr, SBLOCK: tl.constexpr, WAYS: tl.constexpr,
                    HAS_CMAP: tl.constexpr, FINITE_ONLY: tl.constexpr):
@@ -236,8 +237,8 @@ def _select_kernel(X, KS, KE, OUT, CMAP, CUT, COUNT, SCR_KEY, SCR_COL,
     k_rem = K
     prefix = tl.zeros([], dtype=tl.uint32)
     shift = 0
-    n_scr = tl.load(COUNT + row)
-    fast = (tl.load(CUT + row) != 0) & (n_scr >= K) & (n_scr <= CAP)
+    n_scr = tl.load(COUNT + row)        # scratch slots in use (the fused path leaves key-0 holes)
+    fast = (tl.load(CUT + row) != 0) & (tl.load(KEPT + row) >= K) & (n_scr <= CAP)
 
     if fast:
         # the scratch holds every element at or above the cut, k of them at least: search its
@@ -381,7 +382,8 @@ class TopkLaunches:
         self.scr_key = torch.empty(t, self.cap, dtype=torch.int32, device=dev)
         self.scr_col = torch.empty(t, self.cap, dtype=torch.int32, device=dev)
         self.cut_keys = torch.empty(t, dtype=torch.int32, device=dev)    # per row; 0 = no cut
-        self.count = torch.empty(t, dtype=torch.int32, device=dev)       # scratch entries per row
+        self.count = torch.empty(t, dtype=torch.int32, device=dev)       # scratch slots taken per row
+        self.kept = self.count          # elements kept per row (the fused path's slots can have holes)
 
     def cut(self):
         """The sample cut per row; also zeroes the scratch counters."""
@@ -400,7 +402,7 @@ class TopkLaunches:
     def select(self):
         x, ks, ke, k, ks_offset, out_offset, cmap, finite_only = self.args
         _select_kernel[(x.shape[0],)](
-            x, ks, ke, self.out, cmap if cmap is not None else self.out, self.cut_keys, self.count,
+            x, ks, ke, self.out, cmap if cmap is not None else self.out, self.cut_keys, self.count, self.kept,
             self.scr_key, self.scr_col, x.stride(0), self.out.stride(0),
             cmap.stride(0) if cmap is not None else 0, self.scr_key.stride(0),
             ks_offset, out_offset, k, self.cap,
