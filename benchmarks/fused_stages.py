@@ -93,6 +93,8 @@ def main():
     ap.add_argument("--queries", type=int, default=4096)
     ap.add_argument("--k", type=int, default=2048)
     ap.add_argument("--slot-runs", default="64,128,256,512", help="SLOT_RUN values to time end to end")
+    ap.add_argument("--compact-configs", default="128/64/4/3/1,128/128/4/3/1,256/64/4/2/1",
+                    help="tile shapes (pairs/BN/warps/stages/head-major) of the compacting launches to time")
     ap.add_argument("--smoke", action="store_true", help="check the script on the CPU (TRITON_INTERPRET=1)")
     args = ap.parse_args()
     global SMOKE
@@ -120,7 +122,20 @@ def main():
             row["slot_runs"].append(rec)
             print(name, rec, flush=True)
         dsa_triton.SLOT_RUN = base
-        print({kk: v for kk, v in row.items() if kk != "slot_runs"}, flush=True)
+        row["compact_configs"] = []
+        for text in [v for v in args.compact_configs.split(",") if v]:
+            cfg = tuple(int(v) for v in text.split("/"))
+            fused.COMPACT_CONFIG = cfg[:4] + (bool(cfg[4]),)
+            fn = lambda: fused.fused_logits_topk(inp.q, inp.weights, inp.k, inp.k_scale, inp.ks, inp.ke, args.k,
+                                                 buf, 0, heads=heads)
+            try:
+                rec = {"config": text, "ok": same_by_value(fn(), ref_buf, args.k), "fused_ms": bench(fn)}
+            except Exception as e:  # noqa: BLE001 - record and go on
+                rec = {"config": text, "error": f"{type(e).__name__}: {str(e)[:200]}"}
+            row["compact_configs"].append(rec)
+            print(name, rec, flush=True)
+        fused.COMPACT_CONFIG = None
+        print({kk: v for kk, v in row.items() if kk not in ("slot_runs", "compact_configs")}, flush=True)
         out["rows"].append(row)
         del ref_buf
         torch.cuda.empty_cache()

@@ -5,7 +5,7 @@ Inputs are DSA-like logits (the routed-logits buffer of the synthetic workload) 
 each variant's selection is checked against torch.topk by value before it is timed.
 
     python benchmarks/topk_compare.py --out topk.json
-    python benchmarks/topk_compare.py --out topk.json --sizes 131072:2048 --variants WAYS=8,SAMPLE_CHUNK=1
+    python benchmarks/topk_compare.py --out topk.json --sizes 131072:2048 --variants WAYS=8,SAMPLE_CHUNK=1+WAYS=8
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ import triton.testing
 from misa.ops.topk import triton as topk_mod
 
 
-TUNABLE = ("WAYS", "SCRATCH_BLOCK", "COMPACT_STEPS", "DEFAULT_CONFIG", "SAMPLE_CHUNK")   # module constants of the kernel
+TUNABLE = ("WAYS", "SCRATCH_BLOCK", "COMPACT_STEPS", "DEFAULT_CONFIG", "SAMPLE_CHUNK", "COMPACT_SPAN")   # module constants of the kernel
 
 
 def bench(fn):
@@ -61,16 +61,20 @@ def main():
                     help="keys:k pairs (8192 keys: MISA-dagger's second stage on randn)")
     ap.add_argument("--variants", default="SAMPLE_CHUNK=1,WAYS=2,WAYS=8,WAYS=16,COMPACT_STEPS=16,COMPACT_STEPS=4,"
                                           "DEFAULT_CONFIG=512/4/2048,SCRATCH_BLOCK=512,SCRATCH_BLOCK=2048",
-                    help="module constants to try one at a time at 131072:2048 (NAME=value, tuples with /)")
+                    help="module constants to try at 131072:2048, one variant per comma (NAME=value, tuples "
+                         "with /, several constants joined by +)")
     args = ap.parse_args()
     sizes = [tuple(int(v) for v in p.split(":")) for p in args.sizes.split(",") if p]
     grid = []
     for item in filter(None, args.variants.split(",")):
-        name, value = item.split("=")
-        if name not in TUNABLE:
-            ap.error(f"--variants: {name!r} is not one of {TUNABLE}")
-        vals = tuple(int(v) for v in value.split("/"))
-        grid.append({name: vals if len(vals) > 1 else vals[0]})
+        change = {}
+        for part in item.split("+"):          # NAME=value, several joined by +
+            name, value = part.split("=")
+            if name not in TUNABLE:
+                ap.error(f"--variants: {name!r} is not one of {TUNABLE}")
+            vals = tuple(int(v) for v in value.split("/"))
+            change[name] = vals if len(vals) > 1 else vals[0]
+        grid.append(change)
     dev = torch.device("cuda")
     try:
         previous = importlib.import_module("topk_previous")

@@ -46,6 +46,9 @@ def variants():
         yield (f"top-k cut chunk={chunk}", topk._cut_kernel, rows,
                {"SAMPLE": sample, "CHUNK": chunk, "WAYS": topk.WAYS, "FINITE_ONLY": False}, 4, 3)
     yield "top-k compact", topk._compact_kernel, rows, {"BLOCK": block, "FINITE_ONLY": True}, 4, 3
+    for span, span_warps in ((4096, 4), (8192, 4), (16384, 8)):
+        yield (f"top-k compact span={span}", topk._compact_span_kernel, rows,
+               {"SPAN": span, "FINITE_ONLY": False}, span_warps, 3)
     for has_cmap in (False, True):
         yield (f"top-k select cmap={has_cmap}", topk._select_kernel, rows,
                {"BLOCK": block, "SBLOCK": topk.SCRATCH_BLOCK, "WAYS": topk.WAYS, "HAS_CMAP": has_cmap,

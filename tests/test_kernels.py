@@ -68,10 +68,16 @@ def test_topk_kernel(kind, k, ties):
 
 
 @pytest.mark.parametrize("kind", ["causal", "ragged"])
-def test_topk_kernel_with_single_column_samples(monkeypatch, kind):
-    # SAMPLE_CHUNK = 1: the cut's sample is single columns spread over the row (a tuning variant)
+@pytest.mark.parametrize("variant", ["samples of 64-byte runs", "compaction spans"])
+def test_topk_kernel_variants(monkeypatch, kind, variant):
+    # the tuning variants the benchmarks switch between: the cut's sample of 16-column runs spread
+    # over the row (SAMPLE_CHUNK = 16), and compaction programs that load their whole span at once
+    # (several per row here: 1024 columns each under the interpreter)
     from misa.ops.topk import triton as topk_triton
-    monkeypatch.setattr(topk_triton, "SAMPLE_CHUNK", 1)
+    if variant == "samples of 64-byte runs":
+        monkeypatch.setattr(topk_triton, "SAMPLE_CHUNK", 16)
+    else:
+        monkeypatch.setattr(topk_triton, "COMPACT_SPAN", (8192, 4) if BIG else (1024, 4))
     g = torch.Generator().manual_seed(21)
     t, s, k = (30, 7000, 90) if not BIG else (300, 70000, 2048)
     x = torch.randn(t, s, generator=g)

@@ -22,6 +22,9 @@ from . import triton as topk_kernels     # module attributes read per call: benc
 # (sample stride at least, sampled keys per row at most, fewest sampled keys for a cut): the
 # interpreter's tests use short rows
 SAMPLE_STRIDE, SAMPLE_MAX, MIN_SAMPLE = (4, 256, 32) if INTERPRET else (64, 4096, 128)
+# tile shape of the compacting launches (None: the logits kernel's default); its epilogue holds
+# more registers than the plain store's (benchmarks/fused_stages.py --compact-configs)
+COMPACT_CONFIG = None
 
 
 def fused_logits_topk(q, w, k, k_scale, ks, ke, k_top: int, buf: torch.Tensor, lo: int,
@@ -45,7 +48,8 @@ def fused_logits_topk(q, w, k, k_scale, ks, ke, k_top: int, buf: torch.Tensor, l
     topk_kernels._sample_cut_kernel[(t,)](
         sample, ks_s, ke_s, ks, ke, call.cut_keys, call.count, call.kept, sample.stride(0), first, k_top,
         NS=triton.next_power_of_2(SAMPLE_MAX), MIN_SAMPLE=MIN_SAMPLE, WAYS=topk_kernels.WAYS, num_warps=4)
-    launch_logits(q, w, k, k_scale, ks, ke, buf, lo, heads=heads, topk=call, mode=COMPACT, splits=splits)
-    launch_logits(q, w, k, k_scale, ks, ke, buf, lo, heads=heads, topk=call, mode=REPAIR, splits=splits)
+    for mode in (COMPACT, REPAIR):
+        launch_logits(q, w, k, k_scale, ks, ke, buf, lo, heads=heads, topk=call, mode=mode, splits=splits,
+                      config=COMPACT_CONFIG)
     call.select()
     return call.out

@@ -42,12 +42,16 @@ DEFAULT_CONFIG = (1024, 4, 256) if INTERPRET else (1024, 4, 2048)
 # Holding the scratch in registers (8192) was slower, 2.77; prefetching the next step before the
 # compaction's atomic slowed it from 0.99 to 1.41 ms)
 WAYS = 4
-# the cut's sample: runs of SAMPLE_CHUNK adjacent columns (16: 64-byte loads) spread over the row;
-# 1 samples single columns, which benchmarks/cut_simulation.py finds gives fewer, steadier
-# survivors (not yet timed on a GPU: topk_compare.py --variants SAMPLE_CHUNK=1)
-SAMPLE_CHUNK = 16
+# the cut's sample: runs of SAMPLE_CHUNK adjacent columns spread over the row. Single columns
+# (1) give fewer and steadier survivors than 64-byte runs (16) (benchmarks/cut_simulation.py), and
+# the whole top-k took 1.73 ms against 2.25 ms with runs of 16 (topk_compare.py, H200, one call,
+# 4096 x 128K, k = 2048)
+SAMPLE_CHUNK = 1
 SCRATCH_BLOCK = 1024
 COMPACT_STEPS = 8
+# columns per compaction program loaded at once (``_compact_span_kernel``, warps); 0: the stepped
+# kernel (COMPACT_STEPS steps of BLOCK columns, one atomic per step)
+COMPACT_SPAN = (0, 4)
 
 
 def scratch_size(k: int, width: int) -> int:
@@ -214,6 +218,30 @@ def _compact_kernel(X, KS, KE, CUT, COUNT, SCR_KEY, SCR_COL, stride_x, stride_sc
                 ok = keep & (spos < CAP)
                 tl.store(SCR_KEY + row * stride_scr + spos, key.to(tl.int32, bitcast=True), mask=ok)
                 tl.store(SCR_COL + row * stride_scr + spos, c, mask=ok)
+
+
+@triton.jit(do_not_specialize=["ks_offset", "CAP"])
+def _compact_span_kernel(X, KS, KE, CUT, COUNT, SCR_KEY, SCR_COL, stride_x, stride_scr, ks_offset, CAP,
+                         SPAN: tl.constexpr, FINITE_ONLY: tl.constexpr):
+    """As ``_compact_kernel``, each program's ``SPAN`` columns loaded at once (every load in
+    flight together) and one atomic per program for its scratch slots."""
+    row = tl.program_id(0).to(tl.int64)
+    cut = tl.load(CUT + row).to(tl.uint32, bitcast=True)
+    ks = tl.load(KS + row) - ks_offset
+    ke = tl.load(KE + row) - ks_offset
+    lo = ks + tl.program_id(1) * SPAN
+    if (cut != 0) & (lo < ke):
+        c = lo + tl.arange(0, SPAN)
+        key, m = _eligible_keys(X + row * stride_x, c, ke, FINITE_ONLY)
+        keep = m & (key >= cut)
+        keep_i = keep.to(tl.int32)
+        n_keep = tl.sum(keep_i, axis=0)
+        if n_keep > 0:
+            base = tl.atomic_add(COUNT + row, n_keep)
+            spos = base + tl.cumsum(keep_i, axis=0) - 1
+            ok = keep & (spos < CAP)
+            tl.store(SCR_KEY + row * stride_scr + spos, key.to(tl.int32, bitcast=True), mask=ok)
+            tl.store(SCR_COL + row * stride_scr + spos, c, mask=ok)
 
 
 @triton.jit(do_not_specialize=["ks_offset", "out_offset", "K", "CAP"])
@@ -394,6 +422,12 @@ class TopkLaunches:
 
     def compact(self):
         x, ks, ke, _, ks_offset, _, _, finite_only = self.args
+        span, warps = COMPACT_SPAN
+        if span:
+            _compact_span_kernel[(x.shape[0], triton.cdiv(x.shape[1], span))](
+                x, ks, ke, self.cut_keys, self.count, self.scr_key, self.scr_col, x.stride(0),
+                self.scr_key.stride(0), ks_offset, self.cap, SPAN=span, FINITE_ONLY=finite_only, num_warps=warps)
+            return
         _compact_kernel[(x.shape[0], self.parts)](
             x, ks, ke, self.cut_keys, self.count, self.scr_key, self.scr_col, x.stride(0),
             self.scr_key.stride(0), ks_offset, self.cap, BLOCK=self.block, FINITE_ONLY=finite_only,
