@@ -1,10 +1,10 @@
-"""How good is the fused top-k's sampled cut? A CPU simulation on the synthetic workload.
+"""How good is the top-k's sampled cut? A CPU simulation on the synthetic workload.
 
 For 64 queries spread over a 4096 x 131072 causal prefill (float32 scores, all heads and MISA's 8
-routed heads), compare two ways of picking each row's cut below its k-th largest score: every 64th
-key position (the fused path, misa/ops/topk/fused.py) and 2048 samples in 16-wide chunks spread
-over the row (the unfused top-k's cut kernel). Both take the sample quantile at the expected rank
-plus four standard deviations plus 17. Reports the survivors per row (what the select kernel then
+routed heads), compare two samples of 2048 columns for each row's cut below its k-th largest
+score: single columns spread evenly over the row (``SAMPLE_CHUNK = 1``, the default) and 16-wide
+chunks (``SAMPLE_CHUNK = 16``, the earlier default). Both take the sample quantile at the expected
+rank plus four standard deviations plus 17. Reports the survivors per row (what the select kernel then
 searches) and the rows that keep the fast path (cut at or below the k-th score, survivors within
 the scratch).
 
@@ -25,14 +25,14 @@ def quantile_cut(sample: torch.Tensor, k: int, n: int) -> torch.Tensor:
     return torch.sort(sample, descending=True).values[need - 1]
 
 
-def main(seq_len=131072, num_queries=4096, k=2048, stride=64, sample=2048, rows=64):
+def main(seq_len=131072, num_queries=4096, k=2048, sample=2048, rows=64):
     inp = check_inputs(*indexer_workload(seq_len, num_queries, 64, 128, seed=seq_len).args)
     pick = torch.arange(0, num_queries, num_queries // rows)
     keys = select.float_keys(inp)
     routed = select.route_heads(inp, 8, 1024)[pick].long()
     cap = 4 * k + 4096
     for name, heads in (("DSA (64 heads)", None), ("MISA (8 routed heads)", routed)):
-        found = {"strided every 64th key (fused)": [], "16-wide chunks (unfused)": []}
+        found = {"single columns": [], "16-wide chunks": []}
         for i, t in enumerate(pick.tolist()):
             q, w = inp.q[t].float(), inp.weights[t]
             if heads is not None:
@@ -41,10 +41,10 @@ def main(seq_len=131072, num_queries=4096, k=2048, stride=64, sample=2048, rows=
             x = ((keys[lo:hi] @ q.T).clamp_min(0) * w).sum(1)
             n = x.numel()
             kth = torch.topk(x, k).values[-1]
-            strided = torch.arange(-(-lo // stride) * stride, hi, stride) - lo
             j = torch.arange(sample)
+            single = j * n // sample
             chunks = ((j // 16) * n // (sample // 16) + j % 16).clamp_max(n - 1)
-            for label, pos in zip(found, (strided, chunks)):
+            for label, pos in zip(found, (single, chunks)):
                 cut = quantile_cut(x[pos], k, n)
                 found[label].append((int((x >= cut).sum()), bool(cut <= kth)))
         for label, r in found.items():

@@ -3,6 +3,8 @@ misa/ops/*/triton.py). Each variant is checked against the default variant's out
 timed; failures to compile (too much shared memory, ...) are recorded, not fatal.
 
     python benchmarks/sweep_kernels.py --out sweep.json [--budget-s 240]
+    python benchmarks/sweep_kernels.py --out sweep.json --work routed8 --logits-only \
+        --logits-configs 256/64/4/3/1,256/64/4/4/1
 """
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ import time
 import torch
 import triton.testing
 
-from misa.ops.dsa.triton import launch_logits
+from misa.ops.dsa.triton import DEFAULT_CONFIG, launch_logits
 from misa.ops.misa.triton import gather_logits
 from misa.ops.topk.triton import topk
 from misa.synthetic import indexer_workload
@@ -29,6 +31,10 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
     ap.add_argument("--budget-s", type=float, default=240)
+    ap.add_argument("--work", default="dense64,routed8", help="which workloads: dense64, routed8")
+    ap.add_argument("--logits-configs", default="",
+                    help="logits tile shapes to time instead of the grid (pairs/BN/warps/stages/head-major)")
+    ap.add_argument("--logits-only", action="store_true", help="skip the router, top-k and gather sweeps")
     args = ap.parse_args()
     t_start = time.time()
     dev = torch.device("cuda")
@@ -41,7 +47,10 @@ def main():
         "dense64_8192x65536": (8192, 65536, None),
         "routed8_4096x131072": (4096, 131072, 8),
     }
+    chosen = args.work.split(",")
     for name, (t, s, h) in work.items():
+        if name.split("_")[0] not in chosen:
+            continue
         w = indexer_workload(s, t, 64, 128, seed=1, device=dev)
         inp = check_inputs(*w.args)
         heads = None
@@ -49,7 +58,7 @@ def main():
             from misa.ops.router.triton import route_heads
             heads = route_heads(inp, h, 1024)
             results.setdefault("router", [])
-            for cfg in itertools.product((128, 256), (32, 64), (4, 8), ("tf32x3", "tf32", "ieee")):
+            for cfg in [] if args.logits_only else itertools.product((128, 256), (32, 64), (4, 8), ("tf32x3", "tf32", "ieee")):
                 if left() < 0:
                     break
                 rec = {"config": cfg}
@@ -71,7 +80,10 @@ def main():
         grid = list(itertools.product((128, 256), (64, 128), (4, 8), (3,), (False, True)))
         if h:
             grid += list(itertools.product((64, 512), (64, 128), (4, 8), (3,), (False, True)))
-        for cfg in [(256, 64, 4, 3, False)] + grid:
+        if args.logits_configs:
+            grid = [tuple(int(v) for v in c.split("/")[:4]) + (bool(int(c.split("/")[4])),)
+                    for c in args.logits_configs.split(",")]
+        for cfg in [DEFAULT_CONFIG] + grid:
             if left() < 0:
                 break
             if cfg[0] < nh:
@@ -90,7 +102,7 @@ def main():
                 rec["error"] = f"{type(e).__name__}: {str(e)[:200]}"
             results["logits"].append(rec)
             print(rec, flush=True)
-        if h == 8:
+        if h == 8 and not args.logits_only:
             ks, ke = inp.ks, inp.ke
             idx_ref = topk(ref, ks, ke, 2048)
             ref_sets = torch.sort(idx_ref, dim=1).values

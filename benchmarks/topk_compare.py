@@ -20,7 +20,7 @@ import triton.testing
 from misa.ops.topk import triton as topk_mod
 
 
-TUNABLE = ("WAYS", "SCRATCH_BLOCK", "COMPACT_STEPS", "DEFAULT_CONFIG", "SAMPLE_CHUNK", "COMPACT_SPAN")   # module constants of the kernel
+TUNABLE = ("WAYS", "SCRATCH_BLOCK", "COMPACT_CONFIG", "DEFAULT_CONFIG", "SAMPLE_CHUNK", "CUT_WARPS")   # module constants of the kernel
 
 
 def bench(fn):
@@ -59,7 +59,7 @@ def main():
     ap.add_argument("--out", required=True)
     ap.add_argument("--sizes", default="16384:2048,32768:2048,65536:2048,131072:2048,131072:8192,8192:2048",
                     help="keys:k pairs (8192 keys: MISA-dagger's second stage on randn)")
-    ap.add_argument("--variants", default="SAMPLE_CHUNK=1,WAYS=2,WAYS=8,WAYS=16,COMPACT_STEPS=16,COMPACT_STEPS=4,"
+    ap.add_argument("--variants", default="SAMPLE_CHUNK=16,WAYS=8,COMPACT_CONFIG=512/2/8,COMPACT_CONFIG=256/1/8,CUT_WARPS=1,"
                                           "DEFAULT_CONFIG=512/4/2048,SCRATCH_BLOCK=512,SCRATCH_BLOCK=2048",
                     help="module constants to try at 131072:2048, one variant per comma (NAME=value, tuples "
                          "with /, several constants joined by +)")

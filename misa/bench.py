@@ -41,9 +41,7 @@ class BenchConfig:
             raise ValueError(f"methods: unknown {bad}, expected some of {METHODS}")
 
 
-# "fused": DSA, MISA and MISA-dagger end to end again with the top-k's compaction fused into the
-# logits kernel (MISA_FUSED_TOPK=1), in the same run as the unfused path
-METHODS = ("dsa", "misa", "misa-gap", "misa-dagger", "hisa", "fused")
+METHODS = ("dsa", "misa", "misa-gap", "misa-dagger", "hisa")
 
 
 def _time(fn, rep_ms: int) -> float:
@@ -114,27 +112,6 @@ def bench_one(cfg: BenchConfig, seq_len: int, device: torch.device) -> dict:
         row["hisa.recall"] = float(recall(run(), ref).mean())
         row["hisa.peak_mb"] = _peak_mb(run, device)
 
-    if "fused" in cfg.methods:
-        before = os.environ.get("MISA_FUSED_TOPK")
-        os.environ["MISA_FUSED_TOPK"] = "1"
-        try:
-            runs = {"dsa-fused": lambda: select.dsa_select(inp, k),
-                    "misa-fused": lambda: select.misa_select(inp, k, cfg.active_heads, cfg.block_size, None),
-                    "misa-dagger-fused": lambda: select.misa_select(inp, k, cfg.active_heads, cfg.block_size,
-                                                                    cfg.stage1_k)}
-            for name, run in runs.items():
-                ms[name + ".e2e"] = _time(run, cfg.rep_ms)
-                row[name + ".recall"] = float(recall(run(), ref).mean())
-            row["dsa-fused.peak_mb"] = _peak_mb(runs["dsa-fused"], device)
-        finally:
-            if before is None:
-                os.environ.pop("MISA_FUSED_TOPK")
-            else:
-                os.environ["MISA_FUSED_TOPK"] = before
-        row["speedup.misa_fused_e2e"] = ms["dsa-fused.e2e"] / ms["misa-fused.e2e"]
-        row["speedup.misa_dagger_fused_e2e"] = ms["dsa-fused.e2e"] / ms["misa-dagger-fused.e2e"]
-        row["speedup.fused_vs_unfused_dsa"] = ms["dsa.e2e"] / ms["dsa-fused.e2e"]
-
     row["ms"] = ms
     row["dsa.logits_tflops"] = 2 * h * d * pairs / ms["dsa.logits"] / 1e9
     if "misa.logits" in ms:
@@ -178,8 +155,6 @@ def format_rows(result: dict) -> tuple[list[str], list[list[str]]]:
             "top-k ms (torch x)", "DSA e2e ms", "MISA e2e ms (x, recall)", "MISA-gap e2e ms (x, recall)",
             "MISA† e2e ms (x, recall)",
             "HISA e2e ms (x, recall)", "peak MB DSA/MISA"]
-    if any("dsa-fused.e2e" in r["ms"] for r in result["rows"]):
-        cols.append("fused top-k e2e ms (x)")
     out = []
     for r in result["rows"]:
         ms = r["ms"]
@@ -196,10 +171,6 @@ def format_rows(result: dict) -> tuple[list[str], list[list[str]]]:
             f("hisa", "hisa_e2e"),
             f"{r['dsa.peak_mb']:.0f}/{r.get('misa.peak_mb', 0):.0f}",
         ])
-        if "dsa-fused.e2e" in ms:     # the fused top-k: MISA and MISA† against fused DSA
-            out[-1].append(f"DSA {ms['dsa-fused.e2e']:.2f}, MISA {ms['misa-fused.e2e']:.2f} "
-                           f"({r['speedup.misa_fused_e2e']:.2f}x), MISA† {ms['misa-dagger-fused.e2e']:.2f} "
-                           f"({r['speedup.misa_dagger_fused_e2e']:.2f}x)")
     return cols, out
 
 

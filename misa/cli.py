@@ -121,8 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--hisa-block-k", type=int, default=64, help="HISA's kept blocks m")
     b.add_argument("--rep-ms", type=int, default=200, help="do_bench repetition time per measurement")
     b.add_argument("--methods", default="dsa,misa,misa-gap,misa-dagger,hisa",
-                   help="comma-separated, from dsa,misa,misa-gap,misa-dagger,hisa,fused (fused: DSA, MISA "
-                        "and MISA-dagger again with the top-k fused into the logits kernel)")
+                   help="comma-separated, from dsa,misa,misa-gap,misa-dagger,hisa")
     b.add_argument("--json", default=None, help="also write the full results to this JSON file")
     b.set_defaults(func=cmd_bench)
 

@@ -124,22 +124,14 @@ def topk_indices(logits: torch.Tensor, ks: torch.Tensor, ke: torch.Tensor, k: in
     return topk_ref.topk_indices(logits, ks.long(), ke.long(), k)
 
 
-def fused_topk_enabled() -> bool:
-    """``MISA_FUSED_TOPK=1``: the top-k's compaction runs inside the logits kernel
-    (``misa/ops/topk/fused.py``; opt-in until it is measured on a GPU)."""
-    return os.environ.get("MISA_FUSED_TOPK") == "1"
-
-
 def _kernel_select(inp: Inputs, k: int, workspace_bytes: int | None, heads: torch.Tensor | None = None,
                    then=None) -> torch.Tensor:
     """Chunked kernel selection: each chunk's logits for keys ``[lo, hi)`` (all heads, or the
     routed ``heads``) into a buffer, the radix top-k picks ``k``; ``then(rows, idx)``
     post-processes (MISA-dagger's re-ranking)."""
     from .ops.dsa.triton import launch_logits
-    from .ops.topk.fused import fused_logits_topk
     from .ops.topk.triton import scratch_size, topk
     out = torch.empty(inp.num_queries, k if then is None else then.k, dtype=torch.int32, device=inp.q.device)
-    fused = fused_topk_enabled()
     # workspace per (query, key): the float32 logits (the top-k scratch is bounded separately)
     scratch = 8 * scratch_size(k, inp.num_keys)
     for t0, t1, lo, hi in query_chunks(inp, 4, workspace_bytes, bytes_per_query=scratch):
@@ -147,11 +139,8 @@ def _kernel_select(inp: Inputs, k: int, workspace_bytes: int | None, heads: torc
         args = (inp.q[rows], inp.weights[rows], inp.k, inp.k_scale, inp.ks[rows], inp.ke[rows])
         chunk_heads = heads[rows] if heads is not None else None
         buf = torch.empty(t1 - t0, max(hi - lo, 1), dtype=torch.float32, device=inp.q.device)
-        if fused:
-            idx = fused_logits_topk(*args, k, buf, lo, heads=chunk_heads)
-        else:
-            launch_logits(*args, buf, lo, heads=chunk_heads)
-            idx = topk(buf, inp.ks[rows], inp.ke[rows], k, ks_offset=lo, out_offset=lo)
+        launch_logits(*args, buf, lo, heads=chunk_heads)
+        idx = topk(buf, inp.ks[rows], inp.ke[rows], k, ks_offset=lo, out_offset=lo)
         out[rows] = idx if then is None else then(rows, idx)
     return out
 

@@ -13,12 +13,12 @@ def test_bad_methods_and_devices_name_the_argument():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="times the GPU kernels")
-def test_every_method_runs_and_the_fused_top_k_selects_like_the_unfused():
+def test_every_method_runs():
     cfg = BenchConfig(num_queries=512, context_lens=(20000,), k=256, stage1_k=1024, rep_ms=5, methods=METHODS)
     res = run_bench(cfg, torch.device("cuda"), progress=False)
     row = res["rows"][0]
-    # the same selection up to ties at the threshold
-    assert row["dsa-fused.recall"] > 0.999
-    assert abs(row["misa-fused.recall"] - row["misa.recall"]) < 0.01
+    for name in ("misa", "misa-gap", "misa-dagger", "hisa"):
+        assert 0.0 < row[name + ".recall"] <= 1.0, name
+    assert row["misa-dagger.recall"] >= row["misa.recall"] - 0.01
     cols, rows = format_rows(res)
     assert len(rows[0]) == len(cols)

@@ -1,7 +1,7 @@
 """Every Triton kernel compiles for Hopper (sm_90), on any machine.
 
 The interpreter runs kernels as Python, so it accepts code the compiler rejects (a loop-carried
-variable that changes shape, for one, which this test caught in the fused top-k). Triton compiles to
+variable that changes shape, for one, which this test caught in a since-removed fused top-k). Triton compiles to
 PTX and cubin without a GPU (ptxas ships with it); the compile runs in a fresh process because this
 test session imports the kernels in interpreter mode.
 """
@@ -21,4 +21,4 @@ def test_every_kernel_compiles_for_hopper():
     res = subprocess.run([sys.executable, str(here / "hopper_compile.py")], env=env, cwd=here.parent,
                          capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
-    assert res.stdout.count("ok   ") >= 13, res.stdout
+    assert res.stdout.count("ok   ") >= 9, res.stdout     # every variant hopper_compile.py lists

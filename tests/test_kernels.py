@@ -68,16 +68,15 @@ def test_topk_kernel(kind, k, ties):
 
 
 @pytest.mark.parametrize("kind", ["causal", "ragged"])
-@pytest.mark.parametrize("variant", ["samples of 64-byte runs", "compaction spans"])
+@pytest.mark.parametrize("variant", ["samples of 64-byte runs", "one-warp compaction"])
 def test_topk_kernel_variants(monkeypatch, kind, variant):
-    # the tuning variants the benchmarks switch between: the cut's sample of 16-column runs spread
-    # over the row (SAMPLE_CHUNK = 16), and compaction programs that load their whole span at once
-    # (several per row here: 1024 columns each under the interpreter)
+    # tuning variants the benchmarks switch between: the cut's sample of 16-column runs spread over
+    # the row (SAMPLE_CHUNK = 16), and compaction programs of one warp and 256-column steps
     from misa.ops.topk import triton as topk_triton
     if variant == "samples of 64-byte runs":
         monkeypatch.setattr(topk_triton, "SAMPLE_CHUNK", 16)
     else:
-        monkeypatch.setattr(topk_triton, "COMPACT_SPAN", (8192, 4) if BIG else (1024, 4))
+        monkeypatch.setattr(topk_triton, "COMPACT_CONFIG", (256, 1, 8))
     g = torch.Generator().manual_seed(21)
     t, s, k = (30, 7000, 90) if not BIG else (300, 70000, 2048)
     x = torch.randn(t, s, generator=g)
@@ -100,87 +99,6 @@ def test_topk_kernel_heavy_ties_and_small_scratch(monkeypatch):
     ks[0], ke[0] = 0, 3000
     idx = misa.topk_indices(x.to(DEVICE), ks.to(DEVICE), ke.to(DEVICE), 400)
     check_selection(idx, x.double(), ks, ke, 400, rtol=0)
-
-
-def _fused_case(kind, seed, routed, splits=None):
-    """Inputs, the fused top-k's selection into a NaN-filled buffer, and the float64 scores."""
-    from misa.ops.topk.fused import fused_logits_topk
-    from misa.validate import check_inputs
-    t, s, k = (13, 1500, 40) if not BIG else (300, 40000, 700)
-    q, kv, w, ks, ke = _inputs(t, s, 16, 64, kind, seed=seed)
-    inp = check_inputs(q, kv, w, ks, ke)
-    heads = misa.route_heads(q, kv, w, ks, ke, active_heads=4, block_size=64) if routed else None
-    lo = int(ks.min())
-    buf = torch.full((t, int(ke.max()) - lo), float("nan"), device=DEVICE)
-    idx = fused_logits_topk(inp.q, inp.weights, inp.k, inp.k_scale, inp.ks, inp.ke, k, buf, lo, heads=heads,
-                            splits=splits)
-    scores = dsa_logits64(q, kv, w, ks, ke, heads=heads.cpu() if routed else None)
-    return idx, buf, scores, ks, ke, k
-
-
-@pytest.mark.parametrize("kind", ["causal", "ragged", "empty"])
-@pytest.mark.parametrize("routed,splits", [(False, None), (True, None), (True, 3)])
-def test_fused_topk_selects_without_storing_the_scores(kind, routed, splits):
-    # splits = 3: several programs share a query block's keys, and so its rows' scratch counters
-    idx, buf, scores, ks, ke, k = _fused_case(kind, 7 + routed, routed, splits)
-    check_selection(idx, scores, ks.cpu(), ke.cpu(), k, rtol=RTOL)
-    # rows long enough for a sampled cut never had their scores stored: the compaction ran in the
-    # logits kernel; short rows were stored whole and took the top-k's general path
-    from misa.ops.topk import fused
-    stride = max(fused.SAMPLE_STRIDE, -(-buf.shape[1] // fused.SAMPLE_MAX))
-    long_rows = ((ke - ks) >= 2 * fused.MIN_SAMPLE * stride).cpu()
-    unstored = torch.isnan(buf).all(dim=1).cpu()
-    if kind != "empty":
-        assert long_rows.any()
-    assert bool(unstored[long_rows].all())
-
-
-def test_fused_topk_repairs_rows_whose_cut_missed(monkeypatch):
-    # a scratch of k + 3 entries: every sampled cut lets more through, so every row is re-scored
-    # by the REPAIR launch, stored, and selected by the general path
-    from misa.ops.topk import triton as topk_triton
-    monkeypatch.setattr(topk_triton, "scratch_size", lambda k, width: k + 3)
-    idx, buf, scores, ks, ke, k = _fused_case("causal", 9, True, splits=2)
-    check_selection(idx, scores, ks.cpu(), ke.cpu(), k, rtol=RTOL)
-    for t, (a, b) in enumerate(zip(ks.tolist(), ke.tolist())):
-        assert not torch.isnan(buf[t, a - int(ks.min()): b - int(ks.min())]).any(), t
-
-
-def test_fused_topk_with_short_slot_runs(monkeypatch):
-    # runs of one key tile's worth of slots: rows give up part-used runs often, leaving key-0
-    # holes in the scratch that the selection must skip (kept < slots taken)
-    from misa.ops.dsa import triton as dsa_triton
-    from misa.ops.topk import triton as topk_triton
-    monkeypatch.setattr(dsa_triton, "SLOT_RUN", 1)
-    calls = []
-
-    class Recorded(topk_triton.TopkLaunches):
-        def __init__(self, *a, **kw):
-            super().__init__(*a, **kw)
-            self.scr_key.fill_(-1)      # the largest key: a hole left unfilled would be selected
-            calls.append(self)
-
-    monkeypatch.setattr(topk_triton, "TopkLaunches", Recorded)
-    idx, buf, scores, ks, ke, k = _fused_case("causal", 5, False, splits=2)
-    check_selection(idx, scores, ks.cpu(), ke.cpu(), k, rtol=RTOL)
-    (call,) = calls
-    fast = (call.cut_keys != 0) & (call.kept >= k)
-    assert bool(fast.any())
-    assert bool((call.count[fast] > call.kept[fast]).any())
-
-
-@pytest.mark.parametrize("kind", ["causal", "ragged"])
-def test_fused_topk_through_the_public_api(monkeypatch, kind):
-    t, s, k = (11, 1300, 50) if not BIG else (300, 30000, 512)
-    q, kv, w, ks, ke = _inputs(t, s, 16, 64, kind, seed=12)
-    monkeypatch.setenv("MISA_FUSED_TOPK", "1")
-    dsa = misa.dsa_select(q, kv, w, ks, ke, k=k)
-    check_selection(dsa, dsa_logits64(q, kv, w, ks, ke), ks.cpu(), ke.cpu(), k, rtol=RTOL)
-    heads = misa.route_heads(q, kv, w, ks, ke, active_heads=8, block_size=64)
-    m = misa.misa_select(q, kv, w, ks, ke, k=k, active_heads=8, block_size=64)
-    check_selection(m, dsa_logits64(q, kv, w, ks, ke, heads=heads.cpu()), ks.cpu(), ke.cpu(), k, rtol=RTOL)
-    dagger = misa.misa_select(q, kv, w, ks, ke, k=k, active_heads=8, block_size=64, stage1_k=4 * k)
-    assert dagger.shape == (t, k)
 
 
 @pytest.mark.parametrize("h,bs", [(2, 64), (8, 128), (16, 1024)])

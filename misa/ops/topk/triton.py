@@ -35,12 +35,13 @@ from ..triton_common import INTERPRET, ordered_key as _ordered_key
 # (elements per step, num_warps, sample size): benchmarks/sweep_kernels.py. The interpreter is
 # slow, so CI runs the same code with a smaller sample.
 DEFAULT_CONFIG = (1024, 4, 256) if INTERPRET else (1024, 4, 2048)
-# thresholds tested per pass of the quantile search, scratch elements per step, and steps of
-# BLOCK row elements per compaction program (benchmarks/topk_compare.py on an H200, 4096 x 128K,
-# k = 2048, one call: 4-way search 2.17 ms, 8-way 2.27, 16-way 2.49; 32-way 5.6 in another call.
-# Compares per key ~ WAYS * bits / log2(WAYS): 2 and 4 ways tie, 2 ways needs twice the passes.
-# Holding the scratch in registers (8192) was slower, 2.77; prefetching the next step before the
-# compaction's atomic slowed it from 0.99 to 1.41 ms)
+# thresholds tested per pass of the quantile search, and scratch elements per step of the select
+# (benchmarks/topk_compare.py on an H200, 4096 x 128K, k = 2048, one call: 4-way search 2.17 ms,
+# 8-way 2.27, 16-way 2.49; 32-way 5.6 in another call. Compares per key ~ WAYS * bits / log2(WAYS):
+# 2 and 4 ways tie, 2 ways needs twice the passes. Holding the scratch in registers (8192) was
+# slower, 2.77; prefetching the next step before the compaction's atomic slowed it from 0.99 to
+# 1.41 ms; compaction programs that load their whole span (2048-16384 columns) at once with one
+# atomic: 1.91-3.66 ms against 1.74 for the default, same call)
 WAYS = 4
 # the cut's sample: runs of SAMPLE_CHUNK adjacent columns spread over the row. Single columns
 # (1) give fewer and steadier survivors than 64-byte runs (16) (benchmarks/cut_simulation.py), and
@@ -48,10 +49,9 @@ WAYS = 4
 # 4096 x 128K, k = 2048)
 SAMPLE_CHUNK = 1
 SCRATCH_BLOCK = 1024
-COMPACT_STEPS = 8
-# columns per compaction program loaded at once (``_compact_span_kernel``, warps); 0: the stepped
-# kernel (COMPACT_STEPS steps of BLOCK columns, one atomic per step)
-COMPACT_SPAN = (0, 4)
+# the compaction's (columns per step, num_warps, steps per program) and the cut's num_warps
+COMPACT_CONFIG = (1024, 4, 8)
+CUT_WARPS = 4
 
 
 def scratch_size(k: int, width: int) -> int:
@@ -166,30 +166,6 @@ def _cut_kernel(X, KS, KE, CUT, COUNT, stride_x, ks_offset, K,
     tl.store(COUNT + row, 0)
 
 
-@triton.jit(do_not_specialize=["s_offset", "K"])
-def _sample_cut_kernel(XS, KS_S, KE_S, KS, KE, CUT, COUNT, KEPT, stride_xs, s_offset, K,
-                       NS: tl.constexpr, MIN_SAMPLE: tl.constexpr, WAYS: tl.constexpr):
-    """As ``_cut_kernel``, from the scores of an evenly strided sample of each row's keys
-    (``XS``, sample columns ``[KS_S, KE_S)`` minus ``s_offset``, at most ``NS`` of them) rather
-    than from the row itself: the fused path knows the cut before the row's scores exist."""
-    row = tl.program_id(0).to(tl.int64)
-    n = tl.load(KE + row) - tl.load(KS + row)
-    s0 = tl.load(KS_S + row) - s_offset
-    ns = tl.load(KE_S + row) - s_offset - s0
-    cut = tl.zeros([], dtype=tl.uint32)
-    if (ns >= MIN_SAMPLE) & (n > K):
-        i = tl.arange(0, NS)
-        m = i < ns
-        key = _ordered_key(tl.load(XS + row * stride_xs + s0 + i, mask=m, other=float("-inf")))
-        expect = (K * 1.0) * ns / (n * 1.0)
-        need = (expect + 4.0 * tl.sqrt(expect) + 17.0).to(tl.int32)
-        if need < ns:
-            cut = _sample_quantile(key, m, need, WAYS)     # padding is -inf: below every sampled key
-    tl.store(CUT + row, cut.to(tl.int32, bitcast=True))
-    tl.store(COUNT + row, 0)
-    tl.store(KEPT + row, 0)
-
-
 @triton.jit(do_not_specialize=["ks_offset", "CAP"])
 def _compact_kernel(X, KS, KE, CUT, COUNT, SCR_KEY, SCR_COL, stride_x, stride_scr, ks_offset, CAP,
                     BLOCK: tl.constexpr, FINITE_ONLY: tl.constexpr):
@@ -220,32 +196,8 @@ def _compact_kernel(X, KS, KE, CUT, COUNT, SCR_KEY, SCR_COL, stride_x, stride_sc
                 tl.store(SCR_COL + row * stride_scr + spos, c, mask=ok)
 
 
-@triton.jit(do_not_specialize=["ks_offset", "CAP"])
-def _compact_span_kernel(X, KS, KE, CUT, COUNT, SCR_KEY, SCR_COL, stride_x, stride_scr, ks_offset, CAP,
-                         SPAN: tl.constexpr, FINITE_ONLY: tl.constexpr):
-    """As ``_compact_kernel``, each program's ``SPAN`` columns loaded at once (every load in
-    flight together) and one atomic per program for its scratch slots."""
-    row = tl.program_id(0).to(tl.int64)
-    cut = tl.load(CUT + row).to(tl.uint32, bitcast=True)
-    ks = tl.load(KS + row) - ks_offset
-    ke = tl.load(KE + row) - ks_offset
-    lo = ks + tl.program_id(1) * SPAN
-    if (cut != 0) & (lo < ke):
-        c = lo + tl.arange(0, SPAN)
-        key, m = _eligible_keys(X + row * stride_x, c, ke, FINITE_ONLY)
-        keep = m & (key >= cut)
-        keep_i = keep.to(tl.int32)
-        n_keep = tl.sum(keep_i, axis=0)
-        if n_keep > 0:
-            base = tl.atomic_add(COUNT + row, n_keep)
-            spos = base + tl.cumsum(keep_i, axis=0) - 1
-            ok = keep & (spos < CAP)
-            tl.store(SCR_KEY + row * stride_scr + spos, key.to(tl.int32, bitcast=True), mask=ok)
-            tl.store(SCR_COL + row * stride_scr + spos, c, mask=ok)
-
-
 @triton.jit(do_not_specialize=["ks_offset", "out_offset", "K", "CAP"])
-def _select_kernel(X, KS, KE, OUT, CMAP, CUT, COUNT, KEPT, SCR_KEY, SCR_COL,
+def _select_kernel(X, KS, KE, OUT, CMAP, CUT, COUNT, SCR_KEY, SCR_COL,
                    stride_x, stride_out, stride_cmap, stride_scr, ks_offset, out_offset, K, CAP,
                    BLOCK: tl.constexpr, SBLOCK: tl.constexpr, WAYS: tl.constexpr,
                    HAS_CMAP: tl.constexpr, FINITE_ONLY: tl.constexpr):
@@ -265,8 +217,8 @@ def _select_kernel(X, KS, KE, OUT, CMAP, CUT, COUNT, KEPT, SCR_KEY, SCR_COL,
     k_rem = K
     prefix = tl.zeros([], dtype=tl.uint32)
     shift = 0
-    n_scr = tl.load(COUNT + row)        # scratch slots in use (the fused path leaves key-0 holes)
-    fast = (tl.load(CUT + row) != 0) & (tl.load(KEPT + row) >= K) & (n_scr <= CAP)
+    n_scr = tl.load(COUNT + row)
+    fast = (tl.load(CUT + row) != 0) & (n_scr >= K) & (n_scr <= CAP)
 
     if fast:
         # the scratch holds every element at or above the cut, k of them at least: search its
@@ -405,38 +357,32 @@ class TopkLaunches:
         self.k = k
         self.block, self.warps, self.sample = config or DEFAULT_CONFIG
         self.cap = scratch_size(k, w)
-        self.parts = max(1, min(256, w // (COMPACT_STEPS * self.block)))
+        self.compact_block, self.compact_warps, steps = COMPACT_CONFIG
+        self.parts = max(1, min(256, w // (steps * self.compact_block)))
         self.out = torch.empty(t, k, dtype=torch.int32, device=dev)
         self.scr_key = torch.empty(t, self.cap, dtype=torch.int32, device=dev)
         self.scr_col = torch.empty(t, self.cap, dtype=torch.int32, device=dev)
         self.cut_keys = torch.empty(t, dtype=torch.int32, device=dev)    # per row; 0 = no cut
-        self.count = torch.empty(t, dtype=torch.int32, device=dev)       # scratch slots taken per row
-        self.kept = self.count          # elements kept per row (the fused path's slots can have holes)
+        self.count = torch.empty(t, dtype=torch.int32, device=dev)       # scratch entries per row
 
     def cut(self):
         """The sample cut per row; also zeroes the scratch counters."""
         x, ks, ke, k, ks_offset, _, _, finite_only = self.args
         _cut_kernel[(x.shape[0],)](x, ks, ke, self.cut_keys, self.count, x.stride(0), ks_offset, k,
                                    SAMPLE=self.sample, CHUNK=SAMPLE_CHUNK, WAYS=WAYS, FINITE_ONLY=finite_only,
-                                   num_warps=4)
+                                   num_warps=CUT_WARPS)
 
     def compact(self):
         x, ks, ke, _, ks_offset, _, _, finite_only = self.args
-        span, warps = COMPACT_SPAN
-        if span:
-            _compact_span_kernel[(x.shape[0], triton.cdiv(x.shape[1], span))](
-                x, ks, ke, self.cut_keys, self.count, self.scr_key, self.scr_col, x.stride(0),
-                self.scr_key.stride(0), ks_offset, self.cap, SPAN=span, FINITE_ONLY=finite_only, num_warps=warps)
-            return
         _compact_kernel[(x.shape[0], self.parts)](
             x, ks, ke, self.cut_keys, self.count, self.scr_key, self.scr_col, x.stride(0),
-            self.scr_key.stride(0), ks_offset, self.cap, BLOCK=self.block, FINITE_ONLY=finite_only,
-            num_warps=4)
+            self.scr_key.stride(0), ks_offset, self.cap, BLOCK=self.compact_block, FINITE_ONLY=finite_only,
+            num_warps=self.compact_warps)
 
     def select(self):
         x, ks, ke, k, ks_offset, out_offset, cmap, finite_only = self.args
         _select_kernel[(x.shape[0],)](
-            x, ks, ke, self.out, cmap if cmap is not None else self.out, self.cut_keys, self.count, self.kept,
+            x, ks, ke, self.out, cmap if cmap is not None else self.out, self.cut_keys, self.count,
             self.scr_key, self.scr_col, x.stride(0), self.out.stride(0),
             cmap.stride(0) if cmap is not None else 0, self.scr_key.stride(0),
             ks_offset, out_offset, k, self.cap,
