@@ -16,7 +16,7 @@ import time
 import torch
 import triton.testing
 
-from misa.ops.dsa.triton import DEFAULT_CONFIG, launch_logits
+from misa.ops.dsa.triton import DEFAULT_CONFIG, ROUTED_CONFIG, launch_logits
 from misa.ops.misa.triton import gather_logits
 from misa.ops.topk.triton import topk
 from misa.synthetic import indexer_workload
@@ -83,7 +83,7 @@ def main():
         if args.logits_configs:
             grid = [tuple(int(v) for v in c.split("/")[:4]) + (bool(int(c.split("/")[4])),)
                     for c in args.logits_configs.split(",")]
-        for cfg in [DEFAULT_CONFIG] + grid:
+        for cfg in [ROUTED_CONFIG if h else DEFAULT_CONFIG] + grid:
             if left() < 0:
                 break
             if cfg[0] < nh:

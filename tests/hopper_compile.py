@@ -58,10 +58,10 @@ def ptxas_report(compiled) -> str:
 
 
 def variants():
-    pairs, bn, warps, stages, head_major = dsa.DEFAULT_CONFIG
     ptrs = {"Q": "fp8e4nv", "W": "fp32", "HEADS": I32, "K": "fp8e4nv", "KSCALE": "fp32", "KS": I32, "KE": I32,
             "OUT": "fp32"}
     for heads in (64, 8):
+        pairs, bn, warps, stages, head_major = dsa.DEFAULT_CONFIG if heads == 64 else dsa.ROUTED_CONFIG
         consts = {"NH": heads, "D": 128, "BQ": pairs // heads, "BN": bn, "ROUTED": heads < 64,
                   "HAS_SCALE": True, "CAST": None, "HEAD_MAJOR": head_major}
         yield f"logits heads={heads}", dsa._mqa_logits_kernel, ptrs, consts, warps, stages

@@ -68,15 +68,15 @@ def test_topk_kernel(kind, k, ties):
 
 
 @pytest.mark.parametrize("kind", ["causal", "ragged"])
-@pytest.mark.parametrize("variant", ["samples of 64-byte runs", "one-warp compaction"])
+@pytest.mark.parametrize("variant", ["samples of 64-byte runs", "four-warp compaction"])
 def test_topk_kernel_variants(monkeypatch, kind, variant):
     # tuning variants the benchmarks switch between: the cut's sample of 16-column runs spread over
-    # the row (SAMPLE_CHUNK = 16), and compaction programs of one warp and 256-column steps
+    # the row (SAMPLE_CHUNK = 16), and compaction programs of four warps and 1024-column steps
     from misa.ops.topk import triton as topk_triton
     if variant == "samples of 64-byte runs":
         monkeypatch.setattr(topk_triton, "SAMPLE_CHUNK", 16)
     else:
-        monkeypatch.setattr(topk_triton, "COMPACT_CONFIG", (256, 1, 8))
+        monkeypatch.setattr(topk_triton, "COMPACT_CONFIG", (1024, 4, 8))
     g = torch.Generator().manual_seed(21)
     t, s, k = (30, 7000, 90) if not BIG else (300, 70000, 2048)
     x = torch.randn(t, s, generator=g)
