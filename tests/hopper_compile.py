@@ -68,7 +68,7 @@ def variants():
     block, warps, sample = topk.DEFAULT_CONFIG
     rows = {"X": "fp32", "KS": I32, "KE": I32, "CUT": I32, "COUNT": I32, "SCR_KEY": I32, "SCR_COL": I32,
             "OUT": I32, "CMAP": I32}
-    for chunk in (16, 1):
+    for chunk in sorted({topk.SAMPLE_CHUNK, 16, 1}):
         yield (f"top-k cut chunk={chunk}", topk._cut_kernel, rows,
                {"SAMPLE": sample, "CHUNK": chunk, "WAYS": topk.WAYS, "FINITE_ONLY": False}, 4, 3)
     c_block, c_warps, _ = topk.COMPACT_CONFIG

@@ -32,9 +32,11 @@ import triton.language as tl
 
 from ..triton_common import INTERPRET, ordered_key as _ordered_key
 
-# (elements per step, num_warps, sample size): benchmarks/sweep_kernels.py. The interpreter is
-# slow, so CI runs the same code with a smaller sample.
-DEFAULT_CONFIG = (1024, 4, 256) if INTERPRET else (1024, 4, 2048)
+# (elements per step, num_warps of the select, sample size): benchmarks/sweep_kernels.py and
+# topk_compare.py. A one-warp select with 512-entry scratch steps: whole top-k 1.44 ms against 1.49
+# with four warps and 1024 (H200, one call). The interpreter is slow, so CI runs the same code with
+# a smaller sample.
+DEFAULT_CONFIG = (1024, 1, 256) if INTERPRET else (1024, 1, 2048)
 # thresholds tested per pass of the quantile search, and scratch elements per step of the select
 # (benchmarks/topk_compare.py on an H200, 4096 x 128K, k = 2048, one call: 4-way search 2.17 ms,
 # 8-way 2.27, 16-way 2.49; 32-way 5.6 in another call. Compares per key ~ WAYS * bits / log2(WAYS):
@@ -43,12 +45,13 @@ DEFAULT_CONFIG = (1024, 4, 256) if INTERPRET else (1024, 4, 2048)
 # 1.41 ms; compaction programs that load their whole span (2048-16384 columns) at once with one
 # atomic: 1.91-3.66 ms against 1.74 for the default, same call)
 WAYS = 4
-# the cut's sample: runs of SAMPLE_CHUNK adjacent columns spread over the row. Single columns
-# (1) give fewer and steadier survivors than 64-byte runs (16) (benchmarks/cut_simulation.py), and
-# the whole top-k took 1.73 ms against 2.25 ms with runs of 16 (topk_compare.py, H200, one call,
-# 4096 x 128K, k = 2048)
-SAMPLE_CHUNK = 1
-SCRATCH_BLOCK = 1024
+# the cut's sample: runs of SAMPLE_CHUNK adjacent columns spread over the row. Single columns give
+# fewer and steadier survivors than 64-byte runs (16) (benchmarks/cut_simulation.py) but cost a
+# memory sector each; with the one-warp compaction below, runs of 4 were best (whole top-k, H200,
+# one call, 4096 x 128K, k = 2048: 1 column 1.49 ms, 4 columns 1.39, 8 columns 1.40; with the
+# earlier compaction 16 columns took 2.24 ms against 1.74 for 1)
+SAMPLE_CHUNK = 4
+SCRATCH_BLOCK = 512
 # the compaction's (columns per step, num_warps, steps per program) and the cut's num_warps. One
 # warp per program (no cross-warp reductions or barriers around each step's atomic, many programs
 # per SM): (256, 1, 16) took the whole top-k to 1.48 ms against 1.72 for (1024, 4, 8) (H200, one
