@@ -33,10 +33,11 @@ import triton.language as tl
 from ..triton_common import INTERPRET, ordered_key as _ordered_key
 
 # (elements per step, num_warps of the select, sample size): benchmarks/sweep_kernels.py and
-# topk_compare.py. A one-warp select with 512-entry scratch steps: whole top-k 1.44 ms against 1.49
-# with four warps and 1024 (H200, one call). The interpreter is slow, so CI runs the same code with
-# a smaller sample.
-DEFAULT_CONFIG = (1024, 1, 256) if INTERPRET else (1024, 1, 2048)
+# topk_compare.py. A one-warp select with 512-entry scratch steps took the whole top-k from 1.49
+# to 1.44 ms at k = 2048 (H200, one call) but from 2.59 to 3.67 ms at k = 8192 (MISA-dagger's stage
+# 1, next call), and a row on the general path is ~4x slower with one warp: four warps. The
+# interpreter is slow, so CI runs the same code with a smaller sample.
+DEFAULT_CONFIG = (1024, 4, 256) if INTERPRET else (1024, 4, 2048)
 # thresholds tested per pass of the quantile search, and scratch elements per step of the select
 # (benchmarks/topk_compare.py on an H200, 4096 x 128K, k = 2048, one call: 4-way search 2.17 ms,
 # 8-way 2.27, 16-way 2.49; 32-way 5.6 in another call. Compares per key ~ WAYS * bits / log2(WAYS):
@@ -46,12 +47,13 @@ DEFAULT_CONFIG = (1024, 1, 256) if INTERPRET else (1024, 1, 2048)
 # atomic: 1.91-3.66 ms against 1.74 for the default, same call)
 WAYS = 4
 # the cut's sample: runs of SAMPLE_CHUNK adjacent columns spread over the row. Single columns give
-# fewer and steadier survivors than 64-byte runs (16) (benchmarks/cut_simulation.py) but cost a
-# memory sector each; with the one-warp compaction below, runs of 4 were best (whole top-k, H200,
-# one call, 4096 x 128K, k = 2048: 1 column 1.49 ms, 4 columns 1.39, 8 columns 1.40; with the
-# earlier compaction 16 columns took 2.24 ms against 1.74 for 1)
-SAMPLE_CHUNK = 4
-SCRATCH_BLOCK = 512
+# fewer and steadier survivors than runs (benchmarks/cut_simulation.py) and no missed cuts in our
+# runs, at a memory sector each. Runs of 4 made the whole top-k faster at 4096 x 128K, k = 2048
+# (1.39 ms against 1.49, H200, one call) but missed the cut on a few rows of DSA's logits at 64K
+# keys (fast rows 0.9993), whose general path then made DSA's top-k slower at 32K and 64K (0.88 and
+# 1.27 ms against 0.80 and 1.06, two calls): single columns until the margin allows for runs.
+SAMPLE_CHUNK = 1
+SCRATCH_BLOCK = 1024
 # the compaction's (columns per step, num_warps, steps per program) and the cut's num_warps. One
 # warp per program (no cross-warp reductions or barriers around each step's atomic, many programs
 # per SM): (256, 1, 16) took the whole top-k to 1.48 ms against 1.72 for (1024, 4, 8) (H200, one
