@@ -96,6 +96,26 @@ def _threshold_digit(hist, bins, k_rem):
 
 
 @triton.jit
+def _refine_round(src, start, end, lane, shift, prefix, bins, k_rem, FROM_SCRATCH: tl.constexpr,
+                  FINITE_ONLY: tl.constexpr):
+    """One 8-bit radix round below ``shift`` among the keys whose bits above it equal ``prefix``:
+    keys from a row's columns ``[start, end)`` (``src`` the row) or from scratch entries ``[start,
+    end)`` (``src`` the row's scratch keys). Returns the narrowed (prefix, k_rem, count in bin)."""
+    h = tl.zeros([256], dtype=tl.int32)
+    for step in range(start, end, lane.shape[0]):
+        j = step + lane
+        if FROM_SCRATCH:
+            m = j < end
+            key = tl.load(src + j, mask=m, other=0).to(tl.uint32, bitcast=True)
+        else:
+            key, m = _eligible_keys(src, j, end, FINITE_ONLY)
+        m = m & ((key >> shift) == prefix)
+        h += tl.histogram(((key >> (shift - 8)) & 255).to(tl.int32), 256, mask=m)
+    digit, above, cnt = _threshold_digit(h, bins, k_rem)
+    return (prefix << 8) | digit.to(tl.uint32), k_rem - above, cnt
+
+
+@triton.jit
 def _count_at_least(key, m, lo, step, WAYS: tl.constexpr):
     """For the thresholds ``lo + j * step`` (j < WAYS): how many of ``key[m]`` are at or above each.
     (One 1-D reduction per threshold: a [n, WAYS] comparison reduced over n was 2x slower.)"""
@@ -274,14 +294,8 @@ def _select_kernel(X, KS, KE, OUT, CMAP, CUT, COUNT, SCR_KEY, SCR_COL,
             shift = 24
             # the threshold bin does not fit the scratch: refine over the whole row
             while (cnt > CAP) & (shift > 0):
-                h = tl.zeros([256], dtype=tl.int32)
-                for start in range(ks, ke, BLOCK):
-                    key, m = _eligible_keys(x_row, start + lane, ke, FINITE_ONLY)
-                    m = m & ((key >> shift) == prefix)
-                    h += tl.histogram(((key >> (shift - 8)) & 255).to(tl.int32), 256, mask=m)
-                digit, above, cnt = _threshold_digit(h, bins, k_rem)
-                k_rem -= above
-                prefix = (prefix << 8) | digit.to(tl.uint32)
+                prefix, k_rem, cnt = _refine_round(x_row, ks, ke, lane, shift, prefix, bins, k_rem, False,
+                                                   FINITE_ONLY)
                 shift -= 8
             # write what lies above the bin; move the bin (or, all bits fixed, its ties) on
             n_tie = 0
@@ -307,16 +321,8 @@ def _select_kernel(X, KS, KE, OUT, CMAP, CUT, COUNT, SCR_KEY, SCR_COL,
     # general path: remaining 8-bit rounds over the scratch
     if (fast == 0) & (shift > 0) & (n_scr > 0):
         while shift > 0:
-            h = tl.zeros([256], dtype=tl.int32)
-            for start in range(0, n_scr, BLOCK):
-                j = start + lane
-                m = j < n_scr
-                key = tl.load(scr_key + j, mask=m, other=0).to(tl.uint32, bitcast=True)
-                m = m & ((key >> shift) == prefix)
-                h += tl.histogram(((key >> (shift - 8)) & 255).to(tl.int32), 256, mask=m)
-            digit, above, cnt = _threshold_digit(h, bins, k_rem)
-            k_rem -= above
-            prefix = (prefix << 8) | digit.to(tl.uint32)
+            prefix, k_rem, cnt = _refine_round(scr_key, 0, n_scr, lane, shift, prefix, bins, k_rem, True,
+                                               FINITE_ONLY)
             shift -= 8
 
     # both paths: the scratch's winners, every key above the k-th largest (``prefix``, all bits
