@@ -20,7 +20,7 @@ import triton.testing
 from misa.ops.topk import triton as topk_mod
 
 
-TUNABLE = ("WAYS", "SCRATCH_BLOCK", "COMPACT_CONFIG", "DEFAULT_CONFIG", "SAMPLE_CHUNK", "CUT_WARPS")   # module constants of the kernel
+TUNABLE = ("WAYS", "SCRATCH_BLOCK", "COMPACT_CONFIG", "DEFAULT_CONFIG", "SAMPLE_CHUNK", "CUT_WARPS", "CUT_SIGMAS")   # module constants of the kernel
 
 
 def bench(fn):
@@ -63,7 +63,9 @@ def main():
                                           "DEFAULT_CONFIG=512/4/2048,SCRATCH_BLOCK=512,SCRATCH_BLOCK=2048",
                     help="module constants to try at 131072:2048, one variant per comma (NAME=value, tuples "
                          "with /, several constants joined by +)")
+    ap.add_argument("--variant-sizes", default="131072:2048", help="keys:k pairs at which the variants run")
     args = ap.parse_args()
+    variant_sizes = {tuple(int(v) for v in p.split(":")) for p in args.variant_sizes.split(",") if p}
     sizes = [tuple(int(v) for v in p.split(":")) for p in args.sizes.split(",") if p]
     grid = []
     for item in filter(None, args.variants.split(",")):
@@ -72,7 +74,7 @@ def main():
             name, value = part.split("=")
             if name not in TUNABLE:
                 ap.error(f"--variants: {name!r} is not one of {TUNABLE}")
-            vals = tuple(int(v) for v in value.split("/"))
+            vals = tuple(float(v) if "." in v else int(v) for v in value.split("/"))
             change[name] = vals if len(vals) > 1 else vals[0]
         grid.append(change)
     dev = torch.device("cuda")
@@ -111,7 +113,7 @@ def main():
             old = lambda: previous.topk(x, ks, ke, k)
             row["previous_ok"] = same_by_value(old(), x, k)
             row["previous_ms"] = bench(old)
-        if s == 131072 and k == 2048 and grid:
+        if (s, k) in variant_sizes and grid:
             row["variants"] = []
             names = TUNABLE
             base = {n: getattr(topk_mod, n) for n in names}
@@ -122,6 +124,11 @@ def main():
                 try:
                     rec["ok"] = same_by_value(topk_mod.topk(x, ks, ke, k), x, k)
                     rec["ms"] = bench(lambda: topk_mod.topk(x, ks, ke, k))
+                    call = topk_mod.TopkLaunches(x, ks, ke, k)
+                    call.cut(); call.compact()
+                    rec["survivors_mean"] = float(call.count.float().mean())
+                    rec["fast_rows"] = float(((call.count >= k) & (call.count <= call.cap)
+                                              & (call.cut_keys != 0)).float().mean())
                 except Exception as e:  # noqa: BLE001 - record and go on
                     rec["error"] = f"{type(e).__name__}: {str(e)[:200]}"
                 print(rec, flush=True)

@@ -27,13 +27,15 @@ from misa.ops.topk import triton as topk
 
 HOPPER = GPUTarget("cuda", 90, 32)
 I32 = "i32"
+FLOAT_SCALARS = {"sigmas": "fp32"}    # non-pointer arguments the kernels take as float
 
 
 def compile_for_hopper(kernel, pointers: dict, consts: dict, num_warps=4, num_stages=3):
     """``pointers``: argument name -> element type; other non-constexpr arguments are i32."""
     sig, attrs = {}, {}
     for i, name in enumerate(inspect.signature(kernel.fn).parameters):
-        sig[name] = "constexpr" if name in consts else ("*" + pointers[name] if name in pointers else I32)
+        sig[name] = ("constexpr" if name in consts else "*" + pointers[name] if name in pointers
+                     else FLOAT_SCALARS.get(name, I32))
         if name in pointers or name.startswith("stride"):
             attrs[(i,)] = [["tt.divisibility", 16]]
     return triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=consts, attrs=attrs), target=HOPPER,

@@ -60,6 +60,9 @@ SCRATCH_BLOCK = 1024
 # call, 4096 x 128K, k = 2048); 1 or 2 warps for the cut: no change
 COMPACT_CONFIG = (256, 1, 16)
 CUT_WARPS = 4
+# the cut sits this many standard deviations (of a binomial count) plus 17 below the k-th value's
+# expected rank in the sample; runs of SAMPLE_CHUNK > 1 columns are correlated and need more
+CUT_SIGMAS = 4.0
 
 
 def scratch_size(k: int, width: int) -> int:
@@ -172,10 +175,10 @@ def _sample_quantile(key, m, need, WAYS: tl.constexpr):
 
 
 @triton.jit(do_not_specialize=["ks_offset", "K"])
-def _cut_kernel(X, KS, KE, CUT, COUNT, stride_x, ks_offset, K,
+def _cut_kernel(X, KS, KE, CUT, COUNT, stride_x, ks_offset, K, sigmas,
                 SAMPLE: tl.constexpr, CHUNK: tl.constexpr, WAYS: tl.constexpr, FINITE_ONLY: tl.constexpr):
     """Per long row: a sample quantile safely below the k-th largest value (expected rank plus
-    four standard deviations). Short rows get no cut (the selection kernel takes them whole)."""
+    ``sigmas`` standard deviations). Short rows get no cut (the selection kernel takes them whole)."""
     row = tl.program_id(0).to(tl.int64)
     ks = tl.load(KS + row) - ks_offset
     ke = tl.load(KE + row) - ks_offset
@@ -188,7 +191,7 @@ def _cut_kernel(X, KS, KE, CUT, COUNT, stride_x, ks_offset, K,
         sample = tl.load(X + row * stride_x + pos, mask=pos < ke, other=float("-inf"))
         key = _ordered_key(sample)
         expect = (K * 1.0) * SAMPLE / (n * 1.0)
-        need = tl.minimum((expect + 4.0 * tl.sqrt(expect) + 17.0).to(tl.int32), SAMPLE)
+        need = tl.minimum((expect + sigmas * tl.sqrt(expect) + 17.0).to(tl.int32), SAMPLE)
         cut = _sample_quantile(key, tl.full([SAMPLE], 1, tl.int1), need, WAYS)
     tl.store(CUT + row, cut.to(tl.int32, bitcast=True))
     tl.store(COUNT + row, 0)
@@ -382,7 +385,7 @@ class TopkLaunches:
     def cut(self):
         """The sample cut per row; also zeroes the scratch counters."""
         x, ks, ke, k, ks_offset, _, _, finite_only = self.args
-        _cut_kernel[(x.shape[0],)](x, ks, ke, self.cut_keys, self.count, x.stride(0), ks_offset, k,
+        _cut_kernel[(x.shape[0],)](x, ks, ke, self.cut_keys, self.count, x.stride(0), ks_offset, k, CUT_SIGMAS,
                                    SAMPLE=self.sample, CHUNK=SAMPLE_CHUNK, WAYS=WAYS, FINITE_ONLY=finite_only,
                                    num_warps=CUT_WARPS)
 
