@@ -5,8 +5,16 @@ the cache for each sequence, the ``next_n`` new ones included); ``block_table [B
 Query ``i`` of sequence ``b`` sees keys ``[0, context_lens[b] - next_n + i + 1)`` (multi-token
 prediction puts several new tokens in one step). Indices are positions inside the sequence.
 Outputs have ``B * next_n`` rows, sequence-major.
+
+With ``MISA_PAGED_KERNEL=1`` (opt-in until it is measured on a GPU) and the kernels on, DSA's
+logits and selection and MISA's (without a second stage) score the whole batch in one launch that
+reads the pages in place (``misa/ops/dsa/paged_triton.py``) and select with one top-k launch;
+otherwise each sequence's pages are gathered into contiguous keys and the prefill path runs
+sequence by sequence.
 """
 from __future__ import annotations
+
+import os
 
 import torch
 
@@ -53,6 +61,23 @@ def _sequences(q, kv_cache, weights, context_lens, block_table):
                                                 torch.zeros_like(ke), ke)
 
 
+def _batched(q) -> bool:
+    """The one-launch paged kernel: opted in (``MISA_PAGED_KERNEL=1``) and the kernels on."""
+    return os.environ.get("MISA_PAGED_KERNEL") == "1" and select.kernels_enabled(q, q.dtype)
+
+
+def _batched_select(q, kv_cache, weights, context_lens, block_table, k, heads=None):
+    """One scoring launch over the pages in place, one top-k launch, for the whole batch."""
+    from .ops.dsa.paged_triton import paged_logits
+    from .ops.topk.triton import topk
+    b, n = q.shape[:2]
+    width = max(int(context_lens.max()), 1)
+    buf = torch.empty(b * n, width, dtype=torch.float32, device=q.device)
+    paged_logits(q, kv_cache, weights, context_lens, block_table, buf, heads=heads)
+    ke = (context_lens[:, None] - n + 1 + torch.arange(n, device=q.device)).reshape(-1).to(torch.int32)
+    return topk(buf, torch.zeros_like(ke), ke, k)
+
+
 def paged_dsa_logits(q, kv_cache, weights, context_lens, block_table, max_context_len: int | None = None
                      ) -> torch.Tensor:
     """``[B * next_n, max_context_len]`` float32 logits, -inf beyond each query's visible range."""
@@ -60,6 +85,9 @@ def paged_dsa_logits(q, kv_cache, weights, context_lens, block_table, max_contex
     longest = int(context_lens.max()) if context_lens.numel() else 0
     width = longest if max_context_len is None else check_int("max_context_len", max_context_len, longest)
     out = torch.full((q.shape[0] * q.shape[1], width), float("-inf"), device=q.device)
+    if _batched(q):
+        from .ops.dsa.paged_triton import paged_logits
+        return paged_logits(q, kv_cache, weights, context_lens, block_table, out)
     for rows, inp in _sequences(q, kv_cache, weights, context_lens, block_table):
         out[rows, : inp.num_keys] = select.dsa_logits(inp)
     return out
@@ -75,6 +103,9 @@ def _paged_select(fn, q, kv_cache, weights, context_lens, block_table, k):
 
 def paged_dsa_select(q, kv_cache, weights, context_lens, block_table, k: int = 2048) -> torch.Tensor:
     check_int("k", k)
+    if _batched(q):
+        _check_paged(q, kv_cache, weights, context_lens, block_table)
+        return _batched_select(q, kv_cache, weights, context_lens, block_table, k)
     return _paged_select(lambda inp: select.dsa_select(inp, k), q, kv_cache, weights, context_lens,
                          block_table, k)
 
@@ -99,6 +130,10 @@ def paged_misa_select(q, kv_cache, weights, context_lens, block_table, k: int = 
     stage1_k = check_stage1_k(stage1_k, k)
     _check_router(router)
     _check_workspace(workspace_bytes)
+    if stage1_k is None and _batched(q):
+        heads = paged_route_heads(q, kv_cache, weights, context_lens, block_table, active_heads, block_size,
+                                  router=router)
+        return _batched_select(q, kv_cache, weights, context_lens, block_table, k, heads=heads)
     return _paged_select(lambda inp: select.misa_select(inp, k, active_heads, block_size, stage1_k, router,
                                                         workspace_bytes),
                          q, kv_cache, weights, context_lens, block_table, k)

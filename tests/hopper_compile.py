@@ -20,6 +20,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
+from misa.ops.dsa import paged_triton
 from misa.ops.dsa import triton as dsa
 from misa.ops.misa import triton as misa_k
 from misa.ops.router import triton as router
@@ -67,6 +68,14 @@ def variants():
         consts = {"NH": heads, "D": 128, "BQ": pairs // heads, "BN": bn, "ROUTED": heads < 64,
                   "HAS_SCALE": True, "CAST": None, "HEAD_MAJOR": head_major}
         yield f"logits heads={heads}", dsa._mqa_logits_kernel, ptrs, consts, warps, stages
+    paged_ptrs = {"Q": "fp8e4nv", "W": "fp32", "HEADS": I32, "VALUES": "fp8e4nv", "SCALES": "fp32", "TABLE": I32,
+                  "CTX": I32, "OUT": "fp32"}
+    for heads, next_n in ((64, 1), (64, 2), (8, 1), (8, 4)):
+        qb = 1 << (next_n - 1).bit_length()
+        consts = {"N": next_n, "QB": qb, "NH": heads, "HS": max(heads, -(-16 // qb)), "D": 128, "PAGE": 64,
+                  "ROUTED": heads < 64, "CAST": None}
+        yield (f"paged decode logits heads={heads} next_n={next_n}", paged_triton._paged_logits_kernel,
+               paged_ptrs, consts, 4, 3)
     block, warps, sample = topk.DEFAULT_CONFIG
     rows = {"X": "fp32", "KS": I32, "KE": I32, "CUT": I32, "COUNT": I32, "SCR_KEY": I32, "SCR_COL": I32,
             "OUT": I32, "CMAP": I32}

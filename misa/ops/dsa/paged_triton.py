@@ -1,0 +1,100 @@
+"""Triton kernel for decode logits straight from the paged index-K cache (all heads, or each
+query's routed heads), one launch for the whole batch.
+
+The per-sequence path (``misa/paged.py``) gathers each sequence's pages into contiguous keys and
+runs the prefill kernels sequence by sequence. Here a program takes one sequence's ``next_n``
+queries and every ``splits``-th of its pages: a key tile is one page (``PAGE_SIZE`` = 64 tokens),
+its id read from the block table, its fp8 values and float32 scales read in place. The MMA puts the
+page's 64 keys on M and the (head slot, query) pairs on N, head-major as in the prefill kernel,
+padded to at least 16 pairs. Rows are ``b * next_n + i``; query ``i`` of sequence ``b`` sees
+positions ``[0, context_lens[b] - next_n + i + 1)``.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ... import quant
+from .triton import mma_cast
+
+
+@triton.jit(do_not_specialize=["out_width"])
+def _paged_logits_kernel(
+    Q, W, HEADS, VALUES, SCALES, TABLE, CTX, OUT,
+    out_width,
+    stride_qb, stride_qn, stride_qh, stride_wt, stride_ht, stride_table, stride_out,
+    N: tl.constexpr, QB: tl.constexpr, NH: tl.constexpr, HS: tl.constexpr, D: tl.constexpr,
+    PAGE: tl.constexpr, ROUTED: tl.constexpr, CAST: tl.constexpr,
+):
+    b = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    n_split = tl.num_programs(1)
+    d = tl.arange(0, D)
+    ctx = tl.load(CTX + b)
+
+    # pair p = head slot (p // QB) x query (p % QB); slots past NH and queries past N are padding
+    p = tl.arange(0, HS * QB)
+    qi = p % QB
+    slot = p // QB
+    ok = (slot < NH) & (qi < N)
+    row = b * N + qi
+    if ROUTED:
+        head = tl.load(HEADS + row * stride_ht + slot, mask=ok, other=0)
+    else:
+        head = slot
+    q = tl.load(Q + b.to(tl.int64) * stride_qb + qi[:, None] * stride_qn + head[:, None] * stride_qh + d[None, :],
+                mask=ok[:, None], other=0.0)
+    w = tl.load(W + row * stride_wt + head, mask=ok, other=0.0)
+    if CAST is not None:
+        q = q.to(CAST)
+    qt = tl.trans(q)                                       # [D, HS * QB]
+
+    queries = tl.arange(0, QB)
+    ke = ctx - N + queries + 1                             # each query's visible end
+    off = tl.arange(0, PAGE)
+    page_bytes = PAGE * (D + 4)
+    for pg in range(pid_s, tl.cdiv(ctx, PAGE), n_split):
+        page = tl.load(TABLE + b * stride_table + pg).to(tl.int64)
+        k = tl.load(VALUES + page * page_bytes + off[:, None] * D + d[None, :])
+        if CAST is not None:
+            k = k.to(CAST)
+        acc = tl.dot(k, qt)                                # [PAGE, HS * QB]
+        acc = tl.maximum(acc, 0.0) * w[None, :]
+        logits = tl.sum(tl.reshape(acc, (PAGE, HS, QB)), axis=1)                 # [PAGE, QB]
+        scale = tl.load(SCALES + page * (page_bytes // 4) + (PAGE * D) // 4 + off)
+        logits = logits * scale[:, None]
+        pos = pg * PAGE + off
+        logits = tl.where(pos[:, None] < ke[None, :], logits, float("-inf"))
+        tl.store(OUT + (b * N + queries)[None, :].to(tl.int64) * stride_out + pos[:, None], logits,
+                 mask=(queries < N)[None, :] & (pos < out_width)[:, None])
+
+
+def paged_logits(q, kv_cache, weights, context_lens, block_table, out, heads=None, splits=None) -> torch.Tensor:
+    """Write ``out [B * next_n, W]`` float32 for every page a sequence holds: the scores of its
+    visible positions, -inf for the rest of its pages; columns past a sequence's pages are not
+    touched. ``q [B, next_n, H, D]`` fp8/bf16, ``weights [B * next_n, H]``, ``heads [B * next_n, h]``
+    int32 for routed scoring (None: all heads). Inputs as ``misa.paged_*`` checks them."""
+    b, n, h_all, d = q.shape
+    if b == 0:
+        return out
+    q, weights = q.contiguous(), weights.contiguous()
+    heads = heads.contiguous() if heads is not None else None
+    nh = heads.shape[1] if heads is not None else h_all
+    qb = triton.next_power_of_2(n)
+    hs = max(triton.next_power_of_2(nh), triton.cdiv(16, qb))     # the MMA wants N >= 16
+    flat = kv_cache.reshape(-1)
+    values = flat.view(quant.FP8)
+    scales = flat.view(torch.float32)
+    if splits is None:  # enough programs to fill the GPU when the batch is small
+        sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 1
+        splits = max(1, min(block_table.shape[1], triton.cdiv(2 * sms, b)))
+    _paged_logits_kernel[(b, splits)](
+        q, weights, heads if heads is not None else context_lens, values, scales, block_table, context_lens, out,
+        out.shape[1],
+        q.stride(0), q.stride(1), q.stride(2), weights.stride(0), heads.stride(0) if heads is not None else 0,
+        block_table.stride(0), out.stride(0),
+        N=n, QB=qb, NH=nh, HS=hs, D=d, PAGE=quant.PAGE_SIZE, ROUTED=heads is not None,
+        CAST=mma_cast(q.dtype, quant.FP8), num_warps=4, num_stages=3,
+    )
+    return out
