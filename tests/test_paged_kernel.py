@@ -8,6 +8,9 @@ import misa
 from helpers import check_selection, dsa_logits64
 
 pytest.importorskip("triton")
+# unused slots of a sequence's last page hold garbage bytes (build_paged_kcache), some of which
+# decode to NaN; the kernel scores them and masks them to -inf, and the interpreter warns
+pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 RTOL = 5e-4 if DEVICE == "cuda" else 1e-5
