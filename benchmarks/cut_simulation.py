@@ -4,7 +4,7 @@ For 64 queries spread over a 4096 x 131072 causal prefill (float32 scores, all h
 routed heads), compare two samples of 2048 columns for each row's cut below its k-th largest
 score: single columns spread evenly over the row (``SAMPLE_CHUNK = 1``, the default) and 16-wide
 chunks (``SAMPLE_CHUNK = 16``, the earlier default). Both take the sample quantile at the expected
-rank plus four standard deviations plus 17. Reports the survivors per row (what the select kernel then
+rank plus the kernel's margin (``CUT_SIGMAS`` standard deviations plus 17). Reports the survivors per row (what the select kernel then
 searches) and the rows that keep the fast path (cut at or below the k-th score, survivors within
 the scratch).
 
@@ -15,13 +15,14 @@ import math
 import torch
 
 from misa import select
+from misa.ops.topk.triton import CUT_SIGMAS
 from misa.synthetic import indexer_workload
 from misa.validate import check_inputs
 
 
 def quantile_cut(sample: torch.Tensor, k: int, n: int) -> torch.Tensor:
     expect = k * sample.numel() / n
-    need = int(expect + 4 * math.sqrt(expect) + 17)
+    need = int(expect + CUT_SIGMAS * math.sqrt(expect) + 17)
     return torch.sort(sample, descending=True).values[need - 1]
 
 

@@ -7,7 +7,6 @@ against DSA is meaningful on it, unlike on i.i.d. noise). Times are medians of m
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -17,6 +16,9 @@ from . import select
 from .metrics import recall
 from .synthetic import indexer_workload
 from .validate import check_inputs
+
+
+METHODS = ("dsa", "misa", "misa-gap", "misa-dagger", "hisa")
 
 
 @dataclass
@@ -33,15 +35,12 @@ class BenchConfig:
     hisa_block_k: int = 64
     rep_ms: int = 200
     seed: int = 0
-    methods: tuple = field(default=("dsa", "misa", "misa-gap", "misa-dagger", "hisa"))
+    methods: tuple = field(default=METHODS)
 
     def __post_init__(self):
         bad = [m for m in self.methods if m not in METHODS]
         if bad:
             raise ValueError(f"methods: unknown {bad}, expected some of {METHODS}")
-
-
-METHODS = ("dsa", "misa", "misa-gap", "misa-dagger", "hisa")
 
 
 def _time(fn, rep_ms: int) -> float:

@@ -51,14 +51,21 @@ def _check_paged(q, kv_cache, weights, context_lens, block_table):
         raise ValueError("block_table: too few columns for the longest context")
 
 
+def _visible_ends(context_lens, n: int) -> torch.Tensor:
+    """``[B * n]`` int32: query ``i`` of sequence ``b`` sees ``[0, context_lens[b] - n + i + 1)``."""
+    ends = context_lens[:, None] - n + 1 + torch.arange(n, device=context_lens.device)
+    return ends.reshape(-1).to(torch.int32)
+
+
 def _sequences(q, kv_cache, weights, context_lens, block_table):
     """Yield ``(rows, Inputs)`` per sequence: its queries against its keys read from the cache."""
     b, n = q.shape[:2]
+    ends = _visible_ends(context_lens, n)
     for i, length in enumerate(context_lens.tolist()):
         k_fp8, k_scale = quant.read_paged_kcache(kv_cache, block_table[i], length)
-        ke = torch.arange(length - n + 1, length + 1, dtype=torch.int32, device=q.device)
-        yield slice(i * n, (i + 1) * n), Inputs(q[i], k_fp8, k_scale, weights[i * n:(i + 1) * n],
-                                                torch.zeros_like(ke), ke)
+        rows = slice(i * n, (i + 1) * n)
+        ke = ends[rows]
+        yield rows, Inputs(q[i], k_fp8, k_scale, weights[rows], torch.zeros_like(ke), ke)
 
 
 def _batched(q) -> bool:
@@ -74,7 +81,7 @@ def _batched_select(q, kv_cache, weights, context_lens, block_table, k, heads=No
     width = max(int(context_lens.max()), 1)
     buf = torch.empty(b * n, width, dtype=torch.float32, device=q.device)
     paged_logits(q, kv_cache, weights, context_lens, block_table, buf, heads=heads)
-    ke = (context_lens[:, None] - n + 1 + torch.arange(n, device=q.device)).reshape(-1).to(torch.int32)
+    ke = _visible_ends(context_lens, n)
     return topk(buf, torch.zeros_like(ke), ke, k)
 
 

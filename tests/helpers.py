@@ -127,5 +127,18 @@ def check_selection(idx, scores64, ks, ke, k, rtol=1e-5, exact=None):
             assert set(chosen.tolist()) == exact[t], t
 
 
+def paged_batch(lens, next_n: int, h: int, d: int, g: torch.Generator, extra_pages: int = 0):
+    """Random fp8 keys per sequence, ``next_n`` queries and weights each, packed into a paged cache:
+    ``(seqs [(k_fp8, k_scale)], qs [[next_n, H, D]], ws [[next_n, H]], cache, table, context_lens)``."""
+    seqs, qs, ws = [], [], []
+    for n in lens:
+        seqs.append(misa.quantize_keys(torch.randn(n, d, generator=g)))
+        q, w = misa.quantize_queries(torch.randn(next_n, h, d, generator=g), torch.randn(next_n, h, generator=g))
+        qs.append(q)
+        ws.append(w)
+    cache, table, clens = misa.build_paged_kcache(seqs, extra_pages=extra_pages, generator=g)
+    return seqs, qs, ws, cache, table, clens
+
+
 def as_sets(idx) -> list[set]:
     return [set(r[r >= 0].tolist()) for r in idx.cpu()]

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import misa
-from helpers import check_selection, dsa_logits64
+from helpers import check_selection, dsa_logits64, paged_batch
 
 pytest.importorskip("triton")
 # unused slots of a sequence's last page hold garbage bytes (build_paged_kcache), some of which
@@ -25,14 +25,8 @@ def kernels_on(monkeypatch):
 
 
 def _batch(lens, next_n, h, d, seed):
-    g = torch.Generator().manual_seed(seed)
-    seqs, qs, ws = [], [], []
-    for n in lens:
-        seqs.append(misa.quantize_keys(torch.randn(n, d, generator=g)))
-        q, w = misa.quantize_queries(torch.randn(next_n, h, d, generator=g), torch.randn(next_n, h, generator=g))
-        qs.append(q)
-        ws.append(w)
-    cache, table, clens = misa.build_paged_kcache(seqs, extra_pages=2, generator=g)
+    seqs, qs, ws, cache, table, clens = paged_batch(lens, next_n, h, d, torch.Generator().manual_seed(seed),
+                                                    extra_pages=2)
     to = lambda x: x.to(DEVICE)
     return [tuple(map(to, s)) for s in seqs], to(torch.stack(qs)), to(torch.cat(ws)), to(cache), to(table), to(clens)
 

@@ -3,7 +3,7 @@ import torch
 
 import misa
 from misa.quant import FP8_MAX
-from helpers import FP8, as_sets, make_inputs
+from helpers import FP8, as_sets, make_inputs, paged_batch
 
 
 @pytest.mark.parametrize("ue8m0", [False, True])
@@ -65,14 +65,7 @@ def test_paged_layout_is_values_then_scales():
 def test_paged_selectors_match_prefill(next_n):
     g = torch.Generator().manual_seed(2)
     lens = [70, 129, 300]
-    h, d = 8, 32
-    seqs, qs, ws = [], [], []
-    for n in lens:
-        seqs.append(misa.quantize_keys(torch.randn(n, d, generator=g)))
-        q, w = misa.quantize_queries(torch.randn(next_n, h, d, generator=g), torch.randn(next_n, h, generator=g))
-        qs.append(q)
-        ws.append(w)
-    cache, table, clens = misa.build_paged_kcache(seqs, generator=g)
+    seqs, qs, ws, cache, table, clens = paged_batch(lens, next_n, 8, 32, g)
     q = torch.stack(qs)
     w = torch.cat(ws)
     logits = misa.paged_dsa_logits(q, cache, w, clens, table)

@@ -3,12 +3,18 @@ from __future__ import annotations
 
 import os
 
+import torch
 import triton
 import triton.language as tl
 
 # Triton's CPU interpreter computes bfloat16 arithmetic wrongly (loads and casts are right), so
 # under TRITON_INTERPRET=1 bf16 operands are widened to float32; the kernel logic is unchanged.
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def sm_count(t: torch.Tensor) -> int:
+    """Multiprocessors of ``t``'s GPU (1 off the GPU): launches size their key splits by it."""
+    return torch.cuda.get_device_properties(t.device).multi_processor_count if t.is_cuda else 1
 
 
 @triton.jit

@@ -16,6 +16,7 @@ import triton
 import triton.language as tl
 
 from ... import quant
+from ..triton_common import sm_count
 from .triton import mma_cast
 
 
@@ -87,8 +88,7 @@ def paged_logits(q, kv_cache, weights, context_lens, block_table, out, heads=Non
     values = flat.view(quant.FP8)
     scales = flat.view(torch.float32)
     if splits is None:  # enough programs to fill the GPU when the batch is small
-        sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 1
-        splits = max(1, min(block_table.shape[1], triton.cdiv(2 * sms, b)))
+        splits = max(1, min(block_table.shape[1], triton.cdiv(2 * sm_count(q), b)))
     _paged_logits_kernel[(b, splits)](
         q, weights, heads if heads is not None else context_lens, values, scales, block_table, context_lens, out,
         out.shape[1],

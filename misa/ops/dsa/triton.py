@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..triton_common import INTERPRET, ordered_key
+from ..triton_common import INTERPRET, sm_count
 
 # Lengths and offsets are not specialised (do_not_specialize): an engine calls these kernels with a
 # different sequence length every step, and each new specialisation would be a compile.
@@ -118,8 +118,7 @@ def launch_logits(q, w, k, k_scale, ks, ke, out, col_offset: int = 0, heads=None
     cast = mma_cast(q.dtype, k.dtype)
     n_blocks = triton.cdiv(t, bq)
     # split the keys when there are too few query blocks to fill the GPU
-    sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 1
-    splits = max(1, min(64, (2 * sms) // n_blocks))
+    splits = max(1, min(64, (2 * sm_count(q)) // n_blocks))
     _mqa_logits_kernel[(n_blocks, splits)](
         q, w, heads if heads is not None else ks, k, k_scale if k_scale is not None else w, ks, ke, out,
         t, k.shape[0], col_offset, out.shape[1],

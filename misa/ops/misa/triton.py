@@ -12,6 +12,7 @@ import triton
 import triton.language as tl
 
 from ..dsa.triton import mma_cast
+from ..triton_common import sm_count
 from ..topk.triton import topk
 
 
@@ -60,8 +61,7 @@ def gather_logits(inp, cand: torch.Tensor, rows: slice = slice(None), config=Non
     if t == 0 or c == 0:
         return out
     bn, warps, stages = config or DEFAULT_CONFIG
-    sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 1
-    splits = max(1, min(triton.cdiv(c, bn), (4 * sms) // t))
+    splits = max(1, min(triton.cdiv(c, bn), (4 * sm_count(q)) // t))
     _gather_logits_kernel[(t, splits)](
         q, w, inp.k, inp.k_scale if inp.k_scale is not None else w, cand, ks, ke, out, c,
         q.stride(0), w.stride(0), inp.k.stride(0), cand.stride(0), out.stride(0),

@@ -164,9 +164,9 @@ def _search_step(hi, lo, WAYS: tl.constexpr):
 
 
 @triton.jit
-def _sample_quantile(key, m, need, WAYS: tl.constexpr):
-    """The largest key t with at least ``need`` of ``key[m]`` at or above it (``need`` <= the
-    count of ``m``; keys outside ``m`` must be no larger than those inside, as -inf padding is)."""
+def _sample_quantile(key, need, WAYS: tl.constexpr):
+    """The largest key t with at least ``need`` (<= its size) of ``key`` at or above it."""
+    m = tl.full(key.shape, 1, tl.int1)
     lo = tl.min(key, axis=0)
     hi = tl.max(key, axis=0)
     above = 0
@@ -195,7 +195,7 @@ def _cut_kernel(X, KS, KE, CUT, COUNT, stride_x, ks_offset, K, sigmas,
         key = _ordered_key(sample)
         expect = (K * 1.0) * SAMPLE / (n * 1.0)
         need = tl.minimum((expect + sigmas * tl.sqrt(expect) + 17.0).to(tl.int32), SAMPLE)
-        cut = _sample_quantile(key, tl.full([SAMPLE], 1, tl.int1), need, WAYS)
+        cut = _sample_quantile(key, need, WAYS)
     tl.store(CUT + row, cut.to(tl.int32, bitcast=True))
     tl.store(COUNT + row, 0)
 
