@@ -4,7 +4,7 @@ timed; failures to compile (too much shared memory, ...) are recorded, not fatal
 
     python benchmarks/sweep_kernels.py --out sweep.json [--budget-s 240]
     python benchmarks/sweep_kernels.py --out sweep.json --work routed8 --logits-only \
-        --logits-configs 256/64/4/3/1,256/64/4/4/1
+        --logits-configs 256/64/4/3/1/1,256/64/4/4/1/0
 """
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ def main():
     ap.add_argument("--budget-s", type=float, default=240)
     ap.add_argument("--work", default="dense64,routed8", help="which workloads: dense64, routed8")
     ap.add_argument("--logits-configs", default="",
-                    help="logits tile shapes to time instead of the grid (pairs/BN/warps/stages/head-major)")
+                    help="logits tile shapes to time instead of the grid (pairs/BN/warps/stages/head-major[/fast-tiles])")
     ap.add_argument("--logits-only", action="store_true", help="skip the router, top-k and gather sweeps")
     args = ap.parse_args()
     t_start = time.time()
@@ -81,7 +81,7 @@ def main():
         if h:
             grid += list(itertools.product((64, 512), (64, 128), (4, 8), (3,), (False, True)))
         if args.logits_configs:
-            grid = [tuple(int(v) for v in c.split("/")[:4]) + (bool(int(c.split("/")[4])),)
+            grid = [tuple(int(v) for v in c.split("/")[:4]) + tuple(bool(int(v)) for v in c.split("/")[4:])
                     for c in args.logits_configs.split(",")]
         for cfg in [ROUTED_CONFIG if h else DEFAULT_CONFIG] + grid:
             if left() < 0:

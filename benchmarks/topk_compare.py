@@ -20,7 +20,8 @@ import triton.testing
 from misa.ops.topk import triton as topk_mod
 
 
-TUNABLE = ("WAYS", "SCRATCH_BLOCK", "COMPACT_CONFIG", "DEFAULT_CONFIG", "SAMPLE_CHUNK", "CUT_WARPS", "CUT_SIGMAS")   # module constants of the kernel
+TUNABLE = ("WAYS", "SCRATCH_BLOCK", "COMPACT_CONFIG", "DEFAULT_CONFIG", "SAMPLE_CHUNK", "CUT_WARPS", "CUT_SIGMAS",
+           "EARLY_EXIT")   # module constants of the kernel
 
 
 def bench(fn):

@@ -134,11 +134,12 @@ def _kernel_select(inp: Inputs, k: int, workspace_bytes: int | None, heads: torc
     out = torch.empty(inp.num_queries, k if then is None else then.k, dtype=torch.int32, device=inp.q.device)
     # workspace per (query, key): the float32 logits (the top-k scratch is bounded separately)
     scratch = 8 * scratch_size(k, inp.num_keys)
-    for t0, t1, lo, hi in query_chunks(inp, 4, workspace_bytes, bytes_per_query=scratch):
+    # windows and rows 16-aligned: the logits kernel's interior stores vectorise
+    for t0, t1, lo, hi in query_chunks(inp, 4, workspace_bytes, align=16, bytes_per_query=scratch):
         rows = slice(t0, t1)
         args = (inp.q[rows], inp.weights[rows], inp.k, inp.k_scale, inp.ks[rows], inp.ke[rows])
         chunk_heads = heads[rows] if heads is not None else None
-        buf = torch.empty(t1 - t0, max(hi - lo, 1), dtype=torch.float32, device=inp.q.device)
+        buf = torch.empty(t1 - t0, max(hi - lo + (-(hi - lo) % 16), 16), dtype=torch.float32, device=inp.q.device)
         launch_logits(*args, buf, lo, heads=chunk_heads)
         idx = topk(buf, inp.ks[rows], inp.ke[rows], k, ks_offset=lo, out_offset=lo)
         out[rows] = idx if then is None else then(rows, idx)

@@ -64,10 +64,12 @@ def variants():
     ptrs = {"Q": "fp8e4nv", "W": "fp32", "HEADS": I32, "K": "fp8e4nv", "KSCALE": "fp32", "KS": I32, "KE": I32,
             "OUT": "fp32"}
     for heads in (64, 8):
-        pairs, bn, warps, stages, head_major = dsa.DEFAULT_CONFIG if heads == 64 else dsa.ROUTED_CONFIG
-        consts = {"NH": heads, "D": 128, "BQ": pairs // heads, "BN": bn, "ROUTED": heads < 64,
-                  "HAS_SCALE": True, "CAST": None, "HEAD_MAJOR": head_major}
-        yield f"logits heads={heads}", dsa._mqa_logits_kernel, ptrs, consts, warps, stages
+        pairs, bn, warps, stages, head_major, fast = dsa.DEFAULT_CONFIG if heads == 64 else dsa.ROUTED_CONFIG
+        for col_unit in (16, 1):
+            consts = {"NH": heads, "D": 128, "BQ": pairs // heads, "BN": bn, "ROUTED": heads < 64,
+                      "HAS_SCALE": True, "CAST": None, "HEAD_MAJOR": head_major, "FAST_TILES": fast,
+                      "COL_UNIT": col_unit}
+            yield f"logits heads={heads} col_unit={col_unit}", dsa._mqa_logits_kernel, ptrs, consts, warps, stages
     paged_ptrs = {"Q": "fp8e4nv", "W": "fp32", "HEADS": I32, "VALUES": "fp8e4nv", "SCALES": "fp32", "TABLE": I32,
                   "CTX": I32, "OUT": "fp32"}
     for heads, next_n in ((64, 1), (64, 2), (8, 1), (8, 4)):
@@ -81,13 +83,14 @@ def variants():
             "OUT": I32, "CMAP": I32}
     for chunk in sorted({topk.SAMPLE_CHUNK, 16, 1}):
         yield (f"top-k cut chunk={chunk}", topk._cut_kernel, rows,
-               {"SAMPLE": sample, "CHUNK": chunk, "WAYS": topk.WAYS, "FINITE_ONLY": False}, 4, 3)
+               {"SAMPLE": sample, "CHUNK": chunk, "WAYS": topk.WAYS, "FINITE_ONLY": False,
+                "EARLY_EXIT": topk.EARLY_EXIT}, 4, 3)
     c_block, c_warps, _ = topk.COMPACT_CONFIG
     yield "top-k compact", topk._compact_kernel, rows, {"BLOCK": c_block, "FINITE_ONLY": True}, c_warps, 3
     for has_cmap in (False, True):
         yield (f"top-k select cmap={has_cmap}", topk._select_kernel, rows,
                {"BLOCK": block, "SBLOCK": topk.SCRATCH_BLOCK, "WAYS": topk.WAYS, "HAS_CMAP": has_cmap,
-                "FINITE_ONLY": has_cmap}, warps, 3)
+                "FINITE_ONLY": has_cmap, "EARLY_EXIT": topk.EARLY_EXIT}, warps, 3)
     yield ("router pooling", router._pool_keys_kernel, {"K": "fp8e4nv", "KSCALE": "fp32", "OUT": "fp32"},
            {"D": 128, "CHUNK": 64, "HAS_SCALE": True}, 4, 3)
     yield ("MISA-dagger gathered logits", misa_k._gather_logits_kernel,

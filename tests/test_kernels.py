@@ -53,6 +53,37 @@ def test_logits_kernel(t, s, h, d, kind, kv, q_dtype):
     assert _rel_err(got, ref, inside) < (RTOL if kv == "fp8" and q_dtype == FP8 else 1e-2)
 
 
+@pytest.mark.parametrize("aligned", [True, False])
+@pytest.mark.parametrize("routed", [False, True])
+def test_logits_kernel_output_window(aligned, routed):
+    # launch_logits into a window [col_offset, col_offset + W) of the keys, written into a view of
+    # a larger buffer: a 16-aligned window takes the vectorised unmasked stores for interior tiles
+    from misa.ops.dsa.triton import launch_logits
+    t, s, h, d = (70, 900, 8, 64) if not BIG else (700, 9000, 64, 128)
+    q, kv, w, ks, ke = _inputs(t, s, h, d, "causal", seed=7)
+    g = torch.Generator().manual_seed(8)
+    ks = torch.randint(0, 40, (t,), generator=g, dtype=torch.int32).to(DEVICE) + (48 if aligned else 37)
+    ke = torch.maximum(ke, ks)
+    col_offset = 48 if aligned else 37                        # the smallest ks
+    ks[0] = col_offset
+    width = int(ke.max()) - col_offset
+    pad = 16 if aligned else 3
+    big = torch.full((t, width + 2 * pad + (-width % 16 if aligned else 0)), float("nan"), device=DEVICE)
+    out = big[:, pad:pad + width]
+    heads = None
+    if routed:
+        heads = torch.sort(torch.stack([torch.randperm(h, generator=g)[:4] for _ in range(t)]), dim=1).values
+        heads = heads.int().to(DEVICE)
+    launch_logits(q, w, kv[0], kv[1], ks, ke, out, col_offset, heads=heads)
+    ref = dsa_logits64(q, kv, w, ks, ke, heads=heads.cpu() if routed else None)[:, col_offset:]
+    got = big.cpu()
+    assert bool(got[:, :pad].isnan().all()) and bool(got[:, pad + width:].isnan().all())   # outside the view
+    got = got[:, pad:pad + width]
+    inside = torch.isfinite(ref)
+    assert bool((got[~inside].isnan() | (got[~inside] == float("-inf"))).all())
+    assert _rel_err(got, ref, inside) < RTOL
+
+
 @pytest.mark.parametrize("kind", ["causal", "ragged", "empty"])
 @pytest.mark.parametrize("k,ties", [(1, False), (100, False), (700, True), (3000, False)])
 def test_topk_kernel(kind, k, ties):
@@ -68,13 +99,16 @@ def test_topk_kernel(kind, k, ties):
 
 
 @pytest.mark.parametrize("kind", ["causal", "ragged"])
-@pytest.mark.parametrize("variant", ["samples of 64-byte runs", "four-warp compaction"])
+@pytest.mark.parametrize("variant", ["samples of 64-byte runs", "four-warp compaction", "searches to the end"])
 def test_topk_kernel_variants(monkeypatch, kind, variant):
     # tuning variants the benchmarks switch between: the cut's sample of 16-column runs spread over
-    # the row (SAMPLE_CHUNK = 16), and compaction programs of four warps and 1024-column steps
+    # the row (SAMPLE_CHUNK = 16), compaction programs of four warps and 1024-column steps, and
+    # searches that narrow to one key instead of stopping at exactly k keys (EARLY_EXIT = False)
     from misa.ops.topk import triton as topk_triton
     if variant == "samples of 64-byte runs":
         monkeypatch.setattr(topk_triton, "SAMPLE_CHUNK", 16)
+    elif variant == "searches to the end":
+        monkeypatch.setattr(topk_triton, "EARLY_EXIT", False)
     else:
         monkeypatch.setattr(topk_triton, "COMPACT_CONFIG", (1024, 4, 8))
     g = torch.Generator().manual_seed(21)

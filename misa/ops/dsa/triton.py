@@ -35,6 +35,7 @@ def _mqa_logits_kernel(
     stride_qt, stride_qh, stride_wt, stride_ht, stride_k, stride_out,
     NH: tl.constexpr, D: tl.constexpr, BQ: tl.constexpr, BN: tl.constexpr,
     ROUTED: tl.constexpr, HAS_SCALE: tl.constexpr, CAST: tl.constexpr, HEAD_MAJOR: tl.constexpr,
+    FAST_TILES: tl.constexpr, COL_UNIT: tl.constexpr,
 ):
     pid_q = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -69,6 +70,16 @@ def _mqa_logits_kernel(
         q = q.to(CAST)
     qt = tl.trans(q)                                   # [D, BQ * NH], K-major for the MMA
 
+    col0 = col_offset * COL_UNIT       # COL_UNIT = 16: the window is 16-aligned, stores vectorise
+    # keys [fast_lo, fast_hi): seen by every query of the block and inside the output window, so
+    # their tiles need no masks (all but a block's last tile or two in causal prefill)
+    fast_lo = tl.maximum(tl.max(ks, axis=0), col0)
+    fast_hi = tl.minimum(tl.min(ke, axis=0), col0 + out_width)
+    if pid_q * BQ + BQ > T:
+        fast_hi = -1                                   # a partial block of queries
+    if not FAST_TILES:
+        fast_hi = -1
+    out_rows = OUT + rows[None, :].to(tl.int64) * stride_out
     first = lo // BN
     last = tl.cdiv(hi, BN)
     for tile in range(first + pid_s, last, n_split):
@@ -83,22 +94,28 @@ def _mqa_logits_kernel(
             logits = tl.sum(tl.reshape(acc, (BN, NH, BQ)), axis=1)     # [BN, BQ]
         else:
             logits = tl.sum(tl.reshape(acc, (BN, BQ, NH)), axis=2)
-        if HAS_SCALE:
-            logits = logits * tl.load(KSCALE + offs, mask=key_ok, other=0.0)[:, None]
-        inside = (offs[:, None] >= ks[None, :]) & (offs[:, None] < ke[None, :])
-        logits = tl.where(inside, logits, float("-inf"))
-        col = offs - col_offset
-        in_out = key_ok[:, None] & ((col >= 0) & (col < out_width))[:, None]
-        tl.store(OUT + rows[None, :].to(tl.int64) * stride_out + col[:, None], logits,
-                 mask=row_ok[None, :] & in_out)
+        col = offs - col0
+        if (tile * BN >= fast_lo) & (tile * BN + BN <= fast_hi):
+            if HAS_SCALE:
+                logits = logits * tl.load(KSCALE + offs)[:, None]
+            tl.store(out_rows + col[:, None], logits)
+        else:
+            if HAS_SCALE:
+                logits = logits * tl.load(KSCALE + offs, mask=key_ok, other=0.0)[:, None]
+            inside = (offs[:, None] >= ks[None, :]) & (offs[:, None] < ke[None, :])
+            logits = tl.where(inside, logits, float("-inf"))
+            in_out = key_ok[:, None] & ((col >= 0) & (col < out_width))[:, None]
+            tl.store(out_rows + col[:, None], logits, mask=row_ok[None, :] & in_out)
 
 
-# Tile shape: (pairs on N, BN keys on M, num_warps, num_stages, head-major pairs); BQ = pairs // NH
-# queries per program. Picked by benchmarks/sweep_kernels.py on an H200 (docs/benchmarks.md); routed
-# scoring (8 heads, 32 queries per program) gained from a fourth stage: 1.40 ms against 1.45 at
-# 4096 x 128K (one call), 2 stages 1.94, 5 stages 1.45.
-DEFAULT_CONFIG = (256, 64, 4, 3, True)
-ROUTED_CONFIG = (256, 64, 4, 4, True)
+# Tile shape: (pairs on N, BN keys on M, num_warps, num_stages, head-major pairs, unmasked interior
+# tiles); BQ = pairs // NH queries per program. Picked by benchmarks/sweep_kernels.py on an H200
+# (docs/benchmarks.md). Unmasked interior tiles with vectorised stores: routed 1.42 ms against 1.49
+# at 4096 x 128K; dense at 8192 x 64K 8.35 ms with 4 stages against 8.58 with 3 (one call; before
+# them 4 stages was the slower, 961 against 998 TFLOP/s). Routed: 3 or 4 stages tie (1.42 ms),
+# 2 stages 1.94, 5 stages 1.45.
+DEFAULT_CONFIG = (256, 64, 4, 4, True, True)
+ROUTED_CONFIG = (256, 64, 4, 4, True, True)
 
 
 def launch_logits(q, w, k, k_scale, ks, ke, out, col_offset: int = 0, heads=None, config=None) -> torch.Tensor:
@@ -113,19 +130,21 @@ def launch_logits(q, w, k, k_scale, ks, ke, out, col_offset: int = 0, heads=None
     nh = heads.shape[1] if heads is not None else h_all
     if t == 0:
         return out
-    pairs, bn, warps, stages, head_major = config or (ROUTED_CONFIG if heads is not None else DEFAULT_CONFIG)
+    pairs, bn, warps, stages, head_major, *fast = config or (ROUTED_CONFIG if heads is not None else DEFAULT_CONFIG)
     bq = max(1, pairs // nh)
+    col_unit = 16 if col_offset % 16 == 0 and out.stride(0) % 16 == 0 and out.data_ptr() % 64 == 0 else 1
     cast = mma_cast(q.dtype, k.dtype)
     n_blocks = triton.cdiv(t, bq)
     # split the keys when there are too few query blocks to fill the GPU
     splits = max(1, min(64, (2 * sm_count(q)) // n_blocks))
     _mqa_logits_kernel[(n_blocks, splits)](
         q, w, heads if heads is not None else ks, k, k_scale if k_scale is not None else w, ks, ke, out,
-        t, k.shape[0], col_offset, out.shape[1],
+        t, k.shape[0], col_offset // col_unit, out.shape[1],
         q.stride(0), q.stride(1), w.stride(0), heads.stride(0) if heads is not None else 0, k.stride(0),
         out.stride(0),
         NH=nh, D=d, BQ=bq, BN=bn, ROUTED=heads is not None, HAS_SCALE=k_scale is not None,
-        CAST=cast, HEAD_MAJOR=head_major, num_warps=warps, num_stages=stages,
+        CAST=cast, HEAD_MAJOR=head_major, FAST_TILES=fast[0] if fast else True, COL_UNIT=col_unit,
+        num_warps=warps, num_stages=stages,
     )
     return out
 
