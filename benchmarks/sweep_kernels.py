@@ -35,6 +35,8 @@ def main():
     ap.add_argument("--logits-configs", default="",
                     help="logits tile shapes to time instead of the grid (pairs/BN/warps/stages/head-major[/fast-tiles])")
     ap.add_argument("--logits-only", action="store_true", help="skip the router, top-k and gather sweeps")
+    ap.add_argument("--router-configs", default="",
+                    help="router configs to time instead of the grid (pairs/blocks-per-step/warps/precision)")
     args = ap.parse_args()
     t_start = time.time()
     dev = torch.device("cuda")
@@ -58,7 +60,15 @@ def main():
             from misa.ops.router.triton import route_heads
             heads = route_heads(inp, h, 1024)
             results.setdefault("router", [])
-            for cfg in [] if args.logits_only else itertools.product((128, 256), (32, 64), (4, 8), ("tf32x3", "tf32", "ieee")):
+            router_grid = list(itertools.product((128, 256), (32, 64), (4, 8), ("tf32x3", "tf32", "ieee")))
+            if args.router_configs:
+                router_grid = [tuple(int(v) for v in c.split("/")[:3]) + (c.split("/")[3],)
+                               for c in args.router_configs.split(",")]
+            if args.router_configs or not args.logits_only:
+                from misa.ops.router.triton import pool_keys
+                results["pool_keys_ms"] = bench(lambda: pool_keys(inp.k, inp.k_scale, 1024))
+                print({"pool_keys_ms": results["pool_keys_ms"]}, flush=True)
+            for cfg in router_grid if (args.router_configs or not args.logits_only) else []:
                 if left() < 0:
                     break
                 rec = {"config": cfg}

@@ -130,10 +130,10 @@ def _kernel_select(inp: Inputs, k: int, workspace_bytes: int | None, heads: torc
     routed ``heads``) into a buffer, the radix top-k picks ``k``; ``then(rows, idx)``
     post-processes (MISA-dagger's re-ranking)."""
     from .ops.dsa.triton import launch_logits
-    from .ops.topk.triton import scratch_size, topk
+    from .ops.topk.triton import topk, workspace_bytes as topk_bytes
     out = torch.empty(inp.num_queries, k if then is None else then.k, dtype=torch.int32, device=inp.q.device)
     # workspace per (query, key): the float32 logits (the top-k scratch is bounded separately)
-    scratch = 8 * scratch_size(k, inp.num_keys)
+    scratch = topk_bytes(k, inp.num_keys)
     # windows and rows 16-aligned: the logits kernel's interior stores vectorise
     for t0, t1, lo, hi in query_chunks(inp, 4, workspace_bytes, align=16, bytes_per_query=scratch):
         rows = slice(t0, t1)

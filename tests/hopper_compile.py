@@ -28,7 +28,7 @@ from misa.ops.topk import triton as topk
 
 HOPPER = GPUTarget("cuda", 90, 32)
 I32 = "i32"
-FLOAT_SCALARS = {"sigmas": "fp32"}    # non-pointer arguments the kernels take as float
+FLOAT_SCALARS = {"sigmas": "fp32", "bracket_sigmas": "fp32"}    # non-pointer arguments the kernels take as float
 
 
 def compile_for_hopper(kernel, pointers: dict, consts: dict, num_warps=4, num_stages=3):
@@ -79,7 +79,7 @@ def variants():
         yield (f"paged decode logits heads={heads} next_n={next_n}", paged_triton._paged_logits_kernel,
                paged_ptrs, consts, 4, 3)
     block, warps, sample = topk.DEFAULT_CONFIG
-    rows = {"X": "fp32", "KS": I32, "KE": I32, "CUT": I32, "COUNT": I32, "SCR_KEY": I32, "SCR_COL": I32,
+    rows = {"X": "fp32", "KS": I32, "KE": I32, "CUT": I32, "COUNT": I32, "SCR_KEY": I32, "SCR_COL": I32, "BR": I32,
             "OUT": I32, "CMAP": I32}
     for chunk in sorted({topk.SAMPLE_CHUNK, 16, 1}):
         yield (f"top-k cut chunk={chunk}", topk._cut_kernel, rows,
@@ -90,9 +90,26 @@ def variants():
     for has_cmap in (False, True):
         yield (f"top-k select cmap={has_cmap}", topk._select_kernel, rows,
                {"BLOCK": block, "SBLOCK": topk.SCRATCH_BLOCK, "WAYS": topk.WAYS, "HAS_CMAP": has_cmap,
-                "FINITE_ONLY": has_cmap, "EARLY_EXIT": topk.EARLY_EXIT}, warps, 3)
+                "FINITE_ONLY": has_cmap, "EARLY_EXIT": topk.EARLY_EXIT, "BRACKET": topk.BRACKET,
+                "BRACKET_MIN": topk.BRACKET_MIN}, warps, 3)
+    for row, row_warps in ((topk.ROW_MAX, topk.ROW_WARPS), (1024, 4)):
+        for has_cmap in (False, True):
+            yield (f"top-k row kernel row={row} cmap={has_cmap}", topk._row_select_kernel, rows,
+                   {"ROW": row, "WAYS": topk.WAYS, "HAS_CMAP": has_cmap, "FINITE_ONLY": has_cmap,
+                    "EARLY_EXIT": topk.EARLY_EXIT}, row_warps, 3)
     yield ("router pooling", router._pool_keys_kernel, {"K": "fp8e4nv", "KSCALE": "fp32", "OUT": "fp32"},
            {"D": 128, "CHUNK": 64, "HAS_SCALE": True}, 4, 3)
+    yield ("router paged pooling", router._paged_pool_keys_kernel,
+           {"VALUES": "fp8e4nv", "SCALES": "fp32", "TABLE": I32, "CTX": I32, "OUT": "fp32"},
+           {"D": 128, "PAGE": 64}, 4, 3)
+    route_ptrs = {"Q": "fp8e4nv", "W": "fp32", "KBAR": "fp32", "KS": I32, "KE": I32, "CTX": I32, "HEADS": I32}
+    for statistic, (pairs, nbt, warps, precision) in (("abs-sum", router.DEFAULT_CONFIG), ("gap", router.GAP_CONFIG)):
+        # prefill tiles pairs // H queries; decode at most next_n (1 or 2 here) per program
+        for decode, bq in ((False, pairs // 64), (True, 1), (True, 2)):
+            consts = {"H": 64, "D": 128, "BQ": bq, "NBT": nbt, "ACTIVE": 8, "PRECISION": precision,
+                      "GAP": statistic == "gap", "DECODE": decode}
+            yield (f"router routing {statistic} {'decode' if decode else 'prefill'} BQ={bq}", router._route_kernel,
+                   route_ptrs, consts, warps, 3)
     yield ("MISA-dagger gathered logits", misa_k._gather_logits_kernel,
            {"Q": "fp8e4nv", "W": "fp32", "K": "fp8e4nv", "KSCALE": "fp32", "CAND": I32, "KS": I32, "KE": I32,
             "OUT": "fp32"}, {"H": 64, "D": 128, "BN": 128, "HAS_SCALE": True, "CAST": None}, 4, 3)

@@ -99,16 +99,26 @@ def test_topk_kernel(kind, k, ties):
 
 
 @pytest.mark.parametrize("kind", ["causal", "ragged"])
-@pytest.mark.parametrize("variant", ["samples of 64-byte runs", "four-warp compaction", "searches to the end"])
+@pytest.mark.parametrize("variant", ["samples of 64-byte runs", "four-warp compaction", "searches to the end",
+                                     "no bracket", "bracket overflows", "bracket on short scratches"])
 def test_topk_kernel_variants(monkeypatch, kind, variant):
     # tuning variants the benchmarks switch between: the cut's sample of 16-column runs spread over
     # the row (SAMPLE_CHUNK = 16), compaction programs of four warps and 1024-column steps, and
-    # searches that narrow to one key instead of stopping at exactly k keys (EARLY_EXIT = False)
+    # searches that narrow to one key instead of stopping at exactly k keys (EARLY_EXIT = False),
+    # and the select without its sampled bracket or with one too small for the keys inside it
+    # (both search the whole scratch)
     from misa.ops.topk import triton as topk_triton
     if variant == "samples of 64-byte runs":
         monkeypatch.setattr(topk_triton, "SAMPLE_CHUNK", 16)
     elif variant == "searches to the end":
         monkeypatch.setattr(topk_triton, "EARLY_EXIT", False)
+    elif variant == "no bracket":
+        monkeypatch.setattr(topk_triton, "BRACKET", 0)
+    elif variant == "bracket overflows":
+        monkeypatch.setattr(topk_triton, "BRACKET", 16)
+        monkeypatch.setattr(topk_triton, "BRACKET_MIN", 0)
+    elif variant == "bracket on short scratches":
+        monkeypatch.setattr(topk_triton, "BRACKET_MIN", 0)
     else:
         monkeypatch.setattr(topk_triton, "COMPACT_CONFIG", (1024, 4, 8))
     g = torch.Generator().manual_seed(21)
@@ -122,9 +132,29 @@ def test_topk_kernel_variants(monkeypatch, kind, variant):
     assert bool((call.cut_keys.cpu()[long] != 0).all())         # the long rows took the sampled path
 
 
-def test_topk_kernel_heavy_ties_and_small_scratch(monkeypatch):
+@pytest.mark.parametrize("kind", ["causal", "ragged", "empty"])
+@pytest.mark.parametrize("s,k,ties", [(700, 1, False), (700, 300, True), (5000, 100, False), (5000, 2000, True),
+                                      (300, 500, False)])
+def test_topk_row_kernel(kind, s, k, ties):
+    # rows of at most ROW_MAX columns: one program per row holds it in registers
     from misa.ops.topk import triton as topk_triton
-    monkeypatch.setattr(topk_triton, "scratch_size", lambda k, w: 16)   # force whole-row refinement
+    assert s <= topk_triton.ROW_MAX
+    g = torch.Generator().manual_seed(s + k)
+    t = 37 if not BIG else 3000
+    x = torch.randn(t, s, generator=g)
+    if ties:
+        x = torch.round(x * 4) / 4
+    ks, ke = ranges(kind, t, s, g)
+    idx = misa.topk_indices(x.to(DEVICE), ks.to(DEVICE), ke.to(DEVICE), k)
+    check_selection(idx, x.double(), ks, ke, k, rtol=0)
+
+
+@pytest.mark.parametrize("path", ["three launches", "row kernel"])
+def test_topk_kernel_heavy_ties_and_small_scratch(monkeypatch, path):
+    from misa.ops.topk import triton as topk_triton
+    if path == "three launches":
+        monkeypatch.setattr(topk_triton, "ROW_MAX", 0)
+        monkeypatch.setattr(topk_triton, "scratch_size", lambda k, w: 16)   # force whole-row refinement
     g = torch.Generator().manual_seed(5)
     x = torch.ones(6, 3000)
     x[:, 7::11] = 2.0                                         # 272 twos, then a sea of ties

@@ -1,11 +1,12 @@
-"""The one-launch paged decode kernel (``MISA_PAGED_KERNEL=1``) against float64 and against the
-per-sequence path, on caches with shuffled pages and garbage in unused slots. Under the
+"""The batched paged decode kernels (the default; ``MISA_PAGED_KERNEL=0`` is the per-sequence path):
+scoring in one launch, MISA's router pooling and routing the whole batch, against float64 and
+against the per-sequence path, on caches with shuffled pages and garbage in unused slots. Under the
 interpreter on machines without CUDA (conftest.py), compiled on a GPU."""
 import pytest
 import torch
 
 import misa
-from helpers import check_selection, dsa_logits64, paged_batch
+from helpers import check_selection, dsa_logits64, keys64, paged_batch, router_scores64
 
 pytest.importorskip("triton")
 # unused slots of a sequence's last page hold garbage bytes (build_paged_kcache), some of which
@@ -16,6 +17,7 @@ pytestmark = [pytest.mark.filterwarnings("ignore:invalid value encountered:Runti
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 RTOL = 5e-4 if DEVICE == "cuda" else 1e-5
+ROUTER_RTOL = 3e-3 if DEVICE == "cuda" else 1e-4     # the router's MMA runs in tf32 on the GPU
 
 
 @pytest.fixture(autouse=True)
@@ -76,21 +78,26 @@ def test_paged_selectors_use_the_kernel_and_agree_with_the_per_sequence_path(mon
     lens = [70, 129, 300] if DEVICE == "cpu" else [700, 1290, 30000]
     h, d, k = (8, 64, 40) if DEVICE == "cpu" else (64, 128, 512)
     seqs, q, w, cache, table, clens = _batch(lens, next_n, h, d, seed=40 + next_n)
+    from misa.ops.router import triton as router_triton
+    monkeypatch.setenv("MISA_PAGED_KERNEL", "0")
     per_sequence = {
         "logits": misa.paged_dsa_logits(q, cache, w, clens, table),
         "dsa": misa.paged_dsa_select(q, cache, w, clens, table, k=k),
         "misa": misa.paged_misa_select(q, cache, w, clens, table, k=k, active_heads=2, block_size=64),
     }
-    launches = []
-    real = paged_triton.paged_logits
+    launches, routings = [], []
+    real, real_router = paged_triton.paged_logits, router_triton.paged_route_heads_batched
     monkeypatch.setattr(paged_triton, "paged_logits", lambda *a, **kw: launches.append(1) or real(*a, **kw))
-    monkeypatch.setenv("MISA_PAGED_KERNEL", "1")
+    monkeypatch.setattr(router_triton, "paged_route_heads_batched",
+                        lambda *a, **kw: routings.append(1) or real_router(*a, **kw))
+    monkeypatch.delenv("MISA_PAGED_KERNEL")         # batched is the default
     batched = {
         "logits": misa.paged_dsa_logits(q, cache, w, clens, table),
         "dsa": misa.paged_dsa_select(q, cache, w, clens, table, k=k),
         "misa": misa.paged_misa_select(q, cache, w, clens, table, k=k, active_heads=2, block_size=64),
     }
     assert len(launches) == 3                       # one scoring launch per call, whole batch
+    assert len(routings) == 1                       # MISA routed the whole batch at once
     fin = torch.isfinite(per_sequence["logits"])
     assert torch.equal(fin, torch.isfinite(batched["logits"]))
     # the same scores up to float32 summation order (relative to the largest score)
@@ -103,3 +110,89 @@ def test_paged_selectors_use_the_kernel_and_agree_with_the_per_sequence_path(mon
         for name, hd in (("dsa", None), ("misa", heads[rows])):
             scores = dsa_logits64(q[b], kv, w[rows], ks, ke, heads=hd)
             check_selection(batched[name][rows], scores, ks, ke, k, rtol=RTOL)
+
+
+@pytest.mark.parametrize("block_size", [64, 128, 1024, 48])
+def test_paged_pool_keys_like_float64(block_size):
+    # SPEC's pooling per sequence, read through the shuffled block table; ragged lengths, some not a
+    # multiple of the page or the block, one shorter than a page, one of exactly one block
+    from misa.ops.router.triton import paged_pool_keys
+    lens = [70, 129, 300, 5, 1100, 1024] if DEVICE == "cpu" else [700, 1290, 3000, 5, 9000, 1024, 4097]
+    d = 64 if DEVICE == "cpu" else 128
+    seqs, q, w, cache, table, clens = _batch(lens, 1, 2, d, seed=block_size)
+    max_blocks = -(-max(lens) // block_size) + 1         # one column more than any sequence needs
+    kbar = paged_pool_keys(cache, clens, table, block_size, max_blocks).cpu()
+    assert kbar.shape == (len(lens), max_blocks, d)
+    for b, n in enumerate(lens):
+        k64 = keys64(tuple(x.cpu() for x in seqs[b]))
+        nb = -(-n // block_size)
+        ref = torch.stack([k64[j * block_size:(j + 1) * block_size].mean(0) for j in range(nb)])
+        err = float((kbar[b, :nb].double() - ref).abs().max() / k64.abs().max())
+        assert err <= 1e-5, (b, err)
+        assert bool((kbar[b, nb:] == 0).all())           # blocks past the sequence: zeros, not garbage
+
+
+def _check_routing(heads, r, tol):
+    """``heads`` are ascending and a top-h of the float64 scores ``r`` up to ``tol`` per row."""
+    heads = heads.cpu().long()
+    assert bool((heads[:, 1:] > heads[:, :-1]).all())
+    picked = torch.gather(r, 1, heads)
+    rest = r.clone().scatter_(1, heads, float("-inf"))
+    assert bool((picked.min(1).values >= rest.max(1).values - tol).all())
+
+
+@pytest.mark.parametrize("next_n", [1, 2, 3])
+@pytest.mark.parametrize("router", ["abs-sum", "gap"])
+@pytest.mark.parametrize("block_size", [64, 128])
+def test_paged_router_batched_like_float64_and_per_sequence(monkeypatch, next_n, router, block_size):
+    # Lengths put a query's visible end just past a block boundary (its last block holds one
+    # visible token) and, with next_n > 1, a query's end exactly on one while the block after it
+    # holds real tokens: a visible range off by one either way moves a whole block in or out.
+    # Short blocks pool few tokens, so they weigh heavily on the scores.
+    from misa.ops.router import triton as router_triton
+    boundary = [block_size + next_n, 2 * block_size + next_n - 1]
+    lens = boundary + ([300, 7, 700] if DEVICE == "cpu" else [3000, 7, 9000, 20000])
+    h, d, active = (8, 64, 3) if DEVICE == "cpu" else (64, 128, 8)
+    seqs, q, w, cache, table, clens = _batch(lens, next_n, h, d, seed=next_n + block_size)
+    calls = []
+    real = router_triton.paged_route_heads_batched
+    monkeypatch.setattr(router_triton, "paged_route_heads_batched", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    batched = misa.paged_route_heads(q, cache, w, clens, table, active, block_size, router=router)
+    assert calls == [1] and batched.shape == (len(lens) * next_n, active) and batched.dtype == torch.int32
+    # 16 (query, head) pairs per program: a sequence's queries split over several programs
+    split = real(q, cache, w, clens, table, active, block_size, router, config=(16, 32, 4, "tf32"))
+    monkeypatch.setenv("MISA_PAGED_KERNEL", "0")
+    per_sequence = misa.paged_route_heads(q, cache, w, clens, table, active, block_size, router=router)
+    assert calls == [1]
+    for b in range(len(lens)):
+        rows = slice(b * next_n, (b + 1) * next_n)
+        kv, ks, ke = _per_query(seqs, lens, next_n, b)
+        r = router_scores64(q[b], kv, w[rows], ks, ke, block_size, router)
+        tol = ROUTER_RTOL * r.abs().amax(1, keepdim=True).clamp_min(1e-12)
+        _check_routing(batched[rows], r, tol)
+        _check_routing(per_sequence[rows], r, tol)
+        _check_routing(split[rows], r, tol)
+        # the two paths may part only on heads whose scores tie within the tolerance
+        for t, (x, y) in enumerate(zip(batched[rows].cpu().tolist(), per_sequence[rows].cpu().tolist())):
+            differ = sorted(set(x) ^ set(y))
+            if differ:
+                span = r[t, differ].max() - r[t, differ].min()
+                assert float(span) <= 2 * float(tol[t]), (b, t, x, y)
+
+
+def test_paged_batched_path_checks_its_switch_and_the_page_ids(monkeypatch):
+    seqs, q, w, cache, table, clens = _batch([70, 129], 1, 8, 64, seed=5)
+    monkeypatch.setenv("MISA_PAGED_KERNEL", "yes")
+    with pytest.raises(ValueError, match="^MISA_PAGED_KERNEL:"):
+        misa.paged_dsa_select(q, cache, w, clens, table, k=8)
+    monkeypatch.delenv("MISA_PAGED_KERNEL")
+    bad = table.clone()
+    bad[1, 2] = cache.shape[0]          # the third page of the second sequence: outside the cache
+    for call in (lambda t: misa.paged_dsa_select(q, cache, w, clens, t, k=8),
+                 lambda t: misa.paged_route_heads(q, cache, w, clens, t, active_heads=2, block_size=64),
+                 lambda t: misa.paged_misa_select(q, cache, w, clens, t, k=8, active_heads=2, block_size=64)):
+        with pytest.raises(ValueError, match="^block_table:"):
+            call(bad)
+        spare = table.clone()
+        spare[0, -1] = -7               # columns past a sequence's pages are not read: any value goes
+        call(spare)

@@ -74,6 +74,27 @@ CUT_SIGMAS = 3.0
 # 1.01 at 64K (H200, one call; benchmarks/topk_compare.py). With it, 8-way searches (1.31 ms) and
 # 512-entry select steps (1.31) stay slower.
 EARLY_EXIT = True
+# the select's bracket: room for the scratch keys between two quantiles of a sample of the scratch
+# (SCRATCH_BLOCK keys spread over it) that lie BRACKET_SIGMAS binomial deviations (plus 2) either
+# side of the k-th key's expected rank: ~500 keys at k = 2048 of 128K, ~1300 at k = 8192. Used
+# when the scratch holds at least BRACKET_MIN keys. 0: no bracket, every pass of the search
+# reads the whole scratch. Whole top-k at 4096 x 128K (H200, one call): k = 2048 1.24 ms against
+# 1.29 without; k = 8192 1.74 against 2.09 (select 0.63 against 0.94); 3 sigmas 1.25 / 1.77, 2
+# sigmas 1.26 / 1.78. Rows of 8192 (MISA-dagger's second stage, ~2.4k keys in the scratch) were
+# slower with it (0.40 against 0.39 ms): hence the minimum.
+BRACKET = 2048
+BRACKET_SIGMAS = 4.0
+BRACKET_MIN = 3 * SCRATCH_BLOCK
+# rows of at most ROW_MAX columns (MISA-dagger's candidate lists, HISA's blocks) take one launch
+# that holds the row in the registers of ROW_WARPS warps (_row_select_kernel)
+ROW_MAX = 8192
+ROW_WARPS = 8
+
+
+def workspace_bytes(k: int, width: int) -> int:
+    """Device memory a ``topk`` call takes per row beyond its output: the scratch (key and column)
+    and the select's bracket."""
+    return 8 * scratch_size(k, width) + 4 * BRACKET
 
 
 def scratch_size(k: int, width: int) -> int:
@@ -246,10 +267,12 @@ def _compact_kernel(X, KS, KE, CUT, COUNT, SCR_KEY, SCR_COL, stride_x, stride_sc
 
 
 @triton.jit(do_not_specialize=["ks_offset", "out_offset", "K", "CAP"])
-def _select_kernel(X, KS, KE, OUT, CMAP, CUT, COUNT, SCR_KEY, SCR_COL,
-                   stride_x, stride_out, stride_cmap, stride_scr, ks_offset, out_offset, K, CAP,
+def _select_kernel(X, KS, KE, OUT, CMAP, CUT, COUNT, SCR_KEY, SCR_COL, BR,
+                   stride_x, stride_out, stride_cmap, stride_scr, stride_br, ks_offset, out_offset, K, CAP,
+                   bracket_sigmas,
                    BLOCK: tl.constexpr, SBLOCK: tl.constexpr, WAYS: tl.constexpr,
-                   HAS_CMAP: tl.constexpr, FINITE_ONLY: tl.constexpr, EARLY_EXIT: tl.constexpr):
+                   HAS_CMAP: tl.constexpr, FINITE_ONLY: tl.constexpr, EARLY_EXIT: tl.constexpr,
+                   BRACKET: tl.constexpr, BRACKET_MIN: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     x_row = X + row * stride_x
     out_row = OUT + row * stride_out
@@ -270,28 +293,79 @@ def _select_kernel(X, KS, KE, OUT, CMAP, CUT, COUNT, SCR_KEY, SCR_COL,
     fast = (tl.load(CUT + row) != 0) & (n_scr >= K) & (n_scr <= CAP)
 
     if fast:
-        # the scratch holds every element at or above the cut, k of them at least: search its
-        # key range [cut, max] for the k-th largest key, then write the winners
+        # the scratch holds every element at or above the cut, k of them at least: find its k-th
+        # largest key, then write the winners
         lo = tl.load(CUT + row).to(tl.uint32, bitcast=True)
         hi = lo
-        for start in range(0, n_scr, SBLOCK):
-            j = start + slane
-            key = tl.load(scr_key + j, mask=j < n_scr, other=0).to(tl.uint32, bitcast=True)
-            hi = tl.maximum(hi, tl.max(key, axis=0))
         above = 0
         at_lo = n_scr
-        # with EARLY_EXIT the search stops once exactly K keys lie at or above lo: they are the
-        # winners (about half the passes: the last ones only narrow the gap below the k-th key)
+        # with EARLY_EXIT a search stops once exactly K keys lie at or above lo: they are the
+        # winners (the last passes would only narrow the gap below the k-th key)
         stop_at = K if EARLY_EXIT else -1
-        while (hi > lo) & (at_lo != stop_at):
-            step = _search_step(hi, lo, WAYS)
-            counts = tl.zeros([WAYS], dtype=tl.int32)
+        searched = 0
+        use_bracket_from = BRACKET_MIN if BRACKET > 0 else 2147483647
+        if n_scr >= use_bracket_from:
+            # a sample spread over the scratch brackets the k-th key, [t_lo, t_hi); one pass
+            # counts the keys above the bracket and moves the few inside it to registers, where
+            # the search runs without reading the scratch again
+            sj = slane * tl.maximum(n_scr // SBLOCK, 1)
+            s_ok = sj < n_scr
+            skey = tl.load(scr_key + sj, mask=s_ok, other=0).to(tl.uint32, bitcast=True)
+            n_s = tl.sum(s_ok.to(tl.int32), axis=0)
+            frac = K * 1.0 / n_scr
+            rank = frac * n_s
+            margin = bracket_sigmas * tl.sqrt(rank * (1.0 - frac)) + 2.0
+            need_lo = tl.minimum((rank + margin).to(tl.int32) + 1, n_s)
+            need_hi = (rank - margin).to(tl.int32)
+            t_lo = _sample_quantile(skey, need_lo, WAYS, EARLY_EXIT)
+            has_hi = need_hi >= 1
+            t_hi = t_lo
+            if has_hi:
+                t_hi = _sample_quantile(skey, need_hi, WAYS, EARLY_EXIT)
+            c_lo = 0
+            n_hi = 0
+            n_in = 0
+            br_row = BR + row * stride_br
             for start in range(0, n_scr, SBLOCK):
                 j = start + slane
-                m = j < n_scr
-                key = tl.load(scr_key + j, mask=m, other=0).to(tl.uint32, bitcast=True)
-                counts += _count_at_least_2d(key, m, lo, step, WAYS)
-            lo, hi, above, at_lo = _narrow(counts, lo, hi, above, step, K, WAYS)
+                key = tl.load(scr_key + j, mask=j < n_scr, other=0).to(tl.uint32, bitcast=True)
+                ge_lo = (j < n_scr) & (key >= t_lo)
+                ge_hi = ge_lo & (key >= t_hi) & has_hi
+                inside = ge_lo & (ge_hi == 0)
+                spos = n_in + tl.cumsum(inside.to(tl.int32), axis=0) - 1
+                tl.store(br_row + spos, key.to(tl.int32, bitcast=True), mask=inside & (spos < BRACKET))
+                c_lo += tl.sum(ge_lo.to(tl.int32), axis=0)
+                n_hi += tl.sum(ge_hi.to(tl.int32), axis=0)
+                n_in += tl.sum(inside.to(tl.int32), axis=0)
+            if (c_lo >= K) & (n_hi < K) & (n_in <= BRACKET):
+                tl.debug_barrier()              # the bracket's keys, written above, read back
+                bj = tl.arange(0, BRACKET)
+                b_ok = bj < n_in
+                bkey = tl.load(br_row + bj, mask=b_ok, other=0).to(tl.uint32, bitcast=True)
+                lo = t_lo
+                hi = tl.where(has_hi, t_hi - 1, tl.max(bkey, axis=0))
+                above = n_hi
+                at_lo = c_lo
+                while (hi > lo) & (at_lo != stop_at):
+                    step = _search_step(hi, lo, WAYS)
+                    counts = _count_at_least(bkey, b_ok, lo, step, WAYS) + n_hi
+                    lo, hi, above, at_lo = _narrow(counts, lo, hi, above, step, K, WAYS)
+                searched = 1
+        if searched == 0:
+            # no bracket (or the sample missed): search the key range [cut, max] over the scratch
+            for start in range(0, n_scr, SBLOCK):
+                j = start + slane
+                key = tl.load(scr_key + j, mask=j < n_scr, other=0).to(tl.uint32, bitcast=True)
+                hi = tl.maximum(hi, tl.max(key, axis=0))
+            while (hi > lo) & (at_lo != stop_at):
+                step = _search_step(hi, lo, WAYS)
+                counts = tl.zeros([WAYS], dtype=tl.int32)
+                for start in range(0, n_scr, SBLOCK):
+                    j = start + slane
+                    m = j < n_scr
+                    key = tl.load(scr_key + j, mask=m, other=0).to(tl.uint32, bitcast=True)
+                    counts += _count_at_least_2d(key, m, lo, step, WAYS)
+                lo, hi, above, at_lo = _narrow(counts, lo, hi, above, step, K, WAYS)
         prefix = lo                 # the k-th largest key, or a key no winner lies below
         k_rem = K - above
         if at_lo == K:
@@ -370,6 +444,45 @@ def _select_kernel(X, KS, KE, OUT, CMAP, CUT, COUNT, SCR_KEY, SCR_COL,
         n_out += tl.sum(take.to(tl.int32), axis=0)
 
 
+@triton.jit(do_not_specialize=["ks_offset", "out_offset", "K"])
+def _row_select_kernel(X, KS, KE, OUT, CMAP, stride_x, stride_out, stride_cmap, ks_offset, out_offset, K,
+                       ROW: tl.constexpr, WAYS: tl.constexpr, HAS_CMAP: tl.constexpr,
+                       FINITE_ONLY: tl.constexpr, EARLY_EXIT: tl.constexpr):
+    """Rows of at most ``ROW`` columns, one program each, the row held in registers: the search
+    for the k-th largest key runs over it with no scratch, then the winners (ties to the lowest
+    columns) are written. One launch, the row read once."""
+    row = tl.program_id(0).to(tl.int64)
+    x_row = X + row * stride_x
+    out_row = OUT + row * stride_out
+    cmap_row = CMAP + row * stride_cmap
+    ks = tl.load(KS + row) - ks_offset
+    ke = tl.load(KE + row) - ks_offset
+    c = ks + tl.arange(0, ROW)
+    key, m = _eligible_keys(x_row, c, ke, FINITE_ONLY)
+    n = tl.sum(m.to(tl.int32), axis=0)
+    take = m
+    if n > K:
+        lo = tl.min(tl.where(m, key, 0xFFFFFFFF), axis=0)
+        hi = tl.max(tl.where(m, key, 0), axis=0)
+        above = 0
+        at_lo = n
+        stop_at = K if EARLY_EXIT else -1
+        while (hi > lo) & (at_lo != stop_at):
+            step = _search_step(hi, lo, WAYS)
+            counts = _count_at_least(key, m, lo, step, WAYS)
+            lo, hi, above, at_lo = _narrow(counts, lo, hi, above, step, K, WAYS)
+        k_rem = K - above
+        if at_lo == K:
+            k_rem = K               # every key at lo is a winner
+        tie = m & (key == lo)
+        take = (m & (key > lo)) | (tie & (tl.cumsum(tie.to(tl.int32), axis=0) <= k_rem))
+    pos = tl.cumsum(take.to(tl.int32), axis=0) - 1
+    tl.store(out_row + pos, _position(c, cmap_row, out_offset, HAS_CMAP, take), mask=take)
+    n_out = tl.minimum(n, K)
+    j = tl.arange(0, ROW)
+    tl.store(out_row + j, tl.full([ROW], -1, tl.int32), mask=(j >= n_out) & (j < K))
+
+
 def topk(x: torch.Tensor, ks: torch.Tensor, ke: torch.Tensor, k: int, ks_offset: int = 0,
          out_offset: int = 0, cmap: torch.Tensor | None = None, finite_only: bool = False,
          config: tuple[int, int, int] | None = None) -> torch.Tensor:
@@ -379,8 +492,19 @@ def topk(x: torch.Tensor, ks: torch.Tensor, ke: torch.Tensor, k: int, ks_offset:
     -1 padded. ``finite_only`` also skips -inf entries (candidate lists with holes). ``config``:
     (elements per step, num_warps, sample size).
     """
+    t, w = x.shape
+    if w <= ROW_MAX and k <= ROW_MAX:
+        out = torch.empty(t, k, dtype=torch.int32, device=x.device)
+        if t:
+            row = max(16, triton.next_power_of_2(max(w, k)))
+            _row_select_kernel[(t,)](
+                x, ks, ke, out, cmap if cmap is not None else out, x.stride(0), out.stride(0),
+                cmap.stride(0) if cmap is not None else 0, ks_offset, out_offset, k,
+                ROW=row, WAYS=WAYS, HAS_CMAP=cmap is not None, FINITE_ONLY=finite_only, EARLY_EXIT=EARLY_EXIT,
+                num_warps=ROW_WARPS if row >= 2048 else 4)
+        return out
     call = TopkLaunches(x, ks, ke, k, ks_offset, out_offset, cmap, finite_only, config)
-    if x.shape[0]:
+    if t:
         call.cut()
         call.compact()
         call.select()
@@ -403,6 +527,7 @@ class TopkLaunches:
         self.out = torch.empty(t, k, dtype=torch.int32, device=dev)
         self.scr_key = torch.empty(t, self.cap, dtype=torch.int32, device=dev)
         self.scr_col = torch.empty(t, self.cap, dtype=torch.int32, device=dev)
+        self.bracket = torch.empty(t, max(BRACKET, 1), dtype=torch.int32, device=dev)
         self.cut_keys = torch.empty(t, dtype=torch.int32, device=dev)    # per row; 0 = no cut
         self.count = torch.empty(t, dtype=torch.int32, device=dev)       # scratch entries per row
 
@@ -424,11 +549,12 @@ class TopkLaunches:
         x, ks, ke, k, ks_offset, out_offset, cmap, finite_only = self.args
         _select_kernel[(x.shape[0],)](
             x, ks, ke, self.out, cmap if cmap is not None else self.out, self.cut_keys, self.count,
-            self.scr_key, self.scr_col, x.stride(0), self.out.stride(0),
-            cmap.stride(0) if cmap is not None else 0, self.scr_key.stride(0),
-            ks_offset, out_offset, k, self.cap,
+            self.scr_key, self.scr_col, self.bracket, x.stride(0), self.out.stride(0),
+            cmap.stride(0) if cmap is not None else 0, self.scr_key.stride(0), self.bracket.stride(0),
+            ks_offset, out_offset, k, self.cap, BRACKET_SIGMAS,
             BLOCK=self.block, SBLOCK=SCRATCH_BLOCK, WAYS=WAYS, HAS_CMAP=cmap is not None,
-            FINITE_ONLY=finite_only, EARLY_EXIT=EARLY_EXIT, num_warps=self.warps,
+            FINITE_ONLY=finite_only, EARLY_EXIT=EARLY_EXIT, BRACKET=BRACKET, BRACKET_MIN=BRACKET_MIN,
+            num_warps=self.warps,
         )
 
 
