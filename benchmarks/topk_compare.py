@@ -21,7 +21,7 @@ from misa.ops.topk import triton as topk_mod
 
 
 TUNABLE = ("WAYS", "SCRATCH_BLOCK", "COMPACT_CONFIG", "DEFAULT_CONFIG", "SAMPLE_CHUNK", "CUT_WARPS", "CUT_SIGMAS",
-           "EARLY_EXIT", "BRACKET", "BRACKET_SIGMAS", "BRACKET_MIN", "ROW_MAX", "ROW_WARPS")   # module constants of the kernel
+           "EARLY_EXIT", "BRACKET", "BRACKET_SIGMAS", "BRACKET_MIN")   # module constants of the kernel
 
 
 def bench(fn):

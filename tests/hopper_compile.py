@@ -87,16 +87,11 @@ def variants():
                 "EARLY_EXIT": topk.EARLY_EXIT}, 4, 3)
     c_block, c_warps, _ = topk.COMPACT_CONFIG
     yield "top-k compact", topk._compact_kernel, rows, {"BLOCK": c_block, "FINITE_ONLY": True}, c_warps, 3
-    for has_cmap in (False, True):
-        yield (f"top-k select cmap={has_cmap}", topk._select_kernel, rows,
+    for has_cmap, bracket in ((False, topk.BRACKET), (True, topk.BRACKET), (False, 0)):
+        yield (f"top-k select cmap={has_cmap} bracket={bracket}", topk._select_kernel, rows,
                {"BLOCK": block, "SBLOCK": topk.SCRATCH_BLOCK, "WAYS": topk.WAYS, "HAS_CMAP": has_cmap,
-                "FINITE_ONLY": has_cmap, "EARLY_EXIT": topk.EARLY_EXIT, "BRACKET": topk.BRACKET,
+                "FINITE_ONLY": has_cmap, "EARLY_EXIT": topk.EARLY_EXIT, "BRACKET": bracket,
                 "BRACKET_MIN": topk.BRACKET_MIN}, warps, 3)
-    for row, row_warps in ((topk.ROW_MAX, topk.ROW_WARPS), (1024, 4)):
-        for has_cmap in (False, True):
-            yield (f"top-k row kernel row={row} cmap={has_cmap}", topk._row_select_kernel, rows,
-                   {"ROW": row, "WAYS": topk.WAYS, "HAS_CMAP": has_cmap, "FINITE_ONLY": has_cmap,
-                    "EARLY_EXIT": topk.EARLY_EXIT}, row_warps, 3)
     yield ("router pooling", router._pool_keys_kernel, {"K": "fp8e4nv", "KSCALE": "fp32", "OUT": "fp32"},
            {"D": 128, "CHUNK": 64, "HAS_SCALE": True}, 4, 3)
     yield ("router paged pooling", router._paged_pool_keys_kernel,

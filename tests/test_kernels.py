@@ -132,29 +132,9 @@ def test_topk_kernel_variants(monkeypatch, kind, variant):
     assert bool((call.cut_keys.cpu()[long] != 0).all())         # the long rows took the sampled path
 
 
-@pytest.mark.parametrize("kind", ["causal", "ragged", "empty"])
-@pytest.mark.parametrize("s,k,ties", [(700, 1, False), (700, 300, True), (5000, 100, False), (5000, 2000, True),
-                                      (300, 500, False)])
-def test_topk_row_kernel(kind, s, k, ties):
-    # rows of at most ROW_MAX columns: one program per row holds it in registers
+def test_topk_kernel_heavy_ties_and_small_scratch(monkeypatch):
     from misa.ops.topk import triton as topk_triton
-    assert s <= topk_triton.ROW_MAX
-    g = torch.Generator().manual_seed(s + k)
-    t = 37 if not BIG else 3000
-    x = torch.randn(t, s, generator=g)
-    if ties:
-        x = torch.round(x * 4) / 4
-    ks, ke = ranges(kind, t, s, g)
-    idx = misa.topk_indices(x.to(DEVICE), ks.to(DEVICE), ke.to(DEVICE), k)
-    check_selection(idx, x.double(), ks, ke, k, rtol=0)
-
-
-@pytest.mark.parametrize("path", ["three launches", "row kernel"])
-def test_topk_kernel_heavy_ties_and_small_scratch(monkeypatch, path):
-    from misa.ops.topk import triton as topk_triton
-    if path == "three launches":
-        monkeypatch.setattr(topk_triton, "ROW_MAX", 0)
-        monkeypatch.setattr(topk_triton, "scratch_size", lambda k, w: 16)   # force whole-row refinement
+    monkeypatch.setattr(topk_triton, "scratch_size", lambda k, w: 16)   # force whole-row refinement
     g = torch.Generator().manual_seed(5)
     x = torch.ones(6, 3000)
     x[:, 7::11] = 2.0                                         # 272 twos, then a sea of ties

@@ -85,10 +85,6 @@ EARLY_EXIT = True
 BRACKET = 2048
 BRACKET_SIGMAS = 4.0
 BRACKET_MIN = 3 * SCRATCH_BLOCK
-# rows of at most ROW_MAX columns (MISA-dagger's candidate lists, HISA's blocks) take one launch
-# that holds the row in the registers of ROW_WARPS warps (_row_select_kernel)
-ROW_MAX = 8192
-ROW_WARPS = 8
 
 
 def workspace_bytes(k: int, width: int) -> int:
@@ -303,54 +299,54 @@ def _select_kernel(X, KS, KE, OUT, CMAP, CUT, COUNT, SCR_KEY, SCR_COL, BR,
         # winners (the last passes would only narrow the gap below the k-th key)
         stop_at = K if EARLY_EXIT else -1
         searched = 0
-        use_bracket_from = BRACKET_MIN if BRACKET > 0 else 2147483647
-        if n_scr >= use_bracket_from:
-            # a sample spread over the scratch brackets the k-th key, [t_lo, t_hi); one pass
-            # counts the keys above the bracket and moves the few inside it to registers, where
-            # the search runs without reading the scratch again
-            sj = slane * tl.maximum(n_scr // SBLOCK, 1)
-            s_ok = sj < n_scr
-            skey = tl.load(scr_key + sj, mask=s_ok, other=0).to(tl.uint32, bitcast=True)
-            n_s = tl.sum(s_ok.to(tl.int32), axis=0)
-            frac = K * 1.0 / n_scr
-            rank = frac * n_s
-            margin = bracket_sigmas * tl.sqrt(rank * (1.0 - frac)) + 2.0
-            need_lo = tl.minimum((rank + margin).to(tl.int32) + 1, n_s)
-            need_hi = (rank - margin).to(tl.int32)
-            t_lo = _sample_quantile(skey, need_lo, WAYS, EARLY_EXIT)
-            has_hi = need_hi >= 1
-            t_hi = t_lo
-            if has_hi:
-                t_hi = _sample_quantile(skey, need_hi, WAYS, EARLY_EXIT)
-            c_lo = 0
-            n_hi = 0
-            n_in = 0
-            br_row = BR + row * stride_br
-            for start in range(0, n_scr, SBLOCK):
-                j = start + slane
-                key = tl.load(scr_key + j, mask=j < n_scr, other=0).to(tl.uint32, bitcast=True)
-                ge_lo = (j < n_scr) & (key >= t_lo)
-                ge_hi = ge_lo & (key >= t_hi) & has_hi
-                inside = ge_lo & (ge_hi == 0)
-                spos = n_in + tl.cumsum(inside.to(tl.int32), axis=0) - 1
-                tl.store(br_row + spos, key.to(tl.int32, bitcast=True), mask=inside & (spos < BRACKET))
-                c_lo += tl.sum(ge_lo.to(tl.int32), axis=0)
-                n_hi += tl.sum(ge_hi.to(tl.int32), axis=0)
-                n_in += tl.sum(inside.to(tl.int32), axis=0)
-            if (c_lo >= K) & (n_hi < K) & (n_in <= BRACKET):
-                tl.debug_barrier()              # the bracket's keys, written above, read back
-                bj = tl.arange(0, BRACKET)
-                b_ok = bj < n_in
-                bkey = tl.load(br_row + bj, mask=b_ok, other=0).to(tl.uint32, bitcast=True)
-                lo = t_lo
-                hi = tl.where(has_hi, t_hi - 1, tl.max(bkey, axis=0))
-                above = n_hi
-                at_lo = c_lo
-                while (hi > lo) & (at_lo != stop_at):
-                    step = _search_step(hi, lo, WAYS)
-                    counts = _count_at_least(bkey, b_ok, lo, step, WAYS) + n_hi
-                    lo, hi, above, at_lo = _narrow(counts, lo, hi, above, step, K, WAYS)
-                searched = 1
+        if BRACKET > 0:
+            if n_scr >= BRACKET_MIN:
+                # a sample spread over the scratch brackets the k-th key, [t_lo, t_hi); one pass
+                # counts the keys above the bracket and moves the few inside it to registers, where
+                # the search runs without reading the scratch again
+                sj = slane * tl.maximum(n_scr // SBLOCK, 1)
+                s_ok = sj < n_scr
+                skey = tl.load(scr_key + sj, mask=s_ok, other=0).to(tl.uint32, bitcast=True)
+                n_s = tl.sum(s_ok.to(tl.int32), axis=0)
+                frac = K * 1.0 / n_scr
+                rank = frac * n_s
+                margin = bracket_sigmas * tl.sqrt(rank * (1.0 - frac)) + 2.0
+                need_lo = tl.minimum((rank + margin).to(tl.int32) + 1, n_s)
+                need_hi = (rank - margin).to(tl.int32)
+                t_lo = _sample_quantile(skey, need_lo, WAYS, EARLY_EXIT)
+                has_hi = need_hi >= 1
+                t_hi = t_lo
+                if has_hi:
+                    t_hi = _sample_quantile(skey, need_hi, WAYS, EARLY_EXIT)
+                c_lo = 0
+                n_hi = 0
+                n_in = 0
+                br_row = BR + row * stride_br
+                for start in range(0, n_scr, SBLOCK):
+                    j = start + slane
+                    key = tl.load(scr_key + j, mask=j < n_scr, other=0).to(tl.uint32, bitcast=True)
+                    ge_lo = (j < n_scr) & (key >= t_lo)
+                    ge_hi = ge_lo & (key >= t_hi) & has_hi
+                    inside = ge_lo & (ge_hi == 0)
+                    spos = n_in + tl.cumsum(inside.to(tl.int32), axis=0) - 1
+                    tl.store(br_row + spos, key.to(tl.int32, bitcast=True), mask=inside & (spos < BRACKET))
+                    c_lo += tl.sum(ge_lo.to(tl.int32), axis=0)
+                    n_hi += tl.sum(ge_hi.to(tl.int32), axis=0)
+                    n_in += tl.sum(inside.to(tl.int32), axis=0)
+                if (c_lo >= K) & (n_hi < K) & (n_in <= BRACKET):
+                    tl.debug_barrier()              # the bracket's keys, written above, read back
+                    bj = tl.arange(0, BRACKET)
+                    b_ok = bj < n_in
+                    bkey = tl.load(br_row + bj, mask=b_ok, other=0).to(tl.uint32, bitcast=True)
+                    lo = t_lo
+                    hi = tl.where(has_hi, t_hi - 1, tl.max(bkey, axis=0))
+                    above = n_hi
+                    at_lo = c_lo
+                    while (hi > lo) & (at_lo != stop_at):
+                        step = _search_step(hi, lo, WAYS)
+                        counts = _count_at_least(bkey, b_ok, lo, step, WAYS) + n_hi
+                        lo, hi, above, at_lo = _narrow(counts, lo, hi, above, step, K, WAYS)
+                    searched = 1
         if searched == 0:
             # no bracket (or the sample missed): search the key range [cut, max] over the scratch
             for start in range(0, n_scr, SBLOCK):
@@ -444,45 +440,6 @@ def _select_kernel(X, KS, KE, OUT, CMAP, CUT, COUNT, SCR_KEY, SCR_COL, BR,
         n_out += tl.sum(take.to(tl.int32), axis=0)
 
 
-@triton.jit(do_not_specialize=["ks_offset", "out_offset", "K"])
-def _row_select_kernel(X, KS, KE, OUT, CMAP, stride_x, stride_out, stride_cmap, ks_offset, out_offset, K,
-                       ROW: tl.constexpr, WAYS: tl.constexpr, HAS_CMAP: tl.constexpr,
-                       FINITE_ONLY: tl.constexpr, EARLY_EXIT: tl.constexpr):
-    """Rows of at most ``ROW`` columns, one program each, the row held in registers: the search
-    for the k-th largest key runs over it with no scratch, then the winners (ties to the lowest
-    columns) are written. One launch, the row read once."""
-    row = tl.program_id(0).to(tl.int64)
-    x_row = X + row * stride_x
-    out_row = OUT + row * stride_out
-    cmap_row = CMAP + row * stride_cmap
-    ks = tl.load(KS + row) - ks_offset
-    ke = tl.load(KE + row) - ks_offset
-    c = ks + tl.arange(0, ROW)
-    key, m = _eligible_keys(x_row, c, ke, FINITE_ONLY)
-    n = tl.sum(m.to(tl.int32), axis=0)
-    take = m
-    if n > K:
-        lo = tl.min(tl.where(m, key, 0xFFFFFFFF), axis=0)
-        hi = tl.max(tl.where(m, key, 0), axis=0)
-        above = 0
-        at_lo = n
-        stop_at = K if EARLY_EXIT else -1
-        while (hi > lo) & (at_lo != stop_at):
-            step = _search_step(hi, lo, WAYS)
-            counts = _count_at_least(key, m, lo, step, WAYS)
-            lo, hi, above, at_lo = _narrow(counts, lo, hi, above, step, K, WAYS)
-        k_rem = K - above
-        if at_lo == K:
-            k_rem = K               # every key at lo is a winner
-        tie = m & (key == lo)
-        take = (m & (key > lo)) | (tie & (tl.cumsum(tie.to(tl.int32), axis=0) <= k_rem))
-    pos = tl.cumsum(take.to(tl.int32), axis=0) - 1
-    tl.store(out_row + pos, _position(c, cmap_row, out_offset, HAS_CMAP, take), mask=take)
-    n_out = tl.minimum(n, K)
-    j = tl.arange(0, ROW)
-    tl.store(out_row + j, tl.full([ROW], -1, tl.int32), mask=(j >= n_out) & (j < K))
-
-
 def topk(x: torch.Tensor, ks: torch.Tensor, ke: torch.Tensor, k: int, ks_offset: int = 0,
          out_offset: int = 0, cmap: torch.Tensor | None = None, finite_only: bool = False,
          config: tuple[int, int, int] | None = None) -> torch.Tensor:
@@ -492,19 +449,8 @@ def topk(x: torch.Tensor, ks: torch.Tensor, ke: torch.Tensor, k: int, ks_offset:
     -1 padded. ``finite_only`` also skips -inf entries (candidate lists with holes). ``config``:
     (elements per step, num_warps, sample size).
     """
-    t, w = x.shape
-    if w <= ROW_MAX and k <= ROW_MAX:
-        out = torch.empty(t, k, dtype=torch.int32, device=x.device)
-        if t:
-            row = max(16, triton.next_power_of_2(max(w, k)))
-            _row_select_kernel[(t,)](
-                x, ks, ke, out, cmap if cmap is not None else out, x.stride(0), out.stride(0),
-                cmap.stride(0) if cmap is not None else 0, ks_offset, out_offset, k,
-                ROW=row, WAYS=WAYS, HAS_CMAP=cmap is not None, FINITE_ONLY=finite_only, EARLY_EXIT=EARLY_EXIT,
-                num_warps=ROW_WARPS if row >= 2048 else 4)
-        return out
     call = TopkLaunches(x, ks, ke, k, ks_offset, out_offset, cmap, finite_only, config)
-    if t:
+    if x.shape[0]:
         call.cut()
         call.compact()
         call.select()
