@@ -87,7 +87,8 @@ def _batched(q) -> bool:
     setting = os.environ.get("MISA_PAGED_KERNEL", "1")
     if setting not in ("0", "1"):
         raise ValueError(f"MISA_PAGED_KERNEL: expected 0 (per-sequence path) or 1 (batched), got {setting!r}")
-    return setting == "1" and select.kernels_enabled(q, q.dtype)
+    # the paged kernel pads the heads, not the head dimension
+    return setting == "1" and select.kernels_enabled(q, q.dtype) and select.triton_heads_ok(q.shape[3])
 
 
 def _batched_select(q, kv_cache, weights, context_lens, block_table, k, longest: int, heads=None):

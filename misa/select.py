@@ -45,7 +45,10 @@ def _interpreting() -> bool:
 
 
 def _use_kernels(inp: Inputs) -> bool:
-    return kernels_enabled(inp.q, inp.q.dtype, inp.k.dtype)
+    # the kernels tile (query, head) pairs and the head dimension by powers of two; other shapes
+    # take the reference
+    return (kernels_enabled(inp.q, inp.q.dtype, inp.k.dtype) and triton_heads_ok(inp.num_heads)
+            and triton_heads_ok(inp.q.shape[2]))
 
 
 def _contiguous(inp: Inputs) -> Inputs:

@@ -233,6 +233,30 @@ def test_hisa_kernels(kind, bs, m):
             check_selection(idx[t_:t_ + 1], full[t_:t_ + 1], ks_[t_:t_ + 1], ke_[t_:t_ + 1], k, rtol=RTOL)
 
 
+@pytest.mark.parametrize("h,d", [(6, 64), (8, 48)])
+def test_shapes_the_kernels_do_not_tile_take_the_reference(monkeypatch, h, d):
+    # head counts and head dims that are not powers of two: the public functions fall back to
+    # the reference (they crashed in the kernels' tiling before) and agree with it exactly
+    q, kv, w, ks, ke = _inputs(23, 400, h, d, "ragged", seed=h + d)
+    calls = {
+        "logits": lambda: misa.dsa_logits(q, kv, w, ks, ke),
+        "dsa": lambda: misa.dsa_select(q, kv, w, ks, ke, k=30),
+        "heads": lambda: misa.route_heads(q, kv, w, ks, ke, active_heads=3, block_size=64),
+        "misa": lambda: misa.misa_select(q, kv, w, ks, ke, k=30, active_heads=2, block_size=64),
+        "hisa": lambda: misa.hisa_select(q, kv, w, ks, ke, k=30, block_size=64, block_k=3),
+    }
+    got = {name: fn() for name, fn in calls.items()}
+    monkeypatch.setenv("MISA_DISABLE_KERNELS", "1")
+    for name, fn in calls.items():
+        ref = fn()
+        if name == "logits":
+            torch.testing.assert_close(got[name].cpu(), ref.cpu(), rtol=0, atol=0)
+        elif name == "heads":
+            assert torch.equal(got[name].cpu(), ref.cpu())
+        else:
+            assert as_sets(got[name].cpu()) == as_sets(ref.cpu()), name
+
+
 def test_dispatch_uses_reference_for_float32():
     q, kv, w, ks, ke = _inputs(7, 100, 8, 32, "causal", seed=0, kv="fp32", q_dtype=torch.float32)
     got = misa.dsa_select(q, kv, w, ks, ke, k=10)
