@@ -33,7 +33,7 @@ def main():
     ap.add_argument("--budget-s", type=float, default=240)
     ap.add_argument("--work", default="dense64,routed8", help="which workloads: dense64, routed8")
     ap.add_argument("--logits-configs", default="",
-                    help="logits tile shapes to time instead of the grid (pairs/BN/warps/stages/head-major[/fast-tiles])")
+                    help="logits tile shapes to time instead of the grid (pairs/BN/warps/stages/head-major[/fast-tiles[/ptx-store]])")
     ap.add_argument("--logits-only", action="store_true", help="skip the router, top-k and gather sweeps")
     ap.add_argument("--router-configs", default="",
                     help="router configs to time instead of the grid (pairs/blocks-per-step/warps/precision)")

@@ -65,11 +65,12 @@ def variants():
             "OUT": "fp32"}
     for heads in (64, 8):
         pairs, bn, warps, stages, head_major, fast = dsa.DEFAULT_CONFIG if heads == 64 else dsa.ROUTED_CONFIG
-        for col_unit in (16, 1):
+        for col_unit, asm_store in ((16, False), (1, False), (16, True)):
             consts = {"NH": heads, "D": 128, "BQ": pairs // heads, "BN": bn, "ROUTED": heads < 64,
                       "HAS_SCALE": True, "CAST": None, "HEAD_MAJOR": head_major, "FAST_TILES": fast,
-                      "COL_UNIT": col_unit}
-            yield f"logits heads={heads} col_unit={col_unit}", dsa._mqa_logits_kernel, ptrs, consts, warps, stages
+                      "COL_UNIT": col_unit, "ASM_STORE": asm_store}
+            yield (f"logits heads={heads} col_unit={col_unit} asm_store={asm_store}", dsa._mqa_logits_kernel, ptrs,
+                   consts, warps, stages)
     paged_ptrs = {"Q": "fp8e4nv", "W": "fp32", "HEADS": I32, "VALUES": "fp8e4nv", "SCALES": "fp32", "TABLE": I32,
                   "CTX": I32, "OUT": "fp32"}
     for heads, next_n in ((64, 1), (64, 2), (8, 1), (8, 4)):

@@ -21,4 +21,4 @@ def test_every_kernel_compiles_for_hopper():
     res = subprocess.run([sys.executable, str(here / "hopper_compile.py")], env=env, cwd=here.parent,
                          capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
-    assert res.stdout.count("ok   ") >= 23, res.stdout     # every variant hopper_compile.py lists
+    assert res.stdout.count("ok   ") >= 25, res.stdout     # every variant hopper_compile.py lists

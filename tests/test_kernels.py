@@ -84,6 +84,32 @@ def test_logits_kernel_output_window(aligned, routed):
     assert _rel_err(got, ref, inside) < RTOL
 
 
+@pytest.mark.parametrize("routed", [False, True])
+def test_logits_kernel_ptx_store(routed):
+    # the opt-in store of interior tiles by inline PTX writes exactly what tl.store writes; the
+    # interpreter cannot run PTX and says so
+    from misa.ops.dsa import triton as dsa_triton
+    t, s, h, d = (40, 600, 8, 64) if not BIG else (700, 9000, 64, 128)
+    q, kv, w, ks, ke = _inputs(t, s, h, d, "causal", seed=11)
+    heads = None
+    if routed:
+        g = torch.Generator().manual_seed(12)
+        heads = torch.sort(torch.stack([torch.randperm(h, generator=g)[:8] for _ in range(t)]), dim=1).values
+        heads = heads.int().to(DEVICE)
+    base = dsa_triton.ROUTED_CONFIG if routed else dsa_triton.DEFAULT_CONFIG
+    outs = []
+    for config in (base[:6], base[:6] + (True,)):
+        out = torch.full((t, s), float("nan"), device=DEVICE)
+        if DEVICE == "cpu" and len(config) == 7:
+            with pytest.raises(ValueError, match="^config:"):
+                dsa_triton.launch_logits(q, w, kv[0], kv[1], ks, ke, out, heads=heads, config=config)
+            return
+        outs.append(dsa_triton.launch_logits(q, w, kv[0], kv[1], ks, ke, out, heads=heads, config=config))
+    assert torch.equal(outs[0].isnan(), outs[1].isnan())
+    fin = ~outs[0].isnan()
+    assert torch.equal(outs[0][fin], outs[1][fin])
+
+
 @pytest.mark.parametrize("kind", ["causal", "ragged", "empty"])
 @pytest.mark.parametrize("k,ties", [(1, False), (100, False), (700, True), (3000, False)])
 def test_topk_kernel(kind, k, ties):

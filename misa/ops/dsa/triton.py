@@ -35,7 +35,7 @@ def _mqa_logits_kernel(
     stride_qt, stride_qh, stride_wt, stride_ht, stride_k, stride_out,
     NH: tl.constexpr, D: tl.constexpr, BQ: tl.constexpr, BN: tl.constexpr,
     ROUTED: tl.constexpr, HAS_SCALE: tl.constexpr, CAST: tl.constexpr, HEAD_MAJOR: tl.constexpr,
-    FAST_TILES: tl.constexpr, COL_UNIT: tl.constexpr,
+    FAST_TILES: tl.constexpr, COL_UNIT: tl.constexpr, ASM_STORE: tl.constexpr,
 ):
     pid_q = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -98,7 +98,15 @@ def _mqa_logits_kernel(
         if (tile * BN >= fast_lo) & (tile * BN + BN <= fast_hi):
             if HAS_SCALE:
                 logits = logits * tl.load(KSCALE + offs)[:, None]
-            tl.store(out_rows + col[:, None], logits)
+            if ASM_STORE:
+                # straight from the accumulator's layout: no round trip through shared memory to
+                # change layouts (tl.store's coalescing always inserts one); each warp store still
+                # fills whole 32-byte sectors (8 keys of 4 queries)
+                tl.inline_asm_elementwise("st.global.f32 [$1], $2; mov.u32 $0, 0;", "=r,l,f",
+                                          [(out_rows + col[:, None]).to(tl.int64, bitcast=True), logits], dtype=tl.int32,
+                                          is_pure=False, pack=1)
+            else:
+                tl.store(out_rows + col[:, None], logits)
         else:
             if HAS_SCALE:
                 logits = logits * tl.load(KSCALE + offs, mask=key_ok, other=0.0)[:, None]
@@ -109,7 +117,9 @@ def _mqa_logits_kernel(
 
 
 # Tile shape: (pairs on N, BN keys on M, num_warps, num_stages, head-major pairs, unmasked interior
-# tiles); BQ = pairs // NH queries per program. Picked by benchmarks/sweep_kernels.py on an H200
+# tiles[, interior tiles stored by inline PTX]); BQ = pairs // NH queries per program. The PTX
+# store (GPU only: the interpreter cannot run PTX) compiles with no layout change through shared
+# memory; not yet timed, so off. Picked by benchmarks/sweep_kernels.py on an H200
 # (docs/benchmarks.md). Unmasked interior tiles with vectorised stores: routed 1.42 ms against 1.49
 # at 4096 x 128K; dense at 8192 x 64K 8.35 ms with 4 stages against 8.58 with 3 (one call; before
 # them 4 stages was the slower, 961 against 998 TFLOP/s). Routed: 3 or 4 stages tie (1.42 ms),
@@ -130,7 +140,11 @@ def launch_logits(q, w, k, k_scale, ks, ke, out, col_offset: int = 0, heads=None
     nh = heads.shape[1] if heads is not None else h_all
     if t == 0:
         return out
-    pairs, bn, warps, stages, head_major, *fast = config or (ROUTED_CONFIG if heads is not None else DEFAULT_CONFIG)
+    pairs, bn, warps, stages, head_major, *rest = config or (ROUTED_CONFIG if heads is not None else DEFAULT_CONFIG)
+    fast_tiles = rest[0] if rest else True
+    asm_store = len(rest) > 1 and bool(rest[1])
+    if asm_store and INTERPRET:
+        raise ValueError("config: the inline-PTX store needs a GPU (the interpreter cannot run PTX)")
     bq = max(1, pairs // nh)
     col_unit = 16 if col_offset % 16 == 0 and out.stride(0) % 16 == 0 and out.data_ptr() % 64 == 0 else 1
     cast = mma_cast(q.dtype, k.dtype)
@@ -143,7 +157,7 @@ def launch_logits(q, w, k, k_scale, ks, ke, out, col_offset: int = 0, heads=None
         q.stride(0), q.stride(1), w.stride(0), heads.stride(0) if heads is not None else 0, k.stride(0),
         out.stride(0),
         NH=nh, D=d, BQ=bq, BN=bn, ROUTED=heads is not None, HAS_SCALE=k_scale is not None,
-        CAST=cast, HEAD_MAJOR=head_major, FAST_TILES=fast[0] if fast else True, COL_UNIT=col_unit,
+        CAST=cast, HEAD_MAJOR=head_major, FAST_TILES=fast_tiles, COL_UNIT=col_unit, ASM_STORE=asm_store,
         num_warps=warps, num_stages=stages,
     )
     return out
