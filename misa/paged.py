@@ -23,6 +23,7 @@ import torch
 
 from . import quant, select
 from .api import _check_router, _check_workspace
+from .ops import power_of_two
 from .validate import DeferredChecks, Inputs, check_finite, check_int, check_stage1_k, check_tensor, Q_DTYPES
 
 
@@ -88,7 +89,7 @@ def _batched(q) -> bool:
     if setting not in ("0", "1"):
         raise ValueError(f"MISA_PAGED_KERNEL: expected 0 (per-sequence path) or 1 (batched), got {setting!r}")
     # the paged kernel pads the heads, not the head dimension
-    return setting == "1" and select.kernels_enabled(q, q.dtype) and select.triton_heads_ok(q.shape[3])
+    return setting == "1" and select.kernels_enabled(q, q.dtype) and power_of_two(q.shape[3])
 
 
 def _batched_select(q, kv_cache, weights, context_lens, block_table, k, longest: int, heads=None):

@@ -12,6 +12,7 @@ from typing import Iterator
 import torch
 
 from . import quant
+from .ops import power_of_two
 from .ops.dsa import reference as dsa_ref
 from .ops.hisa import reference as hisa_ref
 from .ops.misa import reference as misa_ref
@@ -45,10 +46,9 @@ def _interpreting() -> bool:
 
 
 def _use_kernels(inp: Inputs) -> bool:
-    # the kernels tile (query, head) pairs and the head dimension by powers of two; other shapes
-    # take the reference
-    return (kernels_enabled(inp.q, inp.q.dtype, inp.k.dtype) and triton_heads_ok(inp.num_heads)
-            and triton_heads_ok(inp.q.shape[2]))
+    # shapes the kernels do not tile (head count or head dim not a power of two) take the reference
+    return (kernels_enabled(inp.q, inp.q.dtype, inp.k.dtype) and power_of_two(inp.num_heads)
+            and power_of_two(inp.q.shape[2]))
 
 
 def _contiguous(inp: Inputs) -> Inputs:
@@ -194,7 +194,7 @@ class _Rerank:
 def misa_select(inp: Inputs, k: int, active_heads: int, block_size: int, stage1_k: int | None,
                 router: str = "abs-sum", workspace_bytes: int | None = None) -> torch.Tensor:
     heads = route_heads(inp, active_heads, block_size, router, workspace_bytes)
-    if _use_kernels(inp) and triton_heads_ok(active_heads):
+    if _use_kernels(inp) and power_of_two(active_heads):
         inp = _contiguous(inp)
         then = _Rerank(inp, k) if stage1_k is not None else None
         return _kernel_select(inp, stage1_k or k, workspace_bytes, heads=heads, then=then)
@@ -208,14 +208,9 @@ def misa_select(inp: Inputs, k: int, active_heads: int, block_size: int, stage1_
     return out
 
 
-def triton_heads_ok(num_heads: int) -> bool:
-    """The MMA kernels tile (query, head) pairs by powers of two."""
-    return num_heads & (num_heads - 1) == 0
-
-
 def hisa_select(inp: Inputs, k: int, block_size: int, block_k: int,
                 workspace_bytes: int | None = None) -> torch.Tensor:
-    if _use_kernels(inp) and triton_heads_ok(inp.num_heads):
+    if _use_kernels(inp):
         from .ops.hisa.triton import hisa_select as hisa_kernels
         return hisa_kernels(_contiguous(inp), k, block_size, block_k, workspace_bytes)
     out = torch.empty(inp.num_queries, k, dtype=torch.int32, device=inp.q.device)

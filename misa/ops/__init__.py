@@ -4,6 +4,11 @@ from __future__ import annotations
 import functools
 
 
+def power_of_two(n: int) -> bool:
+    """The kernels tile heads, (query, head) pairs and the head dimension by powers of two."""
+    return n > 0 and n & (n - 1) == 0
+
+
 @functools.lru_cache(maxsize=None)
 def kernels_available() -> bool:
     """True when Triton imports and the kernel modules are present."""

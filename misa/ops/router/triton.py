@@ -22,6 +22,7 @@ import triton
 import triton.language as tl
 
 from ... import quant
+from .. import power_of_two
 from ..triton_common import INTERPRET
 
 
@@ -217,7 +218,7 @@ def route_heads(inp, active_heads: int, block_size: int, config=None, router: st
 def batched_router_ok(num_heads: int, router: str) -> bool:
     """Whether ``paged_route_heads_batched`` takes this router: the kernel's statistics, and (query,
     head) pairs tiled by powers of two."""
-    return router in STATISTICS and num_heads <= 128 and num_heads & (num_heads - 1) == 0
+    return router in STATISTICS and num_heads <= 128 and power_of_two(num_heads)
 
 
 def paged_route_heads_batched(q, kv_cache, weights, context_lens, block_table, active_heads: int,

@@ -193,20 +193,25 @@ def _search_step(hi, lo, WAYS: tl.constexpr):
 
 
 @triton.jit
+def _search_held(key, m, lo, hi, above, at_lo, offset, need, stop_at, WAYS: tl.constexpr):
+    """The search over keys held in registers (``key[m]``), plus ``offset`` keys known to lie above
+    ``hi``: from count(>= lo) = ``at_lo`` and count(> hi) = ``above``, narrow to the largest t with
+    count(>= t) >= ``need``, or stop once count(>= lo) == ``stop_at``. Returns (lo, above, at_lo)."""
+    while (hi > lo) & (at_lo != stop_at):
+        step = _search_step(hi, lo, WAYS)
+        counts = _count_at_least(key, m, lo, step, WAYS) + offset
+        lo, hi, above, at_lo = _narrow(counts, lo, hi, above, step, need, WAYS)
+    return lo, above, at_lo
+
+
+@triton.jit
 def _sample_quantile(key, need, WAYS: tl.constexpr, EARLY_EXIT: tl.constexpr):
     """A key t with exactly the keys of ``key`` at or above it that are at or above its
     ``need``-th largest (``need`` <= its size): that key itself, or, with ``EARLY_EXIT``, any t
     below it that no key lies between."""
-    m = tl.full(key.shape, 1, tl.int1)
-    lo = tl.min(key, axis=0)
-    hi = tl.max(key, axis=0)
-    above = 0
-    at_lo = key.shape[0]
-    stop_at = need if EARLY_EXIT else -1
-    while (hi > lo) & (at_lo != stop_at):
-        step = _search_step(hi, lo, WAYS)
-        counts = _count_at_least(key, m, lo, step, WAYS)
-        lo, hi, above, at_lo = _narrow(counts, lo, hi, above, step, need, WAYS)
+    none = tl.zeros([], dtype=tl.int32)
+    lo, _, _ = _search_held(key, tl.full(key.shape, 1, tl.int1), tl.min(key, axis=0), tl.max(key, axis=0), none,
+                            none + key.shape[0], none, need, need if EARLY_EXIT else -1, WAYS)
     return lo
 
 
@@ -340,14 +345,8 @@ def _select_kernel(X, KS, KE, OUT, CMAP, CUT, COUNT, SCR_KEY, SCR_COL, BR,
                     bj = tl.arange(0, BRACKET)
                     b_ok = bj < n_in
                     bkey = tl.load(br_row + bj, mask=b_ok, other=0).to(tl.uint32, bitcast=True)
-                    lo = t_lo
-                    hi = tl.where(has_hi, t_hi - 1, tl.max(bkey, axis=0))
-                    above = n_hi
-                    at_lo = c_lo
-                    while (hi > lo) & (at_lo != stop_at):
-                        step = _search_step(hi, lo, WAYS)
-                        counts = _count_at_least(bkey, b_ok, lo, step, WAYS) + n_hi
-                        lo, hi, above, at_lo = _narrow(counts, lo, hi, above, step, K, WAYS)
+                    lo, above, at_lo = _search_held(bkey, b_ok, t_lo, tl.where(has_hi, t_hi - 1, tl.max(bkey, axis=0)),
+                                                    n_hi, c_lo, n_hi, K, stop_at, WAYS)
                     searched = 1
         if searched == 0:
             # no bracket (or the sample missed): search the key range [cut, max] over the scratch
