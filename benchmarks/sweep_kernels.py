@@ -36,7 +36,11 @@ def main():
                     help="logits tile shapes to time instead of the grid (pairs/BN/warps/stages/head-major[/fast-tiles[/ptx-store]])")
     ap.add_argument("--logits-only", action="store_true", help="skip the router, top-k and gather sweeps")
     ap.add_argument("--router-configs", default="",
-                    help="router configs to time instead of the grid (pairs/blocks-per-step/warps/precision)")
+                    help="router configs to time instead of the grid (pairs/blocks-per-step/warps/precision[/iter|rank[/stages]])")
+    ap.add_argument("--splits", default="0",
+                    help="programs per block of queries to time each logits config with (0: the kernel's own choice)")
+    ap.add_argument("--pool-configs", default="",
+                    help="pooling configs to time (keys-per-step/warps), beside the default")
     args = ap.parse_args()
     t_start = time.time()
     dev = torch.device("cuda")
@@ -48,6 +52,9 @@ def main():
     work = {
         "dense64_8192x65536": (8192, 65536, None),
         "routed8_4096x131072": (4096, 131072, 8),
+        "dsa64_4096x131072": (4096, 131072, None),
+        "routed8mid_4096x32768": (4096, 32768, 8),
+        "dsa64mid_4096x32768": (4096, 32768, None),
     }
     chosen = args.work.split(",")
     for name, (t, s, h) in work.items():
@@ -62,12 +69,22 @@ def main():
             results.setdefault("router", [])
             router_grid = list(itertools.product((128, 256), (32, 64), (4, 8), ("tf32x3", "tf32", "ieee")))
             if args.router_configs:
-                router_grid = [tuple(int(v) for v in c.split("/")[:3]) + (c.split("/")[3],)
-                               for c in args.router_configs.split(",")]
+                router_grid = [tuple(int(v) for v in c.split("/")[:3]) + tuple(c.split("/")[3:5])
+                               + tuple(int(v) for v in c.split("/")[5:]) for c in args.router_configs.split(",")]
             if args.router_configs or not args.logits_only:
                 from misa.ops.router.triton import pool_keys
                 results["pool_keys_ms"] = bench(lambda: pool_keys(inp.k, inp.k_scale, 1024))
                 print({"pool_keys_ms": results["pool_keys_ms"]}, flush=True)
+                kbar = pool_keys(inp.k, inp.k_scale, 1024)
+                for pc in [tuple(int(v) for v in c.split("/")) for c in args.pool_configs.split(",") if c]:
+                    rec = {"pool_config": pc}
+                    try:
+                        rec["max_abs_diff"] = float((pool_keys(inp.k, inp.k_scale, 1024, config=pc) - kbar).abs().max())
+                        rec["ms"] = bench(lambda: pool_keys(inp.k, inp.k_scale, 1024, config=pc))
+                    except Exception as e:  # noqa: BLE001
+                        rec["error"] = f"{type(e).__name__}: {str(e)[:200]}"
+                    results.setdefault("pool", []).append(rec)
+                    print(rec, flush=True)
             for cfg in router_grid if (args.router_configs or not args.logits_only) else []:
                 if left() < 0:
                     break
@@ -91,18 +108,21 @@ def main():
         if h:
             grid += list(itertools.product((64, 512), (64, 128), (4, 8), (3,), (False, True)))
         if args.logits_configs:
-            grid = [tuple(int(v) for v in c.split("/")[:4]) + tuple(bool(int(v)) for v in c.split("/")[4:])
-                    for c in args.logits_configs.split(",")]
-        for cfg in [ROUTED_CONFIG if h else DEFAULT_CONFIG] + grid:
+            # fields 5-6 are switches, the 7th the interior tiles' store mode (0-3)
+            grid = [tuple(int(v) for v in c.split("/")[:4]) + tuple(bool(int(v)) for v in c.split("/")[4:6])
+                    + tuple(int(v) for v in c.split("/")[6:]) for c in args.logits_configs.split(",")]
+        runs = [(cfg, int(sp)) for cfg in [ROUTED_CONFIG if h else DEFAULT_CONFIG] + grid
+                for sp in args.splits.split(",")]
+        for cfg, sp in runs:
             if left() < 0:
                 break
             if cfg[0] < nh:
                 continue
-            rec = {"work": name, "config": cfg}
+            rec = {"work": name, "config": cfg, "splits": sp}
             try:
                 buf.fill_(float("nan"))
                 fn = lambda: launch_logits(inp.q, inp.weights, inp.k, inp.k_scale, inp.ks, inp.ke, buf,
-                                           heads=heads, config=cfg)
+                                           heads=heads, config=cfg, splits=sp or None)
                 fn()
                 torch.cuda.synchronize()
                 rec["max_rel_err"] = float(((buf - ref)[fin]).abs().max() / scale)

@@ -7,6 +7,7 @@ against DSA is meaningful on it, unlike on i.i.d. noise). Times are medians of m
 from __future__ import annotations
 
 import json
+import statistics
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -34,16 +35,19 @@ class BenchConfig:
     hisa_block_size: int = 128
     hisa_block_k: int = 64
     rep_ms: int = 200
+    rounds: int = 3           # interleaved timing rounds (each rep_ms / rounds)
     seed: int = 0
     methods: tuple = field(default=METHODS)
 
     def __post_init__(self):
+        if self.rounds < 1:
+            raise ValueError(f"rounds: {self.rounds} must be at least 1")
         bad = [m for m in self.methods if m not in METHODS]
         if bad:
             raise ValueError(f"methods: unknown {bad}, expected some of {METHODS}")
 
 
-def _time(fn, rep_ms: int) -> float:
+def _time(fn, rep_ms: float) -> float:
     import triton.testing
     return float(triton.testing.do_bench(fn, warmup=25, rep=rep_ms, return_mode="median"))
 
@@ -57,6 +61,17 @@ def _peak_mb(fn, device) -> float:
     return (torch.cuda.max_memory_allocated(device) - base) / 2**20
 
 
+def _time_rounds(timers: dict, rep_ms: int, rounds: int) -> tuple[dict, dict]:
+    """Each timer in ``rounds`` interleaved rounds of ``rep_ms / rounds`` each: a card that warms
+    up or throttles over the run then slows every method alike, not the ones timed last. Returns
+    the median over rounds of each round's median, and the rounds themselves."""
+    per_round = {name: [] for name in timers}
+    for _ in range(rounds):
+        for name, fn in timers.items():
+            per_round[name].append(_time(fn, rep_ms / rounds))
+    return {name: statistics.median(v) for name, v in per_round.items()}, per_round
+
+
 def bench_one(cfg: BenchConfig, seq_len: int, device: torch.device) -> dict:
     from .ops.dsa.triton import launch_logits
     from .ops.misa.triton import rerank
@@ -68,49 +83,49 @@ def bench_one(cfg: BenchConfig, seq_len: int, device: torch.device) -> dict:
     inp = check_inputs(*w.args)
     pairs = float((inp.ke - inp.ks).sum())                     # visible (query, key) pairs
     row = {"seq_len": seq_len, "num_queries": t, "heads": h, "head_dim": d, "k": k}
-    ms = {}
+    timers = {}
 
-    buf = torch.full((t, seq_len), float("-inf"), device=device)
-    dense = lambda: launch_logits(inp.q, inp.weights, inp.k, inp.k_scale, inp.ks, inp.ke, buf)
-    ms["dsa.logits"] = _time(dense, cfg.rep_ms)
+    # the stages' buffers: dense logits for DSA's top-k, routed logits for MISA's and MISA-dagger's
+    # (each timer rewrites its buffer with the same values, so the rounds can interleave)
+    dense_buf = torch.full((t, seq_len), float("-inf"), device=device)
+    dense = lambda: launch_logits(inp.q, inp.weights, inp.k, inp.k_scale, inp.ks, inp.ke, dense_buf)
     dense()
-    ms["dsa.topk"] = _time(lambda: topk(buf, inp.ks, inp.ke, k), cfg.rep_ms)
-    ms["torch.topk"] = _time(lambda: torch.topk(buf, k, dim=1, sorted=False), cfg.rep_ms)
+    timers["dsa.logits"] = dense
+    timers["dsa.topk"] = lambda: topk(dense_buf, inp.ks, inp.ke, k)
+    timers["torch.topk"] = lambda: torch.topk(dense_buf, k, dim=1, sorted=False)
     ref = select.dsa_select(inp, k)
-    ms["dsa.e2e"] = _time(lambda: select.dsa_select(inp, k), cfg.rep_ms)
+    timers["dsa.e2e"] = lambda: select.dsa_select(inp, k)
     row["dsa.peak_mb"] = _peak_mb(lambda: select.dsa_select(inp, k), device)
 
+    runs = {}
     if "misa" in cfg.methods or "misa-dagger" in cfg.methods:
         heads = route_heads(inp, cfg.active_heads, cfg.block_size)
-        ms["misa.router"] = _time(lambda: route_heads(inp, cfg.active_heads, cfg.block_size), cfg.rep_ms)
-        routed = lambda: launch_logits(inp.q, inp.weights, inp.k, inp.k_scale, inp.ks, inp.ke, buf, heads=heads)
-        ms["misa.logits"] = _time(routed, cfg.rep_ms)
+        routed_buf = torch.full((t, seq_len), float("-inf"), device=device)
+        routed = lambda: launch_logits(inp.q, inp.weights, inp.k, inp.k_scale, inp.ks, inp.ke, routed_buf,
+                                       heads=heads)
         routed()
-        ms["misa.topk"] = _time(lambda: topk(buf, inp.ks, inp.ke, k), cfg.rep_ms)
-        run = lambda: select.misa_select(inp, k, cfg.active_heads, cfg.block_size, None)
-        ms["misa.e2e"] = _time(run, cfg.rep_ms)
-        row["misa.recall"] = float(recall(run(), ref).mean())
-        row["misa.peak_mb"] = _peak_mb(run, device)
+        timers["misa.router"] = lambda: route_heads(inp, cfg.active_heads, cfg.block_size)
+        timers["misa.logits"] = routed
+    if "misa" in cfg.methods:
+        timers["misa.topk"] = lambda: topk(routed_buf, inp.ks, inp.ke, k)
+        runs["misa"] = lambda: select.misa_select(inp, k, cfg.active_heads, cfg.block_size, None)
     if "misa-gap" in cfg.methods:     # MISA with the "gap" router statistic (docs/results.md)
-        gap = lambda: route_heads(inp, cfg.active_heads, cfg.block_size, router="gap")
-        ms["misa-gap.router"] = _time(gap, cfg.rep_ms)
-        run = lambda: select.misa_select(inp, k, cfg.active_heads, cfg.block_size, None, router="gap")
-        ms["misa-gap.e2e"] = _time(run, cfg.rep_ms)
-        row["misa-gap.recall"] = float(recall(run(), ref).mean())
+        timers["misa-gap.router"] = lambda: route_heads(inp, cfg.active_heads, cfg.block_size, router="gap")
+        runs["misa-gap"] = lambda: select.misa_select(inp, k, cfg.active_heads, cfg.block_size, None, router="gap")
     if "misa-dagger" in cfg.methods:
-        ms["misa-dagger.stage1_topk"] = _time(lambda: topk(buf, inp.ks, inp.ke, cfg.stage1_k), cfg.rep_ms)
-        cand = topk(buf, inp.ks, inp.ke, cfg.stage1_k)
-        ms["misa-dagger.rerank"] = _time(lambda: rerank(inp, cand, k), cfg.rep_ms)
-        run = lambda: select.misa_select(inp, k, cfg.active_heads, cfg.block_size, cfg.stage1_k)
-        ms["misa-dagger.e2e"] = _time(run, cfg.rep_ms)
-        row["misa-dagger.recall"] = float(recall(run(), ref).mean())
-        row["misa-dagger.peak_mb"] = _peak_mb(run, device)
+        timers["misa-dagger.stage1_topk"] = lambda: topk(routed_buf, inp.ks, inp.ke, cfg.stage1_k)
+        cand = topk(routed_buf, inp.ks, inp.ke, cfg.stage1_k)
+        timers["misa-dagger.rerank"] = lambda: rerank(inp, cand, k)
+        runs["misa-dagger"] = lambda: select.misa_select(inp, k, cfg.active_heads, cfg.block_size, cfg.stage1_k)
     if "hisa" in cfg.methods:
-        run = lambda: select.hisa_select(inp, k, cfg.hisa_block_size, cfg.hisa_block_k)
-        ms["hisa.e2e"] = _time(run, cfg.rep_ms)
-        row["hisa.recall"] = float(recall(run(), ref).mean())
-        row["hisa.peak_mb"] = _peak_mb(run, device)
+        runs["hisa"] = lambda: select.hisa_select(inp, k, cfg.hisa_block_size, cfg.hisa_block_k)
+    for method, run in runs.items():
+        timers[method + ".e2e"] = run
+        row[method + ".recall"] = float(recall(run(), ref).mean())
+        if method != "misa-gap":
+            row[method + ".peak_mb"] = _peak_mb(run, device)
 
+    ms, row["ms_rounds"] = _time_rounds(timers, cfg.rep_ms, cfg.rounds)
     row["ms"] = ms
     row["dsa.logits_tflops"] = 2 * h * d * pairs / ms["dsa.logits"] / 1e9
     if "misa.logits" in ms:
@@ -124,7 +139,6 @@ def bench_one(cfg: BenchConfig, seq_len: int, device: torch.device) -> dict:
     if "hisa.e2e" in ms:
         row["speedup.hisa_e2e"] = ms["dsa.e2e"] / ms["hisa.e2e"]
     row["speedup.topk_vs_torch"] = ms["torch.topk"] / ms["dsa.topk"]
-    del buf
     torch.cuda.empty_cache()
     return row
 

@@ -72,7 +72,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     cfg = BenchConfig(num_queries=args.num_queries, context_lens=tuple(args.context_lens), heads=args.heads,
                       k=args.k, active_heads=args.active_heads, block_size=args.block_size,
                       stage1_k=args.stage1_k, hisa_block_size=args.hisa_block_size,
-                      hisa_block_k=args.hisa_block_k, rep_ms=args.rep_ms,
+                      hisa_block_k=args.hisa_block_k, rep_ms=args.rep_ms, rounds=args.rounds,
                       methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()))
     result = run_bench(cfg, device)
     cols, rows = format_rows(result)
@@ -120,6 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--hisa-block-size", type=int, default=128, help="HISA's block size")
     b.add_argument("--hisa-block-k", type=int, default=64, help="HISA's kept blocks m")
     b.add_argument("--rep-ms", type=int, default=200, help="do_bench repetition time per measurement")
+    b.add_argument("--rounds", type=int, default=3,
+                   help="interleaved timing rounds per measurement (each --rep-ms / rounds; the median is reported)")
     b.add_argument("--methods", default="dsa,misa,misa-gap,misa-dagger,hisa",
                    help="comma-separated, from dsa,misa,misa-gap,misa-dagger,hisa")
     b.add_argument("--json", default=None, help="also write the full results to this JSON file")

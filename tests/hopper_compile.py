@@ -28,7 +28,7 @@ from misa.ops.topk import triton as topk
 
 HOPPER = GPUTarget("cuda", 90, 32)
 I32 = "i32"
-FLOAT_SCALARS = {"sigmas": "fp32", "bracket_sigmas": "fp32"}    # non-pointer arguments the kernels take as float
+FLOAT_SCALARS = {"sigmas": "fp32", "slack": "fp32", "bracket_sigmas": "fp32"}    # non-pointer arguments the kernels take as float
 
 
 def compile_for_hopper(kernel, pointers: dict, consts: dict, num_warps=4, num_stages=3):
@@ -64,12 +64,12 @@ def variants():
     ptrs = {"Q": "fp8e4nv", "W": "fp32", "HEADS": I32, "K": "fp8e4nv", "KSCALE": "fp32", "KS": I32, "KE": I32,
             "OUT": "fp32"}
     for heads in (64, 8):
-        pairs, bn, warps, stages, head_major, fast = dsa.DEFAULT_CONFIG if heads == 64 else dsa.ROUTED_CONFIG
-        for col_unit, asm_store in ((16, False), (1, False), (16, True)):
+        pairs, bn, warps, stages, head_major, fast = (dsa.DEFAULT_CONFIG if heads == 64 else dsa.ROUTED_CONFIG)[:6]
+        for col_unit, store in ((16, 0), (1, 0), (16, 1), (16, 2), (16, 3)):
             consts = {"NH": heads, "D": 128, "BQ": pairs // heads, "BN": bn, "ROUTED": heads < 64,
                       "HAS_SCALE": True, "CAST": None, "HEAD_MAJOR": head_major, "FAST_TILES": fast,
-                      "COL_UNIT": col_unit, "ASM_STORE": asm_store}
-            yield (f"logits heads={heads} col_unit={col_unit} asm_store={asm_store}", dsa._mqa_logits_kernel, ptrs,
+                      "COL_UNIT": col_unit, "STORE": store}
+            yield (f"logits heads={heads} col_unit={col_unit} store={store}", dsa._mqa_logits_kernel, ptrs,
                    consts, warps, stages)
     paged_ptrs = {"Q": "fp8e4nv", "W": "fp32", "HEADS": I32, "VALUES": "fp8e4nv", "SCALES": "fp32", "TABLE": I32,
                   "CTX": I32, "OUT": "fp32"}
@@ -87,7 +87,7 @@ def variants():
                {"SAMPLE": sample, "CHUNK": chunk, "WAYS": topk.WAYS, "FINITE_ONLY": False,
                 "EARLY_EXIT": topk.EARLY_EXIT}, 4, 3)
     c_block, c_warps, _ = topk.COMPACT_CONFIG
-    yield "top-k compact", topk._compact_kernel, rows, {"BLOCK": c_block, "FINITE_ONLY": True}, c_warps, 3
+    yield "top-k compact", topk._compact_kernel, rows, {"BLOCK": c_block, "FINITE_ONLY": True, "EVICT": topk.COMPACT_EVICT}, c_warps, 3
     for has_cmap, bracket in ((False, topk.BRACKET), (True, topk.BRACKET), (False, 0)):
         yield (f"top-k select cmap={has_cmap} bracket={bracket}", topk._select_kernel, rows,
                {"BLOCK": block, "SBLOCK": topk.SCRATCH_BLOCK, "WAYS": topk.WAYS, "HAS_CMAP": has_cmap,
@@ -99,12 +99,16 @@ def variants():
            {"VALUES": "fp8e4nv", "SCALES": "fp32", "TABLE": I32, "CTX": I32, "OUT": "fp32"},
            {"D": 128, "PAGE": 64}, 4, 3)
     route_ptrs = {"Q": "fp8e4nv", "W": "fp32", "KBAR": "fp32", "KS": I32, "KE": I32, "CTX": I32, "HEADS": I32}
-    for statistic, (pairs, nbt, warps, precision) in (("abs-sum", router.DEFAULT_CONFIG), ("gap", router.GAP_CONFIG)):
+    bf16x2 = router.DEFAULT_CONFIG[:3] + ("bf16x2",)
+    for statistic, (pairs, nbt, warps, precision, *select) in (
+            ("abs-sum", router.DEFAULT_CONFIG), ("gap", router.GAP_CONFIG), ("abs-sum", bf16x2),
+            ("abs-sum", router.DEFAULT_CONFIG[:4] + ("rank",))):
         # prefill tiles pairs // H queries; decode at most next_n (1 or 2 here) per program
         for decode, bq in ((False, pairs // 64), (True, 1), (True, 2)):
             consts = {"H": 64, "D": 128, "BQ": bq, "NBT": nbt, "ACTIVE": 8, "PRECISION": precision,
-                      "GAP": statistic == "gap", "DECODE": decode}
-            yield (f"router routing {statistic} {'decode' if decode else 'prefill'} BQ={bq}", router._route_kernel,
+                      "GAP": statistic == "gap", "DECODE": decode, "RANK": select == ["rank"]}
+            yield (f"router routing {statistic} {precision} {'/'.join(select) or 'iter'} "
+                   f"{'decode' if decode else 'prefill'} BQ={bq}", router._route_kernel,
                    route_ptrs, consts, warps, 3)
     yield ("MISA-dagger gathered logits", misa_k._gather_logits_kernel,
            {"Q": "fp8e4nv", "W": "fp32", "K": "fp8e4nv", "KSCALE": "fp32", "CAND": I32, "KS": I32, "KE": I32,

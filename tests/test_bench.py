@@ -8,15 +8,22 @@ from misa.bench import METHODS, BenchConfig, format_rows, run_bench
 def test_bad_methods_and_devices_name_the_argument():
     with pytest.raises(ValueError, match="methods"):
         BenchConfig(methods=("dsa", "fast"))
+    with pytest.raises(ValueError, match="rounds"):
+        BenchConfig(rounds=0)
     with pytest.raises(ValueError, match="device"):
         run_bench(BenchConfig(context_lens=(4096,)), torch.device("cpu"), progress=False)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="times the GPU kernels")
 def test_every_method_runs():
-    cfg = BenchConfig(num_queries=512, context_lens=(20000,), k=256, stage1_k=1024, rep_ms=5, methods=METHODS)
+    cfg = BenchConfig(num_queries=512, context_lens=(20000,), k=256, stage1_k=1024, rep_ms=6, rounds=2,
+                      methods=METHODS)
     res = run_bench(cfg, torch.device("cuda"), progress=False)
     row = res["rows"][0]
+    # every timer ran in each interleaved round, and the reported time is their median
+    assert set(row["ms_rounds"]) == set(row["ms"])
+    for name, times in row["ms_rounds"].items():
+        assert len(times) == 2 and min(times) <= row["ms"][name] <= max(times), name
     for name in ("misa", "misa-gap", "misa-dagger", "hisa"):
         assert 0.0 < row[name + ".recall"] <= 1.0, name
     assert row["misa-dagger.recall"] >= row["misa.recall"] - 0.01

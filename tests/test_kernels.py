@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import misa
+from misa.validate import check_inputs
 from helpers import FP8, as_sets, check_selection, dsa_logits64, make_inputs, ranges, router_scores64
 
 pytest.importorskip("triton")
@@ -85,9 +86,9 @@ def test_logits_kernel_output_window(aligned, routed):
 
 
 @pytest.mark.parametrize("routed", [False, True])
-def test_logits_kernel_ptx_store(routed):
-    # the opt-in store of interior tiles by inline PTX writes exactly what tl.store writes; the
-    # interpreter cannot run PTX and says so
+def test_logits_kernel_store_modes(routed):
+    # the interior tiles' store modes (inline PTX, plain or streaming; tl.store streaming) write
+    # exactly what tl.store writes; the interpreter cannot run PTX and says so
     from misa.ops.dsa import triton as dsa_triton
     t, s, h, d = (40, 600, 8, 64) if not BIG else (700, 9000, 64, 128)
     q, kv, w, ks, ke = _inputs(t, s, h, d, "causal", seed=11)
@@ -96,18 +97,25 @@ def test_logits_kernel_ptx_store(routed):
         g = torch.Generator().manual_seed(12)
         heads = torch.sort(torch.stack([torch.randperm(h, generator=g)[:8] for _ in range(t)]), dim=1).values
         heads = heads.int().to(DEVICE)
-    base = dsa_triton.ROUTED_CONFIG if routed else dsa_triton.DEFAULT_CONFIG
-    outs = []
-    for config in (base[:6], base[:6] + (True,)):
+    base = dsa_triton.ROUTED_CONFIG[:6] if routed else dsa_triton.DEFAULT_CONFIG[:6]
+
+    def run(store):
         out = torch.full((t, s), float("nan"), device=DEVICE)
-        if DEVICE == "cpu" and len(config) == 7:
+        return dsa_triton.launch_logits(q, w, kv[0], kv[1], ks, ke, out, heads=heads, config=base + (store,))
+
+    plain = run(0)
+    fin = ~plain.isnan()
+    assert fin.sum() > t * s // 3        # the causal blocks wrote most of the matrix
+    for store in (1, 2, 3):
+        if DEVICE == "cpu" and store in (1, 2):
             with pytest.raises(ValueError, match="^config:"):
-                dsa_triton.launch_logits(q, w, kv[0], kv[1], ks, ke, out, heads=heads, config=config)
-            return
-        outs.append(dsa_triton.launch_logits(q, w, kv[0], kv[1], ks, ke, out, heads=heads, config=config))
-    assert torch.equal(outs[0].isnan(), outs[1].isnan())
-    fin = ~outs[0].isnan()
-    assert torch.equal(outs[0][fin], outs[1][fin])
+                run(store)
+            continue
+        out = run(store)
+        assert torch.equal(out.isnan(), ~fin)
+        assert torch.equal(out[fin], plain[fin])
+    with pytest.raises(ValueError, match="^config: store mode 4"):
+        run(4)
 
 
 @pytest.mark.parametrize("kind", ["causal", "ragged", "empty"])
@@ -173,15 +181,38 @@ def test_topk_kernel_heavy_ties_and_small_scratch(monkeypatch):
 
 @pytest.mark.parametrize("h,bs", [(2, 64), (8, 128), (16, 1024)])
 @pytest.mark.parametrize("kind", ["causal", "ragged"])
-@pytest.mark.parametrize("router", ["abs-sum", "gap"])
-def test_router_kernel(h, bs, kind, router):
+@pytest.mark.parametrize("router,select", [("abs-sum", "iter"), ("gap", "iter"), ("abs-sum", "rank"), ("gap", "rank")])
+def test_router_kernel(h, bs, kind, router, select):
+    from misa.ops.router import triton as router_triton
     t, s = (23, 1500) if not BIG else (500, 40000)
     q, kv, w, ks, ke = _inputs(t, s, 64, 128, kind, seed=h * bs)
-    heads = misa.route_heads(q, kv, w, ks, ke, active_heads=h, block_size=bs, router=router)
+    base = router_triton.GAP_CONFIG if router == "gap" else router_triton.DEFAULT_CONFIG
+    if select == (base[4:] or ("iter",))[0]:     # the default: through the public API
+        heads = misa.route_heads(q, kv, w, ks, ke, active_heads=h, block_size=bs, router=router)
+    else:
+        heads = router_triton.route_heads(check_inputs(q, kv, w, ks, ke), h, bs, config=base[:4] + (select,),
+                                          router=router)
     assert heads.shape == (t, h) and heads.dtype == torch.int32
     heads = heads.cpu().long()
     assert bool((heads[:, 1:] > heads[:, :-1]).all())
     r = router_scores64(q, kv, w, ks, ke, bs, router)
+    picked = torch.gather(r, 1, heads)
+    rest = r.clone().scatter_(1, heads, float("-inf"))
+    tol = ROUTER_RTOL * r.abs().amax(1).clamp_min(1e-12)
+    assert bool((picked.min(1).values >= rest.max(1).values - tol).all())
+
+
+@pytest.mark.skipif(DEVICE == "cpu", reason="the interpreter multiplies in float32 whatever the config says")
+@pytest.mark.parametrize("precision", ["tf32", "bf16x2"])
+def test_router_kernel_precision(precision):
+    # the MMA precisions the router offers pick the heads the float64 reference picks, up to
+    # near-ties (bf16x2: queries exact, pooled keys as two bfloat16s)
+    from misa.ops.router import triton as router_triton
+    t, s, h, bs = 700, 50000, 8, 1024
+    q, kv, w, ks, ke = _inputs(t, s, 64, 128, "causal", seed=31)
+    inp = check_inputs(q, kv, w, ks, ke)
+    heads = router_triton.route_heads(inp, h, bs, config=(128, 32, 4, precision)).cpu().long()
+    r = router_scores64(q, kv, w, ks, ke, bs, "abs-sum")
     picked = torch.gather(r, 1, heads)
     rest = r.clone().scatter_(1, heads, float("-inf"))
     tol = ROUTER_RTOL * r.abs().amax(1).clamp_min(1e-12)

@@ -35,7 +35,7 @@ def _mqa_logits_kernel(
     stride_qt, stride_qh, stride_wt, stride_ht, stride_k, stride_out,
     NH: tl.constexpr, D: tl.constexpr, BQ: tl.constexpr, BN: tl.constexpr,
     ROUTED: tl.constexpr, HAS_SCALE: tl.constexpr, CAST: tl.constexpr, HEAD_MAJOR: tl.constexpr,
-    FAST_TILES: tl.constexpr, COL_UNIT: tl.constexpr, ASM_STORE: tl.constexpr,
+    FAST_TILES: tl.constexpr, COL_UNIT: tl.constexpr, STORE: tl.constexpr,
 ):
     pid_q = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -98,13 +98,20 @@ def _mqa_logits_kernel(
         if (tile * BN >= fast_lo) & (tile * BN + BN <= fast_hi):
             if HAS_SCALE:
                 logits = logits * tl.load(KSCALE + offs)[:, None]
-            if ASM_STORE:
+            if STORE == 1 or STORE == 2:
                 # straight from the accumulator's layout: no round trip through shared memory to
                 # change layouts (tl.store's coalescing always inserts one); each warp store still
-                # fills whole 32-byte sectors (8 keys of 4 queries)
-                tl.inline_asm_elementwise("st.global.f32 [$1], $2; mov.u32 $0, 0;", "=r,l,f",
-                                          [(out_rows + col[:, None]).to(tl.int64, bitcast=True), logits], dtype=tl.int32,
-                                          is_pure=False, pack=1)
+                # fills whole 32-byte sectors (8 keys of 4 queries). 2: streaming (.cs), the
+                # logits are read once, by the top-k, long after this
+                addr = (out_rows + col[:, None]).to(tl.int64, bitcast=True)
+                if STORE == 1:
+                    tl.inline_asm_elementwise("st.global.f32 [$1], $2; mov.u32 $0, 0;", "=r,l,f", [addr, logits],
+                                              dtype=tl.int32, is_pure=False, pack=1)
+                else:
+                    tl.inline_asm_elementwise("st.global.cs.f32 [$1], $2; mov.u32 $0, 0;", "=r,l,f", [addr, logits],
+                                              dtype=tl.int32, is_pure=False, pack=1)
+            elif STORE == 3:
+                tl.store(out_rows + col[:, None], logits, cache_modifier=".cs")
             else:
                 tl.store(out_rows + col[:, None], logits)
         else:
@@ -117,18 +124,32 @@ def _mqa_logits_kernel(
 
 
 # Tile shape: (pairs on N, BN keys on M, num_warps, num_stages, head-major pairs, unmasked interior
-# tiles[, interior tiles stored by inline PTX]); BQ = pairs // NH queries per program. The PTX
-# store (GPU only: the interpreter cannot run PTX) compiles with no layout change through shared
-# memory; not yet timed, so off. Picked by benchmarks/sweep_kernels.py on an H200
-# (docs/benchmarks.md). Unmasked interior tiles with vectorised stores: routed 1.42 ms against 1.49
-# at 4096 x 128K; dense at 8192 x 64K 8.35 ms with 4 stages against 8.58 with 3 (one call; before
-# them 4 stages was the slower, 961 against 998 TFLOP/s). Routed: 3 or 4 stages tie (1.42 ms),
-# 2 stages 1.94, 5 stages 1.45.
-DEFAULT_CONFIG = (256, 64, 4, 4, True, True)
-ROUTED_CONFIG = (256, 64, 4, 4, True, True)
+# tiles, interior tiles' store[, key tiles per program]); BQ = pairs // NH queries per program.
+# Store: 0 tl.store (layout change through shared memory, then st.global.v4), 1 inline PTX straight
+# from the accumulator's layout, 2 the same with streaming stores (.cs: the logits are read once,
+# later, by the top-k, so they should not push keys and queries out of L2), 3 tl.store streaming.
+# The interpreter cannot run PTX: there the defaults store with tl.store. Key tiles per program:
+# the keys of a block of queries are split over enough programs that each walks about this many
+# tiles (0: just enough programs to fill the GPU once). Picked by benchmarks/sweep_kernels.py on
+# an H200 (docs/benchmarks.md): dense 8.63 ms with store 1 against 8.80 with 0 at 4096 x 128K (and
+# 8.30 against 8.41 at 8192 x 64K); routed 1.33 ms with store 2 and 64 programs per block against
+# 1.41 for store 0 and 2 programs (store 0 with 64 programs: 1.49; store 2 with 2: 1.42).
+_PTX = 0 if INTERPRET else 1
+DEFAULT_CONFIG = (256, 64, 4, 4, True, True, _PTX, 0)
+ROUTED_CONFIG = (256, 64, 4, 4, True, True, 2 * _PTX, 32)
 
 
-def launch_logits(q, w, k, k_scale, ks, ke, out, col_offset: int = 0, heads=None, config=None) -> torch.Tensor:
+def key_splits(n_blocks: int, key_tiles: int, tiles_per_program: int, device) -> int:
+    """Programs per block of queries: enough to fill the GPU once, and with ``tiles_per_program``
+    set, enough that each program walks about that many of the ``key_tiles`` (at most 64)."""
+    splits = max(1, (2 * sm_count(device)) // n_blocks)
+    if tiles_per_program:
+        splits = max(splits, triton.cdiv(key_tiles, tiles_per_program))
+    return min(64, splits)
+
+
+def launch_logits(q, w, k, k_scale, ks, ke, out, col_offset: int = 0, heads=None, config=None,
+                  splits: int | None = None) -> torch.Tensor:
     """Write ``out[t, s - col_offset]`` for the key tiles each block of queries can see.
 
     ``q [T, H, D]`` fp8/bf16, ``w [T, H]`` f32, ``k [S, D]`` fp8/bf16 (``k_scale [S]`` or None),
@@ -142,22 +163,27 @@ def launch_logits(q, w, k, k_scale, ks, ke, out, col_offset: int = 0, heads=None
         return out
     pairs, bn, warps, stages, head_major, *rest = config or (ROUTED_CONFIG if heads is not None else DEFAULT_CONFIG)
     fast_tiles = rest[0] if rest else True
-    asm_store = len(rest) > 1 and bool(rest[1])
-    if asm_store and INTERPRET:
+    store = int(rest[1]) if len(rest) > 1 else 0
+    tiles_per_program = int(rest[2]) if len(rest) > 2 else 0
+    if store not in (0, 1, 2, 3):
+        raise ValueError(f"config: store mode {store} is not 0 (tl.store), 1 or 2 (inline PTX, plain or "
+                         "streaming) or 3 (tl.store, streaming)")
+    if store in (1, 2) and INTERPRET:
         raise ValueError("config: the inline-PTX store needs a GPU (the interpreter cannot run PTX)")
     bq = max(1, pairs // nh)
     col_unit = 16 if col_offset % 16 == 0 and out.stride(0) % 16 == 0 and out.data_ptr() % 64 == 0 else 1
     cast = mma_cast(q.dtype, k.dtype)
     n_blocks = triton.cdiv(t, bq)
     # split the keys when there are too few query blocks to fill the GPU
-    splits = max(1, min(64, (2 * sm_count(q)) // n_blocks))
+    if splits is None:
+        splits = key_splits(n_blocks, triton.cdiv(k.shape[0], bn), tiles_per_program, q)
     _mqa_logits_kernel[(n_blocks, splits)](
         q, w, heads if heads is not None else ks, k, k_scale if k_scale is not None else w, ks, ke, out,
         t, k.shape[0], col_offset // col_unit, out.shape[1],
         q.stride(0), q.stride(1), w.stride(0), heads.stride(0) if heads is not None else 0, k.stride(0),
         out.stride(0),
         NH=nh, D=d, BQ=bq, BN=bn, ROUTED=heads is not None, HAS_SCALE=k_scale is not None,
-        CAST=cast, HEAD_MAJOR=head_major, FAST_TILES=fast_tiles, COL_UNIT=col_unit, ASM_STORE=asm_store,
+        CAST=cast, HEAD_MAJOR=head_major, FAST_TILES=fast_tiles, COL_UNIT=col_unit, STORE=store,
         num_warps=warps, num_stages=stages,
     )
     return out

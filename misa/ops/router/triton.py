@@ -44,14 +44,21 @@ def _pool_keys_kernel(K, KSCALE, OUT, S, block_size, stride_k,
     tl.store(OUT + b * D + d, acc / (end - start).to(tl.float32))
 
 
-def pool_keys(k: torch.Tensor, k_scale: torch.Tensor | None, block_size: int) -> torch.Tensor:
+# (keys per step, num_warps) of the pooling: one program per block streams its keys, so each step
+# should have many loads in flight: (256, 8) 0.016 ms against 0.028 for (64, 4) at 131072 keys,
+# B = 1024 (128 programs; (128, 4) 0.020, (128, 8) 0.023, (512, 8) 0.017; H200, one call)
+POOL_CONFIG = (256, 8)
+
+
+def pool_keys(k: torch.Tensor, k_scale: torch.Tensor | None, block_size: int, config=None) -> torch.Tensor:
     """``kbar [ceil(S / B), D]`` float32: the mean dequantised key of each block."""
     s, d = k.shape
     nb = triton.cdiv(s, block_size)
     out = torch.empty(nb, d, dtype=torch.float32, device=k.device)
+    chunk, warps = config or POOL_CONFIG
     if nb:
         _pool_keys_kernel[(nb,)](k, k_scale if k_scale is not None else out, out, s, block_size, k.stride(0),
-                                 D=d, CHUNK=64, HAS_SCALE=k_scale is not None, num_warps=4)
+                                 D=d, CHUNK=chunk, HAS_SCALE=k_scale is not None, num_warps=warps)
     return out
 
 
@@ -111,7 +118,8 @@ def paged_pool_keys(kv_cache: torch.Tensor, context_lens: torch.Tensor, block_ta
 def _route_kernel(Q, W, KBAR, KS, KE, CTX, HEADS, per_seq, tiles, NB, block_size, stride_qt, stride_wt,
                   stride_kbar,
                   H: tl.constexpr, D: tl.constexpr, BQ: tl.constexpr, NBT: tl.constexpr,
-                  ACTIVE: tl.constexpr, PRECISION: tl.constexpr, GAP: tl.constexpr, DECODE: tl.constexpr):
+                  ACTIVE: tl.constexpr, PRECISION: tl.constexpr, GAP: tl.constexpr, DECODE: tl.constexpr,
+                  RANK: tl.constexpr):
     # Query rows are sequence-major, ``per_seq`` per sequence, each sequence with its own pooled
     # keys (``stride_kbar`` apart, ``NB`` blocks each); a program takes BQ queries of one sequence,
     # ``tiles`` programs per sequence (a flat grid: prefill is one sequence of T queries).
@@ -128,7 +136,11 @@ def _route_kernel(Q, W, KBAR, KS, KE, CTX, HEADS, per_seq, tiles, NB, block_size
     pq_ok = local < per_seq
     pq = seq * per_seq + local
     q = tl.load(Q + pq[:, None] * stride_qt + (p % H)[:, None] * D + d[None, :],
-                mask=pq_ok[:, None], other=0.0).to(tl.float32)
+                mask=pq_ok[:, None], other=0.0)
+    if PRECISION == "bf16x2":
+        q = q.to(tl.bfloat16)          # exact for fp8 (and bf16) queries
+    else:
+        q = q.to(tl.float32)
     w = tl.load(W + pq * stride_wt + p % H, mask=pq_ok, other=0.0)
     if DECODE:      # query i of a sequence of ctx tokens sees [0, ctx - per_seq + i + 1)
         ks = tl.zeros([BQ * H], dtype=tl.int32)
@@ -144,7 +156,15 @@ def _route_kernel(Q, W, KBAR, KS, KE, CTX, HEADS, per_seq, tiles, NB, block_size
     for b0 in range(tl.min(blo, axis=0) // NBT * NBT, tl.max(bhi, axis=0), NBT):
         bidx = b0 + tl.arange(0, NBT)
         kb = tl.load(KBAR + bidx[:, None] * D + d[None, :], mask=(bidx < NB)[:, None], other=0.0)
-        s = tl.dot(q, tl.trans(kb), input_precision=PRECISION)       # [BQ * H, NBT]
+        if PRECISION == "bf16x2":
+            # the pooled keys as a sum of two bfloat16s (16 significant bits, tf32 keeps 10) and
+            # two bf16 MMAs, as fast as one tf32 MMA, on half the operand bytes
+            hi = kb.to(tl.bfloat16)
+            lo = (kb - hi.to(tl.float32)).to(tl.bfloat16)
+            s = tl.dot(q, tl.trans(lo))
+            s = tl.dot(q, tl.trans(hi), s)                               # [BQ * H, NBT]
+        else:
+            s = tl.dot(q, tl.trans(kb), input_precision=PRECISION)       # [BQ * H, NBT]
         visible = (bidx[None, :] >= blo[:, None]) & (bidx[None, :] < bhi[:, None])
         relu = tl.where(visible, tl.maximum(s, 0.0), 0.0)
         acc += tl.sum(relu, axis=1)
@@ -170,28 +190,52 @@ def _route_kernel(Q, W, KBAR, KS, KE, CTX, HEADS, per_seq, tiles, NB, block_size
 
     # top-ACTIVE heads per query, ties to the lower head, written in ascending head order
     head = tl.arange(0, H)
-    chosen = tl.zeros([BQ, H], dtype=tl.int1)
-    for _ in tl.static_range(ACTIVE):
-        left = tl.where(chosen, float("-inf"), score)
-        top = tl.max(left, axis=1)
-        pick_h = tl.min(tl.where((left == top[:, None]) & ~chosen, head[None, :], H), axis=1)
-        chosen = chosen | (head[None, :] == pick_h[:, None])
+    if RANK:
+        # one pass: a head's rank is the number of heads before it in (score desc, head asc)
+        # order; a single reduction instead of ACTIVE rounds of cross-warp max and min
+        si = score[:, :, None]
+        sj = score[:, None, :]
+        before = (sj > si) | ((sj == si) & (head[None, None, :] < head[None, :, None]))
+        chosen = tl.sum(before.to(tl.int32), axis=2) < ACTIVE
+    else:
+        chosen = tl.zeros([BQ, H], dtype=tl.int1)
+        for _ in tl.static_range(ACTIVE):
+            left = tl.where(chosen, float("-inf"), score)
+            top = tl.max(left, axis=1)
+            pick_h = tl.min(tl.where((left == top[:, None]) & ~chosen, head[None, :], H), axis=1)
+            chosen = chosen | (head[None, :] == pick_h[:, None])
     slot = tl.cumsum(chosen.to(tl.int32), axis=1) - 1
     rows = first + tl.arange(0, BQ)
     tl.store(HEADS + (seq * per_seq + rows)[:, None] * ACTIVE + slot, tl.broadcast_to(head[None, :], (BQ, H)),
              mask=chosen & (rows < per_seq)[:, None])
 
 
-# (query-head pairs per program, pooled blocks per step, num_warps, MMA precision): sweep_kernels.py
+# (query-head pairs per program, pooled blocks per step, num_warps, MMA precision[, head selection:
+# "iter" (ACTIVE rounds of max) or "rank" (one pass)[, pipeline stages]]): sweep_kernels.py
 # on an H200: tf32 ran 0.12 ms at 4096 x 131072 against 0.29 for tf32x3, picking the same heads
 # for 99.98% of the queries.
-DEFAULT_CONFIG = (128, 32, 4, "tf32")
+# Head selection by rank: 0.103 ms against 0.114 for 8 rounds of max at 4096 x 131072 (pooling
+# included; rounds cost 0.095 / 0.114 / 0.134 ms for 1 / 8 / 16 heads, the rank pass 0.103 for
+# each). bf16x2 (queries exact, pooled keys as two bfloat16s, 128 registers instead of 192) was
+# no faster: 0.111 ms, 0.121-0.204 with other tiles (H200, one call each).
+DEFAULT_CONFIG = (128, 32, 4, "tf32", "rank")
 # gap compares blocks by their pooled DSA score: an argmax, which tf32's 10-bit mantissa can flip
 # between near-equal blocks, so it multiplies in tf32x3 (about float32).
-GAP_CONFIG = (128, 32, 4, "tf32x3")
+GAP_CONFIG = (128, 32, 4, "tf32x3", "rank")
 
 
 STATISTICS = ("abs-sum", "gap")
+
+
+def _rank_select(select) -> bool:
+    if select and select[0] not in ("iter", "rank"):
+        raise ValueError(f"config: head selection {select[0]!r} is not 'iter' or 'rank'")
+    return bool(select) and select[0] == "rank"
+
+
+def _stages(select) -> int:
+    """The config's optional sixth field: pipeline stages of the pooled-key loads (default 3)."""
+    return int(select[1]) if len(select) > 1 else 3
 
 
 def route_heads(inp, active_heads: int, block_size: int, config=None, router: str = "abs-sum") -> torch.Tensor:
@@ -203,14 +247,15 @@ def route_heads(inp, active_heads: int, block_size: int, config=None, router: st
     if active_heads == h:     # every head: nothing to route
         return heads.copy_(torch.arange(h, dtype=torch.int32, device=heads.device).expand(t, h))
     kbar = pool_keys(inp.k, inp.k_scale, block_size)
-    pairs, nbt, warps, precision = config or (GAP_CONFIG if router == "gap" else DEFAULT_CONFIG)
+    pairs, nbt, warps, precision, *select = config or (GAP_CONFIG if router == "gap" else DEFAULT_CONFIG)
     bq = max(1, pairs // h)
     tiles = triton.cdiv(t, bq)
     _route_kernel[(tiles,)](
         inp.q, inp.weights, kbar, inp.ks, inp.ke, inp.ke, heads, t, tiles, kbar.shape[0], block_size,
         inp.q.stride(0), inp.weights.stride(0), 0,
         H=h, D=d, BQ=bq, NBT=nbt, ACTIVE=active_heads,
-        PRECISION="ieee" if INTERPRET else precision, GAP=router == "gap", DECODE=False, num_warps=warps,
+        PRECISION="ieee" if INTERPRET else precision, GAP=router == "gap", DECODE=False,
+        RANK=_rank_select(select), num_warps=warps, num_stages=_stages(select),
     )
     return heads
 
@@ -237,7 +282,7 @@ def paged_route_heads_batched(q, kv_cache, weights, context_lens, block_table, a
     max_blocks = triton.cdiv(int(context_lens.max()) if longest is None else longest, block_size)
     kbar = paged_pool_keys(kv_cache, context_lens, block_table, block_size, max_blocks)
     q, weights = q.contiguous(), weights.contiguous()
-    pairs, nbt, warps, precision = config or (GAP_CONFIG if router == "gap" else DEFAULT_CONFIG)
+    pairs, nbt, warps, precision, *select = config or (GAP_CONFIG if router == "gap" else DEFAULT_CONFIG)
     # next_n queries per program at most (a program never spans two sequences), and at least 16
     # (query, head) pairs, the smallest MMA tile
     bq = max(min(max(1, pairs // h), triton.next_power_of_2(n)), triton.cdiv(16, h))
@@ -246,6 +291,7 @@ def paged_route_heads_batched(q, kv_cache, weights, context_lens, block_table, a
         q, weights, kbar, context_lens, context_lens, context_lens, heads, n, tiles, max_blocks, block_size,
         q.stride(1), weights.stride(0), kbar.stride(0),
         H=h, D=d, BQ=bq, NBT=nbt, ACTIVE=active_heads,
-        PRECISION="ieee" if INTERPRET else precision, GAP=router == "gap", DECODE=True, num_warps=warps,
+        PRECISION="ieee" if INTERPRET else precision, GAP=router == "gap", DECODE=True,
+        RANK=_rank_select(select), num_warps=warps, num_stages=_stages(select),
     )
     return heads
