@@ -21,7 +21,8 @@ from misa.ops.topk import triton as topk_mod
 
 
 TUNABLE = ("WAYS", "SCRATCH_BLOCK", "COMPACT_CONFIG", "DEFAULT_CONFIG", "SAMPLE_CHUNK", "CUT_WARPS", "CUT_SIGMAS",
-           "CUT_SLACK", "COMPACT_EVICT", "EARLY_EXIT", "BRACKET", "BRACKET_SIGMAS", "BRACKET_MIN")   # module constants of the kernel
+           "CUT_SLACK", "COMPACT_EVICT", "EARLY_EXIT", "BRACKET", "BRACKET_SIGMAS", "BRACKET_MIN",
+           "HOLD")   # module constants of the kernel
 
 
 def bench(fn):

@@ -92,7 +92,7 @@ def variants():
         yield (f"top-k select cmap={has_cmap} bracket={bracket}", topk._select_kernel, rows,
                {"BLOCK": block, "SBLOCK": topk.SCRATCH_BLOCK, "WAYS": topk.WAYS, "HAS_CMAP": has_cmap,
                 "FINITE_ONLY": has_cmap, "EARLY_EXIT": topk.EARLY_EXIT, "BRACKET": bracket,
-                "BRACKET_MIN": topk.BRACKET_MIN}, warps, 3)
+                "BRACKET_MIN": topk.BRACKET_MIN, "HOLD": topk.HOLD}, warps, 3)
     yield ("router pooling", router._pool_keys_kernel, {"K": "fp8e4nv", "KSCALE": "fp32", "OUT": "fp32"},
            {"D": 128, "CHUNK": 64, "HAS_SCALE": True}, 4, 3)
     yield ("router paged pooling", router._paged_pool_keys_kernel,
