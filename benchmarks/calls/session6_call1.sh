@@ -2,9 +2,7 @@
 # Sixth session, first device call: store modes and programs per query block for the logits kernels,
 # pooling configs, the cut's slack at k = 8192, then the store-mode GPU test.
 set -u
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-  && export PYTHONPATH=/tmp/site:$PWD || exit 1
-export PYTHONUNBUFFERED=1
+source benchmarks/calls/env.sh
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem --format=csv,noheader
 S=benchmarks/sweep_kernels.py
 timeout 200 python3 $S --out $OUT/routed.json --work routed8 --logits-only --splits 0,33 \

@@ -1,9 +1,7 @@
 #!/usr/bin/env bash
 # Sixth session, second device call: programs per block of queries (splits) x store modes.
 set -u
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-  && export PYTHONPATH=/tmp/site:$PWD || exit 1
-export PYTHONUNBUFFERED=1
+source benchmarks/calls/env.sh
 S=benchmarks/sweep_kernels.py
 run() { timeout 150 python3 $S --logits-only "$@" 2>&1 | grep -o "'work.*" | grep -v BEST | cut -c1-150; }
 run --out $OUT/routed.json --work routed8 --splits 2,4,8,16,24,33,48,64 --logits-configs 256/64/4/4/1/1/2,256/64/4/4/1/1/3

@@ -2,9 +2,7 @@
 # Sixth session, third device call: bench with the new defaults, ncu of the scoring kernels,
 # tiles per program for routed scoring, the compaction's eviction hint.
 set -u
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-  && export PYTHONPATH=/tmp/site:$PWD || exit 1
-export PYTHONUNBUFFERED=1
+source benchmarks/calls/env.sh
 timeout 170 python3 -m misa.cli bench --json $OUT/bench.json --rep-ms 60 2>&1 | tail -14
 S=benchmarks/sweep_kernels.py
 run() { timeout 120 python3 $S --logits-only "$@" 2>&1 | grep -o "'work.*" | grep -v BEST | cut -c1-150; }

@@ -1,9 +1,7 @@
 #!/usr/bin/env bash
 # Sixth session, fifth device call: the router's head selection (ACTIVE rounds against one rank pass).
 set -u
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-  && export PYTHONPATH=/tmp/site:$PWD || exit 1
-export PYTHONUNBUFFERED=1
+source benchmarks/calls/env.sh
 timeout 150 python3 benchmarks/sweep_kernels.py --out $OUT/router.json --work routed8 --logits-only \
   --logits-configs 256/64/4/4/1/1/2/32 \
   --router-configs 128/32/4/tf32,128/32/4/tf32/rank,128/32/4/bf16x2/rank,256/32/8/tf32/rank,256/64/8/tf32/rank,128/64/4/tf32/rank,64/32/4/tf32/rank,128/32/8/tf32/rank \

@@ -2,9 +2,7 @@
 # Sixth session, eighth device call: MISA-dagger's second stage split (gathered scoring against its
 # top-k, stage by stage) and the cut's sample size on 8192-column rows.
 set -u
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-  && export PYTHONPATH=/tmp/site:$PWD || exit 1
-export PYTHONUNBUFFERED=1
+source benchmarks/calls/env.sh
 timeout 100 python3 benchmarks/topk_compare.py --out $OUT/topk.json --sizes 8192:2048 --variant-sizes 8192:2048 \
   --variants DEFAULT_CONFIG=1024/4/512,DEFAULT_CONFIG=1024/4/1024,DEFAULT_CONFIG=1024/4/2048+BRACKET_MIN=1024 2>&1 \
   | grep -o "'DEFAULT_CONFIG.*'ms': [0-9.]*\|'BRACKET_MIN': [0-9]*.*'ms': [0-9.]*\|'keys'.*'select_ms': [0-9.]*"

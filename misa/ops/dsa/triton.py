@@ -128,13 +128,14 @@ def _mqa_logits_kernel(
 # Store: 0 tl.store (layout change through shared memory, then st.global.v4), 1 inline PTX straight
 # from the accumulator's layout, 2 the same with streaming stores (.cs: the logits are read once,
 # later, by the top-k, so they should not push keys and queries out of L2), 3 tl.store streaming.
-# The interpreter cannot run PTX: there the defaults store with tl.store. Key tiles per program:
+# The interpreter (and a ROCm build) cannot run PTX: there the defaults store with tl.store. Key tiles per program:
 # the keys of a block of queries are split over enough programs that each walks about this many
 # tiles (0: just enough programs to fill the GPU once). Picked by benchmarks/sweep_kernels.py on
 # an H200 (docs/benchmarks.md): dense 8.63 ms with store 1 against 8.80 with 0 at 4096 x 128K (and
 # 8.30 against 8.41 at 8192 x 64K); routed 1.33 ms with store 2 and 64 programs per block against
 # 1.41 for store 0 and 2 programs (store 0 with 64 programs: 1.49; store 2 with 2: 1.42).
-_PTX = 0 if INTERPRET else 1
+_PTX_OK = not INTERPRET and torch.version.hip is None     # inline PTX: NVIDIA GPUs only
+_PTX = int(_PTX_OK)
 DEFAULT_CONFIG = (256, 64, 4, 4, True, True, _PTX, 0)
 ROUTED_CONFIG = (256, 64, 4, 4, True, True, 2 * _PTX, 32)
 
@@ -168,8 +169,8 @@ def launch_logits(q, w, k, k_scale, ks, ke, out, col_offset: int = 0, heads=None
     if store not in (0, 1, 2, 3):
         raise ValueError(f"config: store mode {store} is not 0 (tl.store), 1 or 2 (inline PTX, plain or "
                          "streaming) or 3 (tl.store, streaming)")
-    if store in (1, 2) and INTERPRET:
-        raise ValueError("config: the inline-PTX store needs a GPU (the interpreter cannot run PTX)")
+    if store in (1, 2) and not _PTX_OK:
+        raise ValueError("config: the inline-PTX store needs an NVIDIA GPU (the interpreter cannot run PTX)")
     bq = max(1, pairs // nh)
     col_unit = 16 if col_offset % 16 == 0 and out.stride(0) % 16 == 0 and out.data_ptr() % 64 == 0 else 1
     cast = mma_cast(q.dtype, k.dtype)
