@@ -119,7 +119,7 @@ def test_logits_kernel_store_modes(routed):
 
 
 @pytest.mark.parametrize("kind", ["causal", "ragged", "empty"])
-@pytest.mark.parametrize("k,ties", [(1, False), (100, False), (700, True), (3000, False)])
+@pytest.mark.parametrize("k,ties", [(1, False), (100, False), (700, True), (3000, False), (3000, True)])
 def test_topk_kernel(kind, k, ties):
     g = torch.Generator().manual_seed(k)
     t, s = (40, 9000) if not BIG else (300, 70000)    # rows long enough for the sampled fast path
