@@ -202,6 +202,13 @@ def test_router_kernel(h, bs, kind, router, select):
     assert bool((picked.min(1).values >= rest.max(1).values - tol).all())
 
 
+def test_router_kernel_config_is_checked():
+    from misa.ops.router import triton as router_triton
+    q, kv, w, ks, ke = _inputs(5, 300, 64, 128, "causal", seed=3)
+    with pytest.raises(ValueError, match="^config: head selection 'fancy'"):
+        router_triton.route_heads(check_inputs(q, kv, w, ks, ke), 8, 64, config=(128, 32, 4, "tf32", "fancy"))
+
+
 @pytest.mark.skipif(DEVICE == "cpu", reason="the interpreter multiplies in float32 whatever the config says")
 @pytest.mark.parametrize("precision", ["tf32", "bf16x2"])
 def test_router_kernel_precision(precision):

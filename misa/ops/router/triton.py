@@ -227,15 +227,16 @@ GAP_CONFIG = (128, 32, 4, "tf32x3", "rank")
 STATISTICS = ("abs-sum", "gap")
 
 
-def _rank_select(select) -> bool:
-    if select and select[0] not in ("iter", "rank"):
-        raise ValueError(f"config: head selection {select[0]!r} is not 'iter' or 'rank'")
-    return bool(select) and select[0] == "rank"
+def _rank_select(rest) -> bool:
+    """The config's optional fifth field: the head selection, "iter" (default) or "rank"."""
+    if rest and rest[0] not in ("iter", "rank"):
+        raise ValueError(f"config: head selection {rest[0]!r} is not 'iter' or 'rank'")
+    return bool(rest) and rest[0] == "rank"
 
 
-def _stages(select) -> int:
+def _stages(rest) -> int:
     """The config's optional sixth field: pipeline stages of the pooled-key loads (default 3)."""
-    return int(select[1]) if len(select) > 1 else 3
+    return int(rest[1]) if len(rest) > 1 else 3
 
 
 def route_heads(inp, active_heads: int, block_size: int, config=None, router: str = "abs-sum") -> torch.Tensor:
@@ -247,7 +248,7 @@ def route_heads(inp, active_heads: int, block_size: int, config=None, router: st
     if active_heads == h:     # every head: nothing to route
         return heads.copy_(torch.arange(h, dtype=torch.int32, device=heads.device).expand(t, h))
     kbar = pool_keys(inp.k, inp.k_scale, block_size)
-    pairs, nbt, warps, precision, *select = config or (GAP_CONFIG if router == "gap" else DEFAULT_CONFIG)
+    pairs, nbt, warps, precision, *rest = config or (GAP_CONFIG if router == "gap" else DEFAULT_CONFIG)
     bq = max(1, pairs // h)
     tiles = triton.cdiv(t, bq)
     _route_kernel[(tiles,)](
@@ -255,7 +256,7 @@ def route_heads(inp, active_heads: int, block_size: int, config=None, router: st
         inp.q.stride(0), inp.weights.stride(0), 0,
         H=h, D=d, BQ=bq, NBT=nbt, ACTIVE=active_heads,
         PRECISION="ieee" if INTERPRET else precision, GAP=router == "gap", DECODE=False,
-        RANK=_rank_select(select), num_warps=warps, num_stages=_stages(select),
+        RANK=_rank_select(rest), num_warps=warps, num_stages=_stages(rest),
     )
     return heads
 
@@ -282,7 +283,7 @@ def paged_route_heads_batched(q, kv_cache, weights, context_lens, block_table, a
     max_blocks = triton.cdiv(int(context_lens.max()) if longest is None else longest, block_size)
     kbar = paged_pool_keys(kv_cache, context_lens, block_table, block_size, max_blocks)
     q, weights = q.contiguous(), weights.contiguous()
-    pairs, nbt, warps, precision, *select = config or (GAP_CONFIG if router == "gap" else DEFAULT_CONFIG)
+    pairs, nbt, warps, precision, *rest = config or (GAP_CONFIG if router == "gap" else DEFAULT_CONFIG)
     # next_n queries per program at most (a program never spans two sequences), and at least 16
     # (query, head) pairs, the smallest MMA tile
     bq = max(min(max(1, pairs // h), triton.next_power_of_2(n)), triton.cdiv(16, h))
@@ -292,6 +293,6 @@ def paged_route_heads_batched(q, kv_cache, weights, context_lens, block_table, a
         q.stride(1), weights.stride(0), kbar.stride(0),
         H=h, D=d, BQ=bq, NBT=nbt, ACTIVE=active_heads,
         PRECISION="ieee" if INTERPRET else precision, GAP=router == "gap", DECODE=True,
-        RANK=_rank_select(select), num_warps=warps, num_stages=_stages(select),
+        RANK=_rank_select(rest), num_warps=warps, num_stages=_stages(rest),
     )
     return heads
