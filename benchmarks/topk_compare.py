@@ -21,7 +21,7 @@ from misa.ops.topk import triton as topk_mod
 
 
 TUNABLE = ("WAYS", "SCRATCH_BLOCK", "COMPACT_CONFIG", "DEFAULT_CONFIG", "SAMPLE_CHUNK", "CUT_WARPS", "CUT_SIGMAS",
-           "CUT_SLACK", "COMPACT_EVICT", "EARLY_EXIT", "BRACKET", "BRACKET_SIGMAS", "BRACKET_MIN",
+           "CUT_SLACK", "EARLY_EXIT", "BRACKET", "BRACKET_SIGMAS", "BRACKET_MIN",
            "HOLD")   # module constants of the kernel
 
 
@@ -76,8 +76,7 @@ def main():
             name, value = part.split("=")
             if name not in TUNABLE:
                 ap.error(f"--variants: {name!r} is not one of {TUNABLE}")
-            vals = tuple(float(v) if "." in v else int(v) if v.lstrip("-").isdigit() else v
-                         for v in value.split("/"))
+            vals = tuple(float(v) if "." in v else int(v) for v in value.split("/"))
             change[name] = vals if len(vals) > 1 else vals[0]
         grid.append(change)
     dev = torch.device("cuda")

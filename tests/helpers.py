@@ -97,6 +97,16 @@ def router_scores64(q, kv, w, ks, ke, block_size, statistic="abs-sum"):
     return out
 
 
+def check_routing(heads, r, tol):
+    """``heads`` are ascending and a top-h of the float64 router scores ``r`` up to ``tol`` (per row
+    or one value)."""
+    heads = heads.cpu().long()
+    assert bool((heads[:, 1:] > heads[:, :-1]).all()), "ascending and distinct"
+    picked = torch.gather(r, 1, heads)
+    rest = r.clone().scatter_(1, heads, float("-inf"))
+    assert bool((picked.min(1).values >= rest.max(1).values - tol).all())
+
+
 def check_selection(idx, scores64, ks, ke, k, rtol=1e-5, exact=None):
     """The SPEC invariants of a selection against float64 scores of the method it implements.
 

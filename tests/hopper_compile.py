@@ -87,7 +87,7 @@ def variants():
                {"SAMPLE": sample, "CHUNK": chunk, "WAYS": topk.WAYS, "FINITE_ONLY": False,
                 "EARLY_EXIT": topk.EARLY_EXIT}, 4, 3)
     c_block, c_warps, _ = topk.COMPACT_CONFIG
-    yield "top-k compact", topk._compact_kernel, rows, {"BLOCK": c_block, "FINITE_ONLY": True, "EVICT": topk.COMPACT_EVICT}, c_warps, 3
+    yield "top-k compact", topk._compact_kernel, rows, {"BLOCK": c_block, "FINITE_ONLY": True}, c_warps, 3
     for has_cmap, bracket in ((False, topk.BRACKET), (True, topk.BRACKET), (False, 0)):
         yield (f"top-k select cmap={has_cmap} bracket={bracket}", topk._select_kernel, rows,
                {"BLOCK": block, "SBLOCK": topk.SCRATCH_BLOCK, "WAYS": topk.WAYS, "HAS_CMAP": has_cmap,
@@ -99,17 +99,18 @@ def variants():
            {"VALUES": "fp8e4nv", "SCALES": "fp32", "TABLE": I32, "CTX": I32, "OUT": "fp32"},
            {"D": 128, "PAGE": 64}, 4, 3)
     route_ptrs = {"Q": "fp8e4nv", "W": "fp32", "KBAR": "fp32", "KS": I32, "KE": I32, "CTX": I32, "HEADS": I32}
-    bf16x2 = router.DEFAULT_CONFIG[:3] + ("bf16x2",)
-    for statistic, (pairs, nbt, warps, precision, *select) in (
-            ("abs-sum", router.DEFAULT_CONFIG), ("gap", router.GAP_CONFIG), ("abs-sum", bf16x2),
-            ("abs-sum", router.DEFAULT_CONFIG[:4] + ("rank",))):
+    # the defaults (head selection by rank), the other head selection, the other precision
+    for statistic, config in (("abs-sum", router.DEFAULT_CONFIG), ("gap", router.GAP_CONFIG),
+                              ("abs-sum", router.DEFAULT_CONFIG[:4] + ("iter",)),
+                              ("abs-sum", router.DEFAULT_CONFIG[:3] + ("bf16x2", "rank"))):
+        pairs, launch = router._launch_config(config, statistic)
+        warps, stages = launch.pop("num_warps"), launch.pop("num_stages")
         # prefill tiles pairs // H queries; decode at most next_n (1 or 2 here) per program
         for decode, bq in ((False, pairs // 64), (True, 1), (True, 2)):
-            consts = {"H": 64, "D": 128, "BQ": bq, "NBT": nbt, "ACTIVE": 8, "PRECISION": precision,
-                      "GAP": statistic == "gap", "DECODE": decode, "RANK": select == ["rank"]}
-            yield (f"router routing {statistic} {precision} {'/'.join(select) or 'iter'} "
+            consts = {"H": 64, "D": 128, "BQ": bq, "ACTIVE": 8, "DECODE": decode, **launch}
+            yield (f"router routing {statistic} {launch['PRECISION']} {'rank' if launch['RANK'] else 'iter'} "
                    f"{'decode' if decode else 'prefill'} BQ={bq}", router._route_kernel,
-                   route_ptrs, consts, warps, 3)
+                   route_ptrs, consts, warps, stages)
     yield ("MISA-dagger gathered logits", misa_k._gather_logits_kernel,
            {"Q": "fp8e4nv", "W": "fp32", "K": "fp8e4nv", "KSCALE": "fp32", "CAND": I32, "KS": I32, "KE": I32,
             "OUT": "fp32"}, {"H": 64, "D": 128, "BN": 128, "HAS_SCALE": True, "CAST": None}, 4, 3)

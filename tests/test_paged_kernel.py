@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import misa
-from helpers import check_selection, dsa_logits64, keys64, paged_batch, router_scores64
+from helpers import check_routing, check_selection, dsa_logits64, keys64, paged_batch, router_scores64
 
 pytest.importorskip("triton")
 # unused slots of a sequence's last page hold garbage bytes (build_paged_kcache), some of which
@@ -132,15 +132,6 @@ def test_paged_pool_keys_like_float64(block_size):
         assert bool((kbar[b, nb:] == 0).all())           # blocks past the sequence: zeros, not garbage
 
 
-def _check_routing(heads, r, tol):
-    """``heads`` are ascending and a top-h of the float64 scores ``r`` up to ``tol`` per row."""
-    heads = heads.cpu().long()
-    assert bool((heads[:, 1:] > heads[:, :-1]).all())
-    picked = torch.gather(r, 1, heads)
-    rest = r.clone().scatter_(1, heads, float("-inf"))
-    assert bool((picked.min(1).values >= rest.max(1).values - tol).all())
-
-
 @pytest.mark.parametrize("next_n", [1, 2, 3])
 @pytest.mark.parametrize("router", ["abs-sum", "gap"])
 @pytest.mark.parametrize("block_size", [64, 128])
@@ -169,9 +160,9 @@ def test_paged_router_batched_like_float64_and_per_sequence(monkeypatch, next_n,
         kv, ks, ke = _per_query(seqs, lens, next_n, b)
         r = router_scores64(q[b], kv, w[rows], ks, ke, block_size, router)
         tol = ROUTER_RTOL * r.abs().amax(1, keepdim=True).clamp_min(1e-12)
-        _check_routing(batched[rows], r, tol)
-        _check_routing(per_sequence[rows], r, tol)
-        _check_routing(split[rows], r, tol)
+        check_routing(batched[rows], r, tol)
+        check_routing(per_sequence[rows], r, tol)
+        check_routing(split[rows], r, tol)
         # the two paths may part only on heads whose scores tie within the tolerance
         for t, (x, y) in enumerate(zip(batched[rows].cpu().tolist(), per_sequence[rows].cpu().tolist())):
             differ = sorted(set(x) ^ set(y))

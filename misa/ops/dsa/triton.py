@@ -128,9 +128,9 @@ def _mqa_logits_kernel(
 # Store: 0 tl.store (layout change through shared memory, then st.global.v4), 1 inline PTX straight
 # from the accumulator's layout, 2 the same with streaming stores (.cs: the logits are read once,
 # later, by the top-k, so they should not push keys and queries out of L2), 3 tl.store streaming.
-# The interpreter (and a ROCm build) cannot run PTX: there the defaults store with tl.store. Key tiles per program:
-# the keys of a block of queries are split over enough programs that each walks about this many
-# tiles (0: just enough programs to fill the GPU once). Picked by benchmarks/sweep_kernels.py on
+# The interpreter (and a ROCm build) cannot run PTX: there the defaults store with tl.store. Key
+# tiles per program: the keys of a block of queries are split over enough programs that each
+# walks about this many tiles (0: just enough programs to fill the GPU once). Picked by benchmarks/sweep_kernels.py on
 # an H200 (docs/benchmarks.md): dense 8.63 ms with store 1 against 8.80 with 0 at 4096 x 128K (and
 # 8.30 against 8.41 at 8192 x 64K); routed 1.33 ms with store 2 and 64 programs per block against
 # 1.41 for store 0 and 2 programs (store 0 with 64 programs: 1.49; store 2 with 2: 1.42).
@@ -175,8 +175,7 @@ def launch_logits(q, w, k, k_scale, ks, ke, out, col_offset: int = 0, heads=None
     col_unit = 16 if col_offset % 16 == 0 and out.stride(0) % 16 == 0 and out.data_ptr() % 64 == 0 else 1
     cast = mma_cast(q.dtype, k.dtype)
     n_blocks = triton.cdiv(t, bq)
-    # split the keys when there are too few query blocks to fill the GPU
-    if splits is None:
+    if splits is None:      # programs per block of queries (key_splits)
         splits = key_splits(n_blocks, triton.cdiv(k.shape[0], bn), tiles_per_program, q)
     _mqa_logits_kernel[(n_blocks, splits)](
         q, w, heads if heads is not None else ks, k, k_scale if k_scale is not None else w, ks, ke, out,

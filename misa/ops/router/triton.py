@@ -227,16 +227,16 @@ GAP_CONFIG = (128, 32, 4, "tf32x3", "rank")
 STATISTICS = ("abs-sum", "gap")
 
 
-def _rank_select(rest) -> bool:
-    """The config's optional fifth field: the head selection, "iter" (default) or "rank"."""
-    if rest and rest[0] not in ("iter", "rank"):
-        raise ValueError(f"config: head selection {rest[0]!r} is not 'iter' or 'rank'")
-    return bool(rest) and rest[0] == "rank"
-
-
-def _stages(rest) -> int:
-    """The config's optional sixth field: pipeline stages of the pooled-key loads (default 3)."""
-    return int(rest[1]) if len(rest) > 1 else 3
+def _launch_config(config, router: str) -> tuple[int, dict]:
+    """(query-head pairs per program, the routing launch's other settings) from a router config
+    (the statistic's default when None); the optional fifth field picks the head selection
+    ("iter", the default, or "rank"), the sixth the pipeline stages (default 3)."""
+    pairs, nbt, warps, precision, *rest = config or (GAP_CONFIG if router == "gap" else DEFAULT_CONFIG)
+    select = rest[0] if rest else "iter"
+    if select not in ("iter", "rank"):
+        raise ValueError(f"config: head selection {select!r} is not 'iter' or 'rank'")
+    return pairs, dict(NBT=nbt, PRECISION="ieee" if INTERPRET else precision, GAP=router == "gap",
+                       RANK=select == "rank", num_warps=warps, num_stages=int(rest[1]) if len(rest) > 1 else 3)
 
 
 def route_heads(inp, active_heads: int, block_size: int, config=None, router: str = "abs-sum") -> torch.Tensor:
@@ -247,16 +247,14 @@ def route_heads(inp, active_heads: int, block_size: int, config=None, router: st
         return heads
     if active_heads == h:     # every head: nothing to route
         return heads.copy_(torch.arange(h, dtype=torch.int32, device=heads.device).expand(t, h))
+    pairs, launch = _launch_config(config, router)
     kbar = pool_keys(inp.k, inp.k_scale, block_size)
-    pairs, nbt, warps, precision, *rest = config or (GAP_CONFIG if router == "gap" else DEFAULT_CONFIG)
     bq = max(1, pairs // h)
     tiles = triton.cdiv(t, bq)
     _route_kernel[(tiles,)](
         inp.q, inp.weights, kbar, inp.ks, inp.ke, inp.ke, heads, t, tiles, kbar.shape[0], block_size,
         inp.q.stride(0), inp.weights.stride(0), 0,
-        H=h, D=d, BQ=bq, NBT=nbt, ACTIVE=active_heads,
-        PRECISION="ieee" if INTERPRET else precision, GAP=router == "gap", DECODE=False,
-        RANK=_rank_select(rest), num_warps=warps, num_stages=_stages(rest),
+        H=h, D=d, BQ=bq, ACTIVE=active_heads, DECODE=False, **launch,
     )
     return heads
 
@@ -283,7 +281,7 @@ def paged_route_heads_batched(q, kv_cache, weights, context_lens, block_table, a
     max_blocks = triton.cdiv(int(context_lens.max()) if longest is None else longest, block_size)
     kbar = paged_pool_keys(kv_cache, context_lens, block_table, block_size, max_blocks)
     q, weights = q.contiguous(), weights.contiguous()
-    pairs, nbt, warps, precision, *rest = config or (GAP_CONFIG if router == "gap" else DEFAULT_CONFIG)
+    pairs, launch = _launch_config(config, router)
     # next_n queries per program at most (a program never spans two sequences), and at least 16
     # (query, head) pairs, the smallest MMA tile
     bq = max(min(max(1, pairs // h), triton.next_power_of_2(n)), triton.cdiv(16, h))
@@ -291,8 +289,6 @@ def paged_route_heads_batched(q, kv_cache, weights, context_lens, block_table, a
     _route_kernel[(b * tiles,)](
         q, weights, kbar, context_lens, context_lens, context_lens, heads, n, tiles, max_blocks, block_size,
         q.stride(1), weights.stride(0), kbar.stride(0),
-        H=h, D=d, BQ=bq, NBT=nbt, ACTIVE=active_heads,
-        PRECISION="ieee" if INTERPRET else precision, GAP=router == "gap", DECODE=True,
-        RANK=_rank_select(rest), num_warps=warps, num_stages=_stages(rest),
+        H=h, D=d, BQ=bq, ACTIVE=active_heads, DECODE=True, **launch,
     )
     return heads

@@ -64,8 +64,6 @@ SCRATCH_BLOCK = 1024
 # per SM): (256, 1, 16) took the whole top-k to 1.48 ms against 1.72 for (1024, 4, 8) (H200, one
 # call, 4096 x 128K, k = 2048); 1 or 2 warps for the cut: no change
 COMPACT_CONFIG = (256, 1, 16)
-# the compaction's cache hint for the logits it streams ("" or "evict_first")
-COMPACT_EVICT = ""
 CUT_WARPS = 4
 # the cut sits this many standard deviations (of a binomial count) plus 17 below the k-th value's
 # expected rank in the sample: at 4096 x 128K, k = 2048, 32 + 3 * 5.7 + 17 = 66 sampled keys, so a
@@ -117,9 +115,9 @@ def _position(c, cmap_row, out_offset, HAS_CMAP: tl.constexpr, mask):
 
 
 @triton.jit
-def _eligible_keys(x_row, c, ke, FINITE_ONLY: tl.constexpr, EVICT: tl.constexpr):
+def _eligible_keys(x_row, c, ke, FINITE_ONLY: tl.constexpr):
     m = c < ke
-    x = tl.load(x_row + c, mask=m, other=0.0, eviction_policy=EVICT)
+    x = tl.load(x_row + c, mask=m, other=0.0)
     if FINITE_ONLY:
         m = m & (x > float("-inf"))
     return _ordered_key(x), m
@@ -149,7 +147,7 @@ def _refine_round(src, start, end, lane, shift, prefix, bins, k_rem, FROM_SCRATC
             m = j < end
             key = tl.load(src + j, mask=m, other=0).to(tl.uint32, bitcast=True)
         else:
-            key, m = _eligible_keys(src, j, end, FINITE_ONLY, "")
+            key, m = _eligible_keys(src, j, end, FINITE_ONLY)
         m = m & ((key >> shift) == prefix)
         h += tl.histogram(((key >> (shift - 8)) & 255).to(tl.int32), 256, mask=m)
     digit, above, cnt = _threshold_digit(h, bins, k_rem)
@@ -249,7 +247,7 @@ def _cut_kernel(X, KS, KE, CUT, COUNT, stride_x, ks_offset, K, sigmas, slack,
 
 @triton.jit(do_not_specialize=["ks_offset", "CAP"])
 def _compact_kernel(X, KS, KE, CUT, COUNT, SCR_KEY, SCR_COL, stride_x, stride_scr, ks_offset, CAP,
-                    BLOCK: tl.constexpr, FINITE_ONLY: tl.constexpr, EVICT: tl.constexpr):
+                    BLOCK: tl.constexpr, FINITE_ONLY: tl.constexpr):
     """Every element at or above its row's cut goes to the row's scratch; several programs share a
     row (a counter in memory hands out scratch slots), so the row streams at full bandwidth."""
     row = tl.program_id(0).to(tl.int64)
@@ -266,7 +264,7 @@ def _compact_kernel(X, KS, KE, CUT, COUNT, SCR_KEY, SCR_COL, stride_x, stride_sc
         x_row = X + row * stride_x
         for start in range(lo, hi, BLOCK):
             c = start + lane
-            key, m = _eligible_keys(x_row, c, hi, FINITE_ONLY, EVICT)
+            key, m = _eligible_keys(x_row, c, hi, FINITE_ONLY)
             keep = m & (key >= cut)
             n_keep = tl.sum(keep.to(tl.int32), axis=0)
             if n_keep > 0:
@@ -390,14 +388,14 @@ def _select_kernel(X, KS, KE, OUT, CMAP, CUT, COUNT, SCR_KEY, SCR_COL, BR,
         n_scr = 0
         h = tl.zeros([256], dtype=tl.int32)
         for start in range(ks, ke, BLOCK):
-            key, m = _eligible_keys(x_row, start + lane, ke, FINITE_ONLY, "")
+            key, m = _eligible_keys(x_row, start + lane, ke, FINITE_ONLY)
             h += tl.histogram((key >> 24).to(tl.int32), 256, mask=m)
         total = tl.sum(h, axis=0)
         if total <= K:
             # every eligible column is selected; pad the rest with -1
             for start in range(ks, ke, BLOCK):
                 c = start + lane
-                key, m = _eligible_keys(x_row, c, ke, FINITE_ONLY, "")
+                key, m = _eligible_keys(x_row, c, ke, FINITE_ONLY)
                 pos = n_out + tl.cumsum(m.to(tl.int32), axis=0) - 1
                 tl.store(out_row + pos, _position(c, cmap_row, out_offset, HAS_CMAP, m), mask=m)
                 n_out += tl.sum(m.to(tl.int32), axis=0)
@@ -418,7 +416,7 @@ def _select_kernel(X, KS, KE, OUT, CMAP, CUT, COUNT, SCR_KEY, SCR_COL, BR,
             n_tie = 0
             for start in range(ks, ke, BLOCK):
                 c = start + lane
-                key, m = _eligible_keys(x_row, c, ke, FINITE_ONLY, "")
+                key, m = _eligible_keys(x_row, c, ke, FINITE_ONLY)
                 top = key >> shift
                 take = m & (top > prefix)
                 match = m & (top == prefix)
@@ -509,7 +507,7 @@ class TopkLaunches:
         _compact_kernel[(x.shape[0], self.parts)](
             x, ks, ke, self.cut_keys, self.count, self.scr_key, self.scr_col, x.stride(0),
             self.scr_key.stride(0), ks_offset, self.cap, BLOCK=self.compact_block, FINITE_ONLY=finite_only,
-            EVICT=COMPACT_EVICT, num_warps=self.compact_warps)
+            num_warps=self.compact_warps)
 
     def select(self):
         x, ks, ke, k, ks_offset, out_offset, cmap, finite_only = self.args
