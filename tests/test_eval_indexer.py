@@ -16,8 +16,9 @@ def _stack(layers=(0, 2), **kw):
 
 
 def test_rope_scores_depend_on_relative_position_only():
-    q = torch.randn(1, 3, 16, dtype=torch.float64)
-    k = torch.randn(1, 16, dtype=torch.float64)
+    g = torch.Generator().manual_seed(0)     # unseeded, a near-zero score failed allclose now and then
+    q = torch.randn(1, 3, 16, dtype=torch.float64, generator=g)
+    k = torch.randn(1, 16, dtype=torch.float64, generator=g)
 
     def score(tq, tk):
         cq, sq = ix.rope_tables(torch.tensor([tq]), 16, 10000.0)
