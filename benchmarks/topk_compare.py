@@ -22,7 +22,7 @@ from misa.ops.topk import triton as topk_mod
 
 TUNABLE = ("WAYS", "SCRATCH_BLOCK", "COMPACT_CONFIG", "DEFAULT_CONFIG", "SAMPLE_CHUNK", "CUT_WARPS", "CUT_SIGMAS",
            "CUT_SLACK", "EARLY_EXIT", "BRACKET", "BRACKET_SIGMAS", "BRACKET_MIN",
-           "HOLD", "COMPACT_RESERVE")   # module constants of the kernel
+           "HOLD")   # module constants of the kernel
 
 
 def bench(fn):
@@ -43,7 +43,6 @@ def stages(x, ks, ke, k):
 
     def compact_fn():
         call.count.zero_()       # the cut launch zeroes the counters in a whole call
-        call.holes.zero_()
         call.compact()
 
     call.cut(); compact_fn(); call.select()
@@ -52,10 +51,8 @@ def stages(x, ks, ke, k):
     compact_fn()
     res["select_ms"] = bench(call.select)
     count, cut = call.count, call.cut_keys
-    found = count - call.holes
-    res["survivors_mean"] = float(found.float().mean())
-    res["holes_mean"] = float(call.holes.float().mean())
-    res["fast_rows"] = float(((found >= k) & (count <= call.cap) & (cut != 0)).float().mean())
+    res["survivors_mean"] = float(count.float().mean())
+    res["fast_rows"] = float(((count >= k) & (count <= call.cap) & (cut != 0)).float().mean())
     return res
 
 
@@ -131,10 +128,8 @@ def main():
                     rec["ms"] = bench(lambda: topk_mod.topk(x, ks, ke, k))
                     call = topk_mod.TopkLaunches(x, ks, ke, k)
                     call.cut(); call.compact()
-                    found = call.count - call.holes
-                    rec["survivors_mean"] = float(found.float().mean())
-                    rec["holes_mean"] = float(call.holes.float().mean())
-                    rec["fast_rows"] = float(((found >= k) & (call.count <= call.cap)
+                    rec["survivors_mean"] = float(call.count.float().mean())
+                    rec["fast_rows"] = float(((call.count >= k) & (call.count <= call.cap)
                                               & (call.cut_keys != 0)).float().mean())
                 except Exception as e:  # noqa: BLE001 - record and go on
                     rec["error"] = f"{type(e).__name__}: {str(e)[:200]}"

@@ -95,12 +95,6 @@ def bench_one(cfg: BenchConfig, seq_len: int, device: torch.device) -> dict:
     timers["torch.topk"] = lambda: torch.topk(dense_buf, k, dim=1, sorted=False)
     ref = select.dsa_select(inp, k)
     timers["dsa.e2e"] = lambda: select.dsa_select(inp, k)
-    # the unfused selections (logits written, then the top-k), as the engines run DSA today
-    # (DeepGEMM's logits, then a top-k kernel); the library fuses long windows (fused_select)
-    cinp = select._contiguous(inp)
-    unfused = lambda heads=None, then=None, top=k: select._kernel_select(cinp, top, None, heads=heads, then=then,
-                                                                      fused=False)
-    timers["dsa.unfused.e2e"] = unfused
     row["dsa.peak_mb"] = _peak_mb(lambda: select.dsa_select(inp, k), device)
 
     runs = {}
@@ -115,7 +109,6 @@ def bench_one(cfg: BenchConfig, seq_len: int, device: torch.device) -> dict:
     if "misa" in cfg.methods:
         timers["misa.topk"] = lambda: topk(routed_buf, inp.ks, inp.ke, k)
         runs["misa"] = lambda: select.misa_select(inp, k, cfg.active_heads, cfg.block_size, None)
-        timers["misa.unfused.e2e"] = lambda: unfused(route_heads(inp, cfg.active_heads, cfg.block_size))
     if "misa-gap" in cfg.methods:     # MISA with the "gap" router statistic (docs/results.md)
         timers["misa-gap.router"] = lambda: route_heads(inp, cfg.active_heads, cfg.block_size, router="gap")
         runs["misa-gap"] = lambda: select.misa_select(inp, k, cfg.active_heads, cfg.block_size, None, router="gap")
@@ -124,8 +117,6 @@ def bench_one(cfg: BenchConfig, seq_len: int, device: torch.device) -> dict:
         cand = topk(routed_buf, inp.ks, inp.ke, cfg.stage1_k)
         timers["misa-dagger.rerank"] = lambda: rerank(inp, cand, k)
         runs["misa-dagger"] = lambda: select.misa_select(inp, k, cfg.active_heads, cfg.block_size, cfg.stage1_k)
-        timers["misa-dagger.unfused.e2e"] = lambda: unfused(route_heads(inp, cfg.active_heads, cfg.block_size),
-                                                            select._Rerank(cinp, k), cfg.stage1_k)
     if "hisa" in cfg.methods:
         runs["hisa"] = lambda: select.hisa_select(inp, k, cfg.hisa_block_size, cfg.hisa_block_k)
     for method, run in runs.items():
@@ -145,9 +136,6 @@ def bench_one(cfg: BenchConfig, seq_len: int, device: torch.device) -> dict:
         row["speedup.misa_gap_e2e"] = ms["dsa.e2e"] / ms["misa-gap.e2e"]
     if "misa-dagger.e2e" in ms:
         row["speedup.misa_dagger_e2e"] = ms["dsa.e2e"] / ms["misa-dagger.e2e"]
-    for method in ("misa", "misa-dagger"):       # both unfused, against unfused DSA
-        if method + ".unfused.e2e" in ms:
-            row[f"speedup.{method.replace('-', '_')}_unfused_e2e"] = ms["dsa.unfused.e2e"] / ms[method + ".unfused.e2e"]
     if "hisa.e2e" in ms:
         row["speedup.hisa_e2e"] = ms["dsa.e2e"] / ms["hisa.e2e"]
     row["speedup.topk_vs_torch"] = ms["torch.topk"] / ms["dsa.topk"]
@@ -179,7 +167,7 @@ def format_rows(result: dict) -> tuple[list[str], list[list[str]]]:
     cols = ["keys", "DSA logits ms (TFLOP/s)", "MISA router+logits ms (TFLOP/s)", "scoring x",
             "top-k ms (torch x)", "DSA e2e ms", "MISA e2e ms (x, recall)", "MISA-gap e2e ms (x, recall)",
             "MISA† e2e ms (x, recall)",
-            "HISA e2e ms (x, recall)", "unfused e2e ms DSA / MISA (x) / MISA† (x)", "peak MB DSA/MISA"]
+            "HISA e2e ms (x, recall)", "peak MB DSA/MISA"]
     out = []
     for r in result["rows"]:
         ms = r["ms"]
@@ -194,21 +182,9 @@ def format_rows(result: dict) -> tuple[list[str], list[list[str]]]:
             f"{ms['dsa.e2e']:.2f}",
             f("misa", "misa_e2e"), f("misa-gap", "misa_gap_e2e"), f("misa-dagger", "misa_dagger_e2e"),
             f("hisa", "hisa_e2e"),
-            _unfused(r),
             f"{r['dsa.peak_mb']:.0f}/{r.get('misa.peak_mb', 0):.0f}",
         ])
     return cols, out
-
-
-def _unfused(r: dict) -> str:
-    ms = r["ms"]
-    if "dsa.unfused.e2e" not in ms:
-        return "-"
-    parts = [f"{ms['dsa.unfused.e2e']:.2f}"]
-    for m in ("misa", "misa-dagger"):
-        key = f"speedup.{m.replace('-', '_')}_unfused_e2e"
-        parts.append(f"{ms[m + '.unfused.e2e']:.2f} ({r[key]:.2f}x)" if key in r else "-")
-    return " / ".join(parts)
 
 
 def save(result: dict, path: str) -> None:

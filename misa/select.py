@@ -128,12 +128,11 @@ def topk_indices(logits: torch.Tensor, ks: torch.Tensor, ke: torch.Tensor, k: in
 
 
 def _kernel_select(inp: Inputs, k: int, workspace_bytes: int | None, heads: torch.Tensor | None = None,
-                   then=None, fused: bool | None = None) -> torch.Tensor:
+                   then=None) -> torch.Tensor:
     """Chunked kernel selection: each chunk's logits for keys ``[lo, hi)`` (all heads, or the
     routed ``heads``) into a buffer, the radix top-k picks ``k``; ``then(rows, idx)``
-    post-processes (MISA-dagger's re-ranking). ``fused``: score and select in one pass
-    (``fused_select``; None: for windows long enough, ``fuses``)."""
-    from .ops.dsa.triton import fused_select, fuses, launch_logits
+    post-processes (MISA-dagger's re-ranking)."""
+    from .ops.dsa.triton import launch_logits
     from .ops.topk.triton import topk, workspace_bytes as topk_bytes
     out = torch.empty(inp.num_queries, k if then is None else then.k, dtype=torch.int32, device=inp.q.device)
     # workspace per (query, key): the float32 logits (the top-k scratch is bounded separately)
@@ -144,11 +143,8 @@ def _kernel_select(inp: Inputs, k: int, workspace_bytes: int | None, heads: torc
         args = (inp.q[rows], inp.weights[rows], inp.k, inp.k_scale, inp.ks[rows], inp.ke[rows])
         chunk_heads = heads[rows] if heads is not None else None
         buf = torch.empty(t1 - t0, max(hi - lo + (-(hi - lo) % 16), 16), dtype=torch.float32, device=inp.q.device)
-        if fused if fused is not None else fuses(buf.shape[1]):
-            idx = fused_select(*args, buf, lo, k, heads=chunk_heads)
-        else:
-            launch_logits(*args, buf, lo, heads=chunk_heads)
-            idx = topk(buf, inp.ks[rows], inp.ke[rows], k, ks_offset=lo, out_offset=lo)
+        launch_logits(*args, buf, lo, heads=chunk_heads)
+        idx = topk(buf, inp.ks[rows], inp.ke[rows], k, ks_offset=lo, out_offset=lo)
         out[rows] = idx if then is None else then(rows, idx)
     return out
 

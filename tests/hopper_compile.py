@@ -28,7 +28,7 @@ from misa.ops.topk import triton as topk
 
 HOPPER = GPUTarget("cuda", 90, 32)
 I32 = "i32"
-FLOAT_SCALARS = {"sigmas": "fp32", "slack": "fp32", "bracket_sigmas": "fp32", "seg_sigmas": "fp32"}    # non-pointer arguments the kernels take as float
+FLOAT_SCALARS = {"sigmas": "fp32", "slack": "fp32", "bracket_sigmas": "fp32"}    # non-pointer arguments the kernels take as float
 
 
 def compile_for_hopper(kernel, pointers: dict, consts: dict, num_warps=4, num_stages=3):
@@ -62,23 +62,15 @@ def ptxas_report(compiled) -> str:
 
 def variants():
     ptrs = {"Q": "fp8e4nv", "W": "fp32", "HEADS": I32, "K": "fp8e4nv", "KSCALE": "fp32", "KS": I32, "KE": I32,
-            "OUT": "fp32", "CUT": I32, "COUNT": I32, "HOLES": I32, "FRAC": "fp32", "SCR_KEY": I32, "SCR_COL": I32}
+            "OUT": "fp32"}
     for heads in (64, 8):
-        pairs, bn, warps, stages, head_major, fast, default_store = (
-            dsa.DEFAULT_CONFIG if heads == 64 else dsa.ROUTED_CONFIG)[:7]
-        # key_step 1 is specialised on the GPU (an int argument equal to 1); the fused selection's
-        # sample runs with a runtime step, its scoring pass with epilogue 1, its repair with 2
-        for col_unit, store, step, epilogue in ((16, 0, 1, 0), (1, 0, 1, 0), (16, 1, 1, 0), (16, 2, 1, 0),
-                                                (16, 3, 1, 0), (1, default_store, None, 0),
-                                                (16, default_store, 1, 1), (16, default_store, 1, 2)):
+        pairs, bn, warps, stages, head_major, fast = (dsa.DEFAULT_CONFIG if heads == 64 else dsa.ROUTED_CONFIG)[:6]
+        for col_unit, store in ((16, 0), (1, 0), (16, 1), (16, 2), (16, 3)):
             consts = {"NH": heads, "D": 128, "BQ": pairs // heads, "BN": bn, "ROUTED": heads < 64,
                       "HAS_SCALE": True, "CAST": None, "HEAD_MAJOR": head_major, "FAST_TILES": fast,
-                      "COL_UNIT": col_unit, "STORE": store, "EPILOGUE": epilogue,
-                      "SEGMENTED": epilogue == 1 and heads < 64}     # as the launches pick it
-            if step is not None:
-                consts["key_step"] = step
-            yield (f"logits heads={heads} col_unit={col_unit} store={store} key_step={step or 'n'} "
-                   f"epilogue={epilogue}", dsa._mqa_logits_kernel, ptrs, consts, warps, stages)
+                      "COL_UNIT": col_unit, "STORE": store}
+            yield (f"logits heads={heads} col_unit={col_unit} store={store}", dsa._mqa_logits_kernel, ptrs,
+                   consts, warps, stages)
     paged_ptrs = {"Q": "fp8e4nv", "W": "fp32", "HEADS": I32, "VALUES": "fp8e4nv", "SCALES": "fp32", "TABLE": I32,
                   "CTX": I32, "OUT": "fp32"}
     for heads, next_n in ((64, 1), (64, 2), (8, 1), (8, 4)):
@@ -88,18 +80,14 @@ def variants():
         yield (f"paged decode logits heads={heads} next_n={next_n}", paged_triton._paged_logits_kernel,
                paged_ptrs, consts, 4, 3)
     block, warps, sample = topk.DEFAULT_CONFIG
-    rows = {"X": "fp32", "KS": I32, "KE": I32, "CUT": I32, "COUNT": I32, "HOLES": I32, "SCR_KEY": I32, "SCR_COL": I32, "BR": I32,
+    rows = {"X": "fp32", "KS": I32, "KE": I32, "CUT": I32, "COUNT": I32, "SCR_KEY": I32, "SCR_COL": I32, "BR": I32,
             "OUT": I32, "CMAP": I32}
     for chunk in sorted({topk.SAMPLE_CHUNK, 16, 1}):
-        yield (f"top-k cut chunk={chunk}", topk._cut_kernel, {"FRAC": "fp32", **rows},
+        yield (f"top-k cut chunk={chunk}", topk._cut_kernel, rows,
                {"SAMPLE": sample, "CHUNK": chunk, "WAYS": topk.WAYS, "FINITE_ONLY": False,
                 "EARLY_EXIT": topk.EARLY_EXIT}, 4, 3)
-    yield ("top-k sample cut", topk._sample_cut_kernel, {"SX": "fp32", "FRAC": "fp32", "HOLES": I32, **rows},
-           {"SAMPLE": sample, "WAYS": topk.WAYS, "EARLY_EXIT": topk.EARLY_EXIT}, topk.CUT_WARPS, 3)
     c_block, c_warps, _ = topk.COMPACT_CONFIG
     yield "top-k compact", topk._compact_kernel, rows, {"BLOCK": c_block, "FINITE_ONLY": True}, c_warps, 3
-    yield ("top-k compact reserved", topk._compact_reserved_kernel, {"FRAC": "fp32", **rows},
-           {"BLOCK": c_block, "FINITE_ONLY": False}, c_warps, 3)
     for has_cmap, bracket in ((False, topk.BRACKET), (True, topk.BRACKET), (False, 0)):
         yield (f"top-k select cmap={has_cmap} bracket={bracket}", topk._select_kernel, rows,
                {"BLOCK": block, "SBLOCK": topk.SCRATCH_BLOCK, "WAYS": topk.WAYS, "HAS_CMAP": has_cmap,

@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..triton_common import INTERPRET, ordered_key, sm_count
+from ..triton_common import INTERPRET, sm_count
 
 # Lengths and offsets are not specialised (do_not_specialize): an engine calls these kernels with a
 # different sequence length every step, and each new specialisation would be a compile.
@@ -28,48 +28,14 @@ def mma_cast(*dtypes):
 
 
 
-@triton.jit
-def _compact_tile_atomic(logits, valid, cut, pos, lim, rows, col, COUNT, SCR_KEY, SCR_COL, stride_scr, cap,
-                         MODE: tl.constexpr):
-    """Measured alternatives to ``_compact_tile`` (benchmarks/fused_compare.py): MODE 1 hands out a
-    slot per kept entry by an atomic of its own (no scan), 2 only counts (no stores: the floor)."""
-    key = ordered_key(logits)
-    keep = valid & (key >= cut[None, :]) & (lim > 0)[None, :]
-    if MODE == 1:
-        slot = tl.atomic_add(COUNT + tl.broadcast_to(rows[None, :], keep.shape), 1, mask=keep, sem="relaxed")
-        ok = keep & (slot < cap)
-        dst = rows[None, :].to(tl.int64) * stride_scr + slot
-        tl.store(SCR_KEY + dst, key.to(tl.int32, bitcast=True), mask=ok)
-        tl.store(SCR_COL + dst, tl.broadcast_to(col[:, None], keep.shape), mask=ok)
-    return pos + tl.sum(keep.to(tl.int32), axis=0)
-
-
-@triton.jit
-def _compact_tile(logits, valid, cut, pos, lim, rows, col, SCR_KEY, SCR_COL, stride_scr):
-    """The fused top-k's compaction (``misa/ops/topk/triton.py``, ``_compact_kernel``) on a tile of
-    logits ``[BN, BQ]``: every valid entry at or above its query's cut goes to the query's scratch
-    at ``pos`` on, below ``lim``. Returns the new ``pos``. (No atomic per tile: the program
-    reserved its segment ``[pos, lim)`` once.)"""
-    key = ordered_key(logits)
-    keep = valid & (key >= cut[None, :])
-    keep_i = keep.to(tl.int32)
-    spos = pos[None, :] + tl.cumsum(keep_i, axis=0) - 1
-    ok = keep & (spos < lim[None, :])
-    dst = rows[None, :].to(tl.int64) * stride_scr + spos
-    tl.store(SCR_KEY + dst, key.to(tl.int32, bitcast=True), mask=ok)
-    tl.store(SCR_COL + dst, tl.broadcast_to(col[:, None], keep.shape), mask=ok)
-    return pos + tl.sum(keep_i, axis=0)
-
-
-@triton.jit(do_not_specialize=["T", "S", "col_offset", "out_width", "k_sel", "cap"])
+@triton.jit(do_not_specialize=["T", "S", "col_offset", "out_width"])
 def _mqa_logits_kernel(
-    Q, W, HEADS, K, KSCALE, KS, KE, OUT, CUT, COUNT, HOLES, FRAC, SCR_KEY, SCR_COL,
-    T, S, col_offset, out_width, key_step, k_sel, cap, seg_sigmas,
-    stride_qt, stride_qh, stride_wt, stride_ht, stride_k, stride_out, stride_scr,
+    Q, W, HEADS, K, KSCALE, KS, KE, OUT,
+    T, S, col_offset, out_width,
+    stride_qt, stride_qh, stride_wt, stride_ht, stride_k, stride_out,
     NH: tl.constexpr, D: tl.constexpr, BQ: tl.constexpr, BN: tl.constexpr,
     ROUTED: tl.constexpr, HAS_SCALE: tl.constexpr, CAST: tl.constexpr, HEAD_MAJOR: tl.constexpr,
-    FAST_TILES: tl.constexpr, COL_UNIT: tl.constexpr, STORE: tl.constexpr, EPILOGUE: tl.constexpr = 0,
-    SEGMENTED: tl.constexpr = False, TILE_MODE: tl.constexpr = 0,
+    FAST_TILES: tl.constexpr, COL_UNIT: tl.constexpr, STORE: tl.constexpr,
 ):
     pid_q = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -80,10 +46,6 @@ def _mqa_logits_kernel(
     row_ok = rows < T
     ks = tl.load(KS + rows, mask=row_ok, other=2147483647)
     ke = tl.load(KE + rows, mask=row_ok, other=0)
-    # key_step > 1: score every key_step-th key only (the fused top-k's sample); "keys" below are
-    # then sample indices j, standing for key j * key_step (1 is specialised away)
-    ks = tl.where(row_ok, tl.cdiv(ks, key_step), ks)
-    ke = tl.cdiv(ke, key_step)
     lo = tl.min(ks, axis=0)
     hi = tl.max(ke, axis=0)
     # (query, head) pairs along N. Head-major order (pair p = head slot p // BQ, query p % BQ)
@@ -120,35 +82,10 @@ def _mqa_logits_kernel(
     out_rows = OUT + rows[None, :].to(tl.int64) * stride_out
     first = lo // BN
     last = tl.cdiv(hi, BN)
-    if EPILOGUE == 1:
-        cut = tl.load(CUT + rows, mask=row_ok, other=0).to(tl.uint32, bitcast=True)
-        compacting = cut != 0                          # rows without a cut are left to the repair
-        if SEGMENTED:
-            # programs share a query's scratch: each reserves a segment once, sized for its share of
-            # the keys expected above the cut plus a wide margin (an overfull segment costs the row
-            # a repair); unused slots become holes, written below
-            frac = tl.load(FRAC + rows, mask=compacting, other=0.0)
-            e = frac * (ke - ks).to(tl.float32) / n_split
-            seg = tl.where(compacting, (e + seg_sigmas * tl.sqrt(e) + 16.0).to(tl.int32), 0)
-            pos = tl.where(compacting, tl.atomic_add(COUNT + rows, seg, mask=compacting, sem="relaxed"), 0)
-            lim = tl.minimum(pos + seg, cap)
-        else:
-            pos = tl.zeros([BQ], dtype=tl.int32)
-            lim = tl.where(compacting, cap, 0)
-    if EPILOGUE == 2:
-        # repair: full logits only for blocks holding a row the fused pass could not serve (no
-        # cut, fewer than k_sel keys at or above it, or more than the scratch holds)
-        cut = tl.load(CUT + rows, mask=row_ok, other=1)
-        n_scr = tl.load(COUNT + rows, mask=row_ok, other=k_sel)
-        n_found = n_scr - tl.load(HOLES + rows, mask=row_ok, other=0)
-        missed = (cut == 0) | (n_found < k_sel) | (n_scr > cap)
-        if tl.sum(missed.to(tl.int32), axis=0) == 0:
-            last = first
     for tile in range(first + pid_s, last, n_split):
         offs = tile * BN + tl.arange(0, BN)
         key_ok = offs < S
-        k = tl.load(K + (offs * key_step)[:, None].to(tl.int64) * stride_k + d[None, :], mask=key_ok[:, None],
-                    other=0.0)
+        k = tl.load(K + offs[:, None].to(tl.int64) * stride_k + d[None, :], mask=key_ok[:, None], other=0.0)
         if CAST is not None:
             k = k.to(CAST)
         acc = tl.dot(k, qt)                            # [BN, BQ * NH] float32
@@ -160,15 +97,8 @@ def _mqa_logits_kernel(
         col = offs - col0
         if (tile * BN >= fast_lo) & (tile * BN + BN <= fast_hi):
             if HAS_SCALE:
-                logits = logits * tl.load(KSCALE + offs * key_step)[:, None]
-            if EPILOGUE == 1:
-                if TILE_MODE == 0:
-                    pos = _compact_tile(logits, tl.full(logits.shape, 1, tl.int1), cut, pos, lim, rows, col, SCR_KEY,
-                                        SCR_COL, stride_scr)
-                else:
-                    pos = _compact_tile_atomic(logits, tl.full(logits.shape, 1, tl.int1), cut, pos, lim, rows, col,
-                                               COUNT, SCR_KEY, SCR_COL, stride_scr, cap, TILE_MODE)
-            elif STORE == 1 or STORE == 2:
+                logits = logits * tl.load(KSCALE + offs)[:, None]
+            if STORE == 1 or STORE == 2:
                 # straight from the accumulator's layout: no round trip through shared memory to
                 # change layouts (tl.store's coalescing always inserts one); each warp store still
                 # fills whole 32-byte sectors (8 keys of 4 queries). 2: streaming (.cs), the
@@ -186,32 +116,11 @@ def _mqa_logits_kernel(
                 tl.store(out_rows + col[:, None], logits)
         else:
             if HAS_SCALE:
-                logits = logits * tl.load(KSCALE + offs * key_step, mask=key_ok, other=0.0)[:, None]
+                logits = logits * tl.load(KSCALE + offs, mask=key_ok, other=0.0)[:, None]
             inside = (offs[:, None] >= ks[None, :]) & (offs[:, None] < ke[None, :])
             logits = tl.where(inside, logits, float("-inf"))
             in_out = key_ok[:, None] & ((col >= 0) & (col < out_width))[:, None]
-            if EPILOGUE == 1:
-                if TILE_MODE == 0:
-                    pos = _compact_tile(logits, inside & in_out, cut, pos, lim, rows, col, SCR_KEY, SCR_COL,
-                                        stride_scr)
-                else:
-                    pos = _compact_tile_atomic(logits, inside & in_out, cut, pos, lim, rows, col, COUNT, SCR_KEY,
-                                               SCR_COL, stride_scr, cap, TILE_MODE)
-            else:
-                tl.store(out_rows + col[:, None], logits, mask=row_ok[None, :] & in_out)
-    if EPILOGUE == 1 and TILE_MODE == 0:
-        if SEGMENTED:
-            # holes: the unused rest of each segment gets key 0, below any cut (the select skips
-            # it); an overfull segment pushes the row's count past the scratch (a repair)
-            j = tl.arange(0, 64)
-            for j0 in range(0, tl.max(lim - pos, axis=0), 64):
-                hole = pos[:, None] + j0 + j[None, :]
-                tl.store(SCR_KEY + rows[:, None].to(tl.int64) * stride_scr + hole, tl.zeros([BQ, 64], tl.int32),
-                         mask=hole < lim[:, None])
-            tl.atomic_add(HOLES + rows, tl.maximum(lim - pos, 0), mask=compacting, sem="relaxed")
-            tl.atomic_add(COUNT + rows, cap + 1, mask=compacting & (pos > lim), sem="relaxed")
-        else:
-            tl.store(COUNT + rows, pos, mask=compacting)
+            tl.store(out_rows + col[:, None], logits, mask=row_ok[None, :] & in_out)
 
 
 # Tile shape: (pairs on N, BN keys on M, num_warps, num_stages, head-major pairs, unmasked interior
@@ -225,10 +134,6 @@ def _mqa_logits_kernel(
 # an H200 (docs/benchmarks.md): dense 8.63 ms with store 1 against 8.80 with 0 at 4096 x 128K (and
 # 8.30 against 8.41 at 8192 x 64K); routed 1.33 ms with store 2 and 64 programs per block against
 # 1.41 for store 0 and 2 programs (store 0 with 64 programs: 1.49; store 2 with 2: 1.42).
-# A fused scoring pass's scratch segment per (query, program): the expected keys above the cut
-# plus this many binomial deviations (and 16)
-SEGMENT_SIGMAS = 6.0
-FUSED_TILE_MODE = 0
 _PTX_OK = not INTERPRET and torch.version.hip is None     # inline PTX: NVIDIA GPUs only
 _PTX = int(_PTX_OK)
 DEFAULT_CONFIG = (256, 64, 4, 4, True, True, _PTX, 0)
@@ -245,18 +150,13 @@ def key_splits(n_blocks: int, key_tiles: int, tiles_per_program: int, device) ->
 
 
 def launch_logits(q, w, k, k_scale, ks, ke, out, col_offset: int = 0, heads=None, config=None,
-                  splits: int | None = None, key_step: int = 1, fused=None, epilogue: int = 0) -> torch.Tensor:
+                  splits: int | None = None) -> torch.Tensor:
     """Write ``out[t, s - col_offset]`` for the key tiles each block of queries can see.
 
     ``q [T, H, D]`` fp8/bf16, ``w [T, H]`` f32, ``k [S, D]`` fp8/bf16 (``k_scale [S]`` or None),
     ``heads [T, h]`` int32 for routed scoring (None: all heads), ``out [T, W]`` f32. Columns
     outside a query's ``[ks, ke)`` but inside its block's tiles get -inf; other columns are not
     touched, so readers must stay inside ``[ks, ke)``.
-
-    ``key_step`` > 1 scores only keys ``j * key_step``, into ``out[t, j - col_offset]``. With
-    ``fused`` (a ``topk.triton.TopkLaunches`` whose cut is set), ``epilogue`` 1 writes no logits but
-    moves each query's logits at or above its cut into the top-k's scratch; 2 writes the logits of
-    the blocks of queries that pass 1 could not serve (see ``fused_select``).
     """
     t, h_all, d = q.shape
     nh = heads.shape[1] if heads is not None else h_all
@@ -275,29 +175,15 @@ def launch_logits(q, w, k, k_scale, ks, ke, out, col_offset: int = 0, heads=None
     col_unit = 16 if col_offset % 16 == 0 and out.stride(0) % 16 == 0 and out.data_ptr() % 64 == 0 else 1
     cast = mma_cast(q.dtype, k.dtype)
     n_blocks = triton.cdiv(t, bq)
-    if epilogue not in (0, 1, 2) or (epilogue != 0) != (fused is not None):
-        raise ValueError(f"epilogue: {epilogue} must be 0 (store logits), or 1 or 2 with fused= given")
-    if key_step < 1:
-        raise ValueError(f"key_step: {key_step} must be at least 1")
-    n_keys = triton.cdiv(k.shape[0], key_step)
     if splits is None:      # programs per block of queries (key_splits)
-        splits = key_splits(n_blocks, triton.cdiv(n_keys, bn), tiles_per_program, q)
-    if fused is not None:
-        cut, count, holes, frac, scr_key, scr_col = (fused.cut_keys, fused.count, fused.holes, fused.frac,
-                                                     fused.scr_key, fused.scr_col)
-    else:
-        cut = count = holes = scr_key = scr_col = ks
-        frac = w
+        splits = key_splits(n_blocks, triton.cdiv(k.shape[0], bn), tiles_per_program, q)
     _mqa_logits_kernel[(n_blocks, splits)](
         q, w, heads if heads is not None else ks, k, k_scale if k_scale is not None else w, ks, ke, out,
-        cut, count, holes, frac, scr_key, scr_col,
-        t, n_keys, col_offset // col_unit, out.shape[1], key_step,
-        fused.k if fused is not None else 0, fused.cap if fused is not None else 0, SEGMENT_SIGMAS,
+        t, k.shape[0], col_offset // col_unit, out.shape[1],
         q.stride(0), q.stride(1), w.stride(0), heads.stride(0) if heads is not None else 0, k.stride(0),
-        out.stride(0), scr_key.stride(0),
+        out.stride(0),
         NH=nh, D=d, BQ=bq, BN=bn, ROUTED=heads is not None, HAS_SCALE=k_scale is not None,
         CAST=cast, HEAD_MAJOR=head_major, FAST_TILES=fast_tiles, COL_UNIT=col_unit, STORE=store,
-        EPILOGUE=epilogue, SEGMENTED=splits > 1 and FUSED_TILE_MODE == 0, TILE_MODE=FUSED_TILE_MODE,
         num_warps=warps, num_stages=stages,
     )
     return out
@@ -306,54 +192,3 @@ def launch_logits(q, w, k, k_scale, ks, ke, out, col_offset: int = 0, heads=None
 def dsa_logits(inp) -> torch.Tensor:
     out = torch.full((inp.num_queries, inp.num_keys), float("-inf"), device=inp.q.device)
     return launch_logits(inp.q, inp.weights, inp.k, inp.k_scale, inp.ks, inp.ke, out)
-
-
-# The fused selection samples every step-th key so that a row holds at most the top-k cut's sample
-# (2048 on the GPU) of them, and runs for windows of at least FUSED_MIN_STEP samples' worth of keys
-# (shorter windows: logits, then the top-k). Rows with fewer than a quarter of the sample get no
-# cut (the repair serves them).
-FUSED_MIN_STEP = 8
-
-
-FUSED_SELECT = False
-
-
-def fuses(width: int) -> bool:
-    """Whether ``fused_select`` pays for a window of ``width`` keys."""
-    from ..topk.triton import DEFAULT_CONFIG as TOPK_CONFIG
-    return FUSED_SELECT and width >= FUSED_MIN_STEP * TOPK_CONFIG[2]
-
-
-def fused_select(q, w, k, k_scale, ks, ke, buf, col_offset: int, top: int, heads=None, config=None,
-                 splits: int | None = None, launches: list | None = None):
-    """Top-``top`` keys per query by the logits of ``launch_logits``, mostly without writing them.
-
-    Five launches (logits-then-top-k takes four: logits, cut, compaction, select): (1) the scores of every ``step``-th key (a
-    ``1 / step`` share of the scoring) give each row a cut safely below its k-th value, exactly as the
-    top-k's own sample cut does; (2) the scoring pass moves only the logits at or above the cut
-    into the top-k's scratch (the [T, S] logits are never written or read back); (3) a repair pass
-    writes full logits into ``buf [T, W]`` (columns ``s - col_offset``), for the blocks of queries
-    with a row the cut missed (too few keys above it, an overfull scratch, or a row too short to
-    sample), where the top-k falls back to its general path; (4) the top-k's select. Same result
-    as ``launch_logits`` then ``topk`` (ties at the k-th value may go to other columns).
-    Returns ``[T, top]`` int32 absolute positions, -1 padded (``launches``, a list, receives the
-    top-k's buffers: tests read which rows the cut served).
-    """
-    from ..topk.triton import TopkLaunches
-    call = TopkLaunches(buf, ks, ke, top, ks_offset=col_offset, out_offset=col_offset)
-    if launches is not None:
-        launches.append(call)
-    if q.shape[0] == 0:
-        return call.out
-    width = buf.shape[1]
-    step = max(FUSED_MIN_STEP, triton.cdiv(width, call.sample - 2))
-    first = col_offset // step
-    sample = torch.empty(q.shape[0], triton.cdiv(col_offset + width, step) - first, dtype=torch.float32,
-                         device=q.device)
-    launch_logits(q, w, k, k_scale, ks, ke, sample, first, heads=heads, config=config, key_step=step)
-    call.cut_from_sample(sample, step, first, min_samples=call.sample // 4)
-    for epilogue in (1, 2):
-        launch_logits(q, w, k, k_scale, ks, ke, buf, col_offset, heads=heads, config=config, splits=splits,
-                      fused=call, epilogue=epilogue)
-    call.select()
-    return call.out

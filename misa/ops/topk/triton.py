@@ -64,9 +64,6 @@ SCRATCH_BLOCK = 1024
 # per SM): (256, 1, 16) took the whole top-k to 1.48 ms against 1.72 for (1024, 4, 8) (H200, one
 # call, 4096 x 128K, k = 2048); 1 or 2 warps for the cut: no change
 COMPACT_CONFIG = (256, 1, 16)
-# compaction programs reserve scratch segments (one atomic per program, usually) instead of taking
-# an atomic per step (_compact_reserved_kernel)
-COMPACT_RESERVE = True
 CUT_WARPS = 4
 # the cut sits this many standard deviations (of a binomial count) plus 17 below the k-th value's
 # expected rank in the sample: at 4096 x 128K, k = 2048, 32 + 3 * 5.7 + 17 = 66 sampled keys, so a
@@ -225,7 +222,7 @@ def _sample_quantile(key, need, WAYS: tl.constexpr, EARLY_EXIT: tl.constexpr):
 
 
 @triton.jit(do_not_specialize=["ks_offset", "K"])
-def _cut_kernel(X, KS, KE, CUT, COUNT, HOLES, FRAC, stride_x, ks_offset, K, sigmas, slack,
+def _cut_kernel(X, KS, KE, CUT, COUNT, stride_x, ks_offset, K, sigmas, slack,
                 SAMPLE: tl.constexpr, CHUNK: tl.constexpr, WAYS: tl.constexpr, FINITE_ONLY: tl.constexpr,
                 EARLY_EXIT: tl.constexpr):
     """Per long row: a sample quantile safely below the k-th largest value (expected rank plus
@@ -244,41 +241,8 @@ def _cut_kernel(X, KS, KE, CUT, COUNT, HOLES, FRAC, stride_x, ks_offset, K, sigm
         expect = (K * 1.0) * SAMPLE / (n * 1.0)
         need = tl.minimum((expect + sigmas * tl.sqrt(expect) + slack).to(tl.int32), SAMPLE)
         cut = _sample_quantile(key, need, WAYS, EARLY_EXIT)
-        tl.store(FRAC + row, need * 1.0 / SAMPLE)      # the share of the row expected above the cut
     tl.store(CUT + row, cut.to(tl.int32, bitcast=True))
     tl.store(COUNT + row, 0)
-    tl.store(HOLES + row, 0)
-
-
-@triton.jit(do_not_specialize=["step", "col_offset", "K"])
-def _sample_cut_kernel(SX, KS, KE, CUT, COUNT, HOLES, FRAC, stride_sx, step, col_offset, K, sigmas, slack,
-                       min_samples, SAMPLE: tl.constexpr, WAYS: tl.constexpr, EARLY_EXIT: tl.constexpr):
-    """The cut of a fused selection (``fused_select``): as ``_cut_kernel``, from the scores of every
-    ``step``-th key (``SX[row, j - col_offset]`` scores key ``j * step``), computed before the
-    row's logits exist. Rows with fewer than ``min_samples`` sampled keys, or at most K keys, get
-    no cut. ``FRAC``: the share of the row's keys expected at or above the cut (the scoring pass
-    sizes its scratch segments by it)."""
-    row = tl.program_id(0).to(tl.int64)
-    ks = tl.load(KS + row)
-    ke = tl.load(KE + row)
-    n = ke - ks
-    j0 = tl.cdiv(ks, step)
-    n_s = tl.cdiv(ke, step) - j0                     # sampled keys inside [ks, ke)
-    cut = tl.zeros([], dtype=tl.uint32)
-    if (n > K) & (n_s >= min_samples):
-        i = tl.arange(0, SAMPLE)
-        m = i < n_s
-        key = _ordered_key(tl.load(SX + row * stride_sx + (j0 - col_offset) + i, mask=m, other=float("-inf")))
-        key = tl.where(m, key, 0)                     # below every score: never counted
-        expect = (K * 1.0) * n_s / (n * 1.0)
-        need = tl.maximum(tl.minimum((expect + sigmas * tl.sqrt(expect) + slack).to(tl.int32), n_s), 1)
-        cut = _sample_quantile(key, need, WAYS, EARLY_EXIT)
-        # the share of keys above the cut, from the sample: need / n_s, plus 4 deviations of the
-        # sample count (the cut itself is a random quantile; a high estimate only costs holes)
-        tl.store(FRAC + row, (need + 4.0 * tl.sqrt(need * 1.0) + 4.0) / n_s)
-    tl.store(CUT + row, cut.to(tl.int32, bitcast=True))
-    tl.store(COUNT + row, 0)
-    tl.store(HOLES + row, 0)
 
 
 @triton.jit(do_not_specialize=["ks_offset", "CAP"])
@@ -311,73 +275,13 @@ def _compact_kernel(X, KS, KE, CUT, COUNT, SCR_KEY, SCR_COL, stride_x, stride_sc
                 tl.store(SCR_COL + row * stride_scr + spos, c, mask=ok)
 
 
-@triton.jit
-def _fill_holes(scr_key, pos, lim, lane, CAP):
-    """Key 0 (below any cut: searches and the select skip it) into scratch slots [pos, lim)."""
-    for h in range(pos, lim, lane.shape[0]):
-        j = h + lane
-        tl.store(scr_key + j, tl.zeros(lane.shape, tl.int32), mask=(j < lim) & (j < CAP))
-
-
-@triton.jit(do_not_specialize=["ks_offset", "CAP"])
-def _compact_reserved_kernel(X, KS, KE, CUT, COUNT, HOLES, FRAC, SCR_KEY, SCR_COL, stride_x, stride_scr, ks_offset,
-                             CAP, BLOCK: tl.constexpr, FINITE_ONLY: tl.constexpr):
-    """As ``_compact_kernel``, without an atomic per step: each program reserves a segment of the
-    row's scratch once, sized for the keys its span should keep (the cut's ``FRAC``), and another
-    only when that runs out. Unused slots become holes (key 0, counted in ``HOLES``)."""
-    row = tl.program_id(0).to(tl.int64)
-    part = tl.program_id(1)
-    n_parts = tl.num_programs(1)
-    cut = tl.load(CUT + row).to(tl.uint32, bitcast=True)
-    ks = tl.load(KS + row) - ks_offset
-    ke = tl.load(KE + row) - ks_offset
-    per = tl.cdiv(tl.cdiv(ke - ks, n_parts), BLOCK) * BLOCK
-    lo = ks + part * per
-    hi = tl.minimum(lo + per, ke)
-    if (cut != 0) & (hi > lo):
-        frac = tl.load(FRAC + row)
-        lane = tl.arange(0, BLOCK)
-        x_row = X + row * stride_x
-        scr_key = SCR_KEY + row * stride_scr
-        scr_col = SCR_COL + row * stride_scr
-        e = frac * (hi - lo)
-        size = (e + tl.sqrt(e) + 8.0).to(tl.int32)
-        pos = tl.atomic_add(COUNT + row, size, sem="relaxed")
-        lim = pos + size
-        holes = 0
-        for start in range(lo, hi, BLOCK):
-            c = start + lane
-            key, m = _eligible_keys(x_row, c, hi, FINITE_ONLY)
-            keep = m & (key >= cut)
-            n_keep = tl.sum(keep.to(tl.int32), axis=0)
-            if pos + n_keep > lim:
-                # the segment is full: its rest becomes holes, a new one covers the rest of the span
-                _fill_holes(scr_key, pos, lim, lane, CAP)
-                holes += lim - pos
-                e = frac * (hi - start)
-                size = tl.maximum(n_keep, (e + tl.sqrt(e) + 8.0).to(tl.int32))
-                pos = tl.atomic_add(COUNT + row, size, sem="relaxed")
-                lim = pos + size
-            if n_keep > 0:
-                spos = pos + tl.cumsum(keep.to(tl.int32), axis=0) - 1
-                ok = keep & (spos < CAP)
-                tl.store(scr_key + spos, key.to(tl.int32, bitcast=True), mask=ok)
-                tl.store(scr_col + spos, c, mask=ok)
-                pos += n_keep
-        _fill_holes(scr_key, pos, lim, lane, CAP)
-        holes += lim - pos
-        if holes > 0:
-            tl.atomic_add(HOLES + row, holes, sem="relaxed")
-
-
 @triton.jit(do_not_specialize=["ks_offset", "out_offset", "K", "CAP"])
-def _select_kernel(X, KS, KE, OUT, CMAP, CUT, COUNT, HOLES, SCR_KEY, SCR_COL, BR,
+def _select_kernel(X, KS, KE, OUT, CMAP, CUT, COUNT, SCR_KEY, SCR_COL, BR,
                    stride_x, stride_out, stride_cmap, stride_scr, stride_br, ks_offset, out_offset, K, CAP,
                    bracket_sigmas,
                    BLOCK: tl.constexpr, SBLOCK: tl.constexpr, WAYS: tl.constexpr,
                    HAS_CMAP: tl.constexpr, FINITE_ONLY: tl.constexpr, EARLY_EXIT: tl.constexpr,
-                   BRACKET: tl.constexpr, BRACKET_MIN: tl.constexpr, HOLD: tl.constexpr,
-                   HAS_HOLES: tl.constexpr = False):
+                   BRACKET: tl.constexpr, BRACKET_MIN: tl.constexpr, HOLD: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     x_row = X + row * stride_x
     out_row = OUT + row * stride_out
@@ -395,12 +299,7 @@ def _select_kernel(X, KS, KE, OUT, CMAP, CUT, COUNT, HOLES, SCR_KEY, SCR_COL, BR
     prefix = tl.zeros([], dtype=tl.uint32)
     shift = 0
     n_scr = tl.load(COUNT + row)
-    # keys at or above the cut among the scratch's n_scr entries: all of them, except after a
-    # fused selection, whose scoring pass leaves holes (key 0, below any cut) in the scratch
-    n_found = n_scr
-    if HAS_HOLES:
-        n_found -= tl.load(HOLES + row)
-    fast = (tl.load(CUT + row) != 0) & (n_found >= K) & (n_scr <= CAP)
+    fast = (tl.load(CUT + row) != 0) & (n_scr >= K) & (n_scr <= CAP)
 
     if fast:
         # the scratch holds every element at or above the cut, k of them at least: find its k-th
@@ -408,7 +307,7 @@ def _select_kernel(X, KS, KE, OUT, CMAP, CUT, COUNT, HOLES, SCR_KEY, SCR_COL, BR
         lo = tl.load(CUT + row).to(tl.uint32, bitcast=True)
         hi = lo
         above = 0
-        at_lo = n_found
+        at_lo = n_scr
         # with EARLY_EXIT a search stops once exactly K keys lie at or above lo: they are the
         # winners (the last passes would only narrow the gap below the k-th key)
         stop_at = K if EARLY_EXIT else -1
@@ -463,7 +362,7 @@ def _select_kernel(X, KS, KE, OUT, CMAP, CUT, COUNT, HOLES, SCR_KEY, SCR_COL, BR
                 h_ok = hj < n_scr
                 hkey = tl.load(scr_key + hj, mask=h_ok, other=0).to(tl.uint32, bitcast=True)
                 zero = tl.zeros([], dtype=tl.int32)
-                lo, above, at_lo = _search_held(hkey, h_ok, lo, tl.max(hkey, axis=0), zero, n_found, zero, K,
+                lo, above, at_lo = _search_held(hkey, h_ok, lo, tl.max(hkey, axis=0), zero, n_scr, zero, K,
                                                 stop_at, WAYS)
                 searched = 1
         if searched == 0:
@@ -595,37 +494,16 @@ class TopkLaunches:
         self.bracket = torch.empty(t, max(BRACKET, 1), dtype=torch.int32, device=dev)
         self.cut_keys = torch.empty(t, dtype=torch.int32, device=dev)    # per row; 0 = no cut
         self.count = torch.empty(t, dtype=torch.int32, device=dev)       # scratch entries per row
-        self.holes = torch.empty_like(self.count)        # of which holes (key 0, below the cut)
-        self.frac = torch.empty(t, dtype=torch.float32, device=dev)     # share expected above the cut
 
     def cut(self):
         """The sample cut per row; also zeroes the scratch counters."""
         x, ks, ke, k, ks_offset, _, _, finite_only = self.args
-        _cut_kernel[(x.shape[0],)](x, ks, ke, self.cut_keys, self.count, self.holes, self.frac, x.stride(0), ks_offset,
-                                   k, CUT_SIGMAS, CUT_SLACK,
+        _cut_kernel[(x.shape[0],)](x, ks, ke, self.cut_keys, self.count, x.stride(0), ks_offset, k, CUT_SIGMAS, CUT_SLACK,
                                    SAMPLE=self.sample, CHUNK=SAMPLE_CHUNK, WAYS=WAYS, FINITE_ONLY=finite_only,
                                    EARLY_EXIT=EARLY_EXIT, num_warps=CUT_WARPS)
 
-    def cut_from_sample(self, sample, step, col_offset, min_samples):
-        """The cut per row from ``sample`` (scores of every ``step``-th key, see
-        ``_sample_cut_kernel``); also zeroes the scratch counters."""
-        x, ks, ke, k, _, _, _, finite_only = self.args
-        if finite_only:
-            raise ValueError("finite_only: a fused selection has no holes to skip")
-        if sample.shape[1] > self.sample:
-            raise ValueError(f"sample: {sample.shape[1]} columns, more than the {self.sample} the cut holds")
-        _sample_cut_kernel[(x.shape[0],)](sample, ks, ke, self.cut_keys, self.count, self.holes, self.frac,
-                                          sample.stride(0), step, col_offset, k, CUT_SIGMAS, CUT_SLACK, min_samples,
-                                          SAMPLE=self.sample, WAYS=WAYS, EARLY_EXIT=EARLY_EXIT, num_warps=CUT_WARPS)
-
     def compact(self):
         x, ks, ke, _, ks_offset, _, _, finite_only = self.args
-        if COMPACT_RESERVE:
-            _compact_reserved_kernel[(x.shape[0], self.parts)](
-                x, ks, ke, self.cut_keys, self.count, self.holes, self.frac, self.scr_key, self.scr_col, x.stride(0),
-                self.scr_key.stride(0), ks_offset, self.cap, BLOCK=self.compact_block, FINITE_ONLY=finite_only,
-                num_warps=self.compact_warps)
-            return
         _compact_kernel[(x.shape[0], self.parts)](
             x, ks, ke, self.cut_keys, self.count, self.scr_key, self.scr_col, x.stride(0),
             self.scr_key.stride(0), ks_offset, self.cap, BLOCK=self.compact_block, FINITE_ONLY=finite_only,
@@ -635,12 +513,12 @@ class TopkLaunches:
         x, ks, ke, k, ks_offset, out_offset, cmap, finite_only = self.args
         _select_kernel[(x.shape[0],)](
             x, ks, ke, self.out, cmap if cmap is not None else self.out, self.cut_keys, self.count,
-            self.holes, self.scr_key, self.scr_col, self.bracket, x.stride(0), self.out.stride(0),
+            self.scr_key, self.scr_col, self.bracket, x.stride(0), self.out.stride(0),
             cmap.stride(0) if cmap is not None else 0, self.scr_key.stride(0), self.bracket.stride(0),
             ks_offset, out_offset, k, self.cap, BRACKET_SIGMAS,
             BLOCK=self.block, SBLOCK=SCRATCH_BLOCK, WAYS=WAYS, HAS_CMAP=cmap is not None,
             FINITE_ONLY=finite_only, EARLY_EXIT=EARLY_EXIT, BRACKET=BRACKET, BRACKET_MIN=BRACKET_MIN,
-            HOLD=HOLD, HAS_HOLES=True, num_warps=self.warps,
+            HOLD=HOLD, num_warps=self.warps,
         )
 
 
