@@ -468,10 +468,7 @@ def topk(x: torch.Tensor, ks: torch.Tensor, ke: torch.Tensor, k: int, ks_offset:
     (elements per step, num_warps, sample size).
     """
     call = TopkLaunches(x, ks, ke, k, ks_offset, out_offset, cmap, finite_only, config)
-    if x.shape[0]:
-        call.cut()
-        call.compact()
-        call.select()
+    call.run()
     return call.out
 
 
@@ -494,6 +491,13 @@ class TopkLaunches:
         self.bracket = torch.empty(t, max(BRACKET, 1), dtype=torch.int32, device=dev)
         self.cut_keys = torch.empty(t, dtype=torch.int32, device=dev)    # per row; 0 = no cut
         self.count = torch.empty(t, dtype=torch.int32, device=dev)       # scratch entries per row
+
+    def run(self):
+        """The three launches."""
+        if self.out.shape[0]:
+            self.cut()
+            self.compact()
+            self.select()
 
     def cut(self):
         """The sample cut per row; also zeroes the scratch counters."""
