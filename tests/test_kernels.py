@@ -190,6 +190,41 @@ def test_topk_kernel_on_rows_whose_winners_sit_together(order):
     assert bool((call.cut_keys.cpu() != 0).all() & (count >= k).all() & (count <= call.cap).all())
 
 
+@pytest.mark.parametrize("width,k", [(1, 1), (300, 7), (300, 400), (1000, 1000), (5000, 64), (8192, 2048)])
+@pytest.mark.parametrize("holes", [False, True])
+def test_topk_kernel_short_rows(width, k, holes):
+    # short matrices (MISA-dagger's and HISA's second stage, HISA's block choice): ragged and empty
+    # ranges, ties, k beyond the range (-1 padding), -inf holes skipped and positions mapped
+    # through cmap
+    from misa.ops.topk import triton as topk_triton
+    g = torch.Generator().manual_seed(width + k)
+    t = 37 if not BIG else 1000
+    x = torch.round(torch.randn(t, width, generator=g) * 4) / 4           # many ties
+    ks, ke = ranges("ragged", t, width, g)
+    ks[0], ke[0] = 0, width
+    ks[1], ke[1] = width // 2, width // 2                                  # an empty row
+    cmap = None
+    if holes:
+        x[torch.rand(t, width, generator=g) < 0.3] = float("-inf")
+        cmap = torch.randperm(10 * width, generator=g)[:width].int().repeat(t, 1)
+    idx = topk_triton.topk(x.to(DEVICE), ks.to(DEVICE), ke.to(DEVICE), k, ks_offset=0, out_offset=0,
+                           cmap=cmap.to(DEVICE) if holes else None, finite_only=holes).cpu()
+    if holes:       # map back to columns, then check against the finite entries only
+        inv = {int(v): j for j, v in enumerate(cmap[0].tolist())}
+        idx = torch.tensor([[inv[int(v)] if v >= 0 else -1 for v in r] for r in idx], dtype=torch.int32)
+        vals = x.double().masked_fill(torch.isinf(x), float("nan"))
+        for r in range(t):
+            row = idx[r][idx[r] >= 0]
+            fin = [j for j in range(ks[r], ke[r]) if torch.isfinite(x[r, j])]
+            assert len(row) == min(k, len(fin)) and set(row.tolist()) <= set(fin)
+            assert bool((idx[r][len(row):] == -1).all())
+            if row.numel() and len(fin) > len(row):
+                rest = sorted(set(fin) - set(row.tolist()))
+                assert float(vals[r, row].min()) >= float(vals[r, rest].max())
+    else:
+        check_selection(idx, x.double(), ks, ke, k, rtol=0)
+
+
 def test_topk_kernel_heavy_ties_and_small_scratch(monkeypatch):
     from misa.ops.topk import triton as topk_triton
     monkeypatch.setattr(topk_triton, "scratch_size", lambda k, w: 16)   # force whole-row refinement
