@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# (benchmarks/fused_compare.py and the fused kernels it times are in commit 21495b9, reverted after.)
 # Seventh session, call 1: the fused selection (scoring pass writes only the logits above a sampled
 # cut) against logits-then-top-k at 4096 x 128K, stage by stage; its GPU tests; misa bench at 128K.
 set -u

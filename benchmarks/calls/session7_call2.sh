@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# (benchmarks/fused_compare.py and the fused kernels it times are in commit 21495b9, reverted after.)
 # Seventh session, call 2: the fused scoring pass without a per-tile atomic (each program reserves
 # a scratch segment per query once); programs per block and tile shapes swept; its GPU tests.
 set -u

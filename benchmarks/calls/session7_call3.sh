@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# (benchmarks/fused_compare.py and the fused kernels it times are in commit 21495b9, reverted after.)
 # Seventh session, call 3: where the fused scoring pass's time goes (tile compaction by scan, by an
 # atomic per kept entry, or counting only); the top-k compaction reserving scratch segments against
 # an atomic per step (COMPACT_RESERVE=0), stage by stage; misa bench at 128K.

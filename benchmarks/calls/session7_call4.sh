@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# (the recut it times is not in any commit: measured slower, reverted before committing; data in docs/data/topk-h200-2026-11-29-session7-recut.json)
 # Seventh session, call 4: a tighter top-k cut with a parallel second chance (RECUT) for the rows
 # it misses, swept at 128K (k = 2048 and 8192, routed logits) and 8192 (randn); top-k GPU tests.
 set -u

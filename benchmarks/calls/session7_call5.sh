@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# (COMPACT_STAGES was reverted before committing; data in docs/data/topk-h200-2026-11-29-session7-pipelined.json)
 # Seventh session, call 5: the top-k compaction's loop software-pipelined (tl.range num_stages:
 # loads as cp.async into shared memory, several steps in flight per warp), with other step sizes.
 set -u

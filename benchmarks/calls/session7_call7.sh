@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# (the one-launch kernel was never committed: measured slower and reverted; data in docs/data/topk-h200-2026-11-29-session7-one-launch.json)
 # Seventh session, call 7: top-k of short rows (at most 8192 columns: MISA-dagger's and HISA's
 # second stage, HISA's block choice) in one launch (_row_topk_kernel) against the three-launch
 # path (ROW_TOPK_MAX=0), warps swept; misa bench at 128K; the top-k and MISA/HISA GPU tests.
