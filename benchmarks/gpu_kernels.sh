@@ -5,9 +5,7 @@
 #   TEST_S  per-process test limit (default 280)    BENCH_S / BENCH_ARGS  `misa bench` (150, --rep-ms 60)
 #   SWEEP_S tile sweep budget (0 = none)            DECODE_S  decode_compare.py (0 = none)
 set -u
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-  && export PYTHONPATH=/tmp/site:$PWD || exit 1
-export PYTHONUNBUFFERED=1
+source benchmarks/calls/env.sh
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,memory.used --format=csv
 python3 -c "import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())"
 timeout "${BENCH_S:-150}" python3 -m misa.cli bench --json $OUT/bench.json ${BENCH_ARGS:---rep-ms 60} 2>&1 | tail -22

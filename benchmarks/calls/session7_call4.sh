@@ -9,13 +9,5 @@ R=RECUT=8.0/64.0
 timeout 240 python3 benchmarks/topk_compare.py --out $OUT/topk.json --sizes 131072:2048,131072:8192,8192:2048 \
   --variants "$R,$R+CUT_SIGMAS=2.0+CUT_SLACK=8.0,$R+CUT_SIGMAS=1.5+CUT_SLACK=4.0,$R+CUT_SIGMAS=1.0+CUT_SLACK=2.0,$R+CUT_SIGMAS=0.5+CUT_SLACK=0.0" \
   --variant-sizes 131072:2048,131072:8192,8192:2048 2>&1 | grep -v Warning > $OUT/topk.log
-python3 - <<'PY'
-import json, os
-r = json.load(open(os.environ["OUT"] + "/topk.json"))
-for row in r["rows"]:
-    print(row["keys"], row["k"], "torch", round(row["torch_ms"], 3), "new", round(row["new_ms"], 3))
-    for v in row.get("variants", []):
-        print("   ", v.get("RECUT"), v.get("CUT_SIGMAS"), v.get("CUT_SLACK"), "ok", v.get("ok"), "ms", round(v.get("ms", -1), 3),
-              "surv", round(v.get("survivors_mean", -1)), "first fast", v.get("first_cut_fast_rows"), "fast", v.get("fast_rows"), v.get("error", ""))
-PY
+python3 benchmarks/topk_summary.py $OUT/topk.json
 timeout 250 python3 -m pytest -q -p no:cacheprovider -x tests/test_kernels.py -k "topk" 2>&1 | tail -3

@@ -8,13 +8,4 @@ nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu,power.draw --fo
 timeout 300 python3 benchmarks/topk_compare.py --out $OUT/topk.json --sizes 131072:2048,131072:8192,8192:2048 \
   --variants "COMPACT_STAGES=2,COMPACT_STAGES=3,COMPACT_STAGES=4,COMPACT_STAGES=3+COMPACT_CONFIG=512/1/8,COMPACT_STAGES=3+COMPACT_CONFIG=256/2/16,COMPACT_STAGES=3+COMPACT_CONFIG=128/1/32,COMPACT_STAGES=1" \
   --variant-sizes 131072:2048,131072:8192,8192:2048 2>&1 | grep -v Warning > $OUT/topk.log
-python3 - <<'PY'
-import json, os
-r = json.load(open(os.environ["OUT"] + "/topk.json"))
-for row in r["rows"]:
-    print(row["keys"], row["k"], "torch", round(row["torch_ms"], 3), "new", round(row["new_ms"], 3),
-          "cut", round(row["cut_ms"], 3), "compact", round(row["compact_ms"], 3), "select", round(row["select_ms"], 3))
-    for v in row.get("variants", []):
-        print("   ", v.get("COMPACT_STAGES"), v.get("COMPACT_CONFIG"), "ok", v.get("ok"), "ms", round(v.get("ms", -1), 3),
-              "fast", v.get("fast_rows"), v.get("error", ""))
-PY
+python3 benchmarks/topk_summary.py $OUT/topk.json

@@ -9,14 +9,7 @@ nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu,power.draw --fo
 timeout 150 python3 benchmarks/topk_compare.py --out $OUT/topk.json --sizes 8192:2048 \
   --variants "ROW_TOPK_MAX=0,ROW_TOPK_WARPS=4,ROW_TOPK_WARPS=16,ROW_TOPK_MAX=0" \
   --variant-sizes 8192:2048 2>&1 | grep -v Warning > $OUT/topk.log
-python3 - <<'PY'
-import json, os
-r = json.load(open(os.environ["OUT"] + "/topk.json"))
-for row in r["rows"]:
-    print(row["keys"], row["k"], "torch", round(row["torch_ms"], 3), "new", round(row["new_ms"], 3))
-    for v in row.get("variants", []):
-        print("   ", v.get("ROW_TOPK_MAX"), v.get("ROW_TOPK_WARPS"), "ok", v.get("ok"), "ms", round(v.get("ms", -1), 3), v.get("error", ""))
-PY
+python3 benchmarks/topk_summary.py $OUT/topk.json
 timeout 200 python3 -m misa.cli bench --context-lens 131072 --json $OUT/bench.json --rep-ms 60 2>&1 | tail -2
 python3 benchmarks/bench_summary.py $OUT/bench.json
 timeout 200 python3 -m pytest -q -p no:cacheprovider -x tests/test_kernels.py -k "topk or misa or hisa" 2>&1 | tail -3

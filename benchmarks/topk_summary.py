@@ -1,0 +1,26 @@
+"""Print a ``benchmarks/topk_compare.py`` JSON compactly: per size the times, and per variant the
+constants it changed (against the defaults, the first variant), whether its picks were right, its
+time and how many rows took the fast path (a developer tool for device-call logs).
+
+    python3 benchmarks/topk_summary.py topk.json
+"""
+from __future__ import annotations
+
+import json
+import sys
+
+
+def main(path: str) -> None:
+    for row in json.load(open(path))["rows"]:
+        stages = " ".join(f"{s} {row[s + '_ms']:.3f}" for s in ("cut", "compact", "select") if s + "_ms" in row)
+        print(row["keys"], row["k"], f"torch {row['torch_ms']:.3f} new {row['new_ms']:.3f}", stages)
+        variants = row.get("variants", [])
+        for v in variants:
+            # the kernel's module constants are the upper-case fields; the rest are measurements
+            changed = {n: x for n, x in v.items() if n.isupper() and x != variants[0].get(n)}
+            print("   ", changed or "defaults", "ok", v.get("ok"), f"ms {v.get('ms', -1):.3f}",
+                  f"survivors {v.get('survivors_mean', -1):.0f}", "fast", v.get("fast_rows"), v.get("error", ""))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
