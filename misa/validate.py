@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .ops import power_of_two
 from .quant import FP8
 
 Q_DTYPES = (FP8, torch.bfloat16, torch.float32)
@@ -82,7 +83,7 @@ def check_int(name: str, value, low: int = 1, high: int | None = None) -> int:
 
 def check_power_of_two(name: str, value: int) -> int:
     check_int(name, value)
-    if value & (value - 1):
+    if not power_of_two(value):
         _fail(name, f"must be a power of two, got {value}")
     return value
 
