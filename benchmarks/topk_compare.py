@@ -21,8 +21,7 @@ from misa.ops.topk import triton as topk_mod
 
 
 TUNABLE = ("WAYS", "SCRATCH_BLOCK", "COMPACT_CONFIG", "DEFAULT_CONFIG", "SAMPLE_CHUNK", "CUT_WARPS", "CUT_SIGMAS",
-           "CUT_SLACK", "EARLY_EXIT", "BRACKET", "BRACKET_SIGMAS", "BRACKET_MIN",
-           "HOLD")   # module constants of the kernel
+           "CUT_SLACK", "EARLY_EXIT", "BRACKET", "BRACKET_SIGMAS", "BRACKET_MIN", "HOLD", "SELECT_MAXNREG")   # module constants of the kernel
 
 
 def bench(fn):
@@ -37,9 +36,9 @@ def same_by_value(idx, x, k):
     return bool((idx >= 0).all() and distinct and (got >= kth).all())
 
 
-def stages(x, ks, ke, k):
+def stages(x, ks, ke, k, sample=None):
     """Times of the kernel's three launches on their own."""
-    call = topk_mod.TopkLaunches(x, ks, ke, k)
+    call = topk_mod.TopkLaunches(x, ks, ke, k, sample=sample)
 
     def compact_fn():
         call.count.zero_()       # the cut launch zeroes the counters in a whole call
@@ -56,6 +55,48 @@ def stages(x, ks, ke, k):
     return res
 
 
+def run_variants(grid, x, ks, ke, k, rounds, make_sample=None):
+    """The defaults and each variant of module constants, checked, then timed in ``rounds``
+    interleaved rounds (whole call and stage by stage; medians over the rounds), so drift during
+    the call falls on every variant alike. ``make_sample``: the cut's sample, made again for each
+    variant (its size may follow the constants) and timed beside it."""
+    names = TUNABLE
+    base = {n: getattr(topk_mod, n) for n in names}
+    changes = [{}] + grid                       # {}: the defaults, timed beside the variants
+
+    def use(change):
+        for n in names:
+            setattr(topk_mod, n, change.get(n, base[n]))
+
+    recs, times, samples = [], [], []
+    for change in changes:
+        use(change)
+        rec = {"change": {n: v for n, v in change.items()}}
+        sample = make_sample() if make_sample else None
+        samples.append(sample)
+        try:
+            rec["ok"] = same_by_value(topk_mod.topk(x, ks, ke, k, sample=sample), x, k)
+        except Exception as e:  # noqa: BLE001 - record and go on
+            rec["error"] = f"{type(e).__name__}: {str(e)[:200]}"
+        recs.append(rec)
+        times.append([])
+    for _ in range(rounds):
+        for rec, change, t, sample in zip(recs, changes, times, samples):
+            if "error" in rec:
+                continue
+            use(change)
+            t.append({"ms": bench(lambda: topk_mod.topk(x, ks, ke, k, sample=sample)),
+                      **stages(x, ks, ke, k, sample)})
+            if make_sample:
+                t[-1]["sample_launch_ms"] = bench(make_sample)
+    use({})
+    for rec, t in zip(recs, times):
+        for key in (t[0] if t else {}):
+            rec[key] = float(torch.tensor([r[key] for r in t]).median())
+        print(rec, flush=True)
+    return recs
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
@@ -66,6 +107,10 @@ def main():
                     help="module constants to try at 131072:2048, one variant per comma (NAME=value, tuples "
                          "with /, several constants joined by +)")
     ap.add_argument("--variant-sizes", default="131072:2048", help="keys:k pairs at which the variants run")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds of the variants")
+    ap.add_argument("--sample", action="store_true",
+                    help="on MISA's logits also time the top-k given its cut's sample (sample_logits), and "
+                         "run the variants with it")
     args = ap.parse_args()
     variant_sizes = {tuple(int(v) for v in p.split(":")) for p in args.variant_sizes.split(",") if p}
     sizes = [tuple(int(v) for v in p.split(":")) for p in args.sizes.split(",") if p]
@@ -84,7 +129,7 @@ def main():
         previous = importlib.import_module("topk_previous")
     except ImportError:
         previous = None
-    from misa.ops.dsa.triton import launch_logits
+    from misa.ops.dsa.triton import launch_logits, sample_logits
     from misa.ops.router.triton import route_heads
     from misa.synthetic import indexer_workload
     from misa.validate import check_inputs
@@ -97,6 +142,7 @@ def main():
             ks = torch.zeros(t, dtype=torch.int32, device=dev)
             ke = torch.full((t,), s, dtype=torch.int32, device=dev)
             kind = "randn"
+            sample = make_sample = None
         else:
             inp = check_inputs(*indexer_workload(s, t, 64, 128, seed=1, device=dev).args)
             heads = route_heads(inp, 8, 1024)
@@ -104,8 +150,17 @@ def main():
             launch_logits(inp.q, inp.weights, inp.k, inp.k_scale, inp.ks, inp.ke, x, heads=heads)
             ks, ke = inp.ks, inp.ke
             kind = "misa-logits"
-            del inp
+            # the cut's sample as the selections compute it (sample_logits), timed on its own
+            def make_sample():         # the step follows the module's constants (variants may change them)
+                step = topk_mod.sample_step(s)
+                return sample_logits(inp.q, inp.weights, inp.k, inp.k_scale, 0, s, step, heads=heads), step
+            sample = make_sample() if args.sample else None
         row = {"keys": s, "k": k, "input": kind}
+        if sample is not None:
+            row["sample_launch_ms"] = bench(make_sample)
+            row["with_sample_ok"] = same_by_value(topk_mod.topk(x, ks, ke, k, sample=sample), x, k)
+            row["with_sample_ms"] = bench(lambda: topk_mod.topk(x, ks, ke, k, sample=sample))
+            row.update({"with_sample_" + n: v for n, v in stages(x, ks, ke, k, sample).items()})
         row["torch_ms"] = bench(lambda: torch.topk(x, k, dim=1, sorted=False))
         new = lambda: topk_mod.topk(x, ks, ke, k)
         row["new_ok"] = same_by_value(new(), x, k)
@@ -116,32 +171,12 @@ def main():
             row["previous_ok"] = same_by_value(old(), x, k)
             row["previous_ms"] = bench(old)
         if (s, k) in variant_sizes and grid:
-            row["variants"] = []
-            names = TUNABLE
-            base = {n: getattr(topk_mod, n) for n in names}
-            for change in [{}] + grid:          # {}: the defaults again, timed beside the variants
-                for n in names:
-                    setattr(topk_mod, n, change.get(n, base[n]))
-                rec = {n: getattr(topk_mod, n) for n in names}
-                try:
-                    rec["ok"] = same_by_value(topk_mod.topk(x, ks, ke, k), x, k)
-                    rec["ms"] = bench(lambda: topk_mod.topk(x, ks, ke, k))
-                    call = topk_mod.TopkLaunches(x, ks, ke, k)
-                    call.cut(); call.compact()
-                    rec["survivors_mean"] = float(call.count.float().mean())
-                    rec["fast_rows"] = float(((call.count >= k) & (call.count <= call.cap)
-                                              & (call.cut_keys != 0)).float().mean())
-                except Exception as e:  # noqa: BLE001 - record and go on
-                    rec["error"] = f"{type(e).__name__}: {str(e)[:200]}"
-                print(rec, flush=True)
-                row["variants"].append(rec)
-            for n in names:
-                setattr(topk_mod, n, base[n])
+            row["variants"] = run_variants(grid, x, ks, ke, k, args.rounds, make_sample if sample is not None else None)
             ok = [v for v in row["variants"] if v.get("ok")]
             row["best_variant"] = min(ok, key=lambda v: v["ms"]) if ok else None
         print({kk: v for kk, v in row.items() if kk != "variants"}, flush=True)
         results["rows"].append(row)
-        del x
+        del x, sample
         torch.cuda.empty_cache()
     with open(args.out, "w") as f:
         json.dump(results, f, indent=1)

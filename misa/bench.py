@@ -73,7 +73,7 @@ def _time_rounds(timers: dict, rep_ms: int, rounds: int) -> tuple[dict, dict]:
 
 
 def bench_one(cfg: BenchConfig, seq_len: int, device: torch.device) -> dict:
-    from .ops.dsa.triton import launch_logits
+    from .ops.dsa.triton import cut_sample, launch_logits
     from .ops.misa.triton import rerank
     from .ops.router.triton import route_heads
     from .ops.topk.triton import topk
@@ -91,7 +91,9 @@ def bench_one(cfg: BenchConfig, seq_len: int, device: torch.device) -> dict:
     dense = lambda: launch_logits(inp.q, inp.weights, inp.k, inp.k_scale, inp.ks, inp.ke, dense_buf)
     dense()
     timers["dsa.logits"] = dense
-    timers["dsa.topk"] = lambda: topk(dense_buf, inp.ks, inp.ke, k)
+    # the top-k as the selections run it, with its cut's sample where they compute one (cut_sample)
+    sample = lambda heads=None: cut_sample(inp.q, inp.weights, inp.k, inp.k_scale, 0, seq_len, heads=heads)
+    timers["dsa.topk"] = lambda: topk(dense_buf, inp.ks, inp.ke, k, sample=sample())
     timers["torch.topk"] = lambda: torch.topk(dense_buf, k, dim=1, sorted=False)
     ref = select.dsa_select(inp, k)
     timers["dsa.e2e"] = lambda: select.dsa_select(inp, k)
@@ -107,13 +109,14 @@ def bench_one(cfg: BenchConfig, seq_len: int, device: torch.device) -> dict:
         timers["misa.router"] = lambda: route_heads(inp, cfg.active_heads, cfg.block_size)
         timers["misa.logits"] = routed
     if "misa" in cfg.methods:
-        timers["misa.topk"] = lambda: topk(routed_buf, inp.ks, inp.ke, k)
+        timers["misa.topk"] = lambda: topk(routed_buf, inp.ks, inp.ke, k, sample=sample(heads))
         runs["misa"] = lambda: select.misa_select(inp, k, cfg.active_heads, cfg.block_size, None)
     if "misa-gap" in cfg.methods:     # MISA with the "gap" router statistic (docs/results.md)
         timers["misa-gap.router"] = lambda: route_heads(inp, cfg.active_heads, cfg.block_size, router="gap")
         runs["misa-gap"] = lambda: select.misa_select(inp, k, cfg.active_heads, cfg.block_size, None, router="gap")
     if "misa-dagger" in cfg.methods:
-        timers["misa-dagger.stage1_topk"] = lambda: topk(routed_buf, inp.ks, inp.ke, cfg.stage1_k)
+        timers["misa-dagger.stage1_topk"] = lambda: topk(routed_buf, inp.ks, inp.ke, cfg.stage1_k,
+                                                         sample=sample(heads))
         cand = topk(routed_buf, inp.ks, inp.ke, cfg.stage1_k)
         timers["misa-dagger.rerank"] = lambda: rerank(inp, cand, k)
         runs["misa-dagger"] = lambda: select.misa_select(inp, k, cfg.active_heads, cfg.block_size, cfg.stage1_k)

@@ -31,8 +31,9 @@ I32 = "i32"
 FLOAT_SCALARS = {"sigmas": "fp32", "slack": "fp32", "bracket_sigmas": "fp32"}    # non-pointer arguments the kernels take as float
 
 
-def compile_for_hopper(kernel, pointers: dict, consts: dict, num_warps=4, num_stages=3):
-    """``pointers``: argument name -> element type; other non-constexpr arguments are i32."""
+def compile_for_hopper(kernel, pointers: dict, consts: dict, num_warps=4, num_stages=3, maxnreg=None):
+    """``pointers``: argument name -> element type; other non-constexpr arguments are i32;
+    ``maxnreg``: the register cap the launch passes, if any."""
     sig, attrs = {}, {}
     for i, name in enumerate(inspect.signature(kernel.fn).parameters):
         sig[name] = ("constexpr" if name in consts else "*" + pointers[name] if name in pointers
@@ -40,7 +41,7 @@ def compile_for_hopper(kernel, pointers: dict, consts: dict, num_warps=4, num_st
         if name in pointers or name.startswith("stride"):
             attrs[(i,)] = [["tt.divisibility", 16]]
     return triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=consts, attrs=attrs), target=HOPPER,
-                          options={"num_warps": num_warps, "num_stages": num_stages})
+                          options={"num_warps": num_warps, "num_stages": num_stages, "maxnreg": maxnreg})
 
 
 def ptxas_report(compiled) -> str:
@@ -80,19 +81,19 @@ def variants():
         yield (f"paged decode logits heads={heads} next_n={next_n}", paged_triton._paged_logits_kernel,
                paged_ptrs, consts, 4, 3)
     block, warps, sample = topk.DEFAULT_CONFIG
-    rows = {"X": "fp32", "KS": I32, "KE": I32, "CUT": I32, "COUNT": I32, "SCR_KEY": I32, "SCR_COL": I32, "BR": I32,
+    rows = {"X": "fp32", "SRC": "fp32", "KS": I32, "KE": I32, "CUT": I32, "COUNT": I32, "SCR_KEY": I32, "SCR_COL": I32, "BR": I32,
             "OUT": I32, "CMAP": I32}
-    for chunk in sorted({topk.SAMPLE_CHUNK, 16, 1}):
-        yield (f"top-k cut chunk={chunk}", topk._cut_kernel, rows,
+    for chunk, from_src in sorted({(topk.SAMPLE_CHUNK, False), (16, False), (1, False), (1, True)}):
+        yield (f"top-k cut chunk={chunk} from_src={from_src}", topk._cut_kernel, rows,
                {"SAMPLE": sample, "CHUNK": chunk, "WAYS": topk.WAYS, "FINITE_ONLY": False,
-                "EARLY_EXIT": topk.EARLY_EXIT}, 4, 3)
+                "EARLY_EXIT": topk.EARLY_EXIT, "FROM_SRC": from_src}, 4, 3)
     c_block, c_warps, _ = topk.COMPACT_CONFIG
     yield "top-k compact", topk._compact_kernel, rows, {"BLOCK": c_block, "FINITE_ONLY": True}, c_warps, 3
     for has_cmap, bracket in ((False, topk.BRACKET), (True, topk.BRACKET), (False, 0)):
         yield (f"top-k select cmap={has_cmap} bracket={bracket}", topk._select_kernel, rows,
                {"BLOCK": block, "SBLOCK": topk.SCRATCH_BLOCK, "WAYS": topk.WAYS, "HAS_CMAP": has_cmap,
                 "FINITE_ONLY": has_cmap, "EARLY_EXIT": topk.EARLY_EXIT, "BRACKET": bracket,
-                "BRACKET_MIN": topk.BRACKET_MIN, "HOLD": topk.HOLD}, warps, 3)
+                "BRACKET_MIN": topk.BRACKET_MIN, "HOLD": topk.HOLD}, warps, 3, topk.SELECT_MAXNREG)
     yield ("router pooling", router._pool_keys_kernel, {"K": "fp8e4nv", "KSCALE": "fp32", "OUT": "fp32"},
            {"D": 128, "CHUNK": 64, "HAS_SCALE": True}, 4, 3)
     yield ("router paged pooling", router._paged_pool_keys_kernel,
@@ -111,16 +112,18 @@ def variants():
             yield (f"router routing {statistic} {launch['PRECISION']} {'rank' if launch['RANK'] else 'iter'} "
                    f"{'decode' if decode else 'prefill'} BQ={bq}", router._route_kernel,
                    route_ptrs, consts, warps, stages)
-    yield ("MISA-dagger gathered logits", misa_k._gather_logits_kernel,
-           {"Q": "fp8e4nv", "W": "fp32", "K": "fp8e4nv", "KSCALE": "fp32", "CAND": I32, "KS": I32, "KE": I32,
-            "OUT": "fp32"}, {"H": 64, "D": 128, "BN": 128, "HAS_SCALE": True, "CAST": None}, 4, 3)
+    for every in (0, 4):
+        yield (f"MISA-dagger gathered logits sample_every={every}", misa_k._gather_logits_kernel,
+               {"Q": "fp8e4nv", "W": "fp32", "K": "fp8e4nv", "KSCALE": "fp32", "CAND": I32, "KS": I32, "KE": I32,
+                "OUT": "fp32", "SMP": "fp32"},
+               {"H": 64, "D": 128, "BN": 128, "HAS_SCALE": True, "CAST": None, "SAMPLE_EVERY": every}, 4, 3)
 
 
 def main() -> int:
     failed = 0
-    for name, kernel, ptrs, consts, warps, stages in variants():
+    for name, kernel, ptrs, consts, warps, stages, *cap in variants():
         try:
-            compiled = compile_for_hopper(kernel, ptrs, consts, warps, stages)
+            compiled = compile_for_hopper(kernel, ptrs, consts, warps, stages, *cap)
             print(f"ok   {name}" + (f": {ptxas_report(compiled)}" if "--ptxas" in sys.argv else ""))
         except Exception:      # noqa: BLE001 - report every variant, then fail
             failed += 1

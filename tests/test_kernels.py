@@ -167,6 +167,92 @@ def test_topk_kernel_variants(monkeypatch, kind, variant):
     assert bool((call.cut_keys.cpu()[long] != 0).all())         # the long rows took the sampled path
 
 
+@pytest.mark.parametrize("kind", ["causal", "ragged"])
+@pytest.mark.parametrize("source", ["the row's columns", "noise", "a constant"])
+def test_topk_kernel_with_a_sample(kind, source):
+    # the cut's sample handed in beside the row (column j = the row's column j * step, as
+    # sample_logits computes it) only steers the speed: with the row's own columns every long row
+    # takes the sampled fast path; noise or a constant instead still give the right selection
+    from misa.ops.topk import triton as topk_triton
+    g = torch.Generator().manual_seed(len(source) + len(kind))
+    t, s, k = (30, 7001, 90) if not BIG else (300, 70001, 2048)
+    x = torch.randn(t, s, generator=g)
+    ks, ke = ranges(kind, t, s, g)
+    off = 5                                   # the buffer starts at key 5: columns are keys - 5
+    ks, ke = ks + off, ke + off
+    step = topk_triton.sample_step(s)
+    n = -(-s // step)
+    if source == "the row's columns":
+        values = x[:, ::step].clone()
+    elif source == "noise":
+        values = torch.randn(t, n, generator=g) * 100
+    else:
+        values = torch.zeros(t, n)
+    call = topk_triton.TopkLaunches(x.to(DEVICE), ks.to(DEVICE), ke.to(DEVICE), k, ks_offset=off,
+                                    out_offset=off, sample=(values.to(DEVICE), step))
+    call.run()
+    cols = torch.where(call.out >= 0, call.out - off, call.out)          # positions back to columns
+    check_selection(cols, x.double(), ks - off, ke - off, k, rtol=0)
+    if source == "the row's columns":
+        long = ((ke - ks) >= 2 * call.sample) & ((ke - ks) > k)
+        count = call.count.cpu()
+        assert bool(long.any())
+        assert bool((call.cut_keys.cpu()[long] != 0).all() & (count[long] >= k).all()
+                    & (count[long] <= call.cap).all())
+
+
+def test_topk_sample_is_checked():
+    from misa.ops.topk import triton as topk_triton
+    x = torch.randn(4, 100, device=DEVICE)
+    ks = torch.zeros(4, dtype=torch.int32, device=DEVICE)
+    ke = torch.full((4,), 100, dtype=torch.int32, device=DEVICE)
+    good = torch.zeros(4, 10, device=DEVICE)
+    for sample, what in [((good, 0), "step must be an int >= 1"), ((good, 10.0), "step must be an int"),
+                         ((good[:3], 10), "must have 4 rows"), ((good, 9), "at least ceil"),
+                         ((good.double(), 10), "2-D float32"), ((good.t().contiguous().t(), 10), "must have")]:
+        with pytest.raises(ValueError, match="^sample: .*" + what):
+            topk_triton.topk(x, ks, ke, 3, sample=sample)
+
+
+@pytest.mark.parametrize("routed", [False, True])
+def test_sample_logits_are_the_window_columns(routed):
+    # sample_logits: the logits kernel on every step-th key of a window, for every query (visible
+    # or not), equal to the full-range logits at those keys
+    from misa.ops.dsa.triton import sample_logits
+    t, s, h, d = (21, 1003, 8, 64) if not BIG else (300, 20011, 64, 128)
+    q, kv, w, _, _ = _inputs(t, s, h, d, "causal", seed=31)
+    heads = None
+    if routed:
+        g = torch.Generator().manual_seed(32)
+        heads = torch.sort(torch.stack([torch.randperm(h, generator=g)[:4] for _ in range(t)]), dim=1).values
+        heads = heads.int().to(DEVICE)
+    full = (torch.zeros(t, dtype=torch.int32), torch.full((t,), s, dtype=torch.int32))
+    ref = dsa_logits64(q, kv, w, *[v.to(DEVICE) for v in full], heads=heads.cpu() if routed else None)
+    for col_offset, width, step in [(0, s, 7), (37, s - 37 + 40, 16), (500, 300, 1)]:
+        got = sample_logits(q, w, kv[0], kv[1], col_offset, width, step, heads=heads).cpu()
+        n = -(-width // step)
+        assert got.shape == (t, n)
+        keys = torch.arange(col_offset, col_offset + width, step)
+        have = keys < s                       # columns past the last key are not written
+        assert _rel_err(got[:, have], ref[:, keys[have]], torch.ones(t, int(have.sum()), dtype=torch.bool)) < RTOL
+
+
+def test_gathered_scores_sample_is_their_strided_columns():
+    # MISA-dagger's re-scoring also writes every step-th score for the top-k's cut: exactly those
+    # columns of its scores, holes (-inf) included
+    from misa.ops.misa.triton import gather_logits
+    t, s, c = (9, 700, 301) if not BIG else (300, 20000, 8191)
+    q, kv, w, ks, ke = _inputs(t, s, 64, 128, "ragged", seed=41)
+    inp = check_inputs(q, kv, w, ks, ke)
+    g = torch.Generator().manual_seed(42)
+    cand = torch.randint(-1, s, (t, c), generator=g, dtype=torch.int32).to(DEVICE)
+    plain = gather_logits(inp, cand)
+    for step in (1, 4, 7):
+        scores, sample = gather_logits(inp, cand, sample_every=step)
+        assert torch.equal(scores, plain)
+        assert sample.shape == (t, -(-c // step)) and torch.equal(sample, plain[:, ::step])
+
+
 @pytest.mark.parametrize("order", ["ascending", "descending", "one hot span"])
 def test_topk_kernel_on_rows_whose_winners_sit_together(order):
     # the compaction's programs each stream one span of a row: here one span holds all the winners
@@ -308,6 +394,37 @@ def test_misa_kernels(kind, h, stage1_factor):
             if sure.any():                                                 # and the best of them by DSA
                 tol = RTOL * float(full[t_][vis].abs().max())
                 assert float(full[t_, f].min()) >= float(full[t_][sure].max()) - tol
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the two-stream pipeline runs on CUDA only")
+@pytest.mark.parametrize("method", ["dsa", "misa", "misa-dagger"])
+def test_pipelined_selection_is_the_one_stream_selection(monkeypatch, method):
+    # chunks of queries whose top-k (and re-scoring) run on a second stream while the next chunk is
+    # scored pick what one stream picks: the same scores (ties may trade places), chunk edges not
+    # multiples of anything
+    import misa.select as select
+    t, s, k = 2100, 20011, 512
+    q, kv, w, ks, ke = _inputs(t, s, 64, 128, "causal", seed=51)
+    opts = dict(active_heads=8, block_size=1024, stage1_k=2048 if method == "misa-dagger" else None)
+
+    def run(chunks):
+        monkeypatch.setattr(select, "PIPELINE_CHUNKS", chunks)
+        if method == "dsa":
+            return misa.dsa_select(q, kv, w, ks, ke, k=k)
+        return misa.misa_select(q, kv, w, ks, ke, k=k, **opts)
+
+    one, piped = run(1), run(4)
+    torch.cuda.synchronize()
+    if method == "misa-dagger":      # stage 1's ties may swap candidates: the picks agree almost everywhere
+        assert float(misa.recall(piped, one).mean()) > 0.999
+        return
+    # the scores both selected by, from the same (deterministic) logits kernel
+    from misa.ops.dsa.triton import launch_logits
+    heads = None if method == "dsa" else misa.route_heads(q, kv, w, ks, ke, active_heads=8, block_size=1024)
+    scores = launch_logits(q, w, kv[0], kv[1], ks, ke, torch.full((t, s), float("-inf"), device=DEVICE), heads=heads)
+    assert bool((one >= 0).all() & (piped >= 0).all())              # every causal row sees > k keys
+    picked = [torch.sort(torch.gather(scores, 1, sel.long()), dim=1).values for sel in (one, piped)]
+    assert torch.equal(picked[0], picked[1])
 
 
 @pytest.mark.parametrize("kind", ["causal", "ragged", "empty"])

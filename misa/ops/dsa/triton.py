@@ -8,10 +8,13 @@ before a single float32 store per (query, key). Routed scoring gathers each quer
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
 
+from ..topk.triton import sample_step
 from ..triton_common import INTERPRET, sm_count
 
 # Lengths and offsets are not specialised (do_not_specialize): an engine calls these kernels with a
@@ -187,6 +190,46 @@ def launch_logits(q, w, k, k_scale, ks, ke, out, col_offset: int = 0, heads=None
         num_warps=warps, num_stages=stages,
     )
     return out
+
+
+def sample_logits(q, w, k, k_scale, col_offset: int, width: int, step: int, heads=None) -> torch.Tensor:
+    """The logits of every ``step``-th column of a ``launch_logits`` window ``[col_offset,
+    col_offset + width)``: ``[T, ceil(width / step)]`` f32, column j for key ``col_offset + j *
+    step`` and every query, visible or not (the top-k's cut reads only the visible ones; columns
+    past the last key are left unwritten). The same kernel on a strided view of the keys: about
+    1/step of the window's work, in place of the cut's scattered loads from the window."""
+    t = q.shape[0]
+    n = triton.cdiv(width, step)
+    out = torch.empty(t, n, dtype=torch.float32, device=q.device)
+    keys = k[col_offset::step][:n]
+    if t == 0 or keys.shape[0] == 0:
+        return out
+    scales = k_scale[col_offset::step][:n].contiguous() if k_scale is not None else None
+    starts, ends = _every_key(t, keys.shape[0], q.device)
+    return launch_logits(q, w, keys, scales, starts, ends, out, heads=heads)
+
+
+@functools.lru_cache(maxsize=16)
+def _every_key(t: int, n: int, device: torch.device):
+    """``ks = 0, ke = n`` for ``t`` queries, kept: two launches fewer per sample (read only)."""
+    return (torch.zeros(t, dtype=torch.int32, device=device),
+            torch.full((t,), n, dtype=torch.int32, device=device))
+
+
+# heads per query up to which a kernel selection hands its top-k a sample from sample_logits: the
+# 8 routed heads compute it in ~0.05 ms against the cut's ~0.21 of scattered loads at 4096 x 128K;
+# for all 64 heads it costs about as much as it saves (H200, benchmarks/calls/session8_call4.sh)
+SAMPLE_MAX_HEADS = 16
+
+
+def cut_sample(q, w, k, k_scale, col_offset: int, width: int, heads=None):
+    """The ``topk`` sample ``(values, step)`` for a ``launch_logits`` window, or None where the
+    top-k's own cut is as cheap: rows too short to sample, or too many heads per query."""
+    step = sample_step(width)
+    n_heads = heads.shape[1] if heads is not None else q.shape[1]
+    if step == 1 or n_heads > SAMPLE_MAX_HEADS:
+        return None
+    return sample_logits(q, w, k, k_scale, col_offset, width, step, heads=heads), step
 
 
 def dsa_logits(inp) -> torch.Tensor:

@@ -13,14 +13,14 @@ import triton.language as tl
 
 from ..dsa.triton import mma_cast
 from ..triton_common import sm_count
-from ..topk.triton import topk
+from ..topk.triton import sample_step, topk
 
 
 @triton.jit(do_not_specialize=["C"])
-def _gather_logits_kernel(Q, W, K, KSCALE, CAND, KS, KE, OUT, C, stride_qt, stride_wt, stride_k,
-                          stride_cand, stride_out,
+def _gather_logits_kernel(Q, W, K, KSCALE, CAND, KS, KE, OUT, SMP, C, stride_qt, stride_wt, stride_k,
+                          stride_cand, stride_out, stride_smp,
                           H: tl.constexpr, D: tl.constexpr, BN: tl.constexpr,
-                          HAS_SCALE: tl.constexpr, CAST: tl.constexpr):
+                          HAS_SCALE: tl.constexpr, CAST: tl.constexpr, SAMPLE_EVERY: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1)
     n_split = tl.num_programs(1)
@@ -45,35 +45,49 @@ def _gather_logits_kernel(Q, W, K, KSCALE, CAND, KS, KE, OUT, C, stride_qt, stri
         s = tl.sum(acc, axis=1)
         if HAS_SCALE:
             s = s * tl.load(KSCALE + pos, mask=ok, other=0.0)
-        tl.store(OUT + t * stride_out + cols, tl.where(ok, s, float("-inf")), mask=in_list)
+        s = tl.where(ok, s, float("-inf"))
+        tl.store(OUT + t * stride_out + cols, s, mask=in_list)
+        if SAMPLE_EVERY > 0:
+            # every SAMPLE_EVERY-th score again, packed: the top-k's cut reads these instead of
+            # scattered sectors of the scores
+            tl.store(SMP + t * stride_smp + cols // SAMPLE_EVERY, s, mask=in_list & (cols % SAMPLE_EVERY == 0))
 
 
 DEFAULT_CONFIG = (128, 4, 3)   # (BN, num_warps, num_stages): benchmarks/sweep_kernels.py on an H200
 
 
-def gather_logits(inp, cand: torch.Tensor, rows: slice = slice(None), config=None) -> torch.Tensor:
+def gather_logits(inp, cand: torch.Tensor, rows: slice = slice(None), config=None,
+                  sample_every: int = 0) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """DSA scores of each query's candidates: ``cand [T, C]`` int32 positions (-1 = hole) ->
-    ``[T, C]`` f32, -inf at holes and outside ``[ks, ke)``."""
+    ``[T, C]`` f32, -inf at holes and outside ``[ks, ke)``. With ``sample_every`` also
+    ``[T, ceil(C / sample_every)]``: every ``sample_every``-th score (a ``topk`` sample)."""
     q, w, ks, ke = inp.q[rows], inp.weights[rows], inp.ks[rows], inp.ke[rows]
     t, h, d = q.shape
     c = cand.shape[1]
     out = torch.empty(t, c, dtype=torch.float32, device=q.device)
+    smp = torch.empty(t, triton.cdiv(c, sample_every), dtype=torch.float32, device=q.device) if sample_every else out
     if t == 0 or c == 0:
-        return out
+        return (out, smp) if sample_every else out
     bn, warps, stages = config or DEFAULT_CONFIG
     splits = max(1, min(triton.cdiv(c, bn), (4 * sm_count(q)) // t))
     _gather_logits_kernel[(t, splits)](
-        q, w, inp.k, inp.k_scale if inp.k_scale is not None else w, cand, ks, ke, out, c,
-        q.stride(0), w.stride(0), inp.k.stride(0), cand.stride(0), out.stride(0),
+        q, w, inp.k, inp.k_scale if inp.k_scale is not None else w, cand, ks, ke, out, smp, c,
+        q.stride(0), w.stride(0), inp.k.stride(0), cand.stride(0), out.stride(0), smp.stride(0),
         H=h, D=d, BN=bn, HAS_SCALE=inp.k_scale is not None,
-        CAST=mma_cast(q.dtype, inp.k.dtype), num_warps=warps, num_stages=stages,
+        CAST=mma_cast(q.dtype, inp.k.dtype), SAMPLE_EVERY=sample_every, num_warps=warps, num_stages=stages,
     )
-    return out
+    return (out, smp) if sample_every else out
 
 
 def rerank(inp, cand: torch.Tensor, k: int, rows: slice = slice(None)) -> torch.Tensor:
     """Top-``k`` of the candidates by the full DSA formula, as absolute positions."""
-    scores = gather_logits(inp, cand, rows)
+    step = sample_step(cand.shape[1])
+    sample = None
+    if step > 1:
+        scores, values = gather_logits(inp, cand, rows, sample_every=step)
+        sample = (values, step)
+    else:
+        scores = gather_logits(inp, cand, rows)
     zeros = torch.zeros(scores.shape[0], dtype=torch.int32, device=scores.device)
     width = torch.full_like(zeros, scores.shape[1])
-    return topk(scores, zeros, width, k, cmap=cand, finite_only=True)
+    return topk(scores, zeros, width, k, cmap=cand, finite_only=True, sample=sample)

@@ -93,6 +93,20 @@ BRACKET_MIN = 3 * SCRATCH_BLOCK
 # 0.343 ms against 0.385 (select 0.164 against 0.225); HOLD = 2048 (too small for those rows) 0.385;
 # no change at 131072 columns, where the bracket serves (H200, one call)
 HOLD = 4096
+# the select's register cap (ptxas .maxnreg): the compiler takes ~120 registers, four programs
+# per SM; at 80 (no spills) six fit, and the latency-bound searches overlap more (select 0.53 ->
+# 0.49 ms at k = 8192 of 128K, 0.27 -> 0.25 at k = 2048; 64 spilled and gained nothing more; H200)
+SELECT_MAXNREG = 80
+
+
+def _register_cap(cap):
+    return {} if not cap or INTERPRET else {"maxnreg": int(cap)}
+
+
+def sample_step(width: int, config: tuple[int, int, int] | None = None) -> int:
+    """The column step of a ``topk`` sample for rows ``width`` wide: about the cut's sample size
+    of columns per row."""
+    return max(1, width // (config or DEFAULT_CONFIG)[2])
 
 
 def workspace_bytes(k: int, width: int) -> int:
@@ -157,12 +171,20 @@ def _refine_round(src, start, end, lane, shift, prefix, bins, k_rem, FROM_SCRATC
 @triton.jit
 def _count_at_least(key, m, lo, step, WAYS: tl.constexpr):
     """For the thresholds ``lo + j * step`` (j < WAYS): how many of ``key[m]`` are at or above each.
-    (One 1-D reduction per threshold: a [n, WAYS] comparison reduced over n was 2x slower.)"""
+    Two thresholds share one int32 reduction as 16-bit fields (fewer than 65536 keys): the searches
+    are chains of block-wide reductions, each paying its barriers whatever it carries (select 0.53
+    -> 0.49 ms at k = 8192 of 128K with the register cap below, H200; one int64 of four fields held
+    more registers and was slower; a [n, WAYS] comparison reduced over n was 2x slower)."""
+    tl.static_assert(key.shape[0] < 65536)
     j = tl.arange(0, WAYS)
     counts = tl.zeros([WAYS], dtype=tl.int32)
-    for w in tl.static_range(WAYS):
-        c = tl.sum(((key >= lo + w * step) & m).to(tl.int32), axis=0)
-        counts = tl.where(j == w, c, counts)
+    for w in tl.static_range(0, WAYS, 2):
+        pair = ((key >= lo + w * step) & m).to(tl.int32)
+        if w + 1 < WAYS:
+            pair += ((key >= lo + (w + 1) * step) & m).to(tl.int32) << 16
+        total = tl.sum(pair, axis=0)
+        counts = tl.where(j == w, total & 0xFFFF, counts)
+        counts = tl.where(j == w + 1, total >> 16, counts)
     return counts
 
 
@@ -222,11 +244,14 @@ def _sample_quantile(key, need, WAYS: tl.constexpr, EARLY_EXIT: tl.constexpr):
 
 
 @triton.jit(do_not_specialize=["ks_offset", "K"])
-def _cut_kernel(X, KS, KE, CUT, COUNT, stride_x, ks_offset, K, sigmas, slack,
+def _cut_kernel(X, KS, KE, CUT, COUNT, SRC, stride_x, stride_src, src_step, ks_offset, K, sigmas, slack,
                 SAMPLE: tl.constexpr, CHUNK: tl.constexpr, WAYS: tl.constexpr, FINITE_ONLY: tl.constexpr,
-                EARLY_EXIT: tl.constexpr):
+                EARLY_EXIT: tl.constexpr, FROM_SRC: tl.constexpr):
     """Per long row: a sample quantile safely below the k-th largest value (expected rank plus
-    ``sigmas`` standard deviations). Short rows get no cut (the selection kernel takes them whole)."""
+    ``sigmas`` standard deviations). Short rows get no cut (the selection kernel takes them whole).
+    ``FROM_SRC``: the sample comes from ``SRC``, whose column j holds the row's column
+    ``j * src_step`` (computed beside the row by its producer), instead of from scattered loads
+    of the row itself."""
     row = tl.program_id(0).to(tl.int64)
     ks = tl.load(KS + row) - ks_offset
     ke = tl.load(KE + row) - ks_offset
@@ -234,12 +259,21 @@ def _cut_kernel(X, KS, KE, CUT, COUNT, stride_x, ks_offset, K, sigmas, slack,
     cut = tl.zeros([], dtype=tl.uint32)
     if (n >= 2 * SAMPLE) & ((n > K) | FINITE_ONLY):
         i = tl.arange(0, SAMPLE)
-        # CHUNK-wide runs of columns spread evenly over the row
-        pos = ks + ((i // CHUNK).to(tl.int64) * n // (SAMPLE // CHUNK)).to(tl.int32) + i % CHUNK
-        sample = tl.load(X + row * stride_x + pos, mask=pos < ke, other=float("-inf"))
+        if FROM_SRC:
+            # the source columns inside [ks, ke), at most SAMPLE of them spread evenly
+            j0 = tl.cdiv(ks, src_step)
+            n_src = tl.cdiv(ke, src_step) - j0
+            taken = tl.maximum(tl.minimum(n_src, SAMPLE), 1)
+            pos = j0 + (i.to(tl.int64) * n_src // taken).to(tl.int32)
+            sample = tl.load(SRC + row * stride_src + pos, mask=i < n_src, other=float("-inf"))
+        else:
+            taken = SAMPLE
+            # CHUNK-wide runs of columns spread evenly over the row
+            pos = ks + ((i // CHUNK).to(tl.int64) * n // (SAMPLE // CHUNK)).to(tl.int32) + i % CHUNK
+            sample = tl.load(X + row * stride_x + pos, mask=pos < ke, other=float("-inf"))
         key = _ordered_key(sample)
-        expect = (K * 1.0) * SAMPLE / (n * 1.0)
-        need = tl.minimum((expect + sigmas * tl.sqrt(expect) + slack).to(tl.int32), SAMPLE)
+        expect = (K * 1.0) * taken / (n * 1.0)
+        need = tl.minimum((expect + sigmas * tl.sqrt(expect) + slack).to(tl.int32), taken)
         cut = _sample_quantile(key, need, WAYS, EARLY_EXIT)
     tl.store(CUT + row, cut.to(tl.int32, bitcast=True))
     tl.store(COUNT + row, 0)
@@ -268,7 +302,10 @@ def _compact_kernel(X, KS, KE, CUT, COUNT, SCR_KEY, SCR_COL, stride_x, stride_sc
             keep = m & (key >= cut)
             n_keep = tl.sum(keep.to(tl.int32), axis=0)
             if n_keep > 0:
-                base = tl.atomic_add(COUNT + row, n_keep)
+                # relaxed: the slots only need to be distinct; the default acq_rel would also wait
+                # for this program's earlier scratch stores before every atomic (compaction 0.92
+                # -> 0.82 ms at k = 8192 of 128K, H200)
+                base = tl.atomic_add(COUNT + row, n_keep, sem="relaxed")
                 spos = base + tl.cumsum(keep.to(tl.int32), axis=0) - 1
                 ok = keep & (spos < CAP)
                 tl.store(SCR_KEY + row * stride_scr + spos, key.to(tl.int32, bitcast=True), mask=ok)
@@ -343,9 +380,12 @@ def _select_kernel(X, KS, KE, OUT, CMAP, CUT, COUNT, SCR_KEY, SCR_COL, BR,
                     inside = ge_lo & (ge_hi == 0)
                     spos = n_in + tl.cumsum(inside.to(tl.int32), axis=0) - 1
                     tl.store(br_row + spos, key.to(tl.int32, bitcast=True), mask=inside & (spos < BRACKET))
-                    c_lo += tl.sum(ge_lo.to(tl.int32), axis=0)
-                    n_hi += tl.sum(ge_hi.to(tl.int32), axis=0)
-                    n_in += tl.sum(inside.to(tl.int32), axis=0)
+                    # the three counts as 16-bit fields of one reduction (SBLOCK < 65536)
+                    tot = tl.sum(ge_lo.to(tl.int64) + (ge_hi.to(tl.int64) << 16) + (inside.to(tl.int64) << 32),
+                                 axis=0)
+                    c_lo += (tot & 0xFFFF).to(tl.int32)
+                    n_hi += ((tot >> 16) & 0xFFFF).to(tl.int32)
+                    n_in += (tot >> 32).to(tl.int32)
                 if (c_lo >= K) & (n_hi < K) & (n_in <= BRACKET):
                     tl.debug_barrier()              # the bracket's keys, written above, read back
                     bj = tl.arange(0, BRACKET)
@@ -444,30 +484,43 @@ def _select_kernel(X, KS, KE, OUT, CMAP, CUT, COUNT, SCR_KEY, SCR_COL, BR,
     # fixed now) and its ties in arrival order up to ``k_rem``. (A general-path row whose rounds
     # ran over the row itself wrote everything already and left the scratch empty.)
     n_tie = 0
+    n_above = 0
+    out0 = n_out
     for start in range(0, n_scr, SBLOCK):
         j = start + slane
         m = j < n_scr
         key = tl.load(scr_key + j, mask=m, other=0).to(tl.uint32, bitcast=True)
         c = tl.load(scr_col + j, mask=m, other=0)
         tie = m & (key == prefix)
-        rank = n_tie + tl.cumsum(tie.to(tl.int32), axis=0)
-        n_tie += tl.sum(tie.to(tl.int32), axis=0)
-        take = (m & (key > prefix)) | (tie & (rank <= k_rem))
-        pos = n_out + tl.cumsum(take.to(tl.int32), axis=0) - 1
+        # one scan and one reduction for both ranks (16-bit fields; SBLOCK < 65536): a taken
+        # entry's slot is the keys above it so far plus the ties taken so far
+        above = m & (key > prefix)
+        packed = tie.to(tl.int32) + (above.to(tl.int32) << 16)
+        scan = tl.cumsum(packed, axis=0)
+        rank = n_tie + (scan & 0xFFFF)
+        take = above | (tie & (rank <= k_rem))
+        pos = out0 + n_above + (scan >> 16) + tl.minimum(rank, k_rem) - 1
+        tot = tl.sum(packed, axis=0)
+        n_tie += tot & 0xFFFF
+        n_above += tot >> 16
         tl.store(out_row + pos, _position(c, cmap_row, out_offset, HAS_CMAP, take), mask=take)
-        n_out += tl.sum(take.to(tl.int32), axis=0)
 
 
 def topk(x: torch.Tensor, ks: torch.Tensor, ke: torch.Tensor, k: int, ks_offset: int = 0,
          out_offset: int = 0, cmap: torch.Tensor | None = None, finite_only: bool = False,
-         config: tuple[int, int, int] | None = None) -> torch.Tensor:
+         config: tuple[int, int, int] | None = None,
+         sample: tuple[torch.Tensor, int] | None = None) -> torch.Tensor:
     """Top-``k`` columns of ``x [T, W]`` f32 per row, among columns ``[ks - ks_offset, ke - ks_offset)``.
 
     Returns ``[T, k]`` int32: ``cmap[row, col]`` when ``cmap`` is given, else ``col + out_offset``;
     -1 padded. ``finite_only`` also skips -inf entries (candidate lists with holes). ``config``:
-    (elements per step, num_warps, sample size).
+    (elements per step, num_warps, sample size). ``sample``: ``(values, step)`` with ``values
+    [T, >= ceil(W / step)]`` f32 holding ``x[:, j * step]`` in column j (``sample_step`` picks the
+    step), which the producer of ``x`` computes cheaply beside it (the cut then reads a small
+    contiguous buffer instead of thousands of scattered sectors per row). The sample only steers
+    the speed: any values give the same selection.
     """
-    call = TopkLaunches(x, ks, ke, k, ks_offset, out_offset, cmap, finite_only, config)
+    call = TopkLaunches(x, ks, ke, k, ks_offset, out_offset, cmap, finite_only, config, sample)
     call.run()
     return call.out
 
@@ -476,9 +529,21 @@ class TopkLaunches:
     """One ``topk`` call's buffers and its three launches (``benchmarks/topk_compare.py`` times
     them one by one)."""
 
-    def __init__(self, x, ks, ke, k, ks_offset=0, out_offset=0, cmap=None, finite_only=False, config=None):
+    def __init__(self, x, ks, ke, k, ks_offset=0, out_offset=0, cmap=None, finite_only=False, config=None,
+                 sample=None):
         t, w = x.shape
         dev = x.device
+        if sample is not None:
+            values, step = sample
+            if not isinstance(step, int) or step < 1:
+                raise ValueError(f"sample: step must be an int >= 1, got {step!r}")
+            if values.dtype != torch.float32 or values.dim() != 2 or values.device != dev:
+                raise ValueError(f"sample: values must be a 2-D float32 tensor on {dev}, got "
+                                 f"{values.dtype} {tuple(values.shape)} on {values.device}")
+            if values.shape[0] != t or values.shape[1] < triton.cdiv(w, step) or values.stride(1) != 1:
+                raise ValueError(f"sample: values of shape {tuple(values.shape)} (unit column stride) must "
+                                 f"have {t} rows and at least ceil({w} / {step}) columns")
+        self.sample_src = sample
         self.args = (x, ks, ke, k, ks_offset, out_offset, cmap, finite_only)
         self.k = k
         self.block, self.warps, self.sample = config or DEFAULT_CONFIG
@@ -502,9 +567,12 @@ class TopkLaunches:
     def cut(self):
         """The sample cut per row; also zeroes the scratch counters."""
         x, ks, ke, k, ks_offset, _, _, finite_only = self.args
-        _cut_kernel[(x.shape[0],)](x, ks, ke, self.cut_keys, self.count, x.stride(0), ks_offset, k, CUT_SIGMAS, CUT_SLACK,
+        src, step = self.sample_src if self.sample_src is not None else (x, 1)
+        _cut_kernel[(x.shape[0],)](x, ks, ke, self.cut_keys, self.count, src, x.stride(0), src.stride(0), step,
+                                   ks_offset, k, CUT_SIGMAS, CUT_SLACK,
                                    SAMPLE=self.sample, CHUNK=SAMPLE_CHUNK, WAYS=WAYS, FINITE_ONLY=finite_only,
-                                   EARLY_EXIT=EARLY_EXIT, num_warps=CUT_WARPS)
+                                   EARLY_EXIT=EARLY_EXIT, FROM_SRC=self.sample_src is not None,
+                                   num_warps=CUT_WARPS)
 
     def compact(self):
         x, ks, ke, _, ks_offset, _, _, finite_only = self.args
@@ -522,7 +590,7 @@ class TopkLaunches:
             ks_offset, out_offset, k, self.cap, BRACKET_SIGMAS,
             BLOCK=self.block, SBLOCK=SCRATCH_BLOCK, WAYS=WAYS, HAS_CMAP=cmap is not None,
             FINITE_ONLY=finite_only, EARLY_EXIT=EARLY_EXIT, BRACKET=BRACKET, BRACKET_MIN=BRACKET_MIN,
-            HOLD=HOLD, num_warps=self.warps,
+            HOLD=HOLD, num_warps=self.warps, **_register_cap(SELECT_MAXNREG),
         )
 
 
