@@ -69,28 +69,22 @@ def float_keys(inp: Inputs) -> torch.Tensor:
 
 
 def query_chunks(inp: Inputs, bytes_per_key: int, workspace_bytes: int | None, align: int = 1,
-                 bytes_per_query: int = 0, max_queries: int | None = None) -> Iterator[tuple[int, int, int, int]]:
+                 bytes_per_query: int = 0) -> Iterator[tuple[int, int, int, int]]:
     """Yield ``(t0, t1, lo, hi)``: queries ``[t0, t1)`` and the key window ``[lo, hi)`` they see.
 
     A query costs ``bytes_per_key`` per key plus ``bytes_per_query`` of workspace; chunks stay
-    under ``workspace_bytes`` and hold at most ``max_queries``. ``lo`` is aligned down to
-    ``align`` (pooled blocks must be whole).
+    under ``workspace_bytes``. ``lo`` is aligned down to ``align`` (pooled blocks must be whole).
     """
     budget = workspace_bytes or (DEFAULT_GPU_WORKSPACE_BYTES if inp.q.is_cuda else DEFAULT_WORKSPACE_BYTES)
     t = inp.num_queries
     per_query = max(1, bytes_per_key * max(inp.num_keys, 1) + bytes_per_query)
     step = max(1, min(t, budget // per_query))
-    if step >= t and inp.extent is not None:
-        # every query fits at once and the window is known from validation: chunks (if
-        # max_queries asks for them) share that window, and nothing syncs with the device
+    if step >= t and inp.extent is not None:     # one chunk, window known from validation: no sync
         lo, hi = inp.extent
         if hi <= lo:
             lo = hi = min(lo, hi)
-        step = min(t, max_queries or t)
-        for t0 in range(0, t, step):
-            yield t0, min(t, t0 + step), lo - lo % align, hi
+        yield 0, t, lo - lo % align, hi
         return
-    step = min(step, max_queries or step)
     ks, ke = inp.ks.tolist(), inp.ke.tolist()
     for t0 in range(0, t, step):
         t1 = min(t, t0 + step)
@@ -133,41 +127,18 @@ def topk_indices(logits: torch.Tensor, ks: torch.Tensor, ke: torch.Tensor, k: in
     return topk_ref.topk_indices(logits, ks.long(), ke.long(), k)
 
 
-# kernel selections on the GPU split their queries into this many chunks (when each keeps at least
-# PIPELINE_MIN_QUERIES) and run a chunk's top-k (and MISA-dagger's re-scoring) on a second stream
-# while the next chunk is scored: the latency-bound top-k fills the SMs the scoring leaves idle
-PIPELINE_CHUNKS = 4
-PIPELINE_MIN_QUERIES = 512
-_SIDE_STREAMS: dict = {}
-
-
-def _side_stream(device: torch.device):
-    if device not in _SIDE_STREAMS:
-        _SIDE_STREAMS[device] = torch.cuda.Stream(device)
-    return _SIDE_STREAMS[device]
-
-
 def _kernel_select(inp: Inputs, k: int, workspace_bytes: int | None, heads: torch.Tensor | None = None,
                    then=None) -> torch.Tensor:
     """Chunked kernel selection: each chunk's logits for keys ``[lo, hi)`` (all heads, or the
     routed ``heads``) into a buffer, the radix top-k picks ``k``; ``then(rows, idx)``
-    post-processes (MISA-dagger's re-ranking). On the GPU the chunks are pipelined over two
-    streams (``PIPELINE_CHUNKS``)."""
+    post-processes (MISA-dagger's re-ranking)."""
     from .ops.dsa.triton import cut_sample, launch_logits
     from .ops.topk.triton import topk, workspace_bytes as topk_bytes
-    dev = inp.q.device
-    out = torch.empty(inp.num_queries, k if then is None else then.k, dtype=torch.int32, device=dev)
+    out = torch.empty(inp.num_queries, k if then is None else then.k, dtype=torch.int32, device=inp.q.device)
     # workspace per (query, key): the float32 logits (the top-k scratch is bounded separately)
     scratch = topk_bytes(k, inp.num_keys)
-    pipelined = inp.q.is_cuda and PIPELINE_CHUNKS > 1 and inp.num_queries >= 2 * PIPELINE_MIN_QUERIES
-    max_queries = None
-    if pipelined:
-        per = -(-inp.num_queries // PIPELINE_CHUNKS)
-        max_queries = max(PIPELINE_MIN_QUERIES, per + (-per % 16))
-        main, side = torch.cuda.current_stream(dev), _side_stream(dev)
     # windows and rows 16-aligned: the logits kernel's interior stores vectorise
-    for t0, t1, lo, hi in query_chunks(inp, 4, workspace_bytes, align=16, bytes_per_query=scratch,
-                                       max_queries=max_queries):
+    for t0, t1, lo, hi in query_chunks(inp, 4, workspace_bytes, align=16, bytes_per_query=scratch):
         rows = slice(t0, t1)
         args = (inp.q[rows], inp.weights[rows], inp.k, inp.k_scale, inp.ks[rows], inp.ke[rows])
         chunk_heads = heads[rows] if heads is not None else None
@@ -176,21 +147,8 @@ def _kernel_select(inp: Inputs, k: int, workspace_bytes: int | None, heads: torc
         # the top-k's cut samples every step-th column: computed from the keys (routed heads), it
         # costs ~1/step of the logits instead of thousands of scattered sector reads per row
         sample = cut_sample(*args[:4], lo, buf.shape[1], heads=chunk_heads)
-        if not pipelined:
-            idx = topk(buf, inp.ks[rows], inp.ke[rows], k, ks_offset=lo, out_offset=lo, sample=sample)
-            out[rows] = idx if then is None else then(rows, idx)
-            continue
-        # the side stream takes this chunk's selection once its scores are written; the
-        # buffers it reads stay reserved for it (record_stream) when this loop drops them
-        side.wait_stream(main)
-        with torch.cuda.stream(side):
-            idx = topk(buf, inp.ks[rows], inp.ke[rows], k, ks_offset=lo, out_offset=lo, sample=sample)
-            out[rows] = idx if then is None else then(rows, idx)
-        buf.record_stream(side)
-        if sample is not None:
-            sample[0].record_stream(side)
-    if pipelined:
-        main.wait_stream(side)
+        idx = topk(buf, inp.ks[rows], inp.ke[rows], k, ks_offset=lo, out_offset=lo, sample=sample)
+        out[rows] = idx if then is None else then(rows, idx)
     return out
 
 

@@ -396,37 +396,6 @@ def test_misa_kernels(kind, h, stage1_factor):
                 assert float(full[t_, f].min()) >= float(full[t_][sure].max()) - tol
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="the two-stream pipeline runs on CUDA only")
-@pytest.mark.parametrize("method", ["dsa", "misa", "misa-dagger"])
-def test_pipelined_selection_is_the_one_stream_selection(monkeypatch, method):
-    # chunks of queries whose top-k (and re-scoring) run on a second stream while the next chunk is
-    # scored pick what one stream picks: the same scores (ties may trade places), chunk edges not
-    # multiples of anything
-    import misa.select as select
-    t, s, k = 2100, 20011, 512
-    q, kv, w, ks, ke = _inputs(t, s, 64, 128, "causal", seed=51)
-    opts = dict(active_heads=8, block_size=1024, stage1_k=2048 if method == "misa-dagger" else None)
-
-    def run(chunks):
-        monkeypatch.setattr(select, "PIPELINE_CHUNKS", chunks)
-        if method == "dsa":
-            return misa.dsa_select(q, kv, w, ks, ke, k=k)
-        return misa.misa_select(q, kv, w, ks, ke, k=k, **opts)
-
-    one, piped = run(1), run(4)
-    torch.cuda.synchronize()
-    if method == "misa-dagger":      # stage 1's ties may swap candidates: the picks agree almost everywhere
-        assert float(misa.recall(piped, one).mean()) > 0.999
-        return
-    # the scores both selected by, from the same (deterministic) logits kernel
-    from misa.ops.dsa.triton import launch_logits
-    heads = None if method == "dsa" else misa.route_heads(q, kv, w, ks, ke, active_heads=8, block_size=1024)
-    scores = launch_logits(q, w, kv[0], kv[1], ks, ke, torch.full((t, s), float("-inf"), device=DEVICE), heads=heads)
-    assert bool((one >= 0).all() & (piped >= 0).all())              # every causal row sees > k keys
-    picked = [torch.sort(torch.gather(scores, 1, sel.long()), dim=1).values for sel in (one, piped)]
-    assert torch.equal(picked[0], picked[1])
-
-
 @pytest.mark.parametrize("kind", ["causal", "ragged", "empty"])
 def test_misa_kernel_all_heads_is_dsa_kernel(kind):
     t, s, k = (17, 1200, 60) if not BIG else (400, 20000, 700)

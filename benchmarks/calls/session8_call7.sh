@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
 # Eighth session, call 7: end-to-end selections with 1/2/4/8 query chunks pipelined over two
+# (benchmarks/pipeline_compare.py and the pipeline itself are in commit ceac89f; both were reverted
+# after this call: every chunked setting was slower, per-chunk launch overhead on the CPU)
 # streams (every method, dense DSA included, interleaved in one call), then the pipeline's GPU
 # test against one stream.
 set -u
