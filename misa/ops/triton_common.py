@@ -1,7 +1,6 @@
 """Pieces the Triton kernels of several operations share."""
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
@@ -16,14 +15,6 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 def sm_count(t: torch.Tensor) -> int:
     """Multiprocessors of ``t``'s GPU (1 off the GPU): launches size their key splits by it."""
     return torch.cuda.get_device_properties(t.device).multi_processor_count if t.is_cuda else 1
-
-
-@functools.lru_cache(maxsize=16)
-def whole_ranges(t: int, n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """``ks = 0, ke = n`` (int32) for ``t`` rows, kept between calls (read only): two launches
-    fewer for callers that see every column."""
-    return (torch.zeros(t, dtype=torch.int32, device=device),
-            torch.full((t,), n, dtype=torch.int32, device=device))
 
 
 @triton.jit

@@ -8,12 +8,14 @@ before a single float32 store per (query, key). Routed scoring gathers each quer
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
 
 from ..topk.triton import sample_step
-from ..triton_common import INTERPRET, sm_count, whole_ranges
+from ..triton_common import INTERPRET, sm_count
 
 # Lengths and offsets are not specialised (do_not_specialize): an engine calls these kernels with a
 # different sequence length every step, and each new specialisation would be a compile.
@@ -203,12 +205,15 @@ def sample_logits(q, w, k, k_scale, col_offset: int, width: int, step: int, head
     if t == 0 or keys.shape[0] == 0:
         return out
     scales = k_scale[col_offset::step][:n].contiguous() if k_scale is not None else None
-    starts, ends = whole_ranges(t, keys.shape[0], q.device)
-    # a few key tiles per program: the sample is ~1/step of the work, too little to fill the
-    # GPU with the full launch's split
-    bn = (ROUTED_CONFIG if heads is not None else DEFAULT_CONFIG)[1]
-    splits = max(1, min(64, triton.cdiv(triton.cdiv(keys.shape[0], bn), 4)))
-    return launch_logits(q, w, keys, scales, starts, ends, out, heads=heads, splits=splits)
+    starts, ends = _every_key(t, keys.shape[0], q.device)
+    return launch_logits(q, w, keys, scales, starts, ends, out, heads=heads)
+
+
+@functools.lru_cache(maxsize=16)
+def _every_key(t: int, n: int, device: torch.device):
+    """``ks = 0, ke = n`` for ``t`` queries, kept: two launches fewer per sample (read only)."""
+    return (torch.zeros(t, dtype=torch.int32, device=device),
+            torch.full((t,), n, dtype=torch.int32, device=device))
 
 
 # heads per query up to which a kernel selection hands its top-k a sample from sample_logits: the

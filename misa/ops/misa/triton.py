@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 
 from ..dsa.triton import mma_cast
-from ..triton_common import sm_count, whole_ranges
+from ..triton_common import sm_count
 from ..topk.triton import sample_step, topk
 
 
@@ -88,5 +88,6 @@ def rerank(inp, cand: torch.Tensor, k: int, rows: slice = slice(None)) -> torch.
         sample = (values, step)
     else:
         scores = gather_logits(inp, cand, rows)
-    zeros, width = whole_ranges(scores.shape[0], scores.shape[1], scores.device)
+    zeros = torch.zeros(scores.shape[0], dtype=torch.int32, device=scores.device)
+    width = torch.full_like(zeros, scores.shape[1])
     return topk(scores, zeros, width, k, cmap=cand, finite_only=True, sample=sample)
