@@ -3,8 +3,9 @@
 One program per row; floats are mapped to order-preserving uint32 keys.
 
 Fast path (rows of at least ``2 * SAMPLE`` columns), three launches: (1) a spread-out sample of
-``SAMPLE`` columns is held in registers and a sample quantile safely below the k-th value
-(expected rank plus ``CUT_SIGMAS`` standard deviations) becomes the row's cut; (2) several programs per row
+``SAMPLE`` columns is held in registers (read from the row, or from ``sample=`` values its
+producer computed beside it) and a sample quantile safely below the k-th value (expected rank
+plus ``CUT_SIGMAS`` standard deviations) becomes the row's cut; (2) several programs per row
 stream it once and move every element at or above the cut into a scratch buffer (slots handed out
 by an atomic counter); (3) one program per row finds the k-th largest key of the scratch and writes
 the winners. A long row is read once (plus a sample), whatever k is. Ties at the threshold are then
@@ -93,9 +94,10 @@ BRACKET_MIN = 3 * SCRATCH_BLOCK
 # 0.343 ms against 0.385 (select 0.164 against 0.225); HOLD = 2048 (too small for those rows) 0.385;
 # no change at 131072 columns, where the bracket serves (H200, one call)
 HOLD = 4096
-# the select's register cap (ptxas .maxnreg): the compiler takes ~120 registers, four programs
-# per SM; at 80 (no spills) six fit, and the latency-bound searches overlap more (select 0.53 ->
-# 0.49 ms at k = 8192 of 128K, 0.27 -> 0.25 at k = 2048; 64 spilled and gained nothing more; H200)
+# the select's register cap (ptxas .maxnreg): the compiler takes 120-160 registers, three or four
+# programs per SM; at 80 (no spills) six fit, and the latency-bound searches overlap more (select
+# 0.53 -> 0.49 ms at k = 8192 of 128K, 0.27 -> 0.25 at k = 2048; 64 spilled and gained nothing
+# more; H200, benchmarks/calls/session8_call2.sh)
 SELECT_MAXNREG = 80
 
 
@@ -172,9 +174,10 @@ def _refine_round(src, start, end, lane, shift, prefix, bins, k_rem, FROM_SCRATC
 def _count_at_least(key, m, lo, step, WAYS: tl.constexpr):
     """For the thresholds ``lo + j * step`` (j < WAYS): how many of ``key[m]`` are at or above each.
     Two thresholds share one int32 reduction as 16-bit fields (fewer than 65536 keys): the searches
-    are chains of block-wide reductions, each paying its barriers whatever it carries (select 0.53
-    -> 0.49 ms at k = 8192 of 128K with the register cap below, H200; one int64 of four fields held
-    more registers and was slower; a [n, WAYS] comparison reduced over n was 2x slower)."""
+    are chains of block-wide reductions, each paying its barriers whatever it carries (select 0.54
+    -> 0.49 ms at k = 8192 of 128K, both with the register cap above, H200; one int64 of four
+    fields held more registers and was slower; a [n, WAYS] comparison reduced over n was 2x
+    slower)."""
     tl.static_assert(key.shape[0] < 65536)
     j = tl.arange(0, WAYS)
     counts = tl.zeros([WAYS], dtype=tl.int32)
