@@ -40,6 +40,13 @@ def _rel_err(got, ref, inside):
     return float((got.double().cpu()[inside] - ref[inside]).abs().max() / ref[inside].abs().max().clamp_min(1e-12))
 
 
+def _random_heads(t, h, n, seed):
+    """``[t, n]`` int32 sorted distinct heads of ``h`` per query (a router's output shape)."""
+    g = torch.Generator().manual_seed(seed)
+    heads = torch.sort(torch.stack([torch.randperm(h, generator=g)[:n] for _ in range(t)]), dim=1).values
+    return heads.int().to(DEVICE)
+
+
 SHAPES = [(19, 301, 8, 64), (5, 1000, 64, 128)] + ([(700, 5000, 64, 128), (333, 9000, 32, 64)] if BIG else [])
 
 
@@ -93,11 +100,7 @@ def test_logits_kernel_store_modes(routed):
     from misa.ops.dsa import triton as dsa_triton
     t, s, h, d = (40, 600, 8, 64) if not BIG else (700, 9000, 64, 128)
     q, kv, w, ks, ke = _inputs(t, s, h, d, "causal", seed=11)
-    heads = None
-    if routed:
-        g = torch.Generator().manual_seed(12)
-        heads = torch.sort(torch.stack([torch.randperm(h, generator=g)[:8] for _ in range(t)]), dim=1).values
-        heads = heads.int().to(DEVICE)
+    heads = _random_heads(t, h, 8, seed=12) if routed else None
     base = dsa_triton.ROUTED_CONFIG[:6] if routed else dsa_triton.DEFAULT_CONFIG[:6]
 
     def run(store):
@@ -221,11 +224,7 @@ def test_sample_logits_are_the_window_columns(routed):
     from misa.ops.dsa.triton import sample_logits
     t, s, h, d = (21, 1003, 8, 64) if not BIG else (300, 20011, 64, 128)
     q, kv, w, _, _ = _inputs(t, s, h, d, "causal", seed=31)
-    heads = None
-    if routed:
-        g = torch.Generator().manual_seed(32)
-        heads = torch.sort(torch.stack([torch.randperm(h, generator=g)[:4] for _ in range(t)]), dim=1).values
-        heads = heads.int().to(DEVICE)
+    heads = _random_heads(t, h, 4, seed=32) if routed else None
     full = (torch.zeros(t, dtype=torch.int32), torch.full((t,), s, dtype=torch.int32))
     ref = dsa_logits64(q, kv, w, *[v.to(DEVICE) for v in full], heads=heads.cpu() if routed else None)
     for col_offset, width, step in [(0, s, 7), (37, s - 37 + 40, 16), (500, 300, 1)]:
