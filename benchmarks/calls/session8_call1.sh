@@ -3,6 +3,8 @@
 # compaction's relaxed atomic and BLOCK-aligned (vectorised) steps, each switched off alone and
 # all together (= the seventh session's kernel), in interleaved rounds at MISA's and
 # MISA-dagger's sizes; then misa bench at 131072 keys.
+# (The switches these variants name were module constants of the working tree during the call,
+# never committed: what was kept is in commit ceac89f, the figures in docs/benchmarks.md.)
 set -u
 source benchmarks/calls/env.sh
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,memory.used --format=csv

@@ -2,6 +2,8 @@
 # Eighth session, call 2: register caps (.maxnreg) on the select, the compaction and the cut; the
 # select's fast and general paths as two launches; packed counts as one int64 or two int32
 # reductions; against the seventh session's kernel (OLD), interleaved rounds at 3 sizes.
+# (The switches these variants name were module constants of the working tree during the call,
+# never committed: what was kept is in commit ceac89f, the figures in docs/benchmarks.md.)
 set -u
 source benchmarks/calls/env.sh
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,memory.used --format=csv

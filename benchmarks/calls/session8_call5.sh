@@ -2,6 +2,8 @@
 # Eighth session, call 5: the cut's sample size growing with k (SAMPLE_PER_K: fewer survivors at
 # k = 8192) and shorter compaction programs, on MISA's logits with the sample from sample_logits;
 # then stage_probe.py at 128K (MISA-dagger's re-scoring with and without the sample it writes).
+# (The switches these variants name were module constants of the working tree during the call,
+# never committed: what was kept is in commit ceac89f, the figures in docs/benchmarks.md.)
 set -u
 source benchmarks/calls/env.sh
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,memory.used --format=csv

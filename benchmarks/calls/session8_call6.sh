@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Eighth session, call 6: the compaction with the next step(s) loaded before each step's (relaxed)
 # atomic (COMPACT_PREFETCH 0/1/2), its register cap, and step sizes; then misa bench at 128K keys.
+# (The switches these variants name were module constants of the working tree during the call,
+# never committed: what was kept is in commit ceac89f, the figures in docs/benchmarks.md.)
 set -u
 source benchmarks/calls/env.sh
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,memory.used --format=csv
