@@ -252,6 +252,22 @@ def test_gathered_scores_sample_is_their_strided_columns():
         assert sample.shape == (t, -(-c // step)) and torch.equal(sample, plain[:, ::step])
 
 
+def test_cut_sample_is_computed_only_where_it_pays():
+    # the selections hand the top-k a sample for routed heads (few per query) on rows long enough
+    # to sample; all 64 heads, or rows too short, keep the top-k's own cut
+    from misa.ops.dsa import triton as dsa_triton
+    from misa.ops.topk.triton import sample_step
+    t, s, h, d = (9, 1100, 64, 128) if not BIG else (64, 20000, 64, 128)
+    q, kv, w, _, _ = _inputs(t, s, h, d, "causal", seed=61)
+    heads = _random_heads(t, h, 8, seed=62)
+    got = dsa_triton.cut_sample(q, w, kv[0], kv[1], 3, s - 3, heads=heads)
+    step = sample_step(s - 3)
+    assert step > 1 and got is not None and got[1] == step
+    assert torch.equal(got[0], dsa_triton.sample_logits(q, w, kv[0], kv[1], 3, s - 3, step, heads=heads))
+    assert dsa_triton.cut_sample(q, w, kv[0], kv[1], 3, s - 3) is None                    # 64 heads
+    assert dsa_triton.cut_sample(q, w, kv[0], kv[1], 0, 100, heads=heads) is None            # too short
+
+
 @pytest.mark.parametrize("order", ["ascending", "descending", "one hot span"])
 def test_topk_kernel_on_rows_whose_winners_sit_together(order):
     # the compaction's programs each stream one span of a row: here one span holds all the winners
