@@ -14,25 +14,16 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import statistics
 
 import torch
-import triton.testing
 
+from misa.bench import _time_rounds
 from misa.ops.dsa.triton import launch_logits, sample_logits
 from misa.ops.misa.triton import gather_logits
 from misa.ops.router.triton import route_heads
 from misa.ops.topk.triton import sample_step, topk
 from misa.synthetic import indexer_workload
 from misa.validate import check_inputs
-
-
-def rounds(timers: dict, n: int, rep_ms: int = 60) -> dict:
-    per = {name: [] for name in timers}
-    for _ in range(n):
-        for name, fn in timers.items():
-            per[name].append(float(triton.testing.do_bench(fn, warmup=10, rep=rep_ms, return_mode="median")))
-    return {name: statistics.median(v) for name, v in per.items()}
 
 
 def main():
@@ -75,7 +66,7 @@ def main():
             "rerank_own_cut": rerank_own_cut,
             "rerank_with_sample": rerank_with_sample,
         }
-        row = {"keys": s, "ms": rounds(timers, args.rounds)}
+        row = {"keys": s, "ms": _time_rounds(timers, 60 * args.rounds, args.rounds)[0]}
         print(row, flush=True)
         res["rows"].append(row)
         del buf, routed, cand

@@ -101,10 +101,6 @@ HOLD = 4096
 SELECT_MAXNREG = 80
 
 
-def _register_cap(cap):
-    return {} if not cap or INTERPRET else {"maxnreg": int(cap)}
-
-
 def sample_step(width: int, config: tuple[int, int, int] | None = None) -> int:
     """The column step of a ``topk`` sample for rows ``width`` wide: about the cut's sample size
     of columns per row."""
@@ -593,7 +589,7 @@ class TopkLaunches:
             ks_offset, out_offset, k, self.cap, BRACKET_SIGMAS,
             BLOCK=self.block, SBLOCK=SCRATCH_BLOCK, WAYS=WAYS, HAS_CMAP=cmap is not None,
             FINITE_ONLY=finite_only, EARLY_EXIT=EARLY_EXIT, BRACKET=BRACKET, BRACKET_MIN=BRACKET_MIN,
-            HOLD=HOLD, num_warps=self.warps, **_register_cap(SELECT_MAXNREG),
+            HOLD=HOLD, num_warps=self.warps, **({} if INTERPRET else {"maxnreg": SELECT_MAXNREG}),
         )
 
 
