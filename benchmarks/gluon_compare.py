@@ -29,16 +29,14 @@ def main():
     ap.add_argument("--out", required=True)
     ap.add_argument("--keys", default="32768,131072")
     ap.add_argument("--queries", type=int, default=4096)
-    ap.add_argument("--configs", default="128/64/4/4/32")
-    ap.add_argument("--ws-configs", default="256/64/4/32/240",
-                    help="warp-specialized kernel: pairs per consumer/keys per tile/stages/tiles per program/registers")
+    ap.add_argument("--configs", default="256/64/4/64/1/240",
+                    help="pairs per consumer/keys per tile/stages/tiles per item/TMA stores/consumer registers")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--rep-ms", type=int, default=150)
     args = ap.parse_args()
     dev = torch.device("cuda")
     configs = [("gluon", tuple(int(v) for v in c.split("/"))) for c in args.configs.split(",") if c]
-    configs += [("gluon-ws", tuple(int(v) for v in c.split("/"))) for c in args.ws_configs.split(",") if c]
-    launch = {"gluon": dsa_gluon.launch_routed_logits, "gluon-ws": dsa_gluon.launch_routed_logits_ws}
+    launch = {"gluon": dsa_gluon.launch_routed_logits}
     res = {"gpu": torch.cuda.get_device_name(), "rows": []}
     for s in (int(v) for v in args.keys.split(",")):
         t = args.queries

@@ -31,9 +31,11 @@ def _check(got, ref, inside):
     assert bool((got[~inside].isnan() | (got[~inside] == float("-inf"))).all())
 
 
-LAUNCHERS = {"double-buffered": dsa_gluon.launch_routed_logits, "warp-specialized": dsa_gluon.launch_routed_logits_ws,
-             "warp-specialized, TMA stores": lambda *a, **kw: dsa_gluon.launch_routed_logits_ws(
-                 *a, config=(256, 64, 4, 32, 240, 2), **kw)}
+LAUNCHERS = {
+    "default": dsa_gluon.launch_routed_logits,
+    "register stores, short items": lambda *a, **kw: dsa_gluon.launch_routed_logits(
+        *a, config=(256, 64, 3, 5, False, 240), **kw),
+}
 
 
 @pytest.mark.parametrize("launcher", LAUNCHERS)
