@@ -67,6 +67,13 @@ def main():
                                                                inp.ke, ref, heads=heads,
                                                                config=dsa_triton.ROUTED_CONFIG),
         }
+        # the Triton kernels with TMA stores of their interior tiles (store mode 4)
+        tma = lambda cfg: cfg[:6] + (4,) + cfg[7:]
+        timers["dense64 triton tma"] = lambda: dsa_triton.launch_logits(
+            inp.q, inp.weights, inp.k, inp.k_scale, inp.ks, inp.ke, dense, config=tma(dsa_triton.DEFAULT_CONFIG))
+        timers["routed8 triton tma"] = lambda: dsa_triton.launch_logits(
+            inp.q, inp.weights, inp.k, inp.k_scale, inp.ks, inp.ke, ref, heads=heads,
+            config=tma(dsa_triton.ROUTED_CONFIG))
         for name, (out, fn, cfg) in outs.items():
             timers[name] = (lambda o=out, f=fn, c=cfg: f(inp.q, inp.weights, inp.k, inp.k_scale, inp.ks, inp.ke, o,
                                                           heads, config=c))
