@@ -36,9 +36,9 @@ def compile_for_hopper(kernel, pointers: dict, consts: dict, num_warps=4, num_st
     ``maxnreg``: the register cap the launch passes, if any."""
     sig, attrs = {}, {}
     for i, name in enumerate(inspect.signature(kernel.fn).parameters):
-        sig[name] = ("constexpr" if name in consts else pointers[name] if pointers.get(name, "").startswith("tensordesc")
-                     else "*" + pointers[name] if name in pointers else FLOAT_SCALARS.get(name, I32))
-        if (name in pointers and not sig[name].startswith("tensordesc")) or name.startswith("stride"):
+        sig[name] = ("constexpr" if name in consts else "*" + pointers[name] if name in pointers
+                     else FLOAT_SCALARS.get(name, I32))
+        if name in pointers or name.startswith("stride"):
             attrs[(i,)] = [["tt.divisibility", 16]]
     return triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=consts, attrs=attrs), target=HOPPER,
                           options={"num_warps": num_warps, "num_stages": num_stages, "maxnreg": maxnreg})
@@ -66,14 +66,10 @@ def variants():
             "OUT": "fp32"}
     for heads in (64, 8):
         pairs, bn, warps, stages, head_major, fast = (dsa.DEFAULT_CONFIG if heads == 64 else dsa.ROUTED_CONFIG)[:6]
-        for col_unit, store in ((16, 0), (1, 0), (16, 1), (16, 2), (16, 3), (16, 4)):
+        for col_unit, store in ((16, 0), (1, 0), (16, 1), (16, 2), (16, 3)):
             consts = {"NH": heads, "D": 128, "BQ": pairs // heads, "BN": bn, "ROUTED": heads < 64,
                       "HAS_SCALE": True, "CAST": None, "HEAD_MAJOR": head_major, "FAST_TILES": fast,
                       "COL_UNIT": col_unit, "STORE": store}
-            if store == 4:       # the TMA store's descriptor: [queries, keys] tiles of the output
-                ptrs = {**ptrs, "OUT_DESC": f"tensordesc<fp32[{pairs // heads}, {bn}]>"}
-            else:
-                consts["OUT_DESC"] = None
             yield (f"logits heads={heads} col_unit={col_unit} store={store}", dsa._mqa_logits_kernel, ptrs,
                    consts, warps, stages)
     paged_ptrs = {"Q": "fp8e4nv", "W": "fp32", "HEADS": I32, "VALUES": "fp8e4nv", "SCALES": "fp32", "TABLE": I32,

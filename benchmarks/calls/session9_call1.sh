@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Ninth session, call 1: the Gluon routed-logits kernel (misa/ops/dsa/gluon.py, not yet wired into
 # the selections) - its GPU tests, then its tile configs against the Triton kernel and dense DSA.
+# Ran on an uncommitted state of misa/ops/dsa/gluon.py: d3b83c2's double-buffered kernel without its
+# key-scale prefetch. The Gluon kernels and benchmarks/gluon_compare.py were removed after call 6.
 set -u
 source benchmarks/calls/env.sh
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem --format=csv

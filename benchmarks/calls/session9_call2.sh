@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Ninth session, call 2: the Gluon routed-logits kernel (misa/ops/dsa/gluon.py, key scales loaded a tile ahead; not yet wired into
 # the selections) - its GPU tests, then its tile configs against the Triton kernel and dense DSA.
+# Ran on an uncommitted state: d3b83c2's double-buffered kernel, plus a scale-first switch in the
+# Triton kernel (reverted). The Gluon kernels and benchmarks/gluon_compare.py were removed after call 6.
 set -u
 source benchmarks/calls/env.sh
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem --format=csv

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Ninth session, call 3: the warp-specialized Gluon routed-logits kernel (one TMA loader warp, two
 # consumer warpgroups sharing each key tile) beside the double-buffered one and the Triton kernel.
+# Ran on an uncommitted state: d3b83c2's warp-specialized kernel before its store modes. The Gluon
+# kernels and benchmarks/gluon_compare.py were removed after call 6 (docs/benchmarks.md, ninth session).
 set -u
 source benchmarks/calls/env.sh
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem --format=csv

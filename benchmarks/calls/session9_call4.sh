@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Ninth session, call 4: the warp-specialized Gluon kernel's stores - plain st.global (0), the same
 # stores predicated off (1: a diagnostic of what the stores cost), through shared memory by TMA (2).
+# Ran at commit d3b83c2. The Gluon kernels and benchmarks/gluon_compare.py were removed after call 6
+# (docs/benchmarks.md, ninth session).
 set -u
 source benchmarks/calls/env.sh
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem --format=csv

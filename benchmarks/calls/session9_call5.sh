@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Ninth session, call 5: the persistent warp-specialized Gluon routed-logits kernel (one program
 # per SM walking (query block, key split) items), TMA or register stores, against Triton's.
+# Ran at commit 4d8b4d4; the Gluon kernel and benchmarks/gluon_compare.py were removed after call 6
+# (docs/benchmarks.md, ninth session).
 set -u
 source benchmarks/calls/env.sh
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem --format=csv

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Ninth session, call 6: TMA stores of the Triton logits kernel's interior tiles (store mode 4)
 # against its streaming PTX stores, dense and routed, beside the persistent Gluon kernel.
+# Ran at commit 465eb47 (store mode 4 reverted after it; docs/benchmarks.md, ninth session).
 set -u
 source benchmarks/calls/env.sh
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem --format=csv

@@ -33,7 +33,7 @@ def mma_cast(*dtypes):
 
 @triton.jit(do_not_specialize=["T", "S", "col_offset", "out_width"])
 def _mqa_logits_kernel(
-    Q, W, HEADS, K, KSCALE, KS, KE, OUT, OUT_DESC,
+    Q, W, HEADS, K, KSCALE, KS, KE, OUT,
     T, S, col_offset, out_width,
     stride_qt, stride_qh, stride_wt, stride_ht, stride_k, stride_out,
     NH: tl.constexpr, D: tl.constexpr, BQ: tl.constexpr, BN: tl.constexpr,
@@ -115,9 +115,6 @@ def _mqa_logits_kernel(
                                               dtype=tl.int32, is_pure=False, pack=1)
             elif STORE == 3:
                 tl.store(out_rows + col[:, None], logits, cache_modifier=".cs")
-            elif STORE == 4:
-                # by TMA from shared memory: whole 256-byte rows per query
-                OUT_DESC.store([pid_q * BQ, tile * BN - col0], tl.trans(logits))
             else:
                 tl.store(out_rows + col[:, None], logits)
         else:
@@ -172,26 +169,19 @@ def launch_logits(q, w, k, k_scale, ks, ke, out, col_offset: int = 0, heads=None
     fast_tiles = rest[0] if rest else True
     store = int(rest[1]) if len(rest) > 1 else 0
     tiles_per_program = int(rest[2]) if len(rest) > 2 else 0
-    if store not in (0, 1, 2, 3, 4):
+    if store not in (0, 1, 2, 3):
         raise ValueError(f"config: store mode {store} is not 0 (tl.store), 1 or 2 (inline PTX, plain or "
-                         "streaming), 3 (tl.store, streaming) or 4 (TMA)")
-    if store in (1, 2, 4) and not _PTX_OK:
-        raise ValueError("config: inline-PTX and TMA stores need an NVIDIA GPU (the interpreter cannot run PTX)")
+                         "streaming) or 3 (tl.store, streaming)")
+    if store in (1, 2) and not _PTX_OK:
+        raise ValueError("config: the inline-PTX store needs an NVIDIA GPU (the interpreter cannot run PTX)")
     bq = max(1, pairs // nh)
     col_unit = 16 if col_offset % 16 == 0 and out.stride(0) % 16 == 0 and out.data_ptr() % 64 == 0 else 1
     cast = mma_cast(q.dtype, k.dtype)
-    out_desc = None
-    if store == 4:
-        if col_unit != 16:
-            store = 2           # TMA needs 16-byte aligned rows: the streaming PTX store instead
-        else:
-            from triton.tools.tensor_descriptor import TensorDescriptor
-            out_desc = TensorDescriptor(out, list(out.shape), [out.stride(0), 1], [bq, bn])
     n_blocks = triton.cdiv(t, bq)
     if splits is None:      # programs per block of queries (key_splits)
         splits = key_splits(n_blocks, triton.cdiv(k.shape[0], bn), tiles_per_program, q)
     _mqa_logits_kernel[(n_blocks, splits)](
-        q, w, heads if heads is not None else ks, k, k_scale if k_scale is not None else w, ks, ke, out, out_desc,
+        q, w, heads if heads is not None else ks, k, k_scale if k_scale is not None else w, ks, ke, out,
         t, k.shape[0], col_offset // col_unit, out.shape[1],
         q.stride(0), q.stride(1), w.stride(0), heads.stride(0) if heads is not None else 0, k.stride(0),
         out.stride(0),
