@@ -117,6 +117,14 @@ def variants():
                {"Q": "fp8e4nv", "W": "fp32", "K": "fp8e4nv", "KSCALE": "fp32", "CAND": I32, "KS": I32, "KE": I32,
                 "OUT": "fp32", "SMP": "fp32"},
                {"H": 64, "D": 128, "BN": 128, "HAS_SCALE": True, "CAST": None, "SAMPLE_EVERY": every}, 4, 3)
+    block, _, sample = topk.DEFAULT_CONFIG
+    bn, warps, stages, cap = misa_k.RERANK_CONFIG
+    yield ("MISA-dagger fused re-scoring and top-k", misa_k._rerank_kernel,
+           {"Q": "fp8e4nv", "W": "fp32", "K": "fp8e4nv", "KSCALE": "fp32", "CAND": I32, "KS": I32, "KE": I32,
+            "SCORES": "fp32", "SCR_KEY": I32, "SCR_COL": I32, "BR": I32, "OUT": I32},
+           {"H": 64, "D": 128, "BN": bn, "HAS_SCALE": True, "CAST": None, "SAMPLE": sample, "BLOCK": block,
+            "SBLOCK": topk.SCRATCH_BLOCK, "WAYS": topk.WAYS, "EARLY_EXIT": topk.EARLY_EXIT, "BRACKET": topk.BRACKET,
+            "BRACKET_MIN": topk.BRACKET_MIN, "HOLD": topk.HOLD}, warps, stages, cap)
 
 
 def main() -> int:
