@@ -112,19 +112,13 @@ def variants():
             yield (f"router routing {statistic} {launch['PRECISION']} {'rank' if launch['RANK'] else 'iter'} "
                    f"{'decode' if decode else 'prefill'} BQ={bq}", router._route_kernel,
                    route_ptrs, consts, warps, stages)
-    for every in (0, 4):
-        yield (f"MISA-dagger gathered logits sample_every={every}", misa_k._gather_logits_kernel,
+    bn, warps, stages, cap = misa_k.DEFAULT_CONFIG
+    for every, offsets32 in ((0, True), (4, True), (4, False)):
+        yield (f"MISA-dagger gathered logits sample_every={every} offsets32={offsets32}", misa_k._gather_logits_kernel,
                {"Q": "fp8e4nv", "W": "fp32", "K": "fp8e4nv", "KSCALE": "fp32", "CAND": I32, "KS": I32, "KE": I32,
                 "OUT": "fp32", "SMP": "fp32"},
-               {"H": 64, "D": 128, "BN": 128, "HAS_SCALE": True, "CAST": None, "SAMPLE_EVERY": every}, 4, 3)
-    block, _, sample = topk.DEFAULT_CONFIG
-    bn, warps, stages, cap = misa_k.RERANK_CONFIG
-    yield ("MISA-dagger fused re-scoring and top-k", misa_k._rerank_kernel,
-           {"Q": "fp8e4nv", "W": "fp32", "K": "fp8e4nv", "KSCALE": "fp32", "CAND": I32, "KS": I32, "KE": I32,
-            "SCORES": "fp32", "SCR_KEY": I32, "SCR_COL": I32, "BR": I32, "OUT": I32},
-           {"H": 64, "D": 128, "BN": bn, "HAS_SCALE": True, "CAST": None, "SAMPLE": sample, "BLOCK": block,
-            "SBLOCK": topk.SCRATCH_BLOCK, "WAYS": topk.WAYS, "EARLY_EXIT": topk.EARLY_EXIT, "BRACKET": topk.BRACKET,
-            "BRACKET_MIN": topk.BRACKET_MIN, "HOLD": topk.HOLD}, warps, stages, cap)
+               {"H": 64, "D": 128, "BN": bn, "HAS_SCALE": True, "CAST": None, "SAMPLE_EVERY": every,
+                "OFFSETS32": offsets32}, warps, stages, cap)
 
 
 def main() -> int:

@@ -242,16 +242,6 @@ def _sample_quantile(key, need, WAYS: tl.constexpr, EARLY_EXIT: tl.constexpr):
     return lo
 
 
-@triton.jit
-def _cut_of_sample(key, taken, n, K, sigmas, slack, WAYS: tl.constexpr, EARLY_EXIT: tl.constexpr):
-    """The cut of a row of ``n`` columns from the keys of ``taken`` of them spread over it: the
-    sample quantile at the k-th value's expected rank plus ``sigmas`` binomial deviations and
-    ``slack``."""
-    expect = (K * 1.0) * taken / (n * 1.0)
-    need = tl.minimum((expect + sigmas * tl.sqrt(expect) + slack).to(tl.int32), taken)
-    return _sample_quantile(key, need, WAYS, EARLY_EXIT)
-
-
 @triton.jit(do_not_specialize=["ks_offset", "K"])
 def _cut_kernel(X, KS, KE, CUT, COUNT, SRC, stride_x, stride_src, src_step, ks_offset, K, sigmas, slack,
                 SAMPLE: tl.constexpr, CHUNK: tl.constexpr, WAYS: tl.constexpr, FINITE_ONLY: tl.constexpr,
@@ -280,7 +270,10 @@ def _cut_kernel(X, KS, KE, CUT, COUNT, SRC, stride_x, stride_src, src_step, ks_o
             # CHUNK-wide runs of columns spread evenly over the row
             pos = ks + ((i // CHUNK).to(tl.int64) * n // (SAMPLE // CHUNK)).to(tl.int32) + i % CHUNK
             sample = tl.load(X + row * stride_x + pos, mask=pos < ke, other=float("-inf"))
-        cut = _cut_of_sample(_ordered_key(sample), taken, n, K, sigmas, slack, WAYS, EARLY_EXIT)
+        key = _ordered_key(sample)
+        expect = (K * 1.0) * taken / (n * 1.0)
+        need = tl.minimum((expect + sigmas * tl.sqrt(expect) + slack).to(tl.int32), taken)
+        cut = _sample_quantile(key, need, WAYS, EARLY_EXIT)
     tl.store(CUT + row, cut.to(tl.int32, bitcast=True))
     tl.store(COUNT + row, 0)
 
@@ -326,21 +319,13 @@ def _select_kernel(X, KS, KE, OUT, CMAP, CUT, COUNT, SCR_KEY, SCR_COL, BR,
                    HAS_CMAP: tl.constexpr, FINITE_ONLY: tl.constexpr, EARLY_EXIT: tl.constexpr,
                    BRACKET: tl.constexpr, BRACKET_MIN: tl.constexpr, HOLD: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
-    _select_row(X + row * stride_x, tl.load(KS + row) - ks_offset, tl.load(KE + row) - ks_offset,
-                OUT + row * stride_out, CMAP + row * stride_cmap, SCR_KEY + row * stride_scr,
-                SCR_COL + row * stride_scr, BR + row * stride_br,
-                tl.load(CUT + row).to(tl.uint32, bitcast=True), tl.load(COUNT + row), out_offset, K, CAP,
-                bracket_sigmas, BLOCK, SBLOCK, WAYS, HAS_CMAP, FINITE_ONLY, EARLY_EXIT, BRACKET, BRACKET_MIN,
-                HOLD)
-
-
-@triton.jit
-def _select_row(x_row, ks, ke, out_row, cmap_row, scr_key, scr_col, br_row, cut, n_scr, out_offset, K, CAP,
-                bracket_sigmas, BLOCK: tl.constexpr, SBLOCK: tl.constexpr, WAYS: tl.constexpr,
-                HAS_CMAP: tl.constexpr, FINITE_ONLY: tl.constexpr, EARLY_EXIT: tl.constexpr,
-                BRACKET: tl.constexpr, BRACKET_MIN: tl.constexpr, HOLD: tl.constexpr):
-    """One row's top-k, written to ``out_row``: from its scratch (``n_scr`` entries, every column at
-    or above ``cut``; 0 = no cut) when that holds k to CAP keys, else from the row itself."""
+    x_row = X + row * stride_x
+    out_row = OUT + row * stride_out
+    cmap_row = CMAP + row * stride_cmap
+    scr_key = SCR_KEY + row * stride_scr
+    scr_col = SCR_COL + row * stride_scr
+    ks = tl.load(KS + row) - ks_offset
+    ke = tl.load(KE + row) - ks_offset
     lane = tl.arange(0, BLOCK)
     slane = tl.arange(0, SBLOCK)
     bins = tl.arange(0, 256)
@@ -349,12 +334,13 @@ def _select_row(x_row, ks, ke, out_row, cmap_row, scr_key, scr_col, br_row, cut,
     k_rem = K
     prefix = tl.zeros([], dtype=tl.uint32)
     shift = 0
-    fast = (cut != 0) & (n_scr >= K) & (n_scr <= CAP)
+    n_scr = tl.load(COUNT + row)
+    fast = (tl.load(CUT + row) != 0) & (n_scr >= K) & (n_scr <= CAP)
 
     if fast:
         # the scratch holds every element at or above the cut, k of them at least: find its k-th
         # largest key, then write the winners
-        lo = cut
+        lo = tl.load(CUT + row).to(tl.uint32, bitcast=True)
         hi = lo
         above = 0
         at_lo = n_scr
@@ -384,6 +370,7 @@ def _select_row(x_row, ks, ke, out_row, cmap_row, scr_key, scr_col, br_row, cut,
                 c_lo = 0
                 n_hi = 0
                 n_in = 0
+                br_row = BR + row * stride_br
                 for start in range(0, n_scr, SBLOCK):
                     j = start + slane
                     key = tl.load(scr_key + j, mask=j < n_scr, other=0).to(tl.uint32, bitcast=True)
