@@ -36,9 +36,9 @@ def same_by_value(idx, x, k):
     return bool((idx >= 0).all() and distinct and (got >= kth).all())
 
 
-def stages(x, ks, ke, k, sample=None):
-    """Times of the kernel's three launches on their own."""
-    call = topk_mod.TopkLaunches(x, ks, ke, k, sample=sample)
+def stages(x, ks, ke, k, sample=None, mod=topk_mod):
+    """Times of the kernel's three launches on their own (``mod``: this kernel or the previous)."""
+    call = mod.TopkLaunches(x, ks, ke, k, sample=sample)
 
     def compact_fn():
         call.count.zero_()       # the cut launch zeroes the counters in a whole call
@@ -170,6 +170,13 @@ def main():
             old = lambda: previous.topk(x, ks, ke, k)
             row["previous_ok"] = same_by_value(old(), x, k)
             row["previous_ms"] = bench(old)
+            row.update({"previous_" + n: v for n, v in stages(x, ks, ke, k, mod=previous).items()})
+            if sample is not None:
+                old_s = lambda: previous.topk(x, ks, ke, k, sample=sample)
+                row["previous_with_sample_ok"] = same_by_value(old_s(), x, k)
+                row["previous_with_sample_ms"] = bench(old_s)
+                row.update({"previous_with_sample_" + n: v
+                            for n, v in stages(x, ks, ke, k, sample, mod=previous).items()})
         if (s, k) in variant_sizes and grid:
             row["variants"] = run_variants(grid, x, ks, ke, k, args.rounds, make_sample if sample is not None else None)
             ok = [v for v in row["variants"] if v.get("ok")]

@@ -108,9 +108,9 @@ def sample_step(width: int, config: tuple[int, int, int] | None = None) -> int:
 
 
 def workspace_bytes(k: int, width: int) -> int:
-    """Device memory a ``topk`` call takes per row beyond its output: the scratch (key and column)
-    and the select's bracket."""
-    return 8 * scratch_size(k, width) + 4 * BRACKET
+    """Device memory a ``topk`` call takes per row beyond its output: the scratch and the select's
+    bracket (keys and columns each)."""
+    return 8 * scratch_size(k, width) + 8 * BRACKET
 
 
 def scratch_size(k: int, width: int) -> int:
@@ -336,6 +336,11 @@ def _select_kernel(X, KS, KE, OUT, CMAP, CUT, COUNT, SCR_KEY, SCR_COL, BR,
     shift = 0
     n_scr = tl.load(COUNT + row)
     fast = (tl.load(CUT + row) != 0) & (n_scr >= K) & (n_scr <= CAP)
+    # what the final pass reads (the scratch, or the select's bracket) and where its winners go
+    fin_key = scr_key
+    fin_col = scr_col
+    n_fin = -1          # -1: the scratch's n_scr entries, its winners from n_out on
+    fin_out = 0
 
     if fast:
         # the scratch holds every element at or above the cut, k of them at least: find its k-th
@@ -367,7 +372,6 @@ def _select_kernel(X, KS, KE, OUT, CMAP, CUT, COUNT, SCR_KEY, SCR_COL, BR,
                 t_hi = t_lo
                 if has_hi:
                     t_hi = _sample_quantile(skey, need_hi, WAYS, EARLY_EXIT)
-                c_lo = 0
                 n_hi = 0
                 n_in = 0
                 br_row = BR + row * stride_br
@@ -375,23 +379,36 @@ def _select_kernel(X, KS, KE, OUT, CMAP, CUT, COUNT, SCR_KEY, SCR_COL, BR,
                     j = start + slane
                     key = tl.load(scr_key + j, mask=j < n_scr, other=0).to(tl.uint32, bitcast=True)
                     ge_lo = (j < n_scr) & (key >= t_lo)
-                    ge_hi = ge_lo & (key >= t_hi) & has_hi
+                    # (tl.where: in the interpreter, & with a scalar bool gives a dtype masks reject)
+                    ge_hi = tl.where(has_hi, ge_lo & (key >= t_hi), False)
                     inside = ge_lo & (ge_hi == 0)
-                    spos = n_in + tl.cumsum(inside.to(tl.int32), axis=0) - 1
-                    tl.store(br_row + spos, key.to(tl.int32, bitcast=True), mask=inside & (spos < BRACKET))
-                    # the three counts as 16-bit fields of one reduction (SBLOCK < 65536)
-                    tot = tl.sum(ge_lo.to(tl.int64) + (ge_hi.to(tl.int64) << 16) + (inside.to(tl.int64) << 32),
-                                 axis=0)
-                    c_lo += (tot & 0xFFFF).to(tl.int32)
-                    n_hi += ((tot >> 16) & 0xFFFF).to(tl.int32)
-                    n_in += (tot >> 32).to(tl.int32)
-                if (c_lo >= K) & (n_hi < K) & (n_in <= BRACKET):
-                    tl.debug_barrier()              # the bracket's keys, written above, read back
+                    col = tl.load(scr_col + j, mask=ge_lo, other=0)
+                    # both ranks in one scan (16-bit fields; SBLOCK < 65536): the keys above the
+                    # bracket are winners whatever the search finds, so they go out now, and the
+                    # final pass needs only the bracket's keys and columns (held in registers)
+                    r_scan = tl.cumsum(inside.to(tl.int32) + (ge_hi.to(tl.int32) << 16), axis=0)
+                    spos = n_in + (r_scan & 0xFFFF) - 1
+                    b_in = inside & (spos < BRACKET)
+                    tl.store(br_row + spos, key.to(tl.int32, bitcast=True), mask=b_in)
+                    tl.store(br_row + BRACKET + spos, col, mask=b_in)
+                    hpos = n_hi + (r_scan >> 16) - 1
+                    win = ge_hi & (hpos < K)
+                    tl.store(out_row + hpos, _position(col, cmap_row, out_offset, HAS_CMAP, win), mask=win)
+                    tot = tl.max(r_scan, axis=0)          # the scan's last entry
+                    n_in += tot & 0xFFFF
+                    n_hi += tot >> 16
+                if (n_hi < K) & (n_hi + n_in >= K) & (n_in <= BRACKET):
+                    tl.debug_barrier()              # the bracket, written above, read back
                     bj = tl.arange(0, BRACKET)
                     b_ok = bj < n_in
                     bkey = tl.load(br_row + bj, mask=b_ok, other=0).to(tl.uint32, bitcast=True)
                     lo, above, at_lo = _search_held(bkey, b_ok, t_lo, tl.where(has_hi, t_hi - 1, tl.max(bkey, axis=0)),
-                                                    n_hi, c_lo, n_hi, K, stop_at, WAYS)
+                                                    n_hi, n_hi + n_in, n_hi, K, stop_at, WAYS)
+                    # the final pass then takes the bracket's winners, after the n_hi written above
+                    fin_key = br_row
+                    fin_col = br_row + BRACKET
+                    n_fin = n_in
+                    fin_out = n_hi
                     searched = 1
         if HOLD > 0:
             if (searched == 0) & (n_scr <= HOLD):
@@ -484,12 +501,16 @@ def _select_kernel(X, KS, KE, OUT, CMAP, CUT, COUNT, SCR_KEY, SCR_COL, BR,
     # ran over the row itself wrote everything already and left the scratch empty.)
     n_tie = 0
     n_above = 0
-    out0 = n_out
-    for start in range(0, n_scr, SBLOCK):
+    out0 = tl.where(n_fin < 0, n_out, fin_out)
+    n_fin = tl.where(n_fin < 0, n_scr, n_fin)
+    # (a bracket that missed may have written winners already: their slots are written again
+    # below, after the barrier)
+    tl.debug_barrier()
+    for start in range(0, n_fin, SBLOCK):
         j = start + slane
-        m = j < n_scr
-        key = tl.load(scr_key + j, mask=m, other=0).to(tl.uint32, bitcast=True)
-        c = tl.load(scr_col + j, mask=m, other=0)
+        m = j < n_fin
+        key = tl.load(fin_key + j, mask=m, other=0).to(tl.uint32, bitcast=True)
+        c = tl.load(fin_col + j, mask=m, other=0)
         tie = m & (key == prefix)
         # one scan and one reduction for both ranks (16-bit fields; SBLOCK < 65536): a taken
         # entry's slot is the keys above it so far plus the ties taken so far
@@ -552,7 +573,7 @@ class TopkLaunches:
         self.out = torch.empty(t, k, dtype=torch.int32, device=dev)
         self.scr_key = torch.empty(t, self.cap, dtype=torch.int32, device=dev)
         self.scr_col = torch.empty(t, self.cap, dtype=torch.int32, device=dev)
-        self.bracket = torch.empty(t, max(BRACKET, 1), dtype=torch.int32, device=dev)
+        self.bracket = torch.empty(t, max(2 * BRACKET, 1), dtype=torch.int32, device=dev)   # keys, columns
         self.cut_keys = torch.empty(t, dtype=torch.int32, device=dev)    # per row; 0 = no cut
         self.count = torch.empty(t, dtype=torch.int32, device=dev)       # scratch entries per row
 
