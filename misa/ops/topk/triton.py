@@ -18,8 +18,10 @@ range actually present ([cut, max]), each pass counting the keys at or above ``W
 exactly the wanted number of keys lie at or above its lower bound: those are the winners, and the
 passes that would only close the gap below the k-th key are skipped (select 0.53 -> 0.34 ms at
 4096 x 128K, k = 2048, H200). A large scratch is not searched pass after pass: a sample of it
-brackets the k-th key, one pass moves the keys inside the bracket aside, and the search runs over
-those in registers (``BRACKET``; select 0.94 -> 0.63 ms at k = 8192).
+brackets the k-th key, one pass moves the keys inside the bracket aside (and writes those above
+it, winners whatever the search finds, straight to the output), and the search and the final pass
+run over the bracket alone (``BRACKET``; select 0.94 -> 0.63 ms at k = 8192; writing the keys above
+the bracket at once, 0.491 -> 0.446 at k = 8192 and 0.249 -> 0.225 at k = 2048, H200).
 
 General path (short rows, or when the cut misses: fewer than k or more than the scratch above
 it): a histogram of the top 8 key bits over the row finds the bin holding the k-th value; while
@@ -94,11 +96,13 @@ BRACKET_MIN = 3 * SCRATCH_BLOCK
 # 0.343 ms against 0.385 (select 0.164 against 0.225); HOLD = 2048 (too small for those rows) 0.385;
 # no change at 131072 columns, where the bracket serves (H200, one call)
 HOLD = 4096
-# the select's register cap (ptxas .maxnreg): the compiler takes 120-160 registers, three or four
-# programs per SM; at 80 (no spills) six fit, and the latency-bound searches overlap more (select
-# 0.53 -> 0.49 ms at k = 8192 of 128K, 0.27 -> 0.25 at k = 2048; 64 spilled and gained nothing
-# more; H200, benchmarks/calls/session8_call2.sh)
-SELECT_MAXNREG = 80
+# the select's register cap (ptxas .maxnreg): the compiler takes 120-195 registers, two to four
+# programs per SM; capped, more fit and the latency-bound searches overlap more. 80 (six programs)
+# took the select from 0.53 to 0.49 ms at k = 8192 of 128K (session8_call2.sh); since the bracket
+# pass also writes the winners above the bracket, 80 spills 128 bytes and 96 (five programs, 72
+# bytes of spills) is faster: 0.423 ms against 0.447 at k = 8192 (112, four programs, no spills:
+# 0.425; H200, session10_call5.sh)
+SELECT_MAXNREG = 96
 
 
 def sample_step(width: int, config: tuple[int, int, int] | None = None) -> int:
