@@ -137,6 +137,17 @@ def check_selection(idx, scores64, ks, ke, k, rtol=1e-5, exact=None):
             assert set(chosen.tolist()) == exact[t], t
 
 
+def check_pick_from(got: set, cand: set, k: int, scores: torch.Tensor, rtol: float = 1e-5):
+    """``got`` is the top-``k`` of the candidate positions ``cand`` by ``scores`` (one row of
+    float64 scores, -inf where not visible), within ``rtol`` of the row's largest finite score."""
+    assert got <= cand, sorted(got - cand)[:5]
+    assert len(got) == min(k, len(cand)), (len(got), k, len(cand))
+    if len(cand) > len(got):
+        rest = cand - got
+        tol = rtol * max(1.0, float(scores[torch.isfinite(scores)].abs().max()))
+        assert float(scores[list(got)].min()) >= float(scores[list(rest)].max()) - tol
+
+
 def paged_batch(lens, next_n: int, h: int, d: int, g: torch.Generator, extra_pages: int = 0):
     """Random fp8 keys per sequence, ``next_n`` queries and weights each, packed into a paged cache:
     ``(seqs [(k_fp8, k_scale)], qs [[next_n, H, D]], ws [[next_n, H]], cache, table, context_lens)``."""
