@@ -2,6 +2,7 @@
 # Tenth session, call 1: the fused re-scoring + top-k (rerank(fused=True)) against the scoring
 # launch and the top-k's launches, several configurations, at 4096 x {65536, 131072} on MISA's
 # stage-1 candidates; then the GPU tests of the kernels it touches (re-scoring, top-k, MISA, HISA).
+# Ran the code of commit b089860 (rerank_compare.py's --configs of that commit; reverted in d085fc5).
 set -u
 source benchmarks/calls/env.sh
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem --format=csv

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Tenth session, call 4: the gathered re-scoring at its new default (96 registers, int32 offsets)
 # against one and two programs per query; misa bench over the four context lengths; the GPU tests.
+# Ran commit d085fc5.
 set -u
 source benchmarks/calls/env.sh
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem --format=csv

@@ -3,6 +3,7 @@
 # the output (the final pass then reads only the bracket) against the previous kernel
 # (benchmarks/topk_previous.py = misa/ops/topk/triton.py of d085fc5), stage by stage, with register
 # caps as variants at k = 8192; then the GPU tests of the top-k and the selections.
+# Ran commit 8484db6 (select capped at 80), beside benchmarks/topk_previous.py = d085fc5's kernel.
 set -u
 source benchmarks/calls/env.sh
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem --format=csv

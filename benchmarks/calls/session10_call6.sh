@@ -2,6 +2,7 @@
 # Tenth session, call 6 (final): the select's register cap, 96 (the new default) against 80, at the
 # three top-k shapes the selections run (interleaved rounds), then misa bench over the four
 # context lengths at the session's final kernels.
+# Ran commit 5aa4395.
 set -u
 source benchmarks/calls/env.sh
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem --format=csv

@@ -2,6 +2,7 @@
 # Tenth session, call 7: misa bench at 131072 keys again (the spread between calls), then the GPU
 # tests the final kernels have not run yet (paged decode and the integrations select through the
 # top-k; the top-k's own tests at the new register cap), two processes, as far as the time allows.
+# Ran commit 5aa4395's kernels.
 set -u
 source benchmarks/calls/env.sh
 timeout 60 python3 -m misa.cli bench --json $OUT/bench.json --rep-ms 60 --context-lens 131072 2>&1 | tail -2

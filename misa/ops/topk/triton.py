@@ -389,7 +389,7 @@ def _select_kernel(X, KS, KE, OUT, CMAP, CUT, COUNT, SCR_KEY, SCR_COL, BR,
                     col = tl.load(scr_col + j, mask=ge_lo, other=0)
                     # both ranks in one scan (16-bit fields; SBLOCK < 65536): the keys above the
                     # bracket are winners whatever the search finds, so they go out now, and the
-                    # final pass needs only the bracket's keys and columns (held in registers)
+                    # final pass reads only the bracket (its keys and columns, stored beside each other)
                     r_scan = tl.cumsum(inside.to(tl.int32) + (ge_hi.to(tl.int32) << 16), axis=0)
                     spos = n_in + (r_scan & 0xFFFF) - 1
                     b_in = inside & (spos < BRACKET)
