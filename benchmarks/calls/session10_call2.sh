@@ -2,7 +2,7 @@
 # Tenth session, call 2: the gathered re-scoring kernel's launch configurations (register cap, keys
 # as the MMA's B operand so q stays in registers) timed against each other at 4096 x 131072 on
 # MISA's stage-1 candidates, then ncu of the default and the swapped-operand kernel.
-# Ran an uncommitted variant of d085fc5's parent: _gather_logits_kernel with a KEYS_AS_B flag
+# Ran 8e812ac's kernels plus an uncommitted flag in _gather_logits_kernel, KEYS_AS_B
 # (acc = dot(q [H, D], trans(k)) [H, BN], head sum over axis 0) and rerank_compare.py's config
 # field 5 selecting it; the config run first failed to compile, so only the ncu part reported.
 set -u

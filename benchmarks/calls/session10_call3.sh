@@ -2,7 +2,7 @@
 # Tenth session, call 3: the gathered re-scoring kernel's launch configurations (register cap for a
 # fifth program per SM, int32 key offsets) timed against each other at 4096 x 131072 on MISA's
 # stage-1 candidates (call 2 found the default latency-bound: 4 programs per SM, L2 at 52%).
-# Ran the gather kernel of d085fc5 with DEFAULT_CONFIG still (128, 4, 3) and OFFSETS32 off by
+# Ran the gather kernel as in d085fc5 but with DEFAULT_CONFIG still (128, 4, 3) and OFFSETS32 off by
 # default (config field 5 turned it on).
 set -u
 source benchmarks/calls/env.sh
