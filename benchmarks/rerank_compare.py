@@ -15,7 +15,7 @@ import torch
 
 from misa.bench import _time_rounds
 from misa.ops.dsa.triton import launch_logits
-from misa.ops.misa.triton import gather_logits, rerank
+from misa.ops.rescore.triton import gather_logits, rerank
 from misa.ops.router.triton import route_heads
 from misa.ops.topk.triton import topk
 from misa.synthetic import indexer_workload

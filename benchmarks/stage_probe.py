@@ -19,7 +19,7 @@ import torch
 
 from misa.bench import _time_rounds
 from misa.ops.dsa.triton import launch_logits, sample_logits
-from misa.ops.misa.triton import gather_logits
+from misa.ops.rescore.triton import gather_logits
 from misa.ops.router.triton import route_heads
 from misa.ops.topk.triton import sample_step, topk
 from misa.synthetic import indexer_workload

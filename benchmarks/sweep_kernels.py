@@ -17,7 +17,7 @@ import torch
 import triton.testing
 
 from misa.ops.dsa.triton import DEFAULT_CONFIG, ROUTED_CONFIG, launch_logits
-from misa.ops.misa.triton import gather_logits
+from misa.ops.rescore.triton import gather_logits
 from misa.ops.topk.triton import topk
 from misa.synthetic import indexer_workload
 from misa.validate import check_inputs

@@ -74,7 +74,7 @@ def _time_rounds(timers: dict, rep_ms: int, rounds: int) -> tuple[dict, dict]:
 
 def bench_one(cfg: BenchConfig, seq_len: int, device: torch.device) -> dict:
     from .ops.dsa.triton import cut_sample, launch_logits
-    from .ops.misa.triton import rerank
+    from .ops.rescore.triton import rerank
     from .ops.router.triton import route_heads
     from .ops.topk.triton import topk
 

@@ -20,9 +20,9 @@ from dataclasses import dataclass
 
 from . import api, paged
 from .ops.router.reference import ROUTER_STATISTICS
-from .validate import check_int
-
-VARIANTS = ("misa", "misa-dagger", "hisa", "dsa")
+from .validate import check_hisa_budget, check_int
+from .select import BACKENDS
+from .variants import VARIANTS
 
 # config.json key -> MisaConfig field
 MODEL_CONFIG_KEYS = {
@@ -43,7 +43,8 @@ class MisaConfig:
     ``router`` and ``stage1_k`` belong to the MISA variants; ``hisa_block_size`` and
     ``hisa_block_k`` to HISA. ``stage1_k`` is required by ``"misa-dagger"`` and refused by
     ``"misa"`` (setting it there almost always means MISA-dagger was meant).
-    ``workspace_bytes`` bounds the CPU references' largest intermediate.
+    ``workspace_bytes`` bounds the largest intermediate (see ``misa.api``); ``backend`` picks
+    kernels or reference (None: ``"auto"``, see ``misa.api``). Variants: ``misa.variants.VARIANTS``.
     """
     variant: str = "misa"
     active_heads: int = 8
@@ -54,6 +55,7 @@ class MisaConfig:
     hisa_block_size: int = 128
     hisa_block_k: int = 64
     workspace_bytes: int | None = None
+    backend: str | None = None
 
     def __post_init__(self):
         _check_fields(dataclasses.asdict(self), {})
@@ -104,6 +106,11 @@ class MisaConfig:
                 check_int("decode_active_heads", self.decode_active_heads, 1, num_heads)
         if self.variant == "misa-dagger" and self.stage1_k < index_topk:
             raise ValueError(f"stage1_k: must be >= the indexer's top-k ({index_topk}), got {self.stage1_k}")
+        if self.variant == "hisa":
+            try:
+                check_hisa_budget(index_topk, self.hisa_block_size, self.hisa_block_k)
+            except ValueError as e:
+                raise ValueError(f"hisa_{e}") from None
         return self
 
     def heads(self, decode: bool) -> int:
@@ -115,25 +122,25 @@ class MisaConfig:
     def select(self, q, kv, weights, ks, ke, k: int, *, decode: bool = False):
         """This variant's selection (``misa.api`` conventions): ``[T, k]`` int32 absolute positions,
         -1 padded. ``decode`` picks ``decode_active_heads``."""
-        ws = self.workspace_bytes
+        opts = dict(workspace_bytes=self.workspace_bytes, backend=self.backend)
         if self.variant == "dsa":
-            return api.dsa_select(q, kv, weights, ks, ke, k, workspace_bytes=ws)
+            return api.dsa_select(q, kv, weights, ks, ke, k, **opts)
         if self.variant == "hisa":
-            return api.hisa_select(q, kv, weights, ks, ke, k, self.hisa_block_size, self.hisa_block_k,
-                                   workspace_bytes=ws)
+            return api.hisa_select(q, kv, weights, ks, ke, k, self.hisa_block_size, self.hisa_block_k, **opts)
         return api.misa_select(q, kv, weights, ks, ke, k, self.heads(decode), self.block_size,
-                               self.stage1_k, router=self.router, workspace_bytes=ws)
+                               self.stage1_k, router=self.router, **opts)
 
     def paged_select(self, q, kv_cache, weights, context_lens, block_table, k: int):
         """This variant's decode selection over the paged cache (``misa.paged`` conventions)."""
         if self.variant == "dsa":
-            return paged.paged_dsa_select(q, kv_cache, weights, context_lens, block_table, k)
+            return paged.paged_dsa_select(q, kv_cache, weights, context_lens, block_table, k, backend=self.backend)
         if self.variant == "hisa":
             return paged.paged_hisa_select(q, kv_cache, weights, context_lens, block_table, k,
-                                           self.hisa_block_size, self.hisa_block_k)
+                                           self.hisa_block_size, self.hisa_block_k, backend=self.backend)
         return paged.paged_misa_select(q, kv_cache, weights, context_lens, block_table, k,
                                        self.heads(True), self.block_size, self.stage1_k,
-                                       router=self.router, workspace_bytes=self.workspace_bytes)
+                                       router=self.router, workspace_bytes=self.workspace_bytes,
+                                       backend=self.backend)
 
 
 def as_misa_config(config) -> MisaConfig:
@@ -161,7 +168,7 @@ def _check_fields(values: dict, names: dict) -> None:
 
     variant = values["variant"]
     if variant not in VARIANTS:
-        raise ValueError(f"{name('variant')}: expected one of {VARIANTS}, got {variant!r}")
+        raise ValueError(f"{name('variant')}: expected one of {tuple(VARIANTS)}, got {variant!r}")
     check_int(name("active_heads"), values["active_heads"])
     if values["decode_active_heads"] is not None:
         check_int(name("decode_active_heads"), values["decode_active_heads"])
@@ -181,3 +188,5 @@ def _check_fields(values: dict, names: dict) -> None:
     check_int(name("hisa_block_k"), values["hisa_block_k"], 2)
     if values["workspace_bytes"] is not None:
         check_int(name("workspace_bytes"), values["workspace_bytes"])
+    if values.get("backend") is not None and values["backend"] not in BACKENDS:
+        raise ValueError(f"{name('backend')}: expected one of {BACKENDS} or None, got {values['backend']!r}")

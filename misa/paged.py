@@ -6,25 +6,23 @@ Query ``i`` of sequence ``b`` sees keys ``[0, context_lens[b] - next_n + i + 1)`
 prediction puts several new tokens in one step). Indices are positions inside the sequence.
 Outputs have ``B * next_n`` rows, sequence-major.
 
-With the kernels on, DSA's logits and selection and MISA's (without a second stage) run batched
-by default: MISA's router pools and routes the whole batch in two launches
-(``misa/ops/router/triton.py``), one launch scores it reading the pages in place
-(``misa/ops/dsa/paged_triton.py``) and one top-k launch selects (on an H200, DSA batched ran
-3.4x-51x faster than sequence by sequence, with the same selections). ``MISA_PAGED_KERNEL=0``
-switches back to the per-sequence path: each sequence's pages are gathered into contiguous keys
-and the prefill path runs sequence by sequence. MISA-dagger and HISA always take it, and so does
-MISA's routing for statistics the router kernel lacks.
+The cache is DeepGEMM's ``[num_pages, 64, 1, D + 4]`` uint8 layout (``misa.new_paged_kcache``).
+``backend`` is as for the prefill functions (``misa.api``). On the kernels, DSA's logits and
+selection and MISA's (without a second stage) run batched: MISA's router pools and routes the
+whole batch in two launches (``misa/ops/router/triton.py``), one launch scores it reading the
+pages in place (``misa/ops/dsa/paged_triton.py``) and one top-k launch selects. MISA-dagger, HISA,
+the reference backend and router statistics without a kernel take the per-sequence path: each
+sequence's pages are gathered into contiguous keys and the prefill path runs sequence by sequence.
 """
 from __future__ import annotations
-
-import os
 
 import torch
 
 from . import quant, select
-from .api import _check_router, _check_workspace
+from .api import check_router, check_workspace
 from .ops import power_of_two
-from .validate import DeferredChecks, Inputs, check_finite, check_int, check_stage1_k, check_tensor, Q_DTYPES
+from .validate import (DeferredChecks, Inputs, check_finite, check_hisa_budget, check_int, check_stage1_k,
+                       check_tensor, Q_DTYPES)
 
 
 def _check_paged(q, kv_cache, weights, context_lens, block_table) -> int:
@@ -83,13 +81,11 @@ def _sequences(q, kv_cache, weights, context_lens, block_table):
         yield rows, Inputs(q[i], k_fp8, k_scale, weights[rows], torch.zeros_like(ke), ke)
 
 
-def _batched(q) -> bool:
-    """The batched paged kernels: the kernels on and not switched off (``MISA_PAGED_KERNEL=0``)."""
-    setting = os.environ.get("MISA_PAGED_KERNEL", "1")
-    if setting not in ("0", "1"):
-        raise ValueError(f"MISA_PAGED_KERNEL: expected 0 (per-sequence path) or 1 (batched), got {setting!r}")
-    # the paged kernel pads the heads, not the head dimension
-    return setting == "1" and select.kernels_enabled(q, q.dtype) and power_of_two(q.shape[3])
+def _batched(q, backend) -> bool:
+    """The batched paged kernels (the paged kernel pads the heads, not the head dimension)."""
+    check_tensor("q", q, 4, Q_DTYPES)
+    return select.use_kernels(select.check_backend_arg(backend), q, (q.dtype,), power_of_two(q.shape[3]),
+                              f"head dim {q.shape[3]} must be a power of two")
 
 
 def _batched_select(q, kv_cache, weights, context_lens, block_table, k, longest: int, heads=None):
@@ -105,17 +101,18 @@ def _batched_select(q, kv_cache, weights, context_lens, block_table, k, longest:
     return topk(buf, torch.zeros_like(ke), ke, k)
 
 
-def paged_dsa_logits(q, kv_cache, weights, context_lens, block_table, max_context_len: int | None = None
-                     ) -> torch.Tensor:
-    """``[B * next_n, max_context_len]`` float32 logits, -inf beyond each query's visible range."""
+def paged_dsa_logits(q, kv_cache, weights, context_lens, block_table, max_context_len: int | None = None,
+                     *, backend: str | None = None) -> torch.Tensor:
+    """DSA logits of every cached position: ``[B * next_n, max_context_len]`` float32 (default
+    width: the longest context), -inf beyond each query's visible range."""
     longest = _check_paged(q, kv_cache, weights, context_lens, block_table)
     width = longest if max_context_len is None else check_int("max_context_len", max_context_len, longest)
     out = torch.full((q.shape[0] * q.shape[1], width), float("-inf"), device=q.device)
-    if _batched(q):
+    if _batched(q, backend):
         from .ops.dsa.paged_triton import paged_logits
         return paged_logits(q, kv_cache, weights, context_lens, block_table, out)
     for rows, inp in _sequences(q, kv_cache, weights, context_lens, block_table):
-        out[rows, : inp.num_keys] = select.dsa_logits(inp)
+        out[rows, : inp.num_keys] = select.dsa_logits(inp, backend=backend)
     return out
 
 
@@ -127,26 +124,33 @@ def _paged_select(fn, q, kv_cache, weights, context_lens, block_table, k):
     return out
 
 
-def paged_dsa_select(q, kv_cache, weights, context_lens, block_table, k: int = 2048) -> torch.Tensor:
+def paged_dsa_select(q, kv_cache, weights, context_lens, block_table, k: int = 2048, *,
+                     backend: str | None = None) -> torch.Tensor:
+    """DSA's decode selection: the top ``k`` (default 2048) cached positions per query,
+    ``[B * next_n, k]`` int32 positions inside each sequence, -1 padded."""
     check_int("k", k)
-    if _batched(q):
+    if _batched(q, backend):
         longest = _check_paged(q, kv_cache, weights, context_lens, block_table)
         return _batched_select(q, kv_cache, weights, context_lens, block_table, k, longest)
-    return _paged_select(lambda inp: select.dsa_select(inp, k), q, kv_cache, weights, context_lens,
-                         block_table, k)
+    return _paged_select(lambda inp: select.dsa_select(inp, k, backend=backend), q, kv_cache, weights,
+                         context_lens, block_table, k)
 
 
 def paged_route_heads(q, kv_cache, weights, context_lens, block_table, active_heads: int = 8,
-                      block_size: int = 1024, *, router: str = "abs-sum") -> torch.Tensor:
+                      block_size: int = 1024, *, router: str = "abs-sum", backend: str | None = None) -> torch.Tensor:
+    """MISA's router over the cache: ``[B * next_n, active_heads]`` int32 head ids, ascending.
+    ``active_heads`` (default 8), ``block_size`` (default 1024) and ``router`` as for
+    ``misa.route_heads``; blocks are cut from each sequence's own positions."""
     check_tensor("q", q, 4, Q_DTYPES)
     check_int("active_heads", active_heads, 1, q.shape[2])
     check_int("block_size", block_size)
-    _check_router(router)
-    longest = _check_paged(q, kv_cache, weights, context_lens, block_table) if _batched(q) else None
-    return _route(q, kv_cache, weights, context_lens, block_table, active_heads, block_size, router, longest)
+    check_router(router)
+    longest = _check_paged(q, kv_cache, weights, context_lens, block_table) if _batched(q, backend) else None
+    return _route(q, kv_cache, weights, context_lens, block_table, active_heads, block_size, router, longest,
+                  backend)
 
 
-def _route(q, kv_cache, weights, context_lens, block_table, active_heads, block_size, router, longest):
+def _route(q, kv_cache, weights, context_lens, block_table, active_heads, block_size, router, longest, backend):
     """MISA's routing, batched in two launches when ``longest`` is given (inputs checked, batched
     path on) and the router kernel has the statistic; sequence by sequence otherwise."""
     if longest is not None:
@@ -154,33 +158,39 @@ def _route(q, kv_cache, weights, context_lens, block_table, active_heads, block_
         if router_triton.batched_router_ok(q.shape[2], router):
             return router_triton.paged_route_heads_batched(q, kv_cache, weights, context_lens, block_table,
                                                            active_heads, block_size, router, longest=longest)
-    return _paged_select(lambda inp: select.route_heads(inp, active_heads, block_size, router),
+    return _paged_select(lambda inp: select.route_heads(inp, active_heads, block_size, router, backend=backend),
                          q, kv_cache, weights, context_lens, block_table, active_heads)
 
 
 def paged_misa_select(q, kv_cache, weights, context_lens, block_table, k: int = 2048,
                       active_heads: int = 8, block_size: int = 1024, stage1_k: int | None = None, *,
-                      router: str = "abs-sum", workspace_bytes: int | None = None) -> torch.Tensor:
+                      router: str = "abs-sum", workspace_bytes: int | None = None,
+                      backend: str | None = None) -> torch.Tensor:
+    """MISA (or MISA† with ``stage1_k``) over the cache: ``[B * next_n, k]`` int32 positions inside
+    each sequence, -1 padded. Arguments as for ``misa.misa_select``."""
     check_int("k", k)
     check_tensor("q", q, 4, Q_DTYPES)
     check_int("active_heads", active_heads, 1, q.shape[2])
     check_int("block_size", block_size)
     stage1_k = check_stage1_k(stage1_k, k)
-    _check_router(router)
-    _check_workspace(workspace_bytes)
-    if stage1_k is None and _batched(q):
+    check_router(router)
+    check_workspace(workspace_bytes)
+    if stage1_k is None and _batched(q, backend):
         longest = _check_paged(q, kv_cache, weights, context_lens, block_table)
-        heads = _route(q, kv_cache, weights, context_lens, block_table, active_heads, block_size, router, longest)
+        heads = _route(q, kv_cache, weights, context_lens, block_table, active_heads, block_size, router, longest,
+                       backend)
         return _batched_select(q, kv_cache, weights, context_lens, block_table, k, longest, heads=heads)
     return _paged_select(lambda inp: select.misa_select(inp, k, active_heads, block_size, stage1_k, router,
-                                                        workspace_bytes),
+                                                        workspace_bytes, backend=backend),
                          q, kv_cache, weights, context_lens, block_table, k)
 
 
 def paged_hisa_select(q, kv_cache, weights, context_lens, block_table, k: int = 2048,
-                      block_size: int = 128, block_k: int = 64) -> torch.Tensor:
+                      block_size: int = 128, block_k: int = 64, *, backend: str | None = None) -> torch.Tensor:
+    """HISA over the cache: ``[B * next_n, k]`` int32 positions inside each sequence, -1 padded.
+    Arguments as for ``misa.hisa_select`` (``block_k * block_size >= k``)."""
     check_int("k", k)
     check_int("block_size", block_size)
-    check_int("block_k", block_k, 2)
-    return _paged_select(lambda inp: select.hisa_select(inp, k, block_size, block_k),
+    check_hisa_budget(k, block_size, block_k)
+    return _paged_select(lambda inp: select.hisa_select(inp, k, block_size, block_k, backend=backend),
                          q, kv_cache, weights, context_lens, block_table, k)

@@ -1,4 +1,17 @@
-"""Dispatch and chunking: validated inputs -> GPU kernels (CUDA tensors) or PyTorch references.
+"""Dispatch and chunking: validated inputs -> the Triton kernels or the PyTorch references.
+
+``use_kernels`` is the one place that decides, from an explicit ``backend``:
+
+    "auto"       kernels for CUDA tensors of fp8 / bf16 whose head count and head dim are powers of
+                 two (what the kernels tile); the reference for everything else (float32, CPU)
+    "triton"     the kernels, or a ValueError saying why they cannot run these inputs. CPU tensors
+                 run them through Triton's interpreter, which needs ``TRITON_INTERPRET=1`` set
+                 before Triton is imported (the tests do this)
+    "reference"  the PyTorch reference
+
+``backend=None`` (every function's default) means ``"auto"``, unless the environment variable
+``MISA_BACKEND`` (one of the three) is set: a documented override, for running a whole program on
+the reference, or the tests on the kernels. An explicit argument wins over it.
 
 The references work on a chunk of queries against the window of keys the chunk can see
 (``[min ks, max ke)``), so nothing of size ``[T, H, S]`` or ``[T, S]`` is built for a whole input:
@@ -11,11 +24,9 @@ from typing import Iterator
 
 import torch
 
-from . import quant
+from . import quant, reference
 from .ops import power_of_two
 from .ops.dsa import reference as dsa_ref
-from .ops.hisa import reference as hisa_ref
-from .ops.misa import reference as misa_ref
 from .ops.router import reference as router_ref
 from .ops.topk import reference as topk_ref
 from .validate import Inputs
@@ -23,32 +34,64 @@ from .validate import Inputs
 DEFAULT_WORKSPACE_BYTES = 1 << 30        # CPU references
 DEFAULT_GPU_WORKSPACE_BYTES = 4 << 30    # kernels: a 4096 x 131072 selection in one chunk
 
-
+BACKENDS = ("auto", "triton", "reference")
 KERNEL_DTYPES = (quant.FP8, torch.bfloat16)
 
 
-def kernels_enabled(x: torch.Tensor, *dtypes) -> bool:
-    """Use the Triton kernels for CUDA tensors of fp8/bf16 (float32 inputs take the reference),
-    unless ``MISA_DISABLE_KERNELS=1``."""
-    if os.environ.get("MISA_DISABLE_KERNELS") == "1":
+def check_backend(backend) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
+    return backend
+
+
+def check_backend_arg(backend):
+    """A public function's ``backend`` argument: None or one of ``BACKENDS``."""
+    return None if backend is None else check_backend(backend)
+
+
+def _requested(backend: str | None) -> str:
+    if backend is None:
+        backend = "auto"
+        override = os.environ.get("MISA_BACKEND")
+        if override is not None:
+            if override not in BACKENDS:
+                raise ValueError(f"MISA_BACKEND: expected one of {BACKENDS}, got {override!r}")
+            return override
+        return "auto"
+    return check_backend(backend)
+
+
+def use_kernels(backend: str | None, x: torch.Tensor, dtypes=(), shape_ok: bool = True, why: str = "") -> bool:
+    """True to run the kernels, False for the reference (see the module docstring).
+
+    ``x``: the tensor whose device decides; ``dtypes``: the operands' dtypes; ``shape_ok``: the
+    kernels tile these shapes (``why`` says what is wrong otherwise)."""
+    backend = _requested(backend)
+    if backend == "reference":
         return False
-    if not x.is_cuda and not _interpreting():
-        return False
-    if any(dt not in KERNEL_DTYPES for dt in dtypes):
-        return False
+    interpreting = os.environ.get("TRITON_INTERPRET") == "1"
     from .ops import kernels_available
-    return kernels_available()
+    reasons = []
+    if not kernels_available():
+        reasons.append("Triton is not installed")
+    if not x.is_cuda and not interpreting:
+        reasons.append(f"tensors on {x.device} (set TRITON_INTERPRET=1 to run the kernels on the CPU)")
+    bad = [str(dt).replace("torch.", "") for dt in dtypes if dt not in KERNEL_DTYPES]
+    if bad:
+        reasons.append(f"dtype {bad[0]} (the kernels take float8_e4m3fn and bfloat16)")
+    if not shape_ok:
+        reasons.append(why or "a shape the kernels do not tile")
+    if backend == "auto":
+        return not reasons and x.is_cuda
+    if reasons:
+        raise ValueError(f"backend: 'triton' cannot run these inputs: {reasons[0]}")
+    return True
 
 
-def _interpreting() -> bool:
-    """Tests run the kernels on CPU tensors through Triton's interpreter."""
-    return os.environ.get("TRITON_INTERPRET") == "1" and os.environ.get("MISA_INTERPRET_KERNELS") == "1"
-
-
-def _use_kernels(inp: Inputs) -> bool:
-    # shapes the kernels do not tile (head count or head dim not a power of two) take the reference
-    return (kernels_enabled(inp.q, inp.q.dtype, inp.k.dtype) and power_of_two(inp.num_heads)
-            and power_of_two(inp.q.shape[2]))
+def _use_kernels(inp: Inputs, backend: str | None) -> bool:
+    return use_kernels(backend, inp.q, (inp.q.dtype, inp.k.dtype),
+                       power_of_two(inp.num_heads) and power_of_two(inp.q.shape[2]),
+                       f"head count {inp.num_heads} and head dim {inp.q.shape[2]} must be powers of two")
 
 
 def _contiguous(inp: Inputs) -> Inputs:
@@ -105,11 +148,11 @@ def _to_absolute(cols: torch.Tensor, lo: int) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------
-# Operations
+# Operations: each takes validated inputs and a backend (None: "auto", see the module docstring)
 # ---------------------------------------------------------------------------------------------
 
-def dsa_logits(inp: Inputs, workspace_bytes: int | None = None) -> torch.Tensor:
-    if _use_kernels(inp):
+def dsa_logits(inp: Inputs, workspace_bytes: int | None = None, backend: str | None = None) -> torch.Tensor:
+    if _use_kernels(inp, backend):
         from .ops.dsa import triton as dsa_triton
         return dsa_triton.dsa_logits(_contiguous(inp))
     out = torch.full((inp.num_queries, inp.num_keys), float("-inf"), device=inp.q.device)
@@ -120,8 +163,9 @@ def dsa_logits(inp: Inputs, workspace_bytes: int | None = None) -> torch.Tensor:
     return out
 
 
-def topk_indices(logits: torch.Tensor, ks: torch.Tensor, ke: torch.Tensor, k: int) -> torch.Tensor:
-    if kernels_enabled(logits):
+def topk_indices(logits: torch.Tensor, ks: torch.Tensor, ke: torch.Tensor, k: int,
+                 backend: str | None = None) -> torch.Tensor:
+    if use_kernels(backend, logits):
         from .ops.topk import triton as topk_triton
         return topk_triton.topk_indices(logits.contiguous(), ks.contiguous(), ke.contiguous(), k)
     return topk_ref.topk_indices(logits, ks.long(), ke.long(), k)
@@ -152,24 +196,34 @@ def _kernel_select(inp: Inputs, k: int, workspace_bytes: int | None, heads: torc
     return out
 
 
-def dsa_select(inp: Inputs, k: int, workspace_bytes: int | None = None) -> torch.Tensor:
-    if _use_kernels(inp):
+def dsa_select(inp: Inputs, k: int, workspace_bytes: int | None = None, backend: str | None = None) -> torch.Tensor:
+    if _use_kernels(inp, backend):
         return _kernel_select(_contiguous(inp), k, workspace_bytes)
     out = torch.empty(inp.num_queries, k, dtype=torch.int32, device=inp.q.device)
     kf = float_keys(inp)
     for t0, t1, lo, hi in query_chunks(inp, 4 * inp.num_heads + 16, workspace_bytes):
         q, kc, w, ks, ke = _chunk_tensors(inp, kf, t0, t1, lo, hi)
-        out[t0:t1] = _to_absolute(topk_ref.select_topk(dsa_ref.dsa_logits(q, kc, w, ks, ke, lo),
-                                                       dsa_ref.visible_mask(ks, ke, hi - lo, lo), k), lo)
+        out[t0:t1] = _to_absolute(reference.dsa_select_chunk(q, kc, w, ks, ke, k, lo), lo)
     return out
 
 
+def _router_kernel_ok(inp: Inputs, router: str) -> tuple[bool, str]:
+    from .ops.router.triton import STATISTICS
+    if router not in STATISTICS:
+        return False, f"router {router!r} has no kernel (kernels: {STATISTICS})"
+    if inp.num_heads > 128:
+        return False, f"the router kernel takes at most 128 heads, got {inp.num_heads}"
+    return True, ""
+
+
 def route_heads(inp: Inputs, active_heads: int, block_size: int, router: str = "abs-sum",
-                workspace_bytes: int | None = None) -> torch.Tensor:
-    if _use_kernels(inp) and inp.num_heads <= 128:
-        from .ops.router import triton as router_triton
-        if router in router_triton.STATISTICS:
+                workspace_bytes: int | None = None, backend: str | None = None) -> torch.Tensor:
+    if use_kernels(backend, inp.q, (inp.q.dtype, inp.k.dtype)):
+        ok, why = _router_kernel_ok(inp, router)
+        if ok and power_of_two(inp.num_heads) and power_of_two(inp.q.shape[2]):
+            from .ops.router import triton as router_triton
             return router_triton.route_heads(_contiguous(inp), active_heads, block_size, router=router)
+        use_kernels(backend, inp.q, (), False, why or "head count and head dim must be powers of two")
     kbar = router_ref.pool_keys(float_keys(inp), block_size)
     nb = kbar.shape[0]
     out = torch.empty(inp.num_queries, active_heads, dtype=torch.int32, device=inp.q.device)
@@ -190,38 +244,71 @@ class _Rerank:
         self.inp, self.k = inp, k
 
     def __call__(self, rows: slice, cand: torch.Tensor) -> torch.Tensor:
-        from .ops.misa.triton import rerank
+        from .ops.rescore.triton import rerank
         return rerank(self.inp, cand, self.k, rows)
 
 
 def misa_select(inp: Inputs, k: int, active_heads: int, block_size: int, stage1_k: int | None,
-                router: str = "abs-sum", workspace_bytes: int | None = None) -> torch.Tensor:
-    heads = route_heads(inp, active_heads, block_size, router, workspace_bytes)
-    if _use_kernels(inp) and power_of_two(active_heads):
-        inp = _contiguous(inp)
-        then = _Rerank(inp, k) if stage1_k is not None else None
-        return _kernel_select(inp, stage1_k or k, workspace_bytes, heads=heads, then=then)
+                router: str = "abs-sum", workspace_bytes: int | None = None,
+                backend: str | None = None) -> torch.Tensor:
+    heads = route_heads(inp, active_heads, block_size, router, workspace_bytes, backend)
+    if _use_kernels(inp, backend):
+        if power_of_two(active_heads):
+            inp = _contiguous(inp)
+            then = _Rerank(inp, k) if stage1_k is not None else None
+            return _kernel_select(inp, stage1_k or k, workspace_bytes, heads=heads, then=then)
+        use_kernels(backend, inp.q, (), False, f"active_heads must be a power of two, got {active_heads}")
     out = torch.empty(inp.num_queries, k, dtype=torch.int32, device=inp.q.device)
     kf = float_keys(inp)
     heads_per_pair = inp.num_heads if stage1_k is not None else active_heads
     for t0, t1, lo, hi in query_chunks(inp, 4 * heads_per_pair + 24, workspace_bytes):
         q, kc, w, ks, ke = _chunk_tensors(inp, kf, t0, t1, lo, hi)
-        cols = misa_ref.misa_select_chunk(q, kc, w, heads[t0:t1], ks, ke, k, stage1_k, lo)
+        cols = reference.misa_select_chunk(q, kc, w, heads[t0:t1], ks, ke, k, stage1_k, lo)
         out[t0:t1] = _to_absolute(cols, lo)
     return out
 
 
+def _hisa_kernels(inp: Inputs, k: int, block_size: int, block_k: int, workspace_bytes: int | None) -> torch.Tensor:
+    """HISA on the kernels: pooled-block scores with all heads (the dense logits kernel on the bf16
+    mean keys), forced first/last visible block, radix top-m blocks, then the exact DSA scores of
+    the ``m * B`` candidate tokens (the gathered re-scoring) and their top-k."""
+    from .ops.dsa.triton import launch_logits
+    from .ops.rescore.triton import rerank
+    from .ops.router.triton import pool_keys
+    from .ops.topk.triton import topk
+    kbar = pool_keys(inp.k, inp.k_scale, block_size).to(torch.bfloat16)
+    nb = kbar.shape[0]
+    out = torch.empty(inp.num_queries, k, dtype=torch.int32, device=inp.q.device)
+    offsets = torch.arange(block_size, dtype=torch.int32, device=inp.q.device)
+    # workspace per query: block scores, candidate ids and their scores, the top-k scratch
+    per_query = 4 * nb + 16 * block_k * block_size
+    for t0, t1, _, _ in query_chunks(inp, 0, workspace_bytes, bytes_per_query=per_query):
+        rows = slice(t0, t1)
+        ks, ke = inp.ks[rows], inp.ke[rows]
+        nonempty = ke > ks
+        bks = torch.div(ks, block_size, rounding_mode="floor").int()
+        bke = torch.where(nonempty, torch.div(ke + block_size - 1, block_size, rounding_mode="floor").int(), bks)
+        scores = torch.empty(t1 - t0, max(nb, 1), dtype=torch.float32, device=inp.q.device)
+        launch_logits(inp.q[rows], inp.weights[rows], kbar, None, bks, bke, scores)
+        r = torch.arange(t1 - t0, device=inp.q.device)[nonempty]
+        scores[r, bks[nonempty].long()] = float("inf")      # always keep the first and last visible block
+        scores[r, bke[nonempty].long() - 1] = float("inf")
+        blocks = topk(scores, bks, bke, block_k)             # [t, m] block ids, -1 padded
+        cand = torch.where(blocks[:, :, None] >= 0, blocks[:, :, None] * block_size + offsets, -1)
+        out[rows] = rerank(inp, cand.reshape(t1 - t0, -1), k, rows)
+    return out
+
+
 def hisa_select(inp: Inputs, k: int, block_size: int, block_k: int,
-                workspace_bytes: int | None = None) -> torch.Tensor:
-    if _use_kernels(inp):
-        from .ops.hisa.triton import hisa_select as hisa_kernels
-        return hisa_kernels(_contiguous(inp), k, block_size, block_k, workspace_bytes)
+                workspace_bytes: int | None = None, backend: str | None = None) -> torch.Tensor:
+    if _use_kernels(inp, backend):
+        return _hisa_kernels(_contiguous(inp), k, block_size, block_k, workspace_bytes)
     out = torch.empty(inp.num_queries, k, dtype=torch.int32, device=inp.q.device)
     kf = float_keys(inp)
     kbar = router_ref.pool_keys(kf, block_size)
     for t0, t1, lo, hi in query_chunks(inp, 4 * inp.num_heads + 24, workspace_bytes, align=block_size):
         q, kc, w, ks, ke = _chunk_tensors(inp, kf, t0, t1, lo, hi)
         blocks = kbar[lo // block_size: -(-hi // block_size)]
-        cols = hisa_ref.hisa_select_chunk(q, kc, blocks, w, ks, ke, k, block_size, block_k, lo)
+        cols = reference.hisa_select_chunk(q, kc, blocks, w, ks, ke, k, block_size, block_k, lo)
         out[t0:t1] = _to_absolute(cols, lo)
     return out

@@ -174,6 +174,16 @@ def check_inputs(q, kv, weights, ks, ke) -> Inputs:
     return Inputs(q, k, k_scale, weights, ks, ke, extent=tuple(values) if t else None)
 
 
+def check_hisa_budget(k: int, block_size: int, block_k: int) -> int:
+    """HISA keeps ``block_k`` blocks of ``block_size`` tokens: fewer than ``k`` tokens could not
+    fill a selection of ``k`` (SPEC: exactly ``min(k, ke - ks)`` per row)."""
+    check_int("block_k", block_k, 2)
+    if block_k * block_size < k:
+        _fail("block_k", f"block_k * block_size ({block_k} * {block_size} = {block_k * block_size}) "
+                         f"must be >= k ({k})")
+    return block_k
+
+
 def check_stage1_k(stage1_k, k: int):
     if stage1_k is None:
         return None

@@ -22,7 +22,7 @@ from triton.compiler import ASTSource
 
 from misa.ops.dsa import paged_triton
 from misa.ops.dsa import triton as dsa
-from misa.ops.misa import triton as misa_k
+from misa.ops.rescore import triton as misa_k
 from misa.ops.router import triton as router
 from misa.ops.topk import triton as topk
 

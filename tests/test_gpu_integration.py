@@ -9,7 +9,7 @@ import torch
 
 import misa
 from misa import MisaConfig, engine
-from misa.select import kernels_enabled
+from misa.select import use_kernels
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 transformers = pytest.importorskip("transformers")
@@ -33,7 +33,7 @@ def layer_recalls(before, after):
 
 
 def test_kernels_are_what_runs():
-    assert kernels_enabled(torch.zeros(1, device=CUDA)), \
+    assert use_kernels("auto", torch.zeros(1, device=CUDA), (torch.bfloat16,)), \
         "CUDA is present but misa's Triton kernels are not (is triton installed?)"
 
 

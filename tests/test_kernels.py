@@ -26,8 +26,9 @@ ROUTER_RTOL = 3e-3 if BIG else 1e-4
 
 @pytest.fixture(autouse=True)
 def kernels_on(monkeypatch):
-    monkeypatch.setenv("MISA_INTERPRET_KERNELS", "1")
-    monkeypatch.delenv("MISA_DISABLE_KERNELS", raising=False)
+    # the documented override: every call without an explicit backend runs the kernels (through
+    # the interpreter on the CPU)
+    monkeypatch.setenv("MISA_BACKEND", "triton")
 
 
 def _inputs(t, s, h, d, kind, seed, kv="fp8", q_dtype=FP8):
@@ -239,7 +240,7 @@ def test_sample_logits_are_the_window_columns(routed):
 def test_gathered_scores_sample_is_their_strided_columns():
     # MISA-dagger's re-scoring also writes every step-th score for the top-k's cut: exactly those
     # columns of its scores, holes (-inf) included; with int32 or int64 key offsets alike
-    from misa.ops.misa.triton import gather_logits
+    from misa.ops.rescore.triton import gather_logits
     t, s, c = (9, 700, 301) if not BIG else (300, 20000, 8191)
     q, kv, w, ks, ke = _inputs(t, s, 64, 128, "ragged", seed=41)
     inp = check_inputs(q, kv, w, ks, ke)
@@ -451,31 +452,60 @@ def test_hisa_kernels(kind, bs, m):
             check_selection(idx[t_:t_ + 1], full[t_:t_ + 1], ks_[t_:t_ + 1], ke_[t_:t_ + 1], k, rtol=RTOL)
 
 
+def _kernel_spies(monkeypatch):
+    """Count the launches of every kernel entry point the selections use."""
+    from misa.ops.dsa import triton as dsa_t
+    from misa.ops.rescore import triton as rescore_t
+    from misa.ops.router import triton as router_t
+    from misa.ops.topk import triton as topk_t
+    launches = []
+    for mod, name in ((dsa_t, "launch_logits"), (topk_t, "topk"), (router_t, "route_heads"),
+                      (router_t, "pool_keys"), (rescore_t, "gather_logits")):
+        real = getattr(mod, name)
+        monkeypatch.setattr(mod, name, lambda *a, _real=real, _name=name, **kw: launches.append(_name) or _real(*a, **kw))
+    return launches
+
+
 @pytest.mark.parametrize("h,d", [(6, 64), (8, 48)])
 def test_shapes_the_kernels_do_not_tile_take_the_reference(monkeypatch, h, d):
-    # head counts and head dims that are not powers of two: the public functions fall back to
-    # the reference (they crashed in the kernels' tiling before) and agree with it exactly
+    # head counts and head dims that are not powers of two: "auto" runs the reference (no kernel
+    # launch) and agrees with it exactly; "triton" refuses with a ValueError naming the backend
     q, kv, w, ks, ke = _inputs(23, 400, h, d, "ragged", seed=h + d)
     calls = {
-        "logits": lambda: misa.dsa_logits(q, kv, w, ks, ke),
-        "dsa": lambda: misa.dsa_select(q, kv, w, ks, ke, k=30),
-        "heads": lambda: misa.route_heads(q, kv, w, ks, ke, active_heads=3, block_size=64),
-        "misa": lambda: misa.misa_select(q, kv, w, ks, ke, k=30, active_heads=2, block_size=64),
-        "hisa": lambda: misa.hisa_select(q, kv, w, ks, ke, k=30, block_size=64, block_k=3),
+        "logits": lambda b: misa.dsa_logits(q, kv, w, ks, ke, backend=b),
+        "dsa": lambda b: misa.dsa_select(q, kv, w, ks, ke, k=30, backend=b),
+        "heads": lambda b: misa.route_heads(q, kv, w, ks, ke, active_heads=3, block_size=64, backend=b),
+        "misa": lambda b: misa.misa_select(q, kv, w, ks, ke, k=30, active_heads=2, block_size=64, backend=b),
+        "hisa": lambda b: misa.hisa_select(q, kv, w, ks, ke, k=30, block_size=64, block_k=3, backend=b),
     }
-    got = {name: fn() for name, fn in calls.items()}
-    monkeypatch.setenv("MISA_DISABLE_KERNELS", "1")
+    launches = _kernel_spies(monkeypatch)
+    got = {name: fn("auto") for name, fn in calls.items()}
+    assert launches == []
     for name, fn in calls.items():
-        ref = fn()
+        with pytest.raises(ValueError, match="^backend: 'triton' cannot run these inputs: head count"):
+            fn("triton")
+        ref = fn("reference")
         if name == "logits":
             torch.testing.assert_close(got[name].cpu(), ref.cpu(), rtol=0, atol=0)
         elif name == "heads":
             assert torch.equal(got[name].cpu(), ref.cpu())
         else:
             assert as_sets(got[name].cpu()) == as_sets(ref.cpu()), name
+    assert launches == []
 
 
-def test_dispatch_uses_reference_for_float32():
+def test_dispatch_uses_reference_for_float32(monkeypatch):
     q, kv, w, ks, ke = _inputs(7, 100, 8, 32, "causal", seed=0, kv="fp32", q_dtype=torch.float32)
-    got = misa.dsa_select(q, kv, w, ks, ke, k=10)
+    launches = _kernel_spies(monkeypatch)
+    got = misa.dsa_select(q, kv, w, ks, ke, k=10, backend="auto")
+    assert launches == []
     check_selection(got, dsa_logits64(q, kv, w, ks, ke), ks.cpu(), ke.cpu(), 10)
+    with pytest.raises(ValueError, match="^backend: 'triton' cannot run these inputs: dtype float32"):
+        misa.dsa_select(q, kv, w, ks, ke, k=10, backend="triton")
+
+
+def test_backend_triton_runs_the_kernels(monkeypatch):
+    q, kv, w, ks, ke = _inputs(9, 300, 8, 64, "causal", seed=3)
+    launches = _kernel_spies(monkeypatch)
+    misa.dsa_select(q, kv, w, ks, ke, k=10, backend="triton")
+    assert launches.count("launch_logits") >= 1 and launches.count("topk") == 1

@@ -1,4 +1,4 @@
-"""The batched paged decode kernels (the default; ``MISA_PAGED_KERNEL=0`` is the per-sequence path):
+"""The batched paged decode kernels (what the kernel backend runs; the reference runs sequence by sequence):
 scoring in one launch, MISA's router pooling and routing the whole batch, against float64 and
 against the per-sequence path, on caches with shuffled pages and garbage in unused slots. Under the
 interpreter on machines without CUDA (conftest.py), compiled on a GPU."""
@@ -22,8 +22,8 @@ ROUTER_RTOL = 3e-3 if DEVICE == "cuda" else 1e-4     # the router's MMA runs in 
 
 @pytest.fixture(autouse=True)
 def kernels_on(monkeypatch):
-    monkeypatch.setenv("MISA_INTERPRET_KERNELS", "1")
-    monkeypatch.delenv("MISA_DISABLE_KERNELS", raising=False)
+    # the documented override: calls without an explicit backend run the kernels
+    monkeypatch.setenv("MISA_BACKEND", "triton")
 
 
 def _batch(lens, next_n, h, d, seed):
@@ -79,18 +79,17 @@ def test_paged_selectors_use_the_kernel_and_agree_with_the_per_sequence_path(mon
     h, d, k = (8, 64, 40) if DEVICE == "cpu" else (64, 128, 512)
     seqs, q, w, cache, table, clens = _batch(lens, next_n, h, d, seed=40 + next_n)
     from misa.ops.router import triton as router_triton
-    monkeypatch.setenv("MISA_PAGED_KERNEL", "0")
+    ref = dict(backend="reference")
     per_sequence = {
-        "logits": misa.paged_dsa_logits(q, cache, w, clens, table),
-        "dsa": misa.paged_dsa_select(q, cache, w, clens, table, k=k),
-        "misa": misa.paged_misa_select(q, cache, w, clens, table, k=k, active_heads=2, block_size=64),
+        "logits": misa.paged_dsa_logits(q, cache, w, clens, table, **ref),
+        "dsa": misa.paged_dsa_select(q, cache, w, clens, table, k=k, **ref),
+        "misa": misa.paged_misa_select(q, cache, w, clens, table, k=k, active_heads=2, block_size=64, **ref),
     }
     launches, routings = [], []
     real, real_router = paged_triton.paged_logits, router_triton.paged_route_heads_batched
     monkeypatch.setattr(paged_triton, "paged_logits", lambda *a, **kw: launches.append(1) or real(*a, **kw))
     monkeypatch.setattr(router_triton, "paged_route_heads_batched",
                         lambda *a, **kw: routings.append(1) or real_router(*a, **kw))
-    monkeypatch.delenv("MISA_PAGED_KERNEL")         # batched is the default
     batched = {
         "logits": misa.paged_dsa_logits(q, cache, w, clens, table),
         "dsa": misa.paged_dsa_select(q, cache, w, clens, table, k=k),
@@ -152,8 +151,8 @@ def test_paged_router_batched_like_float64_and_per_sequence(monkeypatch, next_n,
     assert calls == [1] and batched.shape == (len(lens) * next_n, active) and batched.dtype == torch.int32
     # 16 (query, head) pairs per program: a sequence's queries split over several programs
     split = real(q, cache, w, clens, table, active, block_size, router, config=(16, 32, 4, "tf32"))
-    monkeypatch.setenv("MISA_PAGED_KERNEL", "0")
-    per_sequence = misa.paged_route_heads(q, cache, w, clens, table, active, block_size, router=router)
+    per_sequence = misa.paged_route_heads(q, cache, w, clens, table, active, block_size, router=router,
+                                          backend="reference")
     assert calls == [1]
     for b in range(len(lens)):
         rows = slice(b * next_n, (b + 1) * next_n)
@@ -173,10 +172,12 @@ def test_paged_router_batched_like_float64_and_per_sequence(monkeypatch, next_n,
 
 def test_paged_batched_path_checks_its_switch_and_the_page_ids(monkeypatch):
     seqs, q, w, cache, table, clens = _batch([70, 129], 1, 8, 64, seed=5)
-    monkeypatch.setenv("MISA_PAGED_KERNEL", "yes")
-    with pytest.raises(ValueError, match="^MISA_PAGED_KERNEL:"):
+    monkeypatch.setenv("MISA_BACKEND", "yes")
+    with pytest.raises(ValueError, match="^MISA_BACKEND:"):
         misa.paged_dsa_select(q, cache, w, clens, table, k=8)
-    monkeypatch.delenv("MISA_PAGED_KERNEL")
+    with pytest.raises(ValueError, match="^backend:"):
+        misa.paged_dsa_select(q, cache, w, clens, table, k=8, backend="gpu")
+    monkeypatch.setenv("MISA_BACKEND", "triton")
     bad = table.clone()
     bad[1, 2] = cache.shape[0]          # the third page of the second sequence: outside the cache
     for call in (lambda t: misa.paged_dsa_select(q, cache, w, clens, t, k=8),

@@ -25,8 +25,24 @@ def test_good_inputs_pass(fn, good):
     if fn is misa.misa_select or fn is misa.route_heads:
         kw["block_size"] = 8
     if fn is misa.hisa_select:
-        kw.update(block_size=8, block_k=2)
+        kw.update(k=16, block_size=8, block_k=2)
     fn(*good, **kw)
+
+
+def test_hisa_budget_below_k_is_refused(good):
+    # SPEC: block_k * block_size >= k, or a row could come back with fewer than min(k, ke - ks)
+    # positions; every HISA entry point refuses it
+    with pytest.raises(ValueError, match=r"^block_k: block_k \* block_size \(2 \* 8 = 16\) must be >= k \(17\)"):
+        misa.hisa_select(*good, k=17, block_size=8, block_k=2)
+    misa.hisa_select(*good, k=16, block_size=8, block_k=2)
+    q, kv, w, ks, ke = good
+    cache, table, lens = misa.build_paged_kcache([kv])
+    paged = (q[None, -1:].contiguous(), cache, w[-1:], lens, table)
+    with pytest.raises(ValueError, match="^block_k:"):
+        misa.paged_hisa_select(*paged, k=17, block_size=8, block_k=2)
+    misa.paged_hisa_select(*paged, k=16, block_size=8, block_k=2)
+    with pytest.raises(ValueError, match="^hisa_block_k:"):
+        misa.MisaConfig(variant="hisa", hisa_block_size=8, hisa_block_k=2).check_indexer(8, 17)
 
 
 def _bad_cases(good):

@@ -28,3 +28,20 @@ def dsa_logits(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor, ks: torc
     scores = head_scores(q, k)                                   # [T, H, W]
     logits = torch.bmm(weights[:, None, :], scores).squeeze(1)   # sum_j w[t, j] * scores[t, j, :]
     return logits.masked_fill_(~visible_mask(ks, ke, k.shape[0], key_offset), float("-inf"))
+
+
+def gather_heads(q: torch.Tensor, weights: torch.Tensor, heads: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each query's routed ``q [T, h, D]`` and ``weights [T, h]`` (``heads [T, h]`` head ids)."""
+    idx = heads.long()
+    q_r = torch.gather(q, 1, idx[:, :, None].expand(-1, -1, q.shape[2]))
+    return q_r, torch.gather(weights, 1, idx)
+
+
+def routed_logits(q, k, weights, heads, ks, ke, key_offset: int = 0) -> torch.Tensor:
+    """MISA's routed scoring: the DSA formula over each query's ``heads [T, h]`` only,
+
+        Ihat[t, s] = sum_{j in heads[t]} w[t, j] * relu(q[t, j] . k[s])     (weights not renormalised)
+    """
+    q_r, w_r = gather_heads(q, weights, heads)
+    return dsa_logits(q_r, k, w_r, ks, ke, key_offset)
