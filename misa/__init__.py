@@ -7,6 +7,7 @@ tokens; MISA-dagger re-ranks a larger candidate set with all heads. Training-fre
 from . import engine, nn
 from .api import dsa_logits, dsa_select, hisa_select, misa_select, route_heads, topk_indices
 from .config import MisaConfig
+from .decode import DecodeSelector
 from .metrics import recall
 from .nn import DSAIndexer, MISAIndexer, hadamard_transform, patch_model, unpatch_model
 from .paged import (paged_dsa_logits, paged_dsa_select, paged_hisa_select, paged_misa_select,
@@ -22,5 +23,5 @@ __all__ = [
     "quantize_keys", "quantize_queries", "dequantize_keys", "PAGE_SIZE", "new_paged_kcache",
     "write_paged_kcache", "read_paged_kcache", "build_paged_kcache", "recall",
     "MisaConfig", "patch_model", "unpatch_model", "DSAIndexer", "MISAIndexer", "hadamard_transform",
-    "engine", "nn",
+    "engine", "nn", "DecodeSelector",
 ]

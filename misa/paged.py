@@ -185,12 +185,43 @@ def paged_misa_select(q, kv_cache, weights, context_lens, block_table, k: int = 
                          q, kv_cache, weights, context_lens, block_table, k)
 
 
+def check_pooled(pooled, kv_cache) -> torch.Tensor:
+    """The pooled-key cache: float32 ``[num_pages, D]`` beside ``kv_cache``."""
+    check_tensor("pooled", pooled, 2, (torch.float32,))
+    d = quant.paged_head_dim(kv_cache)
+    if tuple(pooled.shape) != (kv_cache.shape[0], d):
+        raise ValueError(f"pooled: expected [{kv_cache.shape[0]}, {d}] (one row per cache page), got {tuple(pooled.shape)}")
+    if pooled.device != kv_cache.device:
+        raise ValueError(f"pooled: on {pooled.device}, kv_cache on {kv_cache.device}")
+    return pooled
+
+
 def paged_hisa_select(q, kv_cache, weights, context_lens, block_table, k: int = 2048,
-                      block_size: int = 128, block_k: int = 64, *, backend: str | None = None) -> torch.Tensor:
+                      block_size: int = 128, block_k: int = 64, *, pooled: torch.Tensor | None = None,
+                      backend: str | None = None) -> torch.Tensor:
     """HISA over the cache: ``[B * next_n, k]`` int32 positions inside each sequence, -1 padded.
-    Arguments as for ``misa.hisa_select`` (``block_k * block_size >= k``)."""
+    Arguments as for ``misa.hisa_select`` (``block_k * block_size >= k``).
+
+    With ``pooled`` (the pooled-key cache, ``misa.new_pooled_kcache``) this is block-pruned decode
+    on the kernels: the pooled blocks are scored with all heads, the first, the last and the best
+    ``block_k`` blocks kept and only their pages read; ``block_size`` must then be a multiple of
+    the 64-token page. The selection equals the one without ``pooled`` up to float rounding."""
     check_int("k", k)
     check_int("block_size", block_size)
     check_hisa_budget(k, block_size, block_k)
+    if pooled is not None:
+        check_pooled(pooled, kv_cache)
+        if block_size % quant.PAGE_SIZE:
+            raise ValueError(f"block_size: with pooled, a multiple of the page size ({quant.PAGE_SIZE}), got {block_size}")
+        if _batched(q, backend):
+            from .decode import DecodeSelector
+            _check_paged(q, kv_cache, weights, context_lens, block_table)
+            b, n, h, d = q.shape
+            if b == 0:
+                return torch.empty(0, k, dtype=torch.int32, device=q.device)
+            sel = DecodeSelector("hisa", num_heads=h, head_dim=d, k=k, max_batch=b,
+                                 max_context=max(block_table.shape[1], 1) * quant.PAGE_SIZE, next_n=n,
+                                 device=q.device, block_size=block_size, block_k=block_k)
+            return sel(q, kv_cache, weights, context_lens, block_table, pooled)
     return _paged_select(lambda inp: select.hisa_select(inp, k, block_size, block_k, backend=backend),
                          q, kv_cache, weights, context_lens, block_table, k)

@@ -301,6 +301,8 @@ def _hisa_kernels(inp: Inputs, k: int, block_size: int, block_k: int, workspace_
 
 def hisa_select(inp: Inputs, k: int, block_size: int, block_k: int,
                 workspace_bytes: int | None = None, backend: str | None = None) -> torch.Tensor:
+    from .ops.blocks.reference import kept_blocks
+    block_k = kept_blocks(k, block_size, block_k)
     if _use_kernels(inp, backend):
         return _hisa_kernels(_contiguous(inp), k, block_size, block_k, workspace_bytes)
     out = torch.empty(inp.num_queries, k, dtype=torch.int32, device=inp.q.device)

@@ -3,6 +3,7 @@ import torch
 
 import misa
 from helpers import as_sets, check_pick_from, dsa_logits64, keys64, make_inputs
+from misa.ops.blocks import kept_blocks
 
 
 def _hisa64(q, kv, w, ks, ke, k, bs, m):
@@ -31,7 +32,8 @@ def test_hisa_matches_the_method(kind, bs, m):
     q, kv, w, ks, ke = make_inputs(30, 333, 8, 32, kind, seed=bs + m)
     idx = misa.hisa_select(q, kv, w, ks, ke, k=20, block_size=bs, block_k=m)
     full = dsa_logits64(q, kv, w, ks, ke)
-    cands = _hisa64(q, kv, w, ks, ke, 20, bs, m)
+    # the documented count of kept blocks (more than m where partial edge blocks could leave < k)
+    cands = _hisa64(q, kv, w, ks, ke, 20, bs, kept_blocks(20, bs, m))
     for t, (got, cand) in enumerate(zip(as_sets(idx), cands)):
         check_pick_from(got, cand, 20, full[t])
 
@@ -44,11 +46,14 @@ def test_hisa_keeping_all_blocks_is_dsa(kind):
     assert as_sets(h) == as_sets(dsa)
 
 
-def test_hisa_keeps_first_and_last_block():
-    q, kv, w, ks, ke = make_inputs(20, 512, 8, 32, "causal", seed=32)
-    # k equal to two blocks and m = 2: exactly the first and the last visible block survive
-    idx = misa.hisa_select(q, kv, w, ks, ke, k=64, block_size=32, block_k=2)
+@pytest.mark.parametrize("kind", ["causal", "ragged"])
+def test_hisa_never_returns_short(kind):
+    # m * B == k with partial first and last blocks: the kept blocks alone would hold fewer than k
+    # tokens; every row still gets exactly min(k, ke - ks) positions, all visible and distinct
+    q, kv, w, ks, ke = make_inputs(20, 512, 8, 32, kind, seed=32)
+    k = 64
+    idx = misa.hisa_select(q, kv, w, ks, ke, k=k, block_size=32, block_k=2)
     for t, got in enumerate(as_sets(idx)):
-        last = (int(ke[t]) - 1) // 32
-        want = set(range(0, 32)) | set(range(last * 32, int(ke[t])))
-        assert got == want
+        assert len(got) == min(k, int(ke[t]) - int(ks[t]))
+        assert all(int(ks[t]) <= p < int(ke[t]) for p in got)
+    assert kept_blocks(64, 32, 2) == 4 and kept_blocks(2048, 128, 64) == 64

@@ -1,0 +1,134 @@
+"""Decode selection for serving engines: built once, then called every step without host
+synchronisation, allocation or Python loops over sequences, so an engine can capture it in a CUDA
+graph and replay it with new ``q``, ``weights``, ``context_lens`` and ``block_table``.
+
+    sel = misa.DecodeSelector("hisa", num_heads=64, head_dim=128, k=2048, max_batch=64,
+                              max_context=131072, next_n=1, device="cuda", block_k=64)
+    sel.check(q, kv_cache, weights, context_lens, block_table, pooled)   # optional: one sync
+    idx = sel(q, kv_cache, weights, context_lens, block_table, pooled)   # capturable
+
+Variants: ``"dsa"`` (the dense paged logits and a top-k over each row's cached positions) and
+``"hisa"`` (block-pruned: pooled blocks from the pooled-key cache scored with all heads, the first,
+the last and the best ``block_k`` blocks kept, their tokens scored exactly, top-k). A selector's
+buffers are sized by ``max_batch`` and ``max_context``; each batch size gets its own launch plan on
+first use (allocated then: call once at every batch size before capturing). Inputs are not
+validated by ``__call__`` (that would read the device); ``check`` does it, as the checked
+``misa.paged_*`` functions do.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+
+from . import quant
+from .ops.blocks.reference import kept_blocks
+from .validate import check_hisa_budget, check_int
+
+SELECTOR_VARIANTS = ("dsa", "hisa")
+
+
+class _Plan:
+    """One batch size's buffers and kernel launches."""
+
+    def __init__(self, sel: "DecodeSelector", batch: int):
+        from .ops.topk.triton import TopkLaunches
+        dev, n = sel.device, sel.next_n
+        rows = batch * n
+        self.batch = batch
+        i32 = dict(dtype=torch.int32, device=dev)
+        self.zeros = torch.zeros(rows, **i32)
+        if sel.variant == "dsa":
+            self.ends = torch.empty(rows, **i32)
+            self.offsets = torch.arange(1 - n, 1, **i32)              # query i sees ctx - n + 1 + i keys
+            self.logits = torch.empty(rows, sel.max_pages * quant.PAGE_SIZE, dtype=torch.float32, device=dev)
+            self.topk = TopkLaunches(self.logits, self.zeros, self.ends, sel.k)
+        else:
+            self.block_ends = torch.empty(rows, **i32)
+            self.scores = torch.empty(rows, max(sel.max_blocks, 1), dtype=torch.float32, device=dev)
+            self.top_blocks = TopkLaunches(self.scores, self.zeros, self.block_ends, sel.kept)
+            width = sel.kept * sel.block_size
+            self.cand = torch.empty(rows, width, dtype=torch.float32, device=dev)
+            self.positions = torch.empty(rows, width, **i32)
+            self.width = torch.full((rows,), width, **i32)
+            self.topk = TopkLaunches(self.cand, self.zeros, self.width, sel.k, cmap=self.positions, finite_only=True)
+        self.out = self.topk.out
+
+
+class DecodeSelector:
+    """A decode selector with preallocated buffers; see the module docstring.
+
+    ``variant``: "dsa" or "hisa"; ``num_heads``, ``head_dim``: the indexer's H and D; ``k``: tokens
+    kept per query (default 2048); ``max_batch``: sequences per call at most; ``max_context``:
+    cached tokens per sequence at most (the block table has ``ceil(max_context / 64)`` columns);
+    ``next_n``: new tokens per sequence per step (1, or 2+ with multi-token prediction).
+    HISA: ``block_size`` (a multiple of the 64-token page, default 64) and ``block_k`` (blocks kept,
+    default 64; ``block_k * block_size >= k``).
+    """
+
+    def __init__(self, variant: str = "dsa", *, num_heads: int, head_dim: int, k: int = 2048, max_batch: int,
+                 max_context: int, next_n: int = 1, device=None, block_size: int = 64, block_k: int = 64):
+        if variant not in SELECTOR_VARIANTS:
+            raise ValueError(f"variant: expected one of {SELECTOR_VARIANTS}, got {variant!r}")
+        self.variant = variant
+        self.num_heads = check_int("num_heads", num_heads)
+        self.head_dim = check_int("head_dim", head_dim)
+        self.k = check_int("k", k)
+        self.max_batch = check_int("max_batch", max_batch)
+        self.max_context = check_int("max_context", max_context)
+        self.next_n = check_int("next_n", next_n)
+        self.device = torch.device(device if device is not None else "cuda")
+        self.max_pages = triton.cdiv(max_context, quant.PAGE_SIZE)
+        if variant == "hisa":
+            check_int("block_size", block_size)
+            if block_size % quant.PAGE_SIZE:
+                raise ValueError(f"block_size: must be a multiple of the page size ({quant.PAGE_SIZE}), got {block_size}")
+            check_hisa_budget(k, block_size, block_k)
+            self.block_size, self.block_k = block_size, block_k
+            self.kept = kept_blocks(k, block_size, block_k)
+            self.max_blocks = triton.cdiv(max_context, block_size)
+        self._plans: dict[int, _Plan] = {}
+
+    def plan(self, batch: int) -> _Plan:
+        """The buffers and launches for ``batch`` sequences (made on first use)."""
+        if batch not in self._plans:
+            check_int("batch", batch, 1, self.max_batch)
+            self._plans[batch] = _Plan(self, batch)
+        return self._plans[batch]
+
+    def check(self, q, kv_cache, weights, context_lens, block_table, pooled=None) -> None:
+        """Validate inputs as the checked ``misa.paged_*`` functions do (one device read), and that
+        they fit this selector's sizes."""
+        from .paged import _check_paged, check_pooled
+        longest = _check_paged(q, kv_cache, weights, context_lens, block_table)
+        b, n, h, d = q.shape
+        if (n, h, d) != (self.next_n, self.num_heads, self.head_dim):
+            raise ValueError(f"q: expected [B, {self.next_n}, {self.num_heads}, {self.head_dim}], got {tuple(q.shape)}")
+        check_int("batch", b, 1, self.max_batch)
+        if block_table.shape[1] > self.max_pages:
+            raise ValueError(f"block_table: {block_table.shape[1]} columns, this selector holds {self.max_pages} "
+                             f"(max_context {self.max_context})")
+        if longest > self.max_context:
+            raise ValueError(f"context_lens: {longest} tokens exceed max_context ({self.max_context})")
+        if self.variant == "hisa":
+            if pooled is None:
+                raise ValueError("pooled: the block-pruned selector reads the pooled-key cache (misa.new_pooled_kcache)")
+            check_pooled(pooled, kv_cache)
+
+    def __call__(self, q, kv_cache, weights, context_lens, block_table, pooled=None) -> torch.Tensor:
+        """``[B * next_n, k]`` int32 positions inside each sequence, -1 padded: a buffer of this
+        selector, overwritten by the next call at the same batch size."""
+        p = self.plan(q.shape[0])
+        if self.variant == "dsa":
+            from .ops.dsa.paged_triton import paged_logits
+            torch.add(context_lens.view(-1, 1), p.offsets, out=p.ends.view(-1, self.next_n))
+            paged_logits(q, kv_cache, weights, context_lens, block_table, p.logits)
+            p.topk.run()
+            return p.out
+        from .ops.blocks import triton as blocks_triton
+        blocks_triton.block_scores(q, pooled, weights, context_lens, block_table, self.block_size, p.scores,
+                                   p.block_ends)
+        p.top_blocks.run()
+        blocks_triton.chosen_block_logits(q, kv_cache, weights, context_lens, block_table, p.top_blocks.out,
+                                          self.block_size, p.cand, p.positions)
+        p.topk.run()
+        return p.out

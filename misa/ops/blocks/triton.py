@@ -1,0 +1,159 @@
+"""Triton kernels for block-pruned decode over the paged cache (the math: ``reference.py``).
+
+``block_scores``: one program per (sequence, split) loads the sequence's ``next_n`` queries with
+all heads once and walks its blocks in tiles of ``TB``: each block's mean key comes from the
+pooled-key cache (``G`` page rows summed, divided by the cached tokens), so this pass reads
+``4 * D`` bytes per 64 tokens instead of the ``64 * (D + 4)`` the dense paged logits read. It also
+writes each row's visible block count, which the top-m reads as its range.
+
+``chosen_block_logits``: one program per (row, split) scores the pages of the row's chosen
+blocks, read in place through the block table (a ``[64, D] x [D, H]`` MMA per page), and writes
+the scores with the positions the top-k maps them to.
+
+Grids depend on shapes only and nothing is read back to the host: both kernels can be captured in
+a CUDA graph.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ... import quant
+from ..dsa.triton import mma_cast
+from ..triton_common import INTERPRET, sm_count
+
+
+@triton.jit(do_not_specialize=["out_width"])
+def _block_scores_kernel(Q, W, POOLED, TABLE, CTX, OUT, BLOCK_ENDS, out_width,
+                         stride_qb, stride_qn, stride_qh, stride_wt, stride_table, stride_out,
+                         N: tl.constexpr, QB: tl.constexpr, H: tl.constexpr, HS: tl.constexpr,
+                         D: tl.constexpr, PAGE: tl.constexpr, G: tl.constexpr, TB: tl.constexpr,
+                         CAST: tl.constexpr):
+    b = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    n_split = tl.num_programs(1)
+    d = tl.arange(0, D)
+    ctx = tl.load(CTX + b)
+    # (head, query) pairs head-major, as the dense paged kernel: the head sum stays in-thread
+    p = tl.arange(0, HS * QB)
+    qi = p % QB
+    head = p // QB
+    ok = (head < H) & (qi < N)
+    row = b * N + qi
+    q = tl.load(Q + b.to(tl.int64) * stride_qb + qi[:, None] * stride_qn + head[:, None] * stride_qh + d[None, :],
+                mask=ok[:, None], other=0.0)
+    w = tl.load(W + row.to(tl.int64) * stride_wt + head, mask=ok, other=0.0)
+    qt = tl.trans(q.to(CAST))                                   # [D, HS * QB]
+
+    queries = tl.arange(0, QB)
+    q_ok = queries < N
+    ke = ctx - N + queries + 1                                  # each query's visible end
+    bsize = PAGE * G
+    last = (ke - 1) // bsize                                    # its last visible block
+    if pid_s == 0:
+        tl.store(BLOCK_ENDS + b * N + queries, last + 1, mask=q_ok)
+    n_blocks = tl.cdiv(ctx, bsize)
+    jb = tl.arange(0, TB)
+    for t in range(pid_s, tl.cdiv(n_blocks, TB), n_split):
+        blk = t * TB + jb
+        sums = tl.zeros([TB, D], dtype=tl.float32)
+        for g in tl.static_range(G):
+            lp = blk * G + g
+            has = lp * PAGE < ctx
+            page = tl.load(TABLE + b * stride_table + lp, mask=has, other=0).to(tl.int64)
+            sums += tl.load(POOLED + page[:, None] * D + d[None, :], mask=has[:, None], other=0.0)
+        count = tl.minimum(ctx - blk * bsize, bsize)
+        kbar = sums / tl.maximum(count, 1).to(tl.float32)[:, None]
+        acc = tl.dot(kbar.to(CAST), qt)                         # [TB, HS * QB]
+        acc = tl.maximum(acc, 0.0) * w[None, :]
+        s = tl.sum(tl.reshape(acc, (TB, HS, QB)), axis=1)      # [TB, QB]
+        forced = (blk[:, None] == 0) | (blk[:, None] == last[None, :])
+        s = tl.where(forced, float("inf"), s)
+        s = tl.where(blk[:, None] <= last[None, :], s, float("-inf"))
+        tl.store(OUT + (b * N + queries)[None, :].to(tl.int64) * stride_out + blk[:, None], s,
+                 mask=q_ok[None, :] & ((blk < n_blocks) & (blk < out_width))[:, None])
+
+
+@triton.jit(do_not_specialize=["M"])
+def _chosen_blocks_kernel(Q, W, VALUES, SCALES, TABLE, CTX, BLOCKS, OUT, POS, M,
+                          stride_qb, stride_qn, stride_qh, stride_wt, stride_table, stride_blk, stride_out,
+                          N: tl.constexpr, H: tl.constexpr, HS: tl.constexpr, D: tl.constexpr,
+                          PAGE: tl.constexpr, G: tl.constexpr, CAST: tl.constexpr):
+    r = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    n_split = tl.num_programs(1)
+    b = r // N
+    ke = tl.load(CTX + b) - N + r % N + 1
+    d = tl.arange(0, D)
+    h = tl.arange(0, HS)
+    h_ok = h < H
+    q = tl.load(Q + b.to(tl.int64) * stride_qb + (r % N) * stride_qn + h[:, None] * stride_qh + d[None, :],
+                mask=h_ok[:, None], other=0.0)
+    w = tl.load(W + r.to(tl.int64) * stride_wt + h, mask=h_ok, other=0.0)
+    qt = tl.trans(q)
+    if CAST is not None:
+        qt = qt.to(CAST)
+    off = tl.arange(0, PAGE)
+    page_bytes = PAGE * (D + 4)
+    out_row = r.to(tl.int64) * stride_out
+    for j in range(pid_s, M * G, n_split):                     # (block slot, page of the block)
+        blk = tl.load(BLOCKS + r.to(tl.int64) * stride_blk + j // G)
+        lp = blk * G + j % G
+        pos = lp * PAGE + off                                  # negative for an empty slot (blk = -1)
+        ok = (pos >= 0) & (pos < ke)
+        page = tl.load(TABLE + b * stride_table + lp, mask=(lp >= 0) & (lp * PAGE < ke), other=0).to(tl.int64)
+        k = tl.load(VALUES + page * page_bytes + off[:, None] * D + d[None, :], mask=ok[:, None], other=0.0)
+        if CAST is not None:
+            k = k.to(CAST)
+        acc = tl.maximum(tl.dot(k, qt), 0.0) * w[None, :]     # [PAGE, HS]
+        s = tl.sum(acc, axis=1)
+        scale = tl.load(SCALES + page * (page_bytes // 4) + (PAGE * D) // 4 + off, mask=ok, other=0.0)
+        col = j * PAGE + off
+        tl.store(OUT + out_row + col, tl.where(ok, s * scale, float("-inf")))
+        tl.store(POS + out_row + col, tl.where(ok, pos, -1))
+
+
+def _heads_padded(h: int, queries: int) -> int:
+    """Head slots: a power of two, and at least 16 (head, query) pairs: the MMA's smallest N."""
+    return max(triton.next_power_of_2(h), triton.cdiv(16, queries))
+
+
+def block_scores(q, pooled, weights, context_lens, block_table, block_size: int, out, block_ends,
+                 tile: int = 64, splits: int | None = None) -> None:
+    """Write ``out [B * N, >= max blocks]`` (see ``reference.block_scores``; columns past a
+    sequence's blocks untouched) and ``block_ends [B * N]`` int32, each row's visible block count."""
+    b, n, h, d = q.shape
+    if b == 0:
+        return
+    qb = triton.next_power_of_2(n)
+    hs = _heads_padded(h, qb)
+    g = block_size // quant.PAGE_SIZE
+    max_blocks = triton.cdiv(block_table.shape[1], g)
+    if splits is None:       # enough programs to fill the GPU when the batch is small
+        splits = max(1, min(triton.cdiv(max_blocks, tile), triton.cdiv(2 * sm_count(q), b)))
+    cast = tl.float32 if INTERPRET else tl.bfloat16       # the pooled means meet q in bf16 (fp8 widens exactly)
+    _block_scores_kernel[(b, splits)](
+        q, weights, pooled, block_table, context_lens, out, block_ends, out.shape[1],
+        q.stride(0), q.stride(1), q.stride(2), weights.stride(0), block_table.stride(0), out.stride(0),
+        N=n, QB=qb, H=h, HS=hs, D=d, PAGE=quant.PAGE_SIZE, G=g, TB=tile, CAST=cast,
+        num_warps=4, num_stages=2)
+
+
+def chosen_block_logits(q, kv_cache, weights, context_lens, block_table, blocks, block_size: int, out, positions,
+                        splits: int | None = None) -> None:
+    """Write ``out`` / ``positions [B * N, m * block_size]`` (see ``reference.chosen_block_logits``)."""
+    b, n, h, d = q.shape
+    rows, m = blocks.shape
+    if rows == 0:
+        return
+    g = block_size // quant.PAGE_SIZE
+    hs = _heads_padded(h, 1)
+    flat = kv_cache.reshape(-1)
+    if splits is None:
+        splits = max(1, min(m * g, triton.cdiv(4 * sm_count(q), rows)))
+    _chosen_blocks_kernel[(rows, splits)](
+        q, weights, flat.view(quant.FP8), flat.view(torch.float32), block_table, context_lens, blocks, out, positions,
+        m, q.stride(0), q.stride(1), q.stride(2), weights.stride(0), block_table.stride(0), blocks.stride(0),
+        out.stride(0), N=n, H=h, HS=hs, D=d, PAGE=quant.PAGE_SIZE, G=g, CAST=mma_cast(q.dtype, quant.FP8),
+        num_warps=4, num_stages=3)

@@ -1,0 +1,225 @@
+"""Block-pruned decode and the engine-path ``DecodeSelector``: the batched kernels against the
+float64 reference of ``misa/ops/blocks/reference.py`` and against the per-sequence HISA, on caches
+with shuffled pages and garbage in unused slots. Kernels through the interpreter without CUDA."""
+import pytest
+import torch
+
+import misa
+from helpers import as_sets, check_pick_from, check_selection, dsa_logits64, paged_batch
+from misa.ops.blocks import kept_blocks, reference as blocks_ref
+
+pytest.importorskip("triton")
+pytestmark = [pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning"),
+              pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")]
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+BIG = DEVICE == "cuda"
+# block means meet q in bf16 on the GPU (float32 in the interpreter, where only the float32 page
+# sums and the order of summation differ from float64)
+RTOL = 1e-2 if BIG else 1e-4
+
+
+@pytest.fixture(autouse=True)
+def kernels_on(monkeypatch):
+    monkeypatch.setenv("MISA_BACKEND", "triton")
+
+
+def _batch(lens, next_n, h, d, seed):
+    seqs, qs, ws, cache, table, clens = paged_batch(lens, next_n, h, d, torch.Generator().manual_seed(seed),
+                                                    extra_pages=3)
+    to = lambda x: x.to(DEVICE)
+    return [tuple(map(to, s)) for s in seqs], to(torch.stack(qs)), to(torch.cat(ws)), to(cache), to(table), to(clens)
+
+
+def pooled_sums(cache, table, clens):
+    """float64 page sums from the cache (what the pooled-key cache holds), as float32."""
+    d = misa.quant.paged_head_dim(cache)
+    pooled = torch.zeros(cache.shape[0], d, dtype=torch.float64, device=cache.device)
+    for b, n in enumerate(clens.tolist()):
+        k = misa.dequantize_keys(*misa.read_paged_kcache(cache, table[b], n)).double()
+        for j in range(-(-n // 64)):
+            pooled[int(table[b, j])] = k[j * 64:(j + 1) * 64].sum(0)
+    return pooled.float()
+
+
+def _ends(clens, n):
+    return (clens.long()[:, None] - n + 1 + torch.arange(n, device=clens.device)).reshape(-1).cpu()
+
+
+CASES = [([70, 129, 300, 5], 1, 64), ([200, 1000], 2, 128), ([64, 640, 3], 1, 64)]
+if BIG:
+    CASES += [([700, 4000, 30000, 65], 2, 64), ([131072, 9000], 1, 128)]
+
+
+@pytest.mark.parametrize("lens,next_n,block_size", CASES)
+def test_block_scores_kernel_like_float64(lens, next_n, block_size):
+    from misa.ops.blocks import triton as blocks_triton
+    h, d = (8, 64) if not BIG else (64, 128)
+    seqs, q, w, cache, table, clens = _batch(lens, next_n, h, d, seed=sum(lens) + next_n)
+    pooled = pooled_sums(cache, table, clens)
+    width = -(-table.shape[1] * 64 // block_size)
+    got = torch.full((len(lens) * next_n, width), float("nan"), device=DEVICE)
+    ends = torch.empty(len(lens) * next_n, dtype=torch.int32, device=DEVICE)
+    blocks_triton.block_scores(q, pooled, w, clens, table, block_size, got, ends)
+    ref = blocks_ref.block_scores(q.cpu(), pooled.cpu(), w.cpu(), clens.cpu(), table.cpu(), block_size, width)
+    visible_end = -(-_ends(clens, next_n) // block_size)
+    assert torch.equal(ends.cpu().long(), visible_end)
+    got = got.cpu()
+    for r in range(got.shape[0]):
+        n = int(visible_end[r])
+        assert torch.equal(torch.isposinf(got[r, :n]), torch.isposinf(ref[r, :n]))     # first and last forced
+        fin = torch.isfinite(ref[r, :n])
+        scale = float(ref[r, :n][fin].abs().max()) if fin.any() else 1.0
+        torch.testing.assert_close(got[r, :n][fin], ref[r, :n][fin], rtol=0, atol=RTOL * scale)
+        nblk = -(-int(clens[r // next_n]) // block_size)
+        assert torch.isneginf(got[r, n:nblk]).all()                 # blocks past the visible end
+
+
+@pytest.mark.parametrize("lens,next_n,block_size", CASES[:2])
+def test_chosen_block_logits_kernel_like_float64(lens, next_n, block_size):
+    from misa.ops.blocks import triton as blocks_triton
+    h, d = 8, 64
+    seqs, q, w, cache, table, clens = _batch(lens, next_n, h, d, seed=7 + next_n)
+    g = torch.Generator().manual_seed(3)
+    rows, m = len(lens) * next_n, 3
+    nblk = -(-clens.cpu().repeat_interleave(next_n) // block_size)
+    # m block slots per row: random distinct visible blocks, -1 (an empty slot) where fewer exist
+    blocks = torch.tensor([(torch.randperm(int(nb), generator=g)[:m].tolist() + [-1] * m)[:m] for nb in nblk],
+                          dtype=torch.int32, device=DEVICE)
+    scores = torch.empty(rows, m * block_size, device=DEVICE)
+    pos = torch.empty(rows, m * block_size, dtype=torch.int32, device=DEVICE)
+    blocks_triton.chosen_block_logits(q, cache, w, clens, table, blocks, block_size, scores, pos)
+    ref_s, ref_p = blocks_ref.chosen_block_logits(q.cpu(), cache.cpu(), w.cpu(), clens.cpu(), table.cpu(),
+                                                  blocks.cpu(), block_size)
+    assert torch.equal(pos.cpu(), ref_p)
+    fin = torch.isfinite(ref_s)
+    assert torch.equal(fin, torch.isfinite(scores.cpu()))
+    torch.testing.assert_close(scores.cpu()[fin], ref_s[fin], rtol=0, atol=1e-5 * float(ref_s[fin].abs().max()))
+
+
+@pytest.mark.parametrize("lens,next_n,block_size", CASES)
+@pytest.mark.parametrize("block_k", [2, 5])
+def test_block_pruned_select_is_hisa(lens, next_n, block_size, block_k):
+    # the batched block-pruned path picks, for every query, the top-k of the tokens of the blocks
+    # HISA keeps (the reference's block choice, up to near-ties), and returns min(k, visible)
+    h, d = (8, 64) if not BIG else (64, 128)
+    k = block_size * block_k // 2 if not BIG else min(2048, block_size * block_k)
+    seqs, q, w, cache, table, clens = _batch(lens, next_n, h, d, seed=block_k + sum(lens))
+    pooled = pooled_sums(cache, table, clens)
+    got = misa.paged_hisa_select(q, cache, w, clens, table, k=k, block_size=block_size, block_k=block_k,
+                                 pooled=pooled)
+    assert got.shape == (len(lens) * next_n, k) and got.dtype == torch.int32
+    ends = _ends(clens, next_n)
+    m = kept_blocks(k, block_size, block_k)
+    scores = blocks_ref.block_scores(q.cpu(), pooled.cpu(), w.cpu(), clens.cpu(), table.cpu(), block_size,
+                                     -(-table.shape[1] * 64 // block_size))
+    for b in range(len(lens)):
+        for i in range(next_n):
+            r = b * next_n + i
+            ke = int(ends[r])
+            full = dsa_logits64(q[b, i:i + 1], seqs[b], w[r:r + 1], torch.zeros(1, dtype=torch.int32),
+                                torch.tensor([ke], dtype=torch.int32))[0]
+            row = scores[r, : -(-ke // block_size)].double()
+            order = sorted(range(row.shape[0]), key=lambda j: (-float(row[j]), j))
+            kept, rest = order[:m], order[m:]
+            # near-ties at the m-th block may go either way: accept any block within tolerance
+            fin = row[torch.isfinite(row)]
+            tol = RTOL * float(fin.abs().max()) if fin.numel() else 0.0
+            edge = float(row[kept[-1]]) if rest else float("inf")
+            maybe = {j for j in rest if float(row[j]) >= edge - tol}
+            sure = set(kept) - {j for j in kept if float(row[j]) <= max([float(row[x]) for x in maybe], default=-1e300) + tol}
+            pick = as_sets(got[r:r + 1])[0]
+            assert len(pick) == min(k, ke)
+            assert all(0 <= p < ke for p in pick)
+            blocks_of_pick = {p // block_size for p in pick}
+            assert blocks_of_pick <= set(kept) | maybe
+            if not maybe:
+                cand = {p for j in kept for p in range(j * block_size, min((j + 1) * block_size, ke))}
+                check_pick_from(pick, cand, k, full, rtol=RTOL)
+
+
+def test_decode_selector_dsa_equals_paged_dsa_select():
+    lens, next_n = [70, 129, 300], 2
+    seqs, q, w, cache, table, clens = _batch(lens, next_n, 8, 64, seed=11)
+    sel = misa.DecodeSelector("dsa", num_heads=8, head_dim=64, k=40, max_batch=4, max_context=table.shape[1] * 64,
+                              next_n=next_n, device=DEVICE)
+    sel.check(q, cache, w, clens, table)
+    got = sel(q, cache, w, clens, table).clone()
+    ends = _ends(clens, next_n)
+    for b in range(len(lens)):
+        rows = slice(b * next_n, (b + 1) * next_n)
+        ke = ends[rows].int()
+        check_selection(got[rows], dsa_logits64(q[b], seqs[b], w[rows], torch.zeros_like(ke), ke),
+                        torch.zeros_like(ke), ke, 40)
+    # a second call at the same batch size reuses the plan (same output buffer)
+    again = sel(q, cache, w, clens, table)
+    assert again.data_ptr() == sel.plan(len(lens)).out.data_ptr() and as_sets(again) == as_sets(got)
+
+
+def test_decode_selector_checks_its_inputs():
+    seqs, q, w, cache, table, clens = _batch([70, 129], 1, 8, 64, seed=12)
+    pooled = pooled_sums(cache, table, clens)
+    with pytest.raises(ValueError, match="^block_size:"):
+        misa.DecodeSelector("hisa", num_heads=8, head_dim=64, k=64, max_batch=2, max_context=256, block_size=96,
+                            block_k=4, device=DEVICE)
+    with pytest.raises(ValueError, match="^block_k:"):
+        misa.DecodeSelector("hisa", num_heads=8, head_dim=64, k=2048, max_batch=2, max_context=256, block_k=4,
+                            device=DEVICE)
+    with pytest.raises(ValueError, match="^variant:"):
+        misa.DecodeSelector("misa-x", num_heads=8, head_dim=64, max_batch=2, max_context=256, device=DEVICE)
+    sel = misa.DecodeSelector("hisa", num_heads=8, head_dim=64, k=64, max_batch=2, max_context=256, block_k=2,
+                              device=DEVICE)
+    with pytest.raises(ValueError, match="^pooled:"):
+        sel.check(q, cache, w, clens, table)
+    with pytest.raises(ValueError, match="^pooled:"):
+        sel.check(q, cache, w, clens, table, pooled[:-1])
+    with pytest.raises(ValueError, match="^q:"):
+        sel.check(q[:, :, :4], cache, w[:, :4], clens, table, pooled)
+    small = misa.DecodeSelector("dsa", num_heads=8, head_dim=64, k=64, max_batch=2, max_context=64, device=DEVICE)
+    with pytest.raises(ValueError, match="^block_table:|^context_lens:"):
+        small.check(q, cache, w, clens, table)
+    with pytest.raises(ValueError, match="^block_size:"):
+        misa.paged_hisa_select(q, cache, w, clens, table, k=64, block_size=96, block_k=2, pooled=pooled)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need CUDA")
+@pytest.mark.parametrize("variant", ["dsa", "hisa"])
+def test_decode_selector_replays_in_a_cuda_graph(variant):
+    # captured once, replayed with new q, weights, context_lens and block_table copied into the
+    # captured tensors: the same selection as the checked function on those inputs
+    lens, next_n, h, d, k = [3000, 9000, 700, 20000], 2, 64, 128, 512
+    batches = [_batch([n + 37 * s for n in lens], next_n, h, d, seed=s) for s in range(3)]
+    pages = max(t.shape[1] for *_, t, _ in batches)
+    num_pages = max(c.shape[0] for *_, c, _, _ in batches)
+
+    def padded(batch):
+        seqs, q, w, cache, table, clens = batch
+        cache = torch.cat([cache, cache.new_zeros(num_pages - cache.shape[0], *cache.shape[1:])])
+        table = torch.nn.functional.pad(table, (0, pages - table.shape[1]))
+        return seqs, q, w, cache, table, clens, pooled_sums(cache, table, clens)
+
+    first = padded(batches[0])
+    static = [x.clone() for x in first[1:]]
+    sel = misa.DecodeSelector(variant, num_heads=h, head_dim=d, k=k, max_batch=len(lens), max_context=pages * 64,
+                              next_n=next_n, device="cuda", block_k=16)
+    q, w, cache, table, clens, pooled = static
+    sel.check(q, cache, w, clens, table, pooled)
+    sel(q, cache, w, clens, table, pooled)              # warm-up: compiles, makes the plan
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = sel(q, cache, w, clens, table, pooled)
+    for batch in batches[1:]:
+        new = padded(batch)
+        for dst, src in zip(static, new[1:]):
+            dst.copy_(src)
+        graph.replay()
+        torch.cuda.synchronize()
+        _, q2, w2, cache2, table2, clens2, pooled2 = new
+        if variant == "dsa":
+            want = misa.paged_dsa_select(q2, cache2, w2, clens2, table2, k=k)
+        else:
+            want = misa.paged_hisa_select(q2, cache2, w2, clens2, table2, k=k, block_size=64, block_k=16,
+                                          pooled=pooled2)
+        same = [len(a & b) / max(1, len(b)) for a, b in zip(as_sets(out), as_sets(want))]
+        assert min(same) >= 0.999, min(same)
