@@ -16,29 +16,28 @@ sequence's pages are gathered into contiguous keys and the prefill path runs seq
 """
 from __future__ import annotations
 
+import os
+
 import torch
 
 from . import quant, select
 from .api import check_router, check_workspace
 from .ops import power_of_two
-from .validate import (DeferredChecks, Inputs, check_finite, check_hisa_budget, check_int, check_stage1_k,
+from .validate import (Inputs, check_hisa_budget, check_int, check_stage1_k,
                        check_tensor, Q_DTYPES)
 
 
 def _check_paged(q, kv_cache, weights, context_lens, block_table) -> int:
-    """Raise on bad input; return the longest context. The value checks and that length are read
-    back together, one GPU sync for all of them."""
+    """Raise on bad input; return the longest context. The value checks (``misa.ops.checks``: one
+    launch on a GPU) and that length are read back together, one GPU sync for all of them."""
     check_tensor("q", q, 4, Q_DTYPES)
     b, n, h, d = q.shape
-    checks = DeferredChecks()
-    check_finite("q", q, checks)
     cache_dim = quant.paged_head_dim(kv_cache)
     if cache_dim != d:
         raise ValueError(f"kv_cache: head dim {cache_dim} does not match q's {d}")
     check_tensor("weights", weights, 2, (torch.float32,))
     if tuple(weights.shape) != (b * n, h):
         raise ValueError(f"weights: expected shape {(b * n, h)}, got {tuple(weights.shape)}")
-    check_finite("weights", weights, checks)
     check_tensor("context_lens", context_lens, 1, (torch.int32,))
     if context_lens.shape[0] != b:
         raise ValueError(f"context_lens: expected [{b}], got {tuple(context_lens.shape)}")
@@ -49,18 +48,21 @@ def _check_paged(q, kv_cache, weights, context_lens, block_table) -> int:
                     ("block_table", block_table)):
         if x.device != q.device:
             raise ValueError(f"{name}: on {x.device}, q on {q.device}")
-    if not b:
-        checks.run()
-        return 0
-    checks.add("context_lens", f"every sequence must hold at least next_n ({n}) tokens", context_lens < n)
-    pages_needed = (context_lens.long() + quant.PAGE_SIZE - 1) // quant.PAGE_SIZE
-    checks.add("block_table", "too few columns for the longest context", pages_needed > block_table.shape[1])
-    # the batched kernels read pages through the table unchecked: a stray id must fail here
-    used = torch.arange(block_table.shape[1], device=block_table.device)[None, :] < pages_needed[:, None]
-    checks.add("block_table", "page id outside the cache",
-               used & ((block_table < 0) | (block_table >= kv_cache.shape[0])))
-    checks.extent(context_lens.max())
-    (longest,) = checks.run()
+    from .ops import checks, kernels_available
+    if q.is_cuda and os.environ.get("MISA_BACKEND") != "reference" and kernels_available():
+        from .ops.checks import triton as checks_triton
+        flags = checks_triton.paged_flags(q, weights, context_lens, block_table, kv_cache.shape[0], quant.PAGE_SIZE)
+    else:
+        flags = checks.paged_flags(q, weights, context_lens, block_table, kv_cache.shape[0], quant.PAGE_SIZE)
+    *bad, longest = flags.tolist()                          # the one synchronisation
+    messages = (("q", "contains NaN or infinite values"), ("weights", "contains NaN or infinite values"),
+                ("context_lens", f"every sequence must hold at least next_n ({n}) tokens"),
+                ("block_table", "too few columns for the longest context"),
+                # the batched kernels read pages through the table unchecked: a stray id must fail here
+                ("block_table", "page id outside the cache"))
+    for flag, (name, msg) in zip(bad, messages):
+        if flag:
+            raise ValueError(f"{name}: {msg}")
     return longest
 
 

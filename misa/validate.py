@@ -112,8 +112,8 @@ class Inputs:
         return self.k.shape[0]
 
 
-def check_kv(kv, head_dim: int | None, device: torch.device | None, checks: DeferredChecks):
-    """``(k, k_scale)``; the value checks are queued on ``checks``."""
+def check_kv(kv, head_dim: int | None, device: torch.device | None):
+    """``(k, k_scale, name)`` after the dtype/shape/device checks (values: ``value_checks``)."""
     if isinstance(kv, (tuple, list)):
         if len(kv) != 2:
             _fail("kv", f"expected (k_fp8, k_scale), got a sequence of {len(kv)}")
@@ -124,32 +124,43 @@ def check_kv(kv, head_dim: int | None, device: torch.device | None, checks: Defe
             _fail("kv[1] (k_scale)", f"expected [{k.shape[0]}] to match k_fp8, got {tuple(k_scale.shape)}")
         if k_scale.device != k.device:
             _fail("kv[1] (k_scale)", f"on {k_scale.device}, k_fp8 on {k.device}")
-        check_finite("kv[0] (k_fp8)", k, checks)
-        checks.add("kv[1] (k_scale)", "scales must be finite and > 0", ~torch.isfinite(k_scale) | (k_scale <= 0))
         name = "kv[0] (k_fp8)"
     else:
         k, k_scale = check_tensor("kv", kv, 2, K_DTYPES), None
-        check_finite("kv", k, checks)
         name = "kv"
     if head_dim is not None and k.shape[1] != head_dim:
         _fail(name, f"head dim {k.shape[1]} does not match q's {head_dim}")
     if device is not None and k.device != device:
         _fail(name, f"on {k.device}, q on {device}")
-    return k, k_scale
+    return k, k_scale, name
 
 
-def check_ranges(ks, ke, num_queries: int, num_keys: int, device: torch.device, checks: DeferredChecks) -> None:
-    """Dtypes, shapes and devices now; the value checks queued on ``checks``."""
+def check_ranges(ks, ke, num_queries: int, num_keys: int, device: torch.device, checks: DeferredChecks | None) -> None:
+    """Dtypes, shapes and devices now; the value checks queued on ``checks`` (if given)."""
     for name, x in (("ks", ks), ("ke", ke)):
         check_tensor(name, x, 1, (torch.int32,))
         if x.shape[0] != num_queries:
             _fail(name, f"expected [{num_queries}] (one per query), got {tuple(x.shape)}")
         if x.device != device:
             _fail(name, f"on {x.device}, q on {device}")
-    if num_queries:
+    if num_queries and checks is not None:
         checks.add("ks", "must be >= 0", ks < 0)
         checks.add("ks", "must be <= ke for every query", ks > ke)
         checks.add("ke", f"must be <= the number of keys ({num_keys})", ke > num_keys)
+
+
+def _value_flags(q, k, k_scale, weights, ks, ke) -> list[int]:
+    """The value checks of ``misa.ops.checks`` read back in one transfer: one launch on a GPU
+    with Triton (the PyTorch ops took ~20 launches), the PyTorch reference otherwise."""
+    import os
+    from .ops import checks, kernels_available
+    use_kernel = q.is_cuda and os.environ.get("MISA_BACKEND") != "reference" and kernels_available()
+    if use_kernel:
+        from .ops.checks import triton as checks_triton
+        flags = checks_triton.input_flags(q, k, k_scale, weights, ks, ke, k.shape[0])
+    else:
+        flags = checks.input_flags(q, k, k_scale, weights, ks, ke, k.shape[0])
+    return flags.tolist()                                   # the one synchronisation
 
 
 def check_inputs(q, kv, weights, ks, ke) -> Inputs:
@@ -157,21 +168,25 @@ def check_inputs(q, kv, weights, ks, ke) -> Inputs:
     t, h, d = q.shape
     if h < 1 or d < 1:
         _fail("q", f"needs at least one head and one dim, got shape {tuple(q.shape)}")
-    checks = DeferredChecks()
-    check_finite("q", q, checks)
-    k, k_scale = check_kv(kv, d, q.device, checks)
+    k, k_scale, k_name = check_kv(kv, d, q.device)
     check_tensor("weights", weights, 2, (torch.float32,))
     if tuple(weights.shape) != (t, h):
         _fail("weights", f"expected shape {(t, h)}, got {tuple(weights.shape)}")
     if weights.device != q.device:
         _fail("weights", f"on {weights.device}, q on {q.device}")
-    check_finite("weights", weights, checks)
-    check_ranges(ks, ke, t, k.shape[0], q.device, checks)
-    if t:
-        checks.extent(ks.min())
-        checks.extent(ke.max())
-    values = checks.run()
-    return Inputs(q, k, k_scale, weights, ks, ke, extent=tuple(values) if t else None)
+    check_ranges(ks, ke, t, k.shape[0], q.device, None)
+    *flags, lo, hi = _value_flags(q, k, k_scale, weights, ks, ke)
+    messages = (("q", "contains NaN or infinite values"),
+                (k_name, "contains NaN or infinite values"),
+                ("kv[1] (k_scale)", "scales must be finite and > 0"),
+                ("weights", "contains NaN or infinite values"),
+                ("ks", "must be >= 0"),
+                ("ks", "must be <= ke for every query"),
+                ("ke", f"must be <= the number of keys ({k.shape[0]})"))
+    for bad, (name, msg) in zip(flags, messages):
+        if bad:
+            _fail(name, msg)
+    return Inputs(q, k, k_scale, weights, ks, ke, extent=(lo, hi) if t else None)
 
 
 def check_hisa_budget(k: int, block_size: int, block_k: int) -> int:

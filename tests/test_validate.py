@@ -156,3 +156,72 @@ def test_value_checks_are_read_back_together_and_the_first_failure_wins(good):
         check_inputs(q, kv, w_bad, ks_bad, ke)
     with pytest.raises(ValueError, match="^ks:"):
         check_inputs(q, kv, w, ks_bad, ke)
+
+
+@pytest.mark.parametrize("case", ["good", "q", "k", "k_scale", "weights", "ks_negative", "ks_after_ke",
+                                  "ke_past_keys", "bf16_keys_inf"])
+def test_check_kernel_flags_like_the_reference(case):
+    # the one-launch value checks (Triton; the interpreter without CUDA) flag exactly what the
+    # PyTorch reference flags, and read back the same extent; inputs larger than one block
+    pytest.importorskip("triton")
+    from misa.ops.checks import FLAGS, input_flags
+    from misa.ops.checks import triton as checks_triton
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    kv_kind = "bf16" if case == "bf16_keys_inf" else "fp8"
+    q, kv, w, ks, ke = make_inputs(70, 300, 8, 128, "ragged", seed=4, kv=kv_kind, device=dev)
+    k, k_scale = kv if isinstance(kv, tuple) else (kv, None)
+    q, k, w, ks, ke = q.clone(), k.clone(), w.clone(), ks.clone(), ke.clone()
+    if case == "q":
+        q.view(torch.uint8)[61, 5, 100] = 0xFF                 # fp8 NaN, far into q
+    elif case == "k":
+        k.view(torch.uint8)[299, 127] = 0x7F
+    elif case == "k_scale":
+        k_scale = k_scale.clone()
+        k_scale[150] = 0.0
+    elif case == "weights":
+        w[69, 7] = float("inf")
+    elif case == "ks_negative":
+        ks[3] = -1
+    elif case == "ks_after_ke":
+        ks[40] = ke[40] + 1
+    elif case == "ke_past_keys":
+        ke[69] = 301
+    elif case == "bf16_keys_inf":
+        k[17, 3] = float("-inf")
+    ref = input_flags(q, k, k_scale, w, ks, ke, k.shape[0]).tolist()
+    got = checks_triton.input_flags(q, k, k_scale, w, ks, ke, k.shape[0]).tolist()
+    assert got == ref
+    expected = {"bf16_keys_inf": "k"}.get(case, case)
+    assert [name for name, bad in zip(FLAGS, ref) if bad] == ([] if case == "good" else [expected])
+    assert ref[-2:] == [int(ks.min()), int(ke.max())]
+
+
+@pytest.mark.parametrize("case", ["good", "q", "weights", "context_lens_short", "block_table_narrow",
+                                  "page_outside_cache", "unused_column"])
+def test_paged_check_kernel_flags_like_the_reference(case):
+    pytest.importorskip("triton")
+    from misa.ops.checks import PAGED_FLAGS, paged_flags
+    from misa.ops.checks import triton as checks_triton
+    g = torch.Generator().manual_seed(1)
+    seqs = [misa.quantize_keys(torch.randn(n, 16, generator=g)) for n in (10, 300, 64)]
+    cache, table, lens = misa.build_paged_kcache(seqs, extra_pages=2, generator=g)
+    q, w = misa.quantize_queries(torch.randn(6, 4, 16, generator=g), torch.randn(6, 4, generator=g))
+    q = q.view(3, 2, 4, 16)
+    table = torch.nn.functional.pad(table, (0, 2))
+    if case == "q":
+        q.view(torch.uint8)[2, 1, 3, 15] = 0x7F
+    elif case == "weights":
+        w[5, 0] = float("nan")
+    elif case == "context_lens_short":
+        lens[0] = 1
+    elif case == "block_table_narrow":
+        table = table[:, :4]
+    elif case == "page_outside_cache":
+        table[1, 4] = cache.shape[0]
+    elif case == "unused_column":
+        table[0, 3] = -5                 # past sequence 0's one page: never read, so not an error
+    args = (q, w, lens, table, cache.shape[0], 64)
+    ref = paged_flags(*args).tolist()
+    assert checks_triton.paged_flags(*args).tolist() == ref
+    assert [n for n, bad in zip(PAGED_FLAGS, ref) if bad] == ([] if case in ("good", "unused_column") else [case])
+    assert ref[-1] == int(lens.max())

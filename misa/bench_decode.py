@@ -1,0 +1,152 @@
+"""``misa bench --decode``: paged decode selection as an engine runs it (CUDA graphs), against
+dense DSA measured in the same run.
+
+For every (batch, context, next_n): the card's copy bandwidth (a device-to-device copy, bytes read
+plus written), the dense paged logits alone (bytes of cache read per second, and that as a share
+of the copy figure), DSA's selection and the block-pruned selection for each ``block_k`` (each
+captured in a CUDA graph and timed by replay), the checked functions called eagerly (their
+per-call host cost is eager minus replay), and the recall of DSA's selection. Workload: the
+synthetic indexer traffic of ``misa/synthetic.py``, a few distinct sequences repeated over the
+batch, each the last ``next_n`` tokens of a causal sequence.
+"""
+from __future__ import annotations
+
+import json
+import statistics
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from . import quant
+from .decode import DecodeSelector
+from .metrics import recall
+from .synthetic import indexer_workload
+
+DEFAULT_SHAPES = ((1, 4096), (8, 131072), (64, 131072))
+
+
+@dataclass
+class DecodeBenchConfig:
+    shapes: tuple = DEFAULT_SHAPES          # (batch, context) pairs
+    next_ns: tuple = (1, 2)
+    heads: int = 64
+    head_dim: int = 128
+    k: int = 2048
+    block_ks: tuple = (32, 64, 128)         # block-pruned: 64-token pages kept
+    distinct: int = 4                       # distinct synthetic sequences, repeated over the batch
+    rep_ms: int = 100
+    seed: int = 0
+
+
+def _time(fn, rep_ms: float) -> float:
+    import triton.testing
+    return float(triton.testing.do_bench(fn, warmup=25, rep=rep_ms, return_mode="median"))
+
+
+def _graph(fn):
+    """``fn`` captured in a CUDA graph (after a warm-up call); returns the replay."""
+    fn()
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    return g.replay
+
+
+def copy_bandwidth(device, nbytes: int = 2 << 30, rep_ms: int = 200) -> float:
+    """GB/s of a device-to-device copy, counting bytes read plus bytes written."""
+    src = torch.empty(nbytes // 2, dtype=torch.uint8, device=device).random_(0, 256)
+    dst = torch.empty_like(src)
+    ms = _time(lambda: dst.copy_(src), rep_ms)
+    return 2 * src.numel() / ms / 1e6
+
+
+def decode_batch(batch: int, context: int, next_n: int, heads: int, head_dim: int, distinct: int, seed: int,
+                 device):
+    """``(q [B, n, H, D], weights [B * n, H], kv_cache, block_table, context_lens, pooled)``."""
+    seqs, qs, ws = [], [], []
+    for i in range(min(distinct, batch)):
+        wl = indexer_workload(context, next_n, heads, head_dim, seed=seed + i, device=device)
+        seqs.append(wl.kv)
+        qs.append(wl.q)
+        ws.append(wl.weights)
+    reps = [j % len(seqs) for j in range(batch)]
+    cache, table, lens = quant.build_paged_kcache([seqs[j] for j in reps],
+                                                  generator=torch.Generator().manual_seed(seed))
+    from .pooled import pool_paged_kcache
+    pooled = pool_paged_kcache(cache, table, lens)
+    q = torch.stack([qs[j] for j in reps])
+    w = torch.cat([ws[j] for j in reps])
+    return q, w, cache, table, lens, pooled
+
+
+def bench_shape(cfg: DecodeBenchConfig, batch: int, context: int, next_n: int, device) -> dict:
+    import misa
+    from .ops.dsa.paged_triton import paged_logits
+    q, w, cache, table, lens, pooled = decode_batch(batch, context, next_n, cfg.heads, cfg.head_dim, cfg.distinct,
+                                                    cfg.seed, device)
+    args = (q, cache, w, lens, table)
+    row = {"batch": batch, "context": context, "next_n": next_n}
+    common = dict(num_heads=cfg.heads, head_dim=cfg.head_dim, k=cfg.k, max_batch=batch, max_context=context,
+                  next_n=next_n, device=device)
+    buf = torch.empty(batch * next_n, table.shape[1] * quant.PAGE_SIZE, dtype=torch.float32, device=device)
+    logits_ms = _time(_graph(lambda: paged_logits(q, cache, w, lens, table, buf)), cfg.rep_ms)
+    cache_bytes = batch * context * quant.paged_bytes_per_token(cfg.head_dim)
+    row["dsa.logits_ms"] = logits_ms
+    row["dsa.logits_GBps"] = cache_bytes / logits_ms / 1e6
+    dsa = DecodeSelector("dsa", **common)
+    row["dsa.graph_ms"] = _time(_graph(lambda: dsa(*args)), cfg.rep_ms)
+    reference = dsa(*args).clone()
+    row["dsa.eager_ms"] = _time(lambda: misa.paged_dsa_select(*args, k=cfg.k), cfg.rep_ms)
+    for m in cfg.block_ks:
+        if m * quant.PAGE_SIZE < cfg.k:
+            continue
+        sel = DecodeSelector("hisa", block_size=quant.PAGE_SIZE, block_k=m, **common)
+        key = f"hisa-m{m}"
+        row[f"{key}.graph_ms"] = _time(_graph(lambda: sel(*args, pooled)), cfg.rep_ms)
+        got = sel(*args, pooled)
+        r = recall(got, reference)
+        row[f"{key}.recall_mean"], row[f"{key}.recall_min"] = float(r.mean()), float(r.min())
+        row[f"{key}.speedup"] = row["dsa.graph_ms"] / row[f"{key}.graph_ms"]
+        if m == cfg.block_ks[0] or m == 64:
+            row[f"{key}.eager_ms"] = _time(lambda: misa.paged_hisa_select(*args, k=cfg.k, block_size=quant.PAGE_SIZE,
+                                                                          block_k=m, pooled=pooled), cfg.rep_ms)
+    row["misa-h8.eager_ms"] = _time(lambda: misa.paged_misa_select(*args, k=cfg.k, active_heads=8), cfg.rep_ms)
+    r = recall(misa.paged_misa_select(*args, k=cfg.k, active_heads=8), reference)
+    row["misa-h8.recall_mean"] = float(r.mean())
+    del buf, q, w, cache, table, lens, pooled
+    torch.cuda.empty_cache()
+    return row
+
+
+def run_decode_bench(cfg: DecodeBenchConfig, device, progress: bool = True) -> dict:
+    device = torch.device(device)
+    card = torch.cuda.get_device_name(device)
+    copy = copy_bandwidth(device)
+    rows = []
+    for batch, context in cfg.shapes:
+        for n in cfg.next_ns:
+            row = bench_shape(cfg, batch, context, n, device)
+            row["dsa.logits_share_of_copy"] = row["dsa.logits_GBps"] / copy
+            rows.append(row)
+            if progress:
+                print(format_row(row), flush=True)
+    return {"card": card, "copy_GBps": copy, "config": asdict(cfg), "rows": rows,
+            "torch": torch.__version__}
+
+
+def format_row(row: dict) -> str:
+    head = (f"B={row['batch']:>3} ctx={row['context']:>6} n={row['next_n']}: dsa logits {row['dsa.logits_ms']:.3f} ms "
+            f"({row['dsa.logits_GBps']:.0f} GB/s), dsa graph {row['dsa.graph_ms'] * 1e3:.1f} us / eager "
+            f"{row['dsa.eager_ms'] * 1e3:.1f} us")
+    parts = [head]
+    for key in sorted(k[:-len('.graph_ms')] for k in row if k.startswith("hisa-") and k.endswith(".graph_ms")):
+        parts.append(f"  {key}: {row[key + '.graph_ms'] * 1e3:.1f} us graph ({row[key + '.speedup']:.2f}x dsa), "
+                     f"recall {row[key + '.recall_mean']:.3f} (min {row[key + '.recall_min']:.3f})")
+    parts.append(f"  misa-h8 eager {row['misa-h8.eager_ms'] * 1e3:.1f} us, recall {row['misa-h8.recall_mean']:.3f}")
+    return "\n".join(parts)
+
+
+def save(result: dict, path: str) -> None:
+    with open(path, "w") as f:
+        json.dump(result, f, indent=1)

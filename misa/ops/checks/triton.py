@@ -1,0 +1,131 @@
+"""The value checks of ``reference.py`` in one launch: each program scans a stretch of one input
+(q, the keys, their scales, the weights, or the query ranges) and folds its result into the flag
+vector with an atomic max (min for ``min(ks)``). Running them as PyTorch ops took ~20 launches and
+their intermediates; here a call costs one launch and one read of each input."""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ...quant import FP8
+from .reference import FLAGS
+
+BLOCK = 4096
+NUM_FLAGS = len(FLAGS)
+
+
+@triton.jit
+def _bad(x, FP8_BITS: tl.constexpr):
+    if FP8_BITS:
+        return (x & 0x7F) == 0x7F                       # uint8 view of float8_e4m3fn: NaN
+    xf = x.to(tl.float32)
+    return (xf != xf) | (tl.abs(xf) == float("inf"))
+
+
+@triton.jit
+def _scan(X, n, prog, nprog, OUT, slot, FP8_BITS: tl.constexpr, POSITIVE: tl.constexpr, BLOCK: tl.constexpr):
+    """Programs ``prog`` of ``nprog`` scan ``X[:n]`` with a grid stride; ``OUT[slot] = 1`` on a bad value."""
+    bad = tl.zeros([BLOCK], dtype=tl.int1)
+    for start in range(prog * BLOCK, n, nprog * BLOCK):
+        i = start + tl.arange(0, BLOCK)
+        m = i < n
+        x = tl.load(X + i, mask=m, other=1)
+        b = _bad(x, FP8_BITS)
+        if POSITIVE:
+            b = b | (x.to(tl.float32) <= 0.0)
+        bad = bad | (b & m)
+    tl.atomic_max(OUT + slot, tl.max(bad.to(tl.int64), axis=0))
+
+
+@triton.jit(do_not_specialize=["n_q", "n_k", "n_s", "n_w", "n_t", "num_keys"])
+def _checks_kernel(Q, n_q, K, n_k, KSCALE, n_s, W, n_w, KS, KE, n_t, num_keys, OUT,
+                   P_Q: tl.constexpr, P_K: tl.constexpr, P_S: tl.constexpr, P_W: tl.constexpr,
+                   Q_FP8: tl.constexpr, K_FP8: tl.constexpr, BLOCK: tl.constexpr, NF: tl.constexpr):
+    pid = tl.program_id(0)
+    if pid < P_Q:
+        _scan(Q, n_q, pid, P_Q, OUT, 0, Q_FP8, False, BLOCK)
+    elif pid < P_Q + P_K:
+        _scan(K, n_k, pid - P_Q, P_K, OUT, 1, K_FP8, False, BLOCK)
+    elif pid < P_Q + P_K + P_S:
+        _scan(KSCALE, n_s, pid - P_Q - P_K, P_S, OUT, 2, False, True, BLOCK)
+    elif pid < P_Q + P_K + P_S + P_W:
+        _scan(W, n_w, pid - P_Q - P_K - P_S, P_W, OUT, 3, False, False, BLOCK)
+    else:
+        neg = tl.zeros([BLOCK], dtype=tl.int1)
+        order = tl.zeros([BLOCK], dtype=tl.int1)
+        past = tl.zeros([BLOCK], dtype=tl.int1)
+        lo = tl.full([BLOCK], 2147483647, dtype=tl.int32)
+        hi = tl.zeros([BLOCK], dtype=tl.int32)
+        for start in range(0, n_t, BLOCK):
+            i = start + tl.arange(0, BLOCK)
+            m = i < n_t
+            ks = tl.load(KS + i, mask=m, other=0)
+            ke = tl.load(KE + i, mask=m, other=0)
+            neg = neg | (m & (ks < 0))
+            order = order | (m & (ks > ke))
+            past = past | (m & (ke > num_keys))
+            lo = tl.minimum(lo, tl.where(m, ks, 2147483647))
+            hi = tl.maximum(hi, tl.where(m, ke, 0))
+        tl.store(OUT + 4, tl.max(neg.to(tl.int64), axis=0))
+        tl.store(OUT + 5, tl.max(order.to(tl.int64), axis=0))
+        tl.store(OUT + 6, tl.max(past.to(tl.int64), axis=0))
+        tl.store(OUT + NF, tl.min(lo, axis=0).to(tl.int64))
+        tl.store(OUT + NF + 1, tl.max(hi, axis=0).to(tl.int64))
+
+
+def _programs(n: int) -> int:
+    """Programs for an input of ``n`` elements: ~16 blocks each, at most 256."""
+    return max(1, min(256, triton.cdiv(n, 16 * BLOCK)))
+
+
+def input_flags(q, k, k_scale, weights, ks, ke, num_keys: int) -> torch.Tensor:
+    out = torch.zeros(NUM_FLAGS + 2, dtype=torch.int64, device=q.device)
+    flat = lambda x: (x.view(torch.uint8) if x.dtype == FP8 else x).reshape(-1)
+    qf, kf, wf = flat(q), flat(k), flat(weights)
+    sf = k_scale.reshape(-1) if k_scale is not None else wf[:0]
+    p_q, p_k, p_s, p_w = _programs(qf.numel()), _programs(kf.numel()), _programs(sf.numel()), _programs(wf.numel())
+    _checks_kernel[(p_q + p_k + p_s + p_w + 1,)](
+        qf, qf.numel(), kf, kf.numel(), sf, sf.numel(), wf, wf.numel(), ks, ke, ks.numel(), num_keys, out,
+        P_Q=p_q, P_K=p_k, P_S=p_s, P_W=p_w, Q_FP8=q.dtype == FP8, K_FP8=k.dtype == FP8, BLOCK=BLOCK,
+        NF=NUM_FLAGS)
+    return out
+
+
+@triton.jit(do_not_specialize=["n_q", "n_w", "B", "P", "num_pages"])
+def _paged_checks_kernel(Q, n_q, W, n_w, CTX, TABLE, B, P, stride_table, num_pages, OUT,
+                         P_Q: tl.constexpr, P_W: tl.constexpr, N: tl.constexpr, PAGE: tl.constexpr,
+                         Q_FP8: tl.constexpr, BLOCK: tl.constexpr, COLS: tl.constexpr):
+    pid = tl.program_id(0)
+    if pid < P_Q:
+        _scan(Q, n_q, pid, P_Q, OUT, 0, Q_FP8, False, BLOCK)
+    elif pid < P_Q + P_W:
+        _scan(W, n_w, pid - P_Q, P_W, OUT, 1, False, False, BLOCK)
+    else:
+        b = pid - P_Q - P_W                                  # one program per sequence
+        ctx = tl.load(CTX + b)
+        pages = (ctx + PAGE - 1) // PAGE
+        tl.atomic_max(OUT + 2, (ctx < N).to(tl.int64))
+        tl.atomic_max(OUT + 3, (pages > P).to(tl.int64))
+        bad = tl.zeros([COLS], dtype=tl.int1)
+        for c0 in range(0, tl.minimum(pages, P), COLS):
+            c = c0 + tl.arange(0, COLS)
+            m = c < tl.minimum(pages, P)
+            page = tl.load(TABLE + b.to(tl.int64) * stride_table + c, mask=m, other=0)
+            bad = bad | (m & ((page < 0) | (page >= num_pages)))
+        tl.atomic_max(OUT + 4, tl.max(bad.to(tl.int64), axis=0))
+        tl.atomic_max(OUT + 5, ctx.to(tl.int64))
+
+
+def paged_flags(q, weights, context_lens, block_table, num_pages: int, page_size: int) -> torch.Tensor:
+    from .reference import PAGED_FLAGS
+    out = torch.zeros(len(PAGED_FLAGS) + 1, dtype=torch.int64, device=q.device)
+    qf = (q.view(torch.uint8) if q.dtype == FP8 else q).reshape(-1)
+    wf = weights.reshape(-1)
+    p_q, p_w = _programs(qf.numel()), _programs(wf.numel())
+    b = context_lens.shape[0]
+    _paged_checks_kernel[(p_q + p_w + b,)](
+        qf, qf.numel(), wf, wf.numel(), context_lens, block_table, b, block_table.shape[1], block_table.stride(0),
+        num_pages, out, P_Q=p_q, P_W=p_w, N=q.shape[1], PAGE=page_size, Q_FP8=q.dtype == FP8, BLOCK=BLOCK,
+        COLS=1024)
+    return out
