@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import misa
+from misa.ops import kernels_available
 from misa.ops.pool import pool_blocks
 from misa.ops.pool import reference as pool_ref
 
@@ -127,8 +128,9 @@ def _check_written(cache, pooled, before, table, clens):
     sums, abss, _ = _page_sums64(cache, table, clens)
     used = _used(table, clens, cache.shape[0]).to(pooled.device)
     _close(pooled[used], sums[used.cpu()], abss[used.cpu()], PAGE)
-    rebuilt = misa.pool_paged_kcache(cache, table, clens, backend="reference")
-    _close(pooled[used], rebuilt[used].double().cpu(), 2 * abss[used.cpu()], PAGE)
+    for backend in ("reference", "triton") if kernels_available() else ("reference",):
+        rebuilt = misa.pool_paged_kcache(cache, table, clens, backend=backend)
+        _close(pooled[used], rebuilt[used].double().cpu(), 2 * abss[used.cpu()], PAGE)
     assert torch.equal(pooled[~used], before[~used])
 
 

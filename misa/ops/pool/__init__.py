@@ -2,8 +2,8 @@
 dequantised keys (layout and upkeep in misa/quant.py: ``new_pooled_kcache``, ``write_paged_kcache``).
 
 ``pool_paged_kcache`` builds it from a cache; ``pool_blocks`` turns it into the router's block
-means (what ``misa.ops.router.triton.paged_pool_keys`` computes from the raw cache, reading 64x
-fewer bytes per block). Both check their arguments (``ValueError`` naming the argument; the value
+means (what ``misa.ops.router.triton.paged_pool_keys`` computes from the raw cache, reading
+``4 D`` bytes a page instead of ``64 (D + 4)``: 16.5x fewer at D = 128). Both check their arguments (``ValueError`` naming the argument; the value
 checks are read back with one synchronisation) and run the Triton kernel (``triton.py``) or the
 PyTorch reference (``reference.py``) as ``misa.select.use_kernels`` decides from ``backend``
 (None: ``"auto"``, or the ``MISA_BACKEND`` override). The unchecked ``triton`` / ``reference``
