@@ -9,6 +9,12 @@ Paged cache: pages of ``PAGE_SIZE`` tokens. A page holds ``PAGE_SIZE * D`` fp8 v
 followed by ``PAGE_SIZE`` float32 scales, i.e. ``D + 4`` bytes per token (132 at D=128). The tensor is
 uint8 ``[num_pages, PAGE_SIZE, 1, D + 4]`` like DeepGEMM's ``fp8_paged_mqa_logits`` takes it; only
 its flat per-page byte order matters.
+
+Pooled-key cache: float32 ``[num_pages, D]`` beside the paged cache, row ``p`` the sum of the
+dequantised keys (``fp8 value * scale``) of the tokens written to page ``p`` since the page was last
+(re)started, i.e. since a token was written at its offset 0. Readers derive a page's token count
+from the sequence's context length: its mean key is ``pooled[p] / count``. ``write_paged_kcache``
+keeps it current; ``misa.pool_paged_kcache`` builds it from a cache (``misa/ops/pool``).
 """
 from __future__ import annotations
 
@@ -91,9 +97,36 @@ def paged_head_dim(cache: torch.Tensor) -> int:
     return _page_views(cache)[2]
 
 
+def new_pooled_kcache(num_pages: int, head_dim: int, device=None) -> torch.Tensor:
+    """A pooled-key cache ``[num_pages, head_dim]`` float32 of zeros (see the module docstring)."""
+    return torch.zeros(num_pages, head_dim, dtype=torch.float32, device=device)
+
+
+def _check_pooled(pooled, num_pages: int, head_dim: int, device: torch.device) -> None:
+    if not isinstance(pooled, torch.Tensor):
+        raise ValueError(f"pooled: expected a torch.Tensor, got {type(pooled).__name__}")
+    if pooled.dtype != torch.float32 or tuple(pooled.shape) != (num_pages, head_dim):
+        raise ValueError(f"pooled: expected float32 [{num_pages}, {head_dim}] (one row per cache page), "
+                         f"got {tuple(pooled.shape)} {pooled.dtype}")
+    if pooled.device != device:
+        raise ValueError(f"pooled: on {pooled.device}, kv_cache on {device}")
+
+
 def write_paged_kcache(cache: torch.Tensor, slot_mapping: torch.Tensor, k_fp8: torch.Tensor,
-                       k_scale: torch.Tensor) -> None:
-    """Store tokens at cache slots (``slot = page * PAGE_SIZE + offset``), as engines do at prefill."""
+                       k_scale: torch.Tensor, pooled: torch.Tensor | None = None) -> None:
+    """Store tokens at cache slots (``slot = page * PAGE_SIZE + offset``), as engines do at prefill.
+
+    With ``pooled`` (``[num_pages, D]`` float32, ``new_pooled_kcache``), also keep the pooled-key
+    cache current: every page that receives a token at offset 0 starts afresh (its row is zeroed,
+    so freed pages can be reused), then each written token's dequantised key is added to its page's
+    row. Tokens of one page may come in one call in any order. A slot written twice without its
+    page being restarted counts twice (engines that overwrite slots, e.g. rejected speculative
+    tokens, must rebuild those pages' rows with ``misa.pool_paged_kcache`` or restart the page).
+    The adds are ``index_put_(accumulate=True)`` (on the CPU, float32 ``index_add_`` took tens of
+    ms a call on a loaded 2-core machine, its thread pool contending, against microseconds). The
+    order in which one call's tokens are added to a row is PyTorch's: on CUDA the last bits of a
+    row are not promised to be reproducible. All arguments are checked before anything is written.
+    """
     values, scales, head_dim = _page_views(cache)
     if k_fp8.dtype != FP8 or k_fp8.ndim != 2 or k_fp8.shape[1] != head_dim:
         raise ValueError(f"k_fp8: expected float8_e4m3fn [N, {head_dim}], got {tuple(k_fp8.shape)} {k_fp8.dtype}")
@@ -101,12 +134,24 @@ def write_paged_kcache(cache: torch.Tensor, slot_mapping: torch.Tensor, k_fp8: t
         raise ValueError("k_scale: expected float32 [N] matching k_fp8")
     if slot_mapping.shape != k_fp8.shape[:1]:
         raise ValueError("slot_mapping: expected [N] matching k_fp8")
+    if pooled is not None:
+        _check_pooled(pooled, values.shape[0], head_dim, cache.device)
     slots = slot_mapping.long()
     if slots.numel() and (slots.min() < 0 or slots.max() >= values.shape[0] * PAGE_SIZE):
         raise ValueError("slot_mapping: slot outside the cache")
     page, offset = slots // PAGE_SIZE, slots % PAGE_SIZE
     values[page, offset] = k_fp8.view(torch.uint8)
     scales[page, offset] = k_scale
+    if pooled is not None and slots.numel():
+        page = page.to(pooled.device)
+        # restart the pages that receive an offset-0 token, without a host sync (a boolean mask
+        # would read the count back): count each page's offset-0 tokens, then zero the rows of the
+        # written pages whose count is not 0 (duplicate pages write the same zeros)
+        restarts = torch.zeros(pooled.shape[0], dtype=torch.int32, device=pooled.device)
+        restarts.index_put_((page,), (offset == 0).to(device=pooled.device, dtype=torch.int32), accumulate=True)
+        fresh = (restarts[page] > 0)[:, None]
+        pooled[page] = torch.where(fresh, torch.zeros((), dtype=pooled.dtype, device=pooled.device), pooled[page])
+        pooled.index_put_((page,), dequantize_keys(k_fp8, k_scale).to(pooled.device), accumulate=True)
 
 
 def read_paged_kcache(cache: torch.Tensor, block_table_row: torch.Tensor, length: int
