@@ -132,8 +132,10 @@ def paged_dsa_select(q, kv_cache, weights, context_lens, block_table, k: int = 2
     ``[B * next_n, k]`` int32 positions inside each sequence, -1 padded."""
     check_int("k", k)
     if _batched(q, backend):
-        longest = _check_paged(q, kv_cache, weights, context_lens, block_table)
-        return _batched_select(q, kv_cache, weights, context_lens, block_table, k, longest)
+        _check_paged(q, kv_cache, weights, context_lens, block_table)
+        if q.shape[0] == 0:
+            return torch.empty(0, k, dtype=torch.int32, device=q.device)
+        return _selector("dsa", q, k, block_table)(q, kv_cache, weights, context_lens, block_table).clone()
     return _paged_select(lambda inp: select.dsa_select(inp, k, backend=backend), q, kv_cache, weights,
                          context_lens, block_table, k)
 
@@ -187,6 +189,25 @@ def paged_misa_select(q, kv_cache, weights, context_lens, block_table, k: int = 
                          q, kv_cache, weights, context_lens, block_table, k)
 
 
+_SELECTORS: dict = {}
+
+
+def _selector(variant: str, q, k: int, block_table, **options):
+    """The ``DecodeSelector`` for these shapes, made once and kept (a few recent ones): the checked
+    functions then allocate no buffers and set up no launches per call."""
+    from .decode import DecodeSelector
+    b, n, h, d = q.shape
+    key = (variant, b, n, h, d, k, block_table.shape[1], q.device, tuple(sorted(options.items())))
+    sel = _SELECTORS.get(key)
+    if sel is None:
+        if len(_SELECTORS) >= 16:
+            _SELECTORS.pop(next(iter(_SELECTORS)))
+        sel = _SELECTORS[key] = DecodeSelector(variant, num_heads=h, head_dim=d, k=k, max_batch=b, next_n=n,
+                                               max_context=max(block_table.shape[1], 1) * quant.PAGE_SIZE,
+                                               device=q.device, **options)
+    return sel
+
+
 def check_pooled(pooled, kv_cache) -> torch.Tensor:
     """The pooled-key cache: float32 ``[num_pages, D]`` beside ``kv_cache``."""
     check_tensor("pooled", pooled, 2, (torch.float32,))
@@ -204,10 +225,12 @@ def paged_hisa_select(q, kv_cache, weights, context_lens, block_table, k: int = 
     """HISA over the cache: ``[B * next_n, k]`` int32 positions inside each sequence, -1 padded.
     Arguments as for ``misa.hisa_select`` (``block_k * block_size >= k``).
 
-    With ``pooled`` (the pooled-key cache, ``misa.new_pooled_kcache``) this is block-pruned decode
-    on the kernels: the pooled blocks are scored with all heads, the first, the last and the best
-    ``block_k`` blocks kept and only their pages read; ``block_size`` must then be a multiple of
-    the 64-token page. The selection equals the one without ``pooled`` up to float rounding."""
+    On the kernels, with ``block_size`` a multiple of the 64-token page, this is block-pruned decode
+    for the whole batch: block means from the pooled-key cache ``pooled`` (``misa.new_pooled_kcache``
+    kept by ``misa.write_paged_kcache``; built from the cache for this call when None) scored with
+    all heads, the first, the last and the best ``block_k`` blocks kept and only their pages read.
+    With ``pooled``, ``block_size`` must be a multiple of 64. Selections with and without
+    ``pooled`` agree up to float rounding."""
     check_int("k", k)
     check_int("block_size", block_size)
     check_hisa_budget(k, block_size, block_k)
@@ -215,15 +238,15 @@ def paged_hisa_select(q, kv_cache, weights, context_lens, block_table, k: int = 
         check_pooled(pooled, kv_cache)
         if block_size % quant.PAGE_SIZE:
             raise ValueError(f"block_size: with pooled, a multiple of the page size ({quant.PAGE_SIZE}), got {block_size}")
-        if _batched(q, backend):
-            from .decode import DecodeSelector
-            _check_paged(q, kv_cache, weights, context_lens, block_table)
-            b, n, h, d = q.shape
-            if b == 0:
-                return torch.empty(0, k, dtype=torch.int32, device=q.device)
-            sel = DecodeSelector("hisa", num_heads=h, head_dim=d, k=k, max_batch=b,
-                                 max_context=max(block_table.shape[1], 1) * quant.PAGE_SIZE, next_n=n,
-                                 device=q.device, block_size=block_size, block_k=block_k)
-            return sel(q, kv_cache, weights, context_lens, block_table, pooled)
+    if block_size % quant.PAGE_SIZE == 0 and _batched(q, backend):
+        _check_paged(q, kv_cache, weights, context_lens, block_table)
+        if pooled is None:         # built from the cache: one launch, still no loop over sequences
+            from .ops.pool.triton import pool_paged_kcache
+            pooled = pool_paged_kcache(kv_cache, block_table, context_lens)
+        b, n, h, d = q.shape
+        if b == 0:
+            return torch.empty(0, k, dtype=torch.int32, device=q.device)
+        sel = _selector("hisa", q, k, block_table, block_size=block_size, block_k=block_k)
+        return sel(q, kv_cache, weights, context_lens, block_table, pooled).clone()
     return _paged_select(lambda inp: select.hisa_select(inp, k, block_size, block_k, backend=backend),
                          q, kv_cache, weights, context_lens, block_table, k)

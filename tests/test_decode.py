@@ -16,7 +16,7 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 BIG = DEVICE == "cuda"
 # block means meet q in bf16 on the GPU (float32 in the interpreter, where only the float32 page
 # sums and the order of summation differ from float64)
-RTOL = 1e-2 if BIG else 1e-4
+RTOL = 5e-3 if BIG else 1e-4
 
 
 @pytest.fixture(autouse=True)
@@ -223,3 +223,19 @@ def test_decode_selector_replays_in_a_cuda_graph(variant):
                                           pooled=pooled2)
         same = [len(a & b) / max(1, len(b)) for a, b in zip(as_sets(out), as_sets(want))]
         assert min(same) >= 0.999, min(same)
+
+
+def test_block_pruned_select_with_and_without_pooled():
+    # without pooled the batched path pools the cache itself: the same selection as with the
+    # pooled-key cache an engine keeps with write_paged_kcache (token by token, as in decode)
+    lens, next_n = [300, 129, 77], 2
+    seqs, q, w, cache, table, clens = _batch(lens, next_n, 8, 64, seed=21)
+    pooled = misa.new_pooled_kcache(cache.shape[0], 64, device=DEVICE)
+    for b, (k_fp8, k_scale) in enumerate(seqs):
+        slots = (table[b].long()[:, None] * 64 + torch.arange(64, device=DEVICE)).reshape(-1)[: lens[b]]
+        for t in range(lens[b]):
+            misa.write_paged_kcache(cache, slots[t:t + 1], k_fp8[t:t + 1], k_scale[t:t + 1], pooled=pooled)
+    opts = dict(k=128, block_size=64, block_k=3)
+    with_pooled = misa.paged_hisa_select(q, cache, w, clens, table, pooled=pooled, **opts)
+    without = misa.paged_hisa_select(q, cache, w, clens, table, **opts)
+    assert as_sets(with_pooled) == as_sets(without)
