@@ -17,6 +17,8 @@ BIG = DEVICE == "cuda"
 # block means meet q in bf16 on the GPU (float32 in the interpreter, where only the float32 page
 # sums and the order of summation differ from float64)
 RTOL = 5e-3 if BIG else 1e-4
+# exact token scores: Hopper's fp8 MMA accumulates in reduced precision (~2e-4 of the largest score)
+EXACT_RTOL = 5e-4 if BIG else 1e-5
 
 
 @pytest.fixture(autouse=True)
@@ -94,7 +96,7 @@ def test_chosen_block_logits_kernel_like_float64(lens, next_n, block_size):
     assert torch.equal(pos.cpu(), ref_p)
     fin = torch.isfinite(ref_s)
     assert torch.equal(fin, torch.isfinite(scores.cpu()))
-    torch.testing.assert_close(scores.cpu()[fin], ref_s[fin], rtol=0, atol=1e-5 * float(ref_s[fin].abs().max()))
+    torch.testing.assert_close(scores.cpu()[fin], ref_s[fin], rtol=0, atol=EXACT_RTOL * float(ref_s[fin].abs().max()))
 
 
 @pytest.mark.parametrize("lens,next_n,block_size", CASES)
