@@ -27,11 +27,35 @@ from .validate import check_hisa_budget, check_int
 SELECTOR_VARIANTS = ("dsa", "hisa")
 
 
+class _RowsTopk:
+    """The top-k of rows of at most ``MAX_WIDTH`` columns in one launch, with the interface of
+    ``TopkLaunches`` (``run()``, ``out``) that the plans use."""
+
+    def __init__(self, x, ks, ke, k, cmap=None, finite_only=False):
+        self.args = (x, ks, ke, k)
+        self.cmap, self.finite_only = cmap, finite_only
+        self.out = torch.empty(x.shape[0], k, dtype=torch.int32, device=x.device)
+
+    def run(self):
+        from .ops.topk.triton_rows import short_rows_topk
+        x, ks, ke, k = self.args
+        short_rows_topk(x, ks, ke, k, self.out, cmap=self.cmap, finite_only=self.finite_only)
+
+
+def _topk(x, ks, ke, k, **options):
+    """Short rows (decode's candidates and blocks, short contexts): one launch; long rows: the
+    three-launch top-k, which reads a long row once."""
+    from .ops.topk.triton import TopkLaunches
+    from .ops.topk.triton_rows import MAX_WIDTH
+    if x.shape[1] <= MAX_WIDTH:
+        return _RowsTopk(x, ks, ke, k, **options)
+    return TopkLaunches(x, ks, ke, k, **options)
+
+
 class _Plan:
     """One batch size's buffers and kernel launches."""
 
     def __init__(self, sel: "DecodeSelector", batch: int):
-        from .ops.topk.triton import TopkLaunches
         dev, n = sel.device, sel.next_n
         rows = batch * n
         self.batch = batch
@@ -41,16 +65,16 @@ class _Plan:
             self.ends = torch.empty(rows, **i32)
             self.offsets = torch.arange(1 - n, 1, **i32)              # query i sees ctx - n + 1 + i keys
             self.logits = torch.empty(rows, sel.max_pages * quant.PAGE_SIZE, dtype=torch.float32, device=dev)
-            self.topk = TopkLaunches(self.logits, self.zeros, self.ends, sel.k)
+            self.topk = _topk(self.logits, self.zeros, self.ends, sel.k)
         else:
             self.block_ends = torch.empty(rows, **i32)
             self.scores = torch.empty(rows, max(sel.max_blocks, 1), dtype=torch.float32, device=dev)
-            self.top_blocks = TopkLaunches(self.scores, self.zeros, self.block_ends, sel.kept)
+            self.top_blocks = _topk(self.scores, self.zeros, self.block_ends, sel.kept)
             width = sel.kept * sel.block_size
             self.cand = torch.empty(rows, width, dtype=torch.float32, device=dev)
             self.positions = torch.empty(rows, width, **i32)
             self.width = torch.full((rows,), width, **i32)
-            self.topk = TopkLaunches(self.cand, self.zeros, self.width, sel.k, cmap=self.positions, finite_only=True)
+            self.topk = _topk(self.cand, self.zeros, self.width, sel.k, cmap=self.positions, finite_only=True)
         self.out = self.topk.out
 
 
