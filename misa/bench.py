@@ -14,12 +14,13 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from . import select
+from .config import MisaConfig
 from .metrics import recall
 from .synthetic import indexer_workload
 from .validate import check_inputs
+from .variants import METHODS as REGISTRY, VARIANTS, check_methods, method_config
 
-
-METHODS = ("dsa", "misa", "misa-gap", "misa-dagger", "hisa")
+METHODS = tuple(REGISTRY)          # the names --methods takes: misa.variants.METHODS
 
 
 @dataclass
@@ -42,9 +43,7 @@ class BenchConfig:
     def __post_init__(self):
         if self.rounds < 1:
             raise ValueError(f"rounds: {self.rounds} must be at least 1")
-        bad = [m for m in self.methods if m not in METHODS]
-        if bad:
-            raise ValueError(f"methods: unknown {bad}, expected some of {METHODS}")
+        self.methods = tuple(check_methods(self.methods))
 
 
 def _time(fn, rep_ms: float) -> float:
@@ -72,6 +71,38 @@ def _time_rounds(timers: dict, rep_ms: int, rounds: int) -> tuple[dict, dict]:
     return {name: statistics.median(v) for name, v in per_round.items()}, per_round
 
 
+def _config(cfg: BenchConfig, name: str):
+    """Method ``name``'s ``MisaConfig`` at the bench's sizes."""
+    return method_config(name, active_heads=cfg.active_heads, block_size=cfg.block_size, stage1_k=cfg.stage1_k,
+                         hisa_block_size=cfg.hisa_block_size, hisa_block_k=cfg.hisa_block_k)
+
+
+def _run(mc, inp, k: int) -> torch.Tensor:
+    """``mc.select`` on inputs validated once (``misa.select``'s entry points, as ``misa.api``
+    calls them after its checks): the bench times the selection, not the argument checks."""
+    if mc.variant == "dsa":
+        return select.dsa_select(inp, k, mc.workspace_bytes)
+    if mc.variant == "hisa":
+        return select.hisa_select(inp, k, mc.hisa_block_size, mc.hisa_block_k, mc.workspace_bytes)
+    return select.misa_select(inp, k, mc.active_heads, mc.block_size, mc.stage1_k, mc.router, mc.workspace_bytes)
+
+
+def _key(name: str) -> str:
+    return name.replace("-", "_")
+
+
+def stage_owners(methods) -> dict[str, str]:
+    """For each routed method, the method whose router / routed-logits timers it shares: the first
+    requested routed method with the same router statistic (MISA-dagger's first stage is MISA's)."""
+    owners, by_router = {}, {}
+    for name in methods:
+        v = VARIANTS[REGISTRY[name].variant]
+        if v.routed:
+            router = REGISTRY[name].router or MisaConfig.router     # None: MisaConfig's default
+            owners[name] = by_router.setdefault(router, name)
+    return owners
+
+
 def bench_one(cfg: BenchConfig, seq_len: int, device: torch.device) -> dict:
     from .ops.dsa.triton import cut_sample, launch_logits
     from .ops.rescore.triton import rerank
@@ -85,8 +116,9 @@ def bench_one(cfg: BenchConfig, seq_len: int, device: torch.device) -> dict:
     row = {"seq_len": seq_len, "num_queries": t, "heads": h, "head_dim": d, "k": k}
     timers = {}
 
-    # the stages' buffers: dense logits for DSA's top-k, routed logits for MISA's and MISA-dagger's
-    # (each timer rewrites its buffer with the same values, so the rounds can interleave)
+    # the stages' buffers: dense logits for DSA's top-k, routed logits per router statistic for the
+    # routed methods' top-k (each timer rewrites its buffer with the same values, so the rounds can
+    # interleave)
     dense_buf = torch.full((t, seq_len), float("-inf"), device=device)
     dense = lambda: launch_logits(inp.q, inp.weights, inp.k, inp.k_scale, inp.ks, inp.ke, dense_buf)
     dense()
@@ -95,52 +127,51 @@ def bench_one(cfg: BenchConfig, seq_len: int, device: torch.device) -> dict:
     sample = lambda heads=None: cut_sample(inp.q, inp.weights, inp.k, inp.k_scale, 0, seq_len, heads=heads)
     timers["dsa.topk"] = lambda: topk(dense_buf, inp.ks, inp.ke, k, sample=sample())
     timers["torch.topk"] = lambda: torch.topk(dense_buf, k, dim=1, sorted=False)
-    ref = select.dsa_select(inp, k)
-    timers["dsa.e2e"] = lambda: select.dsa_select(inp, k)
-    row["dsa.peak_mb"] = _peak_mb(lambda: select.dsa_select(inp, k), device)
+    dsa = _config(cfg, "dsa")
+    ref = _run(dsa, inp, k)
+    timers["dsa.e2e"] = lambda: _run(dsa, inp, k)
+    row["dsa.peak_mb"] = _peak_mb(lambda: _run(dsa, inp, k), device)
 
-    runs = {}
-    if "misa" in cfg.methods or "misa-dagger" in cfg.methods:
-        heads = route_heads(inp, cfg.active_heads, cfg.block_size)
-        routed_buf = torch.full((t, seq_len), float("-inf"), device=device)
-        routed = lambda: launch_logits(inp.q, inp.weights, inp.k, inp.k_scale, inp.ks, inp.ke, routed_buf,
-                                       heads=heads)
-        routed()
-        timers["misa.router"] = lambda: route_heads(inp, cfg.active_heads, cfg.block_size)
-        timers["misa.logits"] = routed
-    if "misa" in cfg.methods:
-        timers["misa.topk"] = lambda: topk(routed_buf, inp.ks, inp.ke, k, sample=sample(heads))
-        runs["misa"] = lambda: select.misa_select(inp, k, cfg.active_heads, cfg.block_size, None)
-    if "misa-gap" in cfg.methods:     # MISA with the "gap" router statistic (docs/results.md)
-        timers["misa-gap.router"] = lambda: route_heads(inp, cfg.active_heads, cfg.block_size, router="gap")
-        runs["misa-gap"] = lambda: select.misa_select(inp, k, cfg.active_heads, cfg.block_size, None, router="gap")
-    if "misa-dagger" in cfg.methods:
-        timers["misa-dagger.stage1_topk"] = lambda: topk(routed_buf, inp.ks, inp.ke, cfg.stage1_k,
-                                                         sample=sample(heads))
-        cand = topk(routed_buf, inp.ks, inp.ke, cfg.stage1_k)
-        timers["misa-dagger.rerank"] = lambda: rerank(inp, cand, k)
-        runs["misa-dagger"] = lambda: select.misa_select(inp, k, cfg.active_heads, cfg.block_size, cfg.stage1_k)
-    if "hisa" in cfg.methods:
-        runs["hisa"] = lambda: select.hisa_select(inp, k, cfg.hisa_block_size, cfg.hisa_block_k)
-    for method, run in runs.items():
-        timers[method + ".e2e"] = run
-        row[method + ".recall"] = float(recall(run(), ref).mean())
-        if method != "misa-gap":
-            row[method + ".peak_mb"] = _peak_mb(run, device)
+    owners = stage_owners(cfg.methods)
+    routed = {}                                  # owner -> (heads, routed logits buffer)
+    for name, owner in owners.items():
+        mc = _config(cfg, name)
+        if owner == name:
+            heads = route_heads(inp, mc.active_heads, mc.block_size, router=mc.router)
+            buf = torch.full((t, seq_len), float("-inf"), device=device)
+            fill = (lambda heads, buf: lambda: launch_logits(inp.q, inp.weights, inp.k, inp.k_scale, inp.ks, inp.ke,
+                                                             buf, heads=heads))(heads, buf)
+            fill()
+            routed[name] = (heads, buf)
+            timers[name + ".router"] = (lambda mc: lambda: route_heads(inp, mc.active_heads, mc.block_size,
+                                                                       router=mc.router))(mc)
+            timers[name + ".logits"] = fill
+        heads, buf = routed[owner]
+        if mc.stage1_k is None:
+            timers[name + ".topk"] = (lambda heads, buf: lambda: topk(buf, inp.ks, inp.ke, k,
+                                                                      sample=sample(heads)))(heads, buf)
+        else:
+            timers[name + ".stage1_topk"] = (lambda heads, buf, k1: lambda: topk(
+                buf, inp.ks, inp.ke, k1, sample=sample(heads)))(heads, buf, mc.stage1_k)
+            cand = topk(buf, inp.ks, inp.ke, mc.stage1_k)
+            timers[name + ".rerank"] = (lambda cand: lambda: rerank(inp, cand, k))(cand)
+    for name in cfg.methods:
+        if name == "dsa":
+            continue
+        run = (lambda mc: lambda: _run(mc, inp, k))(_config(cfg, name))
+        timers[name + ".e2e"] = run
+        row[name + ".recall"] = float(recall(run(), ref).mean())
+        row[name + ".peak_mb"] = _peak_mb(run, device)
 
     ms, row["ms_rounds"] = _time_rounds(timers, cfg.rep_ms, cfg.rounds)
     row["ms"] = ms
     row["dsa.logits_tflops"] = 2 * h * d * pairs / ms["dsa.logits"] / 1e9
-    if "misa.logits" in ms:
-        row["misa.logits_tflops"] = 2 * cfg.active_heads * d * pairs / ms["misa.logits"] / 1e9
-        row["speedup.scoring"] = ms["dsa.logits"] / (ms["misa.router"] + ms["misa.logits"])
-        row["speedup.misa_e2e"] = ms["dsa.e2e"] / ms["misa.e2e"]
-    if "misa-gap.e2e" in ms:
-        row["speedup.misa_gap_e2e"] = ms["dsa.e2e"] / ms["misa-gap.e2e"]
-    if "misa-dagger.e2e" in ms:
-        row["speedup.misa_dagger_e2e"] = ms["dsa.e2e"] / ms["misa-dagger.e2e"]
-    if "hisa.e2e" in ms:
-        row["speedup.hisa_e2e"] = ms["dsa.e2e"] / ms["hisa.e2e"]
+    for owner in routed:
+        row[owner + ".logits_tflops"] = 2 * cfg.active_heads * d * pairs / ms[owner + ".logits"] / 1e9
+        row[f"speedup.{_key(owner)}_scoring"] = ms["dsa.logits"] / (ms[owner + ".router"] + ms[owner + ".logits"])
+    for name in cfg.methods:
+        if name != "dsa":
+            row[f"speedup.{_key(name)}_e2e"] = ms["dsa.e2e"] / ms[name + ".e2e"]
     row["speedup.topk_vs_torch"] = ms["torch.topk"] / ms["dsa.topk"]
     torch.cuda.empty_cache()
     return row
@@ -166,28 +197,75 @@ def run_bench(cfg: BenchConfig, device: torch.device, progress: bool = True) -> 
     }
 
 
-def format_rows(result: dict) -> tuple[list[str], list[list[str]]]:
-    cols = ["keys", "DSA logits ms (TFLOP/s)", "MISA router+logits ms (TFLOP/s)", "scoring x",
-            "top-k ms (torch x)", "DSA e2e ms", "MISA e2e ms (x, recall)", "MISA-gap e2e ms (x, recall)",
-            "MISA† e2e ms (x, recall)",
-            "HISA e2e ms (x, recall)", "peak MB DSA/MISA"]
-    out = []
+@dataclass
+class Table:
+    title: str
+    columns: list[str]
+    rows: list[list[str]]
+    left: int = 2             # the first columns are labels (left-aligned), the rest numbers
+
+
+def _label(name: str) -> str:
+    return REGISTRY[name].label if name in REGISTRY else name
+
+
+def _methods(result: dict) -> list[str]:
+    return list(result.get("config", {}).get("methods") or METHODS)
+
+
+def _f(x, spec: str = ".2f") -> str:
+    return "-" if x is None else format(x, spec)
+
+
+def bench_tables(result: dict) -> list[Table]:
+    """The bench's results as narrow tables (long format: one row per size and method, so the
+    width does not grow with the number of methods): end to end, stages, speed-up summary."""
+    methods = _methods(result)
+    owners = stage_owners(methods)
+    e2e, stages = [], []
     for r in result["rows"]:
         ms = r["ms"]
-        f = lambda m, key: f"{ms[m + '.e2e']:.2f} ({r['speedup.' + key]:.2f}x, {r[m + '.recall']:.3f})" \
-            if m + ".e2e" in ms else "-"
-        out.append([
-            str(r["seq_len"]),
-            f"{ms['dsa.logits']:.2f} ({r['dsa.logits_tflops']:.0f})",
-            f"{ms.get('misa.router', 0):.2f}+{ms.get('misa.logits', 0):.2f} ({r.get('misa.logits_tflops', 0):.0f})",
-            f"{r.get('speedup.scoring', 0):.2f}",
-            f"{ms['dsa.topk']:.2f} ({r['speedup.topk_vs_torch']:.1f}x)",
-            f"{ms['dsa.e2e']:.2f}",
-            f("misa", "misa_e2e"), f("misa-gap", "misa_gap_e2e"), f("misa-dagger", "misa_dagger_e2e"),
-            f("hisa", "hisa_e2e"),
-            f"{r['dsa.peak_mb']:.0f}/{r.get('misa.peak_mb', 0):.0f}",
-        ])
-    return cols, out
+        keys = str(r["seq_len"])
+        dsa_ms = ms.get("dsa.e2e")
+        first = True
+        for name in ["dsa"] + [m for m in methods if m != "dsa"]:
+            t = ms.get(name + ".e2e")
+            if t is None:
+                continue
+            e2e.append([keys if first else "", _label(name), _f(t), _f(dsa_ms / t if dsa_ms else None),
+                        "1.000" if name == "dsa" else _f(r.get(name + ".recall"), ".3f"),
+                        _f(r.get(name + ".peak_mb"), ".0f")])
+            first = False
+        dense = ms.get("dsa.logits")
+        stages.append([keys, "DSA", "-", _f(dense), _f(r.get("dsa.logits_tflops"), ".0f"), _f(ms.get("dsa.topk")),
+                       "-", "1.00"])
+        stages.append(["", "torch.topk", "-", "-", "-", _f(ms.get("torch.topk")), "-", "-"])
+        for name, owner in owners.items():
+            router, logits = ms.get(owner + ".router"), ms.get(owner + ".logits")
+            scoring = dense / (router + logits) if dense and router is not None and logits is not None else None
+            if name + ".rerank" in ms:
+                top, rescore = ms.get(name + ".stage1_topk"), ms.get(name + ".rerank")
+            else:
+                top, rescore = ms.get(name + ".topk"), None
+            stages.append(["", _label(name), _f(router), _f(logits), _f(r.get(owner + ".logits_tflops"), ".0f"),
+                           _f(top), _f(rescore), _f(scoring)])
+    others = [m for m in methods if m != "dsa"]
+    summary = [[str(r["seq_len"])] + [_f(r["ms"]["dsa.e2e"] / r["ms"][m + ".e2e"] if m + ".e2e" in r["ms"] else None)
+                                      for m in others] for r in result["rows"]]
+    return [
+        Table("End to end: ms per call, x = speed-up over DSA in the same run, recall of DSA's tokens, peak MB",
+              ["keys", "method", "ms", "x DSA", "recall", "peak MB"], e2e),
+        Table("Stages, ms (TFLOP/s of the scoring; scoring x = DSA logits / (router + logits); MISA-dagger: "
+              "top-k = its stage-1 top-k1, then the re-scoring with all heads)",
+              ["keys", "method", "router", "logits", "TFLOP/s", "top-k", "re-score", "scoring x"], stages),
+        Table("Speed-up over DSA, end to end (x)", ["keys"] + [_label(m) for m in others], summary, left=1),
+    ]
+
+
+def format_rows(result: dict) -> tuple[list[str], list[list[str]]]:
+    """The end-to-end table's columns and rows (``bench_tables(result)[0]``)."""
+    t = bench_tables(result)[0]
+    return t.columns, t.rows
 
 
 def save(result: dict, path: str) -> None:

@@ -16,15 +16,80 @@ def _device(name: str | None) -> torch.device:
     return dev
 
 
-def _print_table(title: str, columns: list[str], rows: list[list[str]], caption: str | None = None) -> None:
-    from rich.console import Console
-    from rich.table import Table
-    table = Table(title=title, caption=caption)
-    for i, c in enumerate(columns):
-        table.add_column(c, justify="left" if i < 2 else "right")
-    for r in rows:
-        table.add_row(*r)
-    Console().print(table)
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """``--help`` shows every option's default: argparse's "(default: X)" where the help text does
+    not already say it, and nothing for options whose default is "not set"."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text or action.default is None or action.default is False \
+                or action.default == argparse.SUPPRESS:
+            return text
+        return super()._get_help_string(action)
+
+    def _split_lines(self, text, width):      # never split "misa-dagger" at its hyphen
+        import textwrap
+        return textwrap.wrap(self._whitespace_matcher.sub(" ", text).strip(), width, break_on_hyphens=False)
+
+
+WIDTH = 80      # what every table and legend of the command line fits in
+
+
+def text_table(title: str, columns: list[str], rows: list[list[str]], width: int = WIDTH, left: int = 2) -> str:
+    """Plain fixed-width text: the ``left`` first columns left-aligned, the rest right-aligned, two
+    spaces between columns. Wider than ``width``: split into several tables, each repeating the
+    first column. The title wraps at ``width``."""
+    import textwrap
+    cells = [list(map(str, columns))] + [[str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(columns))]
+    groups, cur = [], [0]
+    for i in range(1, len(columns)):
+        if sum(widths[j] + 2 for j in cur) + widths[i] > width and len(cur) > 1:
+            groups.append(cur)
+            cur = [0]
+        cur.append(i)
+    groups.append(cur)
+    out = textwrap.wrap(title, width, break_on_hyphens=False) if title else []
+    for g in groups:
+        line = lambda r: "  ".join(r[i].ljust(widths[i]) if i < left else r[i].rjust(widths[i]) for i in g).rstrip()
+        out.append(line(cells[0]))
+        out.append("  ".join("-" * widths[i] for i in g))
+        out += [line(r) for r in cells[1:]]
+        out.append("")
+    return "\n".join(out)
+
+
+def _wrap(text: str, indent: str = "", first: str = "") -> str:
+    import textwrap
+    return textwrap.fill(text, WIDTH, initial_indent=first or indent, subsequent_indent=indent,
+                         break_on_hyphens=False)
+
+
+def demo_legend(cfg, heads: int, device: torch.device) -> list[str]:
+    """What the demo table's columns mean, and how to read its times on this device."""
+    from .demo import DEFAULT_ROUTER
+    pad = " " * 10
+    lines = [
+        _wrap("MISA\u2020 is MISA-dagger; MISA (gap router) routes heads by our gap statistic instead of the "
+              f"paper's {DEFAULT_ROUTER} (docs/results.md).", pad, "method    "),
+        _wrap(f"h = heads the router keeps per query (of the indexer's {heads}); B = keys per block the router "
+              f"mean-pools to score the heads; k1 = MISA-dagger's candidates (its routed top-k1), re-scored with "
+              f"all heads; HISA: B = keys per pooled block, m = blocks kept.", pad, "setting   "),
+        _wrap(f"share of DSA's top-{cfg.k} tokens the method also keeps: mean over queries, and the worst "
+              f"query.", pad, "recall    "),
+        _wrap("wall time of one call on this device, after a warm-up call" +
+              (" of each method (kernel compilation)." if device.type == "cuda" else "."), pad, "ms        "),
+    ]
+    if device.type == "cpu":
+        lines += ["", _wrap(
+            "CPU: these times are the PyTorch reference, not the GPU kernels (they need CUDA); they count work. "
+            "Here MISA\u2020, which re-scores its k1 candidates with all heads, looks slower than DSA; on a GPU, "
+            "end to end at 131K keys, MISA\u2020 is ~2.5x faster than DSA and MISA ~4x (H200, docs/benchmarks.md; "
+            "`misa bench` on a GPU measures them).")]
+    else:
+        lines += ["", _wrap("One call each, not a benchmark: `misa bench` times the kernels properly (medians of "
+                            "many runs, stage by stage, over context lengths).")]
+    return lines
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -34,7 +99,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     for field in ("seq_len", "num_queries", "k"):
         if getattr(args, field) is not None:
             setattr(cfg, field, getattr(args, field))
-    print(f"misa demo on {device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'})")
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    print(f"misa demo on {device} ({name})")
     workload, why = None, "--workload synthetic"
     if args.workload != "synthetic":
         try:
@@ -44,7 +110,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
                 if getattr(args, field) is not None:
                     setattr(real_cfg, field, getattr(args, field))
             workload, why = real_workload(device, real_cfg.seq_len, real_cfg.num_queries, args.model, args.indexer,
-                                          fetch=args.workload == "real")
+                                          corpus=args.corpus, fetch=args.workload == "real")
         except ImportError as e:        # the eval extra is not installed
             workload, why = None, f"the eval extra is missing ({e.name})"
         if workload is None and args.workload == "real":
@@ -52,22 +118,38 @@ def cmd_demo(args: argparse.Namespace) -> int:
         if workload is not None:
             cfg = real_cfg
             cfg.seq_len = int(workload.ke.max())
-            print(f"workload: {workload.description}, top-k = {cfg.k}")
+            print(_wrap(f"workload: {workload.description}, top-k = {cfg.k}"))
+            if workload.warning:
+                print(_wrap(f"WARNING: {workload.warning}.", "  "))
     if workload is None:
-        print(f"workload: SYNTHETIC indexer traffic (topics, sinks, local windows, retrieved spans, specialised "
-              f"heads), {cfg.heads} heads x {cfg.head_dim} dims, fp8; {cfg.num_queries} causal queries at the end "
-              f"of a {cfg.seq_len}-token context, top-k = {cfg.k} (real model not used: {why})")
+        print(_wrap(f"workload: SYNTHETIC indexer traffic (topics, sinks, local windows, retrieved spans, specialised "
+                    f"heads), {cfg.heads} heads x {cfg.head_dim} dims, fp8; {cfg.num_queries} causal queries at the end "
+                    f"of a {cfg.seq_len}-token context, top-k = {cfg.k} (real model not used: {why})"))
+    print()
     rows = run_demo(cfg, device, seed=args.seed, workload=workload)
-    note = ("times are the PyTorch reference on the CPU: they show work, not kernel speed (see `misa bench`)"
-            if device.type == "cpu" else "wall-clock of one call each after a warm-up; `misa bench` times properly")
-    _print_table("Recall of DSA's selected tokens", ["method", "setting", "recall (mean)", "recall (min)", "ms"],
-                 [[r.method, r.setting, f"{r.recall_mean:.4f}", f"{r.recall_min:.4f}", f"{r.ms:.1f}"] for r in rows],
-                 caption=note)
+    heads = workload.q.shape[1] if workload is not None else cfg.heads
+    print(text_table("Recall of DSA's selected tokens, and time",
+                     ["method", "setting", "recall mean", "recall min", "ms"],
+                     [[r.method, r.setting, f"{r.recall_mean:.4f}", f"{r.recall_min:.4f}", f"{r.ms:.1f}"]
+                      for r in rows]))
+    print("\n".join(demo_legend(cfg, heads, device)))
     return 0
 
 
+def bench_report(result: dict) -> str:
+    """The bench's tables as text that fits ``WIDTH`` columns."""
+    from .bench import bench_tables
+    c = result["config"]
+    head = _wrap(f"misa bench on {result['gpu']} ({result['date']}): {c['num_queries']} causal queries at the end of "
+                 f"each context, H={c['heads']}, D={c['head_dim']}, k={c['k']}; MISA h={c['active_heads']}, "
+                 f"B={c['block_size']}; MISA-dagger k1={c['stage1_k']}; HISA B={c['hisa_block_size']}, "
+                 f"m={c['hisa_block_k']}. Medians of triton.testing.do_bench over {c['rounds']} interleaved rounds; "
+                 f"every speed-up is against DSA in the same run.")
+    return "\n".join([head, ""] + [text_table(t.title, t.columns, t.rows, left=t.left) for t in bench_tables(result)])
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
-    from .bench import BenchConfig, format_rows, run_bench, save
+    from .bench import BenchConfig, run_bench, save
     device = _device(args.device)
     cfg = BenchConfig(num_queries=args.num_queries, context_lens=tuple(args.context_lens), heads=args.heads,
                       k=args.k, active_heads=args.active_heads, block_size=args.block_size,
@@ -75,10 +157,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
                       hisa_block_k=args.hisa_block_k, rep_ms=args.rep_ms, rounds=args.rounds,
                       methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()))
     result = run_bench(cfg, device)
-    cols, rows = format_rows(result)
-    _print_table(f"misa bench on {result['gpu']} ({result['date']}), {cfg.num_queries} causal queries, "
-                 f"H={cfg.heads}, D={cfg.head_dim}, k={cfg.k}, h={cfg.active_heads}, B={cfg.block_size}",
-                 cols, rows, caption="medians of triton.testing.do_bench; x = speed-up over dense DSA in the same run")
+    print(bench_report(result))
     if args.json:
         save(result, args.json)
         print(f"wrote {args.json}")
@@ -86,29 +165,38 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="misa", description="MISA: cheaper token selection for DeepSeek Sparse Attention.")
+    from .eval.data import CORPUS_HELP
+    from .variants import METHODS
+    names = ",".join(METHODS)
+    labels = ", ".join(m.label.replace("\u2020", "-dagger") for m in METHODS.values())
+    p = argparse.ArgumentParser(prog="misa", description="MISA: cheaper token selection for DeepSeek Sparse Attention.",
+                                formatter_class=HelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
-    d = sub.add_parser("demo", help="compare DSA, MISA, MISA-dagger and HISA on one indexer workload",
-                       description="Run DSA, MISA (h of H heads), MISA-dagger and HISA on one indexer workload "
-                                   "and print, per method, the recall of DSA's selected tokens and the time.")
-    d.add_argument("--device", default="auto", help="cpu, cuda or auto (default: cuda when present)")
+    d = sub.add_parser("demo", help=f"compare {labels} on one indexer workload", formatter_class=HelpFormatter,
+                       description=f"Run {labels} on one indexer workload and print, per method, the recall of "
+                                   "DSA's selected tokens and the time of one call, with a legend. The workload is "
+                                   "SmolLM2 + the indexer `misa warmup` trained when both are on this machine "
+                                   "(flagged when that indexer is under-trained), else synthetic indexer traffic.")
+    d.add_argument("--device", default="auto", help="cpu, cuda or auto (cuda when present)")
     d.add_argument("--seq-len", type=int, default=None, help="context length (default: 8192 on CPU, 32768 on GPU)")
     d.add_argument("--num-queries", type=int, default=None,
                    help="queries at the end of the context (default: 1024 on CPU, 4096 on GPU)")
     d.add_argument("--k", type=int, default=None, help="tokens each query keeps (default: 512 on CPU, 2048 on GPU)")
     d.add_argument("--seed", type=int, default=0, help="seed of the synthetic workload")
     d.add_argument("--workload", choices=["auto", "real", "synthetic"], default="auto",
-                   help="real: SmolLM2 + the indexer `misa warmup` trained; auto (default): real when both are on "
+                   help="real: SmolLM2 + the indexer `misa warmup` trained; auto: real when both are on "
                         "this machine, else synthetic")
     d.add_argument("--model", default=None, help="real workload: the GGUF model file (default: the cache)")
     d.add_argument("--indexer", default=None, help="real workload: the indexer folder (default: the cache)")
+    d.add_argument("--corpus", default=None, help="real workload: " + CORPUS_HELP)
     d.set_defaults(func=cmd_demo)
 
-    b = sub.add_parser("bench", help="time DSA, MISA, MISA-dagger and HISA kernels (needs a GPU)",
+    b = sub.add_parser("bench", help=f"time the {labels} kernels (needs a GPU)", formatter_class=HelpFormatter,
                        description="Time every method end to end and stage by stage (router, scoring, top-k) "
                                    "on fresh synthetic fp8 inputs, with medians of many runs, and print speed-ups "
-                                   "over dense DSA measured in the same run, recall of DSA's selection and peak memory.")
-    b.add_argument("--device", default="auto", help="a CUDA device (default: cuda)")
+                                   "over dense DSA measured in the same run, recall of DSA's selection and peak "
+                                   "memory, as tables that fit 80 columns.")
+    b.add_argument("--device", default="auto", help="a CUDA device (auto: cuda)")
     b.add_argument("--num-queries", type=int, default=4096, help="causal queries at the end of the context")
     b.add_argument("--context-lens", type=int, nargs="+", default=[16384, 32768, 65536, 131072],
                    help="key counts to sweep")
@@ -119,11 +207,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--stage1-k", type=int, default=8192, help="MISA-dagger's candidate set k1")
     b.add_argument("--hisa-block-size", type=int, default=128, help="HISA's block size")
     b.add_argument("--hisa-block-k", type=int, default=64, help="HISA's kept blocks m")
-    b.add_argument("--rep-ms", type=int, default=200, help="do_bench repetition time per measurement")
+    b.add_argument("--rep-ms", type=int, default=200, help="do_bench repetition time per measurement, ms")
     b.add_argument("--rounds", type=int, default=3,
                    help="interleaved timing rounds per measurement (each --rep-ms / rounds; the median is reported)")
-    b.add_argument("--methods", default="dsa,misa,misa-gap,misa-dagger,hisa",
-                   help="comma-separated, from dsa,misa,misa-gap,misa-dagger,hisa")
+    b.add_argument("--methods", default=names, help=f"comma-separated, from {', '.join(METHODS)}")
     b.add_argument("--json", default=None, help="also write the full results to this JSON file")
     b.set_defaults(func=cmd_bench)
 

@@ -1,9 +1,12 @@
 """Why MISA's router falls short on the trained SmolLM2 indexer: oracle routers, head statistics and
 training-free router statistics, per layer, on the CPU.
 
-    python scripts/router_analysis.py --indexer /work/trained-indexer \
-        --model /work/models/SmolLM2-135M-Instruct.Q4_1.gguf --context 8192 --windows 2 --queries 128 \
-        --layers $(seq -s, 0 29) --k 128,256,512 --no-oracle --out /work/why/final-30L-8k
+    python scripts/router_analysis.py --indexer INDEXER_DIR --model SmolLM2-135M-Instruct.Q4_1.gguf \
+        --context 8192 --windows 2 --queries 128 --layers $(seq -s, 0 29) --k 128,256,512 --no-oracle \
+        --out results/final-30L-8k
+
+``--indexer`` and ``--model`` default to what ``misa warmup`` uses (the cache), ``--corpus`` to
+``$MISA_CORPUS`` or a ``shared/data/text`` folder in or above the checkout (see ``--help``).
 
 (docs/results.md, "Why MISA's router falls short here", lists the runs behind its tables;
 scripts/router_analysis_tables.py prints those tables from the ``results.json`` files.)
@@ -50,7 +53,10 @@ import torch
 
 import misa
 from misa.eval import data
+from misa.eval.cli import default_indexer
 from misa.eval.common import EvalContext
+from misa.eval.data import CORPUS_HELP
+from misa.eval.model import cache_dir
 from misa.eval.hooks import attention_probs
 from misa.eval.recall import query_positions
 from misa.eval.selectors import mass, oracle_select, window_select
@@ -395,26 +401,31 @@ def analyse_layer(inp, probs, ke, ks_, block: int, h: int, ks: list[int], g: tor
 # ---------------------------------------------------------------------------------------------
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--indexer", default="/work/trained-indexer")
-    p.add_argument("--model", default="/work/models/SmolLM2-135M-Instruct.Q4_1.gguf")
-    p.add_argument("--corpus", default=None)
-    p.add_argument("--context", type=int, default=4096)
-    p.add_argument("--windows", type=int, default=2)
-    p.add_argument("--queries", type=int, default=256)
-    p.add_argument("--layers", default="4,10,11,16,17,19,22,28")
-    p.add_argument("--k", default="128,256")
-    p.add_argument("--heads", type=int, default=8)
-    p.add_argument("--block", type=int, default=128)
-    p.add_argument("--no-oracle", action="store_true")
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--out", required=True)
+    p.add_argument("--indexer", default=None,
+                   help="the folder `misa warmup` saved (default: the cache, $MISA_CACHE/warmup/indexer or "
+                        "~/.cache/misa/warmup/indexer)")
+    p.add_argument("--model", default=None, help="the GGUF model file (default: $MISA_MODEL, else the cache)")
+    p.add_argument("--corpus", default=None, help=CORPUS_HELP)
+    p.add_argument("--context", type=int, default=4096, help="window length, tokens (default: 4096)")
+    p.add_argument("--windows", type=int, default=2, help="held-out windows (default: 2)")
+    p.add_argument("--queries", type=int, default=256, help="queries per window (default: 256)")
+    p.add_argument("--layers", default="4,10,11,16,17,19,22,28", help="comma-separated layers (default: %(default)s)")
+    p.add_argument("--k", default="128,256", help="comma-separated top-k sizes (default: %(default)s)")
+    p.add_argument("--heads", type=int, default=8, help="routed heads h (default: 8)")
+    p.add_argument("--block", type=int, default=128, help="router block size B (default: 128)")
+    p.add_argument("--no-oracle", action="store_true", help="skip the oracle routers (slow)")
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default: 2)")
+    p.add_argument("--out", required=True, help="folder for results.json and results.md")
     a = p.parse_args(argv)
+    indexer = a.indexer or default_indexer()
+    if indexer is None:
+        p.error("no trained indexer in the cache: run `misa warmup` first, or pass --indexer DIR")
     torch.set_num_threads(a.threads)
     layers = [int(x) for x in a.layers.split(",")]
     ks = [int(x) for x in a.k.split(",")]
     t0 = time.time()
-    ctx = EvalContext.create(model=a.model, device="cpu", indexer=a.indexer, corpus=a.corpus,
-                             token_cache=Path.home() / ".cache" / "misa" / "tokens")
+    ctx = EvalContext.create(model=a.model, device="cpu", indexer=indexer, corpus=a.corpus,
+                             token_cache=cache_dir() / "tokens")
     tokens = data.heldout_tokens(ctx.tokenizer, ctx.corpus, ctx.token_cache)
     wins = data.windows(tokens, a.context, a.windows)
     qpos = query_positions(a.context, a.queries, ctx.device)

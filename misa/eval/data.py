@@ -1,7 +1,9 @@
 """Texts for training and evaluation: the long texts in a corpus folder, one held out.
 
 Training reads every ``*.txt`` of the corpus except ``HELD_OUT`` (the Paul Graham essays, the usual
-needle-in-a-haystack haystack), which only evaluation reads. Token ids are cached per file.
+needle-in-a-haystack haystack), which only evaluation reads; a corpus that is one file serves both.
+The corpus is ``--corpus``, else ``$MISA_CORPUS``, else a ``shared/data/text`` folder in or above
+the checkout (``find_default_corpus``). Token ids are cached per file.
 """
 from __future__ import annotations
 
@@ -12,24 +14,52 @@ from pathlib import Path
 import torch
 
 HELD_OUT = "paul_graham_essays.txt"
-DEFAULT_CORPUS = "/work/shared/data/text"
+# the corpus folder searched for, relative to the repository checkout or any folder above it
+DEFAULT_CORPUS = "shared/data/text"
+CORPUS_HELP = (f"the texts: a folder of .txt files (training reads all but {HELD_OUT}, evaluation reads only "
+               f"{HELD_OUT}) or one .txt file (read by both). Default: $MISA_CORPUS, else the first "
+               f"{DEFAULT_CORPUS} folder in or above the folder that holds the misa checkout; without either, "
+               f"pass --corpus FILE")
 
 
-def _default_corpus() -> Path:
-    """``$MISA_CORPUS``, else ``shared/data/text`` beside the checkout (as CI lays it out), else
-    ``DEFAULT_CORPUS``."""
+def find_default_corpus() -> Path | None:
+    """``$MISA_CORPUS``, else the first ``shared/data/text`` folder found in the checkout that holds
+    this package or in a folder above it (relative to the package, never a fixed path); None when
+    there is neither."""
     env = os.environ.get("MISA_CORPUS")
     if env:
         return Path(env)
-    beside = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "text"
-    return beside if beside.is_dir() else Path(DEFAULT_CORPUS)
+    repo = Path(__file__).resolve().parents[2]          # misa/eval/data.py -> the checkout
+    for folder in (repo, *repo.parents):
+        candidate = folder / DEFAULT_CORPUS
+        if candidate.is_dir():
+            return candidate
+    return None
+
+
+def corpus_path(path: str | os.PathLike | None = None) -> Path:
+    """The corpus: ``path`` (a folder of .txt files or one .txt file), else ``find_default_corpus()``.
+    Raises ``ValueError`` naming ``corpus`` when there is none."""
+    if path:
+        p = Path(path)
+        if not (p.is_dir() or p.is_file()):
+            raise ValueError(f"corpus: no such file or folder {p} (pass --corpus FILE, a .txt file or a folder "
+                             f"of them)")
+        return p
+    p = find_default_corpus()
+    if p is None:
+        raise ValueError(f"corpus: no corpus found ($MISA_CORPUS is unset and there is no {DEFAULT_CORPUS} folder "
+                         f"in or above {Path(__file__).resolve().parents[2]}); pass --corpus FILE (a .txt file, "
+                         f"or a folder of .txt files holding {HELD_OUT})")
+    if not (p.is_dir() or p.is_file()):
+        raise ValueError(f"corpus: MISA_CORPUS={p} is neither a file nor a folder (pass --corpus FILE)")
+    return p
 
 
 def corpus_dir(path: str | os.PathLike | None = None) -> Path:
-    p = Path(path) if path else _default_corpus()
-    if not p.is_dir():
-        raise ValueError(f"corpus: no such folder {p} (pass --corpus DIR of .txt files)")
-    return p
+    """The folder of the corpus (``corpus_path``'s folder when it is one file)."""
+    p = corpus_path(path)
+    return p if p.is_dir() else p.parent
 
 
 def _tokens(tokenizer, f: Path, cache: Path | None) -> torch.Tensor:
@@ -52,9 +82,10 @@ def _tokens(tokenizer, f: Path, cache: Path | None) -> torch.Tensor:
 
 def train_tokens(tokenizer, corpus=None, cache: Path | None = None) -> torch.Tensor:
     """All training texts, tokenised and joined with the end-of-text token between them."""
-    files = sorted(f for f in corpus_dir(corpus).glob("*.txt") if f.name != HELD_OUT)
+    p = corpus_path(corpus)
+    files = [p] if p.is_file() else sorted(f for f in p.glob("*.txt") if f.name != HELD_OUT)
     if not files:
-        raise ValueError(f"corpus: no training .txt files (other than {HELD_OUT}) in {corpus_dir(corpus)}")
+        raise ValueError(f"corpus: no training .txt files (other than {HELD_OUT}) in {p}")
     sep = torch.tensor([tokenizer.eos_token_id], dtype=torch.int32)
     parts = []
     for f in files:
@@ -62,15 +93,22 @@ def train_tokens(tokenizer, corpus=None, cache: Path | None = None) -> torch.Ten
     return torch.cat(parts)
 
 
+def heldout_file(corpus=None) -> Path:
+    """The evaluation's text: ``HELD_OUT`` in the corpus folder, or the corpus when it is one file."""
+    p = corpus_path(corpus)
+    if p.is_file():
+        return p
+    if not (p / HELD_OUT).is_file():
+        raise ValueError(f"corpus: the held-out text {HELD_OUT} is missing from {p} (pass --corpus FILE)")
+    return p / HELD_OUT
+
+
 def heldout_tokens(tokenizer, corpus=None, cache: Path | None = None) -> torch.Tensor:
-    f = corpus_dir(corpus) / HELD_OUT
-    if not f.is_file():
-        raise ValueError(f"corpus: the held-out text {HELD_OUT} is missing from {corpus_dir(corpus)}")
-    return _tokens(tokenizer, f, cache)
+    return _tokens(tokenizer, heldout_file(corpus), cache)
 
 
 def heldout_text(corpus=None) -> str:
-    return (corpus_dir(corpus) / HELD_OUT).read_text(encoding="utf-8")
+    return heldout_file(corpus).read_text(encoding="utf-8")
 
 
 def windows(tokens: torch.Tensor, length: int, count: int) -> list[torch.Tensor]:

@@ -8,16 +8,17 @@ Per layer, from the layer's normalised input ``x`` (the ``input_layernorm`` outp
     w = weights_proj(x) * H^-0.5 * D^-0.5 [T, H]
     I[t, s] = sum_j w[t, j] relu(q[t, j] . k[s])
 
-At inference q and k are rotated by an orthonormal Hadamard matrix (dot products unchanged; it
-spreads outliers before fp8, as DeepSeek's inference code does) and quantised with
-``misa.quantize_queries`` / ``misa.quantize_keys``. Saved as safetensors shards of at most
+RoPE is ``misa.nn``'s (``rope_freqs_cis`` / ``apply_rope``, the DeepSeek-V3.2 indexer's), the
+scores are the library's (``head_scores`` of ``misa.ops.dsa.reference``). At inference q and k
+are rotated by ``misa.nn.hadamard_transform`` (dot products unchanged; it spreads outliers before
+fp8, as DeepSeek's inference code does) and quantised with ``misa.quantize_queries`` /
+``misa.quantize_keys``, as ``misa.nn.DSAIndexer`` does. Saved as safetensors shards of at most
 ``SHARD_BYTES`` plus ``indexer.json`` so that 30 layers (~20M parameters) travel as small files.
 """
 from __future__ import annotations
 
 import hashlib
 import json
-import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -25,6 +26,9 @@ import torch
 from torch import nn
 
 from .. import quant
+from ..nn.hadamard import hadamard_transform
+from ..nn.indexer import apply_rope as nn_apply_rope, rope_freqs_cis
+from ..ops.dsa.reference import head_scores
 
 SHARD_BYTES = 15 * 1024 * 1024
 CONFIG_FILE = "indexer.json"
@@ -58,34 +62,26 @@ class IndexerConfig:
 
 
 def rope_tables(positions: torch.Tensor, rope_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin ``[T, rope_dim]`` float32 in the non-interleaved (rotate-half) layout."""
-    inv = 1.0 / (theta ** (torch.arange(0, rope_dim, 2, device=positions.device, dtype=torch.float32) / rope_dim))
-    ang = positions.float()[:, None] * inv[None, :]
-    ang = torch.cat([ang, ang], dim=-1)
-    return ang.cos(), ang.sin()
+    """cos, sin ``[T, rope_dim / 2]`` float32 of ``misa.nn.rope_freqs_cis`` (non-interleaved pairs:
+    dim ``i`` with ``i + rope_dim / 2``), on ``positions``' device."""
+    if rope_dim == 0:
+        empty = torch.zeros(positions.shape[0], 0, device=positions.device)
+        return empty, empty
+    with torch.device(positions.device):     # misa.nn's tables, built where the positions are (no copy)
+        freqs = rope_freqs_cis(rope_dim, positions.detach(), base=theta)
+    return freqs.real.contiguous(), freqs.imag.contiguous()
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """RoPE on the first ``cos.shape[-1]`` dims of ``x [T, ..., D]``; the rest pass through."""
-    r = cos.shape[-1]
+    """RoPE (``misa.nn.apply_rope``, non-interleaved) on the first ``2 * cos.shape[-1]`` dims of
+    ``x [T, ..., D]``; the rest pass through."""
+    r = 2 * cos.shape[-1]
     if r == 0:
         return x
-    shape = (cos.shape[0],) + (1,) * (x.ndim - 2) + (r,)
-    c, s = cos.view(shape).to(x.dtype), sin.view(shape).to(x.dtype)
-    pe, rest = x[..., :r], x[..., r:]
-    half = r // 2
-    rot = torch.cat([-pe[..., half:], pe[..., :half]], dim=-1)
-    return torch.cat([pe * c + rot * s, rest], dim=-1)
-
-
-def hadamard(n: int, device=None) -> torch.Tensor:
-    """Orthonormal Sylvester-Hadamard matrix ``[n, n]`` (n a power of two)."""
-    if n < 1 or n & (n - 1):
-        raise ValueError(f"head_dim: the Hadamard rotation needs a power of two, got {n}")
-    h = torch.ones(1, 1)
-    while h.shape[0] < n:
-        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
-    return (h / math.sqrt(n)).to(device)
+    t = x.shape[0]
+    pe = x[..., :r].reshape(1, t, -1, r)                  # [1, T, heads (or 1), r], as misa.nn takes it
+    rot = nn_apply_rope(pe, torch.complex(cos.float(), sin.float())).reshape(x[..., :r].shape)
+    return torch.cat([rot, x[..., r:]], dim=-1)
 
 
 class LayerIndexer(nn.Module):
@@ -125,7 +121,7 @@ def indexer_logits(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor) -> torch.T
 
     ``q [T, H, D]``, ``k [S, D]``, ``w [T, H]``; builds the ``[T, H, S]`` intermediate, so callers chunk T.
     """
-    r = torch.matmul(q, k.t().to(q.dtype)).relu_()                       # [T, H, S]
+    r = head_scores(q, k.to(q.dtype))                                   # [T, H, S]
     return torch.bmm(w.to(r.dtype)[:, None, :], r).squeeze(1).float()    # [T, S]
 
 
@@ -166,8 +162,7 @@ class IndexerStack(nn.Module):
         q, k, w = idx(x.to(dtype), positions)
         q, k = q.float(), k.float()
         if self.cfg.head_dim & (self.cfg.head_dim - 1) == 0:
-            rot = hadamard(self.cfg.head_dim, x.device)
-            q, k = q @ rot, k @ rot
+            q, k = hadamard_transform(q), hadamard_transform(k)
         q8, wf = quant.quantize_queries(q, w.float())
         return IndexerInputs(q8, quant.quantize_keys(k), wf, w.float())
 

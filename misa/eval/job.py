@@ -1,13 +1,13 @@
-"""The GPU job: train the indexers, then evaluate, each phase a separate (resumable) command.
+"""The whole evaluation as two resumable, time-bounded phases: train the indexers, then evaluate.
 
-    python -m misa.eval.job train --model M.gguf --run-dir /tmp/misa-run --out $OUT --minutes 7
-    python -m misa.eval.job eval  --model M.gguf --run-dir /tmp/misa-run --out $OUT --minutes 5.5
+    python -m misa.eval.job train --model M.gguf --run-dir RUN --out OUT --minutes 7
+    python -m misa.eval.job eval  --model M.gguf --run-dir RUN --out OUT --minutes 5.5
 
 Everything lives in the run dir (checkpoints, the indexer, per-phase results); a phase that is
 re-run resumes from it (training continues; finished eval phases are skipped). ``--indexer`` points
-``eval`` at indexer files carried from elsewhere (e.g. the shards ``train`` put in $OUT). What is
-worth shipping back is copied to ``--out`` as at most 8 files of < 16 MiB each:
-train -> indexer shards (<= 15 MiB) + indexer.json + warmup_loss.png + warmup.md + train_log.json;
+``eval`` at indexer files kept elsewhere (e.g. the shards ``train`` copied to ``--out``). With
+``--out``, the files worth keeping are copied there, a handful of small files:
+train -> indexer shards (<= 15 MiB each) + indexer.json + warmup_loss.png + warmup.md + train_log.json;
 eval  -> results.md + results.json + recall.png + niah.png.
 """
 from __future__ import annotations
@@ -17,6 +17,7 @@ import json
 import os
 import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -142,16 +143,19 @@ def _ints(s):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from ..cli import HelpFormatter
+    from .data import CORPUS_HELP
     p = argparse.ArgumentParser(prog="python -m misa.eval.job", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="phase", required=True)
     for name in ("train", "eval"):
-        s = sub.add_parser(name)
+        s = sub.add_parser(name, formatter_class=HelpFormatter)
         s.add_argument("--model", default=None, help="the GGUF file (default: the cache / $MISA_MODEL)")
         s.add_argument("--device", default="auto")
-        s.add_argument("--corpus", default=None)
-        s.add_argument("--run-dir", default="/tmp/misa-run")
-        s.add_argument("--out", default=os.environ.get("OUT"), help="where the files to ship go (default: $OUT)")
+        s.add_argument("--corpus", default=None, help=CORPUS_HELP)
+        s.add_argument("--run-dir", default=str(Path(tempfile.gettempdir()) / "misa-run"),
+                       help="checkpoints, indexer and results; a re-run resumes from it")
+        s.add_argument("--out", default=None, help="copy the files worth keeping here (default: none copied)")
         s.add_argument("--minutes", type=float, required=True, help="wall-clock budget of this phase, loading included")
         s.add_argument("--no-progress", action="store_true")
     t = sub.choices["train"]
@@ -167,7 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--save-every", type=float, default=90.0)
     t.add_argument("--kernel", default="auto", choices=["auto", "fused", "eager"])
     t.add_argument("--total-minutes", type=float, default=None,
-                   help="training minutes the lr schedule and stage split are planned over, across resumed calls")
+                   help="training minutes the lr schedule and stage split are planned over, across resumed runs")
     t.add_argument("--init-from", default=None, help="indexer folder to continue from (weights; new schedule)")
     t.set_defaults(func=train)
     e = sub.choices["eval"]
@@ -190,7 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None, loaded=None) -> int:
     """``loaded``: an already loaded ``(model, tokenizer, path)`` (tests run both phases on one load)."""
     args = build_parser().parse_args(argv)
-    if loaded is None:   # the converted model copy lives with the run (the GPU machine has no home cache)
+    if loaded is None:   # the converted model copy lives with the run, so one run dir holds everything
         os.environ.setdefault("MISA_CACHE", str(Path(args.run_dir) / "cache"))
     return args.func(args, loaded)
 

@@ -203,8 +203,9 @@ def report(ctx, cfg: NiahConfig, grid, rul, depths, out_dir: Path) -> dict:
             both = [(i, j) for i, j in scored[m] if grid["dsa"][i][j] is not None]
             agree[m] = sum(g[i][j] == grid["dsa"][i][j] for i, j in both) / len(both) if both else None
     md = [f"# Needle in a haystack, k = {cfg.k} tokens per query in every layer\n", TEACHER_FORCING_NOTE + "\n",
-          f"Haystack: held-out Paul Graham essays; contexts {cfg.lengths}; {len(depths)} depths; one needle value "
-          f"per cell (a random 7-digit number). This is a 135M model at <= 8K context, not DeepSeek-V3.2 at 128K.\n",
+          f"Haystack: the held-out text ({data.heldout_file(ctx.corpus).name}); contexts {cfg.lengths}; {len(depths)} "
+          f"depths; one needle value per cell (a random 7-digit number). This is a small model at <= "
+          f"{max(cfg.lengths + cfg.ruler_lengths)}-token context, not DeepSeek-V3.2 at 128K.\n",
           md_table(["method", "setting", "cells passed", "agrees with DSA (target >= 0.98)", "cells scored"],
                    [[m, describe(m, cfg.k, s), fmt(acc[m]), fmt(agree.get(m)), f"{len(scored[m])}/{len(cells)}"]
                     for m in grid]),
@@ -245,7 +246,11 @@ def plot(grid, cfg: NiahConfig, depths, out: Path) -> None:
         ax.set_ylabel("needle depth")
     for ax in list(axes.flat)[n:]:
         ax.axis("off")
-    fig.suptitle(f"SmolLM2-135M needle in a haystack, k={cfg.k} (green: exact match)", fontsize=10)
-    fig.tight_layout()
+    from matplotlib.patches import Patch
+    keys = [Patch(color="#1a9850", label="exact match"), Patch(color="#d73027", label="wrong answer"),
+            Patch(color="#bbbbbb", label="not scored (out of time)")]
+    fig.legend(handles=keys, loc="lower center", ncol=3, fontsize=8, frameon=False)
+    fig.suptitle(f"SmolLM2-135M needle in a haystack, k={cfg.k} tokens per query in every layer", fontsize=10)
+    fig.tight_layout(rect=(0, 0.35 / fig.get_figheight(), 1, 1))
     fig.savefig(out)
     plt.close(fig)

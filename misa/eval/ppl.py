@@ -81,9 +81,11 @@ def report(ctx, cfg: PplConfig, res, n_windows, out_dir: Path) -> dict:
             row += [f"{r['ppl']:.3f}{rel}", f"{r['ppl_second_half']:.3f}"]
         rows.append(row)
     cols = ["method", "setting"] + [c for L in cfg.contexts for c in (f"ppl {L}", f"ppl {L}, 2nd half")]
-    md = [f"# Perplexity on held-out text (Paul Graham essays), k = {cfg.k} tokens per query in every layer\n",
-          f"Up to {n_windows} windows per context (see 'windows' in the JSON). '2nd half': tokens past the middle of each window, where the "
-          f"selection restricts most. Target: MISA within 1% of DSA. This is a 135M model at <= 8K context.\n",
+    md = [f"# Perplexity on held-out text ({data.heldout_file(ctx.corpus).name}), k = {cfg.k} tokens per query in "
+          f"every layer\n",
+          f"Up to {n_windows} windows per context (see 'windows' in the JSON). '2nd half': tokens past the middle of "
+          f"each window, where the selection restricts most. Target: MISA within 1% of DSA. This is a small model "
+          f"at <= {max(cfg.contexts)}-token context.\n",
           md_table(cols, rows)]
     payload = {**ctx.meta(), "config": asdict(cfg), "results": res}
     write_result(out_dir, "ppl", payload, "\n".join(md))

@@ -43,7 +43,8 @@ def write_result(out_dir: Path, name: str, payload: dict, markdown: str) -> tupl
     head = (f"<!-- produced by: {payload.get('command')} | {payload.get('device')} | {payload.get('date')} -->\n"
             f"_Command_: `{payload.get('command')}`  \n_Device_: {payload.get('device')}  \n"
             f"_Date_: {payload.get('date')}  \n_Model_: {payload.get('model', '-')}  \n"
-            f"_Indexer_: {payload.get('indexer', '-')}\n\n")
+            f"_Indexer_: {payload.get('indexer', '-')}\n\n"
+            + (f"**Warning**: {payload['warning']}\n\n" if payload.get("warning") else ""))
     m = out_dir / f"{name}.md"
     m.write_text(head + markdown.rstrip() + "\n")
     return j, m

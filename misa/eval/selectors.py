@@ -1,19 +1,29 @@
-"""The token selectors compared in the evaluation, all through the library's public functions.
+"""The token selectors compared in the evaluation: the library's methods (``misa.variants``) at
+the evaluation's settings, and research baselines.
 
 Each takes one layer's fp8 indexer inputs for some queries (``ks = 0``, ``ke = position + 1``) and
-returns ``[T, k]`` int32 absolute key positions, -1 padded. Settings scaled to 8K context (the paper's
-are for 128K): MISA's router pools blocks of ``block_size`` (128: 64 blocks at 8K); MISA-dagger keeps
-``stage1_mult * k`` stage-1 candidates (the paper's k1 = 4k); HISA keeps ``stage1_mult * k`` candidate
-tokens too, as blocks of ``hisa_block`` (64) tokens; sink + window keeps the first ``sink`` tokens and
-the last ``k - sink``.
+returns ``[T, k]`` int32 absolute key positions, -1 padded.
+
+The library's methods run as ``misa.variants.method_config(base, ...).select(...)``: ``dsa``,
+``misa-h4/h8/h16`` (the registry's ``misa`` with 4, 8 or 16 routed heads), ``misa-dagger``, ``hisa``,
+and the gap-router twins ``misa-gap-h8/h16`` (the registry's ``misa-gap``) and ``misa-gap-dagger``.
+Settings scaled to 8K context (the paper's are for 128K): MISA's router pools blocks of
+``block_size`` (128: 64 blocks at 8K); MISA-dagger routes ``dagger_heads`` heads and keeps
+``stage1_mult * k`` stage-1 candidates (the paper's k1 = 4k); HISA keeps ``stage1_mult * k``
+candidate tokens too, as blocks of ``hisa_block`` (64) tokens.
+
+Baselines, not library methods: ``random-h*`` (h random heads per query), ``topw-h*`` (the h heads
+of largest |w| per query), ``sink-window`` (the first ``sink`` tokens and the last ``k - sink``).
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
 
 import misa
+from misa.variants import METHODS as LIBRARY_METHODS, VARIANTS, method_config
 
 from .indexer import IndexerInputs
 
@@ -29,38 +39,81 @@ class SelectorSettings:
     seed: int = 0
 
 
-# name -> (kind, active heads)
-METHODS = {
-    "dsa": ("dsa", None),
-    "misa-h4": ("misa", 4), "misa-h8": ("misa", 8), "misa-h16": ("misa", 16),
-    "misa-dagger": ("dagger", None),
-    "hisa": ("hisa", None),
-    "random-h4": ("random", 4), "random-h8": ("random", 8), "random-h16": ("random", 16),
-    "topw-h4": ("topw", 4), "topw-h8": ("topw", 8), "topw-h16": ("topw", 16),
-    "sink-window": ("window", None),
+@dataclass(frozen=True)
+class EvalMethod:
+    """One method of the evaluation: a library method (``base``, a ``misa.variants.METHODS`` name,
+    with ``active_heads`` / ``router`` overriding the settings) or a baseline (``baseline``)."""
+    name: str
+    base: str | None = None
+    active_heads: int | None = None
+    router: str | None = None          # None: the settings' router (the gap methods fix "gap")
+    baseline: str | None = None        # "random", "topw", "window"
+
+
+def _library(name: str, base: str, active_heads: int | None = None, router: str | None = None) -> EvalMethod:
+    if base not in LIBRARY_METHODS:
+        raise AssertionError(base)
+    return EvalMethod(name, base=base, active_heads=active_heads, router=router)
+
+
+_ALL = (
+    [_library("dsa", "dsa")]
+    + [_library(f"misa-h{h}", "misa", h) for h in (4, 8, 16)]
+    + [_library("misa-dagger", "misa-dagger"), _library("hisa", "hisa")]
+    + [EvalMethod(f"random-h{h}", active_heads=h, baseline="random") for h in (4, 8, 16)]
+    + [EvalMethod(f"topw-h{h}", active_heads=h, baseline="topw") for h in (4, 8, 16)]
+    + [EvalMethod("sink-window", baseline="window")]
     # MISA with the "gap" router statistic instead of settings.router (docs/results.md, CPU analysis)
-    "misa-gap-h8": ("misa", 8), "misa-gap-h16": ("misa", 16), "misa-gap-dagger": ("dagger", None),
-}
-ROUTER_OF = {"misa-gap-h8": "gap", "misa-gap-h16": "gap", "misa-gap-dagger": "gap"}
+    + [_library(f"misa-gap-h{h}", "misa-gap", h, LIBRARY_METHODS["misa-gap"].router) for h in (8, 16)]
+    + [_library("misa-gap-dagger", "misa-dagger", router=LIBRARY_METHODS["misa-gap"].router)]
+)
+METHODS: dict[str, EvalMethod] = {m.name: m for m in _ALL}
+ROUTER_OF = {m.name: m.router for m in _ALL if m.router is not None}
 # methods the model evaluations (ppl, niah) accept; their default lists leave out the gap methods
 IN_MODEL = ["dense", "dsa", "misa-h4", "misa-h8", "misa-h16", "misa-dagger", "hisa", "sink-window",
             "misa-gap-h8", "misa-gap-h16", "misa-gap-dagger"]
 
 
+def library_config(name: str, k: int, s: SelectorSettings = SelectorSettings(), router: str | None = None,
+                   block_size: int | None = None) -> misa.MisaConfig:
+    """The ``MisaConfig`` a library method of the evaluation runs at ``k`` (``router`` and
+    ``block_size``, when given, replace the method's and the settings')."""
+    m = METHODS[name]
+    if m.base is None:
+        raise ValueError(f"method: {name!r} is a baseline, not a library method")
+    v = VARIANTS[LIBRARY_METHODS[m.base].variant]
+    return method_config(m.base, active_heads=m.active_heads or s.dagger_heads,
+                         block_size=block_size or s.block_size, router=router or m.router or s.router,
+                         stage1_k=s.stage1_mult * k if v.two_stage else None,
+                         hisa_block_size=s.hisa_block, hisa_block_k=max(2, s.stage1_mult * k // s.hisa_block))
+
+
+def label(name: str) -> str:
+    """The method's name in tables: the registry's label for a library method."""
+    m = METHODS.get(name)
+    if m is None or m.base is None:
+        return name
+    base = LIBRARY_METHODS[m.base]
+    return base.label + (f" h={m.active_heads}" if m.active_heads else "") + \
+        (f" (router {m.router})" if m.router and m.router != base.router else "")
+
+
 def describe(name: str, k: int, s: SelectorSettings) -> str:
-    kind, h = METHODS.get(name, (name, None))
-    router = ROUTER_OF.get(name, s.router)
+    if name == "dense":
+        return "full causal attention"
+    if name == "oracle":
+        return "top-k of the true attention"
+    m = METHODS[name]
+    if m.base is not None:
+        cfg = library_config(name, k, s)
+        method = dataclasses.replace(LIBRARY_METHODS[m.base], router=cfg.router)
+        return method.setting(cfg.active_heads, cfg.block_size, cfg.stage1_k, cfg.hisa_block_size,
+                              cfg.hisa_block_k, heads=None)
     return {
-        "dense": "full causal attention",
-        "dsa": "all indexer heads",
-        "misa": f"h={h}, router {router}, B={s.block_size}",
-        "dagger": f"h={s.dagger_heads}, k1={s.stage1_mult * k}" + (f", router {router}" if name in ROUTER_OF else ""),
-        "hisa": f"B={s.hisa_block}, m={max(2, s.stage1_mult * k // s.hisa_block)}",
-        "random": f"{h} random heads per query",
-        "topw": f"the {h} heads of largest |w| per query",
+        "random": f"{m.active_heads} random heads per query",
+        "topw": f"the {m.active_heads} heads of largest |w| per query",
         "window": f"{s.sink} sink + {k - s.sink} latest",
-        "oracle": "top-k of the true attention",
-    }[kind]
+    }[m.baseline]
 
 
 def _routed(inp: IndexerInputs, heads: torch.Tensor, ks, ke, k: int) -> torch.Tensor:
@@ -91,30 +144,20 @@ def select(name: str, inp: IndexerInputs, ks: torch.Tensor, ke: torch.Tensor, k:
            router: str | None = None, block_size: int | None = None) -> torch.Tensor:
     if name not in METHODS:
         raise ValueError(f"method: expected one of {sorted(METHODS)}, got {name!r}")
-    kind, h = METHODS[name]
-    router = router or ROUTER_OF.get(name)
-    args = (inp.q, inp.kv, inp.weights, ks, ke)
-    if kind == "dsa":
-        return misa.dsa_select(*args, k=k)
-    if kind == "misa":
-        return misa.misa_select(*args, k=k, active_heads=h, block_size=block_size or s.block_size,
-                                router=router or s.router)
-    if kind == "dagger":
-        return misa.misa_select(*args, k=k, active_heads=s.dagger_heads, block_size=block_size or s.block_size,
-                                stage1_k=s.stage1_mult * k, router=router or s.router)
-    if kind == "hisa":
-        return misa.hisa_select(*args, k=k, block_size=s.hisa_block,
-                                block_k=max(2, s.stage1_mult * k // s.hisa_block))
-    if kind == "random":
+    m = METHODS[name]
+    if m.base is not None:
+        cfg = library_config(name, k, s, router=router, block_size=block_size)
+        return cfg.select(inp.q, inp.kv, inp.weights, ks, ke, k)
+    if m.baseline == "random":
         g = generator or torch.Generator().manual_seed(s.seed)
-        heads = torch.rand(inp.q.shape[0], inp.q.shape[1], generator=g).argsort(dim=1)[:, :h]
+        heads = torch.rand(inp.q.shape[0], inp.q.shape[1], generator=g).argsort(dim=1)[:, :m.active_heads]
         return _routed(inp, heads.to(inp.q.device), ks, ke, k)
-    if kind == "topw":
-        heads = inp.raw_weights.abs().topk(h, dim=1).indices
+    if m.baseline == "topw":
+        heads = inp.raw_weights.abs().topk(m.active_heads, dim=1).indices
         return _routed(inp, heads, ks, ke, k)
-    if kind == "window":
+    if m.baseline == "window":
         return window_select(ks, ke, k, s.sink)
-    raise AssertionError(kind)
+    raise AssertionError(m)
 
 
 def oracle_select(probs: torch.Tensor, ks: torch.Tensor, ke: torch.Tensor, k: int) -> torch.Tensor:

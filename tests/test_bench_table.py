@@ -1,0 +1,108 @@
+"""``misa bench``'s tables and every command's ``--help``, on any machine (no GPU: fake timings)."""
+import pytest
+import torch
+
+from misa import bench
+from misa.cli import WIDTH, bench_report, main, text_table
+from misa.variants import METHODS
+
+
+def fake_result(methods=bench.METHODS, sizes=(16384, 131072)) -> dict:
+    """What ``run_bench`` returns, with made-up numbers under the keys ``bench_one`` writes."""
+    cfg = bench.BenchConfig(context_lens=sizes, methods=tuple(methods))
+    owners = bench.stage_owners(cfg.methods)
+    rows = []
+    for i, s in enumerate(sizes):
+        ms = {"dsa.logits": 1.0 + 8 * i, "dsa.topk": 0.4 + i, "torch.topk": 0.9 + 5 * i, "dsa.e2e": 1.3 + 8.5 * i}
+        row = {"seq_len": s, "num_queries": 4096, "heads": 64, "head_dim": 128, "k": 2048,
+               "dsa.peak_mb": 2560.0, "dsa.logits_tflops": 990.0}
+        for name, owner in owners.items():
+            if owner == name:
+                ms[name + ".router"], ms[name + ".logits"] = 0.07, 0.2 + i
+                row[name + ".logits_tflops"] = 800.0
+            if bench._config(cfg, name).stage1_k is not None:
+                ms[name + ".stage1_topk"], ms[name + ".rerank"] = 1.33, 1.13
+            else:
+                ms[name + ".topk"] = 1.0
+        for name in cfg.methods:
+            if name != "dsa":
+                ms[name + ".e2e"] = 0.6 + i
+                row[name + ".recall"], row[name + ".peak_mb"] = 0.9, 3456.0
+        row["ms"], row["ms_rounds"] = ms, {k: [v] * 3 for k, v in ms.items()}
+        rows.append(row)
+    from dataclasses import asdict
+    return {"gpu": "NVIDIA H200 with a long marketing name", "date": "2026-11-29", "torch": "2.x", "triton": "3.x",
+            "config": asdict(cfg), "rows": rows}
+
+
+def _check_width(text: str):
+    wide = [line for line in text.splitlines() if len(line) > WIDTH]
+    assert not wide, wide
+
+
+@pytest.mark.parametrize("methods", [bench.METHODS, ("dsa", "misa-dagger"), ("hisa",)])
+def test_bench_tables_fit_80_columns(methods):
+    result = fake_result(methods)
+    out = bench_report(result)
+    _check_width(out)
+    for name in methods:
+        assert METHODS[name].label in out, name             # labels come from the registry
+    assert "131072" in out and "x DSA" in out and "scoring x" in out
+    cols, rows = bench.format_rows(result)
+    assert all(len(r) == len(cols) for r in rows)
+    # one end-to-end row per size and method (DSA always, as the reference)
+    assert len(rows) == len(result["rows"]) * len({"dsa", *methods})
+
+
+def test_stage_rows_share_the_first_stage_of_the_same_router():
+    owners = bench.stage_owners(bench.METHODS)
+    assert owners == {"misa": "misa", "misa-gap": "misa-gap", "misa-dagger": "misa"}
+    assert bench.stage_owners(["misa-dagger"]) == {"misa-dagger": "misa-dagger"}
+
+
+def test_a_table_wider_than_the_terminal_is_split_repeating_its_first_column():
+    cols = ["keys"] + [f"column {i:02d}" for i in range(12)]
+    text = text_table("wide", cols, [["131072"] + [f"{i}.00" for i in range(12)]], left=1)
+    _check_width(text)
+    assert text.count("keys") >= 2 and "column 11" in text and "11.00" in text
+
+
+def test_bench_one_plumbing_on_the_cpu(monkeypatch):
+    """The bench's timers, recalls and speed-ups on a tiny size through the Triton interpreter,
+    with the GPU-only timing and memory calls replaced."""
+    monkeypatch.setattr(bench, "_time", lambda fn, rep_ms: (fn(), 1.0)[1])
+    monkeypatch.setattr(bench, "_peak_mb", lambda fn, device: (fn(), 0.0)[1])
+    cfg = bench.BenchConfig(num_queries=32, context_lens=(512,), heads=16, k=32, active_heads=4, block_size=128,
+                            stage1_k=64, hisa_block_size=32, hisa_block_k=4, rep_ms=2, rounds=1)
+    row = bench.bench_one(cfg, 512, torch.device("cpu"))
+    assert set(row["ms"]) == set(row["ms_rounds"])
+    for name in bench.METHODS[1:]:
+        assert 0.0 < row[name + ".recall"] <= 1.0 and row[f"speedup.{name.replace('-', '_')}_e2e"] == 1.0
+    assert {"misa.router", "misa.logits", "misa.topk", "misa-gap.router", "misa-dagger.stage1_topk",
+            "misa-dagger.rerank"} <= set(row["ms"])
+    from dataclasses import asdict
+    out = bench_report({"gpu": "cpu", "date": "-", "config": asdict(cfg), "rows": [row]})
+    _check_width(out)
+
+
+@pytest.mark.parametrize("argv, shown", [
+    (["demo"], ["(default: auto)", "(default: 0)", "(default: 8192 on CPU, 32768 on GPU)"]),
+    (["bench"], ["(default: 4096)", "(default: 2048)", "(default: 1024)", "(default: 8192)", "(default: 200)",
+                 "(default: 3)", "dsa, misa"]),
+    (["warmup"], ["(default: 64)", "(default: 128)", "(default: 256)", "(default: 0.8)", "(default: 0.001)"]),
+    (["eval", "recall"], ["(default: 128)", "(default: abs-sum)", "(default: misa-results)", "2048 CPU"]),
+    (["eval", "niah"], ["(default: 11 CUDA, 3 CPU)", "(default: 8 CUDA, 1 CPU)"]),
+    (["eval", "ppl"], ["(default: 4096,8192 CUDA, 1024 CPU)"]),
+])
+def test_help_shows_the_defaults(argv, shown, capsys):
+    with pytest.raises(SystemExit):
+        main(argv + ["--help"])
+    out = " ".join(capsys.readouterr().out.split())      # argparse wraps lines
+    for s in shown:
+        assert " ".join(s.split()) in out, s
+
+
+def test_bench_methods_come_from_the_registry():
+    assert bench.METHODS == tuple(METHODS)
+    with pytest.raises(ValueError, match="methods"):
+        bench.BenchConfig(methods=("dsa", "fast"))
