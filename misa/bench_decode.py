@@ -162,6 +162,27 @@ def format_row(row: dict) -> str:
     return "\n".join(parts)
 
 
+def decode_tables(result: dict):
+    """The decode bench as narrow tables: one row per (shape, method)."""
+    from .bench import Table
+    rows = []
+    for r in result["rows"]:
+        shape = f"{r['batch']}x{r['context'] // 1024}K n={r['next_n']}"
+        rows.append([shape, "DSA dense", f"{r['dsa.graph_ms'] * 1e3:.1f}", f"{r['dsa.eager_ms'] * 1e3:.1f}", "1.00",
+                     "1.000", f"{r['dsa.logits_GBps']:.0f} ({r['dsa.logits_share_of_copy']:.0%})"])
+        for key in sorted((k[:-len(".graph_ms")] for k in r if k.startswith("hisa-m") and k.endswith(".graph_ms")),
+                          key=lambda k: int(k[len("hisa-m"):])):
+            eager = r.get(f"{key}.eager_ms")
+            rows.append([shape, f"block-pruned m={key[len('hisa-m'):]}", f"{r[key + '.graph_ms'] * 1e3:.1f}",
+                         f"{eager * 1e3:.1f}" if eager else "-", f"{r[key + '.speedup']:.2f}",
+                         f"{r[key + '.recall_mean']:.3f}", ""])
+        rows.append([shape, "MISA h=8", "-", f"{r['misa-h8.eager_ms'] * 1e3:.1f}",
+                     f"{r['dsa.eager_ms'] / r['misa-h8.eager_ms']:.2f}*", f"{r['misa-h8.recall_mean']:.3f}", ""])
+    return [Table(f"Decode selection per call, us ({result['card']}, copy {result['copy_GBps']:.0f} GB/s); x = DSA "
+                  "graph / method graph (* eager / eager); recall of DSA's selection",
+                  ["shape", "method", "graph us", "eager us", "x", "recall", "logits GB/s"], rows)]
+
+
 def save(result: dict, path: str) -> None:
     with open(path, "w") as f:
         json.dump(result, f, indent=1)

@@ -151,6 +151,8 @@ def bench_report(result: dict) -> str:
 def cmd_bench(args: argparse.Namespace) -> int:
     from .bench import BenchConfig, run_bench, save
     device = _device(args.device)
+    if args.decode:
+        return _bench_decode(args, device)
     cfg = BenchConfig(num_queries=args.num_queries, context_lens=tuple(args.context_lens), heads=args.heads,
                       k=args.k, active_heads=args.active_heads, block_size=args.block_size,
                       stage1_k=args.stage1_k, hisa_block_size=args.hisa_block_size,
@@ -158,6 +160,26 @@ def cmd_bench(args: argparse.Namespace) -> int:
                       methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()))
     result = run_bench(cfg, device)
     print(bench_report(result))
+    if args.json:
+        save(result, args.json)
+        print(f"wrote {args.json}")
+    return 0
+
+
+def _bench_decode(args: argparse.Namespace, device) -> int:
+    import datetime
+    from .bench_decode import DecodeBenchConfig, decode_tables, run_decode_bench, save
+    shapes = []
+    for item in args.decode_shapes:
+        b, _, ctx = item.partition("x")
+        if not (b.isdigit() and ctx.isdigit()):
+            raise SystemExit(f"--decode-shapes: expected BATCHxCONTEXT such as 64x131072, got {item!r}")
+        shapes.append((int(b), int(ctx)))
+    cfg = DecodeBenchConfig(shapes=tuple(shapes), next_ns=tuple(args.next_n), heads=args.heads, k=args.k,
+                            block_ks=tuple(args.decode_block_k), rep_ms=args.rep_ms)
+    result = run_decode_bench(cfg, device)
+    result["date"] = datetime.date.today().isoformat()
+    print("\n".join(text_table(t.title, t.columns, t.rows, left=t.left) for t in decode_tables(result)))
     if args.json:
         save(result, args.json)
         print(f"wrote {args.json}")
@@ -212,6 +234,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="interleaved timing rounds per measurement (each --rep-ms / rounds; the median is reported)")
     b.add_argument("--methods", default=names, help=f"comma-separated, from {', '.join(METHODS)}")
     b.add_argument("--json", default=None, help="also write the full results to this JSON file")
+    b.add_argument("--decode", action="store_true",
+                   help="time paged decode selection instead (DSA and block-pruned, CUDA graphs and eager)")
+    b.add_argument("--decode-shapes", nargs="+", default=["1x4096", "8x131072", "64x131072"],
+                   help="--decode: BATCHxCONTEXT shapes")
+    b.add_argument("--next-n", type=int, nargs="+", default=[1, 2], help="--decode: new tokens per sequence")
+    b.add_argument("--decode-block-k", type=int, nargs="+", default=[32, 64, 128, 256],
+                   help="--decode: 64-token pages the block-pruned selection keeps")
     b.set_defaults(func=cmd_bench)
 
     from .eval.cli import add_commands   # misa warmup, misa eval ... (heavy imports stay inside the commands)

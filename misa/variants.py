@@ -80,7 +80,7 @@ def method_config(name: str, **fields):
     from .config import MisaConfig
     m = METHODS[check_methods([name])[0]]
     v = VARIANTS[m.variant]
-    keep = {"workspace_bytes"}
+    keep = {"workspace_bytes", "backend"}
     if v.routed:
         keep |= {"active_heads", "decode_active_heads", "block_size", "router"}
     if v.two_stage:
