@@ -315,6 +315,186 @@ def _compact_kernel(X, KS, KE, CUT, COUNT, SCR_KEY, SCR_COL, stride_x, stride_sc
                 tl.store(SCR_COL + row * stride_scr + spos, c, mask=ok)
 
 
+@triton.jit
+def _bracket_bounds(scr_key, n_scr, K, bracket_sigmas, SBLOCK: tl.constexpr, WAYS: tl.constexpr,
+                    EARLY_EXIT: tl.constexpr):
+    """Keys ``t_lo <= t_hi`` bracketing the scratch's k-th largest, from a sample spread over it."""
+    slane = tl.arange(0, SBLOCK)
+    sj = slane * tl.maximum(n_scr // SBLOCK, 1)
+    s_ok = sj < n_scr
+    skey = tl.load(scr_key + sj, mask=s_ok, other=0).to(tl.uint32, bitcast=True)
+    n_s = tl.sum(s_ok.to(tl.int32), axis=0)
+    frac = K * 1.0 / n_scr
+    rank = frac * n_s
+    margin = bracket_sigmas * tl.sqrt(rank * (1.0 - frac)) + 2.0
+    need_lo = tl.minimum((rank + margin).to(tl.int32) + 1, n_s)
+    need_hi = (rank - margin).to(tl.int32)
+    t_lo = _sample_quantile(skey, need_lo, WAYS, EARLY_EXIT)
+    has_hi = need_hi >= 1
+    t_hi = t_lo
+    if has_hi:
+        t_hi = _sample_quantile(skey, need_hi, WAYS, EARLY_EXIT)
+    return t_lo, t_hi, has_hi
+
+
+@triton.jit
+def _bracket_pass(scr_key, scr_col, br_row, out_row, cmap_row, out_offset, n_scr, K, t_lo, t_hi, has_hi,
+                  SBLOCK: tl.constexpr, BRACKET: tl.constexpr, HAS_CMAP: tl.constexpr):
+    """One pass over the scratch: keys in ``[t_lo, t_hi)`` to the bracket, keys above it to the output."""
+    slane = tl.arange(0, SBLOCK)
+    n_hi = 0
+    n_in = 0
+    for start in range(0, n_scr, SBLOCK):
+        j = start + slane
+        key = tl.load(scr_key + j, mask=j < n_scr, other=0).to(tl.uint32, bitcast=True)
+        ge_lo = (j < n_scr) & (key >= t_lo)
+        # (tl.where: in the interpreter, & with a scalar bool gives a dtype masks reject)
+        ge_hi = tl.where(has_hi, ge_lo & (key >= t_hi), False)
+        inside = ge_lo & (ge_hi == 0)
+        col = tl.load(scr_col + j, mask=ge_lo, other=0)
+        # both ranks in one scan (16-bit fields; SBLOCK < 65536): the keys above the bracket are
+        # winners whatever the search finds, so they go out now, and the final pass reads only
+        # the bracket (its keys and columns, stored beside each other)
+        r_scan = tl.cumsum(inside.to(tl.int32) + (ge_hi.to(tl.int32) << 16), axis=0)
+        spos = n_in + (r_scan & 0xFFFF) - 1
+        b_in = inside & (spos < BRACKET)
+        tl.store(br_row + spos, key.to(tl.int32, bitcast=True), mask=b_in)
+        tl.store(br_row + BRACKET + spos, col, mask=b_in)
+        hpos = n_hi + (r_scan >> 16) - 1
+        win = ge_hi & (hpos < K)
+        tl.store(out_row + hpos, _position(col, cmap_row, out_offset, HAS_CMAP, win), mask=win)
+        tot = tl.max(r_scan, axis=0)          # the scan's last entry
+        n_in += tot & 0xFFFF
+        n_hi += tot >> 16
+    return n_hi, n_in
+
+
+@triton.jit
+def _search_bracket(br_row, n_in, n_hi, t_lo, t_hi, has_hi, K, stop_at, BRACKET: tl.constexpr,
+                    WAYS: tl.constexpr):
+    """The held search over the bracket's ``n_in`` keys, with ``n_hi`` more above them."""
+    bj = tl.arange(0, BRACKET)
+    b_ok = bj < n_in
+    bkey = tl.load(br_row + bj, mask=b_ok, other=0).to(tl.uint32, bitcast=True)
+    return _search_held(bkey, b_ok, t_lo, tl.where(has_hi, t_hi - 1, tl.max(bkey, axis=0)), n_hi, n_hi + n_in,
+                        n_hi, K, stop_at, WAYS)
+
+
+@triton.jit
+def _search_hold(scr_key, n_scr, lo, K, stop_at, HOLD: tl.constexpr, WAYS: tl.constexpr):
+    """The held search over a short scratch, loaded whole: read once instead of once per pass."""
+    hj = tl.arange(0, HOLD)
+    h_ok = hj < n_scr
+    hkey = tl.load(scr_key + hj, mask=h_ok, other=0).to(tl.uint32, bitcast=True)
+    zero = tl.zeros([], dtype=tl.int32)
+    return _search_held(hkey, h_ok, lo, tl.max(hkey, axis=0), zero, n_scr, zero, K, stop_at, WAYS)
+
+
+@triton.jit
+def _search_scratch(scr_key, n_scr, lo, hi, above, at_lo, K, stop_at, SBLOCK: tl.constexpr, WAYS: tl.constexpr):
+    """The search over the key range [cut, max] of the scratch in memory, a pass per narrowing."""
+    slane = tl.arange(0, SBLOCK)
+    for start in range(0, n_scr, SBLOCK):
+        j = start + slane
+        key = tl.load(scr_key + j, mask=j < n_scr, other=0).to(tl.uint32, bitcast=True)
+        hi = tl.maximum(hi, tl.max(key, axis=0))
+    while (hi > lo) & (at_lo != stop_at):
+        step = _search_step(hi, lo, WAYS)
+        counts = tl.zeros([WAYS], dtype=tl.int32)
+        for start in range(0, n_scr, SBLOCK):
+            j = start + slane
+            m = j < n_scr
+            key = tl.load(scr_key + j, mask=m, other=0).to(tl.uint32, bitcast=True)
+            counts += _count_at_least_2d(key, m, lo, step, WAYS)
+        lo, hi, above, at_lo = _narrow(counts, lo, hi, above, step, K, WAYS)
+    return lo, above, at_lo
+
+
+@triton.jit
+def _row_histogram(x_row, ks, ke, BLOCK: tl.constexpr, FINITE_ONLY: tl.constexpr):
+    """The general path's first histogram round: the top 8 key bits over the row's eligible columns."""
+    lane = tl.arange(0, BLOCK)
+    h = tl.zeros([256], dtype=tl.int32)
+    for start in range(ks, ke, BLOCK):
+        key, m = _eligible_keys(x_row, start + lane, ke, FINITE_ONLY)
+        h += tl.histogram((key >> 24).to(tl.int32), 256, mask=m)
+    return h
+
+
+@triton.jit
+def _write_all(x_row, out_row, cmap_row, out_offset, ks, ke, K, BLOCK: tl.constexpr, HAS_CMAP: tl.constexpr,
+               FINITE_ONLY: tl.constexpr):
+    """A row with at most k eligible columns: all of them, then -1 padding."""
+    lane = tl.arange(0, BLOCK)
+    n_out = 0
+    for start in range(ks, ke, BLOCK):
+        c = start + lane
+        key, m = _eligible_keys(x_row, c, ke, FINITE_ONLY)
+        pos = n_out + tl.cumsum(m.to(tl.int32), axis=0) - 1
+        tl.store(out_row + pos, _position(c, cmap_row, out_offset, HAS_CMAP, m), mask=m)
+        n_out += tl.sum(m.to(tl.int32), axis=0)
+    for start in range(n_out, K, BLOCK):
+        j = start + lane
+        tl.store(out_row + j, tl.full([BLOCK], -1, tl.int32), mask=j < K)
+
+
+@triton.jit
+def _split_at_bin(x_row, out_row, cmap_row, scr_key, scr_col, out_offset, ks, ke, shift, prefix, k_rem,
+                  BLOCK: tl.constexpr, HAS_CMAP: tl.constexpr, FINITE_ONLY: tl.constexpr):
+    """One pass over the row: the keys above the threshold bin to the output, the bin (or, all bits
+    fixed, its first ``k_rem`` ties) to the scratch. Returns (written, moved)."""
+    lane = tl.arange(0, BLOCK)
+    n_out = 0
+    n_scr = 0
+    n_tie = 0
+    for start in range(ks, ke, BLOCK):
+        c = start + lane
+        key, m = _eligible_keys(x_row, c, ke, FINITE_ONLY)
+        top = key >> shift
+        take = m & (top > prefix)
+        match = m & (top == prefix)
+        if shift == 0:
+            rank = n_tie + tl.cumsum(match.to(tl.int32), axis=0)
+            n_tie += tl.sum(match.to(tl.int32), axis=0)
+            take = take | (match & (rank <= k_rem))
+        else:
+            spos = n_scr + tl.cumsum(match.to(tl.int32), axis=0) - 1
+            tl.store(scr_key + spos, key.to(tl.int32, bitcast=True), mask=match)
+            tl.store(scr_col + spos, c, mask=match)
+            n_scr += tl.sum(match.to(tl.int32), axis=0)
+        pos = n_out + tl.cumsum(take.to(tl.int32), axis=0) - 1
+        tl.store(out_row + pos, _position(c, cmap_row, out_offset, HAS_CMAP, take), mask=take)
+        n_out += tl.sum(take.to(tl.int32), axis=0)
+    return n_out, n_scr
+
+
+@triton.jit
+def _write_winners(fin_key, fin_col, n_fin, out_row, out0, cmap_row, out_offset, prefix, k_rem,
+                   SBLOCK: tl.constexpr, HAS_CMAP: tl.constexpr):
+    """The final pass: every key above ``prefix`` and its first ``k_rem`` ties, from slot ``out0`` on."""
+    slane = tl.arange(0, SBLOCK)
+    n_tie = 0
+    n_above = 0
+    for start in range(0, n_fin, SBLOCK):
+        j = start + slane
+        m = j < n_fin
+        key = tl.load(fin_key + j, mask=m, other=0).to(tl.uint32, bitcast=True)
+        c = tl.load(fin_col + j, mask=m, other=0)
+        tie = m & (key == prefix)
+        # one scan and one reduction for both ranks (16-bit fields; SBLOCK < 65536): a taken
+        # entry's slot is the keys above it so far plus the ties taken so far
+        above = m & (key > prefix)
+        packed = tie.to(tl.int32) + (above.to(tl.int32) << 16)
+        scan = tl.cumsum(packed, axis=0)
+        rank = n_tie + (scan & 0xFFFF)
+        take = above | (tie & (rank <= k_rem))
+        pos = out0 + n_above + (scan >> 16) + tl.minimum(rank, k_rem) - 1
+        tot = tl.sum(packed, axis=0)
+        n_tie += tot & 0xFFFF
+        n_above += tot >> 16
+        tl.store(out_row + pos, _position(c, cmap_row, out_offset, HAS_CMAP, take), mask=take)
+
+
 @triton.jit(do_not_specialize=["ks_offset", "out_offset", "K", "CAP"])
 def _select_kernel(X, KS, KE, OUT, CMAP, CUT, COUNT, SCR_KEY, SCR_COL, BR,
                    stride_x, stride_out, stride_cmap, stride_scr, stride_br, ks_offset, out_offset, K, CAP,
@@ -322,6 +502,8 @@ def _select_kernel(X, KS, KE, OUT, CMAP, CUT, COUNT, SCR_KEY, SCR_COL, BR,
                    BLOCK: tl.constexpr, SBLOCK: tl.constexpr, WAYS: tl.constexpr,
                    HAS_CMAP: tl.constexpr, FINITE_ONLY: tl.constexpr, EARLY_EXIT: tl.constexpr,
                    BRACKET: tl.constexpr, BRACKET_MIN: tl.constexpr, HOLD: tl.constexpr):
+    """Per row: the k-th largest key of its scratch (fast path) or of the row (general path), then
+    the winners."""
     row = tl.program_id(0).to(tl.int64)
     x_row = X + row * stride_x
     out_row = OUT + row * stride_out
@@ -331,7 +513,6 @@ def _select_kernel(X, KS, KE, OUT, CMAP, CUT, COUNT, SCR_KEY, SCR_COL, BR,
     ks = tl.load(KS + row) - ks_offset
     ke = tl.load(KE + row) - ks_offset
     lane = tl.arange(0, BLOCK)
-    slane = tl.arange(0, SBLOCK)
     bins = tl.arange(0, 256)
 
     n_out = 0
@@ -359,55 +540,16 @@ def _select_kernel(X, KS, KE, OUT, CMAP, CUT, COUNT, SCR_KEY, SCR_COL, BR,
         searched = 0
         if BRACKET > 0:
             if n_scr >= BRACKET_MIN:
-                # a sample spread over the scratch brackets the k-th key, [t_lo, t_hi); one pass
-                # counts the keys above the bracket and moves the few inside it to registers, where
-                # the search runs without reading the scratch again
-                sj = slane * tl.maximum(n_scr // SBLOCK, 1)
-                s_ok = sj < n_scr
-                skey = tl.load(scr_key + sj, mask=s_ok, other=0).to(tl.uint32, bitcast=True)
-                n_s = tl.sum(s_ok.to(tl.int32), axis=0)
-                frac = K * 1.0 / n_scr
-                rank = frac * n_s
-                margin = bracket_sigmas * tl.sqrt(rank * (1.0 - frac)) + 2.0
-                need_lo = tl.minimum((rank + margin).to(tl.int32) + 1, n_s)
-                need_hi = (rank - margin).to(tl.int32)
-                t_lo = _sample_quantile(skey, need_lo, WAYS, EARLY_EXIT)
-                has_hi = need_hi >= 1
-                t_hi = t_lo
-                if has_hi:
-                    t_hi = _sample_quantile(skey, need_hi, WAYS, EARLY_EXIT)
-                n_hi = 0
-                n_in = 0
+                # a sample of the scratch brackets the k-th key, [t_lo, t_hi); one pass moves the few
+                # keys inside it aside, where the search runs held in registers
+                t_lo, t_hi, has_hi = _bracket_bounds(scr_key, n_scr, K, bracket_sigmas, SBLOCK, WAYS, EARLY_EXIT)
                 br_row = BR + row * stride_br
-                for start in range(0, n_scr, SBLOCK):
-                    j = start + slane
-                    key = tl.load(scr_key + j, mask=j < n_scr, other=0).to(tl.uint32, bitcast=True)
-                    ge_lo = (j < n_scr) & (key >= t_lo)
-                    # (tl.where: in the interpreter, & with a scalar bool gives a dtype masks reject)
-                    ge_hi = tl.where(has_hi, ge_lo & (key >= t_hi), False)
-                    inside = ge_lo & (ge_hi == 0)
-                    col = tl.load(scr_col + j, mask=ge_lo, other=0)
-                    # both ranks in one scan (16-bit fields; SBLOCK < 65536): the keys above the
-                    # bracket are winners whatever the search finds, so they go out now, and the
-                    # final pass reads only the bracket (its keys and columns, stored beside each other)
-                    r_scan = tl.cumsum(inside.to(tl.int32) + (ge_hi.to(tl.int32) << 16), axis=0)
-                    spos = n_in + (r_scan & 0xFFFF) - 1
-                    b_in = inside & (spos < BRACKET)
-                    tl.store(br_row + spos, key.to(tl.int32, bitcast=True), mask=b_in)
-                    tl.store(br_row + BRACKET + spos, col, mask=b_in)
-                    hpos = n_hi + (r_scan >> 16) - 1
-                    win = ge_hi & (hpos < K)
-                    tl.store(out_row + hpos, _position(col, cmap_row, out_offset, HAS_CMAP, win), mask=win)
-                    tot = tl.max(r_scan, axis=0)          # the scan's last entry
-                    n_in += tot & 0xFFFF
-                    n_hi += tot >> 16
+                n_hi, n_in = _bracket_pass(scr_key, scr_col, br_row, out_row, cmap_row, out_offset, n_scr, K,
+                                           t_lo, t_hi, has_hi, SBLOCK, BRACKET, HAS_CMAP)
                 if (n_hi < K) & (n_hi + n_in >= K) & (n_in <= BRACKET):
                     tl.debug_barrier()              # the bracket, written above, read back
-                    bj = tl.arange(0, BRACKET)
-                    b_ok = bj < n_in
-                    bkey = tl.load(br_row + bj, mask=b_ok, other=0).to(tl.uint32, bitcast=True)
-                    lo, above, at_lo = _search_held(bkey, b_ok, t_lo, tl.where(has_hi, t_hi - 1, tl.max(bkey, axis=0)),
-                                                    n_hi, n_hi + n_in, n_hi, K, stop_at, WAYS)
+                    lo, above, at_lo = _search_bracket(br_row, n_in, n_hi, t_lo, t_hi, has_hi, K, stop_at,
+                                                       BRACKET, WAYS)
                     # the final pass then takes the bracket's winners, after the n_hi written above
                     fin_key = br_row
                     fin_col = br_row + BRACKET
@@ -416,52 +558,22 @@ def _select_kernel(X, KS, KE, OUT, CMAP, CUT, COUNT, SCR_KEY, SCR_COL, BR,
                     searched = 1
         if HOLD > 0:
             if (searched == 0) & (n_scr <= HOLD):
-                # a short scratch (MISA-dagger's 8192-column rows keep ~2.4k): held whole in
-                # registers, read once instead of once per pass of the search
-                hj = tl.arange(0, HOLD)
-                h_ok = hj < n_scr
-                hkey = tl.load(scr_key + hj, mask=h_ok, other=0).to(tl.uint32, bitcast=True)
-                zero = tl.zeros([], dtype=tl.int32)
-                lo, above, at_lo = _search_held(hkey, h_ok, lo, tl.max(hkey, axis=0), zero, n_scr, zero, K,
-                                                stop_at, WAYS)
+                # a short scratch (MISA-dagger's 8192-column rows keep ~2.4k)
+                lo, above, at_lo = _search_hold(scr_key, n_scr, lo, K, stop_at, HOLD, WAYS)
                 searched = 1
         if searched == 0:
-            # no bracket (or the sample missed): search the key range [cut, max] over the scratch
-            for start in range(0, n_scr, SBLOCK):
-                j = start + slane
-                key = tl.load(scr_key + j, mask=j < n_scr, other=0).to(tl.uint32, bitcast=True)
-                hi = tl.maximum(hi, tl.max(key, axis=0))
-            while (hi > lo) & (at_lo != stop_at):
-                step = _search_step(hi, lo, WAYS)
-                counts = tl.zeros([WAYS], dtype=tl.int32)
-                for start in range(0, n_scr, SBLOCK):
-                    j = start + slane
-                    m = j < n_scr
-                    key = tl.load(scr_key + j, mask=m, other=0).to(tl.uint32, bitcast=True)
-                    counts += _count_at_least_2d(key, m, lo, step, WAYS)
-                lo, hi, above, at_lo = _narrow(counts, lo, hi, above, step, K, WAYS)
+            # no bracket (or the sample missed)
+            lo, above, at_lo = _search_scratch(scr_key, n_scr, lo, hi, above, at_lo, K, stop_at, SBLOCK, WAYS)
         prefix = lo                 # the k-th largest key, or a key no winner lies below
         k_rem = K - above
         if at_lo == K:
             k_rem = K               # every key at prefix is a winner
     else:
         n_scr = 0
-        h = tl.zeros([256], dtype=tl.int32)
-        for start in range(ks, ke, BLOCK):
-            key, m = _eligible_keys(x_row, start + lane, ke, FINITE_ONLY)
-            h += tl.histogram((key >> 24).to(tl.int32), 256, mask=m)
+        h = _row_histogram(x_row, ks, ke, BLOCK, FINITE_ONLY)
         total = tl.sum(h, axis=0)
         if total <= K:
-            # every eligible column is selected; pad the rest with -1
-            for start in range(ks, ke, BLOCK):
-                c = start + lane
-                key, m = _eligible_keys(x_row, c, ke, FINITE_ONLY)
-                pos = n_out + tl.cumsum(m.to(tl.int32), axis=0) - 1
-                tl.store(out_row + pos, _position(c, cmap_row, out_offset, HAS_CMAP, m), mask=m)
-                n_out += tl.sum(m.to(tl.int32), axis=0)
-            for start in range(n_out, K, BLOCK):
-                j = start + lane
-                tl.store(out_row + j, tl.full([BLOCK], -1, tl.int32), mask=j < K)
+            _write_all(x_row, out_row, cmap_row, out_offset, ks, ke, K, BLOCK, HAS_CMAP, FINITE_ONLY)
         else:
             digit, above, cnt = _threshold_digit(h, bins, k_rem)
             k_rem -= above
@@ -472,26 +584,8 @@ def _select_kernel(X, KS, KE, OUT, CMAP, CUT, COUNT, SCR_KEY, SCR_COL, BR,
                 prefix, k_rem, cnt = _refine_round(x_row, ks, ke, lane, shift, prefix, bins, k_rem, False,
                                                    FINITE_ONLY)
                 shift -= 8
-            # write what lies above the bin; move the bin (or, all bits fixed, its ties) on
-            n_tie = 0
-            for start in range(ks, ke, BLOCK):
-                c = start + lane
-                key, m = _eligible_keys(x_row, c, ke, FINITE_ONLY)
-                top = key >> shift
-                take = m & (top > prefix)
-                match = m & (top == prefix)
-                if shift == 0:
-                    rank = n_tie + tl.cumsum(match.to(tl.int32), axis=0)
-                    n_tie += tl.sum(match.to(tl.int32), axis=0)
-                    take = take | (match & (rank <= k_rem))
-                else:
-                    spos = n_scr + tl.cumsum(match.to(tl.int32), axis=0) - 1
-                    tl.store(scr_key + spos, key.to(tl.int32, bitcast=True), mask=match)
-                    tl.store(scr_col + spos, c, mask=match)
-                    n_scr += tl.sum(match.to(tl.int32), axis=0)
-                pos = n_out + tl.cumsum(take.to(tl.int32), axis=0) - 1
-                tl.store(out_row + pos, _position(c, cmap_row, out_offset, HAS_CMAP, take), mask=take)
-                n_out += tl.sum(take.to(tl.int32), axis=0)
+            n_out, n_scr = _split_at_bin(x_row, out_row, cmap_row, scr_key, scr_col, out_offset, ks, ke, shift,
+                                         prefix, k_rem, BLOCK, HAS_CMAP, FINITE_ONLY)
 
     # general path: remaining 8-bit rounds over the scratch
     if (fast == 0) & (shift > 0) & (n_scr > 0):
@@ -503,31 +597,12 @@ def _select_kernel(X, KS, KE, OUT, CMAP, CUT, COUNT, SCR_KEY, SCR_COL, BR,
     # both paths: the scratch's winners, every key above the k-th largest (``prefix``, all bits
     # fixed now) and its ties in arrival order up to ``k_rem``. (A general-path row whose rounds
     # ran over the row itself wrote everything already and left the scratch empty.)
-    n_tie = 0
-    n_above = 0
     out0 = tl.where(n_fin < 0, n_out, fin_out)
     n_fin = tl.where(n_fin < 0, n_scr, n_fin)
     # (a bracket that missed may have written winners already: their slots are written again
     # below, after the barrier)
     tl.debug_barrier()
-    for start in range(0, n_fin, SBLOCK):
-        j = start + slane
-        m = j < n_fin
-        key = tl.load(fin_key + j, mask=m, other=0).to(tl.uint32, bitcast=True)
-        c = tl.load(fin_col + j, mask=m, other=0)
-        tie = m & (key == prefix)
-        # one scan and one reduction for both ranks (16-bit fields; SBLOCK < 65536): a taken
-        # entry's slot is the keys above it so far plus the ties taken so far
-        above = m & (key > prefix)
-        packed = tie.to(tl.int32) + (above.to(tl.int32) << 16)
-        scan = tl.cumsum(packed, axis=0)
-        rank = n_tie + (scan & 0xFFFF)
-        take = above | (tie & (rank <= k_rem))
-        pos = out0 + n_above + (scan >> 16) + tl.minimum(rank, k_rem) - 1
-        tot = tl.sum(packed, axis=0)
-        n_tie += tot & 0xFFFF
-        n_above += tot >> 16
-        tl.store(out_row + pos, _position(c, cmap_row, out_offset, HAS_CMAP, take), mask=take)
+    _write_winners(fin_key, fin_col, n_fin, out_row, out0, cmap_row, out_offset, prefix, k_rem, SBLOCK, HAS_CMAP)
 
 
 def topk(x: torch.Tensor, ks: torch.Tensor, ke: torch.Tensor, k: int, ks_offset: int = 0,
