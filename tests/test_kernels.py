@@ -369,6 +369,32 @@ def test_router_kernel_precision(precision):
     check_routing(heads, r, ROUTER_RTOL * r.abs().amax(1).clamp_min(1e-12))
 
 
+@pytest.mark.skipif(DEVICE == "cpu", reason="2 GiB of fp8 queries: on the GPU only")
+@pytest.mark.parametrize("router", ["abs-sum", "gap"])
+def test_router_kernel_past_2_to_the_31_query_elements(router):
+    # q [T, 64, 128] with T * H * D past 2**31: from row 262144 on, a query's offset does not fit an
+    # int32. Few keys keep it fast; sampled rows (the first, those about the boundary, the last)
+    # against the float64 router on those rows.
+    h, d, s, bs, active = 64, 128, 4096, 64, 8
+    first_big = 2 ** 31 // (h * d)
+    t = first_big + 1000
+    g = torch.Generator(device=DEVICE).manual_seed(5)
+    q = torch.empty(t, h, d, dtype=FP8, device=DEVICE)
+    for t0 in range(0, t, 1 << 15):                 # 1 GiB of float32 at a time
+        part = q[t0:t0 + (1 << 15)]
+        part.copy_(torch.randn(part.shape, generator=g, device=DEVICE))
+    w = torch.randn(t, h, generator=g, device=DEVICE)
+    keys = misa.quantize_keys(torch.randn(s, d, generator=torch.Generator().manual_seed(6)))
+    kv = tuple(x.to(DEVICE) for x in keys)
+    ks = torch.zeros(t, dtype=torch.int32, device=DEVICE)
+    ke = torch.randint(1, s + 1, (t,), generator=g, device=DEVICE, dtype=torch.int32)
+    heads = misa.route_heads(q, kv, w, ks, ke, active_heads=active, block_size=bs, router=router)
+    rows = torch.cat([torch.arange(0, 50), torch.arange(first_big - 50, first_big + 50), torch.arange(t - 50, t)])
+    q_rows = q.view(torch.uint8)[rows.to(DEVICE)].view(FP8).cpu()
+    r = router_scores64(q_rows, kv, w[rows], ks[rows], ke[rows], bs, router)
+    check_routing(heads[rows], r, ROUTER_RTOL * r.abs().amax(1).clamp_min(1e-12))
+
+
 @pytest.mark.parametrize("kind", ["causal", "ragged", "empty"])
 @pytest.mark.parametrize("h,stage1_factor", [(4, None), (8, None), (4, 3), (8, 40)])
 def test_misa_kernels(kind, h, stage1_factor):

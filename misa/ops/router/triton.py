@@ -39,7 +39,7 @@ def _pool_keys_kernel(K, KSCALE, OUT, S, block_size, stride_k,
     for r0 in range(start, end, CHUNK):
         rows = r0 + tl.arange(0, CHUNK)
         m = rows < end
-        k = tl.load(K + rows[:, None] * stride_k + d[None, :], mask=m[:, None], other=0.0).to(tl.float32)
+        k = tl.load(K + rows[:, None].to(tl.int64) * stride_k + d[None, :], mask=m[:, None], other=0.0).to(tl.float32)
         if HAS_SCALE:
             k = k * tl.load(KSCALE + rows, mask=m, other=0.0)[:, None]
         acc += tl.sum(k, axis=0)
@@ -141,7 +141,8 @@ def _route_kernel(Q, W, KBAR, KS, KE, CTX, HEADS, per_seq, tiles, NB, block_size
     local = first + p // H
     pq_ok = local < per_seq
     pq = seq * per_seq + local
-    q = tl.load(Q + pq[:, None] * stride_qt + (p % H)[:, None] * D + d[None, :],
+    # int64: T * H * D reaches 2**31 at T = 262144 (H = 64, D = 128)
+    q = tl.load(Q + pq[:, None].to(tl.int64) * stride_qt + (p % H)[:, None] * D + d[None, :],
                 mask=pq_ok[:, None], other=0.0).to(tl.float32)
     w = tl.load(W + pq * stride_wt + p % H, mask=pq_ok, other=0.0)
     if DECODE:      # query i of a sequence of ctx tokens sees [0, ctx - per_seq + i + 1)
