@@ -15,7 +15,7 @@ import torch
 
 from misa.bench import _time_rounds
 from misa.ops.dsa.triton import launch_logits
-from misa.ops.rescore.triton import gather_logits, rerank
+from misa.ops.rescore.triton import GatherConfig, gather_logits, rerank
 from misa.ops.router.triton import route_heads
 from misa.ops.topk.triton import topk
 from misa.synthetic import indexer_workload
@@ -24,7 +24,7 @@ from misa.validate import check_inputs
 
 def _config(text: str):
     bn, warps, stages, cap, offsets32, *splits = (int(v) for v in text.split(","))
-    return (bn, warps, stages, cap or None, offsets32), (splits[0] if splits else None)
+    return GatherConfig(bn, warps, stages, cap or None, bool(offsets32)), (splits[0] if splits else None)
 
 
 def _candidates(s: int, k1: int):
@@ -58,13 +58,14 @@ def main():
                     print("failed", cfg, type(e).__name__)
             torch.cuda.synchronize()
             return
-        want = gather_logits(inp, cand, config=(128, 4, 3, None, 0), sample_every=4)[0]     # the eighth session's
+        # the reference scores: no register cap, int64 key offsets
+        want = gather_logits(inp, cand, config=GatherConfig(maxnreg=None, offsets32=False), sample_every=4)[0]
         fin = torch.isfinite(want)
         scale = float(want[fin].abs().max())
         timers = {"rerank (scores + top-k)": lambda: rerank(inp, cand, 2048)}
         err = {}
         for cfg, splits in configs:
-            name = "gather " + ",".join(str(v) for v in cfg) + (f" splits={splits}" if splits else "")
+            name = f"gather {cfg}" + (f" splits={splits}" if splits else "")
             try:
                 got = gather_logits(inp, cand, config=cfg, sample_every=4, splits=splits)[0]
             except Exception as e:      # noqa: BLE001 - a config that does not compile is a result

@@ -1,4 +1,4 @@
-"""Probes behind two choices of the selections (eighth session), timed in interleaved rounds on
+"""Probes behind two choices of the selections, timed in interleaved rounds on
 the GPU against each other in the same call:
 
 1. dense DSA's top-k with its cut's sample computed by sample_logits (64 heads on every step-th

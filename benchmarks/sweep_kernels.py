@@ -4,7 +4,7 @@ timed; failures to compile (too much shared memory, ...) are recorded, not fatal
 
     python benchmarks/sweep_kernels.py --out sweep.json [--budget-s 240]
     python benchmarks/sweep_kernels.py --out sweep.json --work routed8 --logits-only \
-        --logits-configs 256/64/4/3/1/1,256/64/4/4/1/0
+        --logits-configs 256/64/4/3/2/32,256/64/4/4/0
 """
 from __future__ import annotations
 
@@ -16,9 +16,10 @@ import time
 import torch
 import triton.testing
 
-from misa.ops.dsa.triton import DEFAULT_CONFIG, ROUTED_CONFIG, launch_logits
-from misa.ops.rescore.triton import gather_logits
-from misa.ops.topk.triton import topk
+from misa.ops.dsa.triton import DEFAULT_CONFIG, ROUTED_CONFIG, LogitsConfig, launch_logits
+from misa.ops.rescore.triton import GatherConfig, gather_logits
+from misa.ops.router.triton import PoolConfig, RouteConfig
+from misa.ops.topk.triton import TopkConfig, topk
 from misa.synthetic import indexer_workload
 from misa.validate import check_inputs
 
@@ -33,10 +34,10 @@ def main():
     ap.add_argument("--budget-s", type=float, default=240)
     ap.add_argument("--work", default="dense64,routed8", help="which workloads: dense64, routed8")
     ap.add_argument("--logits-configs", default="",
-                    help="logits tile shapes to time instead of the grid (pairs/BN/warps/stages/head-major[/fast-tiles[/ptx-store]])")
+                    help="logits configs to time instead of the grid (pairs/BN/warps/stages[/store[/tiles-per-program]])")
     ap.add_argument("--logits-only", action="store_true", help="skip the router, top-k and gather sweeps")
     ap.add_argument("--router-configs", default="",
-                    help="router configs to time instead of the grid (pairs/blocks-per-step/warps/precision[/iter|rank[/stages]])")
+                    help="router configs to time instead of the grid (pairs/blocks-per-step/warps/precision[/stages])")
     ap.add_argument("--splits", default="0",
                     help="programs per block of queries to time each logits config with (0: the kernel's own choice)")
     ap.add_argument("--pool-configs", default="",
@@ -67,16 +68,17 @@ def main():
             from misa.ops.router.triton import route_heads
             heads = route_heads(inp, h, 1024)
             results.setdefault("router", [])
-            router_grid = list(itertools.product((128, 256), (32, 64), (4, 8), ("tf32x3", "tf32", "ieee")))
+            router_grid = [RouteConfig(*c) for c in itertools.product((128, 256), (32, 64), (4, 8),
+                                                                      ("tf32x3", "tf32", "ieee"))]
             if args.router_configs:
-                router_grid = [tuple(int(v) for v in c.split("/")[:3]) + tuple(c.split("/")[3:5])
-                               + tuple(int(v) for v in c.split("/")[5:]) for c in args.router_configs.split(",")]
+                router_grid = [RouteConfig(*(int(v) for v in c.split("/")[:3]), c.split("/")[3],
+                                           *(int(v) for v in c.split("/")[4:])) for c in args.router_configs.split(",")]
             if args.router_configs or not args.logits_only:
                 from misa.ops.router.triton import pool_keys
                 results["pool_keys_ms"] = bench(lambda: pool_keys(inp.k, inp.k_scale, 1024))
                 print({"pool_keys_ms": results["pool_keys_ms"]}, flush=True)
                 kbar = pool_keys(inp.k, inp.k_scale, 1024)
-                for pc in [tuple(int(v) for v in c.split("/")) for c in args.pool_configs.split(",") if c]:
+                for pc in [PoolConfig(*(int(v) for v in c.split("/"))) for c in args.pool_configs.split(",") if c]:
                     rec = {"pool_config": pc}
                     try:
                         rec["max_abs_diff"] = float((pool_keys(inp.k, inp.k_scale, 1024, config=pc) - kbar).abs().max())
@@ -104,19 +106,17 @@ def main():
         launch_logits(inp.q, inp.weights, inp.k, inp.k_scale, inp.ks, inp.ke, ref, heads=heads)
         fin = torch.isfinite(ref)
         scale = ref[fin].abs().max()
-        grid = list(itertools.product((128, 256), (64, 128), (4, 8), (3,), (False, True)))
+        grid = [LogitsConfig(*c) for c in itertools.product((128, 256), (64, 128), (4, 8), (3,))]
         if h:
-            grid += list(itertools.product((64, 512), (64, 128), (4, 8), (3,), (False, True)))
+            grid += [LogitsConfig(*c) for c in itertools.product((64, 512), (64, 128), (4, 8), (3,))]
         if args.logits_configs:
-            # fields 5-6 are switches, the 7th the interior tiles' store mode (0-3)
-            grid = [tuple(int(v) for v in c.split("/")[:4]) + tuple(bool(int(v)) for v in c.split("/")[4:6])
-                    + tuple(int(v) for v in c.split("/")[6:]) for c in args.logits_configs.split(",")]
+            grid = [LogitsConfig(*(int(v) for v in c.split("/"))) for c in args.logits_configs.split(",")]
         runs = [(cfg, int(sp)) for cfg in [ROUTED_CONFIG if h else DEFAULT_CONFIG] + grid
                 for sp in args.splits.split(",")]
         for cfg, sp in runs:
             if left() < 0:
                 break
-            if cfg[0] < nh:
+            if cfg.pairs < nh:
                 continue
             rec = {"work": name, "config": cfg, "splits": sp}
             try:
@@ -137,7 +137,8 @@ def main():
             idx_ref = topk(ref, ks, ke, 2048)
             ref_sets = torch.sort(idx_ref, dim=1).values
             results["torch.topk_ms"] = bench(lambda: torch.topk(ref, 2048, dim=1, sorted=False))
-            for cfg in [(1024, 4, 2048)] + list(itertools.product((512, 1024, 2048), (4, 8), (1024, 2048))):
+            for cfg in [TopkConfig()] + [TopkConfig(*c) for c in itertools.product((512, 1024, 2048), (4, 8),
+                                                                                  (1024, 2048))]:
                 if left() < 0:
                     break
                 rec = {"config": cfg}
@@ -151,7 +152,8 @@ def main():
                 print(rec, flush=True)
             cand = topk(ref, ks, ke, 8192)
             g_ref = gather_logits(inp, cand)
-            for cfg in [(128, 8, 2)] + list(itertools.product((64, 128), (4, 8), (2, 3))):
+            shapes = [(128, 8, 2)] + list(itertools.product((64, 128), (4, 8), (2, 3)))
+            for cfg in [GatherConfig(*c, maxnreg=None) for c in shapes]:
                 if left() < 0:
                     break
                 rec = {"config": cfg}

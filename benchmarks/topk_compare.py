@@ -122,7 +122,8 @@ def main():
             if name not in TUNABLE:
                 ap.error(f"--variants: {name!r} is not one of {TUNABLE}")
             vals = tuple(float(v) if "." in v else int(v) for v in value.split("/"))
-            change[name] = vals if len(vals) > 1 else vals[0]
+            base = getattr(topk_mod, name)
+            change[name] = type(base)(*vals) if isinstance(base, tuple) else vals[0]     # configs: named tuples
         grid.append(change)
     dev = torch.device("cuda")
     try:

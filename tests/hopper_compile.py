@@ -1,47 +1,215 @@
-"""Compile every Triton kernel for Hopper (sm_90) without a GPU; run by test_compile_hopper.py
-in a fresh process (the test session imports the kernels in interpreter mode).
+"""Compile every kernel launch the library ships for Hopper (sm_90), without a GPU; run by
+test_compile_hopper.py in a fresh process (the test session imports the kernels in interpreter mode).
 
-    python tests/hopper_compile.py          # one line per kernel variant; exit 1 on any failure
+The launches are the library's own: its entry points run on small CPU inputs (the model's 64 heads
+of 128 dims, fp8 and bf16) with every kernel replaced by a recorder, so what compiles here is what
+the shipped configs launch on the GPU (constexprs, warps, stages, register caps), with the
+arguments specialised as Triton's JIT specialises them (16-divisible pointers and integers, integers
+equal to 1 as constants). Each variant is named after the shipped config (``misa/ops/*/triton.py``)
+it launches with; a launch no shipped config describes, a shipped config no entry point launches and
+a kernel never launched are failures too.
+
+    python tests/hopper_compile.py          # one line per variant; exit 1 on any failure
     python tests/hopper_compile.py --ptxas  # also each variant's registers and spills (ptxas -v)
 
-Pointers and strides are marked 16-divisible, as the JIT specialises them on the GPU (without
-that, Triton does not pipeline the key loads and the code differs from what runs there). Run with
-the GPU machine's Triton on the path to see its code: ``pip install --target DIR triton==3.6.0``,
-then ``PYTHONPATH=DIR:. python tests/hopper_compile.py --ptxas``.
+Run with the GPU machine's Triton on the path to see its code: ``pip install --target DIR
+triton==3.6.0``, then ``PYTHONPATH=DIR:. python tests/hopper_compile.py --ptxas``.
 """
-import inspect
 import os
 import subprocess
 import sys
 import tempfile
 import traceback
 
+import torch
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from misa.ops.dsa import paged_triton
-from misa.ops.dsa import triton as dsa
-from misa.ops.rescore import triton as misa_k
-from misa.ops.router import triton as router
-from misa.ops.topk import triton as topk
+assert os.environ.get("TRITON_INTERPRET") != "1", "compiles real kernels: run without TRITON_INTERPRET"
+import misa  # noqa: E402
+from misa.ops.dsa import paged_triton, triton as dsa  # noqa: E402
+from misa.ops.rescore import triton as rescore  # noqa: E402
+from misa.ops.router import triton as router  # noqa: E402
+from misa.ops.topk import triton as topk  # noqa: E402
 
 HOPPER = GPUTarget("cuda", 90, 32)
-I32 = "i32"
-FLOAT_SCALARS = {"sigmas": "fp32", "slack": "fp32", "bracket_sigmas": "fp32"}    # non-pointer arguments the kernels take as float
+MODULES = {"dsa": dsa, "paged": paged_triton, "rescore": rescore, "router": router, "topk": topk}
+TYPES = {torch.float8_e4m3fn: "fp8e4nv", torch.bfloat16: "bf16", torch.float32: "fp32", torch.int32: "i32",
+         torch.int64: "i64", torch.uint8: "u8"}
+# each kernel's shipped configs ("module.NAME"), and the launch setting each of their fields becomes
+# (fields that only size the grid are left out)
+SHIPPED = {
+    "_mqa_logits_kernel": (("dsa.DEFAULT_CONFIG", "dsa.ROUTED_CONFIG"),
+                           {"bn": "BN", "num_warps": "num_warps", "num_stages": "num_stages", "store": "STORE"}),
+    "_gather_logits_kernel": (("rescore.DEFAULT_CONFIG",),
+                              {"bn": "BN", "num_warps": "num_warps", "num_stages": "num_stages", "maxnreg": "maxnreg"}),
+    "_pool_keys_kernel": (("router.POOL_CONFIG",), {"chunk": "CHUNK", "num_warps": "num_warps"}),
+    "_route_kernel": (("router.DEFAULT_CONFIG", "router.GAP_CONFIG"),
+                      {"blocks": "NBT", "num_warps": "num_warps", "precision": "PRECISION", "num_stages": "num_stages"}),
+    "_cut_kernel": (("topk.DEFAULT_CONFIG",), {"sample": "SAMPLE"}),
+    "_compact_kernel": (("topk.COMPACT_CONFIG",), {"block": "BLOCK", "num_warps": "num_warps"}),
+    "_select_kernel": (("topk.DEFAULT_CONFIG",), {"block": "BLOCK", "num_warps": "num_warps"}),
+}
+DEFAULT_OPTIONS = {"num_warps": 4, "num_stages": 3, "maxnreg": None}      # Triton's, for launches that omit them
 
 
-def compile_for_hopper(kernel, pointers: dict, consts: dict, num_warps=4, num_stages=3, maxnreg=None):
-    """``pointers``: argument name -> element type; other non-constexpr arguments are i32;
-    ``maxnreg``: the register cap the launch passes, if any."""
-    sig, attrs = {}, {}
-    for i, name in enumerate(inspect.signature(kernel.fn).parameters):
-        sig[name] = ("constexpr" if name in consts else "*" + pointers[name] if name in pointers
-                     else FLOAT_SCALARS.get(name, I32))
-        if name in pointers or name.startswith("stride"):
-            attrs[(i,)] = [["tt.divisibility", 16]]
+def kernels() -> dict:
+    """Every kernel (a ``@triton.jit`` function named ``*_kernel``) the kernel modules define."""
+    return {name: (mod, obj) for mod in MODULES.values() for name, obj in vars(mod).items()
+            if isinstance(obj, triton.runtime.JITFunction) and name.endswith("_kernel")
+            and obj.fn.__module__ == mod.__name__}
+
+
+def shipped_config(name: str):
+    mod, attr = name.split(".")
+    return getattr(MODULES[mod], attr)
+
+
+class Recorder:
+    """Stands in for a kernel: ``kernel[grid](*args, **kwargs)`` records the launch."""
+
+    def __init__(self, kernel, launches: list, label: list):
+        self.kernel, self.launches, self.label = kernel, launches, label
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.launches.append((self.kernel, args, kwargs, self.label[0]))
+
+
+def _inputs(t, s, kv, q_dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q, w = torch.randn(t, 64, 128, generator=g), torch.randn(t, 64, generator=g)
+    if q_dtype == "fp8":
+        q, w = misa.quantize_queries(q, w)
+    else:
+        q = q.to(torch.bfloat16)
+    k = torch.randn(s, 128, generator=g)
+    keys = misa.quantize_keys(k) if kv == "fp8" else k.to(torch.bfloat16)
+    ke = torch.arange(s - t + 1, s + 1, dtype=torch.int32)
+    return q, keys, w, torch.zeros(t, dtype=torch.int32), ke
+
+
+def _paged(lens, next_n):
+    g = torch.Generator().manual_seed(len(lens) + next_n)
+    seqs = [misa.quantize_keys(torch.randn(n, 128, generator=g)) for n in lens]
+    cache, table, clens = misa.build_paged_kcache(seqs, generator=g)
+    q, w = misa.quantize_queries(torch.randn(len(lens) * next_n, 64, 128, generator=g),
+                                 torch.randn(len(lens) * next_n, 64, generator=g))
+    return q.view(len(lens), next_n, 64, 128), cache, w, clens, table
+
+
+def entry_points():
+    """(label, call) for what the library runs on the kernels: prefill (fp8, bf16 and mixed
+    operands; a key count off the 16-column grid too) and batched decode."""
+    k, s = 2048, 16384                      # rows long enough for the top-k's sample and its bracket
+    for kv, q_dtype in (("fp8", "fp8"), ("bf16", "bf16"), ("bf16", "fp8")):
+        args = _inputs(64, s, kv, q_dtype)
+        tag = f"q {q_dtype}, keys {kv}"
+        yield f"dsa_logits {tag}", lambda a=args: misa.dsa_logits(*a)
+        yield f"dsa_select {tag}", lambda a=args: misa.dsa_select(*a, k=k)
+        yield f"misa_select {tag}", lambda a=args: misa.misa_select(*a, k=k)
+        yield f"misa_select gap {tag}", lambda a=args: misa.misa_select(*a, k=k, router="gap")
+        yield f"MISA-dagger {tag}", lambda a=args: misa.misa_select(*a, k=k, stage1_k=4 * k)
+        yield f"hisa_select {tag}", lambda a=args: misa.hisa_select(*a, k=k)
+    odd = _inputs(64, s - 3, "fp8", "fp8")
+    yield "dsa_logits, keys off the 16-column grid", lambda: misa.dsa_logits(*odd)
+    yield "misa_select, keys off the 16-column grid", lambda: misa.misa_select(*odd, k=k)
+    for next_n in (1, 2):
+        args = _paged([3000, 9000, 700], next_n)
+        yield f"paged_dsa_logits next_n={next_n}", lambda a=args: misa.paged_dsa_logits(*a)
+        yield f"paged_dsa_select next_n={next_n}", lambda a=args: misa.paged_dsa_select(*a, k=k)
+        for statistic in router.STATISTICS:
+            yield (f"paged_misa_select {statistic} next_n={next_n}",
+                   lambda a=args, r=statistic: misa.paged_misa_select(*a, k=k, router=r))
+
+
+def specialise(kernel, args, kwargs):
+    """``(signature, constexprs, attrs, options)`` for ``triton.compile``, as the JIT derives them
+    from a launch's arguments."""
+    bound = dict(zip(kernel.arg_names, args))
+    bound.update((key, v) for key, v in kwargs.items() if key in kernel.arg_names)
+    options = {**DEFAULT_OPTIONS, **{key: v for key, v in kwargs.items() if key not in kernel.arg_names}}
+    sig, consts, attrs = {}, {}, {}
+    for i, p in enumerate(kernel.params):
+        v = bound[p.name]
+        if p.is_constexpr or v is None or (type(v) is int and v == 1 and not p.do_not_specialize):
+            sig[p.name], consts[p.name] = "constexpr", v
+        elif isinstance(v, torch.Tensor):
+            sig[p.name] = "*" + TYPES[v.dtype]
+            if v.data_ptr() % 16 == 0:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+        elif type(v) is bool:
+            sig[p.name] = "u1"
+        elif type(v) is int:
+            sig[p.name] = "i32" if -2 ** 31 <= v < 2 ** 31 else "i64"
+            if v % 16 == 0 and not p.do_not_specialize:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+        elif type(v) is float:
+            sig[p.name] = "fp32"
+        else:
+            raise TypeError(f"{kernel.fn.__name__}: argument {p.name} of type {type(v).__name__}")
+    return sig, consts, attrs, options
+
+
+def config_name(name: str, consts: dict, options: dict) -> str | None:
+    """The shipped config a launch of kernel ``name`` runs with ("fixed" for kernels without one;
+    None: no shipped config describes it)."""
+    if name not in SHIPPED:
+        return "fixed"
+    names, fields = SHIPPED[name]
+    launch = {**consts, **options}
+    for config in names:
+        cfg = shipped_config(config)
+        if all(launch[key] == getattr(cfg, field) for field, key in fields.items()):
+            return config
+    return None
+
+
+def variants():
+    """The distinct launches of ``entry_points``: ``[(name, kernel, signature, constexprs, attrs,
+    options)]``, and the problems found on the way (launches no shipped config describes, shipped
+    configs or kernels never launched)."""
+    launches, label = [], [""]
+    found = kernels()
+    real = {name: getattr(mod, name) for name, (mod, _) in found.items()}
+    for name, (mod, kernel) in found.items():
+        setattr(mod, name, Recorder(kernel, launches, label))
+    # the kernels on CPU tensors: misa.select lets them through under TRITON_INTERPRET (read per call;
+    # the kernels were compiled in, not interpreted, at import)
+    os.environ.update(MISA_BACKEND="triton", TRITON_INTERPRET="1")
+    try:
+        for label[0], call in entry_points():
+            call()
+    finally:
+        del os.environ["MISA_BACKEND"], os.environ["TRITON_INTERPRET"]
+        for name, (mod, _) in found.items():
+            setattr(mod, name, real[name])
+    out, seen, used, problems = [], set(), set(), []
+    for kernel, args, kwargs, where in launches:
+        name = kernel.fn.__name__
+        sig, consts, attrs, options = specialise(kernel, args, kwargs)
+        key = (name, str(sorted(sig.items())), str(sorted(consts.items(), key=str)), str(sorted(attrs)),
+               str(sorted(options.items())))
+        if key in seen:
+            continue
+        seen.add(key)
+        config = config_name(name, consts, options)
+        if config is None:
+            problems.append(f"{name} [{where}]: no shipped config launches {consts} {options}")
+            continue
+        used.add(config)
+        shown = " ".join(f"{c}={v}" for c, v in consts.items() if kernel.params[kernel.arg_names.index(c)].is_constexpr)
+        out.append((f"{name} {config} [{where}] {shown}", kernel, sig, consts, attrs, options))
+    launched = {v[1].fn.__name__ for v in out}
+    problems += [f"{name}: never launched by the entry points here" for name in found if name not in launched]
+    problems += [f"{config}: shipped, never launched by the entry points here"
+                 for config in sorted({c for names, _ in SHIPPED.values() for c in names} - used)]
+    return out, problems
+
+
+def compile_for_hopper(kernel, sig, consts, attrs, options):
     return triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=consts, attrs=attrs), target=HOPPER,
-                          options={"num_warps": num_warps, "num_stages": num_stages, "maxnreg": maxnreg})
+                          options=options)
 
 
 def ptxas_report(compiled) -> str:
@@ -61,76 +229,20 @@ def ptxas_report(compiled) -> str:
     return "; ".join(lines) or res.stderr.strip()[-300:]
 
 
-def variants():
-    ptrs = {"Q": "fp8e4nv", "W": "fp32", "HEADS": I32, "K": "fp8e4nv", "KSCALE": "fp32", "KS": I32, "KE": I32,
-            "OUT": "fp32"}
-    for heads in (64, 8):
-        pairs, bn, warps, stages, head_major, fast = (dsa.DEFAULT_CONFIG if heads == 64 else dsa.ROUTED_CONFIG)[:6]
-        for col_unit, store in ((16, 0), (1, 0), (16, 1), (16, 2), (16, 3)):
-            consts = {"NH": heads, "D": 128, "BQ": pairs // heads, "BN": bn, "ROUTED": heads < 64,
-                      "HAS_SCALE": True, "CAST": None, "HEAD_MAJOR": head_major, "FAST_TILES": fast,
-                      "COL_UNIT": col_unit, "STORE": store}
-            yield (f"logits heads={heads} col_unit={col_unit} store={store}", dsa._mqa_logits_kernel, ptrs,
-                   consts, warps, stages)
-    paged_ptrs = {"Q": "fp8e4nv", "W": "fp32", "HEADS": I32, "VALUES": "fp8e4nv", "SCALES": "fp32", "TABLE": I32,
-                  "CTX": I32, "OUT": "fp32"}
-    for heads, next_n in ((64, 1), (64, 2), (8, 1), (8, 4)):
-        qb = 1 << (next_n - 1).bit_length()
-        consts = {"N": next_n, "QB": qb, "NH": heads, "HS": max(heads, -(-16 // qb)), "D": 128, "PAGE": 64,
-                  "ROUTED": heads < 64, "CAST": None}
-        yield (f"paged decode logits heads={heads} next_n={next_n}", paged_triton._paged_logits_kernel,
-               paged_ptrs, consts, 4, 3)
-    block, warps, sample = topk.DEFAULT_CONFIG
-    rows = {"X": "fp32", "SRC": "fp32", "KS": I32, "KE": I32, "CUT": I32, "COUNT": I32, "SCR_KEY": I32, "SCR_COL": I32, "BR": I32,
-            "OUT": I32, "CMAP": I32}
-    for chunk, from_src in sorted({(topk.SAMPLE_CHUNK, False), (16, False), (1, False), (1, True)}):
-        yield (f"top-k cut chunk={chunk} from_src={from_src}", topk._cut_kernel, rows,
-               {"SAMPLE": sample, "CHUNK": chunk, "WAYS": topk.WAYS, "FINITE_ONLY": False,
-                "EARLY_EXIT": topk.EARLY_EXIT, "FROM_SRC": from_src}, 4, 3)
-    c_block, c_warps, _ = topk.COMPACT_CONFIG
-    yield "top-k compact", topk._compact_kernel, rows, {"BLOCK": c_block, "FINITE_ONLY": True}, c_warps, 3
-    for has_cmap, bracket in ((False, topk.BRACKET), (True, topk.BRACKET), (False, 0)):
-        yield (f"top-k select cmap={has_cmap} bracket={bracket}", topk._select_kernel, rows,
-               {"BLOCK": block, "SBLOCK": topk.SCRATCH_BLOCK, "WAYS": topk.WAYS, "HAS_CMAP": has_cmap,
-                "FINITE_ONLY": has_cmap, "EARLY_EXIT": topk.EARLY_EXIT, "BRACKET": bracket,
-                "BRACKET_MIN": topk.BRACKET_MIN, "HOLD": topk.HOLD}, warps, 3, topk.SELECT_MAXNREG)
-    yield ("router pooling", router._pool_keys_kernel, {"K": "fp8e4nv", "KSCALE": "fp32", "OUT": "fp32"},
-           {"D": 128, "CHUNK": 64, "HAS_SCALE": True}, 4, 3)
-    yield ("router paged pooling", router._paged_pool_keys_kernel,
-           {"VALUES": "fp8e4nv", "SCALES": "fp32", "TABLE": I32, "CTX": I32, "OUT": "fp32"},
-           {"D": 128, "PAGE": 64}, 4, 3)
-    route_ptrs = {"Q": "fp8e4nv", "W": "fp32", "KBAR": "fp32", "KS": I32, "KE": I32, "CTX": I32, "HEADS": I32}
-    # the defaults (head selection by rank), the other head selection, the other precision
-    for statistic, config in (("abs-sum", router.DEFAULT_CONFIG), ("gap", router.GAP_CONFIG),
-                              ("abs-sum", router.DEFAULT_CONFIG[:4] + ("iter",)),
-                              ("abs-sum", router.DEFAULT_CONFIG[:3] + ("bf16x2", "rank"))):
-        pairs, launch = router._launch_config(config, statistic)
-        warps, stages = launch.pop("num_warps"), launch.pop("num_stages")
-        # prefill tiles pairs // H queries; decode at most next_n (1 or 2 here) per program
-        for decode, bq in ((False, pairs // 64), (True, 1), (True, 2)):
-            consts = {"H": 64, "D": 128, "BQ": bq, "ACTIVE": 8, "DECODE": decode, **launch}
-            yield (f"router routing {statistic} {launch['PRECISION']} {'rank' if launch['RANK'] else 'iter'} "
-                   f"{'decode' if decode else 'prefill'} BQ={bq}", router._route_kernel,
-                   route_ptrs, consts, warps, stages)
-    bn, warps, stages, cap = misa_k.DEFAULT_CONFIG
-    for every, offsets32 in ((0, True), (4, True), (4, False)):
-        yield (f"MISA-dagger gathered logits sample_every={every} offsets32={offsets32}", misa_k._gather_logits_kernel,
-               {"Q": "fp8e4nv", "W": "fp32", "K": "fp8e4nv", "KSCALE": "fp32", "CAND": I32, "KS": I32, "KE": I32,
-                "OUT": "fp32", "SMP": "fp32"},
-               {"H": 64, "D": 128, "BN": bn, "HAS_SCALE": True, "CAST": None, "SAMPLE_EVERY": every,
-                "OFFSETS32": offsets32}, warps, stages, cap)
-
-
 def main() -> int:
+    found, problems = variants()
+    print(f"variants: {len(found)}")
     failed = 0
-    for name, kernel, ptrs, consts, warps, stages, *cap in variants():
+    for name, kernel, sig, consts, attrs, options in found:
         try:
-            compiled = compile_for_hopper(kernel, ptrs, consts, warps, stages, *cap)
-            print(f"ok   {name}" + (f": {ptxas_report(compiled)}" if "--ptxas" in sys.argv else ""))
+            compiled = compile_for_hopper(kernel, sig, consts, attrs, options)
+            print(f"ok   {name}" + (f": {ptxas_report(compiled)}" if "--ptxas" in sys.argv else ""), flush=True)
         except Exception:      # noqa: BLE001 - report every variant, then fail
             failed += 1
-            print(f"FAIL {name}\n{traceback.format_exc(limit=1)}")
-    return 1 if failed else 0
+            print(f"FAIL {name}\n{traceback.format_exc(limit=1)}", flush=True)
+    for p in problems:
+        print(f"FAIL {p}")
+    return 1 if failed or problems else 0
 
 
 if __name__ == "__main__":

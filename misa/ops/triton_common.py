@@ -7,8 +7,10 @@ import torch
 import triton
 import triton.language as tl
 
-# Triton's CPU interpreter computes bfloat16 arithmetic wrongly (loads and casts are right), so
-# under TRITON_INTERPRET=1 bf16 operands are widened to float32; the kernel logic is unchanged.
+# Kernels run through Triton's CPU interpreter (TRITON_INTERPRET=1, read at import). The kernel
+# logic is the same there; what the launches change is said where they decide it: bf16 widened to
+# float32 (dsa.triton.mma_cast), a smaller top-k sample (topk.triton.DEFAULT_CONFIG), float32 router
+# products (router.triton._launch_config), no inline-PTX stores (dsa.triton._PTX_OK).
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 

@@ -9,6 +9,7 @@ before a single float32 store per (query, key). Routed scoring gathers each quer
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import torch
 import triton
@@ -24,11 +25,10 @@ from ..triton_common import INTERPRET, sm_count
 def mma_cast(*dtypes):
     """The dtype both MMA operands are cast to in-kernel, or None when they already agree."""
     if INTERPRET and torch.bfloat16 in dtypes:
-        return tl.float32
+        return tl.float32     # the interpreter's bf16 arithmetic is wrong: widen (exactly) to float32
     if len(set(dtypes)) > 1:
         return tl.bfloat16    # fp8 meets bf16: fp8 widens to bf16 exactly
     return None
-
 
 
 @triton.jit(do_not_specialize=["T", "S", "col_offset", "out_width"])
@@ -37,8 +37,8 @@ def _mqa_logits_kernel(
     T, S, col_offset, out_width,
     stride_qt, stride_qh, stride_wt, stride_ht, stride_k, stride_out,
     NH: tl.constexpr, D: tl.constexpr, BQ: tl.constexpr, BN: tl.constexpr,
-    ROUTED: tl.constexpr, HAS_SCALE: tl.constexpr, CAST: tl.constexpr, HEAD_MAJOR: tl.constexpr,
-    FAST_TILES: tl.constexpr, COL_UNIT: tl.constexpr, STORE: tl.constexpr,
+    ROUTED: tl.constexpr, HAS_SCALE: tl.constexpr, CAST: tl.constexpr, COL_UNIT: tl.constexpr,
+    STORE: tl.constexpr,
 ):
     pid_q = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -51,16 +51,11 @@ def _mqa_logits_kernel(
     ke = tl.load(KE + rows, mask=row_ok, other=0)
     lo = tl.min(ks, axis=0)
     hi = tl.max(ke, axis=0)
-    # (query, head) pairs along N. Head-major order (pair p = head slot p // BQ, query p % BQ)
-    # puts all heads of a query in the same thread of the MMA accumulator, so the head sum needs
-    # no shuffles; query-major is kept for the sweep.
+    # (head slot, query) pairs along N, head-major (pair p = slot p // BQ, query p % BQ): all heads
+    # of a query land in the same thread of the MMA accumulator, so the head sum needs no shuffles
     p = tl.arange(0, BQ * NH)
-    if HEAD_MAJOR:
-        pq = pid_q * BQ + p % BQ
-        slot = p // BQ
-    else:
-        pq = pid_q * BQ + p // NH
-        slot = p % NH
+    pq = pid_q * BQ + p % BQ
+    slot = p // BQ
     pq_ok = pq < T
     if ROUTED:
         head = tl.load(HEADS + pq * stride_ht + slot, mask=pq_ok, other=0)
@@ -80,8 +75,6 @@ def _mqa_logits_kernel(
     fast_hi = tl.minimum(tl.min(ke, axis=0), col0 + out_width)
     if pid_q * BQ + BQ > T:
         fast_hi = -1                                   # a partial block of queries
-    if not FAST_TILES:
-        fast_hi = -1
     out_rows = OUT + rows[None, :].to(tl.int64) * stride_out
     first = lo // BN
     last = tl.cdiv(hi, BN)
@@ -93,15 +86,14 @@ def _mqa_logits_kernel(
             k = k.to(CAST)
         acc = tl.dot(k, qt)                            # [BN, BQ * NH] float32
         acc = tl.maximum(acc, 0.0) * w[None, :]
-        if HEAD_MAJOR:
-            logits = tl.sum(tl.reshape(acc, (BN, NH, BQ)), axis=1)     # [BN, BQ]
-        else:
-            logits = tl.sum(tl.reshape(acc, (BN, BQ, NH)), axis=2)
+        logits = tl.sum(tl.reshape(acc, (BN, NH, BQ)), axis=1)         # [BN, BQ]
         col = offs - col0
         if (tile * BN >= fast_lo) & (tile * BN + BN <= fast_hi):
             if HAS_SCALE:
                 logits = logits * tl.load(KSCALE + offs)[:, None]
-            if STORE == 1 or STORE == 2:
+            if STORE == 0:
+                tl.store(out_rows + col[:, None], logits)
+            else:
                 # straight from the accumulator's layout: no round trip through shared memory to
                 # change layouts (tl.store's coalescing always inserts one); each warp store still
                 # fills whole 32-byte sectors (8 keys of 4 queries). 2: streaming (.cs), the
@@ -113,10 +105,6 @@ def _mqa_logits_kernel(
                 else:
                     tl.inline_asm_elementwise("st.global.cs.f32 [$1], $2; mov.u32 $0, 0;", "=r,l,f", [addr, logits],
                                               dtype=tl.int32, is_pure=False, pack=1)
-            elif STORE == 3:
-                tl.store(out_rows + col[:, None], logits, cache_modifier=".cs")
-            else:
-                tl.store(out_rows + col[:, None], logits)
         else:
             if HAS_SCALE:
                 logits = logits * tl.load(KSCALE + offs, mask=key_ok, other=0.0)[:, None]
@@ -126,21 +114,25 @@ def _mqa_logits_kernel(
             tl.store(out_rows + col[:, None], logits, mask=row_ok[None, :] & in_out)
 
 
-# Tile shape: (pairs on N, BN keys on M, num_warps, num_stages, head-major pairs, unmasked interior
-# tiles, interior tiles' store[, key tiles per program]); BQ = pairs // NH queries per program.
-# Store: 0 tl.store (layout change through shared memory, then st.global.v4), 1 inline PTX straight
-# from the accumulator's layout, 2 the same with streaming stores (.cs: the logits are read once,
-# later, by the top-k, so they should not push keys and queries out of L2), 3 tl.store streaming.
-# The interpreter (and a ROCm build) cannot run PTX: there the defaults store with tl.store. Key
-# tiles per program: the keys of a block of queries are split over enough programs that each
-# walks about this many tiles (0: just enough programs to fill the GPU once). Picked by benchmarks/sweep_kernels.py on
-# an H200 (docs/benchmarks.md): dense 8.63 ms with store 1 against 8.80 with 0 at 4096 x 128K (and
-# 8.30 against 8.41 at 8192 x 64K); routed 1.33 ms with store 2 and 64 programs per block against
-# 1.41 for store 0 and 2 programs (store 0 with 64 programs: 1.49; store 2 with 2: 1.42).
-_PTX_OK = not INTERPRET and torch.version.hip is None     # inline PTX: NVIDIA GPUs only
-_PTX = int(_PTX_OK)
-DEFAULT_CONFIG = (256, 64, 4, 4, True, True, _PTX, 0)
-ROUTED_CONFIG = (256, 64, 4, 4, True, True, 2 * _PTX, 32)
+class LogitsConfig(NamedTuple):
+    """A launch of the logits kernel."""
+    pairs: int = 256            # (head, query) pairs per program, on the MMA's N side: pairs // heads queries
+    bn: int = 64                # keys per tile, on M
+    num_warps: int = 4
+    num_stages: int = 4
+    store: int = 0              # interior tiles: 0 tl.store, 1 inline PTX, 2 inline PTX streaming (.cs)
+    tiles_per_program: int = 0  # key tiles per program (0: just enough programs to fill the GPU once)
+
+
+# Inline PTX stores straight from the accumulator's layout, skipping tl.store's trip through shared
+# memory: dense 8.63 ms against 8.80 at 4096 x 128K (H200). The interpreter (and ROCm) cannot run
+# PTX: there every config stores with tl.store.
+_PTX_OK = not INTERPRET and torch.version.hip is None
+DEFAULT_CONFIG = LogitsConfig(store=int(_PTX_OK))
+# Routed scoring: its keys split over more programs per block of queries (each walking ~32 tiles),
+# and streaming stores, as the top-k reads the logits once, later (they should not push keys and
+# queries out of L2): 1.33 ms against 1.41 with neither (4096 x 128K, 8 heads, H200).
+ROUTED_CONFIG = LogitsConfig(store=2 * int(_PTX_OK), tiles_per_program=32)
 
 
 def key_splits(n_blocks: int, key_tiles: int, tiles_per_program: int, device) -> int:
@@ -165,29 +157,25 @@ def launch_logits(q, w, k, k_scale, ks, ke, out, col_offset: int = 0, heads=None
     nh = heads.shape[1] if heads is not None else h_all
     if t == 0:
         return out
-    pairs, bn, warps, stages, head_major, *rest = config or (ROUTED_CONFIG if heads is not None else DEFAULT_CONFIG)
-    fast_tiles = rest[0] if rest else True
-    store = int(rest[1]) if len(rest) > 1 else 0
-    tiles_per_program = int(rest[2]) if len(rest) > 2 else 0
-    if store not in (0, 1, 2, 3):
-        raise ValueError(f"config: store mode {store} is not 0 (tl.store), 1 or 2 (inline PTX, plain or "
-                         "streaming) or 3 (tl.store, streaming)")
-    if store in (1, 2) and not _PTX_OK:
+    cfg = config or (ROUTED_CONFIG if heads is not None else DEFAULT_CONFIG)
+    if cfg.store not in (0, 1, 2):
+        raise ValueError(f"config: store mode {cfg.store} is not 0 (tl.store) or 1 or 2 (inline PTX, plain or "
+                         "streaming)")
+    if cfg.store and not _PTX_OK:
         raise ValueError("config: the inline-PTX store needs an NVIDIA GPU (the interpreter cannot run PTX)")
-    bq = max(1, pairs // nh)
+    bq = max(1, cfg.pairs // nh)
     col_unit = 16 if col_offset % 16 == 0 and out.stride(0) % 16 == 0 and out.data_ptr() % 64 == 0 else 1
     cast = mma_cast(q.dtype, k.dtype)
     n_blocks = triton.cdiv(t, bq)
     if splits is None:      # programs per block of queries (key_splits)
-        splits = key_splits(n_blocks, triton.cdiv(k.shape[0], bn), tiles_per_program, q)
+        splits = key_splits(n_blocks, triton.cdiv(k.shape[0], cfg.bn), cfg.tiles_per_program, q)
     _mqa_logits_kernel[(n_blocks, splits)](
         q, w, heads if heads is not None else ks, k, k_scale if k_scale is not None else w, ks, ke, out,
         t, k.shape[0], col_offset // col_unit, out.shape[1],
         q.stride(0), q.stride(1), w.stride(0), heads.stride(0) if heads is not None else 0, k.stride(0),
         out.stride(0),
-        NH=nh, D=d, BQ=bq, BN=bn, ROUTED=heads is not None, HAS_SCALE=k_scale is not None,
-        CAST=cast, HEAD_MAJOR=head_major, FAST_TILES=fast_tiles, COL_UNIT=col_unit, STORE=store,
-        num_warps=warps, num_stages=stages,
+        NH=nh, D=d, BQ=bq, BN=cfg.bn, ROUTED=heads is not None, HAS_SCALE=k_scale is not None,
+        CAST=cast, COL_UNIT=col_unit, STORE=cfg.store, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out
 
@@ -216,9 +204,9 @@ def _every_key(t: int, n: int, device: torch.device):
             torch.full((t,), n, dtype=torch.int32, device=device))
 
 
-# heads per query up to which a kernel selection hands its top-k a sample from sample_logits: the
-# 8 routed heads compute it in ~0.05 ms against the cut's ~0.21 of scattered loads at 4096 x 128K;
-# for all 64 heads it costs about as much as it saves (H200, benchmarks/calls/session8_call4.sh)
+# Heads per query up to which a selection computes its top-k's sample with sample_logits: 8 routed
+# heads take ~0.05 ms where the cut's scattered loads take ~0.21 (4096 x 128K, H200); with all 64
+# heads the sample costs about what it saves.
 SAMPLE_MAX_HEADS = 16
 
 

@@ -7,12 +7,14 @@ kernel does, so scores agree with dense DSA up to summation order.
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
 
 from ..dsa.triton import mma_cast
-from ..triton_common import INTERPRET, sm_count
+from ..triton_common import sm_count
 from ..topk.triton import sample_step, topk
 
 
@@ -57,12 +59,20 @@ def _gather_logits_kernel(Q, W, K, KSCALE, CAND, KS, KE, OUT, SMP, C, stride_qt,
             tl.store(SMP + t * stride_smp + cols // SAMPLE_EVERY, s, mask=in_list & (cols % SAMPLE_EVERY == 0))
 
 
-# (BN, num_warps, num_stages, register cap). The kernel is latency-bound (ncu at 4096 x 8192
-# candidates of 128K keys: L2 at 52%, issue slots 48% busy, ALU the busiest pipe at 47%, four
-# programs per SM at 112 registers): capped at 96 (no spills) five fit, and int32 key offsets cut
-# the address math: 0.878 ms against 0.940 (cap alone 0.906, offsets alone 0.913; 80 registers
-# spill, 0.992; H200, benchmarks/calls/session10_call3.sh). Tiles from benchmarks/sweep_kernels.py.
-DEFAULT_CONFIG = (128, 4, 3, 96)
+class GatherConfig(NamedTuple):
+    """A launch of the gathered re-scoring kernel."""
+    bn: int = 128               # candidates per tile
+    num_warps: int = 4
+    num_stages: int = 3
+    maxnreg: int | None = 96    # register cap (ptxas .maxnreg); None: the compiler's choice
+    offsets32: bool = True      # int32 key offsets where the keys allow them (False: always int64)
+
+
+# The kernel is latency-bound (ncu: L2, issue slots and the ALU each about half busy), so more
+# programs per SM help: capped at 96 registers five fit instead of four, without spills, and int32
+# key offsets cut the address math: 0.878 ms against 0.940 (4096 x 8192 candidates of 128K keys,
+# H200). At 80 registers it spills.
+DEFAULT_CONFIG = GatherConfig()
 
 
 def gather_logits(inp, cand: torch.Tensor, rows: slice = slice(None), config=None,
@@ -77,19 +87,17 @@ def gather_logits(inp, cand: torch.Tensor, rows: slice = slice(None), config=Non
     smp = torch.empty(t, triton.cdiv(c, sample_every), dtype=torch.float32, device=q.device) if sample_every else out
     if t == 0 or c == 0:
         return (out, smp) if sample_every else out
-    bn, warps, stages, *rest = config or DEFAULT_CONFIG
-    maxnreg = rest[0] if rest else None
-    # int32 offsets where every key's elements lie within 2**31 of the first (a fifth config field
-    # can turn them off)
-    offsets32 = inp.k.shape[0] * inp.k.stride(0) < 2 ** 31 and (len(rest) < 2 or bool(rest[1]))
+    cfg = config or DEFAULT_CONFIG
+    # int32 offsets where every key's elements lie within 2**31 of the first
+    offsets32 = cfg.offsets32 and inp.k.shape[0] * inp.k.stride(0) < 2 ** 31
     if splits is None:      # programs per query: enough to fill the GPU
-        splits = max(1, min(triton.cdiv(c, bn), (4 * sm_count(q)) // t))
+        splits = max(1, min(triton.cdiv(c, cfg.bn), (4 * sm_count(q)) // t))
     _gather_logits_kernel[(t, splits)](
         q, w, inp.k, inp.k_scale if inp.k_scale is not None else w, cand, ks, ke, out, smp, c,
         q.stride(0), w.stride(0), inp.k.stride(0), cand.stride(0), out.stride(0), smp.stride(0),
-        H=h, D=d, BN=bn, HAS_SCALE=inp.k_scale is not None,
-        CAST=mma_cast(q.dtype, inp.k.dtype), SAMPLE_EVERY=sample_every, OFFSETS32=offsets32, num_warps=warps,
-        num_stages=stages, **({"maxnreg": maxnreg} if maxnreg and not INTERPRET else {}),
+        H=h, D=d, BN=cfg.bn, HAS_SCALE=inp.k_scale is not None, CAST=mma_cast(q.dtype, inp.k.dtype),
+        SAMPLE_EVERY=sample_every, OFFSETS32=offsets32, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        maxnreg=cfg.maxnreg,
     )
     return (out, smp) if sample_every else out
 

@@ -17,6 +17,8 @@ taking queries of one sequence only (prefill is the special case of one sequence
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
@@ -37,17 +39,22 @@ def _pool_keys_kernel(K, KSCALE, OUT, S, block_size, stride_k,
     for r0 in range(start, end, CHUNK):
         rows = r0 + tl.arange(0, CHUNK)
         m = rows < end
-        k = tl.load(K + rows[:, None] * stride_k + d[None, :], mask=m[:, None], other=0.0).to(tl.float32)
+        k = tl.load(K + rows[:, None].to(tl.int64) * stride_k + d[None, :], mask=m[:, None], other=0.0).to(tl.float32)
         if HAS_SCALE:
             k = k * tl.load(KSCALE + rows, mask=m, other=0.0)[:, None]
         acc += tl.sum(k, axis=0)
     tl.store(OUT + b * D + d, acc / (end - start).to(tl.float32))
 
 
-# (keys per step, num_warps) of the pooling: one program per block streams its keys, so each step
-# should have many loads in flight: (256, 8) 0.016 ms against 0.028 for (64, 4) at 131072 keys,
-# B = 1024 (128 programs; (128, 4) 0.020, (128, 8) 0.023, (512, 8) 0.017; H200, one call)
-POOL_CONFIG = (256, 8)
+class PoolConfig(NamedTuple):
+    """A launch of the pooling kernel."""
+    chunk: int = 256            # keys per step
+    num_warps: int = 8
+
+
+# One program per block streams its keys, so each step should keep many loads in flight: 0.016 ms
+# against 0.028 for 64 keys and 4 warps (131072 keys, B = 1024, H200).
+POOL_CONFIG = PoolConfig()
 
 
 def pool_keys(k: torch.Tensor, k_scale: torch.Tensor | None, block_size: int, config=None) -> torch.Tensor:
@@ -55,10 +62,10 @@ def pool_keys(k: torch.Tensor, k_scale: torch.Tensor | None, block_size: int, co
     s, d = k.shape
     nb = triton.cdiv(s, block_size)
     out = torch.empty(nb, d, dtype=torch.float32, device=k.device)
-    chunk, warps = config or POOL_CONFIG
+    cfg = config or POOL_CONFIG
     if nb:
         _pool_keys_kernel[(nb,)](k, k_scale if k_scale is not None else out, out, s, block_size, k.stride(0),
-                                 D=d, CHUNK=chunk, HAS_SCALE=k_scale is not None, num_warps=warps)
+                                 D=d, CHUNK=cfg.chunk, HAS_SCALE=k_scale is not None, num_warps=cfg.num_warps)
     return out
 
 
@@ -118,8 +125,7 @@ def paged_pool_keys(kv_cache: torch.Tensor, context_lens: torch.Tensor, block_ta
 def _route_kernel(Q, W, KBAR, KS, KE, CTX, HEADS, per_seq, tiles, NB, block_size, stride_qt, stride_wt,
                   stride_kbar,
                   H: tl.constexpr, D: tl.constexpr, BQ: tl.constexpr, NBT: tl.constexpr,
-                  ACTIVE: tl.constexpr, PRECISION: tl.constexpr, GAP: tl.constexpr, DECODE: tl.constexpr,
-                  RANK: tl.constexpr):
+                  ACTIVE: tl.constexpr, PRECISION: tl.constexpr, GAP: tl.constexpr, DECODE: tl.constexpr):
     # Query rows are sequence-major, ``per_seq`` per sequence, each sequence with its own pooled
     # keys (``stride_kbar`` apart, ``NB`` blocks each); a program takes BQ queries of one sequence,
     # ``tiles`` programs per sequence (a flat grid: prefill is one sequence of T queries).
@@ -135,12 +141,9 @@ def _route_kernel(Q, W, KBAR, KS, KE, CTX, HEADS, per_seq, tiles, NB, block_size
     local = first + p // H
     pq_ok = local < per_seq
     pq = seq * per_seq + local
-    q = tl.load(Q + pq[:, None] * stride_qt + (p % H)[:, None] * D + d[None, :],
-                mask=pq_ok[:, None], other=0.0)
-    if PRECISION == "bf16x2":
-        q = q.to(tl.bfloat16)          # exact for fp8 (and bf16) queries
-    else:
-        q = q.to(tl.float32)
+    # int64: T * H * D reaches 2**31 at T = 262144 (H = 64, D = 128)
+    q = tl.load(Q + pq[:, None].to(tl.int64) * stride_qt + (p % H)[:, None] * D + d[None, :],
+                mask=pq_ok[:, None], other=0.0).to(tl.float32)
     w = tl.load(W + pq * stride_wt + p % H, mask=pq_ok, other=0.0)
     if DECODE:      # query i of a sequence of ctx tokens sees [0, ctx - per_seq + i + 1)
         ks = tl.zeros([BQ * H], dtype=tl.int32)
@@ -156,15 +159,7 @@ def _route_kernel(Q, W, KBAR, KS, KE, CTX, HEADS, per_seq, tiles, NB, block_size
     for b0 in range(tl.min(blo, axis=0) // NBT * NBT, tl.max(bhi, axis=0), NBT):
         bidx = b0 + tl.arange(0, NBT)
         kb = tl.load(KBAR + bidx[:, None] * D + d[None, :], mask=(bidx < NB)[:, None], other=0.0)
-        if PRECISION == "bf16x2":
-            # the pooled keys as a sum of two bfloat16s (16 significant bits, tf32 keeps 10) and
-            # two bf16 MMAs, as fast as one tf32 MMA, on half the operand bytes
-            hi = kb.to(tl.bfloat16)
-            lo = (kb - hi.to(tl.float32)).to(tl.bfloat16)
-            s = tl.dot(q, tl.trans(lo))
-            s = tl.dot(q, tl.trans(hi), s)                               # [BQ * H, NBT]
-        else:
-            s = tl.dot(q, tl.trans(kb), input_precision=PRECISION)       # [BQ * H, NBT]
+        s = tl.dot(q, tl.trans(kb), input_precision=PRECISION)           # [BQ * H, NBT]
         visible = (bidx[None, :] >= blo[:, None]) & (bidx[None, :] < bhi[:, None])
         relu = tl.where(visible, tl.maximum(s, 0.0), 0.0)
         acc += tl.sum(relu, axis=1)
@@ -188,55 +183,48 @@ def _route_kernel(Q, W, KBAR, KS, KE, CTX, HEADS, per_seq, tiles, NB, block_size
     else:
         score = tl.reshape(tl.abs(w) * acc, (BQ, H))
 
-    # top-ACTIVE heads per query, ties to the lower head, written in ascending head order
+    # top-ACTIVE heads per query, ties to the lower head, written in ascending head order. A head's
+    # rank is the number of heads before it in (score desc, head asc) order: one reduction instead
+    # of ACTIVE rounds of cross-warp max and min (pooling and routing 0.103 ms against 0.114 with 8
+    # rounds, 4096 x 131072, H200)
     head = tl.arange(0, H)
-    if RANK:
-        # one pass: a head's rank is the number of heads before it in (score desc, head asc)
-        # order; a single reduction instead of ACTIVE rounds of cross-warp max and min
-        si = score[:, :, None]
-        sj = score[:, None, :]
-        before = (sj > si) | ((sj == si) & (head[None, None, :] < head[None, :, None]))
-        chosen = tl.sum(before.to(tl.int32), axis=2) < ACTIVE
-    else:
-        chosen = tl.zeros([BQ, H], dtype=tl.int1)
-        for _ in tl.static_range(ACTIVE):
-            left = tl.where(chosen, float("-inf"), score)
-            top = tl.max(left, axis=1)
-            pick_h = tl.min(tl.where((left == top[:, None]) & ~chosen, head[None, :], H), axis=1)
-            chosen = chosen | (head[None, :] == pick_h[:, None])
+    si = score[:, :, None]
+    sj = score[:, None, :]
+    before = (sj > si) | ((sj == si) & (head[None, None, :] < head[None, :, None]))
+    chosen = tl.sum(before.to(tl.int32), axis=2) < ACTIVE
     slot = tl.cumsum(chosen.to(tl.int32), axis=1) - 1
     rows = first + tl.arange(0, BQ)
     tl.store(HEADS + (seq * per_seq + rows)[:, None] * ACTIVE + slot, tl.broadcast_to(head[None, :], (BQ, H)),
              mask=chosen & (rows < per_seq)[:, None])
 
 
-# (query-head pairs per program, pooled blocks per step, num_warps, MMA precision[, head selection:
-# "iter" (ACTIVE rounds of max) or "rank" (one pass)[, pipeline stages]]): sweep_kernels.py
-# on an H200: tf32 ran 0.12 ms at 4096 x 131072 against 0.29 for tf32x3, picking the same heads
-# for 99.98% of the queries.
-# Head selection by rank: 0.103 ms against 0.114 for 8 rounds of max at 4096 x 131072 (pooling
-# included; rounds cost 0.095 / 0.114 / 0.134 ms for 1 / 8 / 16 heads, the rank pass 0.103 for
-# each). bf16x2 (queries exact, pooled keys as two bfloat16s, 128 registers instead of 192) was
-# no faster: 0.111 ms, 0.121-0.204 with other tiles (H200, one call each).
-DEFAULT_CONFIG = (128, 32, 4, "tf32", "rank")
+class RouteConfig(NamedTuple):
+    """A launch of the routing kernel."""
+    pairs: int = 128            # (query, head) pairs per program: pairs // H queries
+    blocks: int = 32            # pooled blocks per step
+    num_warps: int = 4
+    precision: str = "tf32"     # the MMA's input_precision
+    num_stages: int = 3
+
+
+# tf32 picks the same heads as tf32x3 for 99.98% of the queries at 2.4x the speed (0.12 ms against
+# 0.29 at 4096 x 131072, H200).
+DEFAULT_CONFIG = RouteConfig()
 # gap compares blocks by their pooled DSA score: an argmax, which tf32's 10-bit mantissa can flip
 # between near-equal blocks, so it multiplies in tf32x3 (about float32).
-GAP_CONFIG = (128, 32, 4, "tf32x3", "rank")
+GAP_CONFIG = RouteConfig(precision="tf32x3")
 
 
 STATISTICS = ("abs-sum", "gap")
 
 
 def _launch_config(config, router: str) -> tuple[int, dict]:
-    """(query-head pairs per program, the routing launch's other settings) from a router config
-    (the statistic's default when None); the optional fifth field picks the head selection
-    ("iter", the default, or "rank"), the sixth the pipeline stages (default 3)."""
-    pairs, nbt, warps, precision, *rest = config or (GAP_CONFIG if router == "gap" else DEFAULT_CONFIG)
-    select = rest[0] if rest else "iter"
-    if select not in ("iter", "rank"):
-        raise ValueError(f"config: head selection {select!r} is not 'iter' or 'rank'")
-    return pairs, dict(NBT=nbt, PRECISION="ieee" if INTERPRET else precision, GAP=router == "gap",
-                       RANK=select == "rank", num_warps=warps, num_stages=int(rest[1]) if len(rest) > 1 else 3)
+    """(query-head pairs per program, the routing launch's other settings) from a ``RouteConfig``
+    (the statistic's default when None)."""
+    cfg = config or (GAP_CONFIG if router == "gap" else DEFAULT_CONFIG)
+    # the interpreter has no tf32: it multiplies in float32 whatever the config says
+    return cfg.pairs, dict(NBT=cfg.blocks, PRECISION="ieee" if INTERPRET else cfg.precision, GAP=router == "gap",
+                           num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
 def route_heads(inp, active_heads: int, block_size: int, config=None, router: str = "abs-sum") -> torch.Tensor:

@@ -16,12 +16,11 @@ range actually present ([cut, max]), each pass counting the keys at or above ``W
 (4 compares per key), where an 8-bit histogram round costs one operation per bin and element
 (``tl.histogram`` on the GPU) and four rounds are always needed. The search stops as soon as
 exactly the wanted number of keys lie at or above its lower bound: those are the winners, and the
-passes that would only close the gap below the k-th key are skipped (select 0.53 -> 0.34 ms at
-4096 x 128K, k = 2048, H200). A large scratch is not searched pass after pass: a sample of it
-brackets the k-th key, one pass moves the keys inside the bracket aside (and writes those above
-it, winners whatever the search finds, straight to the output), and the search and the final pass
-run over the bracket alone (``BRACKET``; select 0.94 -> 0.63 ms at k = 8192; writing the keys above
-the bracket at once, 0.491 -> 0.446 at k = 8192 and 0.249 -> 0.225 at k = 2048, H200).
+passes that would only close the gap below the k-th key are skipped (``EARLY_EXIT``). A large
+scratch is not searched pass after pass: a sample of it brackets the k-th key, one pass moves the
+keys inside the bracket aside (and writes those above it, winners whatever the search finds,
+straight to the output), and the search and the final pass run over the bracket alone
+(``BRACKET``).
 
 General path (short rows, or when the cut misses: fewer than k or more than the scratch above
 it): a histogram of the top 8 key bits over the row finds the bin holding the k-th value; while
@@ -34,81 +33,79 @@ one operation per bin and element on the GPU, so digits stay at 8 bits.)
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
 
 from ..triton_common import INTERPRET, ordered_key as _ordered_key
 
-# (elements per step, num_warps of the select, sample size): benchmarks/sweep_kernels.py and
-# topk_compare.py. A one-warp select with 512-entry scratch steps took the whole top-k from 1.49
-# to 1.44 ms at k = 2048 (H200, one call) but from 2.59 to 3.67 ms at k = 8192 (MISA-dagger's stage
-# 1, next call), and a row on the general path is ~4x slower with one warp: four warps. The
-# interpreter is slow, so CI runs the same code with a smaller sample.
-DEFAULT_CONFIG = (1024, 4, 256) if INTERPRET else (1024, 4, 2048)
-# thresholds tested per pass of the quantile search, and scratch elements per step of the select
-# (benchmarks/topk_compare.py on an H200, 4096 x 128K, k = 2048, one call: 4-way search 2.17 ms,
-# 8-way 2.27, 16-way 2.49; 32-way 5.6 in another call. Compares per key ~ WAYS * bits / log2(WAYS):
-# 2 and 4 ways tie, 2 ways needs twice the passes. Holding the scratch in registers (8192) was
-# slower, 2.77; prefetching the next step before the compaction's atomic slowed it from 0.99 to
-# 1.41 ms; compaction programs that load their whole span (2048-16384 columns) at once with one
-# atomic: 1.91-3.66 ms against 1.74 for the default, same call)
+
+class TopkConfig(NamedTuple):
+    """The select's launch and the cut's sample."""
+    block: int = 1024           # row elements per step of the general path
+    num_warps: int = 4          # of the select
+    sample: int = 2048          # columns in the cut's sample (rows of fewer than twice this take the general path)
+
+
+class CompactConfig(NamedTuple):
+    """The compaction's launch."""
+    block: int = 256            # columns per step
+    num_warps: int = 1
+    steps: int = 16             # steps per program: a row takes width / (steps * block) programs (1 to 256)
+
+
+# Four warps: one warp was slightly faster at k = 2048 but slower at k = 8192 (whole top-k 3.67 ms
+# against 2.59 at 128K, H200) and ~4x slower on the general path. The interpreter is slow: CI runs
+# the same code with a smaller sample (rows of 512 columns and more still take the fast path).
+DEFAULT_CONFIG = TopkConfig(sample=256) if INTERPRET else TopkConfig()
+# Thresholds per pass of the quantile searches. Compares per key grow as WAYS * bits / log2(WAYS):
+# 2 and 4 ways tie, and 2 needs twice the passes, each a chain of block-wide reductions (8 ways:
+# 2.27 ms against 2.17 for the whole top-k at k = 2048 of 128K, H200).
 WAYS = 4
-# the cut's sample: runs of SAMPLE_CHUNK adjacent columns spread over the row. Single columns give
-# fewer and steadier survivors than runs (benchmarks/cut_simulation.py) and no missed cuts in our
-# runs, at a memory sector each. Runs of 4 made the whole top-k faster at 4096 x 128K, k = 2048
-# (1.39 ms against 1.49, H200, one call) but missed the cut on a few rows of DSA's logits at 64K
-# keys (fast rows 0.9993), whose general path then made DSA's top-k slower at 32K and 64K (0.88 and
-# 1.27 ms against 0.80 and 1.06, two calls): single columns until the margin allows for runs.
+# The cut's sample: runs of SAMPLE_CHUNK adjacent columns spread over the row. Single columns give
+# fewer and steadier survivors than runs (benchmarks/cut_simulation.py); runs of 4 missed the cut
+# on a few rows of DSA's logits at 64K keys, whose general path cost more than the runs saved.
 SAMPLE_CHUNK = 1
+# scratch entries per step of the select's passes, and the size of its sample of the scratch
 SCRATCH_BLOCK = 1024
-# the compaction's (columns per step, num_warps, steps per program) and the cut's num_warps. One
-# warp per program (no cross-warp reductions or barriers around each step's atomic, many programs
-# per SM): (256, 1, 16) took the whole top-k to 1.48 ms against 1.72 for (1024, 4, 8) (H200, one
-# call, 4096 x 128K, k = 2048); 1 or 2 warps for the cut: no change
-COMPACT_CONFIG = (256, 1, 16)
-CUT_WARPS = 4
-# the cut sits this many standard deviations (of a binomial count) plus 17 below the k-th value's
-# expected rank in the sample: at 4096 x 128K, k = 2048, 32 + 3 * 5.7 + 17 = 66 sampled keys, so a
-# missed cut needs a 6-sigma count. 3 against 4: whole top-k 1.46 against 1.50 ms at 128K and 1.02
-# against 1.04 at 64K, every row on the fast path (H200, one call). Runs of 4 columns kept missing
-# one row in 4096 at 64K keys even at 8 sigmas: not a margin question.
+# One warp per compaction program: no cross-warp reductions or barriers around each step's atomic,
+# and many programs per SM (whole top-k 1.48 ms against 1.72 for 1024 x 4 warps x 8 steps, 4096 x
+# 128K, k = 2048, H200).
+COMPACT_CONFIG = CompactConfig()
+CUT_WARPS = 4                   # 1 or 2 made no difference
+# The cut sits CUT_SIGMAS binomial standard deviations plus CUT_SLACK above the k-th value's
+# expected rank in the sample (at k = 2048 of 128K: 32 + 3 * 5.7 + 17 = 66 sampled keys), so a
+# missed cut needs a 6-sigma count; more margin only adds survivors (4 sigmas: 1.50 ms against 1.46).
 CUT_SIGMAS = 3.0
 CUT_SLACK = 17.0
-# stop both searches once exactly the wanted number of keys lie at or above the lower bound: whole
-# top-k 1.27 against 1.43 ms at 4096 x 128K, k = 2048; 2.07 against 2.48 at k = 8192; 0.86 against
-# 1.01 at 64K (H200, one call; benchmarks/topk_compare.py). With it, 8-way searches (1.31 ms) and
-# 512-entry select steps (1.31) stay slower.
+# Stop a search once exactly the wanted number of keys lie at or above its lower bound: they are the
+# winners, and the remaining passes would only close the gap below the k-th key (whole top-k 2.07
+# ms against 2.48 at k = 8192 of 128K, H200).
 EARLY_EXIT = True
-# the select's bracket: room for the scratch keys between two quantiles of a sample of the scratch
-# (SCRATCH_BLOCK keys spread over it) that lie BRACKET_SIGMAS binomial deviations (plus 2) either
-# side of the k-th key's expected rank: ~500 keys at k = 2048 of 128K, ~1300 at k = 8192. Used
-# when the scratch holds at least BRACKET_MIN keys. 0: no bracket, every pass of the search
-# reads the whole scratch. Whole top-k at 4096 x 128K (H200, one call): k = 2048 1.24 ms against
-# 1.29 without; k = 8192 1.74 against 2.09 (select 0.63 against 0.94); 3 sigmas 1.25 / 1.77, 2
-# sigmas 1.26 / 1.78. Rows of 8192 (MISA-dagger's second stage, ~2.4k keys in the scratch) were
-# slower with it (0.40 against 0.39 ms): hence the minimum.
+# The select's bracket: room for the scratch keys between two quantiles of a sample of the scratch,
+# BRACKET_SIGMAS binomial deviations (plus 2) either side of the k-th key's expected rank (~500 keys
+# at k = 2048 of 128K, ~1300 at k = 8192). The search then runs held in registers (select 0.63 ms
+# against 0.94 at k = 8192, H200). A scratch under BRACKET_MIN (MISA-dagger's second stage keeps
+# ~2.4k) was slower with it. 0: no bracket.
 BRACKET = 2048
 BRACKET_SIGMAS = 4.0
 BRACKET_MIN = 3 * SCRATCH_BLOCK
-# a scratch of at most HOLD keys that took no bracket is searched held in registers (0: never):
-# MISA-dagger's second stage (4096 rows of 8192 columns, k = 2048, ~2.4k keys in the scratch) took
-# 0.343 ms against 0.385 (select 0.164 against 0.225); HOLD = 2048 (too small for those rows) 0.385;
-# no change at 131072 columns, where the bracket serves (H200, one call)
+# A scratch of at most HOLD keys that took no bracket is held in registers for the search, read
+# once instead of once per pass (select 0.164 ms against 0.225 on MISA-dagger's second stage: 8192
+# columns, k = 2048, H200). 0: never.
 HOLD = 4096
-# the select's register cap (ptxas .maxnreg): the compiler takes 120-195 registers, two to four
-# programs per SM; capped, more fit and the latency-bound searches overlap more. 80 (six programs)
-# took the select from 0.53 to 0.49 ms at k = 8192 of 128K (session8_call2.sh); since the bracket
-# pass also writes the winners above the bracket, 80 spills 128 bytes and 96 (five programs, 72
-# bytes of spills) is faster: 0.423 ms against 0.447 at k = 8192 (112, four programs, no spills:
-# 0.425; H200, session10_call5.sh)
+# The select's register cap (ptxas .maxnreg); uncapped it takes 120-195 registers, two to four
+# programs per SM. 96 registers: five programs per SM; 80 spills more (select 0.42 vs 0.45 ms at
+# k = 8192 of 128K, H200).
 SELECT_MAXNREG = 96
 
 
-def sample_step(width: int, config: tuple[int, int, int] | None = None) -> int:
+def sample_step(width: int, config: TopkConfig | None = None) -> int:
     """The column step of a ``topk`` sample for rows ``width`` wide: about the cut's sample size
     of columns per row."""
-    return max(1, width // (config or DEFAULT_CONFIG)[2])
+    return max(1, width // (config or DEFAULT_CONFIG).sample)
 
 
 def workspace_bytes(k: int, width: int) -> int:
@@ -175,9 +172,7 @@ def _count_at_least(key, m, lo, step, WAYS: tl.constexpr):
     """For the thresholds ``lo + j * step`` (j < WAYS): how many of ``key[m]`` are at or above each.
     Two thresholds share one int32 reduction as 16-bit fields (fewer than 65536 keys): the searches
     are chains of block-wide reductions, each paying its barriers whatever it carries (select 0.54
-    -> 0.49 ms at k = 8192 of 128K, both with the register cap above, H200; one int64 of four
-    fields held more registers and was slower; a [n, WAYS] comparison reduced over n was 2x
-    slower)."""
+    -> 0.49 ms at k = 8192 of 128K, H200)."""
     tl.static_assert(key.shape[0] < 65536)
     j = tl.arange(0, WAYS)
     counts = tl.zeros([WAYS], dtype=tl.int32)
@@ -315,6 +310,186 @@ def _compact_kernel(X, KS, KE, CUT, COUNT, SCR_KEY, SCR_COL, stride_x, stride_sc
                 tl.store(SCR_COL + row * stride_scr + spos, c, mask=ok)
 
 
+@triton.jit
+def _bracket_bounds(scr_key, n_scr, K, bracket_sigmas, SBLOCK: tl.constexpr, WAYS: tl.constexpr,
+                    EARLY_EXIT: tl.constexpr):
+    """Keys ``t_lo <= t_hi`` bracketing the scratch's k-th largest, from a sample spread over it."""
+    slane = tl.arange(0, SBLOCK)
+    sj = slane * tl.maximum(n_scr // SBLOCK, 1)
+    s_ok = sj < n_scr
+    skey = tl.load(scr_key + sj, mask=s_ok, other=0).to(tl.uint32, bitcast=True)
+    n_s = tl.sum(s_ok.to(tl.int32), axis=0)
+    frac = K * 1.0 / n_scr
+    rank = frac * n_s
+    margin = bracket_sigmas * tl.sqrt(rank * (1.0 - frac)) + 2.0
+    need_lo = tl.minimum((rank + margin).to(tl.int32) + 1, n_s)
+    need_hi = (rank - margin).to(tl.int32)
+    t_lo = _sample_quantile(skey, need_lo, WAYS, EARLY_EXIT)
+    has_hi = need_hi >= 1
+    t_hi = t_lo
+    if has_hi:
+        t_hi = _sample_quantile(skey, need_hi, WAYS, EARLY_EXIT)
+    return t_lo, t_hi, has_hi
+
+
+@triton.jit
+def _bracket_pass(scr_key, scr_col, br_row, out_row, cmap_row, out_offset, n_scr, K, t_lo, t_hi, has_hi,
+                  SBLOCK: tl.constexpr, BRACKET: tl.constexpr, HAS_CMAP: tl.constexpr):
+    """One pass over the scratch: keys in ``[t_lo, t_hi)`` to the bracket, keys above it to the output."""
+    slane = tl.arange(0, SBLOCK)
+    n_hi = 0
+    n_in = 0
+    for start in range(0, n_scr, SBLOCK):
+        j = start + slane
+        key = tl.load(scr_key + j, mask=j < n_scr, other=0).to(tl.uint32, bitcast=True)
+        ge_lo = (j < n_scr) & (key >= t_lo)
+        # (tl.where: in the interpreter, & with a scalar bool gives a dtype masks reject)
+        ge_hi = tl.where(has_hi, ge_lo & (key >= t_hi), False)
+        inside = ge_lo & (ge_hi == 0)
+        col = tl.load(scr_col + j, mask=ge_lo, other=0)
+        # both ranks in one scan (16-bit fields; SBLOCK < 65536): the keys above the bracket are
+        # winners whatever the search finds, so they go out now, and the final pass reads only
+        # the bracket (its keys and columns, stored beside each other)
+        r_scan = tl.cumsum(inside.to(tl.int32) + (ge_hi.to(tl.int32) << 16), axis=0)
+        spos = n_in + (r_scan & 0xFFFF) - 1
+        b_in = inside & (spos < BRACKET)
+        tl.store(br_row + spos, key.to(tl.int32, bitcast=True), mask=b_in)
+        tl.store(br_row + BRACKET + spos, col, mask=b_in)
+        hpos = n_hi + (r_scan >> 16) - 1
+        win = ge_hi & (hpos < K)
+        tl.store(out_row + hpos, _position(col, cmap_row, out_offset, HAS_CMAP, win), mask=win)
+        tot = tl.max(r_scan, axis=0)          # the scan's last entry
+        n_in += tot & 0xFFFF
+        n_hi += tot >> 16
+    return n_hi, n_in
+
+
+@triton.jit
+def _search_bracket(br_row, n_in, n_hi, t_lo, t_hi, has_hi, K, stop_at, BRACKET: tl.constexpr,
+                    WAYS: tl.constexpr):
+    """The held search over the bracket's ``n_in`` keys, with ``n_hi`` more above them."""
+    bj = tl.arange(0, BRACKET)
+    b_ok = bj < n_in
+    bkey = tl.load(br_row + bj, mask=b_ok, other=0).to(tl.uint32, bitcast=True)
+    return _search_held(bkey, b_ok, t_lo, tl.where(has_hi, t_hi - 1, tl.max(bkey, axis=0)), n_hi, n_hi + n_in,
+                        n_hi, K, stop_at, WAYS)
+
+
+@triton.jit
+def _search_hold(scr_key, n_scr, lo, K, stop_at, HOLD: tl.constexpr, WAYS: tl.constexpr):
+    """The held search over a short scratch, loaded whole: read once instead of once per pass."""
+    hj = tl.arange(0, HOLD)
+    h_ok = hj < n_scr
+    hkey = tl.load(scr_key + hj, mask=h_ok, other=0).to(tl.uint32, bitcast=True)
+    zero = tl.zeros([], dtype=tl.int32)
+    return _search_held(hkey, h_ok, lo, tl.max(hkey, axis=0), zero, n_scr, zero, K, stop_at, WAYS)
+
+
+@triton.jit
+def _search_scratch(scr_key, n_scr, lo, hi, above, at_lo, K, stop_at, SBLOCK: tl.constexpr, WAYS: tl.constexpr):
+    """The search over the key range [cut, max] of the scratch in memory, a pass per narrowing."""
+    slane = tl.arange(0, SBLOCK)
+    for start in range(0, n_scr, SBLOCK):
+        j = start + slane
+        key = tl.load(scr_key + j, mask=j < n_scr, other=0).to(tl.uint32, bitcast=True)
+        hi = tl.maximum(hi, tl.max(key, axis=0))
+    while (hi > lo) & (at_lo != stop_at):
+        step = _search_step(hi, lo, WAYS)
+        counts = tl.zeros([WAYS], dtype=tl.int32)
+        for start in range(0, n_scr, SBLOCK):
+            j = start + slane
+            m = j < n_scr
+            key = tl.load(scr_key + j, mask=m, other=0).to(tl.uint32, bitcast=True)
+            counts += _count_at_least_2d(key, m, lo, step, WAYS)
+        lo, hi, above, at_lo = _narrow(counts, lo, hi, above, step, K, WAYS)
+    return lo, above, at_lo
+
+
+@triton.jit
+def _row_histogram(x_row, ks, ke, BLOCK: tl.constexpr, FINITE_ONLY: tl.constexpr):
+    """The general path's first histogram round: the top 8 key bits over the row's eligible columns."""
+    lane = tl.arange(0, BLOCK)
+    h = tl.zeros([256], dtype=tl.int32)
+    for start in range(ks, ke, BLOCK):
+        key, m = _eligible_keys(x_row, start + lane, ke, FINITE_ONLY)
+        h += tl.histogram((key >> 24).to(tl.int32), 256, mask=m)
+    return h
+
+
+@triton.jit
+def _write_all(x_row, out_row, cmap_row, out_offset, ks, ke, K, BLOCK: tl.constexpr, HAS_CMAP: tl.constexpr,
+               FINITE_ONLY: tl.constexpr):
+    """A row with at most k eligible columns: all of them, then -1 padding."""
+    lane = tl.arange(0, BLOCK)
+    n_out = 0
+    for start in range(ks, ke, BLOCK):
+        c = start + lane
+        key, m = _eligible_keys(x_row, c, ke, FINITE_ONLY)
+        pos = n_out + tl.cumsum(m.to(tl.int32), axis=0) - 1
+        tl.store(out_row + pos, _position(c, cmap_row, out_offset, HAS_CMAP, m), mask=m)
+        n_out += tl.sum(m.to(tl.int32), axis=0)
+    for start in range(n_out, K, BLOCK):
+        j = start + lane
+        tl.store(out_row + j, tl.full([BLOCK], -1, tl.int32), mask=j < K)
+
+
+@triton.jit
+def _split_at_bin(x_row, out_row, cmap_row, scr_key, scr_col, out_offset, ks, ke, shift, prefix, k_rem,
+                  BLOCK: tl.constexpr, HAS_CMAP: tl.constexpr, FINITE_ONLY: tl.constexpr):
+    """One pass over the row: the keys above the threshold bin to the output, the bin (or, all bits
+    fixed, its first ``k_rem`` ties) to the scratch. Returns (written, moved)."""
+    lane = tl.arange(0, BLOCK)
+    n_out = 0
+    n_scr = 0
+    n_tie = 0
+    for start in range(ks, ke, BLOCK):
+        c = start + lane
+        key, m = _eligible_keys(x_row, c, ke, FINITE_ONLY)
+        top = key >> shift
+        take = m & (top > prefix)
+        match = m & (top == prefix)
+        if shift == 0:
+            rank = n_tie + tl.cumsum(match.to(tl.int32), axis=0)
+            n_tie += tl.sum(match.to(tl.int32), axis=0)
+            take = take | (match & (rank <= k_rem))
+        else:
+            spos = n_scr + tl.cumsum(match.to(tl.int32), axis=0) - 1
+            tl.store(scr_key + spos, key.to(tl.int32, bitcast=True), mask=match)
+            tl.store(scr_col + spos, c, mask=match)
+            n_scr += tl.sum(match.to(tl.int32), axis=0)
+        pos = n_out + tl.cumsum(take.to(tl.int32), axis=0) - 1
+        tl.store(out_row + pos, _position(c, cmap_row, out_offset, HAS_CMAP, take), mask=take)
+        n_out += tl.sum(take.to(tl.int32), axis=0)
+    return n_out, n_scr
+
+
+@triton.jit
+def _write_winners(fin_key, fin_col, n_fin, out_row, out0, cmap_row, out_offset, prefix, k_rem,
+                   SBLOCK: tl.constexpr, HAS_CMAP: tl.constexpr):
+    """The final pass: every key above ``prefix`` and its first ``k_rem`` ties, from slot ``out0`` on."""
+    slane = tl.arange(0, SBLOCK)
+    n_tie = 0
+    n_above = 0
+    for start in range(0, n_fin, SBLOCK):
+        j = start + slane
+        m = j < n_fin
+        key = tl.load(fin_key + j, mask=m, other=0).to(tl.uint32, bitcast=True)
+        c = tl.load(fin_col + j, mask=m, other=0)
+        tie = m & (key == prefix)
+        # one scan and one reduction for both ranks (16-bit fields; SBLOCK < 65536): a taken
+        # entry's slot is the keys above it so far plus the ties taken so far
+        above = m & (key > prefix)
+        packed = tie.to(tl.int32) + (above.to(tl.int32) << 16)
+        scan = tl.cumsum(packed, axis=0)
+        rank = n_tie + (scan & 0xFFFF)
+        take = above | (tie & (rank <= k_rem))
+        pos = out0 + n_above + (scan >> 16) + tl.minimum(rank, k_rem) - 1
+        tot = tl.sum(packed, axis=0)
+        n_tie += tot & 0xFFFF
+        n_above += tot >> 16
+        tl.store(out_row + pos, _position(c, cmap_row, out_offset, HAS_CMAP, take), mask=take)
+
+
 @triton.jit(do_not_specialize=["ks_offset", "out_offset", "K", "CAP"])
 def _select_kernel(X, KS, KE, OUT, CMAP, CUT, COUNT, SCR_KEY, SCR_COL, BR,
                    stride_x, stride_out, stride_cmap, stride_scr, stride_br, ks_offset, out_offset, K, CAP,
@@ -322,6 +497,8 @@ def _select_kernel(X, KS, KE, OUT, CMAP, CUT, COUNT, SCR_KEY, SCR_COL, BR,
                    BLOCK: tl.constexpr, SBLOCK: tl.constexpr, WAYS: tl.constexpr,
                    HAS_CMAP: tl.constexpr, FINITE_ONLY: tl.constexpr, EARLY_EXIT: tl.constexpr,
                    BRACKET: tl.constexpr, BRACKET_MIN: tl.constexpr, HOLD: tl.constexpr):
+    """Per row: the k-th largest key of its scratch (fast path) or of the row (general path), then
+    the winners."""
     row = tl.program_id(0).to(tl.int64)
     x_row = X + row * stride_x
     out_row = OUT + row * stride_out
@@ -331,7 +508,6 @@ def _select_kernel(X, KS, KE, OUT, CMAP, CUT, COUNT, SCR_KEY, SCR_COL, BR,
     ks = tl.load(KS + row) - ks_offset
     ke = tl.load(KE + row) - ks_offset
     lane = tl.arange(0, BLOCK)
-    slane = tl.arange(0, SBLOCK)
     bins = tl.arange(0, 256)
 
     n_out = 0
@@ -359,55 +535,16 @@ def _select_kernel(X, KS, KE, OUT, CMAP, CUT, COUNT, SCR_KEY, SCR_COL, BR,
         searched = 0
         if BRACKET > 0:
             if n_scr >= BRACKET_MIN:
-                # a sample spread over the scratch brackets the k-th key, [t_lo, t_hi); one pass
-                # counts the keys above the bracket and moves the few inside it to registers, where
-                # the search runs without reading the scratch again
-                sj = slane * tl.maximum(n_scr // SBLOCK, 1)
-                s_ok = sj < n_scr
-                skey = tl.load(scr_key + sj, mask=s_ok, other=0).to(tl.uint32, bitcast=True)
-                n_s = tl.sum(s_ok.to(tl.int32), axis=0)
-                frac = K * 1.0 / n_scr
-                rank = frac * n_s
-                margin = bracket_sigmas * tl.sqrt(rank * (1.0 - frac)) + 2.0
-                need_lo = tl.minimum((rank + margin).to(tl.int32) + 1, n_s)
-                need_hi = (rank - margin).to(tl.int32)
-                t_lo = _sample_quantile(skey, need_lo, WAYS, EARLY_EXIT)
-                has_hi = need_hi >= 1
-                t_hi = t_lo
-                if has_hi:
-                    t_hi = _sample_quantile(skey, need_hi, WAYS, EARLY_EXIT)
-                n_hi = 0
-                n_in = 0
+                # a sample of the scratch brackets the k-th key, [t_lo, t_hi); one pass moves the few
+                # keys inside it aside, where the search runs held in registers
+                t_lo, t_hi, has_hi = _bracket_bounds(scr_key, n_scr, K, bracket_sigmas, SBLOCK, WAYS, EARLY_EXIT)
                 br_row = BR + row * stride_br
-                for start in range(0, n_scr, SBLOCK):
-                    j = start + slane
-                    key = tl.load(scr_key + j, mask=j < n_scr, other=0).to(tl.uint32, bitcast=True)
-                    ge_lo = (j < n_scr) & (key >= t_lo)
-                    # (tl.where: in the interpreter, & with a scalar bool gives a dtype masks reject)
-                    ge_hi = tl.where(has_hi, ge_lo & (key >= t_hi), False)
-                    inside = ge_lo & (ge_hi == 0)
-                    col = tl.load(scr_col + j, mask=ge_lo, other=0)
-                    # both ranks in one scan (16-bit fields; SBLOCK < 65536): the keys above the
-                    # bracket are winners whatever the search finds, so they go out now, and the
-                    # final pass reads only the bracket (its keys and columns, stored beside each other)
-                    r_scan = tl.cumsum(inside.to(tl.int32) + (ge_hi.to(tl.int32) << 16), axis=0)
-                    spos = n_in + (r_scan & 0xFFFF) - 1
-                    b_in = inside & (spos < BRACKET)
-                    tl.store(br_row + spos, key.to(tl.int32, bitcast=True), mask=b_in)
-                    tl.store(br_row + BRACKET + spos, col, mask=b_in)
-                    hpos = n_hi + (r_scan >> 16) - 1
-                    win = ge_hi & (hpos < K)
-                    tl.store(out_row + hpos, _position(col, cmap_row, out_offset, HAS_CMAP, win), mask=win)
-                    tot = tl.max(r_scan, axis=0)          # the scan's last entry
-                    n_in += tot & 0xFFFF
-                    n_hi += tot >> 16
+                n_hi, n_in = _bracket_pass(scr_key, scr_col, br_row, out_row, cmap_row, out_offset, n_scr, K,
+                                           t_lo, t_hi, has_hi, SBLOCK, BRACKET, HAS_CMAP)
                 if (n_hi < K) & (n_hi + n_in >= K) & (n_in <= BRACKET):
                     tl.debug_barrier()              # the bracket, written above, read back
-                    bj = tl.arange(0, BRACKET)
-                    b_ok = bj < n_in
-                    bkey = tl.load(br_row + bj, mask=b_ok, other=0).to(tl.uint32, bitcast=True)
-                    lo, above, at_lo = _search_held(bkey, b_ok, t_lo, tl.where(has_hi, t_hi - 1, tl.max(bkey, axis=0)),
-                                                    n_hi, n_hi + n_in, n_hi, K, stop_at, WAYS)
+                    lo, above, at_lo = _search_bracket(br_row, n_in, n_hi, t_lo, t_hi, has_hi, K, stop_at,
+                                                       BRACKET, WAYS)
                     # the final pass then takes the bracket's winners, after the n_hi written above
                     fin_key = br_row
                     fin_col = br_row + BRACKET
@@ -416,52 +553,22 @@ def _select_kernel(X, KS, KE, OUT, CMAP, CUT, COUNT, SCR_KEY, SCR_COL, BR,
                     searched = 1
         if HOLD > 0:
             if (searched == 0) & (n_scr <= HOLD):
-                # a short scratch (MISA-dagger's 8192-column rows keep ~2.4k): held whole in
-                # registers, read once instead of once per pass of the search
-                hj = tl.arange(0, HOLD)
-                h_ok = hj < n_scr
-                hkey = tl.load(scr_key + hj, mask=h_ok, other=0).to(tl.uint32, bitcast=True)
-                zero = tl.zeros([], dtype=tl.int32)
-                lo, above, at_lo = _search_held(hkey, h_ok, lo, tl.max(hkey, axis=0), zero, n_scr, zero, K,
-                                                stop_at, WAYS)
+                # a short scratch (MISA-dagger's 8192-column rows keep ~2.4k)
+                lo, above, at_lo = _search_hold(scr_key, n_scr, lo, K, stop_at, HOLD, WAYS)
                 searched = 1
         if searched == 0:
-            # no bracket (or the sample missed): search the key range [cut, max] over the scratch
-            for start in range(0, n_scr, SBLOCK):
-                j = start + slane
-                key = tl.load(scr_key + j, mask=j < n_scr, other=0).to(tl.uint32, bitcast=True)
-                hi = tl.maximum(hi, tl.max(key, axis=0))
-            while (hi > lo) & (at_lo != stop_at):
-                step = _search_step(hi, lo, WAYS)
-                counts = tl.zeros([WAYS], dtype=tl.int32)
-                for start in range(0, n_scr, SBLOCK):
-                    j = start + slane
-                    m = j < n_scr
-                    key = tl.load(scr_key + j, mask=m, other=0).to(tl.uint32, bitcast=True)
-                    counts += _count_at_least_2d(key, m, lo, step, WAYS)
-                lo, hi, above, at_lo = _narrow(counts, lo, hi, above, step, K, WAYS)
+            # no bracket (or the sample missed)
+            lo, above, at_lo = _search_scratch(scr_key, n_scr, lo, hi, above, at_lo, K, stop_at, SBLOCK, WAYS)
         prefix = lo                 # the k-th largest key, or a key no winner lies below
         k_rem = K - above
         if at_lo == K:
             k_rem = K               # every key at prefix is a winner
     else:
         n_scr = 0
-        h = tl.zeros([256], dtype=tl.int32)
-        for start in range(ks, ke, BLOCK):
-            key, m = _eligible_keys(x_row, start + lane, ke, FINITE_ONLY)
-            h += tl.histogram((key >> 24).to(tl.int32), 256, mask=m)
+        h = _row_histogram(x_row, ks, ke, BLOCK, FINITE_ONLY)
         total = tl.sum(h, axis=0)
         if total <= K:
-            # every eligible column is selected; pad the rest with -1
-            for start in range(ks, ke, BLOCK):
-                c = start + lane
-                key, m = _eligible_keys(x_row, c, ke, FINITE_ONLY)
-                pos = n_out + tl.cumsum(m.to(tl.int32), axis=0) - 1
-                tl.store(out_row + pos, _position(c, cmap_row, out_offset, HAS_CMAP, m), mask=m)
-                n_out += tl.sum(m.to(tl.int32), axis=0)
-            for start in range(n_out, K, BLOCK):
-                j = start + lane
-                tl.store(out_row + j, tl.full([BLOCK], -1, tl.int32), mask=j < K)
+            _write_all(x_row, out_row, cmap_row, out_offset, ks, ke, K, BLOCK, HAS_CMAP, FINITE_ONLY)
         else:
             digit, above, cnt = _threshold_digit(h, bins, k_rem)
             k_rem -= above
@@ -472,26 +579,8 @@ def _select_kernel(X, KS, KE, OUT, CMAP, CUT, COUNT, SCR_KEY, SCR_COL, BR,
                 prefix, k_rem, cnt = _refine_round(x_row, ks, ke, lane, shift, prefix, bins, k_rem, False,
                                                    FINITE_ONLY)
                 shift -= 8
-            # write what lies above the bin; move the bin (or, all bits fixed, its ties) on
-            n_tie = 0
-            for start in range(ks, ke, BLOCK):
-                c = start + lane
-                key, m = _eligible_keys(x_row, c, ke, FINITE_ONLY)
-                top = key >> shift
-                take = m & (top > prefix)
-                match = m & (top == prefix)
-                if shift == 0:
-                    rank = n_tie + tl.cumsum(match.to(tl.int32), axis=0)
-                    n_tie += tl.sum(match.to(tl.int32), axis=0)
-                    take = take | (match & (rank <= k_rem))
-                else:
-                    spos = n_scr + tl.cumsum(match.to(tl.int32), axis=0) - 1
-                    tl.store(scr_key + spos, key.to(tl.int32, bitcast=True), mask=match)
-                    tl.store(scr_col + spos, c, mask=match)
-                    n_scr += tl.sum(match.to(tl.int32), axis=0)
-                pos = n_out + tl.cumsum(take.to(tl.int32), axis=0) - 1
-                tl.store(out_row + pos, _position(c, cmap_row, out_offset, HAS_CMAP, take), mask=take)
-                n_out += tl.sum(take.to(tl.int32), axis=0)
+            n_out, n_scr = _split_at_bin(x_row, out_row, cmap_row, scr_key, scr_col, out_offset, ks, ke, shift,
+                                         prefix, k_rem, BLOCK, HAS_CMAP, FINITE_ONLY)
 
     # general path: remaining 8-bit rounds over the scratch
     if (fast == 0) & (shift > 0) & (n_scr > 0):
@@ -503,42 +592,23 @@ def _select_kernel(X, KS, KE, OUT, CMAP, CUT, COUNT, SCR_KEY, SCR_COL, BR,
     # both paths: the scratch's winners, every key above the k-th largest (``prefix``, all bits
     # fixed now) and its ties in arrival order up to ``k_rem``. (A general-path row whose rounds
     # ran over the row itself wrote everything already and left the scratch empty.)
-    n_tie = 0
-    n_above = 0
     out0 = tl.where(n_fin < 0, n_out, fin_out)
     n_fin = tl.where(n_fin < 0, n_scr, n_fin)
     # (a bracket that missed may have written winners already: their slots are written again
     # below, after the barrier)
     tl.debug_barrier()
-    for start in range(0, n_fin, SBLOCK):
-        j = start + slane
-        m = j < n_fin
-        key = tl.load(fin_key + j, mask=m, other=0).to(tl.uint32, bitcast=True)
-        c = tl.load(fin_col + j, mask=m, other=0)
-        tie = m & (key == prefix)
-        # one scan and one reduction for both ranks (16-bit fields; SBLOCK < 65536): a taken
-        # entry's slot is the keys above it so far plus the ties taken so far
-        above = m & (key > prefix)
-        packed = tie.to(tl.int32) + (above.to(tl.int32) << 16)
-        scan = tl.cumsum(packed, axis=0)
-        rank = n_tie + (scan & 0xFFFF)
-        take = above | (tie & (rank <= k_rem))
-        pos = out0 + n_above + (scan >> 16) + tl.minimum(rank, k_rem) - 1
-        tot = tl.sum(packed, axis=0)
-        n_tie += tot & 0xFFFF
-        n_above += tot >> 16
-        tl.store(out_row + pos, _position(c, cmap_row, out_offset, HAS_CMAP, take), mask=take)
+    _write_winners(fin_key, fin_col, n_fin, out_row, out0, cmap_row, out_offset, prefix, k_rem, SBLOCK, HAS_CMAP)
 
 
 def topk(x: torch.Tensor, ks: torch.Tensor, ke: torch.Tensor, k: int, ks_offset: int = 0,
          out_offset: int = 0, cmap: torch.Tensor | None = None, finite_only: bool = False,
-         config: tuple[int, int, int] | None = None,
+         config: TopkConfig | None = None,
          sample: tuple[torch.Tensor, int] | None = None) -> torch.Tensor:
     """Top-``k`` columns of ``x [T, W]`` f32 per row, among columns ``[ks - ks_offset, ke - ks_offset)``.
 
     Returns ``[T, k]`` int32: ``cmap[row, col]`` when ``cmap`` is given, else ``col + out_offset``;
-    -1 padded. ``finite_only`` also skips -inf entries (candidate lists with holes). ``config``:
-    (elements per step, num_warps, sample size). ``sample``: ``(values, step)`` with ``values
+    -1 padded. ``finite_only`` also skips -inf entries (candidate lists with holes). ``config``: a
+    ``TopkConfig`` (None: ``DEFAULT_CONFIG``). ``sample``: ``(values, step)`` with ``values
     [T, >= ceil(W / step)]`` f32 holding ``x[:, j * step]`` in column j (``sample_step`` picks the
     step), which the producer of ``x`` computes cheaply beside it (the cut then reads a small
     contiguous buffer instead of thousands of scattered sectors per row). The sample only steers
@@ -570,10 +640,10 @@ class TopkLaunches:
         self.sample_src = sample
         self.args = (x, ks, ke, k, ks_offset, out_offset, cmap, finite_only)
         self.k = k
-        self.block, self.warps, self.sample = config or DEFAULT_CONFIG
+        self.cfg = config or DEFAULT_CONFIG
         self.cap = scratch_size(k, w)
-        self.compact_block, self.compact_warps, steps = COMPACT_CONFIG
-        self.parts = max(1, min(256, w // (steps * self.compact_block)))
+        self.compact_cfg = COMPACT_CONFIG
+        self.parts = max(1, min(256, w // (self.compact_cfg.steps * self.compact_cfg.block)))
         self.out = torch.empty(t, k, dtype=torch.int32, device=dev)
         self.scr_key = torch.empty(t, self.cap, dtype=torch.int32, device=dev)
         self.scr_col = torch.empty(t, self.cap, dtype=torch.int32, device=dev)
@@ -594,7 +664,7 @@ class TopkLaunches:
         src, step = self.sample_src if self.sample_src is not None else (x, 1)
         _cut_kernel[(x.shape[0],)](x, ks, ke, self.cut_keys, self.count, src, x.stride(0), src.stride(0), step,
                                    ks_offset, k, CUT_SIGMAS, CUT_SLACK,
-                                   SAMPLE=self.sample, CHUNK=SAMPLE_CHUNK, WAYS=WAYS, FINITE_ONLY=finite_only,
+                                   SAMPLE=self.cfg.sample, CHUNK=SAMPLE_CHUNK, WAYS=WAYS, FINITE_ONLY=finite_only,
                                    EARLY_EXIT=EARLY_EXIT, FROM_SRC=self.sample_src is not None,
                                    num_warps=CUT_WARPS)
 
@@ -602,8 +672,8 @@ class TopkLaunches:
         x, ks, ke, _, ks_offset, _, _, finite_only = self.args
         _compact_kernel[(x.shape[0], self.parts)](
             x, ks, ke, self.cut_keys, self.count, self.scr_key, self.scr_col, x.stride(0),
-            self.scr_key.stride(0), ks_offset, self.cap, BLOCK=self.compact_block, FINITE_ONLY=finite_only,
-            num_warps=self.compact_warps)
+            self.scr_key.stride(0), ks_offset, self.cap, BLOCK=self.compact_cfg.block, FINITE_ONLY=finite_only,
+            num_warps=self.compact_cfg.num_warps)
 
     def select(self):
         x, ks, ke, k, ks_offset, out_offset, cmap, finite_only = self.args
@@ -612,9 +682,9 @@ class TopkLaunches:
             self.scr_key, self.scr_col, self.bracket, x.stride(0), self.out.stride(0),
             cmap.stride(0) if cmap is not None else 0, self.scr_key.stride(0), self.bracket.stride(0),
             ks_offset, out_offset, k, self.cap, BRACKET_SIGMAS,
-            BLOCK=self.block, SBLOCK=SCRATCH_BLOCK, WAYS=WAYS, HAS_CMAP=cmap is not None,
+            BLOCK=self.cfg.block, SBLOCK=SCRATCH_BLOCK, WAYS=WAYS, HAS_CMAP=cmap is not None,
             FINITE_ONLY=finite_only, EARLY_EXIT=EARLY_EXIT, BRACKET=BRACKET, BRACKET_MIN=BRACKET_MIN,
-            HOLD=HOLD, num_warps=self.warps, **({} if INTERPRET else {"maxnreg": SELECT_MAXNREG}),
+            HOLD=HOLD, num_warps=self.cfg.num_warps, maxnreg=SELECT_MAXNREG,
         )
 
 
