@@ -140,28 +140,41 @@ def paged_dsa_select(q, kv_cache, weights, context_lens, block_table, k: int = 2
                          context_lens, block_table, k)
 
 
+def _check_pooled_blocks(pooled, kv_cache, block_size: int):
+    if pooled is not None:
+        check_pooled(pooled, kv_cache)
+        if block_size % quant.PAGE_SIZE:
+            raise ValueError(f"block_size: with pooled, a multiple of the page size ({quant.PAGE_SIZE}), got {block_size}")
+
+
 def paged_route_heads(q, kv_cache, weights, context_lens, block_table, active_heads: int = 8,
-                      block_size: int = 1024, *, router: str = "abs-sum", backend: str | None = None) -> torch.Tensor:
+                      block_size: int = 1024, *, router: str = "abs-sum", pooled: torch.Tensor | None = None,
+                      backend: str | None = None) -> torch.Tensor:
     """MISA's router over the cache: ``[B * next_n, active_heads]`` int32 head ids, ascending.
     ``active_heads`` (default 8), ``block_size`` (default 1024) and ``router`` as for
-    ``misa.route_heads``; blocks are cut from each sequence's own positions."""
+    ``misa.route_heads``; blocks are cut from each sequence's own positions. With ``pooled`` (the
+    pooled-key cache; ``block_size`` a multiple of 64) the blocks come from its page sums instead
+    of a pass over the cache; the routing is the same up to float rounding."""
     check_tensor("q", q, 4, Q_DTYPES)
     check_int("active_heads", active_heads, 1, q.shape[2])
     check_int("block_size", block_size)
     check_router(router)
+    _check_pooled_blocks(pooled, kv_cache, block_size)
     longest = _check_paged(q, kv_cache, weights, context_lens, block_table) if _batched(q, backend) else None
     return _route(q, kv_cache, weights, context_lens, block_table, active_heads, block_size, router, longest,
-                  backend)
+                  backend, pooled)
 
 
-def _route(q, kv_cache, weights, context_lens, block_table, active_heads, block_size, router, longest, backend):
+def _route(q, kv_cache, weights, context_lens, block_table, active_heads, block_size, router, longest, backend,
+           pooled=None):
     """MISA's routing, batched in two launches when ``longest`` is given (inputs checked, batched
     path on) and the router kernel has the statistic; sequence by sequence otherwise."""
     if longest is not None:
         from .ops.router import triton as router_triton
         if router_triton.batched_router_ok(q.shape[2], router):
             return router_triton.paged_route_heads_batched(q, kv_cache, weights, context_lens, block_table,
-                                                           active_heads, block_size, router, longest=longest)
+                                                           active_heads, block_size, router, longest=longest,
+                                                           pooled=pooled)
     return _paged_select(lambda inp: select.route_heads(inp, active_heads, block_size, router, backend=backend),
                          q, kv_cache, weights, context_lens, block_table, active_heads)
 
@@ -169,9 +182,10 @@ def _route(q, kv_cache, weights, context_lens, block_table, active_heads, block_
 def paged_misa_select(q, kv_cache, weights, context_lens, block_table, k: int = 2048,
                       active_heads: int = 8, block_size: int = 1024, stage1_k: int | None = None, *,
                       router: str = "abs-sum", workspace_bytes: int | None = None,
-                      backend: str | None = None) -> torch.Tensor:
+                      pooled: torch.Tensor | None = None, backend: str | None = None) -> torch.Tensor:
     """MISA (or MISA† with ``stage1_k``) over the cache: ``[B * next_n, k]`` int32 positions inside
-    each sequence, -1 padded. Arguments as for ``misa.misa_select``."""
+    each sequence, -1 padded. Arguments as for ``misa.misa_select``; ``pooled`` as for
+    ``paged_route_heads``."""
     check_int("k", k)
     check_tensor("q", q, 4, Q_DTYPES)
     check_int("active_heads", active_heads, 1, q.shape[2])
@@ -179,10 +193,11 @@ def paged_misa_select(q, kv_cache, weights, context_lens, block_table, k: int = 
     stage1_k = check_stage1_k(stage1_k, k)
     check_router(router)
     check_workspace(workspace_bytes)
+    _check_pooled_blocks(pooled, kv_cache, block_size)
     if stage1_k is None and _batched(q, backend):
         longest = _check_paged(q, kv_cache, weights, context_lens, block_table)
         heads = _route(q, kv_cache, weights, context_lens, block_table, active_heads, block_size, router, longest,
-                       backend)
+                       backend, pooled)
         return _batched_select(q, kv_cache, weights, context_lens, block_table, k, longest, heads=heads)
     return _paged_select(lambda inp: select.misa_select(inp, k, active_heads, block_size, stage1_k, router,
                                                         workspace_bytes, backend=backend),

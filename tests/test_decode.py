@@ -241,3 +241,23 @@ def test_block_pruned_select_with_and_without_pooled():
     with_pooled = misa.paged_hisa_select(q, cache, w, clens, table, pooled=pooled, **opts)
     without = misa.paged_hisa_select(q, cache, w, clens, table, **opts)
     assert as_sets(with_pooled) == as_sets(without)
+
+
+@pytest.mark.parametrize("router", ["abs-sum", "gap"])
+def test_routing_from_the_pooled_cache_equals_routing_from_the_cache(router):
+    # the router's blocks from the pooled-key cache's page sums instead of a pass over the cache:
+    # the same heads (up to near-ties of the router score), and MISA then selects the same tokens
+    lens, next_n = [300, 129, 1000], 2
+    seqs, q, w, cache, table, clens = _batch(lens, next_n, 8, 64, seed=31)
+    pooled = misa.pool_paged_kcache(cache, table, clens)
+    opts = dict(active_heads=3, block_size=128, router=router)
+    a = misa.paged_route_heads(q, cache, w, clens, table, **opts)
+    b = misa.paged_route_heads(q, cache, w, clens, table, pooled=pooled, **opts)
+    sa = misa.paged_misa_select(q, cache, w, clens, table, k=64, **opts)
+    sb = misa.paged_misa_select(q, cache, w, clens, table, k=64, pooled=pooled, **opts)
+    if not BIG:
+        assert torch.equal(a, b) and as_sets(sa) == as_sets(sb)
+    else:       # the router's tf32 products may flip a near-tie between the two block sums
+        assert (a == b).all(1).float().mean() >= 0.9
+    with pytest.raises(ValueError, match="^block_size:"):
+        misa.paged_route_heads(q, cache, w, clens, table, active_heads=3, block_size=96, pooled=pooled)
