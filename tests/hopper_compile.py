@@ -31,10 +31,14 @@ import misa  # noqa: E402
 from misa.ops.dsa import paged_triton, triton as dsa  # noqa: E402
 from misa.ops.rescore import triton as rescore  # noqa: E402
 from misa.ops.router import triton as router  # noqa: E402
-from misa.ops.topk import triton as topk  # noqa: E402
+from misa.ops.topk import triton as topk, triton_rows as topk_rows  # noqa: E402
+from misa.ops.blocks import triton as blocks  # noqa: E402
+from misa.ops.checks import triton as checks  # noqa: E402
+from misa.ops.pool import triton as pool  # noqa: E402
 
 HOPPER = GPUTarget("cuda", 90, 32)
-MODULES = {"dsa": dsa, "paged": paged_triton, "rescore": rescore, "router": router, "topk": topk}
+MODULES = {"dsa": dsa, "paged": paged_triton, "rescore": rescore, "router": router, "topk": topk,
+           "topk_rows": topk_rows, "blocks": blocks, "checks": checks, "pool": pool}
 TYPES = {torch.float8_e4m3fn: "fp8e4nv", torch.bfloat16: "bf16", torch.float32: "fp32", torch.int32: "i32",
          torch.int64: "i64", torch.uint8: "u8"}
 # each kernel's shipped configs ("module.NAME"), and the launch setting each of their fields becomes
@@ -111,6 +115,8 @@ def entry_points():
         yield f"misa_select gap {tag}", lambda a=args: misa.misa_select(*a, k=k, router="gap")
         yield f"MISA-dagger {tag}", lambda a=args: misa.misa_select(*a, k=k, stage1_k=4 * k)
         yield f"hisa_select {tag}", lambda a=args: misa.hisa_select(*a, k=k)
+        yield f"input checks {tag}", lambda a=args: checks.input_flags(*a[:1], *a[1], *a[2:], s) \
+            if kv == "fp8" else checks.input_flags(a[0], a[1], None, *a[2:], s)
     odd = _inputs(64, s - 3, "fp8", "fp8")
     yield "dsa_logits, keys off the 16-column grid", lambda: misa.dsa_logits(*odd)
     yield "misa_select, keys off the 16-column grid", lambda: misa.misa_select(*odd, k=k)
@@ -121,6 +127,14 @@ def entry_points():
         for statistic in router.STATISTICS:
             yield (f"paged_misa_select {statistic} next_n={next_n}",
                    lambda a=args, r=statistic: misa.paged_misa_select(*a, k=k, router=r))
+        pooled = torch.zeros(args[1].shape[0], 128)
+        yield (f"paged_misa_select pooled next_n={next_n}",
+               lambda a=args, p=pooled: misa.paged_misa_select(*a, k=k, pooled=p))
+        for bs in (64, 128):
+            yield (f"paged_hisa_select B={bs} next_n={next_n}",
+                   lambda a=args, b=bs: misa.paged_hisa_select(*a, k=k, block_size=b, block_k=64))
+        yield (f"paged input checks next_n={next_n}",
+               lambda a=args: checks.paged_flags(a[0], a[2], a[3], a[4], a[1].shape[0], 64))
 
 
 def specialise(kernel, args, kwargs):

@@ -16,7 +16,7 @@ import triton.language as tl
 
 from ..triton_common import ordered_key
 
-MAX_WIDTH = 16384
+MAX_WIDTH = 16384          # counts share 16-bit fields (< 65536), and the row fits registers
 
 
 @triton.jit(do_not_specialize=["ks_offset", "out_offset", "K"])
@@ -36,12 +36,20 @@ def _short_rows_kernel(X, KS, KE, OUT, CMAP, stride_x, stride_out, stride_cmap, 
     hi = tl.max(tl.where(m, key, 0), axis=0)
     at_lo = n
     j = tl.arange(0, 4)
+    z = tl.zeros([4], dtype=tl.int32)
     # invariant: count(key >= lo) >= K (when n > K) and no key above hi matters more than lo
     while (n > K) & (hi > lo) & (at_lo != K):
         step = (hi - lo) // 4 + 1
         thr = lo + j.to(tl.uint32) * step
         valid = j.to(tl.uint32) * step <= hi - lo
-        counts = tl.sum(((key[:, None] >= thr[None, :]) & m[:, None]).to(tl.int32), axis=0)
+        # two thresholds per reduction as 16-bit fields (W < 65536): a [W, 4] comparison spilled
+        t0 = tl.sum(tl.where(j == 0, thr, 0), axis=0)
+        t1 = tl.sum(tl.where(j == 1, thr, 0), axis=0)
+        t2 = tl.sum(tl.where(j == 2, thr, 0), axis=0)
+        t3 = tl.sum(tl.where(j == 3, thr, 0), axis=0)
+        c01 = tl.sum((m & (key >= t0)).to(tl.int32) + ((m & (key >= t1)).to(tl.int32) << 16), axis=0)
+        c23 = tl.sum((m & (key >= t2)).to(tl.int32) + ((m & (key >= t3)).to(tl.int32) << 16), axis=0)
+        counts = tl.where(j == 0, c01 & 0xFFFF, tl.where(j == 1, c01 >> 16, tl.where(j == 2, c23 & 0xFFFF, c23 >> 16))) + z
         ok = valid & (counts >= K)
         best = tl.max(tl.where(ok, j, 0), axis=0)
         new_lo = lo + best.to(tl.uint32) * step
@@ -82,5 +90,6 @@ def short_rows_topk(x: torch.Tensor, ks: torch.Tensor, ke: torch.Tensor, k: int,
         _short_rows_kernel[(t,)](
             x, ks, ke, out, cmap if cmap is not None else out, x.stride(0), out.stride(0),
             cmap.stride(0) if cmap is not None else 0, ks_offset, out_offset, k,
-            W=width, HAS_CMAP=cmap is not None, FINITE_ONLY=finite_only, num_warps=8 if width >= 8192 else 4)
+            W=width, HAS_CMAP=cmap is not None, FINITE_ONLY=finite_only,
+            num_warps=16 if width >= 16384 else 8 if width >= 4096 else 4)
     return out
