@@ -36,8 +36,8 @@ def loaded():
 
 def test_train_then_eval_end_to_end(loaded, tmp_path, capsys):
     run, out = tmp_path / "run", tmp_path / "out"
-    # --max-steps decides, not the clock: the budget, 0.26 min less job's 0.25 reserve = 0.6 s, would
-    # stop a time-bounded run after its first step (the kernel check alone takes longer); 2 are trained
+    # --max-steps decides, not the clock: the budget, 0.26 min less job's 0.25 reserve = 0.6 s, is below
+    # warmup's 5 s reserve, so a time-bounded run would stop after one step at most; 2 are trained
     assert job.main(["train", "--run-dir", str(run), "--out", str(out / "train"), "--minutes", "0.26",
                      "--lengths", "256", "--layers", "0,2", "--max-steps", "2", "--chunk", "64",
                      "--no-progress", "--k-sparse", "16", "--dense-fraction", "0.5"], loaded=loaded) == 0
