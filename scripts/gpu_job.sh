@@ -3,6 +3,9 @@
 #   bash scripts/gpu_job.sh train MINUTES [job options]   # indexer warm-up, time-bounded
 #   bash scripts/gpu_job.sh eval  MINUTES [job options]   # recall + router study + ppl + NIAH
 # Both resume from $MISA_RUN (default /tmp/misa-run); files worth keeping are copied to $OUT.
+# train --max-steps N trains exactly N steps whatever MINUTES (the schedule planned over the steps):
+# MINUTES no longer stops it, so keep N within the machine's 10 minutes per command.
+# The CUDA tests and a short bench are scripts/gpu_tests.sh.
 # Needs: the gguf wheel in .whl/ (python3 -m pip download --no-deps -d .whl gguf), and the model,
 # either at $MISA_MODEL, or at /tmp/stage/SmolLM2-135M-Instruct.Q4_1.gguf, or as the parts
 # /tmp/stage/part.1, part.2 that shared/tools/split-for-device made (assembled and checked here

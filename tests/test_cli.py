@@ -1,17 +1,70 @@
+import re
 import subprocess
 import sys
 
+import misa
 from misa.cli import main
+from misa.synthetic import indexer_workload
+from helpers import set_recall
+
+METHODS = ["DSA", "MISA", "MISA (gap router)", "MISA-dagger", "HISA"]
 
 
-def test_demo_prints_a_table(capsys):
+def demo_table(out: str) -> dict[str, list[str]]:
+    """The rows of the demo's table, ``{method: [setting, recall mean, recall min, ms]}``, in order."""
+    rows = {}
+    for line in out.splitlines():
+        if line.startswith("│"):
+            cells = [c.strip() for c in line.strip().strip("│").split("│")]
+            rows[cells[0]] = cells[1:]
+    return rows
+
+
+def test_demo_prints_a_table(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "200")          # rich wraps cells in a narrow console
     assert main(["demo", "--device", "cpu", "--seq-len", "1024", "--num-queries", "128", "--k", "64",
-                 "--workload", "synthetic"]) == 0
+                 "--workload", "synthetic", "--seed", "3"]) == 0
     out = capsys.readouterr().out
-    assert "SYNTHETIC" in out
-    for method in ("DSA", "MISA", "MISA (gap router)", "MISA-dagger", "HISA"):
-        assert method in out
-    assert "1.0000" in out          # DSA against itself
+    # the options reached the workload
+    m = re.search(r"SYNTHETIC .* (\d+) heads x (\d+) dims, fp8; (\d+) causal queries at the end of a "
+                  r"(\d+)-token context, top-k = (\d+)", out)
+    assert m, out
+    heads, dim, nq, seq, k = map(int, m.groups())
+    assert (nq, seq, k) == (128, 1024, 64)
+    rows = demo_table(out)
+    assert list(rows) == METHODS, rows
+    for method, (setting, mean, low, ms) in rows.items():
+        assert 0.0 <= float(low) <= float(mean) <= 1.0 and float(ms) > 0, method
+
+    # every row recomputed from the settings it prints: the library's selections on the same workload,
+    # recall by set intersection with DSA's
+    h, b = map(int, re.fullmatch(r"h=(\d+), B=(\d+)", rows["MISA"][0]).groups())
+    assert rows["MISA (gap router)"][0] == rows["MISA"][0]
+    h1, k1 = map(int, re.fullmatch(r"h=(\d+), k1=(\d+)", rows["MISA-dagger"][0]).groups())
+    hb, hm = map(int, re.fullmatch(r"B=(\d+), m=(\d+)", rows["HISA"][0]).groups())
+    assert rows["DSA"][0] == f"{heads} heads"
+    args = indexer_workload(seq, nq, heads, dim, seed=3).args
+    dsa = misa.dsa_select(*args, k=k)
+    sel = {
+        "DSA": dsa,
+        "MISA": misa.misa_select(*args, k=k, active_heads=h, block_size=b),
+        "MISA (gap router)": misa.misa_select(*args, k=k, active_heads=h, block_size=b, router="gap"),
+        "MISA-dagger": misa.misa_select(*args, k=k, active_heads=h1, block_size=b, stage1_k=k1),
+        "HISA": misa.hisa_select(*args, k=k, block_size=hb, block_k=hm),
+    }
+    for method, idx in sel.items():
+        r = set_recall(idx, dsa)
+        assert abs(float(rows[method][1]) - sum(r) / len(r)) <= 5.1e-5, method
+        assert abs(float(rows[method][2]) - min(r)) <= 5.1e-5, method
+
+    # what the numbers must be: 8 of the 64 heads lose tokens on this workload; MISA-dagger's k1 and
+    # HISA's m * B candidates cover the whole 1024-token context here, so both re-score every token with
+    # all heads and must pick exactly DSA's tokens
+    assert h < heads and float(rows["MISA"][1]) < 0.95 and float(rows["MISA (gap router)"][1]) < 0.95
+    assert k1 >= seq and hb * hm >= seq
+    assert rows["MISA-dagger"][1:3] == ["1.0000", "1.0000"] and rows["HISA"][1:3] == ["1.0000", "1.0000"]
+    # and MISA routing all heads is DSA
+    assert min(set_recall(misa.misa_select(*args, k=k, active_heads=heads, block_size=b), dsa)) == 1.0
 
 
 def test_bad_argument_is_a_clean_error(capsys):

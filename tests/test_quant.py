@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 
@@ -6,30 +8,68 @@ from misa.quant import FP8_MAX
 from helpers import FP8, as_sets, make_inputs, paged_batch
 
 
+def e4m3_round(x: torch.Tensor) -> torch.Tensor:
+    """Round-to-nearest-even onto the float8_e4m3fn grid, by its definition (3 mantissa bits, smallest
+    normal exponent -6, subnormal step 2**-9), in float64: independent of torch's fp8 cast."""
+    x = x.double()
+    e = torch.floor(torch.log2(x.abs().clamp_min(2.0 ** -6)))        # the binade (subnormals: -6)
+    step = torch.exp2(e - 3)
+    return torch.round(x / step) * step                                # torch.round: half to even
+
+
+def expected_scale(amax: float, ue8m0: bool) -> float:
+    """The spec's scale of one row, ``max(amax, 1e-4) / 448`` in float32, for ue8m0 rounded up to the
+    next power of two, by frexp (not log2/ceil/exp2 as the implementation does)."""
+    s = float(torch.tensor(max(amax, 1e-4), dtype=torch.float32) / torch.tensor(FP8_MAX, dtype=torch.float32))
+    if not ue8m0:
+        return s
+    m, e = math.frexp(s)                    # s = m * 2**e, 0.5 <= m < 1
+    return 2.0 ** (e - 1) if m == 0.5 else 2.0 ** e
+
+
 @pytest.mark.parametrize("ue8m0", [False, True])
 def test_key_round_trip(ue8m0):
-    k = torch.randn(300, 128) * torch.logspace(-3, 2, 300)[:, None]
+    g = torch.Generator().manual_seed(3)
+    k = torch.randn(300, 128, generator=g) * torch.logspace(-3, 2, 300)[:, None]
     k[7] = 0.0                                      # amax 0: the 1e-4 floor applies
+    k[8, 0] = 448.0 * 2.0 ** -5                     # amax / 448 exactly a power of two: kept as is
     k_fp8, scale = misa.quantize_keys(k, ue8m0=ue8m0)
     assert k_fp8.dtype == FP8 and scale.dtype == torch.float32 and scale.shape == (300,)
-    assert torch.allclose(scale[7], torch.tensor(1e-4 / FP8_MAX) if not ue8m0 else scale[7])
+    amax = k.abs().amax(1)
+    want = torch.tensor([expected_scale(float(a), ue8m0) for a in amax], dtype=torch.float64)
+    assert torch.equal(scale.double(), want) if ue8m0 else torch.allclose(scale.double(), want, rtol=1e-7, atol=0)
     if ue8m0:
-        assert torch.equal(torch.exp2(torch.log2(scale).round()), scale)
+        mant, _ = torch.frexp(scale)
+        assert bool((mant == 0.5).all()), "ue8m0 scales are powers of two"
+        assert float(scale[7]) == 2.0 ** -22 and float(scale[8]) == 2.0 ** -5   # 1e-4/448 = 1.07 * 2**-22
+        # the smallest such power: nothing clips (amax / scale <= 448) and half of it would (> 224)
+        ratio = amax.double() / scale.double()
+        assert bool((ratio[amax > 0] <= FP8_MAX).all()) and bool((ratio[amax > 1e-4] > FP8_MAX / 2).all())
     else:
-        amax = k.abs().amax(1).clamp_min(1e-4)
-        assert torch.allclose(scale, amax / FP8_MAX)
+        assert float(scale[7]) == pytest.approx(1e-4 / FP8_MAX, rel=1e-7)
+    # the fp8 values are round-to-nearest of k / scale on the e4m3 grid ...
+    x = k / scale[:, None]
+    assert torch.equal(k_fp8.double(), e4m3_round(x))
+    # ... so the keys come back within half a step of that grid: 2**-4 of |x| (normal) or 2**-10 (subnormal)
     back = misa.dequantize_keys(k_fp8, scale)
-    err = (back - k).abs() / k.abs().amax(1, keepdim=True).clamp_min(1e-4)
-    assert float(err.max()) <= 2 ** -4 * (2 if ue8m0 else 1)   # e4m3: 3 mantissa bits
+    exact = k_fp8.double() * scale.double()[:, None]
+    assert back.dtype == torch.float32 and bool(((back.double() - exact).abs() <= exact.abs() * 2.0 ** -24).all())
+    bound = torch.maximum(x.double().abs() * 2.0 ** -4, torch.full_like(x.double(), 2.0 ** -10)) * scale.double()[:, None]
+    bound = bound * (1 + 2.0 ** -20)               # the float32 product's own rounding
+    assert bool(((back.double() - k.double()).abs() <= bound).all())
+    assert torch.equal(back[7], torch.zeros(128))
 
 
-def test_query_scales_fold_into_weights_exactly():
+@pytest.mark.parametrize("ue8m0", [False, True])
+def test_query_scales_fold_into_weights_exactly(ue8m0):
     g = torch.Generator().manual_seed(0)
     q = torch.randn(10, 4, 32, generator=g) * 5
     w = torch.randn(10, 4, generator=g)
-    q_fp8, w_folded = misa.quantize_queries(q, w)
-    scale = q.abs().amax(-1).clamp_min(1e-4) / FP8_MAX
-    assert torch.allclose(w_folded, w * scale)
+    q_fp8, w_folded = misa.quantize_queries(q, w, ue8m0=ue8m0)
+    amax = q.abs().amax(-1)
+    scale = torch.tensor([[expected_scale(float(a), ue8m0) for a in row] for row in amax], dtype=torch.float32)
+    assert torch.allclose(w_folded, w * scale, rtol=1e-6, atol=0)
+    assert torch.equal(q_fp8.double(), e4m3_round(q / scale[..., None]))
     assert float(((q_fp8.float() * scale[..., None] - q).abs() / q.abs().amax(-1, keepdim=True)).max()) <= 2 ** -4
     # logits with (q_fp8, folded weights) == logits with the dequantised q and the original weights
     k = torch.randn(50, 32, generator=g)

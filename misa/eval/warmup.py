@@ -13,8 +13,11 @@ the keys are accumulated over chunks on a detached leaf and pushed through the k
 Time-bounded: ``minutes`` of training (the stage split is a fraction of it); it checkpoints to the
 run dir every ``save_every_s`` and when time is up, and resumes from there. ``total_minutes`` plans
 one schedule (lr decay, stage split) over several such calls, as a GPU machine with a 10-minute
-limit per command needs. ``init_from`` continues from an indexer trained elsewhere (weights only:
-a new schedule and a fresh optimizer; its tokens are counted as prior training).
+limit per command needs. Or step-bounded: ``max_steps`` trains exactly that many steps in the call
+whatever the time, with the lr schedule and the stage split planned over the steps, so that the
+same config trains the same steps on any machine (what tests use). ``init_from`` continues from
+an indexer trained elsewhere (weights only: a new schedule and a fresh optimizer; its tokens are
+counted as prior training).
 """
 from __future__ import annotations
 
@@ -55,6 +58,9 @@ class WarmupConfig:
     q_rank: int = 128
     layers: list[int] | None = None  # None: all
     seed: int = 0
+    # a step count: this call trains exactly max_steps steps (fewer only when interrupted); the time
+    # budget then does not stop it, and the lr schedule and stage split are planned over the steps
+    # (prior steps + max_steps) instead of seconds. None: bounded by ``minutes``.
     max_steps: int | None = None
     save_every_s: float = 120.0
     reserve_s: float = 5.0
@@ -73,6 +79,8 @@ class WarmupConfig:
             raise ValueError(f"total_minutes: must be > 0, got {self.total_minutes}")
         if self.kernel not in ("auto", "fused", "eager"):
             raise ValueError(f"kernel: expected auto, fused or eager, got {self.kernel!r}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError(f"max_steps: must be >= 1, got {self.max_steps}")
         for name in ("k_sparse", "chunk"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: must be >= 1, got {getattr(self, name)}")
@@ -221,7 +229,8 @@ def warmup(model, tokenizer, cfg: WarmupConfig, run_dir: str | Path, corpus=None
            token_cache: Path | None = None) -> dict:
     """Train (or resume training) the indexers in ``run_dir``; returns a summary dict.
 
-    ``cfg.minutes`` counts from this call: tokenising the corpus and resuming come out of it."""
+    ``cfg.minutes`` counts from this call: tokenising the corpus and resuming come out of it. With
+    ``cfg.max_steps`` the step count alone decides when the call stops and where the schedule is."""
     t_call = time.perf_counter()
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -283,13 +292,16 @@ def warmup(model, tokenizer, cfg: WarmupConfig, run_dir: str | Path, corpus=None
     if cfg.total_minutes is not None:
         progress["planned_s"] = cfg.total_minutes * 60.0
     planned_total = progress.get("planned_s") or progress["elapsed_s"] + budget
+    by_steps = cfg.max_steps is not None
+    planned_steps = progress["step"] + cfg.max_steps if by_steps else None
     meta = provenance(device)
     meta.update(model_geometry=geo, train_tokens=int(tokens.numel()), resumed=resumed)
 
     bar = None
     if progress_bar:
         from tqdm.auto import tqdm
-        bar = tqdm(total=max(1, round(budget)), unit="s", desc="warmup", dynamic_ncols=True, file=sys.stderr)
+        bar = tqdm(total=cfg.max_steps if by_steps else max(1, round(budget)), unit="step" if by_steps else "s",
+                   desc="warmup", dynamic_ncols=True, file=sys.stderr)
     t_start = time.perf_counter()
     last_save = last_print = t_start
     kernel, kernel_why = None, ""
@@ -299,15 +311,14 @@ def warmup(model, tokenizer, cfg: WarmupConfig, run_dir: str | Path, corpus=None
     try:
         while True:
             now = time.perf_counter() - t_start
-            if cfg.max_steps is not None and steps_here >= cfg.max_steps:
-                stopped = "max_steps"
-                break
-            if step_time is not None and now + step_time > budget - cfg.reserve_s:
-                break
-            if now >= budget:
+            if by_steps:
+                if steps_here >= cfg.max_steps:
+                    stopped = "max_steps"
+                    break
+            elif (step_time is not None and now + step_time > budget - cfg.reserve_s) or now >= budget:
                 break
             t0 = time.perf_counter()
-            frac = (progress["elapsed_s"]) / planned_total
+            frac = progress["step"] / planned_steps if by_steps else progress["elapsed_s"] / planned_total
             sparse = frac >= cfg.dense_fraction
             if sparse and progress["sparse_from_step"] is None:
                 progress["sparse_from_step"] = progress["step"]
@@ -347,7 +358,7 @@ def warmup(model, tokenizer, cfg: WarmupConfig, run_dir: str | Path, corpus=None
                         "stage": "sparse" if sparse else "dense", "lr": lr, "tok_s": length / dt,
                         "kl": [round(v, 5) for v in stage_v], "dense_kl": [round(v, 5) for v in dense_v]})
             if bar is not None:
-                bar.n = min(round(time.perf_counter() - t_start), bar.total)
+                bar.n = steps_here if by_steps else min(round(time.perf_counter() - t_start), bar.total)
                 bar.set_postfix_str(f"{'sparse' if sparse else 'dense'} step {progress['step']} "
                                     f"KL {sum(dense_v) / len(dense_v):.3f} {length / dt:,.0f} tok/s")
                 bar.refresh()

@@ -1,0 +1,149 @@
+#!/usr/bin/env bash
+# Every CUDA test and a short `misa bench`, in one call on a GPU machine:
+#   bash scripts/gpu_tests.sh
+# The CUDA test files are found here: those that ask torch.cuda.is_available() or pick "cuda"
+# (tests/test_kernels.py, test_paged_kernel.py, test_gpu_integration.py, test_bench.py today).
+# Full logs go to ${OUT:-/tmp}/gpu-tests.log, the bench JSON to ${OUT:-/tmp}/gpu-bench.json, the
+# pytest report to ${OUT:-/tmp}/gpu-tests-junit.xml; the last line printed is one summary:
+#   GPU tests: <card> <date> | pytest: N passed, M failed, K skipped | bench: dsa X ms, misa Yx ...
+#   | decode: dsa X us, block-pruned Y us (CUDA graphs)
+# Exit status: 0 when every test passed (or skipped) and the bench ran or was skipped for want of
+# CUDA; 1 when a test failed or errored, pytest timed out, or the bench failed on a CUDA machine;
+# 2 when pytest is missing.
+# Needs python3 with torch and triton (PYTHON=... picks another interpreter) and the repo, put on
+# PYTHONPATH here; pytest comes from the machine or, when missing, from wheels in .whl/
+# (python3 -m pip download -d .whl pytest, carried with the checkout).
+# Knobs: PYTEST_TIMEOUT (s, default 420), BENCH_TIMEOUT (s, default 120), PYTEST_ARGS (extra
+# arguments, split on spaces), GPU_TEST_FILES (instead of the files found).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+DEST=${OUT:-/tmp}
+mkdir -p "$DEST"
+LOG=$DEST/gpu-tests.log
+JSON=$DEST/gpu-bench.json
+JUNIT=$DEST/gpu-tests-junit.xml
+: > "$LOG"
+rm -f "$JSON" "$JUNIT"
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+log() { echo "$@" | tee -a "$LOG"; }
+
+if ! "$PY" -c "import pytest" 2>/dev/null && ls .whl/*.whl >/dev/null 2>&1; then
+  log "pytest missing: installing the wheels in .whl/ into /tmp/site"
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl >>"$LOG" 2>&1
+  export PYTHONPATH=$PYTHONPATH:/tmp/site
+fi
+
+card=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -n1)
+cuda=$("$PY" -c "import torch; print(int(torch.cuda.is_available()))" 2>>"$LOG" || echo 0)
+if [ -z "$card" ]; then
+  card=$("$PY" -c "import torch; print(torch.cuda.get_device_name() if torch.cuda.is_available() else 'no CUDA')" 2>/dev/null || echo "no CUDA")
+fi
+day=$(date -u +%Y-%m-%dT%H:%MZ)
+log "gpu_tests: $card, $day, $(git rev-parse --short HEAD 2>/dev/null || echo '?')$(git diff --quiet 2>/dev/null || echo '+changes')"
+"$PY" -c "import sys, torch; import triton; print('python', sys.version.split()[0], 'torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.cuda.is_available())" 2>&1 | tee -a "$LOG"
+
+# --- the CUDA test files ---------------------------------------------------------------------
+files=${GPU_TEST_FILES:-$(grep -lE 'torch\.cuda\.is_available|"cuda"' tests/test_*.py | sort | tr '\n' ' ')}
+log "test files: $files"
+status=0
+if ! "$PY" -c "import pytest" 2>/dev/null; then
+  tests="pytest not installed (put its wheels in .whl/)"
+  status=2
+else
+  timeout "${PYTEST_TIMEOUT:-420}" "$PY" -m pytest -q -rfEs -p no:cacheprovider --junitxml="$JUNIT" \
+    ${PYTEST_ARGS:-} $files >>"$LOG" 2>&1
+  rc=$?
+  if [ $rc -eq 124 ] || [ $rc -eq 137 ]; then
+    tests="timed out after ${PYTEST_TIMEOUT:-420} s (see $LOG)"
+    status=1
+  elif [ -f "$JUNIT" ]; then
+    tests=$("$PY" - "$JUNIT" <<'EOF'
+import sys, xml.etree.ElementTree as ET
+root = ET.parse(sys.argv[1]).getroot()
+suites = [root] if root.tag == "testsuite" else list(root)
+n = {k: sum(int(s.get(k, 0)) for s in suites) for k in ("tests", "failures", "errors", "skipped")}
+passed = n["tests"] - n["failures"] - n["errors"] - n["skipped"]
+out = f"{passed} passed, {n['failures']} failed, {n['skipped']} skipped"
+print(out + (f", {n['errors']} errors" if n["errors"] else ""))
+sys.exit(1 if n["failures"] or n["errors"] else 0)
+EOF
+)
+    [ $? -ne 0 ] && status=1
+    [ $rc -ne 0 ] && [ $rc -ne 5 ] && status=1      # 5: nothing collected
+  else
+    tests="pytest exited $rc without a report (see $LOG)"
+    status=1
+  fi
+  # the failures and skips, and pytest's last line, on the console too
+  sed -n '/short test summary info/,$p' "$LOG" | tail -n 40
+fi
+
+# --- a short bench ---------------------------------------------------------------------------
+BENCH_ARGS=(--num-queries 1024 --context-lens 16384 32768 --k 2048 --stage1-k 8192 --rep-ms 40 --rounds 2)
+if [ "$cuda" != "1" ]; then
+  bench="skipped (no CUDA)"
+  log "bench: skipped, no CUDA device"
+else
+  log "bench: misa bench ${BENCH_ARGS[*]}"
+  if "$PY" -c "import rich" 2>/dev/null; then
+    timeout "${BENCH_TIMEOUT:-120}" "$PY" -m misa.cli bench "${BENCH_ARGS[@]}" --json "$JSON" >>"$LOG" 2>&1
+  else   # the CLI prints with rich; the library call writes the same JSON without it
+    timeout "${BENCH_TIMEOUT:-120}" "$PY" - "$JSON" >>"$LOG" 2>&1 <<'EOF'
+import sys, torch
+from misa.bench import BenchConfig, format_rows, run_bench, save
+res = run_bench(BenchConfig(num_queries=1024, context_lens=(16384, 32768), k=2048, stage1_k=8192, rep_ms=40,
+                            rounds=2), torch.device("cuda"), progress=False)
+cols, rows = format_rows(res)
+print(" | ".join(cols))
+for r in rows:
+    print(" | ".join(r))
+save(res, sys.argv[1])
+EOF
+  fi
+  brc=$?
+  if [ $brc -eq 0 ] && [ -f "$JSON" ]; then
+    bench=$("$PY" - "$JSON" <<'EOF'
+import json, sys
+r = json.load(open(sys.argv[1]))["rows"][-1]          # the longest context
+ms = r["ms"]
+parts = [f"{r['seq_len'] // 1024}K keys: dsa {ms['dsa.e2e']:.2f} ms"]
+for m, key in (("misa", "misa_e2e"), ("misa-gap", "misa_gap_e2e"), ("misa-dagger", "misa_dagger_e2e"),
+               ("hisa", "hisa_e2e")):
+    if f"speedup.{key}" in r:
+        parts.append(f"{m} {r['speedup.' + key]:.2f}x (recall {r[m + '.recall']:.3f})")
+print(", ".join(parts))
+EOF
+)
+  else
+    bench="failed (exit $brc, see $LOG)"
+    status=1
+  fi
+fi
+
+# --- a short decode bench: dense DSA against block-pruned, CUDA graphs ---------------------------
+DECODE_JSON=$DEST/gpu-decode.json
+if [ "$cuda" != "1" ]; then
+  decode="skipped (no CUDA)"
+else
+  timeout "${BENCH_TIMEOUT:-120}" "$PY" -m misa.cli bench --decode --decode-shapes 1x4096 64x131072 --next-n 1 \
+    --decode-block-k 64 --rep-ms 40 --json "$DECODE_JSON" >>"$LOG" 2>&1
+  if [ $? -eq 0 ] && [ -f "$DECODE_JSON" ]; then
+    decode=$("$PY" - "$DECODE_JSON" <<'EOF'
+import json, sys
+parts = []
+for r in json.load(open(sys.argv[1]))["rows"]:
+    parts.append(f"{r['batch']}x{r['context'] // 1024}K dsa {r['dsa.graph_ms'] * 1e3:.0f} us, block-pruned m=64 "
+                 f"{r['hisa-m64.graph_ms'] * 1e3:.0f} us ({r['hisa-m64.speedup']:.1f}x, recall {r['hisa-m64.recall_mean']:.2f})")
+print("; ".join(parts))
+EOF
+)
+  else
+    decode="failed (see $LOG)"
+    status=1
+  fi
+fi
+
+summary="GPU tests: $card $day | pytest: $tests | bench: $bench | decode: $decode"
+log "$summary"
+exit $status
