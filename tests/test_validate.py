@@ -220,7 +220,8 @@ def test_paged_check_kernel_flags_like_the_reference(case):
         table[1, 4] = cache.shape[0]
     elif case == "unused_column":
         table[0, 3] = -5                 # past sequence 0's one page: never read, so not an error
-    args = (q, w, lens, table, cache.shape[0], 64)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    args = (q.to(dev), w.to(dev), lens.to(dev), table.to(dev), cache.shape[0], 64)
     ref = paged_flags(*args).tolist()
     assert checks_triton.paged_flags(*args).tolist() == ref
     assert [n for n, bad in zip(PAGED_FLAGS, ref) if bad] == ([] if case in ("good", "unused_column") else [case])
