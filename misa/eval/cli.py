@@ -46,7 +46,7 @@ def add_commands(sub) -> None:
     from .niah import NIAH_METHODS
     from .ppl import PPL_METHODS
     from .selectors import IN_MODEL, METHODS
-    w = sub.add_parser("warmup", help="train a DSA indexer for every layer of SmolLM2 (time-bounded)",
+    w = sub.add_parser("warmup", help="train a DSA indexer for every layer of SmolLM2 (bounded by time or an exact step count)",
                        formatter_class=HelpFormatter,
                        description="Train DeepSeek-V3.2-style DSA indexers on the frozen model: dense warm-up, then the "
                                    "sparse stage; saves safetensors shards + indexer.json, a loss curve and a report. "
@@ -67,7 +67,7 @@ def add_commands(sub) -> None:
     w.add_argument("--k-sparse", type=int, default=256, help="top-k of the sparse stage")
     w.add_argument("--chunk", type=int, default=None, help="queries per chunk (default: 1024 on CUDA, 256 on CPU)")
     w.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
-    w.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (default: only --minutes)")
+    w.add_argument("--max-steps", type=int, default=None, help="train exactly this many steps, whatever --minutes says (default: bounded by --minutes)")
     w.add_argument("--kernel", default="auto", choices=["auto", "fused", "eager"],
                    help="indexer loss: fused Triton kernels (checked against eager on the first batch) or eager")
     w.add_argument("--seed", type=int, default=0, help="seed of the window draws and the initialisation")

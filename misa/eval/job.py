@@ -167,7 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--q-rank", type=int, default=128)
     t.add_argument("--k-sparse", type=int, default=256)
     t.add_argument("--chunk", type=int, default=None)
-    t.add_argument("--max-steps", type=int, default=None)
+    t.add_argument("--max-steps", type=int, default=None, help="train exactly this many steps (default: bounded by time)")
     t.add_argument("--save-every", type=float, default=90.0)
     t.add_argument("--kernel", default="auto", choices=["auto", "fused", "eager"])
     t.add_argument("--total-minutes", type=float, default=None,
