@@ -1,4 +1,4 @@
-"""The CPU reference at 32K x 32K (issue 2): a causal dsa_select with H=64, D=128, k=2048 on fp8
+"""The CPU reference at 32K x 32K: a causal dsa_select with H=64, D=128, k=2048 on fp8
 inputs, with its time and peak resident memory. ~4-5 minutes on a 2-core machine, ~2.5 GiB.
 
     python benchmarks/cpu_reference_32k.py

@@ -4,7 +4,7 @@
     r[t, j]  = sum_b | w[t, j] * relu(q[t, j] . kbar[b]) |    over blocks [floor(ks/B), ceil(ke/B))
 
 ``abs-sum`` is the paper's statistic and the default; the others are named options for studying
-the router (issue 4): ``sum`` (signed), ``max`` (largest block), ``qnorm`` (``|w| * ||q||``, keys
+the router: ``sum`` (signed), ``max`` (largest block), ``qnorm`` (``|w| * ||q||``, keys
 ignored), ``top-blocks`` (only the query's ``TOP_BLOCKS`` best pooled blocks by the DSA formula
 vote, each with abs-sum: blocks the query will not read cannot pull a head in), ``gap`` (see below).
 
