@@ -33,6 +33,7 @@ def available(device: torch.device) -> bool:
 
 
 if triton is not None:
+    # row offsets in int64: rows * T overflows int32 from T = 46,341, rows * H * D once T*H*D >= 2**31
     @triton.jit
     def _fwd(q_ptr, k_ptr, w_ptr, out_ptr, T, H, D: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_S: tl.constexpr):
         i = tl.program_id(0)
@@ -42,16 +43,16 @@ if triton is not None:
         rows = i * BLOCK_T + tl.arange(0, BLOCK_T)
         cols = j * BLOCK_S + tl.arange(0, BLOCK_S)
         d = tl.arange(0, D)
-        kb = tl.load(k_ptr + cols[:, None] * D + d[None, :], mask=cols[:, None] < T, other=0.0)
+        kb = tl.load(k_ptr + cols[:, None].to(tl.int64) * D + d[None, :], mask=cols[:, None] < T, other=0.0)
         acc = tl.zeros((BLOCK_T, BLOCK_S), dtype=tl.float32)
         for h in range(0, H):
-            qh = tl.load(q_ptr + rows[:, None] * (H * D) + h * D + d[None, :], mask=rows[:, None] < T, other=0.0)
-            wh = tl.load(w_ptr + rows * H + h, mask=rows < T, other=0.0)
+            qh = tl.load(q_ptr + rows[:, None].to(tl.int64) * (H * D) + h * D + d[None, :], mask=rows[:, None] < T, other=0.0)
+            wh = tl.load(w_ptr + rows.to(tl.int64) * H + h, mask=rows < T, other=0.0)
             s = tl.dot(qh, tl.trans(kb))
             acc += wh[:, None] * tl.maximum(s, 0.0)
         keep = (cols[None, :] <= rows[:, None]) & (rows[:, None] < T) & (cols[None, :] < T)
         acc = tl.where(keep, acc, float("-inf"))
-        tl.store(out_ptr + rows[:, None] * T + cols[None, :], acc, mask=(rows[:, None] < T) & (cols[None, :] < T))
+        tl.store(out_ptr + rows[:, None].to(tl.int64) * T + cols[None, :], acc, mask=(rows[:, None] < T) & (cols[None, :] < T))
 
     @triton.jit
     def _bwd_q(q_ptr, k_ptr, w_ptr, g_ptr, dq_ptr, dw_ptr, T, H, D: tl.constexpr,
@@ -61,23 +62,23 @@ if triton is not None:
         rows = i * BLOCK_T + tl.arange(0, BLOCK_T)
         d = tl.arange(0, D)
         rmask = rows < T
-        qh = tl.load(q_ptr + rows[:, None] * (H * D) + h * D + d[None, :], mask=rmask[:, None], other=0.0)
-        wh = tl.load(w_ptr + rows * H + h, mask=rmask, other=0.0)
+        qh = tl.load(q_ptr + rows[:, None].to(tl.int64) * (H * D) + h * D + d[None, :], mask=rmask[:, None], other=0.0)
+        wh = tl.load(w_ptr + rows.to(tl.int64) * H + h, mask=rmask, other=0.0)
         dq = tl.zeros((BLOCK_T, D), dtype=tl.float32)
         dw = tl.zeros((BLOCK_T,), dtype=tl.float32)
         last = tl.minimum(i * BLOCK_T + BLOCK_T, T)
         for s0 in range(0, last, BLOCK_S):
             cols = s0 + tl.arange(0, BLOCK_S)
             cmask = cols < T
-            kb = tl.load(k_ptr + cols[:, None] * D + d[None, :], mask=cmask[:, None], other=0.0)
-            g = tl.load(g_ptr + rows[:, None] * T + cols[None, :], mask=rmask[:, None] & cmask[None, :], other=0.0)
+            kb = tl.load(k_ptr + cols[:, None].to(tl.int64) * D + d[None, :], mask=cmask[:, None], other=0.0)
+            g = tl.load(g_ptr + rows[:, None].to(tl.int64) * T + cols[None, :], mask=rmask[:, None] & cmask[None, :], other=0.0)
             g = tl.where(cols[None, :] <= rows[:, None], g, 0.0)
             s = tl.dot(qh, tl.trans(kb))
             dw += tl.sum(g * tl.maximum(s, 0.0), axis=1)
             p = tl.where(s > 0, g * wh[:, None], 0.0)
             dq += tl.dot(p.to(kb.dtype), kb)
-        tl.store(dq_ptr + rows[:, None] * (H * D) + h * D + d[None, :], dq, mask=rmask[:, None])
-        tl.store(dw_ptr + rows * H + h, dw, mask=rmask)
+        tl.store(dq_ptr + rows[:, None].to(tl.int64) * (H * D) + h * D + d[None, :], dq, mask=rmask[:, None])
+        tl.store(dw_ptr + rows.to(tl.int64) * H + h, dw, mask=rmask)
 
     @triton.jit
     def _bwd_k(q_ptr, k_ptr, w_ptr, g_ptr, dk_ptr, T, H, HG, D: tl.constexpr,
@@ -87,22 +88,22 @@ if triton is not None:
         cols = j * BLOCK_S + tl.arange(0, BLOCK_S)
         d = tl.arange(0, D)
         cmask = cols < T
-        kb = tl.load(k_ptr + cols[:, None] * D + d[None, :], mask=cmask[:, None], other=0.0)
+        kb = tl.load(k_ptr + cols[:, None].to(tl.int64) * D + d[None, :], mask=cmask[:, None], other=0.0)
         dk = tl.zeros((BLOCK_S, D), dtype=tl.float32)
         first = (j * BLOCK_S) // BLOCK_T * BLOCK_T
         for t0 in range(first, T, BLOCK_T):
             rows = t0 + tl.arange(0, BLOCK_T)
             rmask = rows < T
-            g = tl.load(g_ptr + rows[:, None] * T + cols[None, :], mask=rmask[:, None] & cmask[None, :], other=0.0)
+            g = tl.load(g_ptr + rows[:, None].to(tl.int64) * T + cols[None, :], mask=rmask[:, None] & cmask[None, :], other=0.0)
             g = tl.where(cols[None, :] <= rows[:, None], g, 0.0)
             for hh in range(0, HG):
                 h = grp * HG + hh
-                qh = tl.load(q_ptr + rows[:, None] * (H * D) + h * D + d[None, :], mask=rmask[:, None], other=0.0)
-                wh = tl.load(w_ptr + rows * H + h, mask=rmask, other=0.0)
+                qh = tl.load(q_ptr + rows[:, None].to(tl.int64) * (H * D) + h * D + d[None, :], mask=rmask[:, None], other=0.0)
+                wh = tl.load(w_ptr + rows.to(tl.int64) * H + h, mask=rmask, other=0.0)
                 s = tl.dot(qh, tl.trans(kb))
                 p = tl.where(s > 0, g * wh[:, None], 0.0)
                 dk += tl.dot(tl.trans(p.to(qh.dtype)), qh)
-        tl.store(dk_ptr + grp * T * D + cols[:, None] * D + d[None, :], dk, mask=cmask[:, None])
+        tl.store(dk_ptr + grp.to(tl.int64) * T * D + cols[:, None].to(tl.int64) * D + d[None, :], dk, mask=cmask[:, None])
 
 
 def _groups(h: int) -> int:
