@@ -7,8 +7,9 @@ graph and replay it with new ``q``, ``weights``, ``context_lens`` and ``block_ta
     sel.check(q, kv_cache, weights, context_lens, block_table, pooled)   # optional: one sync
     idx = sel(q, kv_cache, weights, context_lens, block_table, pooled)   # capturable
 
-Variants: ``"dsa"`` (the dense paged logits and a top-k over each row's cached positions) and
-``"hisa"`` (block-pruned: pooled blocks from the pooled-key cache scored with all heads, the first,
+Variants: ``"dsa"`` (the dense paged logits and a top-k over each row's cached positions),
+``"misa"`` (heads routed over pooled blocks of the pooled-key cache, then the routed paged logits
+and the top-k) and ``"hisa"`` (block-pruned: pooled blocks from the pooled-key cache scored with all heads, the first,
 the last and the best ``block_k`` blocks kept, their tokens scored exactly, top-k). A selector's
 buffers are sized by ``max_batch`` and ``max_context``; each batch size gets its own launch plan on
 first use (allocated then: call once at every batch size before capturing). Inputs are not
@@ -24,7 +25,7 @@ from . import quant
 from .ops.blocks.reference import kept_blocks
 from .validate import check_hisa_budget, check_int
 
-SELECTOR_VARIANTS = ("dsa", "hisa")
+SELECTOR_VARIANTS = ("dsa", "hisa", "misa")
 
 
 class _RowsTopk:
@@ -61,11 +62,14 @@ class _Plan:
         self.batch = batch
         i32 = dict(dtype=torch.int32, device=dev)
         self.zeros = torch.zeros(rows, **i32)
-        if sel.variant == "dsa":
+        if sel.variant in ("dsa", "misa"):
             self.ends = torch.empty(rows, **i32)
             self.offsets = torch.arange(1 - n, 1, **i32)              # query i sees ctx - n + 1 + i keys
             self.logits = torch.empty(rows, sel.max_pages * quant.PAGE_SIZE, dtype=torch.float32, device=dev)
             self.topk = _topk(self.logits, self.zeros, self.ends, sel.k)
+            if sel.variant == "misa":
+                self.heads = torch.empty(rows, sel.active_heads, **i32)
+                self.kbar = torch.empty(batch, sel.router_blocks, sel.head_dim, dtype=torch.float32, device=dev)
         else:
             self.block_ends = torch.empty(rows, **i32)
             self.scores = torch.empty(rows, max(sel.max_blocks, 1), dtype=torch.float32, device=dev)
@@ -86,11 +90,14 @@ class DecodeSelector:
     cached tokens per sequence at most (the block table has ``ceil(max_context / 64)`` columns);
     ``next_n``: new tokens per sequence per step (1, or 2+ with multi-token prediction).
     HISA: ``block_size`` (a multiple of the 64-token page, default 64) and ``block_k`` (blocks kept,
-    default 64; ``block_k * block_size >= k``).
+    default 64; ``block_k * block_size >= k``). MISA: ``active_heads`` (default 8, fewer than
+    ``num_heads``) routed by ``router`` ("abs-sum" or "gap") over blocks of ``router_block_size``
+    tokens (a multiple of 64, default 1024) taken from the pooled-key cache.
     """
 
     def __init__(self, variant: str = "dsa", *, num_heads: int, head_dim: int, k: int = 2048, max_batch: int,
-                 max_context: int, next_n: int = 1, device=None, block_size: int = 64, block_k: int = 64):
+                 max_context: int, next_n: int = 1, device=None, block_size: int = 64, block_k: int = 64,
+                 active_heads: int = 8, router_block_size: int = 1024, router: str = "abs-sum"):
         if variant not in SELECTOR_VARIANTS:
             raise ValueError(f"variant: expected one of {SELECTOR_VARIANTS}, got {variant!r}")
         self.variant = variant
@@ -110,6 +117,20 @@ class DecodeSelector:
             self.block_size, self.block_k = block_size, block_k
             self.kept = kept_blocks(k, block_size, block_k)
             self.max_blocks = triton.cdiv(max_context, block_size)
+        if variant == "misa":
+            from .ops import power_of_two
+            from .ops.router.triton import STATISTICS
+            check_int("active_heads", active_heads, 1, num_heads - 1)
+            if not power_of_two(active_heads):
+                raise ValueError(f"active_heads: the routed kernels take a power of two, got {active_heads}")
+            check_int("router_block_size", router_block_size)
+            if router_block_size % quant.PAGE_SIZE:
+                raise ValueError(f"router_block_size: must be a multiple of the page size ({quant.PAGE_SIZE}), "
+                                 f"got {router_block_size}")
+            if router not in STATISTICS:
+                raise ValueError(f"router: the decode selector routes with one of {STATISTICS}, got {router!r}")
+            self.active_heads, self.router_block_size, self.router = active_heads, router_block_size, router
+            self.router_blocks = triton.cdiv(max_context, router_block_size)
         self._plans: dict[int, _Plan] = {}
 
     def plan(self, batch: int) -> _Plan:
@@ -133,7 +154,7 @@ class DecodeSelector:
                              f"(max_context {self.max_context})")
         if longest > self.max_context:
             raise ValueError(f"context_lens: {longest} tokens exceed max_context ({self.max_context})")
-        if self.variant == "hisa":
+        if self.variant in ("hisa", "misa"):
             if pooled is None:
                 raise ValueError("pooled: the block-pruned selector reads the pooled-key cache (misa.new_pooled_kcache)")
             check_pooled(pooled, kv_cache)
@@ -142,10 +163,16 @@ class DecodeSelector:
         """``[B * next_n, k]`` int32 positions inside each sequence, -1 padded: a buffer of this
         selector, overwritten by the next call at the same batch size."""
         p = self.plan(q.shape[0])
-        if self.variant == "dsa":
+        if self.variant in ("dsa", "misa"):
             from .ops.dsa.paged_triton import paged_logits
+            heads = None
+            if self.variant == "misa":
+                from .ops.router.triton import paged_route_heads_batched
+                heads = paged_route_heads_batched(q, kv_cache, weights, context_lens, block_table, self.active_heads,
+                                                  self.router_block_size, self.router, pooled=pooled, out=p.heads,
+                                                  kbar=p.kbar, max_blocks=self.router_blocks)
             torch.add(context_lens.view(-1, 1), p.offsets, out=p.ends.view(-1, self.next_n))
-            paged_logits(q, kv_cache, weights, context_lens, block_table, p.logits)
+            paged_logits(q, kv_cache, weights, context_lens, block_table, p.logits, heads=heads)
             p.topk.run()
             return p.out
         from .ops.blocks import triton as blocks_triton

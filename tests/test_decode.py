@@ -185,7 +185,7 @@ def test_decode_selector_checks_its_inputs():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need CUDA")
-@pytest.mark.parametrize("variant", ["dsa", "hisa"])
+@pytest.mark.parametrize("variant", ["dsa", "hisa", "misa"])
 def test_decode_selector_replays_in_a_cuda_graph(variant):
     # captured once, replayed with new q, weights, context_lens and block_table copied into the
     # captured tensors: the same selection as the checked function on those inputs
@@ -220,6 +220,8 @@ def test_decode_selector_replays_in_a_cuda_graph(variant):
         _, q2, w2, cache2, table2, clens2, pooled2 = new
         if variant == "dsa":
             want = misa.paged_dsa_select(q2, cache2, w2, clens2, table2, k=k)
+        elif variant == "misa":
+            want = misa.paged_misa_select(q2, cache2, w2, clens2, table2, k=k, active_heads=8, pooled=pooled2)
         else:
             want = misa.paged_hisa_select(q2, cache2, w2, clens2, table2, k=k, block_size=64, block_k=16,
                                           pooled=pooled2)
@@ -261,3 +263,23 @@ def test_routing_from_the_pooled_cache_equals_routing_from_the_cache(router):
         assert (a == b).all(1).float().mean() >= 0.9
     with pytest.raises(ValueError, match="^block_size:"):
         misa.paged_route_heads(q, cache, w, clens, table, active_heads=3, block_size=96, pooled=pooled)
+
+
+def test_decode_selector_misa_equals_paged_misa_select():
+    # the selector's routed decode (pooled blocks, routing, routed paged logits, top-k into its own
+    # buffers) selects what the checked paged_misa_select selects with the same pooled-key cache
+    lens, next_n = [300, 1100, 77], 2
+    seqs, q, w, cache, table, clens = _batch(lens, next_n, 8, 64, seed=41)
+    pooled = misa.pool_paged_kcache(cache, table, clens)
+    sel = misa.DecodeSelector("misa", num_heads=8, head_dim=64, k=64, max_batch=3, max_context=table.shape[1] * 64,
+                              next_n=next_n, device=DEVICE, active_heads=2, router_block_size=128)
+    sel.check(q, cache, w, clens, table, pooled)
+    got = sel(q, cache, w, clens, table, pooled)
+    want = misa.paged_misa_select(q, cache, w, clens, table, k=64, active_heads=2, block_size=128, pooled=pooled)
+    assert as_sets(got) == as_sets(want)
+    with pytest.raises(ValueError, match="^active_heads:"):
+        misa.DecodeSelector("misa", num_heads=8, head_dim=64, max_batch=3, max_context=1024, active_heads=3,
+                            device=DEVICE)
+    with pytest.raises(ValueError, match="^router_block_size:"):
+        misa.DecodeSelector("misa", num_heads=8, head_dim=64, max_batch=3, max_context=1024, active_heads=2, router_block_size=100,
+                            device=DEVICE)

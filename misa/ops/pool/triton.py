@@ -90,11 +90,13 @@ def _pool_blocks_kernel(POOLED, TABLE, CTX, OUT, block_size, max_blocks, stride_
 
 
 def pool_blocks(pooled: torch.Tensor, block_table: torch.Tensor, context_lens: torch.Tensor,
-                block_size: int, max_blocks: int) -> torch.Tensor:
-    """``kbar [B, max_blocks, D]`` float32 from the pooled-key cache (see ``reference.pool_blocks``)."""
+                block_size: int, max_blocks: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``kbar [B, max_blocks, D]`` float32 from the pooled-key cache (see ``reference.pool_blocks``),
+    written into ``out`` when given (a contiguous buffer of that shape)."""
     d = pooled.shape[1]
     b = context_lens.shape[0]
-    out = torch.empty(b, max_blocks, d, dtype=torch.float32, device=pooled.device)
+    if out is None:
+        out = torch.empty(b, max_blocks, d, dtype=torch.float32, device=pooled.device)
     if b * max_blocks * d:
         pt = min(16, triton.next_power_of_2(block_size // quant.PAGE_SIZE))
         _pool_blocks_kernel[(b * max_blocks,)](

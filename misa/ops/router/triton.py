@@ -255,23 +255,26 @@ def batched_router_ok(num_heads: int, router: str) -> bool:
 
 def paged_route_heads_batched(q, kv_cache, weights, context_lens, block_table, active_heads: int,
                               block_size: int, router: str = "abs-sum", config=None,
-                              longest: int | None = None, pooled=None) -> torch.Tensor:
+                              longest: int | None = None, pooled=None, out=None, kbar=None,
+                              max_blocks: int | None = None) -> torch.Tensor:
     """Decode routing for the whole batch in two launches: ``[B * next_n, h]`` int32 ascending head
     ids, rows sequence-major; query ``i`` of sequence ``b`` sees ``[0, context_lens[b] - next_n + i + 1)``.
     ``q [B, next_n, H, D]``; inputs as ``misa.paged_*`` checks them, ``batched_router_ok`` true;
     ``longest``: ``context_lens.max()`` if the caller has it (saves a GPU sync); ``pooled``: the
     pooled-key cache, whose page sums give the blocks without reading the cache (``block_size`` a
-    multiple of 64)."""
+    multiple of 64). ``out`` / ``kbar`` (``[B, max_blocks, D]`` float32) preallocated and
+    ``max_blocks`` given: nothing allocated or read back (``misa.DecodeSelector``)."""
     b, n, h, d = q.shape
-    heads = torch.empty(b * n, active_heads, dtype=torch.int32, device=q.device)
+    heads = out if out is not None else torch.empty(b * n, active_heads, dtype=torch.int32, device=q.device)
     if b * n == 0:
         return heads
     if active_heads == h:     # every head: nothing to route
         return heads.copy_(torch.arange(h, dtype=torch.int32, device=heads.device).expand(b * n, h))
-    max_blocks = triton.cdiv(int(context_lens.max()) if longest is None else longest, block_size)
+    if max_blocks is None:
+        max_blocks = triton.cdiv(int(context_lens.max()) if longest is None else longest, block_size)
     if pooled is not None:
         from ..pool.triton import pool_blocks
-        kbar = pool_blocks(pooled, block_table, context_lens, block_size, max_blocks)
+        kbar = pool_blocks(pooled, block_table, context_lens, block_size, max_blocks, out=kbar)
     else:
         kbar = paged_pool_keys(kv_cache, context_lens, block_table, block_size, max_blocks)
     q, weights = q.contiguous(), weights.contiguous()
