@@ -161,6 +161,15 @@ def paged_batch(lens, next_n: int, h: int, d: int, g: torch.Generator, extra_pag
     return seqs, qs, ws, cache, table, clens
 
 
+def paged_batch_on(device, lens, next_n: int, h: int, d: int, seed: int, extra_pages: int = 2):
+    """``paged_batch`` on ``device``, stacked as the paged functions take it: ``(seqs, q [B, n, H, D],
+    weights [B * n, H], cache, table, context_lens)``."""
+    seqs, qs, ws, cache, table, clens = paged_batch(lens, next_n, h, d, torch.Generator().manual_seed(seed),
+                                                    extra_pages=extra_pages)
+    to = lambda x: x.to(device)
+    return [tuple(map(to, s)) for s in seqs], to(torch.stack(qs)), to(torch.cat(ws)), to(cache), to(table), to(clens)
+
+
 def as_sets(idx) -> list[set]:
     return [set(r[r >= 0].tolist()) for r in idx.cpu()]
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import misa
-from helpers import as_sets, check_pick_from, check_selection, dsa_logits64, paged_batch
+from helpers import as_sets, check_pick_from, check_selection, dsa_logits64, paged_batch_on
 from misa.ops.blocks import kept_blocks, reference as blocks_ref
 
 pytest.importorskip("triton")
@@ -27,10 +27,7 @@ def kernels_on(monkeypatch):
 
 
 def _batch(lens, next_n, h, d, seed):
-    seqs, qs, ws, cache, table, clens = paged_batch(lens, next_n, h, d, torch.Generator().manual_seed(seed),
-                                                    extra_pages=3)
-    to = lambda x: x.to(DEVICE)
-    return [tuple(map(to, s)) for s in seqs], to(torch.stack(qs)), to(torch.cat(ws)), to(cache), to(table), to(clens)
+    return paged_batch_on(DEVICE, lens, next_n, h, d, seed, extra_pages=3)
 
 
 def pooled_sums(cache, table, clens):

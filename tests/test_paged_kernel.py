@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import misa
-from helpers import check_routing, check_selection, dsa_logits64, keys64, paged_batch, router_scores64
+from helpers import check_routing, check_selection, dsa_logits64, keys64, paged_batch_on, router_scores64
 
 pytest.importorskip("triton")
 # unused slots of a sequence's last page hold garbage bytes (build_paged_kcache), some of which
@@ -27,10 +27,7 @@ def kernels_on(monkeypatch):
 
 
 def _batch(lens, next_n, h, d, seed):
-    seqs, qs, ws, cache, table, clens = paged_batch(lens, next_n, h, d, torch.Generator().manual_seed(seed),
-                                                    extra_pages=2)
-    to = lambda x: x.to(DEVICE)
-    return [tuple(map(to, s)) for s in seqs], to(torch.stack(qs)), to(torch.cat(ws)), to(cache), to(table), to(clens)
+    return paged_batch_on(DEVICE, lens, next_n, h, d, seed, extra_pages=2)
 
 
 def _per_query(seqs, lens, next_n, b):

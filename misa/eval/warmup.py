@@ -464,7 +464,7 @@ def plot_loss(log: list, layers: list, out: Path, sparse_from: int | None, prior
     ax.set_yscale("log")
     ax.set_title(f"Indexer warm-up: {len(layers)} layers (colour: layer, dark = first)"
                  + (f"\ncontinued from {prior_tokens / 1e6:.1f}M tokens per layer (new schedule)" if prior_tokens else ""))
-    ax.legend()
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2, frameon=False)   # off the curves
     fig.tight_layout()
     fig.savefig(out)
     plt.close(fig)
