@@ -208,14 +208,15 @@ _SELECTORS: dict = {}
 
 
 def _selector(variant: str, q, k: int, block_table, **options):
-    """The ``DecodeSelector`` for these shapes, made once and kept (a few recent ones): the checked
-    functions then allocate no buffers and set up no launches per call."""
+    """The ``DecodeSelector`` for these shapes, made once and kept (the 8 made last; each holds its
+    buffers, e.g. ~40 MB of logits and top-k scratch for 64 x 128K): the checked functions then
+    allocate no buffers and set up no launches per call."""
     from .decode import DecodeSelector
     b, n, h, d = q.shape
     key = (variant, b, n, h, d, k, block_table.shape[1], q.device, tuple(sorted(options.items())))
     sel = _SELECTORS.get(key)
     if sel is None:
-        if len(_SELECTORS) >= 16:
+        if len(_SELECTORS) >= 8:
             _SELECTORS.pop(next(iter(_SELECTORS)))
         sel = _SELECTORS[key] = DecodeSelector(variant, num_heads=h, head_dim=d, k=k, max_batch=b, next_n=n,
                                                max_context=max(block_table.shape[1], 1) * quant.PAGE_SIZE,
