@@ -73,26 +73,11 @@ def decode_batch(batch: int, context: int, next_n: int, heads: int, head_dim: in
     reps = [j % len(seqs) for j in range(batch)]
     cache, table, lens = quant.build_paged_kcache([seqs[j] for j in reps],
                                                   generator=torch.Generator().manual_seed(seed))
-    pooled = _page_sums(cache, table, lens)
+    from .ops.pool.triton import pool_paged_kcache
+    pooled = pool_paged_kcache(cache, table, lens)
     q = torch.stack([qs[j] for j in reps])
     w = torch.cat([ws[j] for j in reps])
     return q, w, cache, table, lens, pooled
-
-
-def _page_sums(cache, table, lens) -> torch.Tensor:
-    """The pooled-key cache of a freshly built cache: each used page's sum of dequantised keys."""
-    import misa
-    if hasattr(misa, "pool_paged_kcache"):
-        return misa.pool_paged_kcache(cache, table, lens)
-    d = quant.paged_head_dim(cache)
-    pooled = torch.zeros(cache.shape[0], d, dtype=torch.float32, device=cache.device)
-    for b, n in enumerate(lens.tolist()):
-        k = quant.dequantize_keys(*quant.read_paged_kcache(cache, table[b], n))
-        pages = table[b, : -(-n // quant.PAGE_SIZE)].long()
-        full = torch.zeros(pages.numel() * quant.PAGE_SIZE, d, device=cache.device)
-        full[:n] = k
-        pooled[pages] = full.view(-1, quant.PAGE_SIZE, d).sum(1)
-    return pooled
 
 
 def bench_shape(cfg: DecodeBenchConfig, batch: int, context: int, next_n: int, device) -> dict:

@@ -16,15 +16,13 @@ sequence's pages are gathered into contiguous keys and the prefill path runs seq
 """
 from __future__ import annotations
 
-import os
-
 import torch
 
 from . import quant, select
 from .api import check_router, check_workspace
 from .ops import power_of_two
-from .validate import (Inputs, check_hisa_budget, check_int, check_stage1_k,
-                       check_tensor, Q_DTYPES)
+from .validate import (Inputs, check_hisa_budget, check_int, check_stage1_k, check_tensor, raise_first,
+                       value_checks, Q_DTYPES)
 
 
 def _check_paged(q, kv_cache, weights, context_lens, block_table) -> int:
@@ -48,21 +46,13 @@ def _check_paged(q, kv_cache, weights, context_lens, block_table) -> int:
                     ("block_table", block_table)):
         if x.device != q.device:
             raise ValueError(f"{name}: on {x.device}, q on {q.device}")
-    from .ops import checks, kernels_available
-    if q.is_cuda and os.environ.get("MISA_BACKEND") != "reference" and kernels_available():
-        from .ops.checks import triton as checks_triton
-        flags = checks_triton.paged_flags(q, weights, context_lens, block_table, kv_cache.shape[0], quant.PAGE_SIZE)
-    else:
-        flags = checks.paged_flags(q, weights, context_lens, block_table, kv_cache.shape[0], quant.PAGE_SIZE)
-    *bad, longest = flags.tolist()                          # the one synchronisation
-    messages = (("q", "contains NaN or infinite values"), ("weights", "contains NaN or infinite values"),
-                ("context_lens", f"every sequence must hold at least next_n ({n}) tokens"),
-                ("block_table", "too few columns for the longest context"),
-                # the batched kernels read pages through the table unchecked: a stray id must fail here
-                ("block_table", "page id outside the cache"))
-    for flag, (name, msg) in zip(bad, messages):
-        if flag:
-            raise ValueError(f"{name}: {msg}")
+    *bad, longest = value_checks("paged_flags", q, weights, context_lens, block_table, kv_cache.shape[0],
+                                 quant.PAGE_SIZE)
+    raise_first(bad, (("q", "contains NaN or infinite values"), ("weights", "contains NaN or infinite values"),
+                      ("context_lens", f"every sequence must hold at least next_n ({n}) tokens"),
+                      ("block_table", "too few columns for the longest context"),
+                      # the batched kernels read pages through the table unchecked: a stray id must fail here
+                      ("block_table", "page id outside the cache")))
     return longest
 
 
@@ -250,10 +240,7 @@ def paged_hisa_select(q, kv_cache, weights, context_lens, block_table, k: int = 
     check_int("k", k)
     check_int("block_size", block_size)
     check_hisa_budget(k, block_size, block_k)
-    if pooled is not None:
-        check_pooled(pooled, kv_cache)
-        if block_size % quant.PAGE_SIZE:
-            raise ValueError(f"block_size: with pooled, a multiple of the page size ({quant.PAGE_SIZE}), got {block_size}")
+    _check_pooled_blocks(pooled, kv_cache, block_size)
     if block_size % quant.PAGE_SIZE == 0 and _batched(q, backend):
         _check_paged(q, kv_cache, weights, context_lens, block_table)
         if pooled is None:         # built from the cache: one launch, still no loop over sequences

@@ -51,7 +51,6 @@ def check_backend_arg(backend):
 
 def _requested(backend: str | None) -> str:
     if backend is None:
-        backend = "auto"
         override = os.environ.get("MISA_BACKEND")
         if override is not None:
             if override not in BACKENDS:

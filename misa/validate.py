@@ -2,9 +2,10 @@
 
 Every failure is a ``ValueError`` whose message starts with the argument's name.
 
-Checks of tensor values (NaN, ranges) are collected in ``DeferredChecks`` and read back from the
-device together, once per call: each separate ``bool(t.any())`` would stall the host until the GPU
-drains, and a selection call made seven of them (0.3-0.7 ms of idle GPU per call on an H200).
+Checks of tensor values (NaN, ranges) are read back from the device together, once per call: each
+separate ``bool(t.any())`` would stall the host until the GPU drains. The selections' inputs are
+checked by ``misa.ops.checks`` (one launch on a GPU); other callers queue theirs on
+``DeferredChecks``.
 """
 from __future__ import annotations
 
@@ -57,19 +58,6 @@ class DeferredChecks:
             if bad:
                 _fail(name, msg)
         return read[len(flags):]
-
-
-def check_finite(name: str, x: torch.Tensor, checks: DeferredChecks | None = None) -> None:
-    """Queued on ``checks``, or checked at once without them."""
-    if x.dtype == FP8:
-        # e4m3fn has no infinity; NaN is S.1111.111 (0x7f / 0xff).
-        bad = (x.view(torch.uint8) & 0x7F) == 0x7F
-    else:
-        bad = ~torch.isfinite(x)
-    if checks is not None:
-        checks.add(name, "contains NaN or infinite values", bad)
-    elif bool(bad.any()):
-        _fail(name, "contains NaN or infinite values")
 
 
 def check_int(name: str, value, low: int = 1, high: int | None = None) -> int:
@@ -149,18 +137,22 @@ def check_ranges(ks, ke, num_queries: int, num_keys: int, device: torch.device, 
         checks.add("ke", f"must be <= the number of keys ({num_keys})", ke > num_keys)
 
 
-def _value_flags(q, k, k_scale, weights, ks, ke) -> list[int]:
-    """The value checks of ``misa.ops.checks`` read back in one transfer: one launch on a GPU
-    with Triton (the PyTorch ops took ~20 launches), the PyTorch reference otherwise."""
+def value_checks(name: str, *args) -> list[int]:
+    """``misa.ops.checks``' ``name`` (``input_flags`` or ``paged_flags``) on ``args`` (the first a
+    tensor on the inputs' device), read back in one transfer: one launch on a GPU with Triton (the
+    PyTorch ops took ~20 launches), the PyTorch reference otherwise or under ``MISA_BACKEND=reference``."""
     import os
     from .ops import checks, kernels_available
-    use_kernel = q.is_cuda and os.environ.get("MISA_BACKEND") != "reference" and kernels_available()
-    if use_kernel:
-        from .ops.checks import triton as checks_triton
-        flags = checks_triton.input_flags(q, k, k_scale, weights, ks, ke, k.shape[0])
-    else:
-        flags = checks.input_flags(q, k, k_scale, weights, ks, ke, k.shape[0])
-    return flags.tolist()                                   # the one synchronisation
+    if args[0].is_cuda and os.environ.get("MISA_BACKEND") != "reference" and kernels_available():
+        from .ops.checks import triton as checks
+    return getattr(checks, name)(*args).tolist()            # the one synchronisation
+
+
+def raise_first(flags, messages) -> None:
+    """The ``ValueError`` of the first set flag, ``messages`` a ``(name, message)`` per flag."""
+    for bad, (name, msg) in zip(flags, messages):
+        if bad:
+            _fail(name, msg)
 
 
 def check_inputs(q, kv, weights, ks, ke) -> Inputs:
@@ -175,17 +167,14 @@ def check_inputs(q, kv, weights, ks, ke) -> Inputs:
     if weights.device != q.device:
         _fail("weights", f"on {weights.device}, q on {q.device}")
     check_ranges(ks, ke, t, k.shape[0], q.device, None)
-    *flags, lo, hi = _value_flags(q, k, k_scale, weights, ks, ke)
-    messages = (("q", "contains NaN or infinite values"),
-                (k_name, "contains NaN or infinite values"),
-                ("kv[1] (k_scale)", "scales must be finite and > 0"),
-                ("weights", "contains NaN or infinite values"),
-                ("ks", "must be >= 0"),
-                ("ks", "must be <= ke for every query"),
-                ("ke", f"must be <= the number of keys ({k.shape[0]})"))
-    for bad, (name, msg) in zip(flags, messages):
-        if bad:
-            _fail(name, msg)
+    *flags, lo, hi = value_checks("input_flags", q, k, k_scale, weights, ks, ke, k.shape[0])
+    raise_first(flags, (("q", "contains NaN or infinite values"),
+                        (k_name, "contains NaN or infinite values"),
+                        ("kv[1] (k_scale)", "scales must be finite and > 0"),
+                        ("weights", "contains NaN or infinite values"),
+                        ("ks", "must be >= 0"),
+                        ("ks", "must be <= ke for every query"),
+                        ("ke", f"must be <= the number of keys ({k.shape[0]})")))
     return Inputs(q, k, k_scale, weights, ks, ke, extent=(lo, hi) if t else None)
 
 
