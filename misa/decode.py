@@ -59,7 +59,6 @@ class _Plan:
     def __init__(self, sel: "DecodeSelector", batch: int):
         dev, n = sel.device, sel.next_n
         rows = batch * n
-        self.batch = batch
         i32 = dict(dtype=torch.int32, device=dev)
         self.zeros = torch.zeros(rows, **i32)
         if sel.variant in ("dsa", "misa"):
@@ -85,7 +84,7 @@ class _Plan:
 class DecodeSelector:
     """A decode selector with preallocated buffers; see the module docstring.
 
-    ``variant``: "dsa" or "hisa"; ``num_heads``, ``head_dim``: the indexer's H and D; ``k``: tokens
+    ``variant``: "dsa", "misa" or "hisa"; ``num_heads``, ``head_dim``: the indexer's H and D; ``k``: tokens
     kept per query (default 2048); ``max_batch``: sequences per call at most; ``max_context``:
     cached tokens per sequence at most (the block table has ``ceil(max_context / 64)`` columns);
     ``next_n``: new tokens per sequence per step (1, or 2+ with multi-token prediction).
