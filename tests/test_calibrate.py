@@ -143,3 +143,31 @@ def test_per_layer_config_json_errors_name_the_field(tmp_path):
         misa.MisaConfig.from_json(bad)
     with pytest.raises(ValueError, match=r"layers\.1\.active_heads"):    # checked against the model's indexer
         cfg.check_indexer(num_heads=2, index_topk=64)
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+@cuda
+def test_kernel_scores_match_the_reference_at_the_testbed_shapes(monkeypatch):
+    """The testbed's calibration runs every candidate on the kernels (H=64, D=64, k=256, 8K)."""
+    from misa.calibration import score_settings
+    w = indexer_workload(8192, 64, 64, 64, seed=1, device=torch.device("cuda"))
+    q, kv, weights, ks, ke = w.args
+    sample = [LayerSample(q, kv, weights, ks, ke)]
+    sets = candidate_settings(64)
+    kernels = score_settings(sample, sets, 256, 128, 64)
+    monkeypatch.setenv("MISA_BACKEND", "reference")
+    reference = score_settings(sample, sets, 256, 128, 64)
+    for name in kernels:      # fp8 accumulation order moves near-ties only
+        assert abs(kernels[name]["recall"] - reference[name]["recall"]) < 0.03, name
+
+
+@cuda
+def test_measure_costs_prices_every_setting():
+    from misa.calibration import measure_costs
+    sets = [Setting("misa", 8, "abs-sum"), Setting("misa-dagger", 8, "gap", 4), Setting("hisa", multiple=4)]
+    table = measure_costs(sets, torch.device("cuda"), num_queries=256, context=16384, k=512, rep_ms=20)
+    assert set(table.times_ms) == {"dsa"} | {s.name for s in sets}
+    assert all(0 < table.relative(s) < 10 for s in sets)
+    assert CostTable.load(table.to_json()).times_ms == table.times_ms
