@@ -16,6 +16,7 @@ import triton
 import triton.language as tl
 
 from ... import quant
+from . import MAX_RESCORE_HEADS
 from ..dsa.triton import mma_cast
 from ..triton_common import sm_count
 from ..topk.triton import sample_step, topk
@@ -155,9 +156,6 @@ def _paged_rescore_kernel(Q, W, VALUES, SCALES, TABLE, CTX, CAND, OUT, C,
         s = tl.sum(acc, axis=1)
         scale = tl.load(SCALES + page * (page_bytes // 4) + (PAGE * D) // 4 + slot, mask=ok, other=0.0)
         tl.store(out_row + cols, tl.where(ok, s * scale, float("-inf")), mask=in_list)
-
-
-MAX_RESCORE_HEADS = 64      # all heads' queries stay in registers with a tile of keys
 
 
 def paged_rescore(q, kv_cache, weights, context_lens, block_table, cand, out, bn: int = 64,
