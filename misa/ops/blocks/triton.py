@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from ... import quant
-from ..dsa.paged_triton import query_tile
+from ..dsa import paged_triton
 from ..dsa.triton import mma_cast
 from ..triton_common import sm_count
 
@@ -128,7 +128,7 @@ def block_scores(q, pooled, weights, context_lens, block_table, block_size: int,
     b, n, h, d = q.shape
     if b == 0:
         return
-    qb, hs = query_tile(n, h)        # long query runs (chunked prefill) in tiles of qb queries
+    qb, hs = paged_triton.query_tile(n, h)        # long query runs (chunked prefill) in tiles of qb queries
     tiles = triton.cdiv(n, qb)
     g = block_size // quant.PAGE_SIZE
     max_blocks = triton.cdiv(block_table.shape[1], g)

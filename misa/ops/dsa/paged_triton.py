@@ -79,11 +79,11 @@ def _paged_logits_kernel(
 MAX_PAIRS = 256
 
 
-def query_tile(queries: int, heads: int, max_pairs: int = MAX_PAIRS) -> tuple[int, int]:
+def query_tile(queries: int, heads: int) -> tuple[int, int]:
     """``(QB, HS)``: queries per tile (a power of two) and head slots (a power of two, at least 16
     pairs: the MMA's smallest N) for ``queries`` queries of ``heads`` heads."""
     hs = triton.next_power_of_2(heads)
-    qb = min(triton.next_power_of_2(queries), max(1, max_pairs // hs))
+    qb = min(triton.next_power_of_2(queries), max(1, MAX_PAIRS // hs))
     return qb, max(hs, triton.cdiv(16, qb))
 
 
