@@ -28,6 +28,19 @@ def _batch(lens, next_n, h, d, seed):
     return paged_batch_on(DEVICE, lens, next_n, h, d, seed, extra_pages=3)
 
 
+def _agree(got, want):
+    """The same selection: exactly in the interpreter (float32 sums, no near-ties at these sizes);
+    on the GPU the fp8 MMA's reduced-precision accumulation may swap a near-tie at a cut (the
+    routing, the stage-1 candidates or the top-k), so nearly all of it."""
+    a, b = as_sets(got), as_sets(want)
+    assert [len(x) for x in a] == [len(y) for y in b]
+    if not BIG:
+        assert a == b
+    else:
+        shared = sum(len(x & y) for x, y in zip(a, b)) / max(1, sum(len(y) for y in b))
+        assert shared >= 0.98, shared
+
+
 def _ends(clens, n):
     return (clens.long()[:, None] - n + 1 + torch.arange(n, device=clens.device)).reshape(-1).cpu()
 
@@ -86,7 +99,7 @@ def test_misa_dagger_selector_equals_the_per_sequence_path(next_n):
         got = sel(q, cache, w, clens, wide, pooled)
         assert got.data_ptr() == sel.plan(3).out.data_ptr()
         want = misa.paged_misa_select(q, cache, w, clens, table, k=k, stage1_k=stage1_k, backend="reference", **opts)
-        assert as_sets(got) == as_sets(want)
+        _agree(got, want)
         ends = _ends(clens, next_n)
         assert [len(s) for s in as_sets(got)] == [min(k, int(e)) for e in ends]
 
@@ -113,15 +126,15 @@ def test_paged_misa_select_dagger_runs_batched(monkeypatch):
         with monkeypatch.context() as m:
             m.setattr(paged, "_sequences", no_loop)
             got = misa.paged_misa_select(q, cache, w, clens, table, k=40, stage1_k=100, **opts)
-        assert as_sets(got) == as_sets(want), opts
+        _agree(got, want)
     assert len(launches) == 3
     assert any(key[0] == "misa-dagger" for key in paged._SELECTORS)
     # the engine op and MisaConfig reach the same path
     cfg = misa.MisaConfig(variant="misa-dagger", active_heads=2, block_size=128, stage1_k=100)
     got = misa.engine.decode_select(q, cache, w, clens, table, 40, config=cfg)
     assert len(launches) == 4
-    assert as_sets(got) == as_sets(misa.paged_misa_select(q, cache, w, clens, table, k=40, stage1_k=100,
-                                                          active_heads=2, block_size=128, backend="reference"))
+    _agree(got, misa.paged_misa_select(q, cache, w, clens, table, k=40, stage1_k=100, active_heads=2, block_size=128,
+                                       backend="reference"))
 
 
 def test_misa_dagger_selector_checks_its_arguments():
@@ -181,4 +194,4 @@ def test_every_selector_variant_at_next_n(monkeypatch, variant, next_n):
         want = misa.paged_misa_select(q, cache, w, clens, table, k=k, active_heads=2, block_size=64,
                                       stage1_k=opts.get("stage1_k"), **ref)
     assert [len(s) for s in as_sets(got)] == [min(k, int(e)) for e in ends]
-    assert as_sets(got) == as_sets(want)
+    _agree(got, want)
