@@ -87,12 +87,12 @@ def test_misa_dagger_selector_equals_the_per_sequence_path(next_n):
     h, d, k, stage1_k = 8, 64, 24, 96
     opts = dict(active_heads=2, block_size=128)
     sel = None
-    for seed, lens in ((50 + next_n, [300, 1100, 77]), (60 + next_n, [900, 70, 64])):
+    for seed, lens in ((50 + next_n, [300, 650, 77]), (60 + next_n, [500, 70, 64])):
         seqs, q, w, cache, table, clens = _batch(lens, next_n, h, d, seed=seed)
         pooled = misa.pool_paged_kcache(cache, table, clens)
         if sel is None:
             sel = misa.DecodeSelector("misa-dagger", num_heads=h, head_dim=d, k=k, max_batch=3,
-                                      max_context=1152, next_n=next_n, device=DEVICE, stage1_k=stage1_k,
+                                      max_context=704, next_n=next_n, device=DEVICE, stage1_k=stage1_k,
                                       active_heads=opts["active_heads"], router_block_size=opts["block_size"])
         wide = torch.nn.functional.pad(table, (0, sel.max_pages - table.shape[1]))   # the engine's full table
         sel.check(q, cache, w, clens, wide, pooled)
