@@ -200,7 +200,8 @@ class DecodeSelector:
             raise ValueError(f"context_lens: {longest} tokens exceed max_context ({self.max_context})")
         if self.variant != "dsa":
             if pooled is None:
-                raise ValueError("pooled: the block-pruned selector reads the pooled-key cache (misa.new_pooled_kcache)")
+                raise ValueError(f"pooled: the {self.variant!r} selector reads the pooled-key cache "
+                                 "(misa.new_pooled_kcache)")
             check_pooled(pooled, kv_cache)
 
     def __call__(self, q, kv_cache, weights, context_lens, block_table, pooled=None) -> torch.Tensor:

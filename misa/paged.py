@@ -7,8 +7,8 @@ prediction puts several new tokens in one step). Indices are positions inside th
 Outputs have ``B * next_n`` rows, sequence-major.
 
 The cache is DeepGEMM's ``[num_pages, 64, 1, D + 4]`` uint8 layout (``misa.new_paged_kcache``).
-``backend`` is as for the prefill functions (``misa.api``). On the kernels, DSA's logits and
-selection and MISA's (without a second stage) run batched: MISA's router pools and routes the
+``backend`` is as for the prefill functions (``misa.api``). On the kernels, DSA's, MISA's and
+MISA-dagger's logits and selections run batched: MISA's router pools and routes the
 whole batch in two launches (``misa/ops/router/triton.py``), one launch scores it reading the
 pages in place (``misa/ops/dsa/paged_triton.py``) and one top-k launch selects. MISA-dagger adds
 a top-``stage1_k`` launch, one re-scoring launch over those candidates with all heads
