@@ -193,7 +193,7 @@ def _bench_decode(args: argparse.Namespace, device) -> int:
             raise SystemExit(f"--decode-shapes: expected BATCHxCONTEXT such as 64x131072, got {item!r}")
         shapes.append((int(b), int(ctx)))
     cfg = DecodeBenchConfig(shapes=tuple(shapes), next_ns=tuple(args.next_n), heads=args.heads, k=args.k,
-                            block_ks=tuple(args.decode_block_k), rep_ms=args.rep_ms)
+                            block_ks=tuple(args.decode_block_k), stage1_k=args.stage1_k, rep_ms=args.rep_ms)
     result = run_decode_bench(cfg, device)
     result["date"] = datetime.date.today().isoformat()
     print("\n".join(text_table(t.title, t.columns, t.rows, left=t.left) for t in decode_tables(result)))
@@ -255,7 +255,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="measure instead every setting `misa calibrate` chooses from, at the largest --context-lens, "
                         "and write the cost table to FILE")
     b.add_argument("--decode", action="store_true",
-                   help="time paged decode selection instead (DSA and block-pruned, CUDA graphs and eager)")
+                   help="time paged decode selection instead (DSA, block-pruned, MISA and MISA-dagger; CUDA "
+                        "graphs and eager)")
     b.add_argument("--decode-shapes", nargs="+", default=["1x4096", "8x131072", "64x131072"],
                    help="--decode: BATCHxCONTEXT shapes")
     b.add_argument("--next-n", type=int, nargs="+", default=[1, 2], help="--decode: new tokens per sequence")
