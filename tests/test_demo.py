@@ -295,3 +295,51 @@ def test_default_corpus(monkeypatch, tmp_path):
     assert data.heldout_file(None) == above / data.HELD_OUT
     with pytest.raises(ValueError, match="corpus"):
         data.corpus_path(tmp_path / "missing")
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    pytest.importorskip("transformers")
+    pytest.importorskip("gguf")
+    from helpers import real_model_skip_reason
+    why = real_model_skip_reason()
+    if why:
+        pytest.skip(why)
+    from misa.eval.model import load_model
+    return load_model(device="cpu")
+
+
+def test_real_workload_is_each_layers_indexer_inputs_at_the_last_positions(smollm2, monkeypatch, tmp_path, capsys):
+    """On SmolLM2 with an untrained indexer of layers 0 and 1 (fast: the forward stops after layer 1):
+    the demo's inputs are the indexer's fp8 inputs of the window's last queries, and the CLI shows
+    one recall column per layer."""
+    import functools
+    from misa.eval import data, indexer as ix, realdemo
+    torch.manual_seed(0)
+    stack = ix.IndexerStack(ix.IndexerConfig(layers=[0, 1], hidden=576, heads=8, head_dim=16, q_rank=8))
+    stack.save(tmp_path / "ix")
+    w, desc = realdemo.real_workload(torch.device("cpu"), 256, 24, indexer=tmp_path / "ix", loaded=smollm2)
+    assert w is not None, desc
+    assert list(w.layers) == [0, 1] and w.heads == 8 and w.seq_len == 256
+    assert "REAL SmolLM2-135M-Instruct, layers 0, 1, with an UNDER-TRAINED DSA indexer (from" in desc
+    q, (k8, ks8), weights, ks, ke = w.layers[0]
+    assert q.shape == (24, 8, 16) and k8.shape == (256, 16)
+    assert torch.equal(ke, torch.arange(233, 257, dtype=torch.int32)) and not ks.any()
+    # layer 0's input is the embedding's input_layernorm: recompute the queries' fp8 inputs from it
+    model, tok, _ = smollm2
+    ids = data.windows(data.heldout_tokens(tok, None), 256, 1)[0]
+    with torch.no_grad():
+        x = model.model.layers[0].input_layernorm(model.model.embed_tokens(ids[None]))[0]
+    want = ix.IndexerStack.load(tmp_path / "ix").inference_inputs(0, x)
+    assert torch.allclose(weights, want.weights[-24:], rtol=1e-4, atol=1e-6)
+    assert (q.float() - want.q[-24:].float()).abs().max() <= 0.07 * want.q.float().abs().max()
+    assert torch.allclose(ks8, want.kv[1], rtol=1e-4)
+
+    monkeypatch.setattr(realdemo, "real_workload", functools.partial(realdemo.real_workload, loaded=smollm2))
+    config = _config_file(monkeypatch, {"1": {"variant": "misa", "active_heads": 2, "block_size": 64}})
+    assert main(["demo", "--device", "cpu", "--workload", "real", "--indexer", str(tmp_path / "ix"), "--config",
+                 str(config), "--seq-len", "256", "--num-queries", "24", "--k", "16", "--layers", "1,0"]) == 0
+    header, rows = _table(capsys.readouterr().out)
+    assert header == ["method", "setting", "L1", "L0", "worst", "ms"]
+    assert rows["L1: MISA"] == ["h=2, B=64"] and rows["L0: DSA"] == ["all 8 heads"]
+    assert rows["calibrated"][2] == "1.0000"                           # layer 0 runs DSA

@@ -110,21 +110,22 @@ def _describe_indexer(source: str, path: Path, meta: dict, tokens: int | None, w
 
 def real_workload(device: torch.device, seq_len: int, num_queries: int, model=None, indexer=None,
                   corpus=None, layers=None, fetch: bool = True,
-                  fetch_timeout_s: int | None = 30) -> tuple[RealWorkload | None, str]:
+                  fetch_timeout_s: int | None = 30, loaded=None) -> tuple[RealWorkload | None, str]:
     """``(workload, description)``, or ``(None, why not)`` when the model, the indexer or the text
     cannot be had (an offline machine that has no cached model, say). One dense forward over a
     held-out window of ``seq_len`` tokens captures every needed layer's input (it stops after the
-    last); the queries are that window's last ``num_queries`` positions, each seeing its prefix."""
+    last); the queries are that window's last ``num_queries`` positions, each seeing its prefix.
+    ``loaded``: an already loaded ``(model, tokenizer, path)`` to use instead (tests)."""
     from . import data
     from .common import EvalContext, trained_tokens_per_layer, training_warning
     from .model import cache_dir, find_model
     try:
         ipath, source = find_indexer(indexer)
         text = data.heldout_file(corpus)
-        gguf = find_model(model, fetch=fetch, timeout_s=fetch_timeout_s)
+        gguf = loaded[2] if loaded is not None else find_model(model, fetch=fetch, timeout_s=fetch_timeout_s)
     except (ValueError, OSError, RuntimeError) as e:
         return None, str(e)
-    ctx = EvalContext.create(str(gguf), device, ipath, corpus, token_cache=cache_dir() / "tokens")
+    ctx = EvalContext.create(str(gguf), device, ipath, corpus, token_cache=cache_dir() / "tokens", loaded=loaded)
     chosen = choose_layers(ctx.stack.layer_ids, layers)
     seq_len = min(seq_len, ctx.geo["max_positions"])
     if not 1 <= num_queries <= seq_len:
