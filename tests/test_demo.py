@@ -343,3 +343,15 @@ def test_real_workload_is_each_layers_indexer_inputs_at_the_last_positions(smoll
     assert header == ["method", "setting", "L1", "L0", "worst", "ms"]
     assert rows["L1: MISA"] == ["h=2, B=64"] and rows["L0: DSA"] == ["all 8 heads"]
     assert rows["calibrated"][2] == "1.0000"                           # layer 0 runs DSA
+
+
+def test_header_names_where_the_indexer_comes_from_and_its_training():
+    from pathlib import Path
+    from misa.eval.realdemo import _describe_indexer
+    meta = {"subset": {"layers": [3, 15, 27], "source_layers": list(range(30)), "source_id": "abc"}}
+    assert _describe_indexer("shipped", Path("x"), meta, 19_660_800, None) == \
+        "the DSA indexer shipped with misa, 3 of the 30 layers `misa warmup` trained (19,660,800 tokens per layer)"
+    assert _describe_indexer("cache", Path("x"), {}, None, "w") == \
+        "an UNDER-TRAINED DSA indexer (`misa warmup`'s, from the cache; training not recorded)"
+    assert _describe_indexer("given", Path("/d/ix"), {}, 5, "w") == \
+        "an UNDER-TRAINED DSA indexer (from /d/ix; 5 tokens per layer)"

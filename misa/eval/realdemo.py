@@ -14,6 +14,7 @@ layer still runs, but the description says UNDER-TRAINED and ``RealWorkload.warn
 """
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -116,6 +117,7 @@ def real_workload(device: torch.device, seq_len: int, num_queries: int, model=No
     held-out window of ``seq_len`` tokens captures every needed layer's input (it stops after the
     last); the queries are that window's last ``num_queries`` positions, each seeing its prefix.
     ``loaded``: an already loaded ``(model, tokenizer, path)`` to use instead (tests)."""
+    import safetensors, transformers  # noqa: F401  (the eval extra: missing -> ImportError before any download)
     from . import data
     from .common import EvalContext, trained_tokens_per_layer, training_warning
     from .model import cache_dir, find_model
@@ -125,6 +127,9 @@ def real_workload(device: torch.device, seq_len: int, num_queries: int, model=No
         gguf = loaded[2] if loaded is not None else find_model(model, fetch=fetch, timeout_s=fetch_timeout_s)
     except (ValueError, OSError, RuntimeError) as e:
         return None, str(e)
+    # loading and the forward take a while on a CPU: say what is happening
+    print(f"misa demo: loading {Path(gguf).name} and the indexer, then one forward over {seq_len} tokens of "
+          f"{text.name} ...", file=sys.stderr, flush=True)
     ctx = EvalContext.create(str(gguf), device, ipath, corpus, token_cache=cache_dir() / "tokens", loaded=loaded)
     chosen = choose_layers(ctx.stack.layer_ids, layers)
     seq_len = min(seq_len, ctx.geo["max_positions"])
