@@ -118,10 +118,12 @@ def run_demo(cfg: DemoConfig, device: torch.device, seed: int = 0, workload=None
     heads = next(iter(per_layer.values()))[0].shape[1]
     selectors = [(name, method_config(name, **cfg.sizes())) for name in names]
     if config is not None:
-        try:
-            config.check_indexer(heads, cfg.k)
-        except ValueError as e:
-            raise ValueError(f"config: {e}") from None
+        listed = {index for index, _ in config.layers}
+        for layer in per_layer:             # only the layers shown: a config may cover a larger model
+            try:
+                config.for_layer(layer).check_indexer(heads, cfg.k)
+            except ValueError as e:
+                raise ValueError(f"config: {f'layers.{layer}' if layer in listed else 'default'}.{e}") from None
         selectors.append((CALIBRATED, config))
     recalls = {name: {} for name, _ in selectors}
     times = {name: [] for name, _ in selectors}

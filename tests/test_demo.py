@@ -158,6 +158,11 @@ def test_run_demo_runs_each_layers_own_setting():
     bad = misa.MisaConfig(variant="dsa", layers=((7, misa.MisaConfig(variant="misa-dagger", stage1_k=16)),))
     with pytest.raises(ValueError, match=r"config: layers\.7\.stage1_k"):
         run_demo(cfg, torch.device("cpu"), workload=workload, config=bad)
+    # a layer not shown may hold settings these inputs could not run (more heads than their 16)
+    wide = misa.MisaConfig(variant="dsa", layers=((9, misa.MisaConfig(variant="misa", active_heads=32)),))
+    assert run_demo(cfg, torch.device("cpu"), workload=workload, config=wide, methods=["dsa"])[-1].recall_min == 1.0
+    with pytest.raises(ValueError, match=r"config: default\.active_heads"):
+        run_demo(cfg, torch.device("cpu"), workload=workload, config=misa.MisaConfig(active_heads=32))
 
 
 def test_bad_config_file_names_the_field(monkeypatch, capsys, tmp_path):
