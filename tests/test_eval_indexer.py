@@ -135,3 +135,38 @@ def test_a_failing_fused_kernel_falls_back_to_eager(monkeypatch):
     assert all(p.grad is None for p in stack.parameters())
     with pytest.raises(ValueError, match="kernel"):
         warmup.WarmupConfig(kernel="fast")
+
+
+def test_subset_keeps_the_layers_weights_and_names_its_source(tmp_path, capsys):
+    stack = _stack(layers=(0, 1, 5))
+    stack.cfg.meta = {"progress": {"tokens_per_layer": 1234}}
+    sub = stack.subset([5, 0])
+    assert sub.layer_ids == [5, 0]
+    for layer in (0, 5):
+        for (n, a), (_, b) in zip(stack[layer].state_dict().items(), sub[layer].state_dict().items()):
+            assert torch.equal(a, b), (layer, n)
+    assert sub.cfg.meta["progress"] == {"tokens_per_layer": 1234}        # training kept
+    assert sub.cfg.meta["subset"] == {"layers": [5, 0], "source_layers": [0, 1, 5], "source_id": stack.fingerprint()}
+    assert stack.cfg.meta == {"progress": {"tokens_per_layer": 1234}}    # the source's meta untouched
+    # a subset of a subset still names the original stack
+    assert sub.subset([0]).cfg.meta["subset"] == {"layers": [0], "source_layers": [0, 1, 5],
+                                                  "source_id": stack.fingerprint()}
+    x = torch.randn(9, 32)
+    assert torch.equal(sub.inference_inputs(5, x).weights, stack.inference_inputs(5, x).weights)
+    for bad in ([2], [], [0, 0]):
+        with pytest.raises(ValueError, match="layers"):
+            stack.subset(bad)
+
+    # the command line: saved in the source's dtype, loads back with the same weights
+    stack.save(tmp_path / "src")
+    assert ix.main(["subset", str(tmp_path / "src"), str(tmp_path / "dst"), "--layers", "1,5"]) == 0
+    assert "indexer.json" in capsys.readouterr().out
+    back = ix.IndexerStack.load(tmp_path / "dst")
+    assert back.layer_ids == [1, 5] and back.cfg.meta["subset"]["source_layers"] == [0, 1, 5]
+    src = ix.IndexerStack.load(tmp_path / "src")
+    assert back.cfg.meta["subset"]["source_id"] == src.fingerprint()
+    for layer in (1, 5):
+        for (n, a), (_, b) in zip(src[layer].state_dict().items(), back[layer].state_dict().items()):
+            assert torch.equal(a, b), (layer, n)
+    assert ix.main(["subset", str(tmp_path / "src"), str(tmp_path / "bad"), "--layers", "3"]) == 2
+    assert "layers" in capsys.readouterr().err

