@@ -103,6 +103,11 @@ def heldout_file(corpus=None) -> Path:
     return p / HELD_OUT
 
 
+def file_tokens(tokenizer, f: Path, cache: Path | None = None) -> torch.Tensor:
+    """One text file, tokenised (cached like the corpus files)."""
+    return _tokens(tokenizer, Path(f), cache)
+
+
 def heldout_tokens(tokenizer, corpus=None, cache: Path | None = None) -> torch.Tensor:
     return _tokens(tokenizer, heldout_file(corpus), cache)
 

@@ -64,6 +64,33 @@ def real_config(device: torch.device, seq_len: int | None = None, num_queries: i
                       hisa_block_k=max(2, s.stage1_mult * k // s.hisa_block))
 
 
+# Without a corpus (a checkout without shared/data/text), the demo reads this project's own docs:
+# English text that every checkout has, never read by the indexer's training.
+DOCS_TEXT = ("README.md", "docs/results.md", "docs/benchmarks.md", "docs/integration.md", "docs/SPEC.md")
+
+
+def demo_text(corpus=None) -> Path:
+    """The demo's text: the corpus's held-out text, else (no corpus given or found) this checkout's
+    docs joined into one file in the cache. Raises ``ValueError`` naming ``corpus`` when neither."""
+    from . import data
+    from .model import cache_dir
+    try:
+        return data.heldout_file(corpus)
+    except ValueError:
+        if corpus:
+            raise
+    repo = Path(__file__).resolve().parents[2]
+    files = [repo / f for f in DOCS_TEXT if (repo / f).is_file()]
+    if not files:
+        raise ValueError("corpus: no corpus found and no docs in this installation to read instead; pass --corpus FILE")
+    out = cache_dir() / "demo-text-docs.txt"
+    text = "\n\n".join(f.read_text(encoding="utf-8") for f in files)
+    if not out.is_file() or out.read_text(encoding="utf-8") != text:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text, encoding="utf-8")
+    return out
+
+
 def find_indexer(indexer=None) -> tuple[Path, str]:
     """``(folder, where from)``: ``indexer``, else ``misa warmup``'s in the cache, else the shipped one.
     Raises ``ValueError`` naming ``indexer`` when there is none."""
@@ -123,7 +150,7 @@ def real_workload(device: torch.device, seq_len: int, num_queries: int, model=No
     from .model import cache_dir, find_model
     try:
         ipath, source = find_indexer(indexer)
-        text = data.heldout_file(corpus)
+        text = demo_text(corpus)
         gguf = loaded[2] if loaded is not None else find_model(model, fetch=fetch, timeout_s=fetch_timeout_s)
     except (ValueError, OSError, RuntimeError) as e:
         return None, str(e)
@@ -135,7 +162,7 @@ def real_workload(device: torch.device, seq_len: int, num_queries: int, model=No
     seq_len = min(seq_len, ctx.geo["max_positions"])
     if not 1 <= num_queries <= seq_len:
         raise ValueError(f"num_queries: must be in [1, seq_len={seq_len}], got {num_queries}")
-    ids = data.windows(data.heldout_tokens(ctx.tokenizer, corpus, ctx.token_cache), seq_len, 1)[0]
+    ids = data.windows(data.file_tokens(ctx.tokenizer, text, ctx.token_cache), seq_len, 1)[0]
     seq_len = ids.numel()
     captured = ctx.capture(ids, chosen)
     pos = torch.arange(seq_len - num_queries, seq_len, device=ctx.device)
@@ -151,5 +178,5 @@ def real_workload(device: torch.device, seq_len: int, num_queries: int, model=No
     names = ", ".join(map(str, chosen))
     desc = (f"REAL SmolLM2-135M-Instruct, layer{'s' if len(chosen) > 1 else ''} {names}, with "
             f"{_describe_indexer(source, ipath, c.meta, tokens, warning)}, {c.heads} heads x {c.head_dim} dims, fp8; "
-            f"held-out text {text.name}: {num_queries} causal queries at the end of a {seq_len}-token context")
+            f"{'held-out text ' if text.name != 'demo-text-docs.txt' else 'text: this project''s docs, '}{text.name}: {num_queries} causal queries at the end of a {seq_len}-token context")
     return RealWorkload(per_layer, desc, tokens, warning, ids_known), desc
