@@ -81,6 +81,19 @@ def check_methods(methods: list[str], k: int) -> list[str]:
     return list(methods)
 
 
+def decode_methods(decode_names: list[str] | None, shared_names: list[str] | None, strict: bool) -> list[str] | None:
+    """The methods a command line asks decode for: its own list, else the shared ``--methods`` (all of
+    them with ``strict``, checked by ``DecodeConfig``; else those decode can run, as ``misa eval all``
+    shares one list with the prefill evaluations); None: the default list."""
+    if decode_names:
+        return list(decode_names)
+    if not shared_names:
+        return None
+    if strict:
+        return list(shared_names)
+    return [m for m in shared_names if m in PAGED_LIBRARY or block_pages(m) is not None] or None
+
+
 @dataclass
 class DecodeConfig:
     lengths: list[int] = field(default_factory=lambda: [4096, 8192])
