@@ -95,7 +95,7 @@ def add_commands(sub) -> None:
         "decode": f"comma-separated, from {', '.join(PAGED_LIBRARY)} and hisa-m<pages> (block-pruned decode "
                   f"keeping that many 64-token pages) (default: {', '.join(DECODE_METHODS)})",
         "all": f"comma-separated; recall and router take {recall_names}, niah and ppl take {model_names}; "
-               f"a list for all four takes names in both; decode keeps those it can run, or its own list "
+               f"a list for all of them takes names in both; decode keeps those it can run, or its own list "
                f"(default: each its own list)",
     }
     methods_help["router"] = methods_help["recall"]
@@ -116,7 +116,7 @@ def add_commands(sub) -> None:
         p.add_argument("--out", default="misa-results", help="output folder")
         p.add_argument("--k", type=_ints, default=None,
                        help="tokens per query; recall: a list (default: 128,256,512 on CUDA, 32,64,128 on CPU); "
-                            "niah, ppl: the first (default: 256 on CUDA, 64 on CPU)")
+                            "niah, ppl, decode: the first (default: 256 on CUDA, 64 on CPU)")
         p.add_argument("--block-size", type=int, default=128, help="MISA router block size")
         p.add_argument("--router", default="abs-sum", help="MISA router statistic (abs-sum, gap, sum, max, qnorm, "
                                                            "top-blocks)")
@@ -132,13 +132,13 @@ def add_commands(sub) -> None:
             p.add_argument("--ruler-samples", type=int, default=None,
                            help="samples per RULER task and context (default: 8 CUDA, 1 CPU)")
         if name == "decode":
-            p.add_argument("--lengths", dest="decode_lengths", type=_ints, default=None,
-                           help="needle contexts (default: 4096,8192 CUDA, 1024,2048 CPU)")
-            p.add_argument("--depths", dest="decode_depths", type=int, default=None,
+            p.add_argument("--lengths", dest="decode_lengths", metavar="LENGTHS", type=_ints, default=None,
+                           help="needle contexts (default: 4096,8192 CUDA, 1024 CPU)")
+            p.add_argument("--depths", dest="decode_depths", metavar="DEPTHS", type=int, default=None,
                            help="needle depths (default: 11 CUDA, 2 CPU)")
         if name == "all":
             p.add_argument("--decode-lengths", type=_ints, default=None,
-                           help="decode needle contexts (default: 4096,8192 CUDA, 1024,2048 CPU)")
+                           help="decode needle contexts (default: 4096,8192 CUDA, 1024 CPU)")
             p.add_argument("--decode-depths", type=int, default=None, help="decode needle depths (default: 11 CUDA, 2 CPU)")
             p.add_argument("--decode-methods", type=_strs, default=None,
                            help=f"decode's methods (default: those of --methods it can run, else "
@@ -208,7 +208,7 @@ def configs(args, cuda: bool):
     if hasattr(args, "decode_lengths"):
         names = decode_methods(getattr(args, "decode_methods", None), args.methods,
                                strict=getattr(args, "eval_command", None) == "decode")
-        out["decode"] = DecodeConfig(lengths=g("decode_lengths", [4096, 8192], [1024, 2048]),
+        out["decode"] = DecodeConfig(lengths=g("decode_lengths", [4096, 8192], [1024]),
                                      depths=g("decode_depths", 11, 2), k=in_model_k, settings=settings,
                                      **({"methods": names} if names else {}))
     if hasattr(args, "contexts"):
