@@ -331,7 +331,9 @@ def report(ctx, cfg: DecodeConfig, grid, sums, prefill_sums, depths, answer_toke
                     for m in grid]),
           f"\nBytes: index-cache bytes one decode step reads in one layer (indexer head dim D = {head_dim}): a "
           f"token is D + 4 bytes (fp8 key + fp32 scale), a pooled-key row 4D bytes, P = ceil(context / 64) pages. "
-          f"DSA: context x (D + 4); MISA: the same (its heads share the keys) + P pooled rows for the router; "
+          f"DSA: context x (D + 4); MISA: the same (its heads share the keys) + P pooled rows for the router "
+          f"(routing from an engine's pooled-key cache; here it pools the cached keys, the same routing up to "
+          f"rounding); "
           f"MISA-dagger: that + k1 x (D + 4) for the re-scored candidates; block-pruned with m pages: P pooled rows "
           f"+ min(m', P) x 64 x (D + 4), m' = max(m, ceil(k / 64) + 2).\n",
           "## Per cell (rows: context; columns: needle depth; 1 = found)\n"]
