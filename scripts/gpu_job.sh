@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The real-model evaluation on a GPU machine (no internet), as two commands of < 10 minutes each:
 #   bash scripts/gpu_job.sh train MINUTES [job options]   # indexer warm-up, time-bounded
-#   bash scripts/gpu_job.sh eval  MINUTES [job options]   # recall + router study + ppl + NIAH
+#   bash scripts/gpu_job.sh eval  MINUTES [job options]   # recall + router study + ppl + NIAH + decode
 # Both resume from $MISA_RUN (default /tmp/misa-run); files worth keeping are copied to $OUT.
 # train --max-steps N trains exactly N steps whatever MINUTES (the schedule planned over the steps):
 # MINUTES no longer stops it, so keep N within the machine's 10 minutes per command.

@@ -68,7 +68,8 @@ def test_train_then_eval_end_to_end(loaded, tmp_path, capsys):
     sizes = ["--context", "256", "--windows", "1", "--queries", "16", "--k", "16", "--lengths", "256",
              "--depths", "2", "--ruler-lengths", "320", "--ruler-samples", "1", "--contexts", "256",
              "--ppl-windows", "1", "--block-size", "32", "--methods", "dense,dsa,misa-h8,sink-window",
-             "--model-methods", "dense,dsa,misa-gap-h8,sink-window"]
+             "--model-methods", "dense,dsa,misa-gap-h8,sink-window", "--decode-lengths", "256", "--decode-depths", "1",
+             "--decode-methods", "dsa,misa-gap-h8,hisa-m2"]
     # a run out of time leaves NIAH unscored (grey cells); the next run resumes and fills them in
     assert job.main(["eval", "--run-dir", str(run), "--out", str(out / "partial"), "--minutes", "0.01"] + sizes,
                     loaded=loaded) == 0
@@ -80,7 +81,7 @@ def test_train_then_eval_end_to_end(loaded, tmp_path, capsys):
     files = sorted(p.name for p in (out / "eval").iterdir())
     assert files == ["niah.png", "recall.png", "results.json", "results.md"]
     res = json.loads((out / "eval" / "results.json").read_text())
-    assert set(res) == {"recall", "router", "niah", "ppl"}
+    assert set(res) == {"recall", "router", "niah", "ppl", "decode"}
     for key in ("command", "device", "date"):
         assert res["ppl"][key]
     assert all(v is not None for g in res["niah"]["grid"].values() for row in g for v in row)
@@ -93,6 +94,13 @@ def test_train_then_eval_end_to_end(loaded, tmp_path, capsys):
     assert "misa-gap-h8/256" in res["ppl"]["results"] and "misa-h8/256" not in res["ppl"]["results"]
     assert set(res["niah"]["grid"]) == {"dense", "dsa", "misa-gap-h8", "sink-window"}
     assert all(0.0 <= v <= 1.0 for v in res["router"]["router"].values())
+    # decode: its one cell is NIAH's first (same seed, length, depth 0); DSA selecting at decode through
+    # the paged cache picks what its prefill picks, so it answers as in NIAH; one recall per layer
+    dcd = res["decode"]
+    assert set(dcd["grid"]) == {"dsa", "misa-gap-h8", "hisa-m2"} and all(g == [[g[0][0]]] for g in dcd["grid"].values())
+    assert dcd["grid"]["dsa"][0][0] == res["niah"]["grid"]["dsa"][0][0]
+    assert set(dcd["recall_per_layer"]["hisa-m2"]) == {"0", "2"} and min(dcd["dsa_prefill_recall_per_layer"].values()) > 0.99
+    assert "Decode-time needle" in md
     assert "teacher-forced" in md and "sink + window" in md
     # misa demo on the real model with the indexer just trained
     from misa.cli import main as cli_main
@@ -103,10 +111,16 @@ def test_train_then_eval_end_to_end(loaded, tmp_path, capsys):
               "--methods", "dense,dsa,misa-h8"]
     assert cli_main(["eval", "ppl", "--out", str(out / "cli"), "--contexts", "256", "--ppl-windows", "1"] + common) == 0
     assert cli_main(["eval", "router", "--out", str(out / "cli"), "--context", "256", "--queries", "8"] + common) == 0
-    assert sorted(p.name for p in (out / "cli").iterdir()) == ["ppl.json", "ppl.md", "router.json", "router.md"]
-    shown = capsys.readouterr().out
-    assert "REAL SmolLM2" in shown and "MISA-dagger" in shown
-    assert "layers 0, 2, with" in " ".join(shown.split())          # the demo shows every trained layer
+    # dense has no decode selection: refused before the model loads
+    assert cli_main(["eval", "decode", "--out", str(out / "cli"), "--lengths", "256", "--depths", "1"] + common) == 2
+    assert cli_main(["eval", "decode", "--out", str(out / "cli"), "--lengths", "256", "--depths", "1"] + common
+                    + ["--methods", "dsa,hisa-m2"]) == 0
+    assert sorted(p.name for p in (out / "cli").iterdir()) == ["decode.json", "decode.md", "ppl.json", "ppl.md",
+                                                               "router.json", "router.md"]
+    shown = capsys.readouterr()
+    assert "REAL SmolLM2" in shown.out and "MISA-dagger" in shown.out
+    assert "misa: error: methods: unknown ['dense']" in shown.err
+    assert "layers 0, 2, with" in " ".join(shown.out.split())          # the demo shows every trained layer
     # a second eval run finds every phase done and only re-writes the summary
     assert job.main(["eval", "--run-dir", str(run), "--out", str(out / "eval2"), "--minutes", "1"] + sizes,
                     loaded=loaded) == 0
@@ -169,5 +183,5 @@ def test_cli_lists_the_eval_commands(capsys):
     with pytest.raises(SystemExit):
         main(["eval", "--help"])
     out = capsys.readouterr().out
-    for cmd in ("recall", "router", "niah", "ppl", "all"):
+    for cmd in ("recall", "router", "niah", "ppl", "decode", "all"):
         assert cmd in out

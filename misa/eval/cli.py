@@ -1,4 +1,4 @@
-"""Command-line front ends: ``misa warmup`` and ``misa eval {recall,router,niah,ppl,all}``.
+"""Command-line front ends: ``misa warmup`` and ``misa eval {recall,router,niah,ppl,decode,all}``.
 
 Sizes default to the full evaluation on CUDA and to a reduced one on the CPU (minutes), and every
 size is an option. Results go to ``--out`` as markdown + JSON (+ PNG) headed by command, device, date.
@@ -43,6 +43,7 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 def add_commands(sub) -> None:
     from ..cli import HelpFormatter
+    from .decode import DECODE_METHODS, PAGED_LIBRARY
     from .niah import NIAH_METHODS
     from .ppl import PPL_METHODS
     from .selectors import IN_MODEL, METHODS
@@ -91,15 +92,20 @@ def add_commands(sub) -> None:
         "recall": f"comma-separated, from {recall_names} (default: all but dsa, the reference)",
         "niah": f"comma-separated, from {model_names} (default: {', '.join(NIAH_METHODS)})",
         "ppl": f"comma-separated, from {model_names} (default: {', '.join(PPL_METHODS)})",
+        "decode": f"comma-separated, from {', '.join(PAGED_LIBRARY)} and hisa-m<pages> (block-pruned decode "
+                  f"keeping that many 64-token pages) (default: {', '.join(DECODE_METHODS)})",
         "all": f"comma-separated; recall and router take {recall_names}, niah and ppl take {model_names}; "
-               f"a list for all four takes names in both (default: each its own list)",
+               f"a list for all of them takes names in both; decode keeps those it can run, or its own list "
+               f"(default: each its own list)",
     }
     methods_help["router"] = methods_help["recall"]
     for name, helptext in (("recall", "per-layer recall of DSA's tokens and attention mass"),
                            ("router", "router statistics and block sizes by recall (training-free)"),
                            ("niah", "needle-in-a-haystack heatmaps and RULER-style tasks"),
                            ("ppl", "perplexity at 4K and 8K for each method"),
-                           ("all", "recall + router + niah + ppl")):
+                           ("decode", "needle in a haystack and per-layer recall with the selection made at "
+                                      "decode, through the paged cache"),
+                           ("all", "recall + router + niah + ppl + decode")):
         p = esub.add_parser(name, help=helptext, formatter_class=HelpFormatter,
                             description=helptext + ". Needs the indexer `misa warmup` trained (checked before the "
                                                    "model is loaded); writes markdown + JSON to --out (and a PNG: recall, "
@@ -110,7 +116,7 @@ def add_commands(sub) -> None:
         p.add_argument("--out", default="misa-results", help="output folder")
         p.add_argument("--k", type=_ints, default=None,
                        help="tokens per query; recall: a list (default: 128,256,512 on CUDA, 32,64,128 on CPU); "
-                            "niah, ppl: the first (default: 256 on CUDA, 64 on CPU)")
+                            "niah, ppl, decode: the first (default: 256 on CUDA, 64 on CPU)")
         p.add_argument("--block-size", type=int, default=128, help="MISA router block size")
         p.add_argument("--router", default="abs-sum", help="MISA router statistic (abs-sum, gap, sum, max, qnorm, "
                                                            "top-blocks)")
@@ -125,6 +131,18 @@ def add_commands(sub) -> None:
             p.add_argument("--ruler-lengths", type=_ints, default=None, help="RULER contexts (default: 4096,8192 CUDA, 1024 CPU)")
             p.add_argument("--ruler-samples", type=int, default=None,
                            help="samples per RULER task and context (default: 8 CUDA, 1 CPU)")
+        if name == "decode":
+            p.add_argument("--lengths", dest="decode_lengths", metavar="LENGTHS", type=_ints, default=None,
+                           help="needle contexts (default: 4096,8192 CUDA, 1024 CPU)")
+            p.add_argument("--depths", dest="decode_depths", metavar="DEPTHS", type=int, default=None,
+                           help="needle depths (default: 11 CUDA, 2 CPU)")
+        if name == "all":
+            p.add_argument("--decode-lengths", type=_ints, default=None,
+                           help="decode needle contexts (default: 4096,8192 CUDA, 1024 CPU)")
+            p.add_argument("--decode-depths", type=int, default=None, help="decode needle depths (default: 11 CUDA, 2 CPU)")
+            p.add_argument("--decode-methods", type=_strs, default=None,
+                           help=f"decode's methods (default: those of --methods it can run, else "
+                                f"{', '.join(DECODE_METHODS)})")
         if name in ("ppl", "all"):
             p.add_argument("--contexts", type=_ints, default=None, help="perplexity contexts (default: 4096,8192 CUDA, 1024 CPU)")
             p.add_argument("--ppl-windows", type=int, default=None, help="windows per context (default: 4 CUDA, 1 CPU)")
@@ -254,6 +272,7 @@ def cmd_warmup(args) -> int:
 
 def configs(args, cuda: bool):
     """The recall/niah/ppl configs an ``eval`` command asks for (reduced sizes on the CPU)."""
+    from .decode import DecodeConfig, decode_methods
     from .niah import NiahConfig
     from .ppl import PplConfig
     from .recall import RECALL_METHODS, RecallConfig
@@ -274,6 +293,12 @@ def configs(args, cuda: bool):
                                  ruler_lengths=g("ruler_lengths", [4096, 8192], [1024]),
                                  ruler_samples=g("ruler_samples", 8, 1), settings=settings,
                                  **({"methods": args.methods} if args.methods else {}))
+    if hasattr(args, "decode_lengths"):
+        names = decode_methods(getattr(args, "decode_methods", None), args.methods,
+                               strict=getattr(args, "eval_command", None) == "decode")
+        out["decode"] = DecodeConfig(lengths=g("decode_lengths", [4096, 8192], [1024]),
+                                     depths=g("decode_depths", 11, 2), k=in_model_k, settings=settings,
+                                     **({"methods": names} if names else {}))
     if hasattr(args, "contexts"):
         out["ppl"] = PplConfig(contexts=g("contexts", [4096, 8192], [1024]), windows=g("ppl_windows", 4, 1),
                                k=in_model_k, settings=settings, **({"methods": args.methods} if args.methods else {}))
@@ -305,7 +330,7 @@ def cmd_eval(args) -> int:
 
 
 def run_phases(ctx, which: str, cfgs: dict, out: Path, deadline: float | None = None) -> dict:
-    from . import niah, ppl, recall
+    from . import decode, niah, ppl, recall
     done = {}
     t = time.perf_counter()
     if which in ("recall", "router", "all"):
@@ -326,4 +351,8 @@ def run_phases(ctx, which: str, cfgs: dict, out: Path, deadline: float | None = 
         t = time.perf_counter()
         done["niah"] = niah.run(ctx, cfgs["niah"], out, deadline=deadline)
         print(f"  niah: {time.perf_counter() - t:.1f} s -> {out}", file=sys.stderr)
+    if which in ("decode", "all"):
+        t = time.perf_counter()
+        done["decode"] = decode.run(ctx, cfgs["decode"], out, deadline=deadline)
+        print(f"  decode: {time.perf_counter() - t:.1f} s -> {out}", file=sys.stderr)
     return done

@@ -72,7 +72,7 @@ def train(args, loaded=None) -> int:
 def evaluate(args, loaded=None) -> int:
     from .cli import configs
     from .common import EvalContext
-    from . import niah, ppl, recall
+    from . import decode, niah, ppl, recall
     t0 = time.perf_counter()
     deadline = t0 + args.minutes * 60
     run = Path(args.run_dir)
@@ -122,14 +122,21 @@ def evaluate(args, loaded=None) -> int:
     if "niah" in want and ("niah" not in done or
                            any(v is None for g in done["niah"]["grid"].values() for row in g for v in row)):
         t = time.perf_counter()
-        # leave time to write the results
-        done["niah"] = niah.run(ctx, cfgs["niah"], res_dir, deadline=deadline - 20, previous=done.get("niah"))
+        # leave time to write the results (and a share for the decode phase when it still runs after)
+        decode_left = "decode" in want and "decode" not in done
+        end = t0 + 0.75 * args.minutes * 60 if decode_left else deadline - 20
+        done["niah"] = niah.run(ctx, cfgs["niah"], res_dir, deadline=end, previous=done.get("niah"))
         print(f"[job eval] niah: {time.perf_counter() - t:.0f} s", flush=True)
+    if "decode" in want and ("decode" not in done or
+                             any(v is None for g in done["decode"]["grid"].values() for row in g for v in row)):
+        t = time.perf_counter()
+        done["decode"] = decode.run(ctx, cfgs["decode"], res_dir, deadline=deadline - 20, previous=done.get("decode"))
+        print(f"[job eval] decode: {time.perf_counter() - t:.0f} s", flush=True)
     if "calibrate" in want:
         from .calibrate import study_report
         study = json.loads((res_dir / "calibration.json").read_text())
         done["calibrate"] = study_report(study, done.get("ppl"), done.get("niah"), res_dir)
-    order = ["calibrate", "recall", "router", "niah", "ppl"]
+    order = ["calibrate", "recall", "router", "niah", "ppl", "decode"]
     md = "\n\n".join((res_dir / f"{n}.md").read_text() for n in order if (res_dir / f"{n}.md").is_file())
     (res_dir / "results.md").write_text(md)
     (res_dir / "results.all.json").write_text(json.dumps({n: done[n] for n in order if n in done}, default=float))
@@ -147,7 +154,7 @@ def evaluate(args, loaded=None) -> int:
     return 0
 
 
-PHASES = ("recall", "router", "ppl", "niah", "calibrate")
+PHASES = ("recall", "router", "ppl", "niah", "decode", "calibrate")
 
 
 def _short(method: str) -> str:
@@ -200,8 +207,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=train)
     e = sub.choices["eval"]
     e.add_argument("--indexer", default=None, help="indexer folder (default: RUN_DIR/indexer)")
-    e.add_argument("--phases", type=_phases, default=["recall", "router", "ppl", "niah"],
-                   help="comma-separated subset of recall,router,ppl,niah,calibrate (calibrate: per-layer configs "
+    e.add_argument("--phases", type=_phases, default=["recall", "router", "ppl", "niah", "decode"],
+                   help="comma-separated subset of recall,router,ppl,niah,decode,calibrate (calibrate: per-layer configs "
                         "at --targets, by recall and by attention mass, evaluated in ppl and niah beside the others)")
     e.add_argument("--targets", type=lambda s: [float(x) for x in s.split(",")], default=[0.90, 0.95, 0.98])
     e.add_argument("--cal-windows", type=int, default=2, help="calibration windows (training-side text)")
@@ -213,9 +220,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--methods", type=lambda s: s.split(","), default=None)
     e.add_argument("--model-methods", type=lambda s: s.split(","), default=None,
                    help="methods for ppl and niah only (default: --methods, else their own lists)")
+    e.add_argument("--decode-methods", type=lambda s: s.split(","), default=None,
+                   help="methods for decode (default: those of --methods it can run, else its own list)")
     for opt, typ in (("--context", int), ("--windows", int), ("--queries", int), ("--lengths", _ints),
                      ("--depths", int), ("--ruler-lengths", _ints), ("--ruler-samples", int),
-                     ("--contexts", _ints), ("--ppl-windows", int)):
+                     ("--contexts", _ints), ("--ppl-windows", int), ("--decode-lengths", _ints),
+                     ("--decode-depths", int)):
         e.add_argument(opt, type=typ, default=None)
     e.set_defaults(func=evaluate)
     return p
