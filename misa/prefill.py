@@ -148,6 +148,7 @@ class PrefillSelector:
             ws["rr_topk"] = (self.k, rerank_width)
         per_row = sum(n * torch.empty(0, dtype=dt).element_size() for n, _, dt in sizes.values())
         per_row += sum(word * TopkWorkspace.numel(1, kk, w) for kk, w in ws.values()) + 3 * word
+        self.row_bytes = per_row       # workspace per query of a chunk
         self.chunk_rows = rows = max(1, min(self.max_queries, _budget(self.workspace_bytes, self.device) // per_row))
         dev = self.device
         self._flat["out"] = torch.empty(self.max_queries * self.k, dtype=i32, device=dev)
