@@ -72,7 +72,7 @@ def dsa_select(q, kv, weights, ks, ke, k: int = 2048, *, workspace_bytes: int | 
                backend: str | None = None) -> torch.Tensor:
     """The tokens DSA's lightning indexer keeps: the top ``k`` (default 2048) of ``dsa_logits`` per
     query, ``[T, k]`` int32. Arguments: see the module docstring."""
-    inp = check_inputs(q, kv, weights, ks, ke)
+    inp = check_inputs(q, kv, weights, ks, ke, defer=True)      # read back once the selection is queued
     return select.dsa_select(inp, check_int("k", k), check_workspace(workspace_bytes),
                              backend=select.check_backend_arg(backend))
 
@@ -104,7 +104,7 @@ def misa_select(q, kv, weights, ks, ke, k: int = 2048, active_heads: int = 8, bl
     With ``stage1_k`` (>= k; the paper uses 8192) this is MISA†: keep the top ``stage1_k`` by the
     routed score, re-score them with all heads and return their top ``k``. With ``active_heads ==
     H`` MISA selects exactly what DSA selects. Other arguments: see the module docstring."""
-    inp = check_inputs(q, kv, weights, ks, ke)
+    inp = check_inputs(q, kv, weights, ks, ke, defer=True)      # read back once the selection is queued
     check_int("k", k)
     check_int("active_heads", active_heads, 1, inp.num_heads)
     check_int("block_size", block_size)
@@ -120,7 +120,7 @@ def hisa_select(q, kv, weights, ks, ke, k: int = 2048, block_size: int = 128, bl
     the last visible block always among them), score their tokens exactly with DSA and return the
     top ``k``: ``[T, k]`` int32. ``block_k * block_size`` must be >= ``k``, or fewer than ``k``
     tokens could be returned. Other arguments: see the module docstring."""
-    inp = check_inputs(q, kv, weights, ks, ke)
+    inp = check_inputs(q, kv, weights, ks, ke, defer=True)      # read back once the selection is queued
     check_int("k", k)
     check_int("block_size", block_size)
     check_hisa_budget(k, block_size, block_k)

@@ -22,6 +22,7 @@ values (that needs a read-back); ``check`` does.
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from types import SimpleNamespace
 
 import torch
@@ -153,7 +154,9 @@ class PrefillSelector:
         dev = self.device
         self._flat["out"] = torch.empty(self.max_queries * self.k, dtype=i32, device=dev)
         for name, (n, extra, dt) in sizes.items():
-            self._flat[name] = torch.empty(rows * n + extra, dtype=dt, device=dev)
+            # heads zeroed: whatever the router writes (or leaves), every entry is a head id
+            self._flat[name] = (torch.zeros if name == "heads" else torch.empty)(rows * n + extra, dtype=dt, device=dev)
+        self._ranges = torch.empty(2, self.max_queries, dtype=i32, device=dev)
         self._workspaces = {name: TopkWorkspace(rows, kk, w, dev) for name, (kk, w) in ws.items()}
         self.zeros = torch.zeros(rows, dtype=i32, device=dev)
         if rerank_width:
@@ -174,7 +177,7 @@ class PrefillSelector:
     @property
     def nbytes(self) -> int:
         """Device memory this selector holds (plans' few bytes aside)."""
-        tensors = [*self._flat.values(), *(w.flat for w in self._workspaces.values()), self.zeros,
+        tensors = [*self._flat.values(), *(w.flat for w in self._workspaces.values()), self.zeros, self._ranges,
                    getattr(self, "rerank_width", None), self.all_heads, getattr(self, "offsets", None)]
         return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
@@ -214,7 +217,7 @@ class PrefillSelector:
             rerank_width = self.stage1_k
         for t0 in range(0, t, rows):
             r = min(t, t0 + rows) - t0
-            c = SimpleNamespace(rows=slice(t0, t0 + r), out=p.out[t0:t0 + r])
+            c = SimpleNamespace(rows=slice(t0, t0 + r))
             if self.variant == "hisa":
                 c.bks, c.bke = self._view("bks", r), self._view("bke", r)
                 c.scores = self._view("scores", r, width)
@@ -279,18 +282,30 @@ class PrefillSelector:
         others): a buffer of this selector, overwritten by the next call at the same shape."""
         return self._select(self._inputs(q, kv, weights, ks, ke))
 
-    def _select(self, inp: Inputs, heads: torch.Tensor | None = None) -> torch.Tensor:
+    def _select(self, inp: Inputs, heads: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
         """The pipeline on unchecked, contiguous inputs; ``heads``: routed heads computed elsewhere
-        (a router statistic without a kernel) instead of the selector's router."""
+        (a router statistic without a kernel) instead of the selector's router; ``out``: a ``[T, k]``
+        int32 tensor written instead of the selector's buffer."""
         p = self.plan(inp.num_queries, inp.num_keys)
+        out = p.out if out is None else out
         if p.chunks:
             if self.variant == "hisa":
-                self._hisa(inp, p)
+                self._hisa(inp, p, out)
             else:
-                self._scored(inp, p, heads)
-        return p.out
+                self._scored(inp, p, heads, out)
+        return out
 
-    def _scored(self, inp: Inputs, p, heads) -> None:
+    def _clamped_ranges(self, inp: Inputs) -> Inputs:
+        """``inp`` with ``ks``, ``ke`` clamped into ``0 <= ks <= ke <= S`` (copies in this selector):
+        valid ranges are unchanged, and the kernels stay in bounds on inputs not validated yet."""
+        t, s = inp.num_queries, inp.num_keys
+        ks, ke = self._ranges[0, :t], self._ranges[1, :t]
+        torch.clamp(inp.ks, 0, s, out=ks)
+        torch.clamp(inp.ke, max=s, out=ke)
+        torch.maximum(ke, ks, out=ke)
+        return replace(inp, ks=ks, ke=ke)
+
+    def _scored(self, inp: Inputs, p, heads, out) -> None:
         """DSA / MISA / MISA-dagger: per chunk, the (routed) logits of every key into the chunk's
         rows, the top-k's sample beside them, the top-k (MISA-dagger: of ``stage1_k``, re-scored with
         all heads and cut to ``k``)."""
@@ -314,11 +329,11 @@ class PrefillSelector:
                                       buffers=c.sample)
             if self.stage1_k:
                 cand = topk_t.topk(c.logits, ks, ke, self.stage1_k, sample=sample, out=c.stage1, buffers=c.topk)
-                rescore_t.rerank(inp, cand, self.k, c.rows, out=c.out, buffers=c.rerank)
+                rescore_t.rerank(inp, cand, self.k, c.rows, out=out[c.rows], buffers=c.rerank)
             else:
-                topk_t.topk(c.logits, ks, ke, self.k, sample=sample, out=c.out, buffers=c.topk)
+                topk_t.topk(c.logits, ks, ke, self.k, sample=sample, out=out[c.rows], buffers=c.topk)
 
-    def _hisa(self, inp: Inputs, p) -> None:
+    def _hisa(self, inp: Inputs, p, out) -> None:
         """HISA: pooled-block scores with all heads (the dense logits kernel on the bf16 mean keys),
         the first and last visible block forced in, the top blocks, then the exact DSA scores of
         their tokens (the gathered re-scoring) and their top-k."""
@@ -339,7 +354,7 @@ class PrefillSelector:
             # each kept block's positions; an empty slot (block -1) gives negatives, clamped to the -1 hole
             torch.add(self.offsets, blocks[:, :, None], alpha=bs, out=c.cand3)
             c.cand3.clamp_(min=-1)
-            rescore_t.rerank(inp, c.cand, self.k, c.rows, out=c.out, buffers=c.rerank)
+            rescore_t.rerank(inp, c.cand, self.k, c.rows, out=out[c.rows], buffers=c.rerank)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -29,7 +29,7 @@ from .ops import power_of_two
 from .ops.dsa import reference as dsa_ref
 from .ops.router import reference as router_ref
 from .ops.topk import reference as topk_ref
-from .validate import Inputs
+from .validate import Inputs, finish_checks
 
 DEFAULT_WORKSPACE_BYTES = 1 << 30        # CPU references
 DEFAULT_GPU_WORKSPACE_BYTES = 4 << 30    # kernels: a 4096 x 131072 selection in one chunk
@@ -96,7 +96,8 @@ def _use_kernels(inp: Inputs, backend: str | None) -> bool:
 def _contiguous(inp: Inputs) -> Inputs:
     """Kernels take contiguous tensors."""
     return Inputs(*(x.contiguous() if x is not None else None
-                    for x in (inp.q, inp.k, inp.k_scale, inp.weights, inp.ks, inp.ke)), extent=inp.extent)
+                    for x in (inp.q, inp.k, inp.k_scale, inp.weights, inp.ks, inp.ke)), extent=inp.extent,
+                  pending=inp.pending)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -151,6 +152,7 @@ def _to_absolute(cols: torch.Tensor, lo: int) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 
 def dsa_logits(inp: Inputs, workspace_bytes: int | None = None, backend: str | None = None) -> torch.Tensor:
+    inp = finish_checks(inp)
     if _use_kernels(inp, backend):
         from .ops.dsa import triton as dsa_triton
         return dsa_triton.dsa_logits(_contiguous(inp))
@@ -173,18 +175,28 @@ def topk_indices(logits: torch.Tensor, ks: torch.Tensor, ke: torch.Tensor, k: in
 def _prefill_kernels(variant: str, inp: Inputs, k: int, workspace_bytes: int | None, heads=None,
                      **options) -> torch.Tensor:
     """The kernel pipeline: ``misa.PrefillSelector``'s, through a selector kept per shape
-    (``misa.prefill.cached_selector``); its output buffer is copied, so the result stays the
-    caller's after the next call. ``heads``: routed heads computed outside the selector."""
-    if inp.num_queries == 0:
-        return torch.empty(0, k, dtype=torch.int32, device=inp.q.device)
-    from .prefill import cached_selector
-    sel = cached_selector(variant, inp, k, workspace_bytes, **options)
-    return sel._select(_contiguous(inp), heads=heads).clone()
+    (``misa.prefill.cached_selector``), written into a new tensor (the caller's to keep).
+    ``heads``: routed heads computed outside the selector.
+
+    Value checks still queued (``inp.pending``) are read back after the selection is queued, so the
+    GPU does not idle between them: the kernels then run on ranges clamped into ``[0, S]``, where
+    any values keep their memory accesses in bounds, and a failed check discards the result."""
+    out = torch.empty(inp.num_queries, k, dtype=torch.int32, device=inp.q.device)
+    if inp.num_queries:
+        from .prefill import cached_selector
+        sel = cached_selector(variant, inp, k, workspace_bytes, **options)
+        run = _contiguous(inp)
+        if run.pending is not None:
+            run = sel._clamped_ranges(run)
+        sel._select(run, heads=heads, out=out)
+    finish_checks(inp)                 # raises on bad input
+    return out
 
 
 def dsa_select(inp: Inputs, k: int, workspace_bytes: int | None = None, backend: str | None = None) -> torch.Tensor:
     if _use_kernels(inp, backend):
         return _prefill_kernels("dsa", inp, k, workspace_bytes)
+    inp = finish_checks(inp)
     out = torch.empty(inp.num_queries, k, dtype=torch.int32, device=inp.q.device)
     kf = float_keys(inp)
     for t0, t1, lo, hi in query_chunks(inp, 4 * inp.num_heads + 16, workspace_bytes):
@@ -204,6 +216,7 @@ def _router_kernel_ok(inp: Inputs, router: str) -> tuple[bool, str]:
 
 def route_heads(inp: Inputs, active_heads: int, block_size: int, router: str = "abs-sum",
                 workspace_bytes: int | None = None, backend: str | None = None) -> torch.Tensor:
+    inp = finish_checks(inp)
     if use_kernels(backend, inp.q, (inp.q.dtype, inp.k.dtype)):
         ok, why = _router_kernel_ok(inp, router)
         if ok and power_of_two(inp.num_heads) and power_of_two(inp.q.shape[2]):
@@ -231,11 +244,15 @@ def misa_select(inp: Inputs, k: int, active_heads: int, block_size: int, stage1_
         # a statistic without a router kernel: the heads come from the reference router (or the
         # "triton" backend refuses, in route_heads), then the selector's kernels score with them
         routed_here = _router_kernel_ok(inp, router)[0]
-        heads = None if routed_here else route_heads(inp, active_heads, block_size, router, workspace_bytes, backend)
+        heads = None
+        if not routed_here:
+            inp = finish_checks(inp)
+            heads = route_heads(inp, active_heads, block_size, router, workspace_bytes, backend)
         variant = "misa" if stage1_k is None else "misa-dagger"
         return _prefill_kernels(variant, inp, k, workspace_bytes, heads=heads, active_heads=active_heads,
                                 block_size=block_size, stage1_k=stage1_k,
                                 router=router if routed_here else "abs-sum")
+    inp = finish_checks(inp)
     heads = route_heads(inp, active_heads, block_size, router, workspace_bytes, backend)
     if kernels:
         use_kernels(backend, inp.q, (), False, f"active_heads must be a power of two, got {active_heads}"
@@ -256,6 +273,7 @@ def hisa_select(inp: Inputs, k: int, block_size: int, block_k: int,
     from .ops.blocks.reference import kept_blocks
     if _use_kernels(inp, backend):
         return _prefill_kernels("hisa", inp, k, workspace_bytes, hisa_block_size=block_size, hisa_block_k=block_k)
+    inp = finish_checks(inp)
     block_k = kept_blocks(k, block_size, block_k)
     out = torch.empty(inp.num_queries, k, dtype=torch.int32, device=inp.q.device)
     kf = float_keys(inp)

@@ -224,3 +224,21 @@ def test_prefill_selector_replays_in_a_cuda_graph(variant):
             want = misa.misa_select(*batch, k=k, active_heads=8, block_size=1024, stage1_k=o.get("stage1_k"))
         same = set_recall(out, want)         # parallel compaction may break exact ties either way
         assert min(same) >= 0.99 and sum(same) / len(same) >= 0.999, (min(same), sum(same) / len(same))
+
+
+@pytest.mark.parametrize("variant", list(OPTIONS))
+def test_checked_function_queues_the_selection_before_reading_its_checks_back(variant):
+    # the checks are read back after the kernels are queued: on bad values the kernels run on
+    # clamped ranges (nothing out of bounds) and the error still names the argument
+    q, kv, w, ks, ke = _inputs(11, t=5, s=200)
+    nan_q = q.float()
+    nan_q[2, 1, 3] = float("nan")
+    nan_w = w.clone()
+    nan_w[1, 0] = float("inf")
+    bad_ks, bad_ke = ks.clone(), ke.clone()
+    bad_ks[0], bad_ke[1] = -40, 400
+    cases = [("q", (nan_q.to(q.dtype), kv, w, ks, ke)), ("weights", (q, kv, nan_w, ks, ke)),
+             ("ks", (q, kv, w, bad_ks, ke)), ("ke", (q, kv, w, ks, bad_ke))]
+    for name, inputs in cases:
+        with pytest.raises(ValueError, match=f"^{name}:"):
+            _checked(variant, inputs)

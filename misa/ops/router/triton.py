@@ -197,8 +197,10 @@ def _route_kernel(Q, W, KBAR, KS, KE, CTX, HEADS, per_seq, tiles, NB, block_size
     chosen = tl.sum(before.to(tl.int32), axis=2) < ACTIVE
     slot = tl.cumsum(chosen.to(tl.int32), axis=1) - 1
     rows = first + tl.arange(0, BQ)
+    # slot < ACTIVE: NaN scores (inputs not yet validated, misa.select) compare false both ways and
+    # could choose more heads than there are slots; the row's stores must stay inside it
     tl.store(HEADS + (seq * per_seq + rows)[:, None] * ACTIVE + slot, tl.broadcast_to(head[None, :], (BQ, H)),
-             mask=chosen & (rows < per_seq)[:, None])
+             mask=chosen & (slot < ACTIVE) & (rows < per_seq)[:, None])
 
 
 class RouteConfig(NamedTuple):
