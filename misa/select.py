@@ -16,6 +16,11 @@ the reference, or the tests on the kernels. An explicit argument wins over it.
 The references work on a chunk of queries against the window of keys the chunk can see
 (``[min ks, max ke)``), so nothing of size ``[T, H, S]`` or ``[T, S]`` is built for a whole input:
 chunks are sized so that the largest intermediate stays under ``workspace_bytes``.
+
+The kernel paths of ``dsa_select``, ``misa_select`` and ``hisa_select`` are the pipeline of
+``misa.PrefillSelector`` (misa/prefill.py), run through a selector kept per shape
+(``misa.prefill.cached_selector``): one implementation for the checked functions and for engines
+that capture it in a CUDA graph.
 """
 from __future__ import annotations
 
