@@ -6,6 +6,7 @@ tokens; MISA-dagger re-ranks a larger candidate set with all heads. Training-fre
 """
 from . import engine, nn
 from .api import dsa_logits, dsa_select, hisa_select, misa_select, route_heads, topk_indices
+from .calibration import Calibration, CostTable, calibrate
 from .config import MisaConfig
 from .decode import DecodeSelector
 from .prefill import PrefillSelector
@@ -26,5 +27,5 @@ __all__ = [
     "write_paged_kcache", "read_paged_kcache", "build_paged_kcache", "new_pooled_kcache", "pool_paged_kcache",
     "recall",
     "MisaConfig", "patch_model", "unpatch_model", "DSAIndexer", "MISAIndexer", "hadamard_transform",
-    "engine", "nn", "DecodeSelector", "PrefillSelector",
+    "engine", "nn", "DecodeSelector", "PrefillSelector", "calibrate", "Calibration", "CostTable",
 ]

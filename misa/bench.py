@@ -81,6 +81,17 @@ def _config(cfg: BenchConfig, name: str):
                          hisa_block_size=cfg.hisa_block_size, hisa_block_k=cfg.hisa_block_k)
 
 
+def _run(mc, inp, k: int) -> torch.Tensor:
+    """``mc.select`` on inputs validated once (``misa.select``'s entry points, as ``misa.api``
+    calls them after its checks: a selector cached per shape, a new output tensor)."""
+    from . import select
+    if mc.variant == "dsa":
+        return select.dsa_select(inp, k, mc.workspace_bytes)
+    if mc.variant == "hisa":
+        return select.hisa_select(inp, k, mc.hisa_block_size, mc.hisa_block_k, mc.workspace_bytes)
+    return select.misa_select(inp, k, mc.active_heads, mc.block_size, mc.stage1_k, mc.router, mc.workspace_bytes)
+
+
 def _selector(cfg: BenchConfig, mc, seq_len: int, device):
     """Method ``mc``'s ``PrefillSelector`` for ``cfg.num_queries`` x ``seq_len``."""
     from .prefill import PrefillSelector

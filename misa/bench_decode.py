@@ -3,8 +3,9 @@ dense DSA measured in the same run.
 
 For every (batch, context, next_n): the card's copy bandwidth (a device-to-device copy, bytes read
 plus written), the dense paged logits alone (bytes of cache read per second, and that as a share
-of the copy figure), DSA's selection and the block-pruned selection for each ``block_k`` (each
-captured in a CUDA graph and timed by replay), the checked functions called eagerly (their
+of the copy figure), DSA's selection, the block-pruned selection for each ``block_k``, MISA (8
+routed heads) and MISA† (8 routed heads keeping ``stage1_k`` candidates for all heads to re-score),
+each captured in a CUDA graph and timed by replay, the checked functions called eagerly (their
 per-call host cost is eager minus replay), and the recall of DSA's selection. Workload: the
 synthetic indexer traffic of ``misa/synthetic.py``, a few distinct sequences repeated over the
 batch, each the last ``next_n`` tokens of a causal sequence.
@@ -33,6 +34,7 @@ class DecodeBenchConfig:
     head_dim: int = 128
     k: int = 2048
     block_ks: tuple = (32, 64, 128)         # block-pruned: 64-token pages kept
+    stage1_k: int = 8192                    # MISA-dagger: candidates the routed heads keep
     distinct: int = 4                       # distinct synthetic sequences, repeated over the batch
     rep_ms: int = 100
     seed: int = 0
@@ -117,6 +119,14 @@ def bench_shape(cfg: DecodeBenchConfig, batch: int, context: int, next_n: int, d
                                     cfg.rep_ms)
     r = recall(routed(*args, pooled), reference)
     row["misa-h8.recall_mean"] = float(r.mean())
+    dagger = DecodeSelector("misa-dagger", active_heads=8, stage1_k=cfg.stage1_k, **common)
+    row["misa-dagger-h8.graph_ms"] = _time(_graph(lambda: dagger(*args, pooled)), cfg.rep_ms)
+    row["misa-dagger-h8.eager_ms"] = _time(lambda: misa.paged_misa_select(*args, k=cfg.k, active_heads=8,
+                                                                          stage1_k=cfg.stage1_k, pooled=pooled),
+                                           cfg.rep_ms)
+    r = recall(dagger(*args, pooled), reference)
+    row["misa-dagger-h8.recall_mean"], row["misa-dagger-h8.recall_min"] = float(r.mean()), float(r.min())
+    del routed, dagger
     del buf, q, w, cache, table, lens, pooled
     torch.cuda.empty_cache()
     return row
@@ -148,6 +158,10 @@ def format_row(row: dict) -> str:
                      f"recall {row[key + '.recall_mean']:.3f} (min {row[key + '.recall_min']:.3f})")
     parts.append(f"  misa-h8 graph {row['misa-h8.graph_ms'] * 1e3:.1f} us, eager {row['misa-h8.eager_ms'] * 1e3:.1f} us, "
                  f"recall {row['misa-h8.recall_mean']:.3f}")
+    if "misa-dagger-h8.graph_ms" in row:
+        parts.append(f"  misa-dagger-h8 graph {row['misa-dagger-h8.graph_ms'] * 1e3:.1f} us, eager "
+                     f"{row['misa-dagger-h8.eager_ms'] * 1e3:.1f} us, recall {row['misa-dagger-h8.recall_mean']:.3f} "
+                     f"(min {row['misa-dagger-h8.recall_min']:.3f})")
     return "\n".join(parts)
 
 
@@ -167,6 +181,12 @@ def decode_tables(result: dict):
                          f"{r[key + '.recall_mean']:.3f}", ""])
         rows.append([shape, "MISA h=8", f"{r['misa-h8.graph_ms'] * 1e3:.1f}", f"{r['misa-h8.eager_ms'] * 1e3:.1f}",
                      f"{r['dsa.graph_ms'] / r['misa-h8.graph_ms']:.2f}", f"{r['misa-h8.recall_mean']:.3f}", ""])
+        if "misa-dagger-h8.graph_ms" in r:     # results saved before MISA-dagger was measured lack it
+            k1 = result["config"].get("stage1_k", "")
+            rows.append([shape, f"MISA† h=8 k1={k1}", f"{r['misa-dagger-h8.graph_ms'] * 1e3:.1f}",
+                         f"{r['misa-dagger-h8.eager_ms'] * 1e3:.1f}",
+                         f"{r['dsa.graph_ms'] / r['misa-dagger-h8.graph_ms']:.2f}",
+                         f"{r['misa-dagger-h8.recall_mean']:.3f}", ""])
     return [Table(f"Decode selection per call, us ({result['card']}, copy {result['copy_GBps']:.0f} GB/s); x = DSA "
                   "graph / method graph; recall of DSA's selection",
                   ["shape", "method", "graph us", "eager us", "x", "recall", "logits GB/s"], rows)]

@@ -153,6 +153,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     device = _device(args.device)
     if args.decode:
         return _bench_decode(args, device)
+    if args.cost_table:
+        return _bench_costs(args, device)
     cfg = BenchConfig(num_queries=args.num_queries, context_lens=tuple(args.context_lens), heads=args.heads,
                       k=args.k, active_heads=args.active_heads, block_size=args.block_size,
                       stage1_k=args.stage1_k, hisa_block_size=args.hisa_block_size,
@@ -166,6 +168,21 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench_costs(args: argparse.Namespace, device) -> int:
+    from .calibration import candidate_settings, measure_costs
+    context = max(args.context_lens)
+    table = measure_costs(candidate_settings(args.heads), device, num_queries=args.num_queries, context=context,
+                          heads=args.heads, k=args.k, router_block_size=args.block_size,
+                          hisa_block_size=args.hisa_block_size, rep_ms=args.rep_ms)
+    table.meta["command"] = "misa " + " ".join(sys.argv[1:]) if sys.argv[1:] else "misa bench --cost-table"
+    table.to_json(args.cost_table)
+    rows = [[name, f"{ms:.3f}", f"{ms / table.times_ms['dsa']:.3f}"] for name, ms in table.times_ms.items()]
+    print(text_table(f"selection time per setting, {args.num_queries} queries x {context} keys, H={args.heads}, "
+                     f"k={args.k} ({table.meta['card']}, {table.meta['date']})", ["setting", "ms", "vs DSA"], rows))
+    print(f"wrote {args.cost_table}")
+    return 0
+
+
 def _bench_decode(args: argparse.Namespace, device) -> int:
     import datetime
     from .bench_decode import DecodeBenchConfig, decode_tables, run_decode_bench, save
@@ -176,7 +193,7 @@ def _bench_decode(args: argparse.Namespace, device) -> int:
             raise SystemExit(f"--decode-shapes: expected BATCHxCONTEXT such as 64x131072, got {item!r}")
         shapes.append((int(b), int(ctx)))
     cfg = DecodeBenchConfig(shapes=tuple(shapes), next_ns=tuple(args.next_n), heads=args.heads, k=args.k,
-                            block_ks=tuple(args.decode_block_k), rep_ms=args.rep_ms)
+                            block_ks=tuple(args.decode_block_k), stage1_k=args.stage1_k, rep_ms=args.rep_ms)
     result = run_decode_bench(cfg, device)
     result["date"] = datetime.date.today().isoformat()
     print("\n".join(text_table(t.title, t.columns, t.rows, left=t.left) for t in decode_tables(result)))
@@ -234,8 +251,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="interleaved timing rounds per measurement (each --rep-ms / rounds; the median is reported)")
     b.add_argument("--methods", default=names, help=f"comma-separated, from {', '.join(METHODS)}")
     b.add_argument("--json", default=None, help="also write the full results to this JSON file")
+    b.add_argument("--cost-table", default=None, metavar="FILE",
+                   help="measure instead every setting `misa calibrate` chooses from, at the largest --context-lens, "
+                        "and write the cost table to FILE")
     b.add_argument("--decode", action="store_true",
-                   help="time paged decode selection instead (DSA and block-pruned, CUDA graphs and eager)")
+                   help="time paged decode selection instead (DSA, block-pruned, MISA and MISA-dagger; CUDA "
+                        "graphs and eager)")
     b.add_argument("--decode-shapes", nargs="+", default=["1x4096", "8x131072", "64x131072"],
                    help="--decode: BATCHxCONTEXT shapes")
     b.add_argument("--next-n", type=int, nargs="+", default=[1, 2], help="--decode: new tokens per sequence")

@@ -11,12 +11,22 @@ code is switched on:
     misa_stage1_topk         set -> MISA-dagger: candidates kept by the routed score (paper: 8192)
 
 Bad values raise ``ValueError`` naming the field (or the ``config.json`` key they came from).
+
+A config can also differ per layer (``layers``): ``misa calibrate`` writes such a config as JSON
+and ``MisaConfig.from_json`` reads it back:
+
+    {"format": "misa-config/1",
+     "default": {"variant": "dsa"},                         # layers not listed below
+     "layers": {"0": {"variant": "misa", "active_heads": 4, "router": "gap", "block_size": 128}, ...},
+     "calibration": {...}}                                  # how it was chosen (kept, not used)
 """
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 from . import api, paged
 from .ops.router.reference import ROUTER_STATISTICS
@@ -56,9 +66,74 @@ class MisaConfig:
     hisa_block_k: int = 64
     workspace_bytes: int | None = None
     backend: str | None = None
+    layers: tuple = ()            # ((layer index, MisaConfig), ...): per-layer settings, see for_layer
+    meta: Mapping | None = dataclasses.field(default=None, compare=False, hash=False)   # from_json's "calibration"
 
     def __post_init__(self):
-        _check_fields(dataclasses.asdict(self), {})
+        _check_fields({f.name: getattr(self, f.name) for f in dataclasses.fields(self)}, {})
+        _check_layers(self.layers)
+
+    def for_layer(self, layer: int) -> "MisaConfig":
+        """The settings of layer ``layer``: its entry in ``layers``, else this config's own fields."""
+        for index, cfg in self.layers:
+            if index == layer:
+                return cfg
+        return dataclasses.replace(self, layers=(), meta=None) if self.layers else self
+
+    @classmethod
+    def from_json(cls, source) -> "MisaConfig":
+        """A (per-layer) config from a JSON file path, or from the dict such a file holds (the
+        format in this module's docstring). Unknown keys, bad values and missing fields raise
+        ``ValueError`` naming the field, e.g. ``layers.3.active_heads``."""
+        if isinstance(source, (str, Path)):
+            path = Path(source)
+            try:
+                raw = json.loads(path.read_text())
+            except OSError as e:
+                raise ValueError(f"path: cannot read {path}: {e.strerror}") from None
+            except json.JSONDecodeError as e:
+                raise ValueError(f"path: {path} is not JSON ({e})") from None
+        elif isinstance(source, Mapping):
+            raw = dict(source)
+        else:
+            raise ValueError(f"source: expected a JSON file path or a dict, got {type(source).__name__}")
+        if not isinstance(raw, Mapping):
+            raise ValueError("source: the JSON must be an object with 'default' and/or 'layers'")
+        unknown = sorted(set(raw) - {"format", "default", "layers", "calibration"})
+        if unknown:
+            raise ValueError(f"{unknown[0]}: unknown key (known: format, default, layers, calibration)")
+        if raw.get("format", CONFIG_FORMAT) != CONFIG_FORMAT:
+            raise ValueError(f"format: expected {CONFIG_FORMAT!r}, got {raw['format']!r}")
+        default = _fields_from(raw.get("default", {}), "default")
+        layers = raw.get("layers", {})
+        if not isinstance(layers, Mapping):
+            raise ValueError("layers: expected an object mapping layer index -> settings")
+        per_layer = []
+        for key, value in layers.items():
+            try:
+                index = int(key)
+            except (TypeError, ValueError):
+                raise ValueError(f"layers.{key}: the key must be a layer index (an integer)") from None
+            if index < 0:
+                raise ValueError(f"layers.{key}: layer index must be >= 0")
+            per_layer.append((index, cls(**_fields_from(value, f"layers.{key}", default))))
+        meta = raw.get("calibration")
+        if meta is not None and not isinstance(meta, Mapping):
+            raise ValueError("calibration: expected an object")
+        return cls(**default, layers=tuple(sorted(per_layer, key=lambda p: p[0])), meta=meta)
+
+    def to_json(self, path=None, calibration: Mapping | None = None) -> dict:
+        """This config in ``from_json``'s format (written to ``path`` when given); ``calibration``
+        (default: ``meta``) is stored beside it."""
+        out = {"format": CONFIG_FORMAT, "default": _changed_fields(self)}
+        if self.layers:
+            out["layers"] = {str(i): _changed_fields(c) for i, c in self.layers}
+        calibration = calibration if calibration is not None else self.meta
+        if calibration is not None:
+            out["calibration"] = dict(calibration)
+        if path is not None:
+            Path(path).write_text(json.dumps(out, indent=1, default=float) + "\n")
+        return out
 
     @classmethod
     def from_model_config(cls, model_config, **overrides) -> "MisaConfig":
@@ -99,7 +174,13 @@ class MisaConfig:
 
     def check_indexer(self, num_heads: int, index_topk: int) -> "MisaConfig":
         """``self``, after checking it fits an indexer with ``num_heads`` heads selecting
-        ``index_topk`` tokens (so a misfit fails when a model is patched, not mid-generation)."""
+        ``index_topk`` tokens (so a misfit fails when a model is patched, not mid-generation);
+        per-layer settings are checked too (messages name ``layers.N.field``)."""
+        for index, cfg in self.layers:
+            try:
+                cfg.check_indexer(num_heads, index_topk)
+            except ValueError as e:
+                raise ValueError(f"layers.{index}.{e}") from None
         if self.variant in ("misa", "misa-dagger"):
             check_int("active_heads", self.active_heads, 1, num_heads)
             if self.decode_active_heads is not None:
@@ -141,6 +222,51 @@ class MisaConfig:
                                        self.heads(True), self.block_size, self.stage1_k,
                                        router=self.router, workspace_bytes=self.workspace_bytes,
                                        backend=self.backend)
+
+
+CONFIG_FORMAT = "misa-config/1"
+_SETTING_FIELDS = ("variant", "active_heads", "decode_active_heads", "block_size", "stage1_k", "router",
+                   "hisa_block_size", "hisa_block_k", "workspace_bytes", "backend")
+
+
+def _fields_from(value, where: str, base: dict | None = None) -> dict:
+    """MisaConfig fields from one JSON object, checked (messages say ``where.field``)."""
+    if not isinstance(value, Mapping):
+        raise ValueError(f"{where}: expected an object of MisaConfig fields")
+    unknown = sorted(set(value) - set(_SETTING_FIELDS))
+    if unknown:
+        raise ValueError(f"{where}.{unknown[0]}: unknown field (fields: {', '.join(_SETTING_FIELDS)})")
+    values = {**(base or {}), **value}
+    names = {f: f"{where}.{f}" for f in _SETTING_FIELDS}
+    defaults = {f: getattr(MisaConfig, f) for f in _SETTING_FIELDS}
+    _check_fields({**defaults, **values}, names)
+    return values
+
+
+def _changed_fields(cfg: MisaConfig) -> dict:
+    """The setting fields of ``cfg`` that differ from MisaConfig's defaults (variant always)."""
+    out = {"variant": cfg.variant}
+    for f in _SETTING_FIELDS[1:]:
+        v = getattr(cfg, f)
+        if v != getattr(MisaConfig, f):
+            out[f] = v
+    return out
+
+
+def _check_layers(layers) -> None:
+    if not isinstance(layers, tuple):
+        raise ValueError(f"layers: expected a tuple of (layer index, MisaConfig) pairs, got {type(layers).__name__}")
+    seen = set()
+    for pair in layers:
+        if not (isinstance(pair, tuple) and len(pair) == 2 and isinstance(pair[1], MisaConfig)):
+            raise ValueError("layers: expected (layer index, MisaConfig) pairs")
+        index, cfg = pair
+        check_int("layers", index, 0)
+        if index in seen:
+            raise ValueError(f"layers: layer {index} given twice")
+        if cfg.layers:
+            raise ValueError(f"layers: layer {index}'s config has per-layer settings of its own")
+        seen.add(index)
 
 
 def as_misa_config(config) -> MisaConfig:

@@ -7,12 +7,15 @@ prediction puts several new tokens in one step). Indices are positions inside th
 Outputs have ``B * next_n`` rows, sequence-major.
 
 The cache is DeepGEMM's ``[num_pages, 64, 1, D + 4]`` uint8 layout (``misa.new_paged_kcache``).
-``backend`` is as for the prefill functions (``misa.api``). On the kernels, DSA's logits and
-selection and MISA's (without a second stage) run batched: MISA's router pools and routes the
+``backend`` is as for the prefill functions (``misa.api``). On the kernels, DSA's, MISA's and
+MISA-dagger's logits and selections run batched: MISA's router pools and routes the
 whole batch in two launches (``misa/ops/router/triton.py``), one launch scores it reading the
-pages in place (``misa/ops/dsa/paged_triton.py``) and one top-k launch selects. MISA-dagger, HISA,
-the reference backend and router statistics without a kernel take the per-sequence path: each
-sequence's pages are gathered into contiguous keys and the prefill path runs sequence by sequence.
+pages in place (``misa/ops/dsa/paged_triton.py``) and one top-k launch selects. MISA-dagger adds
+a top-``stage1_k`` launch, one re-scoring launch over those candidates with all heads
+(``misa/ops/rescore/triton.py``, keys read through the block table) and the final top-k. DSA,
+MISA-dagger and HISA run through a cached ``misa.DecodeSelector``. The reference backend and
+router statistics without a kernel take the per-sequence path: each sequence's pages are gathered
+into contiguous keys and the prefill path runs sequence by sequence.
 """
 from __future__ import annotations
 
@@ -21,6 +24,7 @@ import torch
 from . import quant, select
 from .api import check_router, check_workspace
 from .ops import power_of_two
+from .ops.rescore import MAX_RESCORE_HEADS
 from .validate import (Inputs, check_hisa_budget, check_int, check_stage1_k, check_tensor, raise_first,
                        value_checks, Q_DTYPES)
 
@@ -184,14 +188,40 @@ def paged_misa_select(q, kv_cache, weights, context_lens, block_table, k: int = 
     check_router(router)
     check_workspace(workspace_bytes)
     _check_pooled_blocks(pooled, kv_cache, block_size)
-    if stage1_k is None and _batched(q, backend):
+    if _batched(q, backend) and (stage1_k is None or q.shape[2] <= MAX_RESCORE_HEADS):
         longest = _check_paged(q, kv_cache, weights, context_lens, block_table)
+        if stage1_k is not None and q.shape[0] == 0:
+            return torch.empty(0, k, dtype=torch.int32, device=q.device)
+        if stage1_k is not None and _dagger_selector_ok(q.shape[2], active_heads, block_size, router):
+            if pooled is None:     # built from the cache: one launch, still no loop over sequences
+                from .ops.pool.triton import pool_paged_kcache
+                pooled = pool_paged_kcache(kv_cache, block_table, context_lens)
+            sel = _selector("misa-dagger", q, k, block_table, stage1_k=stage1_k, active_heads=active_heads,
+                            router_block_size=block_size, router=router)
+            return sel(q, kv_cache, weights, context_lens, block_table, pooled).clone()
         heads = _route(q, kv_cache, weights, context_lens, block_table, active_heads, block_size, router, longest,
                        backend, pooled)
-        return _batched_select(q, kv_cache, weights, context_lens, block_table, k, longest, heads=heads)
+        if stage1_k is None:
+            return _batched_select(q, kv_cache, weights, context_lens, block_table, k, longest, heads=heads)
+        # MISA-dagger with options the selector does not take (every head, a non-power-of-two
+        # head count, a block not a multiple of the page): the same stages, allocated per call
+        from .ops.rescore.triton import paged_rescore
+        from .ops.topk.triton import topk
+        cand = _batched_select(q, kv_cache, weights, context_lens, block_table, stage1_k, longest, heads=heads)
+        scores = paged_rescore(q, kv_cache, weights, context_lens, block_table, cand,
+                               torch.empty(cand.shape, dtype=torch.float32, device=q.device))
+        zeros = torch.zeros(cand.shape[0], dtype=torch.int32, device=q.device)
+        return topk(scores, zeros, torch.full_like(zeros, cand.shape[1]), k, cmap=cand, finite_only=True)
     return _paged_select(lambda inp: select.misa_select(inp, k, active_heads, block_size, stage1_k, router,
                                                         workspace_bytes, backend=backend),
                          q, kv_cache, weights, context_lens, block_table, k)
+
+
+def _dagger_selector_ok(num_heads: int, active_heads: int, block_size: int, router: str) -> bool:
+    """Whether the ``"misa-dagger"`` ``DecodeSelector`` takes these options."""
+    from .ops.router.triton import STATISTICS
+    return (active_heads < num_heads and power_of_two(active_heads) and block_size % quant.PAGE_SIZE == 0
+            and router in STATISTICS)
 
 
 _SELECTORS: dict = {}

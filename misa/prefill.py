@@ -15,8 +15,9 @@ Buffers are allocated by the constructor for ``max_queries`` x ``max_keys``, in 
 that keep the largest intermediate under ``workspace_bytes`` as the checked functions do (a fixed
 loop over a few chunks, not over sequences). Each ``(queries, keys)`` shape gets a launch plan on
 first use: views of those buffers plus a few bytes of its own, allocated then, so call once at every
-shape before capturing. Every query's logits row covers all ``max_keys``-aligned keys (its window
-starts at key 0): nothing about ``ks`` / ``ke`` is read on the host. The returned tensor is a buffer
+shape before capturing. A chunk's logits rows span keys ``[0, S)`` (not narrowed to the chunk's
+``[min ks, max ke)``, which would need a read-back): nothing about ``ks`` / ``ke`` is read on the
+host, and the kernels skip the key tiles no query of a block sees. The returned tensor is a buffer
 of this selector, overwritten by the next call at the same shape. ``__call__`` does not validate
 values (that needs a read-back); ``check`` does.
 """

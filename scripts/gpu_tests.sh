@@ -6,7 +6,7 @@
 # Full logs go to ${OUT:-/tmp}/gpu-tests.log, the bench JSON to ${OUT:-/tmp}/gpu-bench.json, the
 # pytest report to ${OUT:-/tmp}/gpu-tests-junit.xml; the last line printed is one summary:
 #   GPU tests: <card> <date> | pytest: N passed, M failed, K skipped | bench: dsa X ms, misa Yx ...
-#   | decode: dsa X us, block-pruned Y us (CUDA graphs)
+#   | decode: dsa X us, block-pruned Y us, misa-dagger Z us (CUDA graphs)
 # Exit status: 0 when every test passed (or skipped) and the bench ran or was skipped for want of
 # CUDA; 1 when a test failed or errored, pytest timed out, or the bench failed on a CUDA machine;
 # 2 when pytest is missing.
@@ -112,6 +112,10 @@ for m, key in (("misa", "misa_e2e"), ("misa-gap", "misa_gap_e2e"), ("misa-dagger
                ("hisa", "hisa_e2e")):
     if f"speedup.{key}" in r:
         parts.append(f"{m} {r['speedup.' + key]:.2f}x (recall {r[m + '.recall']:.3f})")
+checked = [f"{m} {100 * r[f'overhead.{m}_checked']:+.1f}%" for m in ("dsa", "misa", "hisa")
+           if f"overhead.{m}_checked" in r]
+if checked:
+    parts.append("checked functions over their kernels: " + ", ".join(checked))
 print(", ".join(parts))
 EOF
 )
@@ -121,7 +125,7 @@ EOF
   fi
 fi
 
-# --- a short decode bench: dense DSA against block-pruned, CUDA graphs ---------------------------
+# --- a short decode bench: dense DSA against block-pruned and MISA-dagger, CUDA graphs ----------
 DECODE_JSON=$DEST/gpu-decode.json
 if [ "$cuda" != "1" ]; then
   decode="skipped (no CUDA)"
@@ -134,7 +138,8 @@ import json, sys
 parts = []
 for r in json.load(open(sys.argv[1]))["rows"]:
     parts.append(f"{r['batch']}x{r['context'] // 1024}K dsa {r['dsa.graph_ms'] * 1e3:.0f} us, block-pruned m=64 "
-                 f"{r['hisa-m64.graph_ms'] * 1e3:.0f} us ({r['hisa-m64.speedup']:.1f}x, recall {r['hisa-m64.recall_mean']:.2f})")
+                 f"{r['hisa-m64.graph_ms'] * 1e3:.0f} us ({r['hisa-m64.speedup']:.1f}x, recall {r['hisa-m64.recall_mean']:.2f}), "
+                 f"misa-dagger {r['misa-dagger-h8.graph_ms'] * 1e3:.0f} us (recall {r['misa-dagger-h8.recall_mean']:.2f})")
 print("; ".join(parts))
 EOF
 )

@@ -106,3 +106,23 @@ def test_bench_methods_come_from_the_registry():
     assert bench.METHODS == tuple(METHODS)
     with pytest.raises(ValueError, match="methods"):
         bench.BenchConfig(methods=("dsa", "fast"))
+
+
+def test_decode_tables_show_misa_dagger_and_read_older_results():
+    # the decode bench's table from made-up rows: MISA-dagger's row where measured, and results
+    # saved before it was measured still render
+    from dataclasses import asdict
+    from misa.bench_decode import DecodeBenchConfig, decode_tables, format_row
+    row = {"batch": 8, "context": 131072, "next_n": 1, "dsa.logits_ms": 0.5, "dsa.logits_GBps": 2500.0,
+           "dsa.logits_share_of_copy": 0.8, "dsa.graph_ms": 0.8, "dsa.eager_ms": 0.9,
+           "misa-h8.graph_ms": 0.4, "misa-h8.eager_ms": 0.5, "misa-h8.recall_mean": 0.95,
+           "misa-dagger-h8.graph_ms": 0.5, "misa-dagger-h8.eager_ms": 0.6, "misa-dagger-h8.recall_mean": 0.99,
+           "misa-dagger-h8.recall_min": 0.97}
+    old = {k: v for k, v in row.items() if not k.startswith("misa-dagger")}
+    result = {"card": "NVIDIA H100", "copy_GBps": 3000.0, "config": asdict(DecodeBenchConfig(stage1_k=4096)),
+              "rows": [row, old]}
+    table, = decode_tables(result)
+    methods = [r[1] for r in table.rows]
+    assert methods == ["DSA dense", "MISA h=8", "MISA† h=8 k1=4096", "DSA dense", "MISA h=8"]
+    assert table.rows[2][2:6] == ["500.0", "600.0", "1.60", "0.990"]
+    assert "misa-dagger-h8 graph 500.0 us" in format_row(row) and "dagger" not in format_row(old)

@@ -182,11 +182,12 @@ def test_decode_selector_checks_its_inputs():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need CUDA")
-@pytest.mark.parametrize("variant", ["dsa", "hisa", "misa"])
+@pytest.mark.parametrize("variant", ["dsa", "hisa", "misa", "misa-dagger"])
 def test_decode_selector_replays_in_a_cuda_graph(variant):
     # captured once, replayed with new q, weights, context_lens and block_table copied into the
-    # captured tensors: the same selection as the checked function on those inputs
-    lens, next_n, h, d, k = [3000, 9000, 700, 20000], 2, 64, 128, 512
+    # captured tensors: the same selection as the checked function on those inputs; a direct call
+    # and the replays run with host syncs turned into errors
+    lens, next_n, h, d, k, stage1_k = [3000, 9000, 700, 20000], 2, 64, 128, 512, 2048
     batches = [_batch([n + 37 * s for n in lens], next_n, h, d, seed=s) for s in range(3)]
     pages = max(t.shape[1] for *_, t, _ in batches)
     num_pages = max(c.shape[0] for *_, c, _, _ in batches)
@@ -200,10 +201,17 @@ def test_decode_selector_replays_in_a_cuda_graph(variant):
     first = padded(batches[0])
     static = [x.clone() for x in first[1:]]
     sel = misa.DecodeSelector(variant, num_heads=h, head_dim=d, k=k, max_batch=len(lens), max_context=pages * 64,
-                              next_n=next_n, device="cuda", block_k=16)
+                              next_n=next_n, device="cuda", block_k=16,
+                              stage1_k=stage1_k if variant == "misa-dagger" else None)
     q, w, cache, table, clens, pooled = static
     sel.check(q, cache, w, clens, table, pooled)
     sel(q, cache, w, clens, table, pooled)              # warm-up: compiles, makes the plan
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        sel(q, cache, w, clens, table, pooled)          # no device-to-host read, no sync
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
@@ -212,13 +220,20 @@ def test_decode_selector_replays_in_a_cuda_graph(variant):
         new = padded(batch)
         for dst, src in zip(static, new[1:]):
             dst.copy_(src)
-        graph.replay()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            graph.replay()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
         torch.cuda.synchronize()
         _, q2, w2, cache2, table2, clens2, pooled2 = new
         if variant == "dsa":
             want = misa.paged_dsa_select(q2, cache2, w2, clens2, table2, k=k)
         elif variant == "misa":
             want = misa.paged_misa_select(q2, cache2, w2, clens2, table2, k=k, active_heads=8, pooled=pooled2)
+        elif variant == "misa-dagger":
+            want = misa.paged_misa_select(q2, cache2, w2, clens2, table2, k=k, active_heads=8, pooled=pooled2,
+                                          stage1_k=stage1_k)
         else:
             want = misa.paged_hisa_select(q2, cache2, w2, clens2, table2, k=k, block_size=64, block_k=16,
                                           pooled=pooled2)

@@ -205,3 +205,50 @@ def test_patch_errors_name_the_argument():
     misa.patch_model(model, active_heads=2)
     with pytest.raises(ValueError, match="^model:"):
         misa.patch_model(model, active_heads=2)
+
+
+@pytest.mark.parametrize("model_type", MODEL_TYPES)
+def test_per_layer_config_patches_each_layer_with_its_own_setting(model_type):
+    model = tiny_model(model_type, seed=3)
+    layers = [m.indexer.layer_idx for m in indexer_layers(model)]
+    per_layer = {str(layers[0]): {"variant": "misa", "active_heads": 2, "block_size": 8, "router": "gap"}}
+    cfg = misa.MisaConfig.from_json({"default": {"variant": "dsa"}, "layers": per_layer})
+    misa.patch_model(model, config=cfg)
+    got = {m.indexer.layer_idx: m.indexer.misa_config for m in indexer_layers(model)}
+    assert (got[layers[0]].variant, got[layers[0]].active_heads, got[layers[0]].router) == ("misa", 2, "gap")
+    assert all(got[i].variant == "dsa" for i in layers[1:])
+    ids, mask = prompt(seed=4)
+    with recording(model, with_original=True) as calls, torch.no_grad():
+        model(ids, attention_mask=mask)
+    # the DSA layers select exactly what the unpatched indexer selects; the MISA layer (2 of 8 heads) does not
+    same = [visible_sets(v, s) == visible_sets(v, o) for v, s, o in calls]
+    assert same[0] is False and all(same[1:])
+    misa.unpatch_model(model)
+    bad = misa.MisaConfig.from_json({"layers": {str(layers[-1]): {"variant": "misa", "active_heads": 99}}})
+    with pytest.raises(ValueError, match=rf"^layers\.{layers[-1]}\.active_heads"):
+        misa.patch_model(model, config=bad)
+
+
+def test_calibrate_a_hf_model_records_dsa_traffic_and_returns_a_patchable_config():
+    from misa.calibration import CostTable, candidate_settings
+    model = tiny_model("deepseek_v32", seed=5)
+    sets = candidate_settings(TINY["index_n_heads"], heads=(2, 4), dagger_heads=(2,), dagger_multiples=(2,),
+                              hisa_multiples=(2,))
+    costs = CostTable({s.name: (8.0 if s.variant == "dsa" else 1.0 + i * 0.1) for i, s in enumerate(sets)})
+    g = torch.Generator().manual_seed(0)
+    texts = [torch.randint(2, TINY["vocab_size"], (60,), generator=g) for _ in range(2)]
+    cal = misa.calibrate(model, texts, target=0.9, queries=12, settings=sets, cost_table=costs,
+                         router_block_size=8, hisa_block_size=4)
+    layers = sorted(m.indexer.layer_idx for m in indexer_layers(model))
+    assert sorted(cal.table) == layers
+    for row in cal.table.values():
+        assert row["settings"]["dsa"]["recall"] == 1.0            # DSA against itself on the recorded traffic
+        assert row["settings"][row["chosen"]]["recall"] >= 0.9
+    assert not any(isinstance(m.indexer, PatchedIndexer) for m in indexer_layers(model))   # unpatched after
+    misa.patch_model(model, config=cal.config)
+    assert [m.indexer.misa_config for m in indexer_layers(model)] == [cal.config.for_layer(i) for i in layers]
+    misa.unpatch_model(model)
+    with pytest.raises(ValueError, match="metric"):
+        misa.calibrate(model, texts, metric="mass", cost_table=costs)
+    with pytest.raises(ValueError, match="tokenizer"):
+        misa.calibrate(model, ["some text"], cost_table=costs)

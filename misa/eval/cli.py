@@ -131,6 +131,94 @@ def add_commands(sub) -> None:
         p.set_defaults(func=cmd_eval)
 
 
+    add_calibrate(sub)
+
+
+def add_calibrate(sub) -> None:
+    from ..cli import HelpFormatter
+    c = sub.add_parser("calibrate", help="choose per-layer MISA / MISA-dagger / HISA settings for a quality target",
+                       formatter_class=HelpFormatter,
+                       description="Run dense DSA on calibration text (the corpus's training side, never the held-out "
+                                   "text `misa eval` reads), score every candidate setting per layer against DSA's "
+                                   "selection (recall of its tokens, or the attention mass its picks hold), and keep "
+                                   "per layer the cheapest setting that meets the target, priced by a table of "
+                                   "measured kernel times (`misa bench --cost-table`; default: the one shipped). "
+                                   "Writes the per-layer config (`misa.MisaConfig.from_json`) and a markdown table. "
+                                   "SmolLM2 + the trained indexer by default; --hf-model calibrates a local HF "
+                                   "deepseek_v32 / glm_moe_dsa model on recall.")
+    _common(c)
+    target = c.add_mutually_exclusive_group(required=True)
+    target.add_argument("--target-recall", type=float, default=None,
+                        help="keep at least this share of DSA's tokens in every layer (e.g. 0.95)")
+    target.add_argument("--target-mass", type=float, default=None,
+                        help="keep at least this share of the attention mass DSA's picks hold in every layer")
+    c.add_argument("--out", required=True, help="the per-layer config JSON to write (a .md summary goes beside it)")
+    c.add_argument("--indexer", default=None, help="the folder `misa warmup` saved (default: the shipped demo "
+                                                   "layers, else the cache)")
+    c.add_argument("--hf-model", default=None, help="a local HF DSA model folder instead of SmolLM2 (recall only)")
+    c.add_argument("--cost-table", default=None, help="cost table JSON from `misa bench --cost-table` (default: shipped)")
+    c.add_argument("--k", type=int, default=None, help="tokens per query (default: 256 on CUDA, 64 on CPU; HF: index_topk)")
+    c.add_argument("--context", type=int, default=None, help="calibration window (default: 8192 CUDA, 2048 CPU)")
+    c.add_argument("--windows", type=int, default=None, help="calibration windows (default: 2 CUDA, 1 CPU)")
+    c.add_argument("--queries", type=int, default=None, help="queries per window (default: 256 CUDA, 64 CPU)")
+    c.add_argument("--block-size", type=int, default=None,
+                   help="MISA router block size (default: 128 on SmolLM2, 1024 on a HF model)")
+    c.add_argument("--hisa-block-size", type=int, default=None, help="HISA block size (default: 64 on SmolLM2, 128 HF)")
+    c.set_defaults(func=cmd_calibrate)
+
+
+def cmd_calibrate(args) -> int:
+    from misa.calibration import CostTable
+    from . import data
+    from .common import EvalContext, indexer_dir
+    from .model import default_device
+    metric, target = ("recall", args.target_recall) if args.target_recall is not None else ("mass", args.target_mass)
+    if not 0 < target <= 1:
+        raise ValueError(f"target_{metric}: expected a share in (0, 1], got {target}")
+    costs = CostTable.load(args.cost_table)       # a bad table fails before any model loads
+    cuda = default_device(args.device).type == "cuda"
+    g = lambda value, gpu, cpu: value if value is not None else (gpu if cuda else cpu)
+    out = Path(args.out)
+    if args.hf_model:
+        cal = _calibrate_hf(args, metric, target, costs, g)
+    else:
+        indexer = args.indexer or default_indexer()
+        if indexer is None:
+            raise ValueError("indexer: no trained indexer; run `misa warmup` first or pass --indexer DIR")
+        indexer = indexer_dir(indexer)
+        data.corpus_path(args.corpus)          # checked before the model loads
+        from .calibrate import calibrate_testbed
+        ctx = EvalContext.create(args.model, args.device, indexer, args.corpus, token_cache=cache_dir() / "tokens")
+        print(f"misa calibrate: {ctx.model_path.name} + indexer {ctx.indexer_path} on {ctx.device}, {metric} >= "
+              f"{target}", file=sys.stderr)
+        cal = calibrate_testbed(ctx, target, metric=metric, k=g(args.k, 256, 64), context=g(args.context, 8192, 2048),
+                                windows=g(args.windows, 2, 1), queries=g(args.queries, 256, 64), cost_table=costs,
+                                router_block_size=args.block_size or 128, hisa_block_size=args.hisa_block_size or 64)
+    cal.config.meta["command"] = "misa " + " ".join(sys.argv[1:])
+    out.parent.mkdir(parents=True, exist_ok=True)
+    cal.config.to_json(out)
+    summary = (f"# misa calibrate: {metric} >= {target}\n\nCost table: {costs.meta.get('card', '?')} "
+               f"({costs.meta.get('date', '?')}).\n\n{cal.summary()}\n")
+    out.with_suffix(".md").write_text(summary)
+    print(summary)
+    print(f"wrote {out} and {out.with_suffix('.md')}")
+    return 0
+
+
+def _calibrate_hf(args, metric, target, costs, g):
+    import transformers
+    from misa.calibration import calibrate
+    from . import data
+    from .model import default_device
+    model = transformers.AutoModelForCausalLM.from_pretrained(args.hf_model).to(default_device(args.device)).eval()
+    tok = transformers.AutoTokenizer.from_pretrained(args.hf_model)
+    tokens = data.train_tokens(tok, args.corpus)
+    context = g(args.context, 8192, 2048)
+    texts = data.windows(tokens, context, g(args.windows, 2, 1))
+    return calibrate(model, texts, target, metric=metric, queries=g(args.queries, 256, 64), cost_table=costs,
+                     router_block_size=args.block_size or 1024, hisa_block_size=args.hisa_block_size or 128)
+
+
 def _trained() -> int:
     from .common import TRAINED_TOKENS_PER_LAYER
     return TRAINED_TOKENS_PER_LAYER

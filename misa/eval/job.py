@@ -8,7 +8,7 @@ re-run resumes from it (training continues; finished eval phases are skipped). `
 ``eval`` at indexer files kept elsewhere (e.g. the shards ``train`` copied to ``--out``). With
 ``--out``, the files worth keeping are copied there, a handful of small files:
 train -> indexer shards (<= 15 MiB each) + indexer.json + warmup_loss.png + warmup.md + train_log.json;
-eval  -> results.md + results.json + recall.png + niah.png.
+eval  -> results.md + results.json + recall.png + niah.png (+ the calibrated configs' JSON).
 """
 from __future__ import annotations
 
@@ -90,6 +90,20 @@ def evaluate(args, loaded=None) -> int:
     print(f"[job eval] model + indexer loaded in {time.perf_counter() - t0:.0f} s on {ctx.device}", flush=True)
     done = {p.stem: json.loads(p.read_text()) for p in res_dir.glob("*.json") if p.stem in PHASES}
     want = set(args.phases)
+    if "calibrate" in want:
+        t = time.perf_counter()
+        from .calibrate import calibration_study
+        study = calibration_study(ctx, res_dir, targets=args.targets, k=(args.k or [256])[0],
+                                  context=args.context or 8192, windows=args.cal_windows,
+                                  queries=args.cal_queries, cost_table=args.cost_table)
+        (res_dir / "calibration.json").write_text(json.dumps(
+            {k: v for k, v in study.items() if k != "configs"}, default=float))
+        print(f"[job eval] calibrate: {time.perf_counter() - t:.0f} s "
+              f"(modelled speed-ups: {', '.join(f'{_short(m)} {x:.2f}x' for m, x in study['speedup'].items())})",
+              flush=True)
+        import dataclasses
+        for name in ("ppl", "niah"):     # the calibrated configs join the in-model evaluations
+            cfgs[name] = dataclasses.replace(cfgs[name], methods=cfgs[name].methods + list(study["configs"]))
     if want & {"recall", "router"} and not want & {"recall", "router"} <= done.keys():
         t = time.perf_counter()
         rc = cfgs["recall"]
@@ -111,7 +125,11 @@ def evaluate(args, loaded=None) -> int:
         # leave time to write the results
         done["niah"] = niah.run(ctx, cfgs["niah"], res_dir, deadline=deadline - 20, previous=done.get("niah"))
         print(f"[job eval] niah: {time.perf_counter() - t:.0f} s", flush=True)
-    order = ["recall", "router", "niah", "ppl"]
+    if "calibrate" in want:
+        from .calibrate import study_report
+        study = json.loads((res_dir / "calibration.json").read_text())
+        done["calibrate"] = study_report(study, done.get("ppl"), done.get("niah"), res_dir)
+    order = ["calibrate", "recall", "router", "niah", "ppl"]
     md = "\n\n".join((res_dir / f"{n}.md").read_text() for n in order if (res_dir / f"{n}.md").is_file())
     (res_dir / "results.md").write_text(md)
     (res_dir / "results.all.json").write_text(json.dumps({n: done[n] for n in order if n in done}, default=float))
@@ -119,6 +137,8 @@ def evaluate(args, loaded=None) -> int:
     if out is not None:
         shutil.copy(res_dir / "results.md", out / "results.md")
         shutil.copy(res_dir / "results.all.json", out / "results.json")
+        for cfg_file in res_dir.glob("calibrated-*.json"):
+            shutil.copy(cfg_file, out / cfg_file.name)
         for png in ("recall.png", "niah.png"):
             if (res_dir / png).is_file():
                 shutil.copy(res_dir / png, out / png)
@@ -127,7 +147,11 @@ def evaluate(args, loaded=None) -> int:
     return 0
 
 
-PHASES = ("recall", "router", "ppl", "niah")
+PHASES = ("recall", "router", "ppl", "niah", "calibrate")
+
+
+def _short(method: str) -> str:
+    return Path(method[len("config:"):]).stem if method.startswith("config:") else method
 
 
 def _phases(s):
@@ -176,7 +200,13 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=train)
     e = sub.choices["eval"]
     e.add_argument("--indexer", default=None, help="indexer folder (default: RUN_DIR/indexer)")
-    e.add_argument("--phases", type=_phases, default=list(PHASES), help="comma-separated subset of recall,router,ppl,niah")
+    e.add_argument("--phases", type=_phases, default=["recall", "router", "ppl", "niah"],
+                   help="comma-separated subset of recall,router,ppl,niah,calibrate (calibrate: per-layer configs "
+                        "at --targets, by recall and by attention mass, evaluated in ppl and niah beside the others)")
+    e.add_argument("--targets", type=lambda s: [float(x) for x in s.split(",")], default=[0.90, 0.95, 0.98])
+    e.add_argument("--cal-windows", type=int, default=2, help="calibration windows (training-side text)")
+    e.add_argument("--cal-queries", type=int, default=256, help="queries per calibration window")
+    e.add_argument("--cost-table", default=None, help="cost table JSON (default: the shipped one)")
     e.add_argument("--k", type=_ints, default=None)
     e.add_argument("--block-size", type=int, default=128)
     e.add_argument("--router", default="abs-sum")

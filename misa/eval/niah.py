@@ -19,7 +19,7 @@ import torch
 from . import data
 from .common import EvalContext
 from .report import fmt, md_table, write_result
-from .selectors import IN_MODEL, SelectorSettings, describe
+from .selectors import IN_MODEL, SelectorSettings, check_in_model, describe, display
 from .sparse import SparseAttention
 
 NIAH_METHODS = ["dense", "dsa", "misa-h8", "misa-dagger", "hisa", "sink-window"]
@@ -44,9 +44,7 @@ class NiahConfig:
     settings: SelectorSettings = field(default_factory=SelectorSettings)
 
     def __post_init__(self):
-        bad = [m for m in self.methods if m not in IN_MODEL]
-        if bad:
-            raise ValueError(f"methods: unknown {bad}, expected some of {IN_MODEL}")
+        check_in_model(self.methods)
         if self.depths < 1:
             raise ValueError(f"depths: must be >= 1, got {self.depths}")
         if any(n < 256 for n in self.lengths + self.ruler_lengths):
@@ -207,11 +205,11 @@ def report(ctx, cfg: NiahConfig, grid, rul, depths, out_dir: Path) -> dict:
           f"depths; one needle value per cell (a random 7-digit number). This is a small model at <= "
           f"{max(cfg.lengths + cfg.ruler_lengths)}-token context, not DeepSeek-V3.2 at 128K.\n",
           md_table(["method", "setting", "cells passed", "agrees with DSA (target >= 0.98)", "cells scored"],
-                   [[m, describe(m, cfg.k, s), fmt(acc[m]), fmt(agree.get(m)), f"{len(scored[m])}/{len(cells)}"]
+                   [[display(m), describe(m, cfg.k, s), fmt(acc[m]), fmt(agree.get(m)), f"{len(scored[m])}/{len(cells)}"]
                     for m in grid]),
           "\n## RULER-style tasks (exact match; fraction of samples)\n"]
     keys = sorted({key for r in rul.values() for key in r}, key=lambda x: (x.split("/")[0], int(x.split("/")[1])))
-    md.append(md_table(["method"] + keys, [[m] + [f"{sum(rul[m][key]) / len(rul[m][key]):.2f} (n={len(rul[m][key])})"
+    md.append(md_table(["method"] + keys, [[display(m)] + [f"{sum(rul[m][key]) / len(rul[m][key]):.2f} (n={len(rul[m][key])})"
                                                   if key in rul[m] else "-" for key in keys] for m in rul]))
     md.append(f"\nmulti-key: {cfg.mk_needles} needles, one asked for; variable tracking: a chain of {cfg.vt_hops} "
               f"assignments, the answer lists all {cfg.vt_hops} names in order; {cfg.ruler_samples} samples each.\n")
@@ -241,7 +239,7 @@ def plot(grid, cfg: NiahConfig, depths, out: Path) -> None:
         ax.set_xticks(range(len(cfg.lengths)), [f"{L // 1024}K" if L % 1024 == 0 else str(L) for L in cfg.lengths],
                       fontsize=7)
         ax.set_yticks(range(len(depths)), [f"{round(100 * d)}%" for d in depths], fontsize=7)
-        ax.set_title(f"{m}: {np.nanmean(a) if np.isfinite(a).any() else 0:.0%} passed", fontsize=9)
+        ax.set_title(f"{display(m)}: {np.nanmean(a) if np.isfinite(a).any() else 0:.0%} passed", fontsize=9)
         ax.set_xlabel("context")
         ax.set_ylabel("needle depth")
     for ax in list(axes.flat)[n:]:

@@ -10,7 +10,7 @@ import torch
 from . import data
 from .common import EvalContext
 from .report import md_table, write_result
-from .selectors import IN_MODEL, ROUTER_OF, SelectorSettings, describe
+from .selectors import IN_MODEL, ROUTER_OF, SelectorSettings, check_in_model, describe, display
 from .sparse import SparseAttention
 
 PPL_METHODS = [m for m in IN_MODEL if m not in ROUTER_OF]     # the gap methods only when asked for
@@ -25,9 +25,7 @@ class PplConfig:
     settings: SelectorSettings = field(default_factory=SelectorSettings)
 
     def __post_init__(self):
-        bad = [m for m in self.methods if m not in IN_MODEL]
-        if bad:
-            raise ValueError(f"methods: unknown {bad}, expected some of {IN_MODEL}")
+        check_in_model(self.methods)
         if self.windows < 1:
             raise ValueError(f"windows: must be >= 1, got {self.windows}")
 
@@ -72,7 +70,7 @@ def report(ctx, cfg: PplConfig, res, n_windows, out_dir: Path) -> dict:
     s = cfg.settings
     rows = []
     for m in cfg.methods:
-        row = [m, describe(m, cfg.k, s)]
+        row = [display(m), describe(m, cfg.k, s)]
         for L in cfg.contexts:
             r = res[f"{m}/{L}"]
             rel = ""

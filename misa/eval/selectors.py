@@ -74,6 +74,51 @@ IN_MODEL = ["dense", "dsa", "misa-h4", "misa-h8", "misa-h16", "misa-dagger", "hi
             "misa-gap-h8", "misa-gap-h16", "misa-gap-dagger"]
 
 
+CONFIG_PREFIX = "config:"      # "config:FILE.json": a per-layer config (misa calibrate's output) as a method
+
+
+def is_config_method(name: str) -> bool:
+    return name.startswith(CONFIG_PREFIX)
+
+
+def display(name: str) -> str:
+    """A method's name in report tables (a config method by its file name)."""
+    return label(name) if is_config_method(name) else name
+
+
+def check_in_model(methods) -> list[str]:
+    """Methods the in-model evaluations (ppl, niah) accept: ``IN_MODEL`` names and ``config:FILE``."""
+    bad = [m for m in methods if m not in IN_MODEL and not is_config_method(m)]
+    if bad:
+        raise ValueError(f"methods: unknown {bad}, expected some of {IN_MODEL} or config:FILE.json")
+    for m in methods:
+        if is_config_method(m):
+            per_layer_config(m)          # a bad file fails here, naming the field
+    return list(methods)
+
+
+_CONFIGS: dict = {}
+
+
+def per_layer_config(name: str) -> misa.MisaConfig:
+    """The per-layer ``MisaConfig`` of a ``config:FILE`` method (read once)."""
+    path = name[len(CONFIG_PREFIX):]
+    if path not in _CONFIGS:
+        _CONFIGS[path] = misa.MisaConfig.from_json(path)
+    return _CONFIGS[path]
+
+
+def config_summary(cfg: misa.MisaConfig) -> str:
+    """``"12 x MISA h=4 (gap), 3 x DSA, ..."``: what a per-layer config runs."""
+    from collections import Counter
+    meta = cfg.meta or {}
+    names = Counter(row["chosen"] for row in (meta.get("layers") or {}).values())
+    if not names:
+        names = Counter(c.variant for _, c in cfg.layers)
+    head = f"calibrated ({meta['metric']} >= {meta['target']}): " if "metric" in meta else "per-layer: "
+    return head + ", ".join(f"{n} x {name}" for name, n in names.most_common())
+
+
 def library_config(name: str, k: int, s: SelectorSettings = SelectorSettings(), router: str | None = None,
                    block_size: int | None = None) -> misa.MisaConfig:
     """The ``MisaConfig`` a library method of the evaluation runs at ``k`` (``router`` and
@@ -90,6 +135,9 @@ def library_config(name: str, k: int, s: SelectorSettings = SelectorSettings(), 
 
 def label(name: str) -> str:
     """The method's name in tables: the registry's label for a library method."""
+    if is_config_method(name):
+        stem = name[len(CONFIG_PREFIX):].rsplit("/", 1)[-1]
+        return stem[:-5] if stem.endswith(".json") else stem
     m = METHODS.get(name)
     if m is None or m.base is None:
         return name
@@ -103,6 +151,8 @@ def describe(name: str, k: int, s: SelectorSettings) -> str:
         return "full causal attention"
     if name == "oracle":
         return "top-k of the true attention"
+    if is_config_method(name):
+        return config_summary(per_layer_config(name))
     m = METHODS[name]
     if m.base is not None:
         cfg = library_config(name, k, s)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from .indexer import IndexerStack
-from .selectors import SelectorSettings, select, selection_mask
+from .selectors import SelectorSettings, is_config_method, per_layer_config, select, selection_mask
 
 
 class SparseAttention:
@@ -37,7 +37,10 @@ class SparseAttention:
             if layer not in self.stack:
                 return None
             inp = self.stack.inference_inputs(layer, x)
-            g = torch.Generator().manual_seed(self.settings.seed * 1000 + layer)
-            sel = select(self.method, inp, ks, ke, self.k, self.settings, generator=g)
+            if is_config_method(self.method):        # a calibrated config: this layer's own setting
+                sel = per_layer_config(self.method).for_layer(layer).select(inp.q, inp.kv, inp.weights, ks, ke, self.k)
+            else:
+                g = torch.Generator().manual_seed(self.settings.seed * 1000 + layer)
+                sel = select(self.method, inp, ks, ke, self.k, self.settings, generator=g)
         self.selected_layers += 1
         return selection_mask(sel, t)

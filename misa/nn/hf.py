@@ -53,6 +53,7 @@ class PatchedIndexer(nn.Module):
         self.misa_config = config
         self.fp8, self.ue8m0 = fp8, ue8m0
         self._rope = rope
+        self.recorder = None       # record_indexer_traffic's callback: sees each selection's inputs
 
     @torch.no_grad()
     def forward(self, hidden_states, q_resid, position_embeddings, attention_mask, position_ids=None,
@@ -97,6 +98,8 @@ class PatchedIndexer(nn.Module):
         else:   # the library takes bf16/fp32 as they are; other float types widen exactly to fp32
             q = q if q.dtype in _LIBRARY_DTYPES else q.float()
             kv = keys if keys.dtype in _LIBRARY_DTYPES else keys.float()
+        if self.recorder is not None:
+            self.recorder(self.layer_idx, q, kv, weights, ks_w.int(), ke_w.int(), top)
         picked = self.misa_config.select(q, kv, weights, ks_w.int(), ke_w.int(), top, decode=decode)
         picked = torch.where(picked >= 0, picked + lo, picked)
         return pad_with_hidden(picked, ks, ke, k.shape[0])
@@ -121,7 +124,8 @@ def patch_model(model, config: MisaConfig | None = None, *, fp8: bool = False, u
     """Replace every DSA indexer of ``model`` (``deepseek_v32`` or ``glm_moe_dsa``) by MISA.
 
     ``config`` defaults to the model config's ``use_misa``/``misa_*`` keys when it has any, else
-    ``MisaConfig()``; ``options`` (``variant="misa"``, ``active_heads=8``, ...) are applied on top.
+    ``MisaConfig()``; a per-layer config (``MisaConfig.from_json`` of what ``misa calibrate``
+    wrote) gives each layer its own settings, by the indexer's ``layer_idx``; ``options`` (``variant="misa"``, ``active_heads=8``, ...) are applied on top.
     ``fp8=True`` scores through the Hadamard rotation and fp8 quantisation of DeepSeek's inference
     code (``ue8m0`` for power-of-two scales) instead of the HF model's bf16/fp32 scores.
     Returns ``model``, patched in place.
@@ -144,8 +148,9 @@ def patch_model(model, config: MisaConfig | None = None, *, fp8: bool = False, u
     if rope is None:
         raise ValueError(f"model: this transformers version has no {rope_name} beside {class_name}; "
                          "misa supports the transformers 5.x DSA models")
-    for layer in originals:
-        layer.indexer = PatchedIndexer(layer.indexer, config, rope, fp8=fp8, ue8m0=ue8m0)
+    for layer in originals:        # per-layer settings (a calibrated config) by the indexer's layer index
+        layer.indexer = PatchedIndexer(layer.indexer, config.for_layer(layer.indexer.layer_idx), rope,
+                                       fp8=fp8, ue8m0=ue8m0)
     return model
 
 
@@ -158,3 +163,37 @@ def unpatch_model(model):
     for layer in layers:
         layer.indexer = layer.indexer.original
     return model
+
+
+@torch.no_grad()
+def record_indexer_traffic(model, texts, queries: int = 256, fp8: bool = False) -> tuple[dict, int]:
+    """Run ``model`` (unpatched; DSA selects as usual) on each 1-D token id tensor of ``texts`` and
+    record, per layer, the indexer's inputs for ``queries`` query positions spread over the second
+    half of each text: ``({layer_idx: [misa.calibrate.LayerSample, ...]}, index_topk)``. The model
+    is patched for the forward (DSA, ``fp8`` as for ``patch_model``) and unpatched after."""
+    from ..calibration import LayerSample
+    samples: dict = {}
+    patch_model(model, MisaConfig(variant="dsa"), fp8=fp8)
+    indexers = [m.indexer for m in _attention_layers(model) if isinstance(m.indexer, PatchedIndexer)]
+    device = next(model.parameters()).device
+    try:
+        for ids in texts:
+            n = int(ids.numel())
+            rows = torch.linspace(n // 2, n - 1, min(queries, n - n // 2)).round().long().unique().to(device)
+
+            def record(layer, q, kv, weights, ks, ke, top, rows=rows):
+                if q.shape[0] != n:          # a cached decode step, not the prompt
+                    return
+                kv = tuple(t.clone() for t in kv) if isinstance(kv, tuple) else kv.clone()
+                samples.setdefault(layer, []).append(LayerSample(q[rows].clone(), kv, weights[rows].clone(),
+                                                                 ks[rows].clone(), ke[rows].clone()))
+            for ix in indexers:
+                ix.recorder = record
+            model(input_ids=ids.to(device)[None], use_cache=False)
+    finally:
+        for ix in indexers:
+            ix.recorder = None
+        unpatch_model(model)
+    if not samples:
+        raise ValueError("model: no indexer ran (is it a DSA model with sparse layers?)")
+    return samples, int(model.config.index_topk)

@@ -25,6 +25,7 @@ import triton
 import triton.language as tl
 
 from ... import quant
+from ..dsa import paged_triton
 from ..dsa.triton import mma_cast
 from ..triton_common import sm_count
 
@@ -38,11 +39,12 @@ def _block_scores_kernel(Q, W, POOLED, TABLE, CTX, OUT, BLOCK_ENDS, out_width,
     b = tl.program_id(0)
     pid_s = tl.program_id(1)
     n_split = tl.num_programs(1)
+    q0 = tl.program_id(2) * QB                                  # this program's tile of queries
     d = tl.arange(0, D)
     ctx = tl.load(CTX + b)
     # (head, query) pairs head-major, as the dense paged kernel: the head sum stays in-thread
     p = tl.arange(0, HS * QB)
-    qi = p % QB
+    qi = q0 + p % QB
     head = p // QB
     ok = (head < H) & (qi < N)
     row = b * N + qi
@@ -51,7 +53,7 @@ def _block_scores_kernel(Q, W, POOLED, TABLE, CTX, OUT, BLOCK_ENDS, out_width,
     w = tl.load(W + row.to(tl.int64) * stride_wt + head, mask=ok, other=0.0)
     qt = tl.trans(q.to(CAST))                                   # [D, HS * QB]
 
-    queries = tl.arange(0, QB)
+    queries = q0 + tl.arange(0, QB)
     q_ok = queries < N
     ke = ctx - N + queries + 1                                  # each query's visible end
     bsize = PAGE * G
@@ -131,16 +133,16 @@ def block_scores(q, pooled, weights, context_lens, block_table, block_size: int,
     b, n, h, d = q.shape
     if b == 0:
         return
-    qb = triton.next_power_of_2(n)
-    hs = _heads_padded(h, qb)
+    qb, hs = paged_triton.query_tile(n, h)        # long query runs (chunked prefill) in tiles of qb queries
+    tiles = triton.cdiv(n, qb)
     g = block_size // quant.PAGE_SIZE
     max_blocks = triton.cdiv(block_table.shape[1], g)
     if splits is None:       # enough programs to fill the GPU when the batch is small
-        splits = max(1, min(triton.cdiv(max_blocks, tile), triton.cdiv(2 * sm_count(q), b)))
+        splits = max(1, min(triton.cdiv(max_blocks, tile), triton.cdiv(2 * sm_count(q), b * tiles)))
     # the means meet q in float32 (tf32 MMA on the GPU): bf16's 8-bit mantissa moved block scores by
     # ~1% where heads cancel, enough to swap near blocks; this pass reads little, its MMA is cheap
     cast = tl.float32
-    _block_scores_kernel[(b, splits)](
+    _block_scores_kernel[(b, splits, tiles)](
         q, weights, pooled, block_table, context_lens, out, block_ends, out.shape[1],
         q.stride(0), q.stride(1), q.stride(2), weights.stride(0), block_table.stride(0), out.stride(0),
         N=n, QB=qb, H=h, HS=hs, D=d, PAGE=quant.PAGE_SIZE, G=g, TB=tile, CAST=cast,

@@ -7,7 +7,10 @@ queries and every ``splits``-th of its pages: a key tile is one page (``PAGE_SIZ
 its id read from the block table, its fp8 values and float32 scales read in place. The MMA puts the
 page's 64 keys on M and the (head slot, query) pairs on N, head-major as in the prefill kernel,
 padded to at least 16 pairs. Rows are ``b * next_n + i``; query ``i`` of sequence ``b`` sees
-positions ``[0, context_lens[b] - next_n + i + 1)``.
+positions ``[0, context_lens[b] - next_n + i + 1)``. Long query runs (chunked prefill against the
+cache, ``next_n`` in the hundreds) are cut into tiles of ``QB`` queries, at most ``MAX_PAIRS``
+(head, query) pairs a program (the MMA's N, held in registers): each tile reads the sequence's
+pages again, so the cache is read ``ceil(next_n / QB)`` times.
 """
 from __future__ import annotations
 
@@ -31,12 +34,13 @@ def _paged_logits_kernel(
     b = tl.program_id(0)
     pid_s = tl.program_id(1)
     n_split = tl.num_programs(1)
+    q0 = tl.program_id(2) * QB                             # this program's tile of queries
     d = tl.arange(0, D)
     ctx = tl.load(CTX + b)
 
-    # pair p = head slot (p // QB) x query (p % QB); slots past NH and queries past N are padding
+    # pair p = head slot (p // QB) x query (q0 + p % QB); slots past NH and queries past N are padding
     p = tl.arange(0, HS * QB)
-    qi = p % QB
+    qi = q0 + p % QB
     slot = p // QB
     ok = (slot < NH) & (qi < N)
     row = b * N + qi
@@ -51,7 +55,7 @@ def _paged_logits_kernel(
         q = q.to(CAST)
     qt = tl.trans(q)                                       # [D, HS * QB]
 
-    queries = tl.arange(0, QB)
+    queries = q0 + tl.arange(0, QB)
     ke = ctx - N + queries + 1                             # each query's visible end
     off = tl.arange(0, PAGE)
     page_bytes = PAGE * (D + 4)
@@ -71,6 +75,18 @@ def _paged_logits_kernel(
                  mask=(queries < N)[None, :] & (pos < out_width)[:, None])
 
 
+# (head, query) pairs a program holds at most: next_n <= 4 at 64 heads in one tile (the MTP case)
+MAX_PAIRS = 256
+
+
+def query_tile(queries: int, heads: int) -> tuple[int, int]:
+    """``(QB, HS)``: queries per tile (a power of two) and head slots (a power of two, at least 16
+    pairs: the MMA's smallest N) for ``queries`` queries of ``heads`` heads."""
+    hs = triton.next_power_of_2(heads)
+    qb = min(triton.next_power_of_2(queries), max(1, MAX_PAIRS // hs))
+    return qb, max(hs, triton.cdiv(16, qb))
+
+
 def paged_logits(q, kv_cache, weights, context_lens, block_table, out, heads=None, splits=None) -> torch.Tensor:
     """Write ``out [B * next_n, W]`` float32 for every page a sequence holds: the scores of its
     visible positions, -inf for the rest of its pages; columns past a sequence's pages are not
@@ -82,8 +98,8 @@ def paged_logits(q, kv_cache, weights, context_lens, block_table, out, heads=Non
     q, weights = q.contiguous(), weights.contiguous()
     heads = heads.contiguous() if heads is not None else None
     nh = heads.shape[1] if heads is not None else h_all
-    qb = triton.next_power_of_2(n)
-    hs = max(triton.next_power_of_2(nh), triton.cdiv(16, qb))     # the MMA wants N >= 16
+    qb, hs = query_tile(n, nh)
+    tiles = triton.cdiv(n, qb)
     flat = kv_cache.reshape(-1)
     values = flat.view(quant.FP8)
     scales = flat.view(torch.float32)
@@ -91,8 +107,8 @@ def paged_logits(q, kv_cache, weights, context_lens, block_table, out, heads=Non
         # four programs per SM, six stages of page loads in flight: the cache streams at 90% of the
         # card's copy bandwidth at 64 x 128K (H100: 2.73 TB/s against 1.87 with two programs and
         # three stages; copy 3.02 TB/s)
-        splits = max(1, min(block_table.shape[1], triton.cdiv(4 * sm_count(q), b)))
-    _paged_logits_kernel[(b, splits)](
+        splits = max(1, min(block_table.shape[1], triton.cdiv(4 * sm_count(q), b * tiles)))
+    _paged_logits_kernel[(b, splits, tiles)](
         q, weights, heads if heads is not None else context_lens, values, scales, block_table, context_lens, out,
         out.shape[1],
         q.stride(0), q.stride(1), q.stride(2), weights.stride(0), heads.stride(0) if heads is not None else 0,

@@ -28,3 +28,31 @@ def rerank(q, k, weights, cand, ks, ke, k_top: int) -> torch.Tensor:
     cols = select_topk(scores, torch.isfinite(scores), k_top)
     picked = torch.gather(cand.long(), 1, cols.clamp_min(0))
     return torch.where(cols >= 0, picked, -1).int()
+
+
+def paged_rescore(q, kv_cache, weights, context_lens, block_table, cand) -> torch.Tensor:
+    """Re-scoring of candidates read from the paged cache, in float64: ``q [B, N, H, D]``,
+    ``weights [B * N, H]``, ``context_lens [B]``, ``block_table [B, P]`` (``misa.paged_*``
+    conventions), ``cand [B * N, C]`` positions inside each sequence (-1 = hole) ->
+    ``[B * N, C]`` float64
+
+        score[r, c] = sum_h w[r, h] * relu(q[r, h] . k[p]) * k_scale[p],   p = cand[r, c]
+
+    key ``p`` of sequence ``b`` read from page ``block_table[b, p // 64]``; -inf at holes and at
+    positions past the row's visible end (``context_lens[b] - N + i + 1`` for query ``i``)."""
+    from ... import quant
+    b, n, h, d = q.shape
+    out = torch.full(cand.shape, float("-inf"), dtype=torch.float64, device=cand.device)
+    values, scales, _ = quant._page_views(kv_cache)
+    for r in range(b * n):
+        s, i = divmod(r, n)
+        end = int(context_lens[s]) - n + i + 1
+        pos = cand[r].long()
+        ok = (pos >= 0) & (pos < end)
+        p = pos[ok]
+        pages = block_table[s].long()[p // quant.PAGE_SIZE]
+        offs = p % quant.PAGE_SIZE
+        keys = values[pages, offs].view(quant.FP8).double() * scales[pages, offs].double()[:, None]
+        per_head = (q[s, i].double() @ keys.t()).relu()                     # [H, C_ok]
+        out[r, ok] = weights[r].double() @ per_head
+    return out

@@ -1,9 +1,11 @@
-"""Triton kernel for re-scoring candidate tokens with all heads (MISA-dagger's second stage, HISA's
+"""Triton kernels for re-scoring candidate tokens with all heads (MISA-dagger's second stage, HISA's
 exact stage). MISA's routed scoring is the logits kernel's (``misa/ops/dsa/triton.py``, ``heads=``).
 
 Each program takes one query and walks its candidate list in tiles of ``BN`` gathered keys: one
 MMA of ``[BN, D] x [D, H]`` per tile, relu, weights and the head sum, exactly as the dense
-kernel does, so scores agree with dense DSA up to summation order.
+kernel does, so scores agree with dense DSA up to summation order. ``gather_logits`` gathers from
+contiguous keys (prefill); ``paged_rescore`` from the paged cache through the block table (decode:
+MISA-dagger's second stage in ``misa.DecodeSelector``).
 """
 from __future__ import annotations
 
@@ -13,6 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ... import quant
+from . import MAX_RESCORE_HEADS
 from ..dsa.triton import mma_cast
 from ..triton_common import sm_count
 from ..topk.triton import sample_step, topk
@@ -137,3 +141,66 @@ def rerank(inp, cand: torch.Tensor, k: int, rows: slice = slice(None), out: torc
         zeros, width = b.zeros, b.width
     return topk(scores, zeros, width, k, cmap=cand, finite_only=True, sample=sample, out=out,
                 buffers=b and b.topk)
+
+@triton.jit(do_not_specialize=["C"])
+def _paged_rescore_kernel(Q, W, VALUES, SCALES, TABLE, CTX, CAND, OUT, C,
+                          stride_qb, stride_qn, stride_qh, stride_wt, stride_table, stride_cand, stride_out,
+                          N: tl.constexpr, H: tl.constexpr, HS: tl.constexpr, D: tl.constexpr,
+                          PAGE: tl.constexpr, BN: tl.constexpr, CAST: tl.constexpr):
+    r = tl.program_id(0)
+    split = tl.program_id(1)
+    n_split = tl.num_programs(1)
+    b = r // N
+    ke = tl.load(CTX + b) - N + r % N + 1                     # the row's visible end
+    d = tl.arange(0, D)
+    h = tl.arange(0, HS)
+    h_ok = h < H
+    q = tl.load(Q + b.to(tl.int64) * stride_qb + (r % N) * stride_qn + h[:, None] * stride_qh + d[None, :],
+                mask=h_ok[:, None], other=0.0)
+    w = tl.load(W + r.to(tl.int64) * stride_wt + h, mask=h_ok, other=0.0)
+    qt = tl.trans(q)
+    if CAST is not None:
+        qt = qt.to(CAST)
+    page_bytes = PAGE * (D + 4)
+    cand_row = CAND + r.to(tl.int64) * stride_cand
+    out_row = OUT + r.to(tl.int64) * stride_out
+    for c0 in range(split * BN, C, n_split * BN):
+        cols = c0 + tl.arange(0, BN)
+        in_list = cols < C
+        pos = tl.load(cand_row + cols, mask=in_list, other=-1)
+        ok = (pos >= 0) & (pos < ke)                          # holes and invisible positions read nothing
+        page = tl.load(TABLE + b.to(tl.int64) * stride_table + pos // PAGE, mask=ok, other=0).to(tl.int64)
+        slot = pos % PAGE
+        k = tl.load(VALUES + page[:, None] * page_bytes + slot[:, None] * D + d[None, :], mask=ok[:, None], other=0.0)
+        if CAST is not None:
+            k = k.to(CAST)
+        acc = tl.maximum(tl.dot(k, qt), 0.0) * w[None, :]     # [BN, HS]
+        s = tl.sum(acc, axis=1)
+        scale = tl.load(SCALES + page * (page_bytes // 4) + (PAGE * D) // 4 + slot, mask=ok, other=0.0)
+        tl.store(out_row + cols, tl.where(ok, s * scale, float("-inf")), mask=in_list)
+
+
+def paged_rescore(q, kv_cache, weights, context_lens, block_table, cand, out, bn: int = 64,
+                  splits: int | None = None) -> torch.Tensor:
+    """Write ``out [B * N, C]`` float32: each row's candidates ``cand [B * N, C]`` int32 (positions
+    inside the sequence, -1 = hole) scored with all heads, their keys read from the paged cache
+    through the block table; -inf at holes and past the row's visible end (``reference.paged_rescore``
+    is the math). ``q [B, N, H, D]`` fp8/bf16 (H <= 64, D a power of two), ``weights [B * N, H]``;
+    inputs as ``misa.paged_*`` checks them. Nothing is read back: capturable in a CUDA graph."""
+    b, n, h, d = q.shape
+    rows, c = cand.shape
+    if h > MAX_RESCORE_HEADS:
+        raise ValueError(f"q: the paged re-scoring kernel takes at most {MAX_RESCORE_HEADS} heads, got {h}")
+    if rows == 0 or c == 0:
+        return out
+    q, weights = q.contiguous(), weights.contiguous()
+    hs = max(triton.next_power_of_2(h), 16)                  # the MMA's smallest N
+    flat = kv_cache.reshape(-1)
+    if splits is None:      # programs per row: enough to fill the GPU
+        splits = max(1, min(triton.cdiv(c, bn), triton.cdiv(4 * sm_count(q), rows)))
+    _paged_rescore_kernel[(rows, splits)](
+        q, weights, flat.view(quant.FP8), flat.view(torch.float32), block_table, context_lens, cand, out, c,
+        q.stride(0), q.stride(1), q.stride(2), weights.stride(0), block_table.stride(0), cand.stride(0),
+        out.stride(0), N=n, H=h, HS=hs, D=d, PAGE=quant.PAGE_SIZE, BN=bn, CAST=mma_cast(q.dtype, quant.FP8),
+        num_warps=4, num_stages=3)
+    return out
