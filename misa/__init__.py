@@ -9,6 +9,7 @@ from .api import dsa_logits, dsa_select, hisa_select, misa_select, route_heads, 
 from .calibration import Calibration, CostTable, calibrate
 from .config import MisaConfig
 from .decode import DecodeSelector
+from .prefill import PrefillSelector
 from .metrics import recall
 from .nn import DSAIndexer, MISAIndexer, hadamard_transform, patch_model, unpatch_model
 from .paged import (paged_dsa_logits, paged_dsa_select, paged_hisa_select, paged_misa_select,
@@ -26,5 +27,5 @@ __all__ = [
     "write_paged_kcache", "read_paged_kcache", "build_paged_kcache", "new_pooled_kcache", "pool_paged_kcache",
     "recall",
     "MisaConfig", "patch_model", "unpatch_model", "DSAIndexer", "MISAIndexer", "hadamard_transform",
-    "engine", "nn", "DecodeSelector", "calibrate", "Calibration", "CostTable",
+    "engine", "nn", "DecodeSelector", "PrefillSelector", "calibrate", "Calibration", "CostTable",
 ]

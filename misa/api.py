@@ -31,7 +31,7 @@ import torch
 from . import select
 from .ops.router.reference import ROUTER_STATISTICS
 from .validate import (DeferredChecks, check_hisa_budget, check_inputs, check_int, check_ranges,
-                       check_stage1_k, check_tensor)
+                       check_stage1_k, check_tensor, finish_checks)
 
 ROUTER_DOC = "abs-sum (the paper's), gap, sum, max, qnorm, top-blocks"
 
@@ -68,13 +68,24 @@ def topk_indices(logits, ks, ke, k: int, *, backend: str | None = None) -> torch
     return select.topk_indices(logits, ks, ke, k, backend=select.check_backend_arg(backend))
 
 
+def _deferred(inp, run):
+    """``run()`` on inputs whose value checks are still queued (``check_inputs(defer=True)``: the
+    kernel path reads them back once its launches are queued). Any ``ValueError`` first reads them
+    back, so a bad input is reported before a bad argument, as with checks read back at once."""
+    try:
+        return run()
+    except ValueError:
+        finish_checks(inp)
+        raise
+
+
 def dsa_select(q, kv, weights, ks, ke, k: int = 2048, *, workspace_bytes: int | None = None,
                backend: str | None = None) -> torch.Tensor:
     """The tokens DSA's lightning indexer keeps: the top ``k`` (default 2048) of ``dsa_logits`` per
     query, ``[T, k]`` int32. Arguments: see the module docstring."""
-    inp = check_inputs(q, kv, weights, ks, ke)
-    return select.dsa_select(inp, check_int("k", k), check_workspace(workspace_bytes),
-                             backend=select.check_backend_arg(backend))
+    inp = check_inputs(q, kv, weights, ks, ke, defer=True)
+    return _deferred(inp, lambda: select.dsa_select(inp, check_int("k", k), check_workspace(workspace_bytes),
+                                                    backend=select.check_backend_arg(backend)))
 
 
 def route_heads(q, kv, weights, ks, ke, active_heads: int = 8, block_size: int = 1024, *,
@@ -104,13 +115,16 @@ def misa_select(q, kv, weights, ks, ke, k: int = 2048, active_heads: int = 8, bl
     With ``stage1_k`` (>= k; the paper uses 8192) this is MISA†: keep the top ``stage1_k`` by the
     routed score, re-score them with all heads and return their top ``k``. With ``active_heads ==
     H`` MISA selects exactly what DSA selects. Other arguments: see the module docstring."""
-    inp = check_inputs(q, kv, weights, ks, ke)
-    check_int("k", k)
-    check_int("active_heads", active_heads, 1, inp.num_heads)
-    check_int("block_size", block_size)
-    stage1_k = check_stage1_k(stage1_k, k)
-    return select.misa_select(inp, k, active_heads, block_size, stage1_k, check_router(router),
-                              check_workspace(workspace_bytes), backend=select.check_backend_arg(backend))
+    inp = check_inputs(q, kv, weights, ks, ke, defer=True)
+
+    def run():
+        check_int("k", k)
+        check_int("active_heads", active_heads, 1, inp.num_heads)
+        check_int("block_size", block_size)
+        return select.misa_select(inp, k, active_heads, block_size, check_stage1_k(stage1_k, k),
+                                  check_router(router), check_workspace(workspace_bytes),
+                                  backend=select.check_backend_arg(backend))
+    return _deferred(inp, run)
 
 
 def hisa_select(q, kv, weights, ks, ke, k: int = 2048, block_size: int = 128, block_k: int = 64, *,
@@ -120,12 +134,15 @@ def hisa_select(q, kv, weights, ks, ke, k: int = 2048, block_size: int = 128, bl
     the last visible block always among them), score their tokens exactly with DSA and return the
     top ``k``: ``[T, k]`` int32. ``block_k * block_size`` must be >= ``k``, or fewer than ``k``
     tokens could be returned. Other arguments: see the module docstring."""
-    inp = check_inputs(q, kv, weights, ks, ke)
-    check_int("k", k)
-    check_int("block_size", block_size)
-    check_hisa_budget(k, block_size, block_k)
-    return select.hisa_select(inp, k, block_size, block_k, check_workspace(workspace_bytes),
-                              backend=select.check_backend_arg(backend))
+    inp = check_inputs(q, kv, weights, ks, ke, defer=True)
+
+    def run():
+        check_int("k", k)
+        check_int("block_size", block_size)
+        check_hisa_budget(k, block_size, block_k)
+        return select.hisa_select(inp, k, block_size, block_k, check_workspace(workspace_bytes),
+                                  backend=select.check_backend_arg(backend))
+    return _deferred(inp, run)
 
 
 __all__ = ["dsa_logits", "topk_indices", "dsa_select", "route_heads", "misa_select", "hisa_select"]

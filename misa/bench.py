@@ -3,6 +3,11 @@
 Inputs are the synthetic structured workload (fresh random fp8 q/k drawn for every size; recall
 against DSA is meaningful on it, unlike on i.i.d. noise). Times are medians of many runs
 (``triton.testing.do_bench``); every speed-up is against dense DSA measured in the same run.
+
+End to end is each method's ``misa.PrefillSelector`` call (the kernels, into buffers allocated
+once); "checked" is the public function on the same inputs (``misa.dsa_select`` and the others:
+validation with its one read-back, the kernels through a cached selector, a copy of the result),
+and its overhead is checked / end to end - 1, both measured in the same run.
 """
 from __future__ import annotations
 
@@ -13,7 +18,6 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from . import select
 from .config import MisaConfig
 from .metrics import recall
 from .synthetic import indexer_workload
@@ -79,12 +83,26 @@ def _config(cfg: BenchConfig, name: str):
 
 def _run(mc, inp, k: int) -> torch.Tensor:
     """``mc.select`` on inputs validated once (``misa.select``'s entry points, as ``misa.api``
-    calls them after its checks): the bench times the selection, not the argument checks."""
+    calls them after its checks: a selector cached per shape, a new output tensor)."""
+    from . import select
     if mc.variant == "dsa":
         return select.dsa_select(inp, k, mc.workspace_bytes)
     if mc.variant == "hisa":
         return select.hisa_select(inp, k, mc.hisa_block_size, mc.hisa_block_k, mc.workspace_bytes)
     return select.misa_select(inp, k, mc.active_heads, mc.block_size, mc.stage1_k, mc.router, mc.workspace_bytes)
+
+
+def _selector(cfg: BenchConfig, mc, seq_len: int, device):
+    """Method ``mc``'s ``PrefillSelector`` for ``cfg.num_queries`` x ``seq_len``."""
+    from .prefill import PrefillSelector
+    opts = {}
+    if mc.variant in ("misa", "misa-dagger"):
+        opts = dict(active_heads=mc.active_heads, block_size=mc.block_size, router=mc.router, stage1_k=mc.stage1_k)
+    elif mc.variant == "hisa":
+        opts = dict(hisa_block_size=mc.hisa_block_size, hisa_block_k=mc.hisa_block_k)
+    return PrefillSelector(mc.variant, num_heads=cfg.heads, head_dim=cfg.head_dim, k=cfg.k,
+                           max_queries=cfg.num_queries, max_keys=seq_len, device=device,
+                           workspace_bytes=mc.workspace_bytes, **opts)
 
 
 def _key(name: str) -> str:
@@ -127,10 +145,20 @@ def bench_one(cfg: BenchConfig, seq_len: int, device: torch.device) -> dict:
     sample = lambda heads=None: cut_sample(inp.q, inp.weights, inp.k, inp.k_scale, 0, seq_len, heads=heads)
     timers["dsa.topk"] = lambda: topk(dense_buf, inp.ks, inp.ke, k, sample=sample())
     timers["torch.topk"] = lambda: torch.topk(dense_buf, k, dim=1, sorted=False)
-    dsa = _config(cfg, "dsa")
-    ref = _run(dsa, inp, k)
-    timers["dsa.e2e"] = lambda: _run(dsa, inp, k)
-    row["dsa.peak_mb"] = _peak_mb(lambda: _run(dsa, inp, k), device)
+    # end to end: each method's selector (buffers allocated once, as an engine holds it); checked:
+    # the public function (validation and its read-back, a cached selector, a copy of the result)
+    args = (inp.q, (inp.k, inp.k_scale), inp.weights, inp.ks, inp.ke)
+    runs = {}
+    for name in ["dsa"] + [m for m in cfg.methods if m != "dsa"]:
+        mc = _config(cfg, name)
+        sel = _selector(cfg, mc, seq_len, device)
+        runs[name] = run = (lambda sel: lambda: sel(*args))(sel)
+        timers[name + ".e2e"] = run
+        timers[name + ".checked"] = (lambda mc: lambda: mc.select(*w.args, k))(mc)
+        # memory a call needs: the selector's buffers (and anything a call would allocate beyond them)
+        row[name + ".peak_mb"] = sel.nbytes / 2**20 + _peak_mb(run, device)
+    ref = runs["dsa"]().clone()
+    timers["checks"] = lambda: check_inputs(*w.args)
 
     owners = stage_owners(cfg.methods)
     routed = {}                                  # owner -> (heads, routed logits buffer)
@@ -156,12 +184,8 @@ def bench_one(cfg: BenchConfig, seq_len: int, device: torch.device) -> dict:
             cand = topk(buf, inp.ks, inp.ke, mc.stage1_k)
             timers[name + ".rerank"] = (lambda cand: lambda: rerank(inp, cand, k))(cand)
     for name in cfg.methods:
-        if name == "dsa":
-            continue
-        run = (lambda mc: lambda: _run(mc, inp, k))(_config(cfg, name))
-        timers[name + ".e2e"] = run
-        row[name + ".recall"] = float(recall(run(), ref).mean())
-        row[name + ".peak_mb"] = _peak_mb(run, device)
+        if name != "dsa":
+            row[name + ".recall"] = float(recall(runs[name](), ref).mean())
 
     ms, row["ms_rounds"] = _time_rounds(timers, cfg.rep_ms, cfg.rounds)
     row["ms"] = ms
@@ -173,6 +197,8 @@ def bench_one(cfg: BenchConfig, seq_len: int, device: torch.device) -> dict:
         if name != "dsa":
             row[f"speedup.{_key(name)}_e2e"] = ms["dsa.e2e"] / ms[name + ".e2e"]
     row["speedup.topk_vs_torch"] = ms["torch.topk"] / ms["dsa.topk"]
+    for name in runs:
+        row[f"overhead.{_key(name)}_checked"] = ms[name + ".checked"] / ms[name + ".e2e"] - 1
     torch.cuda.empty_cache()
     return row
 
@@ -249,16 +275,31 @@ def bench_tables(result: dict) -> list[Table]:
                 top, rescore = ms.get(name + ".topk"), None
             stages.append(["", _label(name), _f(router), _f(logits), _f(r.get(owner + ".logits_tflops"), ".0f"),
                            _f(top), _f(rescore), _f(scoring)])
+    checked = []
+    for r in result["rows"]:
+        ms = r["ms"]
+        first = True
+        for name in ["dsa"] + [m for m in methods if m != "dsa"]:
+            t, c = ms.get(name + ".e2e"), ms.get(name + ".checked")
+            if t is None or c is None:
+                continue
+            checked.append([str(r["seq_len"]) if first else "", _label(name), _f(t), _f(c),
+                            _f(100 * (c / t - 1), "+.1f"), _f(ms.get("checks"), ".3f")])
+            first = False
     others = [m for m in methods if m != "dsa"]
     summary = [[str(r["seq_len"])] + [_f(r["ms"]["dsa.e2e"] / r["ms"][m + ".e2e"] if m + ".e2e" in r["ms"] else None)
                                       for m in others] for r in result["rows"]]
     return [
-        Table("End to end: ms per call, x = speed-up over DSA in the same run, recall of DSA's tokens, peak MB",
-              ["keys", "method", "ms", "x DSA", "recall", "peak MB"], e2e),
+        Table("End to end (the selector call): ms, x = speed-up over DSA in the same run, recall of DSA's tokens, "
+              "MB of device memory the call needs (the selector's buffers)",
+              ["keys", "method", "ms", "x DSA", "recall", "MB"], e2e),
         Table("Stages, ms (TFLOP/s of the scoring; scoring x = DSA logits / (router + logits); MISA-dagger: "
               "top-k = its stage-1 top-k1, then the re-scoring with all heads)",
               ["keys", "method", "router", "logits", "TFLOP/s", "top-k", "re-score", "scoring x"], stages),
         Table("Speed-up over DSA, end to end (x)", ["keys"] + [_label(m) for m in others], summary, left=1),
+        Table("Checked functions (misa.dsa_select, misa_select, hisa_select: validation with one read-back, the "
+              "kernels, a copy of the result) against the selector alone, ms; overhead in %; checks = the "
+              "validation alone", ["keys", "method", "selector", "checked", "overhead %", "checks"], checked),
     ]
 
 

@@ -14,8 +14,9 @@ Shapes: ``q_fp8 [T, H, D]`` float8_e4m3fn with its per-(token, head) scale folde
 ``uint8 [S, 4]``: pass ``k_scale.view(torch.float32).squeeze(-1)``); the paged cache is DeepGEMM's
 (``[num_blocks, 64, 1, D + 4]`` uint8, or vLLM's ``[num_blocks, 64, D + 4]`` view of it).
 
-``decode_select`` validates its inputs (one device read) and is for eager use; inside a CUDA graph,
-call a ``DecodeSelector`` built once (``misa.engine.DecodeSelector``, docs/integration.md).
+``prefill_select`` and ``decode_select`` validate their inputs (one device read) and are for eager
+use; inside a CUDA graph, call a selector built once: ``misa.engine.PrefillSelector`` for prefill
+chunks of a fixed largest shape, ``misa.engine.DecodeSelector`` for decode (docs/integration.md).
 
 On a packed prefill chunk (several sequences' keys concatenated) the router's key blocks are cut
 from the packed buffer, so a block may straddle two sequences; MISA's published code pools the
@@ -27,6 +28,7 @@ import torch
 
 from .config import MisaConfig, as_misa_config
 from .decode import DecodeSelector  # noqa: F401  (the CUDA-graph path of decode; docs/integration.md)
+from .prefill import PrefillSelector  # noqa: F401  (the CUDA-graph path of prefill chunks)
 from .validate import check_int, check_tensor
 
 

@@ -16,6 +16,11 @@ the reference, or the tests on the kernels. An explicit argument wins over it.
 The references work on a chunk of queries against the window of keys the chunk can see
 (``[min ks, max ke)``), so nothing of size ``[T, H, S]`` or ``[T, S]`` is built for a whole input:
 chunks are sized so that the largest intermediate stays under ``workspace_bytes``.
+
+The kernel paths of ``dsa_select``, ``misa_select`` and ``hisa_select`` are the pipeline of
+``misa.PrefillSelector`` (misa/prefill.py), run through a selector kept per shape
+(``misa.prefill.cached_selector``): one implementation for the checked functions and for engines
+that capture it in a CUDA graph.
 """
 from __future__ import annotations
 
@@ -29,7 +34,7 @@ from .ops import power_of_two
 from .ops.dsa import reference as dsa_ref
 from .ops.router import reference as router_ref
 from .ops.topk import reference as topk_ref
-from .validate import Inputs
+from .validate import Inputs, finish_checks
 
 DEFAULT_WORKSPACE_BYTES = 1 << 30        # CPU references
 DEFAULT_GPU_WORKSPACE_BYTES = 4 << 30    # kernels: a 4096 x 131072 selection in one chunk
@@ -96,7 +101,8 @@ def _use_kernels(inp: Inputs, backend: str | None) -> bool:
 def _contiguous(inp: Inputs) -> Inputs:
     """Kernels take contiguous tensors."""
     return Inputs(*(x.contiguous() if x is not None else None
-                    for x in (inp.q, inp.k, inp.k_scale, inp.weights, inp.ks, inp.ke)), extent=inp.extent)
+                    for x in (inp.q, inp.k, inp.k_scale, inp.weights, inp.ks, inp.ke)), extent=inp.extent,
+                  pending=inp.pending)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -151,6 +157,7 @@ def _to_absolute(cols: torch.Tensor, lo: int) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 
 def dsa_logits(inp: Inputs, workspace_bytes: int | None = None, backend: str | None = None) -> torch.Tensor:
+    inp = finish_checks(inp)
     if _use_kernels(inp, backend):
         from .ops.dsa import triton as dsa_triton
         return dsa_triton.dsa_logits(_contiguous(inp))
@@ -170,34 +177,31 @@ def topk_indices(logits: torch.Tensor, ks: torch.Tensor, ke: torch.Tensor, k: in
     return topk_ref.topk_indices(logits, ks.long(), ke.long(), k)
 
 
-def _kernel_select(inp: Inputs, k: int, workspace_bytes: int | None, heads: torch.Tensor | None = None,
-                   then=None) -> torch.Tensor:
-    """Chunked kernel selection: each chunk's logits for keys ``[lo, hi)`` (all heads, or the
-    routed ``heads``) into a buffer, the radix top-k picks ``k``; ``then(rows, idx)``
-    post-processes (MISA-dagger's re-ranking)."""
-    from .ops.dsa.triton import cut_sample, launch_logits
-    from .ops.topk.triton import topk, workspace_bytes as topk_bytes
-    out = torch.empty(inp.num_queries, k if then is None else then.k, dtype=torch.int32, device=inp.q.device)
-    # workspace per (query, key): the float32 logits (the top-k scratch is bounded separately)
-    scratch = topk_bytes(k, inp.num_keys)
-    # windows and rows 16-aligned: the logits kernel's interior stores vectorise
-    for t0, t1, lo, hi in query_chunks(inp, 4, workspace_bytes, align=16, bytes_per_query=scratch):
-        rows = slice(t0, t1)
-        args = (inp.q[rows], inp.weights[rows], inp.k, inp.k_scale, inp.ks[rows], inp.ke[rows])
-        chunk_heads = heads[rows] if heads is not None else None
-        buf = torch.empty(t1 - t0, max(hi - lo + (-(hi - lo) % 16), 16), dtype=torch.float32, device=inp.q.device)
-        launch_logits(*args, buf, lo, heads=chunk_heads)
-        # the top-k's cut samples every step-th column: computed from the keys (routed heads), it
-        # costs ~1/step of the logits instead of thousands of scattered sector reads per row
-        sample = cut_sample(*args[:4], lo, buf.shape[1], heads=chunk_heads)
-        idx = topk(buf, inp.ks[rows], inp.ke[rows], k, ks_offset=lo, out_offset=lo, sample=sample)
-        out[rows] = idx if then is None else then(rows, idx)
+def _prefill_kernels(variant: str, inp: Inputs, k: int, workspace_bytes: int | None, heads=None,
+                     **options) -> torch.Tensor:
+    """The kernel pipeline: ``misa.PrefillSelector``'s, through a selector kept per shape
+    (``misa.prefill.cached_selector``), written into a new tensor (the caller's to keep).
+    ``heads``: routed heads computed outside the selector.
+
+    Value checks still queued (``inp.pending``) are read back after the selection is queued, so the
+    GPU does not idle between them: the kernels then run on ranges clamped into ``[0, S]``, where
+    any values keep their memory accesses in bounds, and a failed check discards the result."""
+    out = torch.empty(inp.num_queries, k, dtype=torch.int32, device=inp.q.device)
+    if inp.num_queries:
+        from .prefill import cached_selector
+        sel = cached_selector(variant, inp, k, workspace_bytes, **options)
+        run = _contiguous(inp)
+        if run.pending is not None:
+            run = sel._clamped_ranges(run)
+        sel._select(run, heads=heads, out=out)
+    finish_checks(inp)                 # raises on bad input
     return out
 
 
 def dsa_select(inp: Inputs, k: int, workspace_bytes: int | None = None, backend: str | None = None) -> torch.Tensor:
     if _use_kernels(inp, backend):
-        return _kernel_select(_contiguous(inp), k, workspace_bytes)
+        return _prefill_kernels("dsa", inp, k, workspace_bytes)
+    inp = finish_checks(inp)
     out = torch.empty(inp.num_queries, k, dtype=torch.int32, device=inp.q.device)
     kf = float_keys(inp)
     for t0, t1, lo, hi in query_chunks(inp, 4 * inp.num_heads + 16, workspace_bytes):
@@ -217,6 +221,7 @@ def _router_kernel_ok(inp: Inputs, router: str) -> tuple[bool, str]:
 
 def route_heads(inp: Inputs, active_heads: int, block_size: int, router: str = "abs-sum",
                 workspace_bytes: int | None = None, backend: str | None = None) -> torch.Tensor:
+    inp = finish_checks(inp)
     if use_kernels(backend, inp.q, (inp.q.dtype, inp.k.dtype)):
         ok, why = _router_kernel_ok(inp, router)
         if ok and power_of_two(inp.num_heads) and power_of_two(inp.q.shape[2]):
@@ -236,27 +241,28 @@ def route_heads(inp: Inputs, active_heads: int, block_size: int, router: str = "
     return out
 
 
-class _Rerank:
-    """Second stage on the kernel path: re-score stage-1 candidates with all heads, keep ``k``."""
-
-    def __init__(self, inp: Inputs, k: int):
-        self.inp, self.k = inp, k
-
-    def __call__(self, rows: slice, cand: torch.Tensor) -> torch.Tensor:
-        from .ops.rescore.triton import rerank
-        return rerank(self.inp, cand, self.k, rows)
-
-
 def misa_select(inp: Inputs, k: int, active_heads: int, block_size: int, stage1_k: int | None,
                 router: str = "abs-sum", workspace_bytes: int | None = None,
                 backend: str | None = None) -> torch.Tensor:
+    kernels = _use_kernels(inp, backend)
+    if kernels and power_of_two(active_heads) and inp.num_heads <= 128:
+        # a statistic without a router kernel: the heads come from the reference router (or the
+        # "triton" backend refuses, in route_heads), then the selector's kernels score with them
+        routed_here = _router_kernel_ok(inp, router)[0]
+        heads = None
+        if not routed_here:
+            inp = finish_checks(inp)
+            heads = route_heads(inp, active_heads, block_size, router, workspace_bytes, backend)
+        variant = "misa" if stage1_k is None else "misa-dagger"
+        return _prefill_kernels(variant, inp, k, workspace_bytes, heads=heads, active_heads=active_heads,
+                                block_size=block_size, stage1_k=stage1_k,
+                                router=router if routed_here else "abs-sum")
+    inp = finish_checks(inp)
     heads = route_heads(inp, active_heads, block_size, router, workspace_bytes, backend)
-    if _use_kernels(inp, backend):
-        if power_of_two(active_heads):
-            inp = _contiguous(inp)
-            then = _Rerank(inp, k) if stage1_k is not None else None
-            return _kernel_select(inp, stage1_k or k, workspace_bytes, heads=heads, then=then)
-        use_kernels(backend, inp.q, (), False, f"active_heads must be a power of two, got {active_heads}")
+    if kernels:
+        use_kernels(backend, inp.q, (), False, f"active_heads must be a power of two, got {active_heads}"
+                    if not power_of_two(active_heads) else f"the router kernel takes at most 128 heads, got "
+                                                           f"{inp.num_heads}")
     out = torch.empty(inp.num_queries, k, dtype=torch.int32, device=inp.q.device)
     kf = float_keys(inp)
     heads_per_pair = inp.num_heads if stage1_k is not None else active_heads
@@ -267,43 +273,13 @@ def misa_select(inp: Inputs, k: int, active_heads: int, block_size: int, stage1_
     return out
 
 
-def _hisa_kernels(inp: Inputs, k: int, block_size: int, block_k: int, workspace_bytes: int | None) -> torch.Tensor:
-    """HISA on the kernels: pooled-block scores with all heads (the dense logits kernel on the bf16
-    mean keys), forced first/last visible block, radix top-m blocks, then the exact DSA scores of
-    the ``m * B`` candidate tokens (the gathered re-scoring) and their top-k."""
-    from .ops.dsa.triton import launch_logits
-    from .ops.rescore.triton import rerank
-    from .ops.router.triton import pool_keys
-    from .ops.topk.triton import topk
-    kbar = pool_keys(inp.k, inp.k_scale, block_size).to(torch.bfloat16)
-    nb = kbar.shape[0]
-    out = torch.empty(inp.num_queries, k, dtype=torch.int32, device=inp.q.device)
-    offsets = torch.arange(block_size, dtype=torch.int32, device=inp.q.device)
-    # workspace per query: block scores, candidate ids and their scores, the top-k scratch
-    per_query = 4 * nb + 16 * block_k * block_size
-    for t0, t1, _, _ in query_chunks(inp, 0, workspace_bytes, bytes_per_query=per_query):
-        rows = slice(t0, t1)
-        ks, ke = inp.ks[rows], inp.ke[rows]
-        nonempty = ke > ks
-        bks = torch.div(ks, block_size, rounding_mode="floor").int()
-        bke = torch.where(nonempty, torch.div(ke + block_size - 1, block_size, rounding_mode="floor").int(), bks)
-        scores = torch.empty(t1 - t0, max(nb, 1), dtype=torch.float32, device=inp.q.device)
-        launch_logits(inp.q[rows], inp.weights[rows], kbar, None, bks, bke, scores)
-        r = torch.arange(t1 - t0, device=inp.q.device)[nonempty]
-        scores[r, bks[nonempty].long()] = float("inf")      # always keep the first and last visible block
-        scores[r, bke[nonempty].long() - 1] = float("inf")
-        blocks = topk(scores, bks, bke, block_k)             # [t, m] block ids, -1 padded
-        cand = torch.where(blocks[:, :, None] >= 0, blocks[:, :, None] * block_size + offsets, -1)
-        out[rows] = rerank(inp, cand.reshape(t1 - t0, -1), k, rows)
-    return out
-
-
 def hisa_select(inp: Inputs, k: int, block_size: int, block_k: int,
                 workspace_bytes: int | None = None, backend: str | None = None) -> torch.Tensor:
     from .ops.blocks.reference import kept_blocks
-    block_k = kept_blocks(k, block_size, block_k)
     if _use_kernels(inp, backend):
-        return _hisa_kernels(_contiguous(inp), k, block_size, block_k, workspace_bytes)
+        return _prefill_kernels("hisa", inp, k, workspace_bytes, hisa_block_size=block_size, hisa_block_k=block_k)
+    inp = finish_checks(inp)
+    block_k = kept_blocks(k, block_size, block_k)
     out = torch.empty(inp.num_queries, k, dtype=torch.int32, device=inp.q.device)
     kf = float_keys(inp)
     kbar = router_ref.pool_keys(kf, block_size)

@@ -9,7 +9,7 @@ checked by ``misa.ops.checks`` (one launch on a GPU); other callers queue theirs
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -86,6 +86,7 @@ class Inputs:
     ks: torch.Tensor           # [T] int32
     ke: torch.Tensor           # [T] int32
     extent: tuple[int, int] | None = None   # (min ks, max ke) when known, read back with the checks
+    pending: "PendingChecks | None" = None   # value checks queued, not read back yet (check_inputs(defer=True))
 
     @property
     def num_queries(self) -> int:
@@ -137,15 +138,17 @@ def check_ranges(ks, ke, num_queries: int, num_keys: int, device: torch.device, 
         checks.add("ke", f"must be <= the number of keys ({num_keys})", ke > num_keys)
 
 
-def value_checks(name: str, *args) -> list[int]:
+def value_checks(name: str, *args, read: bool = True):
     """``misa.ops.checks``' ``name`` (``input_flags`` or ``paged_flags``) on ``args`` (the first a
     tensor on the inputs' device), read back in one transfer: one launch on a GPU with Triton (the
-    PyTorch ops took ~20 launches), the PyTorch reference otherwise or under ``MISA_BACKEND=reference``."""
+    PyTorch ops took ~20 launches), the PyTorch reference otherwise or under ``MISA_BACKEND=reference``.
+    ``read=False``: the device tensor of flags, queued and not read yet."""
     import os
     from .ops import checks, kernels_available
     if args[0].is_cuda and os.environ.get("MISA_BACKEND") != "reference" and kernels_available():
         from .ops.checks import triton as checks
-    return getattr(checks, name)(*args).tolist()            # the one synchronisation
+    flags = getattr(checks, name)(*args)
+    return flags.tolist() if read else flags                # the one synchronisation
 
 
 def raise_first(flags, messages) -> None:
@@ -155,7 +158,32 @@ def raise_first(flags, messages) -> None:
             _fail(name, msg)
 
 
-def check_inputs(q, kv, weights, ks, ke) -> Inputs:
+class PendingChecks:
+    """The input value checks of ``check_inputs(defer=True)``: queued on the device, read back (the
+    one synchronisation) and raised by ``finish``, which returns the inputs' key extent."""
+
+    def __init__(self, flags: torch.Tensor, k_name: str, num_keys: int):
+        self.flags, self.k_name, self.num_keys = flags, k_name, num_keys
+        self.extent: tuple[int, int] | None = None
+
+    def finish(self) -> tuple[int, int]:
+        if self.extent is None:
+            *flags, lo, hi = self.flags.tolist()            # the one synchronisation
+            raise_first(flags, (("q", "contains NaN or infinite values"),
+                                (self.k_name, "contains NaN or infinite values"),
+                                ("kv[1] (k_scale)", "scales must be finite and > 0"),
+                                ("weights", "contains NaN or infinite values"),
+                                ("ks", "must be >= 0"),
+                                ("ks", "must be <= ke for every query"),
+                                ("ke", f"must be <= the number of keys ({self.num_keys})")))
+            self.extent = (lo, hi)
+        return self.extent
+
+
+def check_inputs(q, kv, weights, ks, ke, defer: bool = False) -> Inputs:
+    """Shapes, dtypes and devices now; the value checks in one launch, read back now, or with
+    ``defer`` left queued in ``Inputs.pending`` (``finish_checks`` reads them back and raises), so
+    that a caller whose kernels are safe on any values can queue its work before the read-back."""
     check_tensor("q", q, 3, Q_DTYPES)
     t, h, d = q.shape
     if h < 1 or d < 1:
@@ -167,15 +195,18 @@ def check_inputs(q, kv, weights, ks, ke) -> Inputs:
     if weights.device != q.device:
         _fail("weights", f"on {weights.device}, q on {q.device}")
     check_ranges(ks, ke, t, k.shape[0], q.device, None)
-    *flags, lo, hi = value_checks("input_flags", q, k, k_scale, weights, ks, ke, k.shape[0])
-    raise_first(flags, (("q", "contains NaN or infinite values"),
-                        (k_name, "contains NaN or infinite values"),
-                        ("kv[1] (k_scale)", "scales must be finite and > 0"),
-                        ("weights", "contains NaN or infinite values"),
-                        ("ks", "must be >= 0"),
-                        ("ks", "must be <= ke for every query"),
-                        ("ke", f"must be <= the number of keys ({k.shape[0]})")))
-    return Inputs(q, k, k_scale, weights, ks, ke, extent=(lo, hi) if t else None)
+    pending = PendingChecks(value_checks("input_flags", q, k, k_scale, weights, ks, ke, k.shape[0], read=False),
+                            k_name, k.shape[0])
+    inp = Inputs(q, k, k_scale, weights, ks, ke, pending=pending)
+    return inp if defer else finish_checks(inp)
+
+
+def finish_checks(inp: Inputs) -> Inputs:
+    """``inp`` with its deferred value checks read back and raised (a no-op without any)."""
+    if inp.pending is None:
+        return inp
+    extent = inp.pending.finish()
+    return replace(inp, extent=extent if inp.num_queries else None, pending=None)
 
 
 def check_hisa_budget(k: int, block_size: int, block_k: int) -> int:

@@ -112,6 +112,10 @@ for m, key in (("misa", "misa_e2e"), ("misa-gap", "misa_gap_e2e"), ("misa-dagger
                ("hisa", "hisa_e2e")):
     if f"speedup.{key}" in r:
         parts.append(f"{m} {r['speedup.' + key]:.2f}x (recall {r[m + '.recall']:.3f})")
+checked = [f"{m} {100 * r[f'overhead.{m}_checked']:+.1f}%" for m in ("dsa", "misa", "hisa")
+           if f"overhead.{m}_checked" in r]
+if checked:
+    parts.append("checked functions over their kernels: " + ", ".join(checked))
 print(", ".join(parts))
 EOF
 )

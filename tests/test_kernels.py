@@ -452,8 +452,8 @@ def test_hisa_kernels(monkeypatch, kind, bs, m):
     k = min(k, bs * m)                              # block_k * block_size >= k
     q, kv, w, ks, ke = _inputs(t, s, 16, 64, kind, seed=bs + m)
     cands, real = [], rescore_triton.rerank
-    monkeypatch.setattr(rescore_triton, "rerank", lambda inp, cand, k_, rows=slice(None):
-                        cands.append(cand.cpu()) or real(inp, cand, k_, rows))
+    monkeypatch.setattr(rescore_triton, "rerank", lambda inp, cand, k_, rows=slice(None), **kw:
+                        cands.append(cand.cpu()) or real(inp, cand, k_, rows, **kw))
     idx = misa.hisa_select(q, kv, w, ks, ke, k=k, block_size=bs, block_k=m)
     m = kept_blocks(k, bs, m)                       # more than block_k where edge blocks are partial
     cand = torch.cat(cands).long()                  # [t, m * bs]: the kept blocks' positions, -1 holes

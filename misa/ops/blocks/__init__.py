@@ -1,7 +1,8 @@
 """Block-pruned decode over the paged cache (HISA over pages): score each sequence's pooled key
 blocks with all heads, keep the first, the last and the best ``m`` blocks, score their tokens
-exactly. ``reference.py`` in PyTorch; ``triton.py`` the two batched kernels (imported on first use:
-Triton is optional)."""
-from .reference import block_scores, chosen_block_logits, kept_blocks
+exactly. ``reference.py`` in PyTorch; ``triton.py`` the batched kernels (imported on first use:
+Triton is optional). Prefill HISA's per-query block ranges and its forced first and last block
+are here too (``prefill_block_ranges``, ``force_edge_blocks``)."""
+from .reference import block_scores, chosen_block_logits, force_edge_blocks, kept_blocks, prefill_block_ranges
 
-__all__ = ["block_scores", "chosen_block_logits", "kept_blocks"]
+__all__ = ["block_scores", "chosen_block_logits", "kept_blocks", "prefill_block_ranges", "force_edge_blocks"]

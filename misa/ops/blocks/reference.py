@@ -80,3 +80,22 @@ def chosen_block_logits(q, kv_cache, weights, context_lens, block_table, blocks,
                 scores[row, j * block_size: j * block_size + p.numel()] = sc.float()
                 pos[row, j * block_size: j * block_size + p.numel()] = p.int()
     return scores, pos
+
+
+def prefill_block_ranges(ks: torch.Tensor, ke: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prefill HISA: each query's visible blocks of ``block_size`` keys, ``[bks, bke)`` int32, from its
+    keys ``[ks, ke)``: ``bks = ks // B`` and ``bke = ceil(ke / B)``, or ``bke = bks`` (no block) when
+    ``ks == ke``."""
+    ks, ke = ks.long(), ke.long()
+    bks = ks // block_size
+    bke = torch.where(ke > ks, (ke + block_size - 1) // block_size, bks)
+    return bks.int(), bke.int()
+
+
+def force_edge_blocks(scores: torch.Tensor, bks: torch.Tensor, bke: torch.Tensor) -> torch.Tensor:
+    """Prefill HISA keeps each query's first and last visible block: ``scores [T, >= max bke]`` get
+    +inf at columns ``bks`` and ``bke - 1`` of every row with a visible block (in place)."""
+    rows = (bke > bks).nonzero().flatten()
+    scores[rows, bks[rows].long()] = float("inf")
+    scores[rows, bke[rows].long() - 1] = float("inf")
+    return scores

@@ -10,8 +10,13 @@ writes each row's visible block count, which the top-m reads as its range.
 blocks, read in place through the block table (a ``[64, D] x [D, H]`` MMA per page), and writes
 the scores with the positions the top-k maps them to.
 
-Grids depend on shapes only and nothing is read back to the host: both kernels can be captured in
-a CUDA graph.
+``prefill_block_ranges`` / ``force_edge_blocks``: prefill HISA's per-query block ranges, and the
+first and last visible block forced into its pick (``misa.PrefillSelector``), one program per
+``BLOCK`` queries, in place of a dozen PyTorch ops and a boolean-mask gather (which reads its size
+back to the host).
+
+Grids depend on shapes only and nothing is read back to the host: all these kernels can be captured
+in a CUDA graph.
 """
 from __future__ import annotations
 
@@ -161,3 +166,47 @@ def chosen_block_logits(q, kv_cache, weights, context_lens, block_table, blocks,
         m, q.stride(0), q.stride(1), q.stride(2), weights.stride(0), block_table.stride(0), blocks.stride(0),
         out.stride(0), N=n, H=h, HS=hs, D=d, PAGE=quant.PAGE_SIZE, G=g, CAST=mma_cast(q.dtype, quant.FP8),
         num_warps=4, num_stages=3)
+
+
+@triton.jit(do_not_specialize=["T", "block_size"])
+def _prefill_block_ranges_kernel(KS, KE, BKS, BKE, T, block_size, BLOCK: tl.constexpr):
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = i < T
+    ks = tl.load(KS + i, mask=m, other=0)
+    ke = tl.load(KE + i, mask=m, other=0)
+    bks = ks // block_size
+    bke = tl.where(ke > ks, (ke + block_size - 1) // block_size, bks)
+    tl.store(BKS + i, bks, mask=m)
+    tl.store(BKE + i, bke, mask=m)
+
+
+@triton.jit(do_not_specialize=["T"])
+def _force_edge_blocks_kernel(BKS, BKE, SCORES, T, stride, BLOCK: tl.constexpr):
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    bks = tl.load(BKS + i, mask=i < T, other=0)
+    bke = tl.load(BKE + i, mask=i < T, other=0)
+    m = (i < T) & (bke > bks)
+    row = SCORES + i.to(tl.int64) * stride
+    inf = tl.full([BLOCK], float("inf"), tl.float32)
+    tl.store(row + bks, inf, mask=m)
+    tl.store(row + bke - 1, inf, mask=m)
+
+
+RANGE_BLOCK = 256       # queries per program
+
+
+def prefill_block_ranges(ks, ke, block_size: int, bks, bke) -> None:
+    """Write ``bks, bke [T]`` int32 (see ``reference.prefill_block_ranges``)."""
+    t = ks.shape[0]
+    if t:
+        _prefill_block_ranges_kernel[(triton.cdiv(t, RANGE_BLOCK),)](ks, ke, bks, bke, t, block_size,
+                                                                     BLOCK=RANGE_BLOCK, num_warps=4)
+
+
+def force_edge_blocks(scores, bks, bke) -> None:
+    """+inf at each row's first and last visible block of ``scores [T, W]`` (see
+    ``reference.force_edge_blocks``; ``scores`` rows may be strided, columns contiguous)."""
+    t = bks.shape[0]
+    if t:
+        _force_edge_blocks_kernel[(triton.cdiv(t, RANGE_BLOCK),)](bks, bke, scores, t, scores.stride(0),
+                                                                  BLOCK=RANGE_BLOCK, num_warps=4)

@@ -180,20 +180,44 @@ def launch_logits(q, w, k, k_scale, ks, ke, out, col_offset: int = 0, heads=None
     return out
 
 
-def sample_logits(q, w, k, k_scale, col_offset: int, width: int, step: int, heads=None) -> torch.Tensor:
+class SampleBuffers(NamedTuple):
+    """Preallocated inputs and output of ``sample_logits`` for ``T`` queries (``misa.PrefillSelector``)."""
+    values: torch.Tensor        # [T, n] float32, n = ceil(width / step): the output
+    scales: torch.Tensor        # [>= n] float32: the sampled keys' scales, gathered here
+    starts: torch.Tensor        # [T] int32 zeros
+    ends: torch.Tensor          # [T] int32, each the number of sampled keys (``sampled_keys``)
+
+
+def sampled_keys(num_keys: int, col_offset: int, width: int, step: int) -> int:
+    """How many keys ``sample_logits`` scores: every ``step``-th of ``[col_offset, col_offset + width)``
+    that exists."""
+    return max(0, min(triton.cdiv(width, step), triton.cdiv(num_keys - col_offset, step)))
+
+
+def sample_logits(q, w, k, k_scale, col_offset: int, width: int, step: int, heads=None,
+                  buffers: SampleBuffers | None = None) -> torch.Tensor:
     """The logits of every ``step``-th column of a ``launch_logits`` window ``[col_offset,
     col_offset + width)``: ``[T, ceil(width / step)]`` f32, column j for key ``col_offset + j *
     step`` and every query, visible or not (the top-k's cut reads only the visible ones; columns
     past the last key are left unwritten). The same kernel on a strided view of the keys: about
-    1/step of the window's work, in place of the cut's scattered loads from the window."""
+    1/step of the window's work, in place of the cut's scattered loads from the window.
+    ``buffers``: written into, nothing allocated."""
     t = q.shape[0]
     n = triton.cdiv(width, step)
-    out = torch.empty(t, n, dtype=torch.float32, device=q.device)
-    keys = k[col_offset::step][:n]
-    if t == 0 or keys.shape[0] == 0:
+    m = sampled_keys(k.shape[0], col_offset, width, step)
+    keys = k[col_offset::step][:m]
+    if buffers is None:
+        starts, ends = _every_key(t, m, q.device)
+        out = torch.empty(t, n, dtype=torch.float32, device=q.device)
+        scales = k_scale[col_offset::step][:m].contiguous() if k_scale is not None else None
+    else:
+        out, starts, ends = buffers.values, buffers.starts, buffers.ends
+        scales = None
+        if k_scale is not None:
+            scales = buffers.scales[:m]
+            scales.copy_(k_scale[col_offset::step][:m])
+    if t == 0 or m == 0:
         return out
-    scales = k_scale[col_offset::step][:n].contiguous() if k_scale is not None else None
-    starts, ends = _every_key(t, keys.shape[0], q.device)
     return launch_logits(q, w, keys, scales, starts, ends, out, heads=heads)
 
 
@@ -210,14 +234,21 @@ def _every_key(t: int, n: int, device: torch.device):
 SAMPLE_MAX_HEADS = 16
 
 
-def cut_sample(q, w, k, k_scale, col_offset: int, width: int, heads=None):
-    """The ``topk`` sample ``(values, step)`` for a ``launch_logits`` window, or None where the
-    top-k's own cut is as cheap: rows too short to sample, or too many heads per query."""
+def cut_step(width: int, n_heads: int) -> int:
+    """The column step of ``cut_sample``'s sample for a window ``width`` wide scored with ``n_heads``
+    heads per query, or 0 where it computes none."""
     step = sample_step(width)
-    n_heads = heads.shape[1] if heads is not None else q.shape[1]
-    if step == 1 or n_heads > SAMPLE_MAX_HEADS:
+    return 0 if step == 1 or n_heads > SAMPLE_MAX_HEADS else step
+
+
+def cut_sample(q, w, k, k_scale, col_offset: int, width: int, heads=None, buffers: SampleBuffers | None = None):
+    """The ``topk`` sample ``(values, step)`` for a ``launch_logits`` window, or None where the
+    top-k's own cut is as cheap: rows too short to sample, or too many heads per query.
+    ``buffers``: as for ``sample_logits``."""
+    step = cut_step(width, heads.shape[1] if heads is not None else q.shape[1])
+    if not step:
         return None
-    return sample_logits(q, w, k, k_scale, col_offset, width, step, heads=heads), step
+    return sample_logits(q, w, k, k_scale, col_offset, width, step, heads=heads, buffers=buffers), step
 
 
 def dsa_logits(inp) -> torch.Tensor:

@@ -79,16 +79,31 @@ class GatherConfig(NamedTuple):
 DEFAULT_CONFIG = GatherConfig()
 
 
+class RerankBuffers(NamedTuple):
+    """Preallocated buffers of one ``rerank`` call of ``T`` queries and ``C`` candidates each."""
+    scores: torch.Tensor        # [T, C] float32
+    sample: torch.Tensor | None  # [T, ceil(C / sample_step(C))] float32, None where the step is 1
+    zeros: torch.Tensor         # [T] int32 zeros
+    width: torch.Tensor         # [T] int32, each C
+    topk: object                # the top-k's scratch (``TopkWorkspace.buffers(T, C)``)
+
+
 def gather_logits(inp, cand: torch.Tensor, rows: slice = slice(None), config=None,
-                  sample_every: int = 0, splits: int | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """DSA scores of each query's candidates: ``cand [T, C]`` int32 positions (-1 = hole) ->
+                  sample_every: int = 0, splits: int | None = None, out: torch.Tensor | None = None,
+                  sample_out: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """DSA scores of each query's candidates: ``cand [T, C]`` int32 positions (negative = hole) ->
     ``[T, C]`` f32, -inf at holes and outside ``[ks, ke)``. With ``sample_every`` also
-    ``[T, ceil(C / sample_every)]``: every ``sample_every``-th score (a ``topk`` sample)."""
+    ``[T, ceil(C / sample_every)]``: every ``sample_every``-th score (a ``topk`` sample). ``out`` /
+    ``sample_out``: written into instead of allocated."""
     q, w, ks, ke = inp.q[rows], inp.weights[rows], inp.ks[rows], inp.ke[rows]
     t, h, d = q.shape
     c = cand.shape[1]
-    out = torch.empty(t, c, dtype=torch.float32, device=q.device)
-    smp = torch.empty(t, triton.cdiv(c, sample_every), dtype=torch.float32, device=q.device) if sample_every else out
+    if out is None:
+        out = torch.empty(t, c, dtype=torch.float32, device=q.device)
+    smp = out
+    if sample_every:
+        smp = sample_out if sample_out is not None else \
+            torch.empty(t, triton.cdiv(c, sample_every), dtype=torch.float32, device=q.device)
     if t == 0 or c == 0:
         return (out, smp) if sample_every else out
     cfg = config or DEFAULT_CONFIG
@@ -106,19 +121,26 @@ def gather_logits(inp, cand: torch.Tensor, rows: slice = slice(None), config=Non
     return (out, smp) if sample_every else out
 
 
-def rerank(inp, cand: torch.Tensor, k: int, rows: slice = slice(None)) -> torch.Tensor:
-    """Top-``k`` of the candidates by the full DSA formula, as absolute positions."""
+def rerank(inp, cand: torch.Tensor, k: int, rows: slice = slice(None), out: torch.Tensor | None = None,
+           buffers: RerankBuffers | None = None) -> torch.Tensor:
+    """Top-``k`` of the candidates by the full DSA formula, as absolute positions. ``out`` (``[T,
+    k]`` int32) and ``buffers``: written into, nothing allocated (``misa.PrefillSelector``)."""
     step = sample_step(cand.shape[1])
     sample = None
+    b = buffers
     if step > 1:
-        scores, values = gather_logits(inp, cand, rows, sample_every=step)
+        scores, values = gather_logits(inp, cand, rows, sample_every=step, out=b and b.scores,
+                                       sample_out=b and b.sample)
         sample = (values, step)
     else:
-        scores = gather_logits(inp, cand, rows)
-    zeros = torch.zeros(scores.shape[0], dtype=torch.int32, device=scores.device)
-    width = torch.full_like(zeros, scores.shape[1])
-    return topk(scores, zeros, width, k, cmap=cand, finite_only=True, sample=sample)
-
+        scores = gather_logits(inp, cand, rows, out=b and b.scores)
+    if b is None:
+        zeros = torch.zeros(scores.shape[0], dtype=torch.int32, device=scores.device)
+        width = torch.full_like(zeros, scores.shape[1])
+    else:
+        zeros, width = b.zeros, b.width
+    return topk(scores, zeros, width, k, cmap=cand, finite_only=True, sample=sample, out=out,
+                buffers=b and b.topk)
 
 @triton.jit(do_not_specialize=["C"])
 def _paged_rescore_kernel(Q, W, VALUES, SCALES, TABLE, CTX, CAND, OUT, C,

@@ -57,11 +57,14 @@ class PoolConfig(NamedTuple):
 POOL_CONFIG = PoolConfig()
 
 
-def pool_keys(k: torch.Tensor, k_scale: torch.Tensor | None, block_size: int, config=None) -> torch.Tensor:
-    """``kbar [ceil(S / B), D]`` float32: the mean dequantised key of each block."""
+def pool_keys(k: torch.Tensor, k_scale: torch.Tensor | None, block_size: int, config=None,
+              out: torch.Tensor | None = None) -> torch.Tensor:
+    """``kbar [ceil(S / B), D]`` float32: the mean dequantised key of each block (written into
+    ``out``, a contiguous tensor of that shape, when given)."""
     s, d = k.shape
     nb = triton.cdiv(s, block_size)
-    out = torch.empty(nb, d, dtype=torch.float32, device=k.device)
+    if out is None:
+        out = torch.empty(nb, d, dtype=torch.float32, device=k.device)
     cfg = config or POOL_CONFIG
     if nb:
         _pool_keys_kernel[(nb,)](k, k_scale if k_scale is not None else out, out, s, block_size, k.stride(0),
@@ -194,8 +197,10 @@ def _route_kernel(Q, W, KBAR, KS, KE, CTX, HEADS, per_seq, tiles, NB, block_size
     chosen = tl.sum(before.to(tl.int32), axis=2) < ACTIVE
     slot = tl.cumsum(chosen.to(tl.int32), axis=1) - 1
     rows = first + tl.arange(0, BQ)
+    # slot < ACTIVE: NaN scores (inputs not yet validated, misa.select) compare false both ways and
+    # could choose more heads than there are slots; the row's stores must stay inside it
     tl.store(HEADS + (seq * per_seq + rows)[:, None] * ACTIVE + slot, tl.broadcast_to(head[None, :], (BQ, H)),
-             mask=chosen & (rows < per_seq)[:, None])
+             mask=chosen & (slot < ACTIVE) & (rows < per_seq)[:, None])
 
 
 class RouteConfig(NamedTuple):
@@ -227,16 +232,19 @@ def _launch_config(config, router: str) -> tuple[int, dict]:
                            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
-def route_heads(inp, active_heads: int, block_size: int, config=None, router: str = "abs-sum") -> torch.Tensor:
-    """Routing by ``router`` (one of ``STATISTICS``), ``[T, h]`` int32 ascending head ids."""
+def route_heads(inp, active_heads: int, block_size: int, config=None, router: str = "abs-sum",
+                out: torch.Tensor | None = None, kbar: torch.Tensor | None = None) -> torch.Tensor:
+    """Routing by ``router`` (one of ``STATISTICS``), ``[T, h]`` int32 ascending head ids. ``out``
+    (``[T, h]`` int32, contiguous) and ``kbar`` (``[ceil(S / block_size), D]`` float32, contiguous):
+    written into instead of allocated (``misa.PrefillSelector``)."""
     t, h, d = inp.q.shape
-    heads = torch.empty(t, active_heads, dtype=torch.int32, device=inp.q.device)
+    heads = out if out is not None else torch.empty(t, active_heads, dtype=torch.int32, device=inp.q.device)
     if t == 0:
         return heads
     if active_heads == h:     # every head: nothing to route
         return heads.copy_(torch.arange(h, dtype=torch.int32, device=heads.device).expand(t, h))
     pairs, launch = _launch_config(config, router)
-    kbar = pool_keys(inp.k, inp.k_scale, block_size)
+    kbar = pool_keys(inp.k, inp.k_scale, block_size, out=kbar)
     bq = max(1, pairs // h)
     tiles = triton.cdiv(t, bq)
     _route_kernel[(tiles,)](

@@ -603,7 +603,8 @@ def _select_kernel(X, KS, KE, OUT, CMAP, CUT, COUNT, SCR_KEY, SCR_COL, BR,
 def topk(x: torch.Tensor, ks: torch.Tensor, ke: torch.Tensor, k: int, ks_offset: int = 0,
          out_offset: int = 0, cmap: torch.Tensor | None = None, finite_only: bool = False,
          config: TopkConfig | None = None,
-         sample: tuple[torch.Tensor, int] | None = None) -> torch.Tensor:
+         sample: tuple[torch.Tensor, int] | None = None, out: torch.Tensor | None = None,
+         buffers: "TopkBuffers | None" = None) -> torch.Tensor:
     """Top-``k`` columns of ``x [T, W]`` f32 per row, among columns ``[ks - ks_offset, ke - ks_offset)``.
 
     Returns ``[T, k]`` int32: ``cmap[row, col]`` when ``cmap`` is given, else ``col + out_offset``;
@@ -612,11 +613,50 @@ def topk(x: torch.Tensor, ks: torch.Tensor, ke: torch.Tensor, k: int, ks_offset:
     [T, >= ceil(W / step)]`` f32 holding ``x[:, j * step]`` in column j (``sample_step`` picks the
     step), which the producer of ``x`` computes cheaply beside it (the cut then reads a small
     contiguous buffer instead of thousands of scattered sectors per row). The sample only steers
-    the speed: any values give the same selection.
+    the speed: any values give the same selection. ``out`` (``[T, k]`` int32, unit column stride)
+    and ``buffers`` (``TopkWorkspace.buffers``): written into instead of allocated, so the call
+    allocates nothing (``misa.PrefillSelector``).
     """
-    call = TopkLaunches(x, ks, ke, k, ks_offset, out_offset, cmap, finite_only, config, sample)
+    call = TopkLaunches(x, ks, ke, k, ks_offset, out_offset, cmap, finite_only, config, sample, out=out,
+                        buffers=buffers)
     call.run()
     return call.out
+
+
+class TopkBuffers(NamedTuple):
+    """The scratch of one ``topk`` call of ``rows`` rows (``TopkWorkspace.buffers`` makes them)."""
+    scr_key: torch.Tensor       # [rows, scratch_size(k, width)] int32
+    scr_col: torch.Tensor       # [rows, scratch_size(k, width)] int32
+    bracket: torch.Tensor       # [rows, 2 * BRACKET] int32: the select's bracket, keys then columns
+    cut_keys: torch.Tensor      # [rows] int32: each row's cut, 0 = none
+    count: torch.Tensor         # [rows] int32: scratch entries per row
+
+
+class TopkWorkspace:
+    """Scratch for ``topk`` calls of up to ``rows`` rows of up to ``width`` columns, allocated once
+    and viewed at each call's size by ``buffers``: callers that must not allocate per call (a
+    selector captured in a CUDA graph) pass those views to ``topk``."""
+
+    def __init__(self, rows: int, k: int, width: int, device):
+        self.rows, self.k, self.width = rows, k, width
+        self.bracket_width = max(2 * BRACKET, 1)
+        self.flat = torch.empty(self.numel(rows, k, width), dtype=torch.int32, device=device)
+
+    @staticmethod
+    def numel(rows: int, k: int, width: int) -> int:
+        return rows * (2 * scratch_size(k, width) + max(2 * BRACKET, 1) + 2)
+
+    def buffers(self, rows: int, width: int) -> TopkBuffers:
+        if rows > self.rows or width > self.width:
+            raise ValueError(f"rows: a workspace for {self.rows} x {self.width} cannot hold {rows} x {width}")
+        cap = scratch_size(self.k, width)
+        sizes = (rows * cap, rows * cap, rows * self.bracket_width, rows, rows)
+        parts, start = [], 0
+        for n in sizes:
+            parts.append(self.flat[start:start + n])
+            start += n
+        return TopkBuffers(parts[0].view(rows, cap), parts[1].view(rows, cap),
+                           parts[2].view(rows, self.bracket_width), parts[3], parts[4])
 
 
 class TopkLaunches:
@@ -624,7 +664,7 @@ class TopkLaunches:
     them one by one)."""
 
     def __init__(self, x, ks, ke, k, ks_offset=0, out_offset=0, cmap=None, finite_only=False, config=None,
-                 sample=None):
+                 sample=None, out=None, buffers=None):
         t, w = x.shape
         dev = x.device
         if sample is not None:
@@ -644,12 +684,16 @@ class TopkLaunches:
         self.cap = scratch_size(k, w)
         self.compact_cfg = COMPACT_CONFIG
         self.parts = max(1, min(256, w // (self.compact_cfg.steps * self.compact_cfg.block)))
-        self.out = torch.empty(t, k, dtype=torch.int32, device=dev)
-        self.scr_key = torch.empty(t, self.cap, dtype=torch.int32, device=dev)
-        self.scr_col = torch.empty(t, self.cap, dtype=torch.int32, device=dev)
-        self.bracket = torch.empty(t, max(2 * BRACKET, 1), dtype=torch.int32, device=dev)   # keys, columns
-        self.cut_keys = torch.empty(t, dtype=torch.int32, device=dev)    # per row; 0 = no cut
-        self.count = torch.empty(t, dtype=torch.int32, device=dev)       # scratch entries per row
+        if out is not None and (tuple(out.shape) != (t, k) or out.dtype != torch.int32 or out.stride(1) != 1):
+            raise ValueError(f"out: expected [{t}, {k}] int32 with unit column stride, got {out.dtype} "
+                             f"{tuple(out.shape)}")
+        self.out = out if out is not None else torch.empty(t, k, dtype=torch.int32, device=dev)
+        if buffers is None:
+            buffers = TopkWorkspace(t, k, w, dev).buffers(t, w)
+        elif buffers.scr_key.shape != (t, self.cap) or buffers.bracket.shape[1] < max(2 * BRACKET, 1):
+            raise ValueError(f"buffers: scratch {tuple(buffers.scr_key.shape)} does not fit {t} rows of {w} "
+                             f"columns at k = {k} (TopkWorkspace.buffers({t}, {w}))")
+        self.scr_key, self.scr_col, self.bracket, self.cut_keys, self.count = buffers
 
     def run(self):
         """The three launches."""

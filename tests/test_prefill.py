@@ -1,0 +1,244 @@
+"""``misa.PrefillSelector``: the prefill kernels into preallocated buffers, against the checked
+functions (which run through it) and against the float64 formulas / the PyTorch reference; its
+block-range kernels against their reference; argument checks; and, on a GPU, a CUDA-graph capture
+replayed with new inputs. Kernels through the interpreter without CUDA."""
+import pytest
+import torch
+
+import misa
+from helpers import as_sets, check_selection, dsa_logits64, make_inputs, set_recall
+
+pytest.importorskip("triton")
+pytestmark = [pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning"),
+              pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")]
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+RTOL = 5e-4 if DEVICE == "cuda" else 1e-5
+
+# T, S, H, D, k: ragged ranges, nothing a multiple of a tile (the interpreter's top-k costs ~0.5 s
+# a row: few rows). MISA's keys are wide enough that its top-k's cut takes a sample computed beside
+# the logits (rows of >= 512 columns in the interpreter).
+T, H, D, K = 23, 8, 32, 41
+S = 301
+KEYS = {"misa": 613}
+OPTIONS = {
+    "dsa": {},
+    "misa": dict(active_heads=2, block_size=64),
+    "misa-dagger": dict(active_heads=4, block_size=96, stage1_k=97),
+    "hisa": dict(hisa_block_size=32, hisa_block_k=5),
+}
+
+
+@pytest.fixture(autouse=True)
+def kernels_on(monkeypatch):
+    monkeypatch.setenv("MISA_BACKEND", "triton")
+
+
+def _inputs(seed, t=T, s=S, kind="ragged"):
+    return make_inputs(t, s, H, D, kind, seed=seed, device=DEVICE)
+
+
+def _checked(variant, inputs, backend=None, workspace_bytes=None, k=K):
+    o = OPTIONS[variant]
+    opts = dict(backend=backend, workspace_bytes=workspace_bytes)
+    if variant == "dsa":
+        return misa.dsa_select(*inputs, k=k, **opts)
+    if variant == "hisa":
+        return misa.hisa_select(*inputs, k=k, block_size=o["hisa_block_size"], block_k=o["hisa_block_k"], **opts)
+    return misa.misa_select(*inputs, k=k, active_heads=o["active_heads"], block_size=o["block_size"],
+                            stage1_k=o.get("stage1_k"), **opts)
+
+
+def _selector(variant, **kw):
+    args = dict(num_heads=H, head_dim=D, k=K, max_queries=T, max_keys=S, device=DEVICE)
+    args.update(kw)
+    return misa.PrefillSelector(variant, **args, **OPTIONS[variant])
+
+
+def test_block_range_kernels_match_reference():
+    from misa.ops.blocks import reference as ref, triton as blocks_t
+    g = torch.Generator().manual_seed(5)
+    ks, ke = make_inputs(53, 301, 2, 16, "empty", seed=7)[3:]
+    ks, ke = ks.to(DEVICE), ke.to(DEVICE)
+    bks, bke = torch.full_like(ks, -7), torch.full_like(ke, -7)
+    blocks_t.prefill_block_ranges(ks, ke, 24, bks, bke)
+    want_s, want_e = ref.prefill_block_ranges(ks.cpu(), ke.cpu(), 24)
+    assert torch.equal(bks.cpu(), want_s) and torch.equal(bke.cpu(), want_e)
+    assert bool((ke.cpu() == ks.cpu()).any()) and bool((ke.cpu() > ks.cpu()).any())   # both kinds of row
+    scores = torch.randn(53, 40, generator=g)
+    got = scores.to(DEVICE)
+    blocks_t.force_edge_blocks(got, bks, bke)
+    assert torch.equal(got.cpu(), ref.force_edge_blocks(scores.clone(), want_s, want_e))
+
+
+def _follows_reference(variant, got, inputs):
+    q, kv, w, ks, ke = inputs
+    if variant in ("dsa", "misa"):                              # the top-k of the (routed) formula
+        heads = None
+        if variant == "misa":
+            heads = misa.route_heads(q, kv, w, ks, ke, active_heads=2, block_size=64).cpu()
+        check_selection(got, dsa_logits64(q, kv, w, ks, ke, heads=heads), ks, ke, K, rtol=RTOL)
+    else:       # the reference: the same up to near-ties of the scores
+        recall = set_recall(got, _checked(variant, inputs, backend="reference"))
+        assert min(recall) >= 0.9 and sum(recall) / len(recall) >= 0.99, recall
+
+
+@pytest.mark.parametrize("variant", list(OPTIONS))
+def test_selector_is_the_checked_function_and_follows_the_reference(variant):
+    # two chunks of queries (a small workspace); a second call with new inputs (nothing stale);
+    # then a smaller shape (its own plan on the same buffers)
+    s = KEYS.get(variant, S)
+    budget = _selector(variant, max_keys=s).row_bytes * 12
+    sel = _selector(variant, max_keys=s, workspace_bytes=budget)
+    assert sel.chunk_rows == 12
+    inputs = _inputs(1, s=s)
+    sel.check(*inputs)
+    got = sel(*inputs)
+    assert got.data_ptr() == sel.plan(T, s).out.data_ptr()
+    checked = _checked(variant, inputs, workspace_bytes=budget)
+    assert checked.data_ptr() != got.data_ptr()
+    assert as_sets(got) == as_sets(checked)                     # the same kernels, the same pick
+    _follows_reference(variant, got, inputs)
+    first = got.clone()
+    again = _inputs(2, s=s)
+    got = sel(*again)
+    assert as_sets(got) != as_sets(first)
+    _follows_reference(variant, got, again)
+    small = _inputs(3, t=T - 9, s=s - 100, kind="causal")
+    _follows_reference(variant, sel(*small), small)
+
+
+def test_rerank_into_buffers_is_the_allocating_rerank():
+    # the re-scoring's preallocated path, with the sample its top-k takes on >= 512 candidates
+    from misa.ops.rescore import triton as rescore_t
+    from misa.ops.topk.triton import TopkWorkspace, sample_step
+    from misa.validate import check_inputs
+    t, c, k = 5, 600, 37
+    inp = check_inputs(*_inputs(8, t=t, s=900))
+    g = torch.Generator().manual_seed(9)
+    cand = torch.randint(-1, 900, (t, c), generator=g).int().to(DEVICE)
+    step = sample_step(c)
+    assert step > 1
+    f32, i32 = dict(dtype=torch.float32, device=DEVICE), dict(dtype=torch.int32, device=DEVICE)
+    buffers = rescore_t.RerankBuffers(torch.empty(t, c, **f32), torch.empty(t, -(-c // step), **f32),
+                                      torch.zeros(t, **i32), torch.full((t,), c, **i32),
+                                      TopkWorkspace(t, k, c, DEVICE).buffers(t, c))
+    out = torch.full((t, k), -5, **i32)
+    got = rescore_t.rerank(inp, cand, k, out=out, buffers=buffers)
+    assert got.data_ptr() == out.data_ptr()
+    assert as_sets(got) == as_sets(rescore_t.rerank(inp, cand, k))
+
+
+def test_checked_functions_keep_a_few_selectors_and_return_their_own_tensor():
+    from misa import prefill
+    prefill.clear_cached_selectors()
+    inputs = _inputs(4, t=3, s=100)
+    a = misa.dsa_select(*inputs, k=7)
+    b = misa.dsa_select(*inputs, k=7)
+    assert a.data_ptr() != b.data_ptr() and torch.equal(a, b)       # a copy, not the buffer
+    assert len(prefill._SELECTORS) == 1
+    for k in range(8, 8 + prefill.MAX_CACHED + 2):
+        misa.dsa_select(*inputs, k=k)
+    assert len(prefill._SELECTORS) == prefill.MAX_CACHED
+    assert misa.dsa_select(*_inputs(4, t=0, s=100), k=7).shape == (0, 7)
+    prefill.clear_cached_selectors()
+
+
+def test_selector_checks_its_arguments():
+    def build(variant="misa", **kw):
+        args = dict(num_heads=H, head_dim=D, k=K, max_queries=T, max_keys=S, device=DEVICE)
+        args.update(kw)
+        return misa.PrefillSelector(variant, **args)
+    for kw, name in [(dict(variant="misa-x"), "variant"), (dict(num_heads=6), "num_heads"),
+                     (dict(head_dim=48), "head_dim"), (dict(k=0), "k"), (dict(max_queries=0), "max_queries"),
+                     (dict(max_keys=-1), "max_keys"), (dict(active_heads=3), "active_heads"),
+                     (dict(active_heads=16), "active_heads"), (dict(router="sum"), "router"),
+                     (dict(block_size=0), "block_size"), (dict(stage1_k=100), "stage1_k"),
+                     (dict(variant="misa-dagger"), "stage1_k"), (dict(variant="misa-dagger", stage1_k=K - 1), "stage1_k"),
+                     (dict(variant="hisa", hisa_block_k=1), "hisa_block_k"),
+                     (dict(variant="hisa", hisa_block_size=8, hisa_block_k=4), "hisa_block_k"),
+                     (dict(variant="dsa", workspace_bytes=0), "workspace_bytes")]:
+        with pytest.raises(ValueError, match=f"^{name}:"):
+            build(**kw)
+    sel = build("dsa", max_queries=20, max_keys=500)
+    q, kv, w, ks, ke = _inputs(6, t=23, s=613)
+    for call in (sel, sel.check):
+        with pytest.raises(ValueError, match="^q:"):              # T = 23 > max_queries
+            call(q, kv, w, ks, ke)
+        with pytest.raises(ValueError, match=r"^kv\[0\] \(k_fp8\):"):   # S = 613 > max_keys
+            call(q[:20], kv, w[:20], ks[:20], ke[:20])
+    q, kv, w, ks, ke = _inputs(6, t=20, s=500)
+    with pytest.raises(ValueError, match="^q:"):
+        sel(q[:, :4], kv, w[:, :4], ks, ke)
+    with pytest.raises(ValueError, match="^weights:"):
+        sel(q, kv, w.t().contiguous().t(), ks, ke)
+    bad = w.clone()
+    bad[3, 1] = float("nan")
+    with pytest.raises(ValueError, match="^weights:"):
+        sel.check(q, kv, bad, ks, ke)
+    with pytest.raises(ValueError, match="^q:"):
+        sel.check(q.float(), kv, w, ks, ke)
+    with pytest.raises(ValueError, match="^num_queries:"):
+        sel.plan(21, 10)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need CUDA")
+@pytest.mark.parametrize("variant", list(OPTIONS))
+def test_prefill_selector_replays_in_a_cuda_graph(variant):
+    # captured once at a fixed chunk shape, replayed with new q, weights, ks, ke and key contents
+    # copied into the captured tensors: what the checked function selects on those inputs; the
+    # call itself never synchronises with the host
+    t, s, h, d, k = 512, 8192, 64, 128, 2048
+    opts = {"dsa": {}, "misa": dict(active_heads=8, block_size=1024),
+            "misa-dagger": dict(active_heads=8, block_size=1024, stage1_k=4096),
+            "hisa": dict(hisa_block_size=128, hisa_block_k=64)}[variant]
+    batches = [make_inputs(t, s, h, d, kind, seed=10 + i, device="cuda")
+               for i, kind in enumerate(["causal", "ragged", "empty"])]
+    flat = lambda b: [b[0], b[1][0], b[1][1], b[2], b[3], b[4]]
+    static = [x.clone() for x in flat(batches[0])]
+    q, k_fp8, k_scale, w, ks, ke = static
+    sel = misa.PrefillSelector(variant, num_heads=h, head_dim=d, k=k, max_queries=t, max_keys=s, device="cuda",
+                               **opts)
+    sel.check(q, (k_fp8, k_scale), w, ks, ke)
+    sel(q, (k_fp8, k_scale), w, ks, ke)                  # warm-up: compiles, makes the plan
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        sel(q, (k_fp8, k_scale), w, ks, ke)              # raises on any synchronising call
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = sel(q, (k_fp8, k_scale), w, ks, ke)
+    for batch in batches[1:]:
+        for dst, src in zip(static, flat(batch)):
+            dst.copy_(src)
+        graph.replay()
+        torch.cuda.synchronize()
+        o = dict(opts)
+        if variant == "dsa":
+            want = misa.dsa_select(*batch, k=k)
+        elif variant == "hisa":
+            want = misa.hisa_select(*batch, k=k, block_size=o["hisa_block_size"], block_k=o["hisa_block_k"])
+        else:
+            want = misa.misa_select(*batch, k=k, active_heads=8, block_size=1024, stage1_k=o.get("stage1_k"))
+        same = set_recall(out, want)         # parallel compaction may break exact ties either way
+        assert min(same) >= 0.99 and sum(same) / len(same) >= 0.999, (min(same), sum(same) / len(same))
+
+
+@pytest.mark.parametrize("variant", list(OPTIONS))
+def test_checked_function_queues_the_selection_before_reading_its_checks_back(variant):
+    # the checks are read back after the kernels are queued: on bad values the kernels run on
+    # clamped ranges (nothing out of bounds) and the error still names the argument
+    q, kv, w, ks, ke = _inputs(11, t=5, s=200)
+    nan_q = q.float()
+    nan_q[2, 1, 3] = float("nan")
+    nan_w = w.clone()
+    nan_w[1, 0] = float("inf")
+    bad_ks, bad_ke = ks.clone(), ke.clone()
+    bad_ks[0], bad_ke[1] = -40, 400
+    cases = [("q", (nan_q.to(q.dtype), kv, w, ks, ke)), ("weights", (q, kv, nan_w, ks, ke)),
+             ("ks", (q, kv, w, bad_ks, ke)), ("ke", (q, kv, w, ks, bad_ke))]
+    for name, inputs in cases:
+        with pytest.raises(ValueError, match=f"^{name}:"):
+            _checked(variant, inputs)
