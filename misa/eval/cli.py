@@ -171,8 +171,8 @@ def add_calibrate(sub) -> None:
     target.add_argument("--target-mass", type=float, default=None,
                         help="keep at least this share of the attention mass DSA's picks hold in every layer")
     c.add_argument("--out", required=True, help="the per-layer config JSON to write (a .md summary goes beside it)")
-    c.add_argument("--indexer", default=None, help="the folder `misa warmup` saved (default: the shipped demo "
-                                                   "layers, else the cache)")
+    c.add_argument("--indexer", default=None, help="the folder `misa warmup` saved (default: the cache's, else "
+                                                   "the layers shipped for the demo)")
     c.add_argument("--hf-model", default=None, help="a local HF DSA model folder instead of SmolLM2 (recall only)")
     c.add_argument("--cost-table", default=None, help="cost table JSON from `misa bench --cost-table` (default: shipped)")
     c.add_argument("--k", type=int, default=None, help="tokens per query (default: 256 on CUDA, 64 on CPU; HF: index_topk)")
@@ -188,7 +188,7 @@ def add_calibrate(sub) -> None:
 def cmd_calibrate(args) -> int:
     from misa.calibration import CostTable
     from . import data
-    from .common import EvalContext, indexer_dir
+    from .common import EvalContext
     from .model import default_device
     metric, target = ("recall", args.target_recall) if args.target_recall is not None else ("mass", args.target_mass)
     if not 0 < target <= 1:
@@ -200,10 +200,8 @@ def cmd_calibrate(args) -> int:
     if args.hf_model:
         cal = _calibrate_hf(args, metric, target, costs, g)
     else:
-        indexer = args.indexer or default_indexer()
-        if indexer is None:
-            raise ValueError("indexer: no trained indexer; run `misa warmup` first or pass --indexer DIR")
-        indexer = indexer_dir(indexer)
+        from .realdemo import find_indexer
+        indexer, _ = find_indexer(args.indexer)
         data.corpus_path(args.corpus)          # checked before the model loads
         from .calibrate import calibrate_testbed
         ctx = EvalContext.create(args.model, args.device, indexer, args.corpus, token_cache=cache_dir() / "tokens")
