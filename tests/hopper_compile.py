@@ -130,6 +130,8 @@ def entry_points():
         pooled = torch.zeros(args[1].shape[0], 128)
         yield (f"paged_misa_select pooled next_n={next_n}",
                lambda a=args, p=pooled: misa.paged_misa_select(*a, k=k, pooled=p))
+        yield (f"paged MISA-dagger next_n={next_n}",
+               lambda a=args: misa.paged_misa_select(*a, k=k, stage1_k=4 * k))
         for bs in (64, 128):
             yield (f"paged_hisa_select B={bs} next_n={next_n}",
                    lambda a=args, b=bs: misa.paged_hisa_select(*a, k=k, block_size=b, block_k=64))

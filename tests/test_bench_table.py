@@ -86,7 +86,7 @@ def test_bench_one_plumbing_on_the_cpu(monkeypatch):
 
 
 @pytest.mark.parametrize("argv, shown", [
-    (["demo"], ["(default: auto)", "(default: 0)", "(default: 8192 on CPU, 32768 on GPU)"]),
+    (["demo"], ["(default: auto)", "(default: 0)", "(default: real 4096 on CPU, 8192 on GPU; synthetic 8192 on CPU, 32768 on GPU)"]),
     (["bench"], ["(default: 4096)", "(default: 2048)", "(default: 1024)", "(default: 8192)", "(default: 200)",
                  "(default: 3)", "dsa, misa"]),
     (["warmup"], ["(default: 64)", "(default: 128)", "(default: 256)", "(default: 0.8)", "(default: 0.001)"]),
