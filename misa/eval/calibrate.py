@@ -136,7 +136,7 @@ def _rank_corr(xs, ys) -> float | None:
     return float((a * b).sum()) / den if den > 0 else None
 
 
-def study_report(study: dict, ppl: dict | None, niah: dict | None, out_dir) -> dict:
+def study_report(study: dict, ppl: dict | None, niah: dict | None, out_dir, provenance: dict | None = None) -> dict:
     """The calibrated configs beside the uniform methods: modelled speed-up, held-out recall and
     attention mass per layer (mean and worst layer), perplexity against DSA, NIAH; and which of
     recall and mass ranks the methods' perplexity and NIAH agreement better."""
@@ -195,7 +195,7 @@ def study_report(study: dict, ppl: dict | None, niah: dict | None, out_dir) -> d
           md_table(["statistic ~ outcome", "rank correlation"], [[k, fmt(v)] for k, v in corr.items()]),
           "\n## Per-layer settings\n",
           md_table(["layer"] + [label(c) for c in configs], layer_rows)]
-    payload = {"methods": per, "rank_correlation": corr, "chosen": chosen, "meta": study["meta"],
+    payload = {**(provenance or {}), "methods": per, "rank_correlation": corr, "chosen": chosen, "meta": study["meta"],
                "cost_table": ct, "seconds": study.get("seconds")}
     write_result(Path(out_dir), "calibrate", payload, "\n".join(md))
     return payload

@@ -135,7 +135,7 @@ def evaluate(args, loaded=None) -> int:
     if "calibrate" in want:
         from .calibrate import study_report
         study = json.loads((res_dir / "calibration.json").read_text())
-        done["calibrate"] = study_report(study, done.get("ppl"), done.get("niah"), res_dir)
+        done["calibrate"] = study_report(study, done.get("ppl"), done.get("niah"), res_dir, ctx.meta())
     order = ["calibrate", "recall", "router", "niah", "ppl", "decode"]
     md = "\n\n".join((res_dir / f"{n}.md").read_text() for n in order if (res_dir / f"{n}.md").is_file())
     (res_dir / "results.md").write_text(md)
