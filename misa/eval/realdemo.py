@@ -69,6 +69,10 @@ def real_config(device: torch.device, seq_len: int | None = None, num_queries: i
 DOCS_TEXT = ("README.md", "docs/results.md", "docs/benchmarks.md", "docs/integration.md", "docs/SPEC.md")
 
 
+DOCS_FILE = "demo-text-docs.txt"
+DOCS_LABEL = "text: this project's docs, "
+
+
 def demo_text(corpus=None) -> Path:
     """The demo's text: the corpus's held-out text, else (no corpus given or found) this checkout's
     docs joined into one file in the cache. Raises ``ValueError`` naming ``corpus`` when neither."""
@@ -83,7 +87,7 @@ def demo_text(corpus=None) -> Path:
     files = [repo / f for f in DOCS_TEXT if (repo / f).is_file()]
     if not files:
         raise ValueError("corpus: no corpus found and no docs in this installation to read instead; pass --corpus FILE")
-    out = cache_dir() / "demo-text-docs.txt"
+    out = cache_dir() / DOCS_FILE
     text = "\n\n".join(f.read_text(encoding="utf-8") for f in files)
     if not out.is_file() or out.read_text(encoding="utf-8") != text:
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -178,5 +182,5 @@ def real_workload(device: torch.device, seq_len: int, num_queries: int, model=No
     names = ", ".join(map(str, chosen))
     desc = (f"REAL SmolLM2-135M-Instruct, layer{'s' if len(chosen) > 1 else ''} {names}, with "
             f"{_describe_indexer(source, ipath, c.meta, tokens, warning)}, {c.heads} heads x {c.head_dim} dims, fp8; "
-            f"{'held-out text ' if text.name != 'demo-text-docs.txt' else 'text: this project''s docs, '}{text.name}: {num_queries} causal queries at the end of a {seq_len}-token context")
+            f"{DOCS_LABEL if text.name == DOCS_FILE else 'held-out text '}{text.name}: {num_queries} causal queries at the end of a {seq_len}-token context")
     return RealWorkload(per_layer, desc, tokens, warning, ids_known), desc
