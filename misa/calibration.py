@@ -193,7 +193,8 @@ class LayerSample:
     probs: torch.Tensor | None = None
 
 
-def _mass(sel: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+def attention_mass(sel: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
+    """Attention mass ``[T]`` that the selected tokens (``[T, k]``, -1 padded) hold under ``probs [T, S]``."""
     idx = sel.long()
     return torch.where(idx >= 0, torch.gather(probs, 1, idx.clamp_min(0)), 0.0).sum(dim=1)
 
@@ -208,13 +209,13 @@ def score_settings(samples, settings, k: int, router_block_size: int, hisa_block
         ref = MisaConfig(variant="dsa").select(*args, k)
         with_probs &= smp.probs is not None
         if with_probs:
-            dsa_mass += float(_mass(ref, smp.probs).sum())
+            dsa_mass += float(attention_mass(ref, smp.probs).sum())
         n += ref.shape[0]
         for s in settings:
             sel = ref if s.variant == "dsa" else s.config(k, router_block_size, hisa_block_size).select(*args, k)
             acc[s.name]["recall"] += float(recall_of(sel, ref).sum())
             if with_probs:
-                acc[s.name]["mass"] += float(_mass(sel, smp.probs).sum())
+                acc[s.name]["mass"] += float(attention_mass(sel, smp.probs).sum())
     if n == 0:
         raise ValueError("samples: no queries to calibrate on")
     out = {}
@@ -223,6 +224,13 @@ def score_settings(samples, settings, k: int, router_block_size: int, hisa_block
         if with_probs:
             out[name]["mass"] = a["mass"] / max(dsa_mass, 1e-30)
     return out
+
+
+def _check_target(target, metric: str) -> None:
+    if isinstance(target, bool) or not (isinstance(target, (int, float)) and 0 < target <= 1):
+        raise ValueError(f"target: expected a share in (0, 1], got {target!r}")
+    if metric not in METRICS:
+        raise ValueError(f"metric: expected one of {METRICS}, got {metric!r}")
 
 
 def choose(scores: dict, costs: CostTable, target: float, metric: str = "recall") -> str:
@@ -294,10 +302,7 @@ def calibration_from_scores(scores_by_layer: dict, costs: CostTable, target: flo
                             k: int, router_block_size: int, hisa_block_size: int,
                             meta: dict | None = None) -> Calibration:
     """Per layer, the cheapest scored setting whose ``metric`` meets ``target`` (see ``choose``)."""
-    if isinstance(target, bool) or not (isinstance(target, (int, float)) and 0 < target <= 1):
-        raise ValueError(f"target: expected a share in (0, 1], got {target!r}")
-    if metric not in METRICS:
-        raise ValueError(f"metric: expected one of {METRICS}, got {metric!r}")
+    _check_target(target, metric)
     table, layers = {}, []
     for layer, scores in sorted(scores_by_layer.items()):
         if metric not in scores["dsa"]:
@@ -318,10 +323,7 @@ def calibrate_layers(samples_by_layer: dict, target: float = 0.95, *, metric: st
                      num_heads: int | None = None, meta: dict | None = None) -> Calibration:
     """Calibrate from recorded traffic ``{layer: [LayerSample, ...]}``: ``score_layers`` then
     ``calibration_from_scores``."""
-    if isinstance(target, bool) or not (isinstance(target, (int, float)) and 0 < target <= 1):
-        raise ValueError(f"target: expected a share in (0, 1], got {target!r}")
-    if metric not in METRICS:
-        raise ValueError(f"metric: expected one of {METRICS}, got {metric!r}")
+    _check_target(target, metric)
     scores, costs = score_layers(samples_by_layer, k=k, settings=settings, cost_table=cost_table,
                                  router_block_size=router_block_size, hisa_block_size=hisa_block_size,
                                  num_heads=num_heads)

@@ -41,7 +41,7 @@ from misa.variants import METHODS as LIBRARY_METHODS, VARIANTS
 from . import data
 from .common import EvalContext
 from .indexer import IndexerInputs, IndexerStack
-from .niah import TEACHER_FORCING_NOTE, PromptBuilder, Sample, single_needle
+from .niah import TEACHER_FORCING_NOTE, PromptBuilder, Sample, grid_scores, single_needle
 from .report import fmt, md_table, write_result
 from .selectors import METHODS, SelectorSettings, describe, label, library_config, select, selection_mask
 
@@ -303,14 +303,7 @@ def run_samples(ctx: EvalContext, cfg: DecodeConfig, samples: list[Sample], dept
 
 def report(ctx, cfg: DecodeConfig, grid, sums, prefill_sums, depths, answer_tokens, out_dir: Path) -> dict:
     s = cfg.settings
-    cells = [(i, j) for i in range(len(cfg.lengths)) for j in range(len(depths))]
-    scored = {m: [c for c in cells if g[c[0]][c[1]] is not None] for m, g in grid.items()}
-    acc = {m: (sum(g[i][j] for i, j in scored[m]) / len(scored[m]) if scored[m] else None) for m, g in grid.items()}
-    agree = {}
-    if "dsa" in grid:
-        for m, g in grid.items():
-            both = [(i, j) for i, j in scored[m] if grid["dsa"][i][j] is not None]
-            agree[m] = sum(g[i][j] == grid["dsa"][i][j] for i, j in both) / len(both) if both else None
+    cells, scored, acc, agree = grid_scores(grid, len(cfg.lengths), len(depths))
     layers = ctx.stack.layer_ids
     recall = {m: {str(l): (sums[m][l][0] / sums[m][l][1] if sums[m].get(l) and sums[m][l][1] else None)
                   for l in layers} for m in cfg.methods}

@@ -190,9 +190,11 @@ def run(ctx: EvalContext, cfg: NiahConfig, out_dir: Path, progress=None, deadlin
     return report(ctx, cfg, grid, rul, depths, out_dir)
 
 
-def report(ctx, cfg: NiahConfig, grid, rul, depths, out_dir: Path) -> dict:
-    s = cfg.settings
-    cells = [(i, j) for i in range(len(cfg.lengths)) for j in range(len(depths))]
+def grid_scores(grid: dict, n_lengths: int, n_depths: int):
+    """``(cells, scored, passed, agrees)`` of per-method ``[length][depth]`` grids of True / False /
+    None (not scored): the scored cells per method, the share passed, and the share of cells scored
+    for both where the method's answer matches DSA's (when DSA is in the grid)."""
+    cells = [(i, j) for i in range(n_lengths) for j in range(n_depths)]
     scored = {m: [c for c in cells if g[c[0]][c[1]] is not None] for m, g in grid.items()}
     acc = {m: (sum(g[i][j] for i, j in scored[m]) / len(scored[m]) if scored[m] else None) for m, g in grid.items()}
     agree = {}
@@ -200,6 +202,12 @@ def report(ctx, cfg: NiahConfig, grid, rul, depths, out_dir: Path) -> dict:
         for m, g in grid.items():
             both = [(i, j) for i, j in scored[m] if grid["dsa"][i][j] is not None]
             agree[m] = sum(g[i][j] == grid["dsa"][i][j] for i, j in both) / len(both) if both else None
+    return cells, scored, acc, agree
+
+
+def report(ctx, cfg: NiahConfig, grid, rul, depths, out_dir: Path) -> dict:
+    s = cfg.settings
+    cells, scored, acc, agree = grid_scores(grid, len(cfg.lengths), len(depths))
     md = [f"# Needle in a haystack, k = {cfg.k} tokens per query in every layer\n", TEACHER_FORCING_NOTE + "\n",
           f"Haystack: the held-out text ({data.heldout_file(ctx.corpus).name}); contexts {cfg.lengths}; {len(depths)} "
           f"depths; one needle value per cell (a random 7-digit number). This is a small model at <= "

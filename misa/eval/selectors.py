@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 
 import misa
+from misa.calibration import attention_mass
 from misa.variants import METHODS as LIBRARY_METHODS, VARIANTS, method_config
 
 from .indexer import IndexerInputs
@@ -215,10 +216,7 @@ def oracle_select(probs: torch.Tensor, ks: torch.Tensor, ke: torch.Tensor, k: in
     return misa.topk_indices(probs.float().contiguous(), ks, ke, k)
 
 
-def mass(sel: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
-    """Attention mass ``[T]`` that the selected tokens hold under ``probs [T, S]``."""
-    idx = sel.long()
-    return torch.where(idx >= 0, torch.gather(probs, 1, idx.clamp_min(0)), 0.0).sum(dim=1)
+mass = attention_mass          # the attention mass a selection holds (what calibration scores with)
 
 
 def selection_mask(sel: torch.Tensor, width: int) -> torch.Tensor:
