@@ -245,8 +245,8 @@ def _selector(variant: str, q, k: int, block_table, **options):
 
 
 def check_pooled(pooled, kv_cache) -> torch.Tensor:
-    """The pooled-key cache: float32 ``[num_pages, D]`` beside ``kv_cache``."""
-    check_tensor("pooled", pooled, 2, (torch.float32,))
+    """The pooled-key cache: bfloat16 or float32 ``[num_pages, D]`` beside ``kv_cache``."""
+    check_tensor("pooled", pooled, 2, quant.POOLED_DTYPES)
     d = quant.paged_head_dim(kv_cache)
     if tuple(pooled.shape) != (kv_cache.shape[0], d):
         raise ValueError(f"pooled: expected [{kv_cache.shape[0]}, {d}] (one row per cache page), got {tuple(pooled.shape)}")

@@ -10,11 +10,12 @@ followed by ``PAGE_SIZE`` float32 scales, i.e. ``D + 4`` bytes per token (132 at
 uint8 ``[num_pages, PAGE_SIZE, 1, D + 4]`` like DeepGEMM's ``fp8_paged_mqa_logits`` takes it; only
 its flat per-page byte order matters.
 
-Pooled-key cache: float32 ``[num_pages, D]`` beside the paged cache, row ``p`` the sum of the
-dequantised keys (``fp8 value * scale``) of the tokens written to page ``p`` since the page was last
-(re)started, i.e. since a token was written at its offset 0. Readers derive a page's token count
-from the sequence's context length: its mean key is ``pooled[p] / count``. ``write_paged_kcache``
-keeps it current; ``misa.pool_paged_kcache`` builds it from a cache (``misa/ops/pool``).
+Pooled-key cache: bfloat16 ``[num_pages, D]`` beside the paged cache (``2 D`` bytes a page, 4 bytes
+per token at D = 128; float32 is accepted too), row ``p`` the sum of the dequantised keys (``fp8
+value * scale``) of the page's tokens, summed in float32 and rounded once. Readers derive a page's
+token count from the sequence's context length: its mean key is ``pooled[p] / count``.
+``write_paged_kcache`` keeps it current; ``misa.pool_paged_kcache`` builds it from a cache
+(``misa/ops/pool``).
 """
 from __future__ import annotations
 
@@ -24,6 +25,8 @@ FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0
 SCALE_FLOOR = 1e-4
 PAGE_SIZE = 64
+POOLED_DTYPE = torch.bfloat16
+POOLED_DTYPES = (torch.bfloat16, torch.float32)
 
 
 def _scale_from_amax(amax: torch.Tensor, ue8m0: bool) -> torch.Tensor:
@@ -97,16 +100,19 @@ def paged_head_dim(cache: torch.Tensor) -> int:
     return _page_views(cache)[2]
 
 
-def new_pooled_kcache(num_pages: int, head_dim: int, device=None) -> torch.Tensor:
-    """A pooled-key cache ``[num_pages, head_dim]`` float32 of zeros (see the module docstring)."""
-    return torch.zeros(num_pages, head_dim, dtype=torch.float32, device=device)
+def new_pooled_kcache(num_pages: int, head_dim: int, device=None, dtype: torch.dtype = POOLED_DTYPE) -> torch.Tensor:
+    """A pooled-key cache ``[num_pages, head_dim]`` of zeros, bfloat16 (default) or float32 (see the
+    module docstring)."""
+    if dtype not in POOLED_DTYPES:
+        raise ValueError(f"dtype: the pooled-key cache is bfloat16 or float32, got {dtype}")
+    return torch.zeros(num_pages, head_dim, dtype=dtype, device=device)
 
 
 def _check_pooled(pooled, num_pages: int, head_dim: int, device: torch.device) -> None:
     if not isinstance(pooled, torch.Tensor):
         raise ValueError(f"pooled: expected a torch.Tensor, got {type(pooled).__name__}")
-    if pooled.dtype != torch.float32 or tuple(pooled.shape) != (num_pages, head_dim):
-        raise ValueError(f"pooled: expected float32 [{num_pages}, {head_dim}] (one row per cache page), "
+    if pooled.dtype not in POOLED_DTYPES or tuple(pooled.shape) != (num_pages, head_dim):
+        raise ValueError(f"pooled: expected bfloat16 or float32 [{num_pages}, {head_dim}] (one row per cache page), "
                          f"got {tuple(pooled.shape)} {pooled.dtype}")
     if pooled.device != device:
         raise ValueError(f"pooled: on {pooled.device}, kv_cache on {device}")
@@ -116,16 +122,13 @@ def write_paged_kcache(cache: torch.Tensor, slot_mapping: torch.Tensor, k_fp8: t
                        k_scale: torch.Tensor, pooled: torch.Tensor | None = None) -> None:
     """Store tokens at cache slots (``slot = page * PAGE_SIZE + offset``), as engines do at prefill.
 
-    With ``pooled`` (``[num_pages, D]`` float32, ``new_pooled_kcache``), also keep the pooled-key
-    cache current: every page that receives a token at offset 0 starts afresh (its row is zeroed,
-    so freed pages can be reused), then each written token's dequantised key is added to its page's
-    row. Tokens of one page may come in one call in any order. A slot written twice without its
-    page being restarted counts twice (engines that overwrite slots, e.g. rejected speculative
-    tokens, must rebuild those pages' rows with ``misa.pool_paged_kcache`` or restart the page).
-    The adds are ``index_put_(accumulate=True)`` (on the CPU, float32 ``index_add_`` took tens of
-    ms a call on a loaded 2-core machine, its thread pool contending, against microseconds). The
-    order in which one call's tokens are added to a row is PyTorch's: on CUDA the last bits of a
-    row are not promised to be reproducible. All arguments are checked before anything is written.
+    With ``pooled`` (``misa.new_pooled_kcache``), also keep the pooled-key cache current: each page
+    the call writes to is re-summed from the cache up to the highest offset the call writes on it
+    (tokens are appended in order, so that is the page's last token; a page written from offset 0
+    again, e.g. freed and reused, holds only its new tokens; a slot written twice, e.g. a rejected
+    speculative token, counts once). On the kernels this is a sort of the slots and one launch
+    reading the written pages (``misa/ops/pool``), with no host sync. All arguments are checked
+    before anything is written.
     """
     values, scales, head_dim = _page_views(cache)
     if k_fp8.dtype != FP8 or k_fp8.ndim != 2 or k_fp8.shape[1] != head_dim:
@@ -143,15 +146,8 @@ def write_paged_kcache(cache: torch.Tensor, slot_mapping: torch.Tensor, k_fp8: t
     values[page, offset] = k_fp8.view(torch.uint8)
     scales[page, offset] = k_scale
     if pooled is not None and slots.numel():
-        page = page.to(pooled.device)
-        # restart the pages that receive an offset-0 token, without a host sync (a boolean mask
-        # would read the count back): count each page's offset-0 tokens, then zero the rows of the
-        # written pages whose count is not 0 (duplicate pages write the same zeros)
-        restarts = torch.zeros(pooled.shape[0], dtype=torch.int32, device=pooled.device)
-        restarts.index_put_((page,), (offset == 0).to(device=pooled.device, dtype=torch.int32), accumulate=True)
-        fresh = (restarts[page] > 0)[:, None]
-        pooled[page] = torch.where(fresh, torch.zeros((), dtype=pooled.dtype, device=pooled.device), pooled[page])
-        pooled.index_put_((page,), dequantize_keys(k_fp8, k_scale).to(pooled.device), accumulate=True)
+        from .ops import pool
+        pool.repool_written_pages(cache, pooled, slots)
 
 
 def read_paged_kcache(cache: torch.Tensor, block_table_row: torch.Tensor, length: int

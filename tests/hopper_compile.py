@@ -127,9 +127,13 @@ def entry_points():
         for statistic in router.STATISTICS:
             yield (f"paged_misa_select {statistic} next_n={next_n}",
                    lambda a=args, r=statistic: misa.paged_misa_select(*a, k=k, router=r))
-        pooled = torch.zeros(args[1].shape[0], 128)
+        pooled = misa.new_pooled_kcache(args[1].shape[0], 128)
         yield (f"paged_misa_select pooled next_n={next_n}",
                lambda a=args, p=pooled: misa.paged_misa_select(*a, k=k, pooled=p))
+        keys = misa.quantize_keys(torch.randn(len(args[4]) * next_n, 128))
+        slots = torch.arange(len(args[4]) * next_n) * 64 + 5
+        yield (f"write_paged_kcache pooled next_n={next_n}",
+               lambda a=args, p=pooled, ks=keys, sl=slots: misa.write_paged_kcache(a[1], sl, *ks, p))
         yield (f"paged MISA-dagger next_n={next_n}",
                lambda a=args: misa.paged_misa_select(*a, k=k, stage1_k=4 * k))
         for bs in (64, 128):

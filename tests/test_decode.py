@@ -30,15 +30,15 @@ def _batch(lens, next_n, h, d, seed):
     return paged_batch_on(DEVICE, lens, next_n, h, d, seed, extra_pages=3)
 
 
-def pooled_sums(cache, table, clens):
-    """float64 page sums from the cache (what the pooled-key cache holds), as float32."""
+def pooled_sums(cache, table, clens, dtype=misa.quant.POOLED_DTYPE):
+    """float64 page sums from the cache (what the pooled-key cache holds), rounded to ``dtype``."""
     d = misa.quant.paged_head_dim(cache)
     pooled = torch.zeros(cache.shape[0], d, dtype=torch.float64, device=cache.device)
     for b, n in enumerate(clens.tolist()):
         k = misa.dequantize_keys(*misa.read_paged_kcache(cache, table[b], n)).double()
         for j in range(-(-n // 64)):
             pooled[int(table[b, j])] = k[j * 64:(j + 1) * 64].sum(0)
-    return pooled.float()
+    return pooled.to(dtype)
 
 
 def _ends(clens, n):
@@ -50,12 +50,14 @@ if BIG:
     CASES += [([700, 4000, 30000, 65], 2, 64), ([131072, 9000], 1, 128)]
 
 
-@pytest.mark.parametrize("lens,next_n,block_size", CASES)
-def test_block_scores_kernel_like_float64(lens, next_n, block_size):
+@pytest.mark.parametrize("lens,next_n,block_size,pooled_dtype",
+                         [c + (torch.bfloat16,) for c in CASES] + [CASES[0] + (torch.float32,)])
+def test_block_scores_kernel_like_float64(lens, next_n, block_size, pooled_dtype):
+    # both pooled-cache dtypes: the kernel reads the rows as float32 whatever they are stored in
     from misa.ops.blocks import triton as blocks_triton
     h, d = (8, 64) if not BIG else (64, 128)
     seqs, q, w, cache, table, clens = _batch(lens, next_n, h, d, seed=sum(lens) + next_n)
-    pooled = pooled_sums(cache, table, clens)
+    pooled = pooled_sums(cache, table, clens, pooled_dtype)
     width = -(-table.shape[1] * 64 // block_size)
     got = torch.full((len(lens) * next_n, width), float("nan"), device=DEVICE)
     ends = torch.empty(len(lens) * next_n, dtype=torch.int32, device=DEVICE)
@@ -259,11 +261,14 @@ def test_block_pruned_select_with_and_without_pooled():
 
 @pytest.mark.parametrize("router", ["abs-sum", "gap"])
 def test_routing_from_the_pooled_cache_equals_routing_from_the_cache(router):
-    # the router's blocks from the pooled-key cache's page sums instead of a pass over the cache:
-    # the same heads (up to near-ties of the router score), and MISA then selects the same tokens
+    # the router's blocks from a float32 pooled-key cache's page sums instead of a pass over the
+    # cache: the same heads (up to near-ties of the router score), and MISA then selects the same
+    # tokens. From the bfloat16 cache: the heads the reference router picks from those rounded sums.
+    from misa.ops.pool import reference as pool_ref
+    from misa.ops.router import reference as router_ref
     lens, next_n = [300, 129, 1000], 2
     seqs, q, w, cache, table, clens = _batch(lens, next_n, 8, 64, seed=31)
-    pooled = misa.pool_paged_kcache(cache, table, clens)
+    pooled = misa.pool_paged_kcache(cache, table, clens, dtype=torch.float32)
     opts = dict(active_heads=3, block_size=128, router=router)
     a = misa.paged_route_heads(q, cache, w, clens, table, **opts)
     b = misa.paged_route_heads(q, cache, w, clens, table, pooled=pooled, **opts)
@@ -273,6 +278,19 @@ def test_routing_from_the_pooled_cache_equals_routing_from_the_cache(router):
         assert torch.equal(a, b) and as_sets(sa) == as_sets(sb)
     else:       # the router's tf32 products may flip a near-tie between the two block sums
         assert (a == b).all(1).float().mean() >= 0.9
+    rounded = misa.pool_paged_kcache(cache, table, clens)
+    assert rounded.dtype == torch.bfloat16
+    got = misa.paged_route_heads(q, cache, w, clens, table, pooled=rounded, **opts).cpu()
+    nb = -(-max(lens) // 128)
+    kbar = pool_ref.pool_blocks(rounded.cpu(), table.cpu(), clens.cpu(), 128, nb)
+    ends = _ends(clens, next_n)
+    same = []
+    for r in range(len(lens) * next_n):
+        vis = router_ref.visible_blocks(torch.zeros(1, dtype=torch.long), ends[r:r + 1], nb, 128)
+        qr = q.reshape(-1, 8, 64)[r:r + 1].float().cpu()
+        score = router_ref.head_router_scores(qr, kbar[r // next_n], w[r:r + 1].float().cpu(), vis, router)
+        same.append(torch.equal(got[r:r + 1].long(), router_ref.top_heads(score, 3)))
+    assert all(same) if not BIG else sum(same) >= 0.9 * len(same), same
     with pytest.raises(ValueError, match="^block_size:"):
         misa.paged_route_heads(q, cache, w, clens, table, active_heads=3, block_size=96, pooled=pooled)
 

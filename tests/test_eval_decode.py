@@ -164,8 +164,8 @@ def test_the_report_has_one_recall_row_per_layer(tmp_path):
     # bytes: the dense formula, and block-pruned reads 3 of the 5 pages + the pooled rows
     d = ctx.stack.cfg.head_dim
     assert res["bytes_per_step_per_layer"]["dsa"][str(T)] == T * (d + 4)
-    assert res["bytes_per_step_per_layer"]["hisa-m2"][str(T)] == 5 * 4 * d + 3 * 64 * (d + 4)
-    assert res["bytes_per_step_per_layer"]["misa-h4"][str(T)] == T * (d + 4) + 5 * 4 * d
+    assert res["bytes_per_step_per_layer"]["hisa-m2"][str(T)] == 5 * 2 * d + 3 * 64 * (d + 4)
+    assert res["bytes_per_step_per_layer"]["misa-h4"][str(T)] == T * (d + 4) + 5 * 2 * d
     assert "Command" in md and json.loads((tmp_path / "decode.json").read_text())["grid"] == res["grid"]
     # a run out of time scores nothing; resuming from it fills the grid in
     late = dec.run_samples(ctx, cfg, samples, [0.0, 1.0], tmp_path, late=lambda: True)

@@ -4,8 +4,9 @@
 Inputs are fresh random and ragged (lengths not multiples of the page, one shorter than a page),
 pages shuffled by ``build_paged_kcache`` with garbage in every unwritten slot. Every result is
 checked against float64 sums of ``read_paged_kcache``'s tokens, within a float32 summation bound:
-``|error| <= n * 2^-24 * sum |x|`` for a sum of ``n`` float32 products (times 2 for slack). Kernels
-run through Triton's interpreter on the CPU (``MISA_BACKEND=triton``), compiled on a GPU.
+``|error| <= n * 2^-24 * sum |x|`` for a sum of ``n`` float32 products (times 2 for slack), plus one
+rounding to the pooled cache's dtype (bfloat16: ``2^-8`` of the value). Kernels run through
+Triton's interpreter on the CPU (``MISA_BACKEND=triton``), compiled on a GPU.
 """
 import pytest
 import torch
@@ -58,10 +59,17 @@ def _page_sums64(cache, table, clens):
     return sums, abss, count
 
 
-def _close(got, ref, abss, n):
-    """``got`` float32 within ``2 n u sum|x|`` of the float64 ``ref`` (elementwise)."""
+ROUNDING = {torch.bfloat16: 2.0 ** -8, torch.float32: U}
+
+
+def _close(got, ref, abss, n, rounded=None):
+    """``got`` within ``2 n u sum|x|`` of the float64 ``ref`` (elementwise), plus the rounding of page
+    sums to the dtype ``rounded`` (default: ``got``'s own when narrower than float32), at most its
+    unit roundoff times ``sum|x|`` (``abss``)."""
+    dtype = rounded or got.dtype
+    unit = ROUNDING[dtype] if dtype != torch.float32 else 0.0
     err = (got.double().cpu() - ref).abs()
-    tol = 2 * n * U * abss + 1e-30
+    tol = (unit + 2 * n * U) * abss * (1 + unit) + 1e-30
     bad = err > tol
     assert not bad.any(), f"{int(bad.sum())} values off, worst {float((err - tol).max()):.3g} past the bound"
 
@@ -78,14 +86,14 @@ def _used(table, clens, num_pages):
 # ---------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("backend", BACKENDS, indirect=True)
-@pytest.mark.parametrize("d", [64, 48])
-def test_pool_paged_kcache_is_page_sums(backend, d):
+@pytest.mark.parametrize("d,dtype", [(64, torch.bfloat16), (48, torch.bfloat16), (64, torch.float32)])
+def test_pool_paged_kcache_is_page_sums(backend, d, dtype):
     _, cache, table, clens, _ = _batch(LENS, d, seed=d)
     # a zero-length sequence whose row lists page ids: nothing of it is read
     table = torch.cat([table, table[:1]])
     clens = torch.cat([clens, clens.new_zeros(1)])
-    pooled = misa.pool_paged_kcache(cache, table, clens)
-    assert pooled.dtype == torch.float32 and pooled.shape == (cache.shape[0], d)
+    pooled = misa.pool_paged_kcache(cache, table, clens, **({} if dtype == torch.bfloat16 else dict(dtype=dtype)))
+    assert pooled.dtype == dtype and pooled.shape == (cache.shape[0], d)
     sums, abss, _ = _page_sums64(cache, table, clens)
     used = _used(table, clens, cache.shape[0])
     assert (~used).sum() == 3                               # the extra pages
@@ -114,10 +122,11 @@ def _slots(table, b, positions):
     return table[b, positions // PAGE].long() * PAGE + positions % PAGE
 
 
-def _fresh(cache, g):
+def _fresh(cache, g, dtype=torch.bfloat16):
     """A cache of garbage and a pooled cache of garbage, as a long-running engine has them."""
     c = torch.empty_like(cache).random_(0, 256, generator=None)
-    pooled = misa.new_pooled_kcache(cache.shape[0], misa.quant.paged_head_dim(cache), device=cache.device)
+    pooled = misa.new_pooled_kcache(cache.shape[0], misa.quant.paged_head_dim(cache), device=cache.device,
+                                    dtype=dtype)
     pooled.copy_(torch.randn(pooled.shape, generator=g).to(pooled.device) * 100)
     return c, pooled
 
@@ -129,16 +138,21 @@ def _check_written(cache, pooled, before, table, clens):
     used = _used(table, clens, cache.shape[0]).to(pooled.device)
     _close(pooled[used], sums[used.cpu()], abss[used.cpu()], PAGE)
     for backend in ("reference", "triton") if kernels_available() else ("reference",):
-        rebuilt = misa.pool_paged_kcache(cache, table, clens, backend=backend)
-        _close(pooled[used], rebuilt[used].double().cpu(), 2 * abss[used.cpu()], PAGE)
+        rebuilt = misa.pool_paged_kcache(cache, table, clens, dtype=pooled.dtype, backend=backend)
+        # both rounded from float32 sums taken in their own orders
+        _close(pooled[used], rebuilt[used].double().cpu(), 2 * abss[used.cpu()], 2 * PAGE)
     assert torch.equal(pooled[~used], before[~used])
 
 
-@pytest.mark.parametrize("mode", ["decode", "prefill-chunks", "one-shuffled-batch"])
-def test_write_keeps_pooled_current(mode):
-    lens = LENS
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+@pytest.mark.parametrize("mode,dtype", [("decode", torch.bfloat16), ("prefill-chunks", torch.bfloat16),
+                                        ("one-shuffled-batch", torch.bfloat16), ("prefill-chunks", torch.float32)])
+def test_write_keeps_pooled_current(backend, mode, dtype):
+    # the write goes through the kernel (the interpreter on the CPU) or the reference, as
+    # MISA_BACKEND says
+    lens = LENS if mode != "decode" else LENS[:4]
     seqs, ref_cache, table, clens, g = _batch(lens, 64, seed=11)
-    cache, pooled = _fresh(ref_cache, g)
+    cache, pooled = _fresh(ref_cache, g, dtype)
     before = pooled.clone()
     if mode == "decode":        # one step: the next token of every live sequence, one call
         for t in range(max(lens)):
@@ -164,20 +178,24 @@ def test_write_keeps_pooled_current(mode):
     _check_written(cache, pooled, before, table, clens)
 
 
-def test_write_reused_page_holds_only_new_tokens():
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+def test_write_reused_page_holds_only_new_tokens(backend):
     seqs, ref_cache, table, clens, g = _batch(LENS, 64, seed=12)
     cache, pooled = _fresh(ref_cache, g)
     before = pooled.clone()
     for b, (k, s) in enumerate(seqs):
         misa.write_paged_kcache(cache, _slots(table, b, torch.arange(len(k))), k, s, pooled)
     # sequence 3 (301 tokens, 5 pages) ends; a new sequence of 140 tokens takes its first 3 pages,
-    # written in two calls (a prefill, then a decode step), leaving stale tokens behind in the cache
-    k_new, s_new = misa.quantize_keys(torch.randn(140, 64, generator=g) * 3)
+    # written in three calls (a prefill, a speculative step of two draft tokens, both rejected, then
+    # the real token 139 over the first draft), leaving stale tokens behind in the cache
+    k_new, s_new = misa.quantize_keys(torch.randn(142, 64, generator=g) * 3)
     k_new, s_new = k_new.to(DEVICE), s_new.to(DEVICE)
     table2 = table.clone()
     table2[3, 3:] = 0
     misa.write_paged_kcache(cache, _slots(table2, 3, torch.arange(139)), k_new[:139], s_new[:139], pooled)
-    misa.write_paged_kcache(cache, _slots(table2, 3, [139]), k_new[139:], s_new[139:], pooled)
+    misa.write_paged_kcache(cache, _slots(table2, 3, [139, 140]), k_new[140:], s_new[140:], pooled)
+    misa.write_paged_kcache(cache, _slots(table2, 3, [139]), k_new[139:140], s_new[139:140], pooled)
+    k_new, s_new = k_new[:140], s_new[:140]
     clens2 = clens.clone()
     clens2[3] = 140
     # the freed pages 3 and 4 of sequence 3 keep their old sums (no one restarted them)
@@ -250,13 +268,17 @@ def test_pool_blocks_matches_paged_pool_keys(backend, block_size):
             blk = x[j * block_size:(j + 1) * block_size]
             want[b, j], abss[b, j] = blk.mean(0), blk.abs().sum(0) / len(blk)
     assert not kbar.cpu()[want.abs().sum(-1) == 0].any()    # blocks past each sequence: 0
-    _close(kbar, want, abss, block_size + PAGE)
+    _close(kbar, want, abss, block_size + PAGE, rounded=pooled.dtype)
     _close(raw, want, abss, block_size)
-    _close(kbar, raw.double().cpu(), 2 * abss, block_size + PAGE)
+    _close(kbar, raw.double().cpu(), 2 * abss, block_size + PAGE, rounded=pooled.dtype)
+    # from a float32 pooled cache: the float32 bound alone
+    exact = pool_blocks(misa.pool_paged_kcache(cache, table, clens, dtype=torch.float32), table, clens, block_size,
+                        max_blocks)
+    _close(exact, want, abss, block_size + PAGE)
 
     # fewer blocks than the longest sequence needs: cut there, as paged_pool_keys does
     cut = pool_blocks(pooled, table, clens, block_size, 2)
-    _close(cut, want[:, :2], abss[:, :2], block_size + PAGE)
+    _close(cut, want[:, :2], abss[:, :2], block_size + PAGE, rounded=pooled.dtype)
 
 
 @pytest.mark.parametrize("backend", BACKENDS, indirect=True)

@@ -213,14 +213,14 @@ def predict(ctx: EvalContext, s: Sample, sparse) -> torch.Tensor:
 def bytes_per_step(name: str, context: int, k: int, head_dim: int, settings: SelectorSettings) -> int:
     """Index-cache bytes one decode step reads in one layer at ``context`` tokens (keys only: q and
     weights are the same for every method). A cached token is ``D + 4`` bytes (fp8 key + fp32
-    scale), a pooled-key row ``4 D``, P = ceil(context / 64) pages:
+    scale), a pooled-key row ``2 D`` (bfloat16), P = ceil(context / 64) pages:
 
     - DSA: every token, ``context (D + 4)``;
     - MISA (h heads): every token (the heads share the keys) + the router's P pooled rows;
     - MISA-dagger: that + its ``stage1_k`` candidates gathered again for all heads;
     - block-pruned, m pages: P pooled rows + the kept pages, ``min(m', P) 64 (D + 4)`` with
       m' = max(m, ceil(k / 64) + 2) (the first and last pages are always kept)."""
-    tok, row = head_dim + 4, 4 * head_dim
+    tok, row = head_dim + 4, quant.POOLED_DTYPE.itemsize * head_dim
     pages = -(-context // quant.PAGE_SIZE)
     m = block_pages(name)
     if m is not None:
@@ -323,7 +323,7 @@ def report(ctx, cfg: DecodeConfig, grid, sums, prefill_sums, depths, answer_toke
                     + [f"{nbytes[m][str(L)] / 1024:.1f} ({nbytes[m][str(L)] / dense[L]:.2f}x DSA)" for L in cfg.lengths]
                     for m in grid]),
           f"\nBytes: index-cache bytes one decode step reads in one layer (indexer head dim D = {head_dim}): a "
-          f"token is D + 4 bytes (fp8 key + fp32 scale), a pooled-key row 4D bytes, P = ceil(context / 64) pages. "
+          f"token is D + 4 bytes (fp8 key + fp32 scale), a pooled-key row 2D bytes (bfloat16), P = ceil(context / 64) pages. "
           f"DSA: context x (D + 4); MISA: the same (its heads share the keys) + P pooled rows for the router "
           f"(routing from an engine's pooled-key cache; here it pools the cached keys, the same routing up to "
           f"rounding); "

@@ -1,7 +1,7 @@
 """Block-pruned decode in plain PyTorch, the math the kernels in ``triton.py`` follow.
 
 Inputs as ``misa.paged_*`` takes them (``q [B, N, H, D]``, ``weights [B * N, H]``, ``context_lens
-[B]``, ``block_table [B, P]``) plus the pooled-key cache ``pooled [num_pages, D]`` float32, row
+[B]``, ``block_table [B, P]``) plus the pooled-key cache ``pooled [num_pages, D]`` (bfloat16 or float32), row
 ``p`` the sum of the dequantised keys written to page ``p``. A block is ``G = block_size / 64``
 consecutive pages of a sequence; its mean key is the sum of its pages' rows over the number of
 cached tokens it holds (``min(block_size, context_len - start)``). Query ``i`` of sequence ``b``

@@ -3,7 +3,7 @@
 ``block_scores``: one program per (sequence, split) loads the sequence's ``next_n`` queries with
 all heads once and walks its blocks in tiles of ``TB``: each block's mean key comes from the
 pooled-key cache (``G`` page rows summed, divided by the cached tokens), so this pass reads
-``4 * D`` bytes per 64 tokens instead of the ``64 * (D + 4)`` the dense paged logits read. It also
+``2 * D`` bytes per 64 tokens (bfloat16 rows) instead of the ``64 * (D + 4)`` the dense paged logits read. It also
 writes each row's visible block count, which the top-m reads as its range.
 
 ``chosen_block_logits``: one program per (row, split) scores the pages of the row's chosen
@@ -69,7 +69,7 @@ def _block_scores_kernel(Q, W, POOLED, TABLE, CTX, OUT, BLOCK_ENDS, out_width,
             lp = blk * G + g
             has = lp * PAGE < ctx
             page = tl.load(TABLE + b * stride_table + lp, mask=has, other=0).to(tl.int64)
-            sums += tl.load(POOLED + page[:, None] * D + d[None, :], mask=has[:, None], other=0.0)
+            sums += tl.load(POOLED + page[:, None] * D + d[None, :], mask=has[:, None], other=0.0).to(tl.float32)
         count = tl.minimum(ctx - blk * bsize, bsize)
         kbar = sums / tl.maximum(count, 1).to(tl.float32)[:, None]
         acc = tl.dot(kbar.to(CAST), qt)                         # [TB, HS * QB]

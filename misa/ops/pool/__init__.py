@@ -1,9 +1,10 @@
-"""The pooled-key cache: one float32 row per page of the paged index-K cache, the sum of the page's
+"""The pooled-key cache: one bfloat16 row per page of the paged index-K cache, the sum of the page's
 dequantised keys (layout and upkeep in misa/quant.py: ``new_pooled_kcache``, ``write_paged_kcache``).
 
-``pool_paged_kcache`` builds it from a cache; ``pool_blocks`` turns it into the router's block
-means (what ``misa.ops.router.triton.paged_pool_keys`` computes from the raw cache, reading
-``4 D`` bytes a page instead of ``64 (D + 4)``: 16.5x fewer at D = 128). Both check their arguments (``ValueError`` naming the argument; the value
+``pool_paged_kcache`` builds it from a cache; ``repool_written_pages`` keeps it current as
+``write_paged_kcache`` writes; ``pool_blocks`` turns it into the router's block means (what
+``misa.ops.router.triton.paged_pool_keys`` computes from the raw cache, reading ``2 D`` bytes a
+page instead of ``64 (D + 4)``: 33x fewer at D = 128). Both check their arguments (``ValueError`` naming the argument; the value
 checks are read back with one synchronisation) and run the Triton kernel (``triton.py``) or the
 PyTorch reference (``reference.py``) as ``misa.select.use_kernels`` decides from ``backend``
 (None: ``"auto"``, or the ``MISA_BACKEND`` override). The unchecked ``triton`` / ``reference``
@@ -13,10 +14,10 @@ from __future__ import annotations
 
 import torch
 
-from ...quant import PAGE_SIZE, _page_views
+from ...quant import PAGE_SIZE, POOLED_DTYPE, POOLED_DTYPES, _page_views
 from . import reference
 
-__all__ = ["pool_paged_kcache", "pool_blocks"]
+__all__ = ["pool_paged_kcache", "pool_blocks", "repool_written_pages"]
 
 
 def _check_table(block_table, context_lens, num_pages: int, device, tokens_cap: int | None = None) -> None:
@@ -46,8 +47,8 @@ def _check_table(block_table, context_lens, num_pages: int, device, tokens_cap: 
 
 
 def pool_paged_kcache(kv_cache: torch.Tensor, block_table: torch.Tensor, context_lens: torch.Tensor, *,
-                      backend: str | None = None) -> torch.Tensor:
-    """A pooled-key cache built from scratch: ``[num_pages, D]`` float32 where page
+                      dtype: torch.dtype = POOLED_DTYPE, backend: str | None = None) -> torch.Tensor:
+    """A pooled-key cache built from scratch: ``[num_pages, D]`` ``dtype`` (bfloat16 or float32) where page
     ``block_table[b, j]`` (``j < ceil(context_lens[b] / 64)``) holds the sum of the dequantised keys of
     its first ``min(64, context_lens[b] - 64 j)`` tokens, and pages no sequence uses are 0. A page
     several sequences list (a shared prefix) must hold as many tokens for each (full pages do).
@@ -56,12 +57,25 @@ def pool_paged_kcache(kv_cache: torch.Tensor, block_table: torch.Tensor, context
     ``context_lens [B]`` int32; ``backend`` None / "auto" / "triton" / "reference"."""
     from ... import select
     select.check_backend_arg(backend)
+    if dtype not in POOLED_DTYPES:
+        raise ValueError(f"dtype: the pooled-key cache is bfloat16 or float32, got {dtype}")
     values, _, _ = _page_views(kv_cache)
     _check_table(block_table, context_lens, values.shape[0], kv_cache.device)
     if select.use_kernels(backend, kv_cache):
         from . import triton as pool_triton
-        return pool_triton.pool_paged_kcache(kv_cache, block_table, context_lens)
-    return reference.pool_paged_kcache(kv_cache, block_table, context_lens)
+        return pool_triton.pool_paged_kcache(kv_cache, block_table, context_lens, dtype)
+    return reference.pool_paged_kcache(kv_cache, block_table, context_lens, dtype)
+
+
+def repool_written_pages(kv_cache: torch.Tensor, pooled: torch.Tensor, slots: torch.Tensor) -> None:
+    """Re-sum into ``pooled`` each page the int64 cache ``slots`` touch, over its tokens up to the
+    highest offset written there. Unchecked: ``misa.write_paged_kcache`` checks and calls it after
+    writing the tokens (kernels as ``misa.select.use_kernels`` decides for the cache's device)."""
+    from ... import select
+    if select.use_kernels(None, kv_cache):
+        from . import triton as pool_triton
+        return pool_triton.repool_written_pages(kv_cache, pooled, slots)
+    return reference.repool_written_pages(kv_cache, pooled, slots)
 
 
 def pool_blocks(pooled: torch.Tensor, block_table: torch.Tensor, context_lens: torch.Tensor, block_size: int,
@@ -71,12 +85,12 @@ def pool_blocks(pooled: torch.Tensor, block_table: torch.Tensor, context_lens: t
     min((j + 1) * block_size, context_lens[b]))``, 0 past the sequence; a sequence longer than
     ``max_blocks * block_size`` is cut there (as ``paged_pool_keys``). ``block_size`` a multiple of 64.
 
-    ``pooled [num_pages, D]`` float32 (``misa.new_pooled_kcache``); ``block_table``, ``context_lens``
+    ``pooled [num_pages, D]`` bfloat16 or float32 (``misa.new_pooled_kcache``); ``block_table``, ``context_lens``
     as for ``pool_paged_kcache``."""
     from ... import select
     from ...validate import check_int, check_tensor
     select.check_backend_arg(backend)
-    check_tensor("pooled", pooled, 2, (torch.float32,))
+    check_tensor("pooled", pooled, 2, POOLED_DTYPES)
     check_int("block_size", block_size)
     if block_size % PAGE_SIZE:
         raise ValueError(f"block_size: must be a multiple of the page size {PAGE_SIZE}, got {block_size}")

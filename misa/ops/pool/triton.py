@@ -1,10 +1,13 @@
 """Triton kernels of the pooled-key cache (misa/ops/pool/reference.py has the math).
 
 ``pool_paged_kcache``: one program per (sequence, table column), reading its page in place (fp8
-values, then the page's float32 scales, DeepGEMM's layout) and storing the sum of the page's valid
-tokens' dequantised keys into the page's row; columns past a sequence's length store nothing, so
-pages no sequence uses keep the zeros the output starts with. A page two sequences share (prefix
-caching shares full pages) is stored by each with the same value.
+values, then the page's float32 scales, DeepGEMM's layout) and storing the float32 sum of the
+page's valid tokens' dequantised keys, rounded to the row's dtype; columns past a sequence's length
+store nothing, so pages no sequence uses keep the zeros the output starts with. A page two
+sequences share (prefix caching shares full pages) is stored by each with the same value.
+
+``repool_written_pages``: the same sum for each page a cache write touched, up to its highest
+written offset, one program per written slot (sorted, so a page's last slot is the one that stores).
 
 ``pool_blocks``: one program per (sequence, block), flattened like ``_paged_pool_keys_kernel``
 (misa/ops/router/triton.py): it adds the rows of the block's pages and divides by the block's
@@ -23,6 +26,39 @@ import triton.language as tl
 from ... import quant
 
 
+@triton.jit
+def _page_sum(VALUES, SCALES, page, count, D: tl.constexpr, DP: tl.constexpr, PAGE: tl.constexpr,
+              TOK: tl.constexpr):
+    """float32 ``[DP]``: the sum of page ``page``'s first ``count`` dequantised keys (fp8 values,
+    then the page's float32 scales, DeepGEMM's layout)."""
+    d = tl.arange(0, DP)
+    dm = d < D
+    page_bytes = PAGE * (D + 4)
+    base = VALUES + page * page_bytes
+    sbase = SCALES + page * (page_bytes // 4) + (PAGE * D) // 4
+    acc = tl.zeros([TOK, DP], dtype=tl.float32)
+    # TOK tokens a step (all 64 at D <= 128): the sum over tokens once, at the end
+    for t0 in tl.static_range(0, PAGE, TOK):
+        off = t0 + tl.arange(0, TOK)
+        real = off < count          # slots past the page's tokens hold garbage
+        k = tl.load(base + off[:, None] * D + d[None, :], mask=real[:, None] & dm[None, :],
+                    other=0.0).to(tl.float32)
+        scale = tl.load(sbase + off, mask=real, other=0.0)
+        acc += k * scale[:, None]
+    return tl.sum(acc, axis=0)
+
+
+@triton.jit
+def _rounded(x, dtype: tl.constexpr):
+    """``x`` (float32) in ``dtype``, rounded to nearest even. For bfloat16 the rounding is done on
+    the bits: Triton's interpreter truncates in its float32 -> bfloat16 cast, the GPU does not."""
+    if dtype == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        x = bits.to(tl.float32, bitcast=True)
+    return x.to(dtype)
+
+
 @triton.jit(do_not_specialize=["max_pages"])
 def _pool_pages_kernel(VALUES, SCALES, TABLE, CTX, OUT, max_pages, stride_table, stride_table_col,
                        D: tl.constexpr, DP: tl.constexpr, PAGE: tl.constexpr, TOK: tl.constexpr):
@@ -33,36 +69,56 @@ def _pool_pages_kernel(VALUES, SCALES, TABLE, CTX, OUT, max_pages, stride_table,
     if count > 0:
         page = tl.load(TABLE + seq.to(tl.int64) * stride_table + col * stride_table_col).to(tl.int64)
         d = tl.arange(0, DP)
-        dm = d < D
-        page_bytes = PAGE * (D + 4)
-        base = VALUES + page * page_bytes
-        sbase = SCALES + page * (page_bytes // 4) + (PAGE * D) // 4
-        acc = tl.zeros([TOK, DP], dtype=tl.float32)
-        # TOK tokens a step (all 64 at D <= 128): the sum over tokens once, at the end
-        for t0 in tl.static_range(0, PAGE, TOK):
-            off = t0 + tl.arange(0, TOK)
-            real = off < count          # unused slots of a sequence's last page hold garbage
-            k = tl.load(base + off[:, None] * D + d[None, :], mask=real[:, None] & dm[None, :],
-                        other=0.0).to(tl.float32)
-            scale = tl.load(sbase + off, mask=real, other=0.0)
-            acc += k * scale[:, None]
-        tl.store(OUT + page * D + d, tl.sum(acc, axis=0), mask=dm)
+        total = _page_sum(VALUES, SCALES, page, count, D, DP, PAGE, TOK)
+        tl.store(OUT + page * D + d, _rounded(total, OUT.dtype.element_ty), mask=d < D)
 
 
-def pool_paged_kcache(kv_cache: torch.Tensor, block_table: torch.Tensor, context_lens: torch.Tensor) -> torch.Tensor:
-    """``pooled [num_pages, D]`` float32 built from the cache (see ``reference.pool_paged_kcache``)."""
+def _tokens_per_step(dp: int) -> int:
+    return max(1, min(quant.PAGE_SIZE, 8192 // dp))      # at most 8192 values in flight per step
+
+
+def pool_paged_kcache(kv_cache: torch.Tensor, block_table: torch.Tensor, context_lens: torch.Tensor,
+                      dtype: torch.dtype = quant.POOLED_DTYPE) -> torch.Tensor:
+    """``pooled [num_pages, D]`` built from the cache (see ``reference.pool_paged_kcache``)."""
     values, _, d = quant._page_views(kv_cache)
-    out = torch.zeros(values.shape[0], d, dtype=torch.float32, device=kv_cache.device)
+    out = torch.zeros(values.shape[0], d, dtype=dtype, device=kv_cache.device)
     b, max_pages = context_lens.shape[0], block_table.shape[1]
     if b * max_pages:
         dp = triton.next_power_of_2(d)
-        tok = max(1, min(quant.PAGE_SIZE, 8192 // dp))      # at most 8192 values in flight per step
         flat = kv_cache.reshape(-1)
         _pool_pages_kernel[(b * max_pages,)](
             flat.view(quant.FP8), flat.view(torch.float32), block_table, context_lens, out, max_pages,
-            block_table.stride(0), block_table.stride(1), D=d, DP=dp, PAGE=quant.PAGE_SIZE, TOK=tok,
-            num_warps=4)
+            block_table.stride(0), block_table.stride(1), D=d, DP=dp, PAGE=quant.PAGE_SIZE,
+            TOK=_tokens_per_step(dp), num_warps=4)
     return out
+
+
+@triton.jit(do_not_specialize=["n"])
+def _repool_kernel(VALUES, SCALES, SLOTS, OUT, n, D: tl.constexpr, DP: tl.constexpr, PAGE: tl.constexpr,
+                   TOK: tl.constexpr):
+    # SLOTS ascending: the last slot of each page (the page's highest written offset) re-sums the
+    # page's tokens up to it; the page's other slots do nothing, so no two programs race on a row
+    i = tl.program_id(0)
+    slot = tl.load(SLOTS + i)
+    page = slot // PAGE
+    following = tl.load(SLOTS + i + 1, mask=i + 1 < n, other=-1)
+    if (i + 1 >= n) | (following // PAGE != page):
+        d = tl.arange(0, DP)
+        total = _page_sum(VALUES, SCALES, page, slot - page * PAGE + 1, D, DP, PAGE, TOK)
+        tl.store(OUT + page * D + d, _rounded(total, OUT.dtype.element_ty), mask=d < D)
+
+
+def repool_written_pages(kv_cache: torch.Tensor, pooled: torch.Tensor, slots: torch.Tensor) -> None:
+    """Re-sum into ``pooled`` every page ``slots`` (int64 ``[N]``, written to ``kv_cache``) touch, up
+    to the page's highest written offset (see ``reference.repool_written_pages``). One sort and one
+    launch; no host sync."""
+    _, _, d = quant._page_views(kv_cache)
+    if slots.numel():
+        dp = triton.next_power_of_2(d)
+        flat = kv_cache.reshape(-1)
+        _repool_kernel[(slots.numel(),)](
+            flat.view(quant.FP8), flat.view(torch.float32), torch.sort(slots).values, pooled, slots.numel(),
+            D=d, DP=dp, PAGE=quant.PAGE_SIZE, TOK=_tokens_per_step(dp), num_warps=4)
 
 
 @triton.jit(do_not_specialize=["block_size", "max_blocks"])
@@ -84,7 +140,7 @@ def _pool_blocks_kernel(POOLED, TABLE, CTX, OUT, block_size, max_blocks, stride_
         m = pg < last
         ids = tl.load(TABLE + seq.to(tl.int64) * stride_table + pg * stride_table_col, mask=m, other=0).to(tl.int64)
         acc += tl.load(POOLED + ids[:, None] * stride_pooled + d[None, :] * stride_pooled_col,
-                       mask=m[:, None] & dm[None, :], other=0.0)
+                       mask=m[:, None] & dm[None, :], other=0.0).to(tl.float32)
     count = tl.maximum(end - start, 1)
     tl.store(OUT + pid.to(tl.int64) * D + d, tl.sum(acc, axis=0) / count.to(tl.float32), mask=dm)
 
