@@ -6,7 +6,9 @@ plus written), the dense paged logits alone (bytes of cache read per second, and
 of the copy figure), DSA's selection, the block-pruned selection for each ``block_k``, MISA (8
 routed heads) and MISA† (8 routed heads keeping ``stage1_k`` candidates for all heads to re-score),
 each captured in a CUDA graph and timed by replay, the checked functions called eagerly (their
-per-call host cost is eager minus replay), and the recall of DSA's selection. Workload: the
+per-call host cost is eager minus replay; repeated at one shape they replay a graph of their own,
+``misa/paged.py``), block-pruned m = 64 also from a float32 pooled-key cache, and the recall of
+DSA's selection. Workload: the
 synthetic indexer traffic of ``misa/synthetic.py``, a few distinct sequences repeated over the
 batch, each the last ``next_n`` tokens of a causal sequence.
 """
@@ -113,6 +115,11 @@ def bench_shape(cfg: DecodeBenchConfig, batch: int, context: int, next_n: int, d
         if m == cfg.block_ks[0] or m == 64:
             row[f"{key}.eager_ms"] = _time(lambda: misa.paged_hisa_select(*args, k=cfg.k, block_size=quant.PAGE_SIZE,
                                                                           block_k=m, pooled=pooled), cfg.rep_ms)
+        if m == 64:     # the same pages scored from a float32 pooled-key cache (8 bytes a token, not 4)
+            wide = misa.pool_paged_kcache(cache, table, lens, dtype=torch.float32)
+            row[f"{key}.f32_pooled.graph_ms"] = _time(_graph(lambda: sel(*args, wide)), cfg.rep_ms)
+            row[f"{key}.f32_pooled.recall_mean"] = float(recall(sel(*args, wide), reference).mean())
+            del wide
     routed = DecodeSelector("misa", active_heads=8, **common)
     row["misa-h8.graph_ms"] = _time(_graph(lambda: routed(*args, pooled)), cfg.rep_ms)
     row["misa-h8.eager_ms"] = _time(lambda: misa.paged_misa_select(*args, k=cfg.k, active_heads=8, pooled=pooled),
@@ -156,6 +163,9 @@ def format_row(row: dict) -> str:
     for key in sorted(k[:-len('.graph_ms')] for k in row if k.startswith("hisa-") and k.endswith(".graph_ms")):
         parts.append(f"  {key}: {row[key + '.graph_ms'] * 1e3:.1f} us graph ({row[key + '.speedup']:.2f}x dsa), "
                      f"recall {row[key + '.recall_mean']:.3f} (min {row[key + '.recall_min']:.3f})")
+    if "hisa-m64.f32_pooled.graph_ms" in row:
+        parts.append(f"  hisa-m64 from a float32 pooled cache: {row['hisa-m64.f32_pooled.graph_ms'] * 1e3:.1f} us graph, "
+                     f"recall {row['hisa-m64.f32_pooled.recall_mean']:.3f}")
     parts.append(f"  misa-h8 graph {row['misa-h8.graph_ms'] * 1e3:.1f} us, eager {row['misa-h8.eager_ms'] * 1e3:.1f} us, "
                  f"recall {row['misa-h8.recall_mean']:.3f}")
     if "misa-dagger-h8.graph_ms" in row:

@@ -19,6 +19,8 @@ into contiguous keys and the prefill path runs sequence by sequence.
 """
 from __future__ import annotations
 
+import os
+
 import torch
 
 from . import quant, select
@@ -129,7 +131,7 @@ def paged_dsa_select(q, kv_cache, weights, context_lens, block_table, k: int = 2
         _check_paged(q, kv_cache, weights, context_lens, block_table)
         if q.shape[0] == 0:
             return torch.empty(0, k, dtype=torch.int32, device=q.device)
-        return _selector("dsa", q, k, block_table)(q, kv_cache, weights, context_lens, block_table).clone()
+        return _run(_selector("dsa", q, k, block_table), q, kv_cache, weights, context_lens, block_table)
     return _paged_select(lambda inp: select.dsa_select(inp, k, backend=backend), q, kv_cache, weights,
                          context_lens, block_table, k)
 
@@ -192,13 +194,14 @@ def paged_misa_select(q, kv_cache, weights, context_lens, block_table, k: int = 
         longest = _check_paged(q, kv_cache, weights, context_lens, block_table)
         if stage1_k is not None and q.shape[0] == 0:
             return torch.empty(0, k, dtype=torch.int32, device=q.device)
-        if stage1_k is not None and _dagger_selector_ok(q.shape[2], active_heads, block_size, router):
-            if pooled is None:     # built from the cache: one launch, still no loop over sequences
-                from .ops.pool.triton import pool_paged_kcache
-                pooled = pool_paged_kcache(kv_cache, block_table, context_lens)
-            sel = _selector("misa-dagger", q, k, block_table, stage1_k=stage1_k, active_heads=active_heads,
-                            router_block_size=block_size, router=router)
-            return sel(q, kv_cache, weights, context_lens, block_table, pooled).clone()
+        routed_ok = _routed_selector_ok(q.shape[2], active_heads, block_size, router)
+        if routed_ok and q.shape[0] and (stage1_k is not None or pooled is not None):
+            # MISA† always, MISA when it has the pooled-key cache (without it, MISA's router pools
+            # the raw cache instead, as misa.paged_route_heads does)
+            variant, extra = ("misa-dagger", dict(stage1_k=stage1_k)) if stage1_k is not None else ("misa", {})
+            sel = _selector(variant, q, k, block_table, active_heads=active_heads, router_block_size=block_size,
+                            router=router, **extra)
+            return _run(sel, q, kv_cache, weights, context_lens, block_table, pooled, needs_pooled=True)
         heads = _route(q, kv_cache, weights, context_lens, block_table, active_heads, block_size, router, longest,
                        backend, pooled)
         if stage1_k is None:
@@ -217,8 +220,8 @@ def paged_misa_select(q, kv_cache, weights, context_lens, block_table, k: int = 
                          q, kv_cache, weights, context_lens, block_table, k)
 
 
-def _dagger_selector_ok(num_heads: int, active_heads: int, block_size: int, router: str) -> bool:
-    """Whether the ``"misa-dagger"`` ``DecodeSelector`` takes these options."""
+def _routed_selector_ok(num_heads: int, active_heads: int, block_size: int, router: str) -> bool:
+    """Whether the ``"misa"`` and ``"misa-dagger"`` ``DecodeSelector`` take these options."""
     from .ops.router.triton import STATISTICS
     return (active_heads < num_heads and power_of_two(active_heads) and block_size % quant.PAGE_SIZE == 0
             and router in STATISTICS)
@@ -242,6 +245,81 @@ def _selector(variant: str, q, k: int, block_table, **options):
                                                max_context=max(block_table.shape[1], 1) * quant.PAGE_SIZE,
                                                device=q.device, **options)
     return sel
+
+
+class _GraphedCall:
+    """A cached selector's call captured in a CUDA graph, with input buffers of its own: a checked
+    call then copies ``q``, ``weights``, ``context_lens`` and ``block_table`` in and replays it,
+    four copies and one replay of host work instead of the selector's many launches. The graph
+    reads the cache (and the pooled-key cache) at the addresses it was captured with, so calls
+    find their graph by those addresses and layouts. Without a pooled-key cache, building one from
+    the cache is part of the graph."""
+
+    def __init__(self, sel, q, kv_cache, weights, context_lens, block_table, pooled, needs_pooled: bool):
+        self.sel = sel              # the graph writes the selector's buffers: keep them alive
+        self.inputs = [torch.empty(x.shape, dtype=x.dtype, device=x.device)
+                       for x in (q, weights, context_lens, block_table)]
+        self.load(q, weights, context_lens, block_table)
+        sq, sw, sl, st = self.inputs
+
+        def run():
+            p = pooled
+            if needs_pooled and p is None:
+                from .ops.pool.triton import pool_paged_kcache
+                p = pool_paged_kcache(kv_cache, st, sl)
+            return sel(sq, kv_cache, sw, sl, st, p)
+
+        side = torch.cuda.Stream(q.device)
+        side.wait_stream(torch.cuda.current_stream(q.device))
+        with torch.cuda.stream(side):       # compiles the kernels and makes the plan before capture
+            run()
+        torch.cuda.current_stream(q.device).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.out = run()
+
+    def load(self, *xs):
+        for buf, x in zip(self.inputs, xs):
+            buf.copy_(x)
+
+    def __call__(self, q, weights, context_lens, block_table) -> torch.Tensor:
+        self.load(q, weights, context_lens, block_table)
+        self.graph.replay()
+        return self.out.clone()
+
+
+_GRAPHS: dict = {}
+_SEEN = object()
+
+
+def _layout(x):
+    return None if x is None else (x.data_ptr(), tuple(x.shape), x.stride(), x.dtype)
+
+
+def _run(sel, q, kv_cache, weights, context_lens, block_table, pooled=None, needs_pooled=False) -> torch.Tensor:
+    """A checked function's selection through the cached selector ``sel``, inputs checked: a fresh
+    ``[B * next_n, k]`` tensor. On CUDA a call that repeats an earlier one's selector, shapes and
+    cache addresses replays a CUDA graph (``_GraphedCall``); the first runs the selector as is (a
+    one-off call pays no capture). ``MISA_DECODE_GRAPHS=0`` turns the graphs off."""
+    eager = (not q.is_cuda or os.environ.get("MISA_DECODE_GRAPHS") == "0"
+             or torch.cuda.is_current_stream_capturing())
+    key = None if eager else (id(sel), _layout(q), _layout(kv_cache), _layout(weights), _layout(context_lens),
+                              _layout(block_table), _layout(pooled))
+    entry = None if key is None else _GRAPHS.get(key)
+    if entry is None or entry is _SEEN:
+        if key is not None and entry is None:
+            if len(_GRAPHS) >= 8:
+                _GRAPHS.pop(next(iter(_GRAPHS)))
+            _GRAPHS[key] = _SEEN
+        elif key is not None:
+            entry = _GRAPHS[key] = _GraphedCall(sel, q, kv_cache, weights, context_lens, block_table, pooled,
+                                                needs_pooled)
+    if isinstance(entry, _GraphedCall):
+        return entry(q, weights, context_lens, block_table)
+    if needs_pooled and pooled is None:     # built from the cache: one launch, still no loop over sequences
+        from .ops.pool.triton import pool_paged_kcache
+        pooled = pool_paged_kcache(kv_cache, block_table, context_lens)
+    return sel(q, kv_cache, weights, context_lens, block_table, pooled).clone()
 
 
 def check_pooled(pooled, kv_cache) -> torch.Tensor:
@@ -273,13 +351,9 @@ def paged_hisa_select(q, kv_cache, weights, context_lens, block_table, k: int = 
     _check_pooled_blocks(pooled, kv_cache, block_size)
     if block_size % quant.PAGE_SIZE == 0 and _batched(q, backend):
         _check_paged(q, kv_cache, weights, context_lens, block_table)
-        if pooled is None:         # built from the cache: one launch, still no loop over sequences
-            from .ops.pool.triton import pool_paged_kcache
-            pooled = pool_paged_kcache(kv_cache, block_table, context_lens)
-        b, n, h, d = q.shape
-        if b == 0:
+        if q.shape[0] == 0:
             return torch.empty(0, k, dtype=torch.int32, device=q.device)
         sel = _selector("hisa", q, k, block_table, block_size=block_size, block_k=block_k)
-        return sel(q, kv_cache, weights, context_lens, block_table, pooled).clone()
+        return _run(sel, q, kv_cache, weights, context_lens, block_table, pooled, needs_pooled=True)
     return _paged_select(lambda inp: select.hisa_select(inp, k, block_size, block_k, backend=backend),
                          q, kv_cache, weights, context_lens, block_table, k)

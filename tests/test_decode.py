@@ -243,6 +243,45 @@ def test_decode_selector_replays_in_a_cuda_graph(variant):
         assert min(same) >= 0.999, min(same)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need CUDA")
+@pytest.mark.parametrize("fn", ["dsa", "hisa", "hisa without pooled", "misa-dagger"])
+def test_checked_functions_replay_their_graph_with_new_inputs(monkeypatch, fn):
+    # a checked function called again with the same shapes and cache replays a CUDA graph of its
+    # selector: each call's new q, weights, lengths and table (and, at one step, new keys written
+    # into the same cache) select what the selector selects without the graph
+    from misa import paged
+    lens, next_n, h, d, k = [3000, 9000, 700], 2, 64, 128, 512
+    seqs, q, w, cache, table, clens = _batch(lens, next_n, h, d, seed=95)
+    pooled = misa.pool_paged_kcache(cache, table, clens)
+    g = torch.Generator().manual_seed(5)
+
+    def call(q, w, clens, table):
+        if fn == "dsa":
+            return misa.paged_dsa_select(q, cache, w, clens, table, k=k)
+        if fn.startswith("hisa"):
+            return misa.paged_hisa_select(q, cache, w, clens, table, k=k, block_size=64, block_k=16,
+                                          pooled=None if "without" in fn else pooled)
+        return misa.paged_misa_select(q, cache, w, clens, table, k=k, active_heads=8, stage1_k=2048, pooled=pooled)
+
+    paged._GRAPHS.clear()
+    for step in range(4):
+        q2 = (q.float() * torch.rand(q.shape[:3] + (1,), generator=g).to("cuda")).to(q.dtype)
+        w2 = torch.randn(w.shape, generator=g).to("cuda")
+        clens2 = clens - torch.randint(0, 300, clens.shape, generator=g).int().to("cuda")
+        table2 = table.clone()
+        table2[:, :2] = table2[:, :2].flip(1)          # other pages, all inside the cache
+        if step == 2:       # new keys in place: the graph must read the cache as it is now
+            k_new, s_new = misa.quantize_keys(torch.randn(64, d, generator=g) * 5)
+            misa.write_paged_kcache(cache, table[1, 3].long() * 64 + torch.arange(64, device="cuda"),
+                                    k_new.cuda(), s_new.cuda(), pooled)
+        got = call(q2, w2, clens2, table2)
+        with monkeypatch.context() as m:
+            m.setenv("MISA_DECODE_GRAPHS", "0")
+            want = call(q2, w2, clens2, table2)
+        assert got.shape == want.shape and as_sets(got) == as_sets(want), step
+    assert sum(isinstance(v, paged._GraphedCall) for v in paged._GRAPHS.values()) == 1
+
+
 def test_block_pruned_select_with_and_without_pooled():
     # without pooled the batched path pools the cache itself: the same selection as with the
     # pooled-key cache an engine keeps with write_paged_kcache (token by token, as in decode)
