@@ -13,7 +13,8 @@ and the top-k), ``"misa-dagger"`` (MISA†: as ``"misa"``, but the routed logits
 candidates, which all heads re-score reading their keys through the block table, and the top-k of
 those scores is kept) and ``"hisa"`` (block-pruned: pooled blocks from the pooled-key cache scored
 with all heads, the first, the last and the best ``block_k`` blocks kept, their tokens scored
-exactly, top-k). Every stage is one launch (top-k over rows wider than 16384 columns: three) for
+exactly, top-k; when the blocks kept cover ``max_context``, the dense path, which selects the
+same). Every stage is one launch (top-k over rows wider than 16384 columns: three) for
 the whole batch.
 
 A selector's buffers are sized by ``max_batch``, ``next_n`` and ``max_context``; each batch size
@@ -82,7 +83,7 @@ class _Plan:
         rows = batch * n
         i32 = dict(dtype=torch.int32, device=dev)
         self.zeros = torch.zeros(rows, **i32)
-        if sel.variant != "hisa":
+        if not sel.block_pruned:
             self.ends = torch.empty(rows, **i32)
             self.offsets = torch.arange(1 - n, 1, **i32)              # query i sees ctx - n + 1 + i keys
             self.logits = torch.empty(rows, sel.max_pages * quant.PAGE_SIZE, dtype=torch.float32, device=dev)
@@ -151,6 +152,8 @@ class DecodeSelector:
             self.block_size, self.block_k = block_size, block_k
             self.kept = kept_blocks(k, block_size, block_k)
             self.max_blocks = triton.cdiv(max_context, block_size)
+        # blocks kept cover every cached token: the dense path selects the same, with fewer launches
+        self.block_pruned = variant == "hisa" and self.kept < self.max_blocks
         if variant == "misa-dagger":
             from .ops.rescore import MAX_RESCORE_HEADS
             if stage1_k is None:
@@ -208,7 +211,7 @@ class DecodeSelector:
         """``[B * next_n, k]`` int32 positions inside each sequence, -1 padded: a buffer of this
         selector, overwritten by the next call at the same batch size."""
         p = self.plan(q.shape[0])
-        if self.variant != "hisa":
+        if not self.block_pruned:
             from .ops.dsa.paged_triton import paged_logits
             heads = None
             if self.variant in ROUTED_VARIANTS:

@@ -11,10 +11,11 @@
 # CUDA; 1 when a test failed or errored, pytest timed out, or the bench failed on a CUDA machine;
 # 2 when pytest is missing.
 # Needs python3 with torch and triton (PYTHON=... picks another interpreter) and the repo, put on
-# PYTHONPATH here; pytest comes from the machine or, when missing, from wheels in .whl/
-# (python3 -m pip download -d .whl pytest, carried with the checkout).
+# PYTHONPATH here; pytest and pytest-xdist come from the machine or, when missing, from wheels in
+# .whl/ (python3 -m pip download -d .whl pytest pytest-xdist, carried with the checkout).
 # Knobs: PYTEST_TIMEOUT (s, default 420), BENCH_TIMEOUT (s, default 120), PYTEST_ARGS (extra
-# arguments, split on spaces), GPU_TEST_FILES (instead of the files found).
+# arguments, split on spaces), GPU_TEST_FILES (instead of the files found), GPU_TEST_WORKERS
+# (pytest processes, default 4; 1 runs them in one).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -28,10 +29,17 @@ rm -f "$JSON" "$JUNIT"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 log() { echo "$@" | tee -a "$LOG"; }
 
-if ! "$PY" -c "import pytest" 2>/dev/null && ls .whl/*.whl >/dev/null 2>&1; then
-  log "pytest missing: installing the wheels in .whl/ into /tmp/site"
-  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl >>"$LOG" 2>&1
+if ! "$PY" -c "import pytest, xdist" 2>/dev/null && ls .whl/*.whl >/dev/null 2>&1; then
+  wheels=(.whl/*.whl)     # the machine's pytest, when it has one, stays: only xdist's wheels then
+  "$PY" -c "import pytest" 2>/dev/null && wheels=($(ls .whl/pytest_xdist-*.whl .whl/execnet-*.whl 2>/dev/null))
+  log "pytest or pytest-xdist missing: installing ${wheels[*]} into /tmp/site"
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site "${wheels[@]}" >>"$LOG" 2>&1
   export PYTHONPATH=$PYTHONPATH:/tmp/site
+fi
+# the test files in GPU_TEST_WORKERS processes (default 4) sharing the card, when pytest-xdist is there
+workers=()
+if "$PY" -c "import xdist" 2>/dev/null && [ "${GPU_TEST_WORKERS:-4}" -gt 1 ]; then
+  workers=(-n "${GPU_TEST_WORKERS:-4}")
 fi
 
 card=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -n1)
@@ -52,7 +60,7 @@ if ! "$PY" -c "import pytest" 2>/dev/null; then
   status=2
 else
   timeout "${PYTEST_TIMEOUT:-420}" "$PY" -m pytest -q -rfEs -p no:cacheprovider --junitxml="$JUNIT" \
-    ${PYTEST_ARGS:-} $files >>"$LOG" 2>&1
+    "${workers[@]}" ${PYTEST_ARGS:-} $files >>"$LOG" 2>&1
   rc=$?
   if [ $rc -eq 124 ] || [ $rc -eq 137 ]; then
     tests="timed out after ${PYTEST_TIMEOUT:-420} s (see $LOG)"

@@ -282,6 +282,20 @@ def test_checked_functions_replay_their_graph_with_new_inputs(monkeypatch, fn):
     assert sum(isinstance(v, paged._GraphedCall) for v in paged._GRAPHS.values()) == 1
 
 
+def test_block_pruned_selector_keeping_every_block_runs_dense():
+    # blocks kept that cover max_context: the dense path (DSA's selection), fewer launches
+    lens, next_n, h, d, k = [200, 77], 1, 8, 64, 32
+    seqs, q, w, cache, table, clens = _batch(lens, next_n, h, d, seed=17)
+    pooled = misa.pool_paged_kcache(cache, table, clens)
+    common = dict(num_heads=h, head_dim=d, k=k, max_batch=2, max_context=256, device=DEVICE)
+    every = misa.DecodeSelector("hisa", block_size=64, block_k=4, **common)
+    some = misa.DecodeSelector("hisa", block_size=64, block_k=2, **{**common, "max_context": 320})
+    assert not every.block_pruned and some.block_pruned
+    table = torch.nn.functional.pad(table, (0, 4 - table.shape[1]))
+    dense = misa.DecodeSelector("dsa", **common)(q, cache, w, clens, table)
+    assert as_sets(every(q, cache, w, clens, table, pooled)) == as_sets(dense)
+
+
 def test_block_pruned_select_with_and_without_pooled():
     # without pooled the batched path pools the cache itself: the same selection as with the
     # pooled-key cache an engine keeps with write_paged_kcache (token by token, as in decode)
