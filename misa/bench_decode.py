@@ -117,8 +117,8 @@ def bench_shape(cfg: DecodeBenchConfig, batch: int, context: int, next_n: int, d
                                                                           block_k=m, pooled=pooled), cfg.rep_ms)
         if m == 64:     # the same pages scored from a float32 pooled-key cache (8 bytes a token, not 4)
             wide = misa.pool_paged_kcache(cache, table, lens, dtype=torch.float32)
-            row[f"{key}.f32_pooled.graph_ms"] = _time(_graph(lambda: sel(*args, wide)), cfg.rep_ms)
-            row[f"{key}.f32_pooled.recall_mean"] = float(recall(sel(*args, wide), reference).mean())
+            row[f"f32-pooled.{key}.graph_ms"] = _time(_graph(lambda: sel(*args, wide)), cfg.rep_ms)
+            row[f"f32-pooled.{key}.recall_mean"] = float(recall(sel(*args, wide), reference).mean())
             del wide
     routed = DecodeSelector("misa", active_heads=8, **common)
     row["misa-h8.graph_ms"] = _time(_graph(lambda: routed(*args, pooled)), cfg.rep_ms)
@@ -163,9 +163,9 @@ def format_row(row: dict) -> str:
     for key in sorted(k[:-len('.graph_ms')] for k in row if k.startswith("hisa-") and k.endswith(".graph_ms")):
         parts.append(f"  {key}: {row[key + '.graph_ms'] * 1e3:.1f} us graph ({row[key + '.speedup']:.2f}x dsa), "
                      f"recall {row[key + '.recall_mean']:.3f} (min {row[key + '.recall_min']:.3f})")
-    if "hisa-m64.f32_pooled.graph_ms" in row:
-        parts.append(f"  hisa-m64 from a float32 pooled cache: {row['hisa-m64.f32_pooled.graph_ms'] * 1e3:.1f} us graph, "
-                     f"recall {row['hisa-m64.f32_pooled.recall_mean']:.3f}")
+    if "f32-pooled.hisa-m64.graph_ms" in row:
+        parts.append(f"  hisa-m64 from a float32 pooled cache: {row['f32-pooled.hisa-m64.graph_ms'] * 1e3:.1f} us graph, "
+                     f"recall {row['f32-pooled.hisa-m64.recall_mean']:.3f}")
     parts.append(f"  misa-h8 graph {row['misa-h8.graph_ms'] * 1e3:.1f} us, eager {row['misa-h8.eager_ms'] * 1e3:.1f} us, "
                  f"recall {row['misa-h8.recall_mean']:.3f}")
     if "misa-dagger-h8.graph_ms" in row:

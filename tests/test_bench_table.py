@@ -119,10 +119,14 @@ def test_decode_tables_show_misa_dagger_and_read_older_results():
            "misa-dagger-h8.graph_ms": 0.5, "misa-dagger-h8.eager_ms": 0.6, "misa-dagger-h8.recall_mean": 0.99,
            "misa-dagger-h8.recall_min": 0.97}
     old = {k: v for k, v in row.items() if not k.startswith("misa-dagger")}
+    row.update({"hisa-m64.graph_ms": 0.2, "hisa-m64.speedup": 4.0, "hisa-m64.recall_mean": 0.9,
+                "hisa-m64.recall_min": 0.8, "f32-pooled.hisa-m64.graph_ms": 0.25,
+                "f32-pooled.hisa-m64.recall_mean": 0.91})
     result = {"card": "NVIDIA H100", "copy_GBps": 3000.0, "config": asdict(DecodeBenchConfig(stage1_k=4096)),
               "rows": [row, old]}
     table, = decode_tables(result)
     methods = [r[1] for r in table.rows]
-    assert methods == ["DSA dense", "MISA h=8", "MISA† h=8 k1=4096", "DSA dense", "MISA h=8"]
-    assert table.rows[2][2:6] == ["500.0", "600.0", "1.60", "0.990"]
+    assert methods == ["DSA dense", "block-pruned m=64", "MISA h=8", "MISA† h=8 k1=4096", "DSA dense", "MISA h=8"]
+    assert table.rows[3][2:6] == ["500.0", "600.0", "1.60", "0.990"]
     assert "misa-dagger-h8 graph 500.0 us" in format_row(row) and "dagger" not in format_row(old)
+    assert "float32 pooled cache: 250.0 us graph, recall 0.910" in format_row(row)
