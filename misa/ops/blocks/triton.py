@@ -27,7 +27,7 @@ import triton.language as tl
 from ... import quant
 from ..dsa import paged_triton
 from ..dsa.triton import mma_cast
-from ..triton_common import sm_count
+from ..triton_common import load_pair_queries, load_row_queries, sm_count
 
 
 @triton.jit(do_not_specialize=["out_width"])
@@ -43,15 +43,8 @@ def _block_scores_kernel(Q, W, POOLED, TABLE, CTX, OUT, BLOCK_ENDS, out_width,
     d = tl.arange(0, D)
     ctx = tl.load(CTX + b)
     # (head, query) pairs head-major, as the dense paged kernel: the head sum stays in-thread
-    p = tl.arange(0, HS * QB)
-    qi = q0 + p % QB
-    head = p // QB
-    ok = (head < H) & (qi < N)
-    row = b * N + qi
-    q = tl.load(Q + b.to(tl.int64) * stride_qb + qi[:, None] * stride_qn + head[:, None] * stride_qh + d[None, :],
-                mask=ok[:, None], other=0.0)
-    w = tl.load(W + row.to(tl.int64) * stride_wt + head, mask=ok, other=0.0)
-    qt = tl.trans(q.to(CAST))                                   # [D, HS * QB]
+    qt, w = load_pair_queries(Q, W, W, b, q0, stride_qb, stride_qn, stride_qh, stride_wt, 0,
+                              N, QB, H, HS, D, False, CAST)                     # [D, HS * QB], [HS * QB]
 
     queries = q0 + tl.arange(0, QB)
     q_ok = queries < N
@@ -93,14 +86,7 @@ def _chosen_blocks_kernel(Q, W, VALUES, SCALES, TABLE, CTX, BLOCKS, OUT, POS, M,
     b = r // N
     ke = tl.load(CTX + b) - N + r % N + 1
     d = tl.arange(0, D)
-    h = tl.arange(0, HS)
-    h_ok = h < H
-    q = tl.load(Q + b.to(tl.int64) * stride_qb + (r % N) * stride_qn + h[:, None] * stride_qh + d[None, :],
-                mask=h_ok[:, None], other=0.0)
-    w = tl.load(W + r.to(tl.int64) * stride_wt + h, mask=h_ok, other=0.0)
-    qt = tl.trans(q)
-    if CAST is not None:
-        qt = qt.to(CAST)
+    qt, w = load_row_queries(Q, W, r, stride_qb, stride_qn, stride_qh, stride_wt, N, H, HS, D, CAST)
     off = tl.arange(0, PAGE)
     page_bytes = PAGE * (D + 4)
     out_row = r.to(tl.int64) * stride_out

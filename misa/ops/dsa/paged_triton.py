@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from ... import quant
-from ..triton_common import sm_count
+from ..triton_common import load_pair_queries, sm_count
 from .triton import mma_cast
 
 
@@ -37,23 +37,8 @@ def _paged_logits_kernel(
     q0 = tl.program_id(2) * QB                             # this program's tile of queries
     d = tl.arange(0, D)
     ctx = tl.load(CTX + b)
-
-    # pair p = head slot (p // QB) x query (q0 + p % QB); slots past NH and queries past N are padding
-    p = tl.arange(0, HS * QB)
-    qi = q0 + p % QB
-    slot = p // QB
-    ok = (slot < NH) & (qi < N)
-    row = b * N + qi
-    if ROUTED:
-        head = tl.load(HEADS + row * stride_ht + slot, mask=ok, other=0)
-    else:
-        head = slot
-    q = tl.load(Q + b.to(tl.int64) * stride_qb + qi[:, None] * stride_qn + head[:, None] * stride_qh + d[None, :],
-                mask=ok[:, None], other=0.0)
-    w = tl.load(W + row * stride_wt + head, mask=ok, other=0.0)
-    if CAST is not None:
-        q = q.to(CAST)
-    qt = tl.trans(q)                                       # [D, HS * QB]
+    qt, w = load_pair_queries(Q, W, HEADS, b, q0, stride_qb, stride_qn, stride_qh, stride_wt, stride_ht,
+                              N, QB, NH, HS, D, ROUTED, CAST)                   # [D, HS * QB], [HS * QB]
 
     queries = q0 + tl.arange(0, QB)
     ke = ctx - N + queries + 1                             # each query's visible end

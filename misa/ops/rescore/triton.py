@@ -18,7 +18,7 @@ import triton.language as tl
 from ... import quant
 from . import MAX_RESCORE_HEADS
 from ..dsa.triton import mma_cast
-from ..triton_common import sm_count
+from ..triton_common import load_row_queries, sm_count
 from ..topk.triton import sample_step, topk
 
 
@@ -153,14 +153,7 @@ def _paged_rescore_kernel(Q, W, VALUES, SCALES, TABLE, CTX, CAND, OUT, C,
     b = r // N
     ke = tl.load(CTX + b) - N + r % N + 1                     # the row's visible end
     d = tl.arange(0, D)
-    h = tl.arange(0, HS)
-    h_ok = h < H
-    q = tl.load(Q + b.to(tl.int64) * stride_qb + (r % N) * stride_qn + h[:, None] * stride_qh + d[None, :],
-                mask=h_ok[:, None], other=0.0)
-    w = tl.load(W + r.to(tl.int64) * stride_wt + h, mask=h_ok, other=0.0)
-    qt = tl.trans(q)
-    if CAST is not None:
-        qt = qt.to(CAST)
+    qt, w = load_row_queries(Q, W, r, stride_qb, stride_qn, stride_qh, stride_wt, N, H, HS, D, CAST)
     page_bytes = PAGE * (D + 4)
     cand_row = CAND + r.to(tl.int64) * stride_cand
     out_row = OUT + r.to(tl.int64) * stride_out
