@@ -292,8 +292,12 @@ _GRAPHS: dict = {}
 _SEEN = object()
 
 
-def _layout(x):
-    return None if x is None else (x.data_ptr(), tuple(x.shape), x.stride(), x.dtype)
+def _layout(x, where: bool = False):
+    """What a graph depends on: the shape, strides and dtype of a tensor it copies in, and also the
+    address of one it reads in place (``where``)."""
+    if x is None:
+        return None
+    return (x.data_ptr() if where else None, tuple(x.shape), x.stride(), x.dtype)
 
 
 def _run(sel, q, kv_cache, weights, context_lens, block_table, pooled=None, needs_pooled=False) -> torch.Tensor:
@@ -303,8 +307,8 @@ def _run(sel, q, kv_cache, weights, context_lens, block_table, pooled=None, need
     one-off call pays no capture). ``MISA_DECODE_GRAPHS=0`` turns the graphs off."""
     eager = (not q.is_cuda or os.environ.get("MISA_DECODE_GRAPHS") == "0"
              or torch.cuda.is_current_stream_capturing())
-    key = None if eager else (id(sel), _layout(q), _layout(kv_cache), _layout(weights), _layout(context_lens),
-                              _layout(block_table), _layout(pooled))
+    key = None if eager else (id(sel), _layout(q), _layout(kv_cache, True), _layout(weights), _layout(context_lens),
+                              _layout(block_table), _layout(pooled, True))
     entry = None if key is None else _GRAPHS.get(key)
     if entry is None or entry is _SEEN:
         if key is not None and entry is None:

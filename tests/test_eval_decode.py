@@ -96,7 +96,8 @@ def test_dsa_decode_selection_equals_its_prefill_selection(device):
         from misa.eval.selectors import select
         ends = torch.arange(1, T + 1, dtype=torch.int32, device=device)
         pre = select("dsa", inp, torch.zeros_like(ends), ends, K)[ANSWER:]
-        _same_up_to_near_ties(rows, pre, scores, rtol)
+        # in the same order on the CPU; the kernels promise the keys, not their order
+        _same_up_to_near_ties(rows, pre, scores, rtol, ordered=device == "cpu")
         assert float(att.prefill_recall[layer].min()) > 0.9, layer
         assert float(att.recall[layer].min()) == 1.0
         mask_equal = torch.equal(selection_mask(att.selections[layer], T), prefill.masks[layer])

@@ -111,9 +111,9 @@ def test_selector_is_the_checked_function_and_follows_the_reference(variant):
 def test_rerank_into_buffers_is_the_allocating_rerank():
     # the re-scoring's preallocated path, with the sample its top-k takes on >= 512 candidates
     from misa.ops.rescore import triton as rescore_t
-    from misa.ops.topk.triton import TopkWorkspace, sample_step
+    from misa.ops.topk.triton import DEFAULT_CONFIG, TopkWorkspace, sample_step
     from misa.validate import check_inputs
-    t, c, k = 5, 600, 37
+    t, c, k = 5, 2 * DEFAULT_CONFIG.sample + 88, 37          # a sampled top-k (its sample: 256 / 2048 off / on the GPU)
     inp = check_inputs(*_inputs(8, t=t, s=900))
     g = torch.Generator().manual_seed(9)
     cand = torch.randint(-1, 900, (t, c), generator=g).int().to(DEVICE)
