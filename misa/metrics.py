@@ -21,3 +21,20 @@ def recall(selected: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
     total = (ref >= 0).sum(dim=1)
     out = found.sum(dim=1).float() / total.clamp_min(1).float()
     return torch.where(total > 0, out, torch.ones_like(out))
+
+
+def page_recall_bound(reference: torch.Tensor, pages: int, page_size: int = 64) -> torch.Tensor:
+    """Per query, the most of ``reference``'s tokens that any choice of ``pages`` pages (aligned
+    runs of ``page_size`` positions) holds: the recall an oracle page pruner would reach, a bound
+    for block-pruned selection keeping that many pages. ``reference [T, k]`` int positions, ``-1``
+    padded; returns ``[T]`` float32 (1 for an empty row)."""
+    if pages < 0:
+        raise ValueError(f"pages: must be >= 0, got {pages}")
+    ref = reference.long()
+    valid = ref >= 0
+    width = int(ref.max()) // page_size + 1 if bool(valid.any()) else 1
+    counts = torch.zeros(ref.shape[0], width, dtype=torch.float32, device=ref.device)
+    counts.scatter_add_(1, torch.where(valid, ref // page_size, 0), valid.float())
+    best = counts.topk(min(pages, width), dim=1).values.sum(dim=1)
+    total = valid.sum(dim=1)
+    return torch.where(total > 0, best / total.clamp_min(1).float(), torch.ones_like(best))

@@ -120,7 +120,7 @@ def test_decode_tables_show_misa_dagger_and_read_older_results():
            "misa-dagger-h8.recall_min": 0.97}
     old = {k: v for k, v in row.items() if not k.startswith("misa-dagger")}
     row.update({"hisa-m64.graph_ms": 0.2, "hisa-m64.speedup": 4.0, "hisa-m64.recall_mean": 0.9,
-                "hisa-m64.recall_min": 0.8, "f32-pooled.hisa-m64.graph_ms": 0.25,
+                "hisa-m64.recall_min": 0.8, "hisa-m64.oracle_recall_mean": 0.95, "f32-pooled.hisa-m64.graph_ms": 0.25,
                 "f32-pooled.hisa-m64.recall_mean": 0.91})
     result = {"card": "NVIDIA H100", "copy_GBps": 3000.0, "config": asdict(DecodeBenchConfig(stage1_k=4096)),
               "rows": [row, old]}
@@ -130,3 +130,24 @@ def test_decode_tables_show_misa_dagger_and_read_older_results():
     assert table.rows[3][2:6] == ["500.0", "600.0", "1.60", "0.990"]
     assert "misa-dagger-h8 graph 500.0 us" in format_row(row) and "dagger" not in format_row(old)
     assert "float32 pooled cache: 250.0 us graph, recall 0.910" in format_row(row)
+    assert table.rows[1][5] == "0.900 (best 0.950)" and "best pages 0.950" in format_row(row)
+
+
+def test_page_recall_bound_is_the_best_choice_of_pages():
+    # brute force over every choice of pages on small random selections: the bound is the best
+    from itertools import combinations
+    from misa.metrics import page_recall_bound
+    g = torch.Generator().manual_seed(4)
+    for trial in range(20):
+        width, k, page = 10 * 8, 12, 8
+        ref = torch.stack([torch.randperm(width, generator=g)[:k] for _ in range(3)])
+        ref[0, -3:] = -1                                     # a padded row
+        for pages in (0, 1, 2, 3):
+            got = page_recall_bound(ref, pages, page)
+            for r in range(3):
+                toks = [int(t) for t in ref[r] if t >= 0]
+                best = max((sum(t // page in set(c) for t in toks) for c in combinations(range(10), pages)), default=0)
+                assert abs(float(got[r]) - best / len(toks)) < 1e-6, (trial, pages, r)
+    assert float(page_recall_bound(torch.full((1, 4), -1), 2)[0]) == 1.0     # an empty row
+    with pytest.raises(ValueError, match="^pages"):
+        page_recall_bound(ref, -1)
