@@ -3,7 +3,7 @@
 For 64 queries spread over a 4096 x 131072 causal prefill (float32 scores, all heads and MISA's 8
 routed heads), compare two samples of 2048 columns for each row's cut below its k-th largest
 score: single columns spread evenly over the row (``SAMPLE_CHUNK = 1``, the default) and 16-wide
-chunks (``SAMPLE_CHUNK = 16``, the earlier default). Both take the sample quantile at the expected
+chunks (``SAMPLE_CHUNK = 16``). Both take the sample quantile at the expected
 rank plus the kernel's margin (``CUT_SIGMAS`` standard deviations plus 17). Reports the survivors per row (what the select kernel then
 searches) and the rows that keep the fast path (cut at or below the k-th score, survivors within
 the scratch).
