@@ -15,7 +15,9 @@
 # .whl/ (python3 -m pip download -d .whl pytest pytest-xdist, carried with the checkout).
 # Knobs: PYTEST_TIMEOUT (s, default 420), BENCH_TIMEOUT (s, default 120), PYTEST_ARGS (extra
 # arguments, split on spaces), GPU_TEST_FILES (instead of the files found), GPU_TEST_WORKERS
-# (pytest processes, default 4; 1 runs them in one).
+# (pytest processes, default 4; 1 runs them in one), GPU_BENCH=0 (no benches).
+# The whole suite takes longer than one 10-minute device call on an H100 even with 8 workers; run
+# it in two, e.g. GPU_TEST_FILES=tests/test_kernels.py GPU_BENCH=0 first, then the other files.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -89,7 +91,9 @@ fi
 
 # --- a short bench ---------------------------------------------------------------------------
 BENCH_ARGS=(--num-queries 1024 --context-lens 16384 32768 --k 2048 --stage1-k 8192 --rep-ms 40 --rounds 2)
-if [ "$cuda" != "1" ]; then
+if [ "${GPU_BENCH:-1}" = "0" ]; then
+  bench="skipped (GPU_BENCH=0)"
+elif [ "$cuda" != "1" ]; then
   bench="skipped (no CUDA)"
   log "bench: skipped, no CUDA device"
 else
@@ -135,7 +139,9 @@ fi
 
 # --- a short decode bench: dense DSA against block-pruned and MISA-dagger, CUDA graphs ----------
 DECODE_JSON=$DEST/gpu-decode.json
-if [ "$cuda" != "1" ]; then
+if [ "${GPU_BENCH:-1}" = "0" ]; then
+  decode="skipped (GPU_BENCH=0)"
+elif [ "$cuda" != "1" ]; then
   decode="skipped (no CUDA)"
 else
   timeout "${BENCH_TIMEOUT:-120}" "$PY" -m misa.cli bench --decode --decode-shapes 1x4096 64x131072 --next-n 1 \
