@@ -13,7 +13,9 @@ whole batch in two launches (``misa/ops/router/triton.py``), one launch scores i
 pages in place (``misa/ops/dsa/paged_triton.py``) and one top-k launch selects. MISA-dagger adds
 a top-``stage1_k`` launch, one re-scoring launch over those candidates with all heads
 (``misa/ops/rescore/triton.py``, keys read through the block table) and the final top-k. DSA,
-MISA-dagger and HISA run through a cached ``misa.DecodeSelector``. The reference backend and
+MISA, MISA-dagger and HISA run through a cached ``misa.DecodeSelector`` (MISA's and MISA-dagger's
+options permitting: power-of-two routed heads fewer than all, blocks of whole pages), which a
+repeated call replays as a CUDA graph (``_run``). The reference backend and
 router statistics without a kernel take the per-sequence path: each sequence's pages are gathered
 into contiguous keys and the prefill path runs sequence by sequence.
 """
@@ -181,7 +183,8 @@ def paged_misa_select(q, kv_cache, weights, context_lens, block_table, k: int = 
                       pooled: torch.Tensor | None = None, backend: str | None = None) -> torch.Tensor:
     """MISA (or MISA† with ``stage1_k``) over the cache: ``[B * next_n, k]`` int32 positions inside
     each sequence, -1 padded. Arguments as for ``misa.misa_select``; ``pooled`` as for
-    ``paged_route_heads``."""
+    ``paged_route_heads``. On the kernels the router's blocks come from the pooled-key cache, built
+    from the cache for this call when ``pooled`` is None, so selections with and without it agree."""
     check_int("k", k)
     check_tensor("q", q, 4, Q_DTYPES)
     check_int("active_heads", active_heads, 1, q.shape[2])
@@ -194,10 +197,9 @@ def paged_misa_select(q, kv_cache, weights, context_lens, block_table, k: int = 
         longest = _check_paged(q, kv_cache, weights, context_lens, block_table)
         if stage1_k is not None and q.shape[0] == 0:
             return torch.empty(0, k, dtype=torch.int32, device=q.device)
-        routed_ok = _routed_selector_ok(q.shape[2], active_heads, block_size, router)
-        if routed_ok and q.shape[0] and (stage1_k is not None or pooled is not None):
-            # MISA† always, MISA when it has the pooled-key cache (without it, MISA's router pools
-            # the raw cache instead, as misa.paged_route_heads does)
+        if q.shape[0] and _routed_selector_ok(q.shape[2], active_heads, block_size, router):
+            # without the pooled-key cache the selector call builds one from the cache (one launch),
+            # so selections with and without it are the same
             variant, extra = ("misa-dagger", dict(stage1_k=stage1_k)) if stage1_k is not None else ("misa", {})
             sel = _selector(variant, q, k, block_table, active_heads=active_heads, router_block_size=block_size,
                             router=router, **extra)

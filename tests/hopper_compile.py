@@ -127,6 +127,8 @@ def entry_points():
         for statistic in router.STATISTICS:
             yield (f"paged_misa_select {statistic} next_n={next_n}",
                    lambda a=args, r=statistic: misa.paged_misa_select(*a, k=k, router=r))
+            yield (f"paged_route_heads {statistic} next_n={next_n}",      # blocks pooled from the raw cache
+                   lambda a=args, r=statistic: misa.paged_route_heads(*a, router=r))
         pooled = misa.new_pooled_kcache(args[1].shape[0], 128)
         yield (f"paged_misa_select pooled next_n={next_n}",
                lambda a=args, p=pooled: misa.paged_misa_select(*a, k=k, pooled=p))

@@ -333,6 +333,8 @@ def test_routing_from_the_pooled_cache_equals_routing_from_the_cache(router):
         assert (a == b).all(1).float().mean() >= 0.9
     rounded = misa.pool_paged_kcache(cache, table, clens)
     assert rounded.dtype == torch.bfloat16
+    # without pooled, MISA builds the default (bfloat16) pooled cache itself: the same selection
+    assert as_sets(sa) == as_sets(misa.paged_misa_select(q, cache, w, clens, table, k=64, pooled=rounded, **opts))
     got = misa.paged_route_heads(q, cache, w, clens, table, pooled=rounded, **opts).cpu()
     nb = -(-max(lens) // 128)
     kbar = pool_ref.pool_blocks(rounded.cpu(), table.cpu(), clens.cpu(), 128, nb)
