@@ -333,8 +333,11 @@ def test_routing_from_the_pooled_cache_equals_routing_from_the_cache(router):
         assert (a == b).all(1).float().mean() >= 0.9
     rounded = misa.pool_paged_kcache(cache, table, clens)
     assert rounded.dtype == torch.bfloat16
-    # without pooled, MISA builds the default (bfloat16) pooled cache itself: the same selection
-    assert as_sets(sa) == as_sets(misa.paged_misa_select(q, cache, w, clens, table, k=64, pooled=rounded, **opts))
+    # with options the selector takes (power-of-two heads), MISA without pooled builds the default
+    # (bfloat16) pooled cache itself: the same selection as with it
+    two = dict(opts, active_heads=2)
+    assert as_sets(misa.paged_misa_select(q, cache, w, clens, table, k=64, **two)) == \
+        as_sets(misa.paged_misa_select(q, cache, w, clens, table, k=64, pooled=rounded, **two))
     got = misa.paged_route_heads(q, cache, w, clens, table, pooled=rounded, **opts).cpu()
     nb = -(-max(lens) // 128)
     kbar = pool_ref.pool_blocks(rounded.cpu(), table.cpu(), clens.cpu(), 128, nb)
