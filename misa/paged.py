@@ -203,7 +203,7 @@ def paged_misa_select(q, kv_cache, weights, context_lens, block_table, k: int = 
             variant, extra = ("misa-dagger", dict(stage1_k=stage1_k)) if stage1_k is not None else ("misa", {})
             sel = _selector(variant, q, k, block_table, active_heads=active_heads, router_block_size=block_size,
                             router=router, **extra)
-            return _run(sel, q, kv_cache, weights, context_lens, block_table, pooled, needs_pooled=True)
+            return _run(sel, q, kv_cache, weights, context_lens, block_table, pooled)
         heads = _route(q, kv_cache, weights, context_lens, block_table, active_heads, block_size, router, longest,
                        backend, pooled)
         if stage1_k is None:
@@ -230,10 +230,19 @@ def _routed_selector_ok(num_heads: int, active_heads: int, block_size: int, rout
 
 
 _SELECTORS: dict = {}
+_KEPT = 8           # selectors (and graphs) the checked functions keep; the oldest goes first
+
+
+def _keep(cache: dict, key, value):
+    """``cache[key] = value``, dropping the oldest entry when ``cache`` holds ``_KEPT``."""
+    if key not in cache and len(cache) >= _KEPT:
+        cache.pop(next(iter(cache)))
+    cache[key] = value
+    return value
 
 
 def _selector(variant: str, q, k: int, block_table, **options):
-    """The ``DecodeSelector`` for these shapes, made once and kept (the 8 made last; each holds its
+    """The ``DecodeSelector`` for these shapes, made once and kept (the ``_KEPT`` made last; each holds its
     buffers, e.g. ~40 MB of logits and top-k scratch for 64 x 128K): the checked functions then
     allocate no buffers and set up no launches per call."""
     from .decode import DecodeSelector
@@ -241,11 +250,9 @@ def _selector(variant: str, q, k: int, block_table, **options):
     key = (variant, b, n, h, d, k, block_table.shape[1], q.device, tuple(sorted(options.items())))
     sel = _SELECTORS.get(key)
     if sel is None:
-        if len(_SELECTORS) >= 8:
-            _SELECTORS.pop(next(iter(_SELECTORS)))
-        sel = _SELECTORS[key] = DecodeSelector(variant, num_heads=h, head_dim=d, k=k, max_batch=b, next_n=n,
-                                               max_context=max(block_table.shape[1], 1) * quant.PAGE_SIZE,
-                                               device=q.device, **options)
+        sel = _keep(_SELECTORS, key, DecodeSelector(variant, num_heads=h, head_dim=d, k=k, max_batch=b, next_n=n,
+                                                    max_context=max(block_table.shape[1], 1) * quant.PAGE_SIZE,
+                                                    device=q.device, **options))
     return sel
 
 
@@ -257,7 +264,7 @@ class _GraphedCall:
     find their graph by those addresses and layouts. Without a pooled-key cache, building one from
     the cache is part of the graph."""
 
-    def __init__(self, sel, q, kv_cache, weights, context_lens, block_table, pooled, needs_pooled: bool):
+    def __init__(self, sel, q, kv_cache, weights, context_lens, block_table, pooled):
         self.sel = sel              # the graph writes the selector's buffers: keep them alive
         self.inputs = [torch.empty(x.shape, dtype=x.dtype, device=x.device)
                        for x in (q, weights, context_lens, block_table)]
@@ -265,11 +272,7 @@ class _GraphedCall:
         sq, sw, sl, st = self.inputs
 
         def run():
-            p = pooled
-            if needs_pooled and p is None:
-                from .ops.pool.triton import pool_paged_kcache
-                p = pool_paged_kcache(kv_cache, st, sl)
-            return sel(sq, kv_cache, sw, sl, st, p)
+            return sel(sq, kv_cache, sw, sl, st, _pooled_for(sel, pooled, kv_cache, st, sl))
 
         side = torch.cuda.Stream(q.device)
         side.wait_stream(torch.cuda.current_stream(q.device))
@@ -302,40 +305,36 @@ def _layout(x, where: bool = False):
     return (x.data_ptr() if where else None, tuple(x.shape), x.stride(), x.dtype)
 
 
-def _run(sel, q, kv_cache, weights, context_lens, block_table, pooled=None, needs_pooled=False) -> torch.Tensor:
+def _pooled_for(sel, pooled, kv_cache, block_table, context_lens):
+    """``pooled``, or for a selector that reads one when none is given, one built from the cache
+    (one launch, no loop over sequences)."""
+    if pooled is None and sel.variant != "dsa":
+        from .ops.pool.triton import pool_paged_kcache
+        return pool_paged_kcache(kv_cache, block_table, context_lens)
+    return pooled
+
+
+def _run(sel, q, kv_cache, weights, context_lens, block_table, pooled=None) -> torch.Tensor:
     """A checked function's selection through the cached selector ``sel``, inputs checked: a fresh
     ``[B * next_n, k]`` tensor. On CUDA a call that repeats an earlier one's selector, shapes and
     cache addresses replays a CUDA graph (``_GraphedCall``); the first runs the selector as is (a
     one-off call pays no capture). ``MISA_DECODE_GRAPHS=0`` turns the graphs off."""
-    eager = (not q.is_cuda or os.environ.get("MISA_DECODE_GRAPHS") == "0"
-             or torch.cuda.is_current_stream_capturing())
-    key = None if eager else (id(sel), _layout(q), _layout(kv_cache, True), _layout(weights), _layout(context_lens),
-                              _layout(block_table), _layout(pooled, True))
-    entry = None if key is None else _GRAPHS.get(key)
-    if entry is None or entry is _SEEN:
-        if key is not None and entry is None:
-            if len(_GRAPHS) >= 8:
-                _GRAPHS.pop(next(iter(_GRAPHS)))
-            _GRAPHS[key] = _SEEN
-        elif key is not None:
-            entry = _GRAPHS[key] = _GraphedCall(sel, q, kv_cache, weights, context_lens, block_table, pooled,
-                                                needs_pooled)
-    if isinstance(entry, _GraphedCall):
-        return entry(q, weights, context_lens, block_table)
-    if needs_pooled and pooled is None:     # built from the cache: one launch, still no loop over sequences
-        from .ops.pool.triton import pool_paged_kcache
-        pooled = pool_paged_kcache(kv_cache, block_table, context_lens)
-    return sel(q, kv_cache, weights, context_lens, block_table, pooled).clone()
+    if q.is_cuda and os.environ.get("MISA_DECODE_GRAPHS") != "0" and not torch.cuda.is_current_stream_capturing():
+        key = (id(sel), _layout(q), _layout(kv_cache, True), _layout(weights), _layout(context_lens),
+               _layout(block_table), _layout(pooled, True))
+        entry = _GRAPHS.get(key)
+        if entry is _SEEN:          # the second call like this one: capture it
+            entry = _GRAPHS[key] = _GraphedCall(sel, q, kv_cache, weights, context_lens, block_table, pooled)
+        if entry is not None:
+            return entry(q, weights, context_lens, block_table)
+        _keep(_GRAPHS, key, _SEEN)  # the first: run as is
+    return sel(q, kv_cache, weights, context_lens, block_table,
+               _pooled_for(sel, pooled, kv_cache, block_table, context_lens)).clone()
 
 
 def check_pooled(pooled, kv_cache) -> torch.Tensor:
     """The pooled-key cache: bfloat16 or float32 ``[num_pages, D]`` beside ``kv_cache``."""
-    check_tensor("pooled", pooled, 2, quant.POOLED_DTYPES)
-    d = quant.paged_head_dim(kv_cache)
-    if tuple(pooled.shape) != (kv_cache.shape[0], d):
-        raise ValueError(f"pooled: expected [{kv_cache.shape[0]}, {d}] (one row per cache page), got {tuple(pooled.shape)}")
-    if pooled.device != kv_cache.device:
-        raise ValueError(f"pooled: on {pooled.device}, kv_cache on {kv_cache.device}")
+    quant.check_pooled(pooled, kv_cache.shape[0], quant.paged_head_dim(kv_cache), kv_cache.device)
     return pooled
 
 
@@ -360,6 +359,6 @@ def paged_hisa_select(q, kv_cache, weights, context_lens, block_table, k: int = 
         if q.shape[0] == 0:
             return torch.empty(0, k, dtype=torch.int32, device=q.device)
         sel = _selector("hisa", q, k, block_table, block_size=block_size, block_k=block_k)
-        return _run(sel, q, kv_cache, weights, context_lens, block_table, pooled, needs_pooled=True)
+        return _run(sel, q, kv_cache, weights, context_lens, block_table, pooled)
     return _paged_select(lambda inp: select.hisa_select(inp, k, block_size, block_k, backend=backend),
                          q, kv_cache, weights, context_lens, block_table, k)

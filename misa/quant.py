@@ -103,12 +103,17 @@ def paged_head_dim(cache: torch.Tensor) -> int:
 def new_pooled_kcache(num_pages: int, head_dim: int, device=None, dtype: torch.dtype = POOLED_DTYPE) -> torch.Tensor:
     """A pooled-key cache ``[num_pages, head_dim]`` of zeros, bfloat16 (default) or float32 (see the
     module docstring)."""
-    if dtype not in POOLED_DTYPES:
-        raise ValueError(f"dtype: the pooled-key cache is bfloat16 or float32, got {dtype}")
+    check_pooled_dtype(dtype)
     return torch.zeros(num_pages, head_dim, dtype=dtype, device=device)
 
 
-def _check_pooled(pooled, num_pages: int, head_dim: int, device: torch.device) -> None:
+def check_pooled_dtype(dtype: torch.dtype) -> None:
+    if dtype not in POOLED_DTYPES:
+        raise ValueError(f"dtype: the pooled-key cache is bfloat16 or float32, got {dtype}")
+
+
+def check_pooled(pooled, num_pages: int, head_dim: int, device: torch.device) -> None:
+    """``pooled``: a pooled-key cache for ``num_pages`` pages of ``head_dim``, on ``device``."""
     if not isinstance(pooled, torch.Tensor):
         raise ValueError(f"pooled: expected a torch.Tensor, got {type(pooled).__name__}")
     if pooled.dtype not in POOLED_DTYPES or tuple(pooled.shape) != (num_pages, head_dim):
@@ -138,7 +143,7 @@ def write_paged_kcache(cache: torch.Tensor, slot_mapping: torch.Tensor, k_fp8: t
     if slot_mapping.shape != k_fp8.shape[:1]:
         raise ValueError("slot_mapping: expected [N] matching k_fp8")
     if pooled is not None:
-        _check_pooled(pooled, values.shape[0], head_dim, cache.device)
+        check_pooled(pooled, values.shape[0], head_dim, cache.device)
     slots = slot_mapping.long()
     if slots.numel() and (slots.min() < 0 or slots.max() >= values.shape[0] * PAGE_SIZE):
         raise ValueError("slot_mapping: slot outside the cache")

@@ -59,15 +59,15 @@ def _page_sums64(cache, table, clens):
     return sums, abss, count
 
 
-ROUNDING = {torch.bfloat16: 2.0 ** -8, torch.float32: U}
+# unit roundoff of the rounding to the pooled dtype beyond the float32 sum (float32: none)
+ROUNDING = {torch.bfloat16: 2.0 ** -8, torch.float32: 0.0}
 
 
 def _close(got, ref, abss, n, rounded=None):
     """``got`` within ``2 n u sum|x|`` of the float64 ``ref`` (elementwise), plus the rounding of page
     sums to the dtype ``rounded`` (default: ``got``'s own when narrower than float32), at most its
     unit roundoff times ``sum|x|`` (``abss``)."""
-    dtype = rounded or got.dtype
-    unit = ROUNDING[dtype] if dtype != torch.float32 else 0.0
+    unit = ROUNDING[rounded or got.dtype]
     err = (got.double().cpu() - ref).abs()
     tol = (unit + 2 * n * U) * abss * (1 + unit) + 1e-30
     bad = err > tol

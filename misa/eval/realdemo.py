@@ -14,9 +14,7 @@ layer still runs, but the description says UNDER-TRAINED and ``RealWorkload.warn
 """
 from __future__ import annotations
 
-import os
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -93,10 +91,8 @@ def demo_text(corpus=None) -> Path:
     text = "\n\n".join(f.read_text(encoding="utf-8") for f in files)
     if not out.is_file() or out.read_text(encoding="utf-8") != text:
         out.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=out.name + ".", suffix=".tmp")   # atomic: demos may run at once
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
+        with data.atomic_file(out, "w", encoding="utf-8") as f:
             f.write(text)
-        os.replace(tmp, out)
     return out
 
 

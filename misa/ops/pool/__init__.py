@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from ...quant import PAGE_SIZE, POOLED_DTYPE, POOLED_DTYPES, _page_views
+from ...quant import PAGE_SIZE, POOLED_DTYPE, POOLED_DTYPES, _page_views, check_pooled_dtype
 from . import reference
 
 __all__ = ["pool_paged_kcache", "pool_blocks", "repool_written_pages"]
@@ -57,8 +57,7 @@ def pool_paged_kcache(kv_cache: torch.Tensor, block_table: torch.Tensor, context
     ``context_lens [B]`` int32; ``backend`` None / "auto" / "triton" / "reference"."""
     from ... import select
     select.check_backend_arg(backend)
-    if dtype not in POOLED_DTYPES:
-        raise ValueError(f"dtype: the pooled-key cache is bfloat16 or float32, got {dtype}")
+    check_pooled_dtype(dtype)
     values, _, _ = _page_views(kv_cache)
     _check_table(block_table, context_lens, values.shape[0], kv_cache.device)
     if select.use_kernels(backend, kv_cache):
