@@ -15,8 +15,7 @@ batch, each the last ``next_n`` tokens of a causal sequence.
 from __future__ import annotations
 
 import json
-import statistics
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import torch
 

@@ -15,17 +15,15 @@ a top-``stage1_k`` launch, one re-scoring launch over those candidates with all 
 (``misa/ops/rescore/triton.py``, keys read through the block table) and the final top-k. DSA,
 MISA, MISA-dagger and HISA run through a cached ``misa.DecodeSelector`` (MISA's and MISA-dagger's
 options permitting: power-of-two routed heads fewer than all, blocks of whole pages), which a
-repeated call replays as a CUDA graph (``_run``). The reference backend and
+repeated call replays as a CUDA graph (``misa.graphs``). The reference backend and
 router statistics without a kernel take the per-sequence path: each sequence's pages are gathered
 into contiguous keys and the prefill path runs sequence by sequence.
 """
 from __future__ import annotations
 
-import os
-
 import torch
 
-from . import quant, select
+from . import graphs, quant, select
 from .api import check_router, check_workspace
 from .ops import power_of_two
 from .ops.rescore import MAX_RESCORE_HEADS
@@ -230,79 +228,22 @@ def _routed_selector_ok(num_heads: int, active_heads: int, block_size: int, rout
 
 
 _SELECTORS: dict = {}
-_KEPT = 8           # selectors (and graphs) the checked functions keep; the oldest goes first
-
-
-def _keep(cache: dict, key, value):
-    """``cache[key] = value``, dropping the oldest entry when ``cache`` holds ``_KEPT``."""
-    if key not in cache and len(cache) >= _KEPT:
-        cache.pop(next(iter(cache)))
-    cache[key] = value
-    return value
 
 
 def _selector(variant: str, q, k: int, block_table, **options):
-    """The ``DecodeSelector`` for these shapes, made once and kept (the ``_KEPT`` made last; each holds its
-    buffers, e.g. ~40 MB of logits and top-k scratch for 64 x 128K): the checked functions then
-    allocate no buffers and set up no launches per call."""
+    """The ``DecodeSelector`` for these shapes, made once and kept (the ``graphs.KEPT`` made last; each
+    holds its buffers, e.g. ~40 MB of logits and top-k scratch for 64 x 128K, and its graphs): the
+    checked functions then allocate no buffers and set up no launches per call."""
     from .decode import DecodeSelector
     b, n, h, d = q.shape
     key = (variant, b, n, h, d, k, block_table.shape[1], q.device, tuple(sorted(options.items())))
     sel = _SELECTORS.get(key)
     if sel is None:
-        sel = _keep(_SELECTORS, key, DecodeSelector(variant, num_heads=h, head_dim=d, k=k, max_batch=b, next_n=n,
-                                                    max_context=max(block_table.shape[1], 1) * quant.PAGE_SIZE,
-                                                    device=q.device, **options))
+        sel = graphs.keep(_SELECTORS, key, DecodeSelector(variant, num_heads=h, head_dim=d, k=k, max_batch=b,
+                                                          next_n=n,
+                                                          max_context=max(block_table.shape[1], 1) * quant.PAGE_SIZE,
+                                                          device=q.device, **options))
     return sel
-
-
-class _GraphedCall:
-    """A cached selector's call captured in a CUDA graph, with input buffers of its own: a checked
-    call then copies ``q``, ``weights``, ``context_lens`` and ``block_table`` in and replays it,
-    four copies and one replay of host work instead of the selector's many launches. The graph
-    reads the cache (and the pooled-key cache) at the addresses it was captured with, so calls
-    find their graph by those addresses and layouts. Without a pooled-key cache, building one from
-    the cache is part of the graph."""
-
-    def __init__(self, sel, q, kv_cache, weights, context_lens, block_table, pooled):
-        self.sel = sel              # the graph writes the selector's buffers: keep them alive
-        self.inputs = [torch.empty(x.shape, dtype=x.dtype, device=x.device)
-                       for x in (q, weights, context_lens, block_table)]
-        self.load(q, weights, context_lens, block_table)
-        sq, sw, sl, st = self.inputs
-
-        def run():
-            return sel(sq, kv_cache, sw, sl, st, _pooled_for(sel, pooled, kv_cache, st, sl))
-
-        side = torch.cuda.Stream(q.device)
-        side.wait_stream(torch.cuda.current_stream(q.device))
-        with torch.cuda.stream(side):       # compiles the kernels and makes the plan before capture
-            run()
-        torch.cuda.current_stream(q.device).wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.out = run()
-
-    def load(self, *xs):
-        for buf, x in zip(self.inputs, xs):
-            buf.copy_(x)
-
-    def __call__(self, q, weights, context_lens, block_table) -> torch.Tensor:
-        self.load(q, weights, context_lens, block_table)
-        self.graph.replay()
-        return self.out.clone()
-
-
-_GRAPHS: dict = {}
-_SEEN = object()
-
-
-def _layout(x, where: bool = False):
-    """What a graph depends on: the shape, strides and dtype of a tensor it copies in, and also the
-    address of one it reads in place (``where``)."""
-    if x is None:
-        return None
-    return (x.data_ptr() if where else None, tuple(x.shape), x.stride(), x.dtype)
 
 
 def _pooled_for(sel, pooled, kv_cache, block_table, context_lens):
@@ -314,20 +255,31 @@ def _pooled_for(sel, pooled, kv_cache, block_table, context_lens):
     return pooled
 
 
+def _graph(sel, q, kv_cache, weights, context_lens, block_table, pooled) -> graphs.Graph:
+    """The selector's call in a CUDA graph reading copies of ``q``, ``weights``, ``context_lens``
+    and ``block_table`` (four copies and one replay of host work per call), and the cache and the
+    pooled-key cache in place: calls find it by those caches' addresses. Without a pooled-key cache,
+    building one from the cache is part of the graph."""
+    sq, sw, sl, st = inputs = [torch.empty_like(x, memory_format=torch.contiguous_format)
+                               for x in (q, weights, context_lens, block_table)]
+    for buf, x in zip(inputs, (q, weights, context_lens, block_table)):
+        buf.copy_(x)
+    return graphs.Graph(lambda: sel(sq, kv_cache, sw, sl, st, _pooled_for(sel, pooled, kv_cache, st, sl)), inputs)
+
+
 def _run(sel, q, kv_cache, weights, context_lens, block_table, pooled=None) -> torch.Tensor:
     """A checked function's selection through the cached selector ``sel``, inputs checked: a fresh
-    ``[B * next_n, k]`` tensor. On CUDA a call that repeats an earlier one's selector, shapes and
-    cache addresses replays a CUDA graph (``_GraphedCall``); the first runs the selector as is (a
-    one-off call pays no capture). ``MISA_DECODE_GRAPHS=0`` turns the graphs off."""
-    if q.is_cuda and os.environ.get("MISA_DECODE_GRAPHS") != "0" and not torch.cuda.is_current_stream_capturing():
-        key = (id(sel), _layout(q), _layout(kv_cache, True), _layout(weights), _layout(context_lens),
-               _layout(block_table), _layout(pooled, True))
-        entry = _GRAPHS.get(key)
-        if entry is _SEEN:          # the second call like this one: capture it
-            entry = _GRAPHS[key] = _GraphedCall(sel, q, kv_cache, weights, context_lens, block_table, pooled)
-        if entry is not None:
-            return entry(q, weights, context_lens, block_table)
-        _keep(_GRAPHS, key, _SEEN)  # the first: run as is
+    ``[B * next_n, k]`` tensor. On CUDA a call that repeats an earlier one's shapes and cache
+    addresses replays a CUDA graph (``misa.graphs``); the first runs the selector as is (a one-off
+    call pays no capture)."""
+    if graphs.enabled(q):
+        key = (graphs.layout(q), graphs.layout(kv_cache, True), graphs.layout(weights),
+               graphs.layout(context_lens), graphs.layout(block_table), graphs.layout(pooled, True))
+        graph = graphs.lookup(sel, key, lambda: _graph(sel, q, kv_cache, weights, context_lens, block_table, pooled))
+        if graph is not None:
+            for buf, x in zip(graph.inputs, (q, weights, context_lens, block_table)):
+                buf.copy_(x)
+            return graph.replay().clone()
     return sel(q, kv_cache, weights, context_lens, block_table,
                _pooled_for(sel, pooled, kv_cache, block_table, context_lens)).clone()
 

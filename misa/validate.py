@@ -138,16 +138,17 @@ def check_ranges(ks, ke, num_queries: int, num_keys: int, device: torch.device, 
         checks.add("ke", f"must be <= the number of keys ({num_keys})", ke > num_keys)
 
 
-def value_checks(name: str, *args, read: bool = True):
+def value_checks(name: str, *args, read: bool = True, **options):
     """``misa.ops.checks``' ``name`` (``input_flags`` or ``paged_flags``) on ``args`` (the first a
     tensor on the inputs' device), read back in one transfer: one launch on a GPU with Triton (the
     PyTorch ops took ~20 launches), the PyTorch reference otherwise or under ``MISA_BACKEND=reference``.
-    ``read=False``: the device tensor of flags, queued and not read yet."""
+    ``read=False``: the device tensor of flags, queued and not read yet. ``options``: passed on
+    (``stage=`` of ``input_flags``)."""
     import os
     from .ops import checks, kernels_available
     if args[0].is_cuda and os.environ.get("MISA_BACKEND") != "reference" and kernels_available():
         from .ops.checks import triton as checks
-    flags = getattr(checks, name)(*args)
+    flags = getattr(checks, name)(*args, **options)
     return flags.tolist() if read else flags                # the one synchronisation
 
 
@@ -159,16 +160,25 @@ def raise_first(flags, messages) -> None:
 
 
 class PendingChecks:
-    """The input value checks of ``check_inputs(defer=True)``: queued on the device, read back (the
-    one synchronisation) and raised by ``finish``, which returns the inputs' key extent."""
+    """The input value checks of ``check_inputs(defer=True)``: launched by ``launch`` (where the
+    caller wants them queued, and with what it wants staged), read back (the one synchronisation)
+    and raised by ``finish``, which returns the inputs' key extent."""
 
-    def __init__(self, flags: torch.Tensor, k_name: str, num_keys: int):
-        self.flags, self.k_name, self.num_keys = flags, k_name, num_keys
+    def __init__(self, args: tuple, k_name: str, num_keys: int):
+        self.args, self.k_name, self.num_keys = args, k_name, num_keys
+        self.flags: torch.Tensor | None = None
         self.extent: tuple[int, int] | None = None
+
+    def launch(self, stage=None) -> torch.Tensor:
+        """Queue the checks (once), with ``stage``: also copy the inputs there (``input_flags``)."""
+        if self.flags is None:
+            self.flags = value_checks("input_flags", *self.args, read=False,
+                                      **({"stage": stage} if stage is not None else {}))
+        return self.flags
 
     def finish(self) -> tuple[int, int]:
         if self.extent is None:
-            *flags, lo, hi = self.flags.tolist()            # the one synchronisation
+            *flags, lo, hi = self.launch().tolist()         # the one synchronisation
             raise_first(flags, (("q", "contains NaN or infinite values"),
                                 (self.k_name, "contains NaN or infinite values"),
                                 ("kv[1] (k_scale)", "scales must be finite and > 0"),
@@ -182,8 +192,9 @@ class PendingChecks:
 
 def check_inputs(q, kv, weights, ks, ke, defer: bool = False) -> Inputs:
     """Shapes, dtypes and devices now; the value checks in one launch, read back now, or with
-    ``defer`` left queued in ``Inputs.pending`` (``finish_checks`` reads them back and raises), so
-    that a caller whose kernels are safe on any values can queue its work before the read-back."""
+    ``defer`` left to ``Inputs.pending`` (the caller launches them, ``finish_checks`` reads them
+    back and raises), so that a caller whose kernels are safe on any values can queue its work
+    before the read-back."""
     check_tensor("q", q, 3, Q_DTYPES)
     t, h, d = q.shape
     if h < 1 or d < 1:
@@ -195,8 +206,7 @@ def check_inputs(q, kv, weights, ks, ke, defer: bool = False) -> Inputs:
     if weights.device != q.device:
         _fail("weights", f"on {weights.device}, q on {q.device}")
     check_ranges(ks, ke, t, k.shape[0], q.device, None)
-    pending = PendingChecks(value_checks("input_flags", q, k, k_scale, weights, ks, ke, k.shape[0], read=False),
-                            k_name, k.shape[0])
+    pending = PendingChecks((q, k, k_scale, weights, ks, ke, k.shape[0]), k_name, k.shape[0])
     inp = Inputs(q, k, k_scale, weights, ks, ke, pending=pending)
     return inp if defer else finish_checks(inp)
 

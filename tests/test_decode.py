@@ -263,7 +263,7 @@ def test_checked_functions_replay_their_graph_with_new_inputs(monkeypatch, fn):
                                           pooled=None if "without" in fn else pooled)
         return misa.paged_misa_select(q, cache, w, clens, table, k=k, active_heads=8, stage1_k=2048, pooled=pooled)
 
-    paged._GRAPHS.clear()
+    paged._SELECTORS.clear()
     for step in range(4):
         q2 = (q.float() * torch.rand(q.shape[:3] + (1,), generator=g).to("cuda")).to(q.dtype)
         w2 = torch.randn(w.shape, generator=g).to("cuda")
@@ -276,10 +276,11 @@ def test_checked_functions_replay_their_graph_with_new_inputs(monkeypatch, fn):
                                     k_new.cuda(), s_new.cuda(), pooled)
         got = call(q2, w2, clens2, table2)
         with monkeypatch.context() as m:
-            m.setenv("MISA_DECODE_GRAPHS", "0")
+            m.setenv("MISA_GRAPHS", "0")
             want = call(q2, w2, clens2, table2)
         assert got.shape == want.shape and as_sets(got) == as_sets(want), step
-    assert sum(isinstance(v, paged._GraphedCall) for v in paged._GRAPHS.values()) == 1
+    from misa.graphs import Graph
+    assert sum(isinstance(g, Graph) for sel in paged._SELECTORS.values() for g in sel.graphs.values()) == 1
 
 
 def test_block_pruned_selector_keeping_every_block_runs_dense():

@@ -117,7 +117,7 @@ def test_paged_misa_select_dagger_runs_batched(monkeypatch):
     # same batched stages
     from misa import paged
     from misa.ops.rescore import triton as rescore_triton
-    monkeypatch.setenv("MISA_DECODE_GRAPHS", "0")      # counts launches from Python: no graph replays
+    monkeypatch.setenv("MISA_GRAPHS", "0")      # counts launches from Python: no graph replays
     lens, next_n = [300, 1100, 77], 2
     seqs, q, w, cache, table, clens = _batch(lens, next_n, 8, 64, seed=71)
     launches = []

@@ -1,7 +1,12 @@
 """The value checks of ``reference.py`` in one launch: each program scans a stretch of one input
 (q, the keys, their scales, the weights, or the query ranges) and folds its result into the flag
 vector with an atomic max (min for ``min(ks)``). Running them as PyTorch ops took ~20 launches and
-their intermediates; here a call costs one launch and one read of each input."""
+their intermediates; here a call costs one launch and one read of each input. fp8 inputs are read
+four bytes to a word, and enough programs run to stream the inputs at the card's bandwidth.
+
+``input_flags(stage=...)`` also copies the inputs into buffers of the caller's in the same pass:
+the checked prefill functions replay a CUDA graph that reads its inputs at fixed addresses, and this
+way the check and the copy cost one read of the inputs."""
 from __future__ import annotations
 
 import torch
@@ -11,27 +16,37 @@ import triton.language as tl
 from ...quant import FP8
 from .reference import FLAGS
 
-BLOCK = 4096
+BLOCK = 4096                # elements (fp8 inputs: 4-byte words) per program and step
+MAX_PROGRAMS = 1024         # per input: ~8 per SM on an H100, enough loads in flight to stream at full bandwidth
 NUM_FLAGS = len(FLAGS)
+
+FLOAT, FP8_BYTES, FP8_WORDS = 0, 1, 2      # how ``_scan`` reads an input: float elements, fp8 bytes, fp8 in int32 words
 
 
 @triton.jit
-def _bad(x, FP8_BITS: tl.constexpr):
-    if FP8_BITS:
-        return (x & 0x7F) == 0x7F                       # uint8 view of float8_e4m3fn: NaN
+def _bad(x, FMT: tl.constexpr):
+    if FMT == 2:                                         # four float8_e4m3fn in a word: any byte S.1111.111
+        return (((x & 0x7F) == 0x7F) | (((x >> 8) & 0x7F) == 0x7F) | (((x >> 16) & 0x7F) == 0x7F)
+                | (((x >> 24) & 0x7F) == 0x7F))
+    if FMT == 1:
+        return (x & 0x7F) == 0x7F                        # uint8 view of float8_e4m3fn: NaN
     xf = x.to(tl.float32)
     return (xf != xf) | (tl.abs(xf) == float("inf"))
 
 
 @triton.jit
-def _scan(X, n, prog, nprog, OUT, slot, FP8_BITS: tl.constexpr, POSITIVE: tl.constexpr, BLOCK: tl.constexpr):
-    """Programs ``prog`` of ``nprog`` scan ``X[:n]`` with a grid stride; ``OUT[slot] = 1`` on a bad value."""
+def _scan(X, n, prog, nprog, OUT, slot, DST, FMT: tl.constexpr, POSITIVE: tl.constexpr, STAGE: tl.constexpr,
+          BLOCK: tl.constexpr):
+    """Programs ``prog`` of ``nprog`` scan ``X[:n]`` with a grid stride; ``OUT[slot] = 1`` on a bad
+    value. ``STAGE``: also copy ``X`` to ``DST`` (one read serves the check and the copy)."""
     bad = tl.zeros([BLOCK], dtype=tl.int1)
     for start in range(prog * BLOCK, n, nprog * BLOCK):
         i = start + tl.arange(0, BLOCK)
         m = i < n
         x = tl.load(X + i, mask=m, other=1)
-        b = _bad(x, FP8_BITS)
+        if STAGE:
+            tl.store(DST + i, x, mask=m)
+        b = _bad(x, FMT)
         if POSITIVE:
             b = b | (x.to(tl.float32) <= 0.0)
         bad = bad | (b & m)
@@ -40,17 +55,19 @@ def _scan(X, n, prog, nprog, OUT, slot, FP8_BITS: tl.constexpr, POSITIVE: tl.con
 
 @triton.jit(do_not_specialize=["n_q", "n_k", "n_s", "n_w", "n_t", "num_keys"])
 def _checks_kernel(Q, n_q, K, n_k, KSCALE, n_s, W, n_w, KS, KE, n_t, num_keys, OUT,
+                   DQ, DK, DSCALE, DW, DKS, DKE,
                    P_Q: tl.constexpr, P_K: tl.constexpr, P_S: tl.constexpr, P_W: tl.constexpr,
-                   Q_FP8: tl.constexpr, K_FP8: tl.constexpr, BLOCK: tl.constexpr, NF: tl.constexpr):
+                   Q_FMT: tl.constexpr, K_FMT: tl.constexpr, STAGE: tl.constexpr, BLOCK: tl.constexpr,
+                   NF: tl.constexpr):
     pid = tl.program_id(0)
     if pid < P_Q:
-        _scan(Q, n_q, pid, P_Q, OUT, 0, Q_FP8, False, BLOCK)
+        _scan(Q, n_q, pid, P_Q, OUT, 0, DQ, Q_FMT, False, STAGE, BLOCK)
     elif pid < P_Q + P_K:
-        _scan(K, n_k, pid - P_Q, P_K, OUT, 1, K_FP8, False, BLOCK)
+        _scan(K, n_k, pid - P_Q, P_K, OUT, 1, DK, K_FMT, False, STAGE, BLOCK)
     elif pid < P_Q + P_K + P_S:
-        _scan(KSCALE, n_s, pid - P_Q - P_K, P_S, OUT, 2, False, True, BLOCK)
+        _scan(KSCALE, n_s, pid - P_Q - P_K, P_S, OUT, 2, DSCALE, 0, True, STAGE, BLOCK)
     elif pid < P_Q + P_K + P_S + P_W:
-        _scan(W, n_w, pid - P_Q - P_K - P_S, P_W, OUT, 3, False, False, BLOCK)
+        _scan(W, n_w, pid - P_Q - P_K - P_S, P_W, OUT, 3, DW, 0, False, STAGE, BLOCK)
     else:
         neg = tl.zeros([BLOCK], dtype=tl.int1)
         order = tl.zeros([BLOCK], dtype=tl.int1)
@@ -62,6 +79,9 @@ def _checks_kernel(Q, n_q, K, n_k, KSCALE, n_s, W, n_w, KS, KE, n_t, num_keys, O
             m = i < n_t
             ks = tl.load(KS + i, mask=m, other=0)
             ke = tl.load(KE + i, mask=m, other=0)
+            if STAGE:
+                tl.store(DKS + i, ks, mask=m)
+                tl.store(DKE + i, ke, mask=m)
             neg = neg | (m & (ks < 0))
             order = order | (m & (ks > ke))
             past = past | (m & (ke > num_keys))
@@ -75,19 +95,42 @@ def _checks_kernel(Q, n_q, K, n_k, KSCALE, n_s, W, n_w, KS, KE, n_t, num_keys, O
 
 
 def _programs(n: int) -> int:
-    """Programs for an input of ``n`` elements: ~16 blocks each, at most 256."""
-    return max(1, min(256, triton.cdiv(n, 16 * BLOCK)))
+    """Programs for an input of ``n`` elements: ~4 blocks each, at most ``MAX_PROGRAMS``."""
+    return max(1, min(MAX_PROGRAMS, triton.cdiv(n, 4 * BLOCK)))
 
 
-def input_flags(q, k, k_scale, weights, ks, ke, num_keys: int) -> torch.Tensor:
+def _flat(x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """``x`` as the flat vector ``_scan`` reads and its format: fp8 as int32 words where its bytes
+    fill whole aligned words (four bytes per load and compare), else as bytes."""
+    x = x.reshape(-1)
+    if x.dtype != FP8:
+        return x, FLOAT
+    x = x.view(torch.uint8)
+    if x.numel() % 4 == 0 and x.data_ptr() % 4 == 0:
+        return x.view(torch.int32), FP8_WORDS
+    return x, FP8_BYTES
+
+
+def input_flags(q, k, k_scale, weights, ks, ke, num_keys: int, stage=None) -> torch.Tensor:
+    """The flags of ``reference.input_flags`` in one launch. ``stage``: contiguous tensors shaped
+    like ``(q, k, k_scale, weights, ks, ke)`` (``k_scale``'s None when it is) that the same launch
+    fills with copies of the inputs, for a CUDA graph that reads them at fixed addresses."""
     out = torch.zeros(NUM_FLAGS + 2, dtype=torch.int64, device=q.device)
-    flat = lambda x: (x.view(torch.uint8) if x.dtype == FP8 else x).reshape(-1)
-    qf, kf, wf = flat(q), flat(k), flat(weights)
+    (qf, q_fmt), (kf, k_fmt), (wf, _) = _flat(q), _flat(k), _flat(weights)
     sf = k_scale.reshape(-1) if k_scale is not None else wf[:0]
+    if stage is None:
+        dq, dk, ds, dw, dks, dke = qf, kf, sf, wf, ks, ke           # never written (STAGE=False)
+    else:
+        dq, dk, ds, dw, dks, dke = stage
+        dq, dk, dw = _flat(dq)[0], _flat(dk)[0], dw.reshape(-1)
+        ds = ds.reshape(-1) if ds is not None else dw[:0]
+        if (qf.dtype, kf.dtype) != (dq.dtype, dk.dtype):
+            raise ValueError("stage: its q and k buffers must be laid out like the inputs")
     p_q, p_k, p_s, p_w = _programs(qf.numel()), _programs(kf.numel()), _programs(sf.numel()), _programs(wf.numel())
     _checks_kernel[(p_q + p_k + p_s + p_w + 1,)](
         qf, qf.numel(), kf, kf.numel(), sf, sf.numel(), wf, wf.numel(), ks, ke, ks.numel(), num_keys, out,
-        P_Q=p_q, P_K=p_k, P_S=p_s, P_W=p_w, Q_FP8=q.dtype == FP8, K_FP8=k.dtype == FP8, BLOCK=BLOCK,
+        dq, dk, ds, dw, dks, dke,
+        P_Q=p_q, P_K=p_k, P_S=p_s, P_W=p_w, Q_FMT=q_fmt, K_FMT=k_fmt, STAGE=stage is not None, BLOCK=BLOCK,
         NF=NUM_FLAGS)
     return out
 
@@ -95,12 +138,12 @@ def input_flags(q, k, k_scale, weights, ks, ke, num_keys: int) -> torch.Tensor:
 @triton.jit(do_not_specialize=["n_q", "n_w", "B", "P", "num_pages"])
 def _paged_checks_kernel(Q, n_q, W, n_w, CTX, TABLE, B, P, stride_table, num_pages, OUT,
                          P_Q: tl.constexpr, P_W: tl.constexpr, N: tl.constexpr, PAGE: tl.constexpr,
-                         Q_FP8: tl.constexpr, BLOCK: tl.constexpr, COLS: tl.constexpr):
+                         Q_FMT: tl.constexpr, BLOCK: tl.constexpr, COLS: tl.constexpr):
     pid = tl.program_id(0)
     if pid < P_Q:
-        _scan(Q, n_q, pid, P_Q, OUT, 0, Q_FP8, False, BLOCK)
+        _scan(Q, n_q, pid, P_Q, OUT, 0, Q, Q_FMT, False, False, BLOCK)
     elif pid < P_Q + P_W:
-        _scan(W, n_w, pid - P_Q, P_W, OUT, 1, False, False, BLOCK)
+        _scan(W, n_w, pid - P_Q, P_W, OUT, 1, W, 0, False, False, BLOCK)
     else:
         b = pid - P_Q - P_W                                  # one program per sequence
         ctx = tl.load(CTX + b)
@@ -120,12 +163,11 @@ def _paged_checks_kernel(Q, n_q, W, n_w, CTX, TABLE, B, P, stride_table, num_pag
 def paged_flags(q, weights, context_lens, block_table, num_pages: int, page_size: int) -> torch.Tensor:
     from .reference import PAGED_FLAGS
     out = torch.zeros(len(PAGED_FLAGS) + 1, dtype=torch.int64, device=q.device)
-    qf = (q.view(torch.uint8) if q.dtype == FP8 else q).reshape(-1)
-    wf = weights.reshape(-1)
+    (qf, q_fmt), wf = _flat(q), weights.reshape(-1)
     p_q, p_w = _programs(qf.numel()), _programs(wf.numel())
     b = context_lens.shape[0]
     _paged_checks_kernel[(p_q + p_w + b,)](
         qf, qf.numel(), wf, wf.numel(), context_lens, block_table, b, block_table.shape[1], block_table.stride(0),
-        num_pages, out, P_Q=p_q, P_W=p_w, N=q.shape[1], PAGE=page_size, Q_FP8=q.dtype == FP8, BLOCK=BLOCK,
+        num_pages, out, P_Q=p_q, P_W=p_w, N=q.shape[1], PAGE=page_size, Q_FMT=q_fmt, BLOCK=BLOCK,
         COLS=1024)
     return out

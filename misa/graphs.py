@@ -1,0 +1,75 @@
+"""CUDA graphs for the checked functions (``misa.dsa_select`` and the other prefill functions,
+``misa.paged_*_select``). A checked call runs a cached selector; issuing its launches one by one
+from Python costs tens of microseconds each, and a call that ends with a read-back leaves the GPU
+idle while the next call issues them. So a call that repeats an earlier one's selector and input
+layouts replays a graph of the selector instead: its inputs are copied into buffers the graph
+reads (the prefill functions copy them in the check launch, which reads them anyway), the graph
+replays, and the result is copied out. The first call at a layout runs eagerly, the second
+captures. Graphs live on their selector (``selector.graphs``), so dropping a selector drops them.
+``MISA_GRAPHS=0`` turns them off.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+KEPT = 8            # graphs a selector keeps (and selectors a cache keeps); the oldest goes first
+_SEEN = object()    # a layout called once: the next call like it captures
+
+
+def keep(cache: dict, key, value):
+    """``cache[key] = value``, dropping the oldest entry when ``cache`` holds ``KEPT``."""
+    if key not in cache and len(cache) >= KEPT:
+        cache.pop(next(iter(cache)))
+    cache[key] = value
+    return value
+
+
+def enabled(x: torch.Tensor) -> bool:
+    """Whether a checked call on ``x``'s device may capture or replay a graph."""
+    return (x.is_cuda and os.environ.get("MISA_GRAPHS") != "0"
+            and not torch.cuda.is_current_stream_capturing())
+
+
+def layout(x, where: bool = False):
+    """What a graph depends on: the shape, strides and dtype of a tensor copied in, and also the
+    address of one it reads in place (``where``)."""
+    if x is None:
+        return None
+    return (x.data_ptr() if where else None, tuple(x.shape), x.stride(), x.dtype)
+
+
+class Graph:
+    """``run()`` (launches only: no allocation, no host read) captured once, after one warm-up run
+    on a side stream (it compiles any kernel the capture would need). ``inputs``: the buffers
+    ``run`` reads, kept alive with the graph; the caller fills them before ``replay``."""
+
+    def __init__(self, run, inputs):
+        self.inputs = inputs
+        device = torch.cuda.current_device()
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            run()
+        torch.cuda.current_stream(device).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.out = run()
+
+    def replay(self) -> torch.Tensor:
+        """Replays the graph; its output buffer (overwritten by the next replay)."""
+        self.graph.replay()
+        return self.out
+
+
+def lookup(selector, key, make):
+    """The graph of ``selector`` for ``key``: made by ``make()`` on the second call with this key,
+    None on the first (run eagerly) or when graphs are off for the selector."""
+    graphs = selector.__dict__.setdefault("graphs", {})
+    entry = graphs.get(key)
+    if entry is _SEEN:
+        entry = graphs[key] = make()
+    if entry is None:
+        keep(graphs, key, _SEEN)
+    return entry
