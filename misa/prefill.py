@@ -166,8 +166,6 @@ class PrefillSelector:
         if self.routed and self.active_heads == self.num_heads:       # nothing to route
             self.all_heads = torch.arange(self.num_heads, dtype=i32, device=dev).expand(
                 self.max_queries, self.num_heads).contiguous()
-        if self.variant == "hisa":
-            self.offsets = torch.arange(self.hisa_block_size, dtype=i32, device=dev)
 
     def _view(self, name: str, *shape: int) -> torch.Tensor:
         n = 1
@@ -179,7 +177,7 @@ class PrefillSelector:
     def nbytes(self) -> int:
         """Device memory this selector holds (plans' few bytes aside)."""
         tensors = [*self._flat.values(), *(w.flat for w in self._workspaces.values()), self.zeros, self._ranges,
-                   getattr(self, "rerank_width", None), self.all_heads, getattr(self, "offsets", None)]
+                   getattr(self, "rerank_width", None), self.all_heads]
         return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
     # -----------------------------------------------------------------------------------------
@@ -225,7 +223,6 @@ class PrefillSelector:
                 c.blocks = self._view("blocks", r, self.kept)
                 c.block_topk = self._workspaces["block_topk"].buffers(r, width)
                 c.cand = self._view("cand", r, rerank_width)
-                c.cand3 = c.cand.view(r, self.kept, self.hisa_block_size)
             else:
                 c.logits = self._view("logits", r, width)
                 c.topk = self._workspaces["topk"].buffers(r, width)
@@ -352,9 +349,7 @@ class PrefillSelector:
             dsa_t.launch_logits(inp.q[c.rows], inp.weights[c.rows], p.kbar16, None, c.bks, c.bke, c.scores)
             blocks_t.force_edge_blocks(c.scores, c.bks, c.bke)
             blocks = topk_t.topk(c.scores, c.bks, c.bke, self.kept, out=c.blocks, buffers=c.block_topk)
-            # each kept block's positions; an empty slot (block -1) gives negatives, clamped to the -1 hole
-            torch.add(self.offsets, blocks[:, :, None], alpha=bs, out=c.cand3)
-            c.cand3.clamp_(min=-1)
+            blocks_t.block_positions(blocks, bs, c.cand)
             rescore_t.rerank(inp, c.cand, self.k, c.rows, out=out[c.rows], buffers=c.rerank)
 
 

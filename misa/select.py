@@ -183,10 +183,11 @@ def _prefill_kernels(variant: str, inp: Inputs, k: int, workspace_bytes: int | N
     (``misa.prefill.cached_selector``), written into a new tensor (the caller's to keep).
     ``heads``: routed heads computed outside the selector.
 
-    Value checks still queued (``inp.pending``) are launched first and read back after the
-    selection is queued, so the GPU does not idle between them: the kernels then run on ranges
-    clamped into ``[0, S]``, where any values keep their memory accesses in bounds, and a failed
-    check discards the result. A call that repeats an earlier one's layouts replays the selector's
+    Value checks still queued (``inp.pending``) are launched first and read back once the
+    selection is queued, waiting for the checks only: the host returns while the GPU still
+    selects, and the next call's host work overlaps it. The kernels run on ranges clamped into
+    ``[0, S]``, where any values keep their memory accesses in bounds, and a failed check discards
+    the result. A call that repeats an earlier one's layouts replays the selector's
     CUDA graph (``_graph``) instead of issuing its launches."""
     out = torch.empty(inp.num_queries, k, dtype=torch.int32, device=inp.q.device)
     if inp.num_queries:

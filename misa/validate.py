@@ -168,17 +168,28 @@ class PendingChecks:
         self.args, self.k_name, self.num_keys = args, k_name, num_keys
         self.flags: torch.Tensor | None = None
         self.extent: tuple[int, int] | None = None
+        self._host = self._copied = None
 
     def launch(self, stage=None) -> torch.Tensor:
-        """Queue the checks (once), with ``stage``: also copy the inputs there (``input_flags``)."""
+        """Queue the checks (once), with ``stage``: also copy the inputs there (``input_flags``).
+        On a GPU their flags are copied to the host right behind them, so ``finish`` waits for the
+        checks only, not for the work queued after them."""
         if self.flags is None:
             self.flags = value_checks("input_flags", *self.args, read=False,
                                       **({"stage": stage} if stage is not None else {}))
+            if self.flags.is_cuda:
+                self._host = self.flags.to("cpu", non_blocking=True)       # into pinned memory
+                self._copied = torch.cuda.Event()
+                self._copied.record()
         return self.flags
 
     def finish(self) -> tuple[int, int]:
         if self.extent is None:
-            *flags, lo, hi = self.launch().tolist()         # the one synchronisation
+            flags = self.launch()
+            if self._copied is not None:
+                self._copied.synchronize()                  # the one synchronisation
+                flags = self._host
+            *flags, lo, hi = flags.tolist()
             raise_first(flags, (("q", "contains NaN or infinite values"),
                                 (self.k_name, "contains NaN or infinite values"),
                                 ("kv[1] (k_scale)", "scales must be finite and > 0"),

@@ -69,6 +69,12 @@ def test_block_range_kernels_match_reference():
     got = scores.to(DEVICE)
     blocks_t.force_edge_blocks(got, bks, bke)
     assert torch.equal(got.cpu(), ref.force_edge_blocks(scores.clone(), want_s, want_e))
+    for block_size in (24, 32):             # HISA's kept blocks' positions; -1 slots give -1s
+        blocks = torch.randint(-1, 50, (53, 7), generator=g).int()
+        blocks[3, 2] = -1
+        pos = torch.full((53, 7 * block_size), -9, dtype=torch.int32, device=DEVICE)
+        blocks_t.block_positions(blocks.to(DEVICE), block_size, pos)
+        assert torch.equal(pos.cpu(), ref.block_positions(blocks, block_size))
 
 
 def _follows_reference(variant, got, inputs):

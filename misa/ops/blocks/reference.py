@@ -99,3 +99,11 @@ def force_edge_blocks(scores: torch.Tensor, bks: torch.Tensor, bke: torch.Tensor
     scores[rows, bks[rows].long()] = float("inf")
     scores[rows, bke[rows].long() - 1] = float("inf")
     return scores
+
+
+def block_positions(blocks: torch.Tensor, block_size: int) -> torch.Tensor:
+    """Prefill HISA's candidates: the key positions of each kept block, ``[T, m * block_size]``
+    int32, block ``j`` of ``blocks [T, m]`` at columns ``[j * B, (j + 1) * B)``; an empty slot
+    (block -1) gives -1s."""
+    pos = blocks.long()[:, :, None] * block_size + torch.arange(block_size)
+    return torch.where(blocks[:, :, None] >= 0, pos, -1).flatten(1).int()

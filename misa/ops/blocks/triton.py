@@ -196,3 +196,25 @@ def force_edge_blocks(scores, bks, bke) -> None:
     if t:
         _force_edge_blocks_kernel[(triton.cdiv(t, RANGE_BLOCK),)](bks, bke, scores, t, scores.stride(0),
                                                                   BLOCK=RANGE_BLOCK, num_warps=4)
+
+
+@triton.jit(do_not_specialize=["M"])
+def _block_positions_kernel(BLOCKS, OUT, M, stride_blocks, stride_out, B: tl.constexpr, BP: tl.constexpr,
+                            SLOTS: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    j = tl.program_id(1) * SLOTS + tl.arange(0, SLOTS)
+    block = tl.load(BLOCKS + row * stride_blocks + j, mask=j < M, other=-1)
+    o = tl.arange(0, BP)
+    pos = tl.where(block[:, None] >= 0, block[:, None] * B + o[None, :], -1)
+    tl.store(OUT + row * stride_out + j[:, None] * B + o[None, :], pos, mask=(j < M)[:, None] & (o < B)[None, :])
+
+
+def block_positions(blocks, block_size: int, out) -> None:
+    """Write ``out [T, m * block_size]`` int32 (see ``reference.block_positions``): one pass writing
+    the positions, where a broadcast add and a clamp in PyTorch wrote them twice and read them once."""
+    t, m = blocks.shape
+    if t and m:
+        bp = triton.next_power_of_2(block_size)
+        slots = max(1, min(triton.next_power_of_2(m), 4096 // bp))
+        _block_positions_kernel[(t, triton.cdiv(m, slots))](blocks, out, m, blocks.stride(0), out.stride(0),
+                                                            B=block_size, BP=bp, SLOTS=slots, num_warps=4)

@@ -38,10 +38,22 @@ def _bad(x, FMT: tl.constexpr):
 def _scan(X, n, prog, nprog, OUT, slot, DST, FMT: tl.constexpr, POSITIVE: tl.constexpr, STAGE: tl.constexpr,
           BLOCK: tl.constexpr):
     """Programs ``prog`` of ``nprog`` scan ``X[:n]`` with a grid stride; ``OUT[slot] = 1`` on a bad
-    value. ``STAGE``: also copy ``X`` to ``DST`` (one read serves the check and the copy)."""
+    value. ``STAGE``: also copy ``X`` to ``DST`` (one read serves the check and the copy). Whole
+    blocks load without a mask (vectorised: ``n`` is not specialised, so a mask would split the
+    loads into single elements); the last partial block, masked, goes to the last program."""
     bad = tl.zeros([BLOCK], dtype=tl.int1)
-    for start in range(prog * BLOCK, n, nprog * BLOCK):
-        i = start + tl.arange(0, BLOCK)
+    lane = tl.arange(0, BLOCK)
+    whole = n // BLOCK * BLOCK
+    for start in range(prog * BLOCK, whole, nprog * BLOCK):
+        x = tl.load(X + start + lane)
+        if STAGE:
+            tl.store(DST + start + lane, x)
+        b = _bad(x, FMT)
+        if POSITIVE:
+            b = b | (x.to(tl.float32) <= 0.0)
+        bad = bad | b
+    if (prog == nprog - 1) & (whole < n):
+        i = whole + lane
         m = i < n
         x = tl.load(X + i, mask=m, other=1)
         if STAGE:
