@@ -1,12 +1,13 @@
-"""CUDA graphs for the checked functions (``misa.dsa_select`` and the other prefill functions,
-``misa.paged_*_select``). A checked call runs a cached selector; issuing its launches one by one
-from Python costs tens of microseconds each, and a call that ends with a read-back leaves the GPU
-idle while the next call issues them. So a call that repeats an earlier one's selector and input
-layouts replays a graph of the selector instead: its inputs are copied into buffers the graph
-reads (the prefill functions copy them in the check launch, which reads them anyway), the graph
-replays, and the result is copied out. The first call at a layout runs eagerly, the second
-captures. Graphs live on their selector (``selector.graphs``), so dropping a selector drops them.
-``MISA_GRAPHS=0`` turns them off.
+"""CUDA graphs for the checked decode functions (``misa.paged_*_select``). A checked call runs a
+cached selector; issuing its launches one by one from Python costs more than the launches
+themselves at decode sizes. So a call that repeats an earlier one's selector, input layouts and
+cache addresses replays a graph of the selector instead: its inputs are copied into buffers the
+graph reads, the graph replays, and the result is copied out. The first call at a layout runs
+eagerly, the second captures. Graphs live on their selector (``selector.graphs``), so dropping a
+selector drops them. ``MISA_GRAPHS=0`` turns them off.
+
+(The checked prefill functions issue their launches directly: they do not wait for the selection,
+so the next call's launches overlap it, and copying their large inputs into a graph cost more.)
 """
 from __future__ import annotations
 

@@ -29,7 +29,7 @@ from typing import Iterator
 
 import torch
 
-from . import graphs, quant, reference
+from . import quant, reference
 from .ops import power_of_two
 from .ops.dsa import reference as dsa_ref
 from .ops.router import reference as router_ref
@@ -187,38 +187,19 @@ def _prefill_kernels(variant: str, inp: Inputs, k: int, workspace_bytes: int | N
     selection is queued, waiting for the checks only: the host returns while the GPU still
     selects, and the next call's host work overlaps it. The kernels run on ranges clamped into
     ``[0, S]``, where any values keep their memory accesses in bounds, and a failed check discards
-    the result. A call that repeats an earlier one's layouts replays the selector's
-    CUDA graph (``_graph``) instead of issuing its launches."""
+    the result. (A CUDA graph of the selector, its inputs copied in, measured slower than these
+    launches once the host no longer waits for them.)"""
     out = torch.empty(inp.num_queries, k, dtype=torch.int32, device=inp.q.device)
     if inp.num_queries:
         from .prefill import cached_selector
         sel = cached_selector(variant, inp, k, workspace_bytes, **options)
         run = _contiguous(inp)
-        graph = _graph(sel, run) if heads is None and run.pending is not None and graphs.enabled(run.q) else None
-        if graph is not None:
-            run.pending.launch(stage=graph.inputs)          # checks the inputs and copies them in
-            out.copy_(graph.replay())
-        else:
-            if run.pending is not None:
-                run.pending.launch()
-                run = sel._clamped_ranges(run)
-            sel._select(run, heads=heads, out=out)
+        if run.pending is not None:
+            run.pending.launch()
+            run = sel._clamped_ranges(run)
+        sel._select(run, heads=heads, out=out)
     finish_checks(inp)                 # raises on bad input
     return out
-
-
-def _graph(sel, inp: Inputs):
-    """The selector's pipeline on ranges clamped into the keys, in a CUDA graph reading copies of
-    the inputs (which the check launch writes: ``PendingChecks.launch(stage=)``); None on the first
-    call at these layouts (``misa.graphs``)."""
-    tensors = (inp.q, inp.k, inp.k_scale, inp.weights, inp.ks, inp.ke)
-
-    def make():
-        # filled before the warm-up run reads them: any values are safe on clamped ranges
-        bufs = [x.clone() if x is not None else None for x in tensors]
-        static = Inputs(*bufs)
-        return graphs.Graph(lambda: sel._select(sel._clamped_ranges(static)), bufs)
-    return graphs.lookup(sel, tuple(graphs.layout(x) for x in tensors), make)
 
 
 def dsa_select(inp: Inputs, k: int, workspace_bytes: int | None = None, backend: str | None = None) -> torch.Tensor:

@@ -138,17 +138,16 @@ def check_ranges(ks, ke, num_queries: int, num_keys: int, device: torch.device, 
         checks.add("ke", f"must be <= the number of keys ({num_keys})", ke > num_keys)
 
 
-def value_checks(name: str, *args, read: bool = True, **options):
+def value_checks(name: str, *args, read: bool = True):
     """``misa.ops.checks``' ``name`` (``input_flags`` or ``paged_flags``) on ``args`` (the first a
     tensor on the inputs' device), read back in one transfer: one launch on a GPU with Triton (the
     PyTorch ops took ~20 launches), the PyTorch reference otherwise or under ``MISA_BACKEND=reference``.
-    ``read=False``: the device tensor of flags, queued and not read yet. ``options``: passed on
-    (``stage=`` of ``input_flags``)."""
+    ``read=False``: the device tensor of flags, queued and not read yet."""
     import os
     from .ops import checks, kernels_available
     if args[0].is_cuda and os.environ.get("MISA_BACKEND") != "reference" and kernels_available():
         from .ops.checks import triton as checks
-    flags = getattr(checks, name)(*args, **options)
+    flags = getattr(checks, name)(*args)
     return flags.tolist() if read else flags                # the one synchronisation
 
 
@@ -161,8 +160,8 @@ def raise_first(flags, messages) -> None:
 
 class PendingChecks:
     """The input value checks of ``check_inputs(defer=True)``: launched by ``launch`` (where the
-    caller wants them queued, and with what it wants staged), read back (the one synchronisation)
-    and raised by ``finish``, which returns the inputs' key extent."""
+    caller wants them queued), read back (the one synchronisation) and raised by ``finish``, which
+    returns the inputs' key extent."""
 
     def __init__(self, args: tuple, k_name: str, num_keys: int):
         self.args, self.k_name, self.num_keys = args, k_name, num_keys
@@ -170,13 +169,11 @@ class PendingChecks:
         self.extent: tuple[int, int] | None = None
         self._host = self._copied = None
 
-    def launch(self, stage=None) -> torch.Tensor:
-        """Queue the checks (once), with ``stage``: also copy the inputs there (``input_flags``).
-        On a GPU their flags are copied to the host right behind them, so ``finish`` waits for the
-        checks only, not for the work queued after them."""
+    def launch(self) -> torch.Tensor:
+        """Queue the checks (once). On a GPU their flags are copied to the host right behind them,
+        so ``finish`` waits for the checks only, not for the work queued after them."""
         if self.flags is None:
-            self.flags = value_checks("input_flags", *self.args, read=False,
-                                      **({"stage": stage} if stage is not None else {}))
+            self.flags = value_checks("input_flags", *self.args, read=False)
             if self.flags.is_cuda:
                 self._host = self.flags.to("cpu", non_blocking=True)       # into pinned memory
                 self._copied = torch.cuda.Event()

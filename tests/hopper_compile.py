@@ -117,10 +117,6 @@ def entry_points():
         yield f"hisa_select {tag}", lambda a=args: misa.hisa_select(*a, k=k)
         yield f"input checks {tag}", lambda a=args: checks.input_flags(*a[:1], *a[1], *a[2:], s) \
             if kv == "fp8" else checks.input_flags(a[0], a[1], None, *a[2:], s)
-        # the checked functions' graph path: the check launch also copies the inputs in
-        flat = (args[0], *args[1], *args[2:]) if kv == "fp8" else (args[0], args[1], None, *args[2:])
-        yield f"input checks staged {tag}", lambda f=flat: checks.input_flags(
-            *f, s, stage=[x.clone() if x is not None else None for x in f])
     odd = _inputs(64, s - 3, "fp8", "fp8")
     yield "dsa_logits, keys off the 16-column grid", lambda: misa.dsa_logits(*odd)
     yield "misa_select, keys off the 16-column grid", lambda: misa.misa_select(*odd, k=k)

@@ -197,9 +197,9 @@ def test_check_kernel_flags_like_the_reference(case):
 
 
 @pytest.mark.parametrize("byte", [0, 1, 2, 3, 5])
-def test_check_kernel_finds_fp8_nan_at_every_byte_of_a_word_and_stages_copies(byte):
+def test_check_kernel_finds_fp8_nan_at_every_byte_of_a_word(byte):
     # fp8 inputs are scanned four bytes to a word: a NaN in any byte of a word is found (byte 5: a
-    # q of an odd byte count, scanned byte by byte); with stage= the same launch copies every input
+    # q of an odd byte count, scanned byte by byte)
     pytest.importorskip("triton")
     from misa.ops.checks import FLAGS
     from misa.ops.checks import triton as checks_triton
@@ -213,12 +213,8 @@ def test_check_kernel_finds_fp8_nan_at_every_byte_of_a_word_and_stages_copies(by
         flat = x.view(torch.uint8).reshape(-1)
         flat[(flat.numel() // 8) * 4 + byte % 4] = 0xFF if byte % 2 else 0x7F
         args = (x, k, k_scale, w, ks, ke) if name == "q" else (q, x, k_scale, w, ks, ke)
-        stage = [torch.empty_like(a) for a in args]
-        flags = checks_triton.input_flags(*args, k.shape[0], stage=stage).tolist()
+        flags = checks_triton.input_flags(*args, k.shape[0]).tolist()
         assert [n for n, bad in zip(FLAGS, flags) if bad] == [name]
-        for a, copy in zip(args, stage):
-            assert torch.equal(a.view(torch.uint8) if a.dtype == torch.float8_e4m3fn else a,
-                               copy.view(torch.uint8) if copy.dtype == torch.float8_e4m3fn else copy)
 
 
 @pytest.mark.parametrize("case", ["good", "q", "weights", "context_lens_short", "block_table_narrow",

@@ -18,12 +18,7 @@ def not_finite(x: torch.Tensor) -> torch.Tensor:
     return (~torch.isfinite(x)).any()
 
 
-def input_flags(q, k, k_scale, weights, ks, ke, num_keys: int, stage=None) -> torch.Tensor:
-    """``stage``: tensors shaped like the inputs, filled with copies of them (as the kernel's)."""
-    if stage is not None:
-        for dst, src in zip(stage, (q, k, k_scale, weights, ks, ke)):
-            if src is not None:
-                dst.copy_(src)
+def input_flags(q, k, k_scale, weights, ks, ke, num_keys: int) -> torch.Tensor:
     zero = torch.zeros((), dtype=torch.bool, device=q.device)
     flags = [not_finite(q), not_finite(k),
              (~torch.isfinite(k_scale) | (k_scale <= 0)).any() if k_scale is not None else zero,

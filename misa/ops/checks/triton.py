@@ -2,11 +2,7 @@
 (q, the keys, their scales, the weights, or the query ranges) and folds its result into the flag
 vector with an atomic max (min for ``min(ks)``). Running them as PyTorch ops took ~20 launches and
 their intermediates; here a call costs one launch and one read of each input. fp8 inputs are read
-four bytes to a word, and enough programs run to stream the inputs at the card's bandwidth.
-
-``input_flags(stage=...)`` also copies the inputs into buffers of the caller's in the same pass:
-the checked prefill functions replay a CUDA graph that reads its inputs at fixed addresses, and this
-way the check and the copy cost one read of the inputs."""
+four bytes to a word, by enough programs to keep many loads in flight."""
 from __future__ import annotations
 
 import torch
@@ -35,29 +31,14 @@ def _bad(x, FMT: tl.constexpr):
 
 
 @triton.jit
-def _scan(X, n, prog, nprog, OUT, slot, DST, FMT: tl.constexpr, POSITIVE: tl.constexpr, STAGE: tl.constexpr,
-          BLOCK: tl.constexpr):
+def _scan(X, n, prog, nprog, OUT, slot, FMT: tl.constexpr, POSITIVE: tl.constexpr, BLOCK: tl.constexpr):
     """Programs ``prog`` of ``nprog`` scan ``X[:n]`` with a grid stride; ``OUT[slot] = 1`` on a bad
-    value. ``STAGE``: also copy ``X`` to ``DST`` (one read serves the check and the copy). Whole
-    blocks load without a mask (vectorised: ``n`` is not specialised, so a mask would split the
-    loads into single elements); the last partial block, masked, goes to the last program."""
+    value. (Masked loads throughout: loading whole blocks unmasked, vectorised, measured slower.)"""
     bad = tl.zeros([BLOCK], dtype=tl.int1)
-    lane = tl.arange(0, BLOCK)
-    whole = n // BLOCK * BLOCK
-    for start in range(prog * BLOCK, whole, nprog * BLOCK):
-        x = tl.load(X + start + lane)
-        if STAGE:
-            tl.store(DST + start + lane, x)
-        b = _bad(x, FMT)
-        if POSITIVE:
-            b = b | (x.to(tl.float32) <= 0.0)
-        bad = bad | b
-    if (prog == nprog - 1) & (whole < n):
-        i = whole + lane
+    for start in range(prog * BLOCK, n, nprog * BLOCK):
+        i = start + tl.arange(0, BLOCK)
         m = i < n
         x = tl.load(X + i, mask=m, other=1)
-        if STAGE:
-            tl.store(DST + i, x, mask=m)
         b = _bad(x, FMT)
         if POSITIVE:
             b = b | (x.to(tl.float32) <= 0.0)
@@ -67,19 +48,18 @@ def _scan(X, n, prog, nprog, OUT, slot, DST, FMT: tl.constexpr, POSITIVE: tl.con
 
 @triton.jit(do_not_specialize=["n_q", "n_k", "n_s", "n_w", "n_t", "num_keys"])
 def _checks_kernel(Q, n_q, K, n_k, KSCALE, n_s, W, n_w, KS, KE, n_t, num_keys, OUT,
-                   DQ, DK, DSCALE, DW, DKS, DKE,
                    P_Q: tl.constexpr, P_K: tl.constexpr, P_S: tl.constexpr, P_W: tl.constexpr,
-                   Q_FMT: tl.constexpr, K_FMT: tl.constexpr, STAGE: tl.constexpr, BLOCK: tl.constexpr,
+                   Q_FMT: tl.constexpr, K_FMT: tl.constexpr, BLOCK: tl.constexpr,
                    NF: tl.constexpr):
     pid = tl.program_id(0)
     if pid < P_Q:
-        _scan(Q, n_q, pid, P_Q, OUT, 0, DQ, Q_FMT, False, STAGE, BLOCK)
+        _scan(Q, n_q, pid, P_Q, OUT, 0, Q_FMT, False, BLOCK)
     elif pid < P_Q + P_K:
-        _scan(K, n_k, pid - P_Q, P_K, OUT, 1, DK, K_FMT, False, STAGE, BLOCK)
+        _scan(K, n_k, pid - P_Q, P_K, OUT, 1, K_FMT, False, BLOCK)
     elif pid < P_Q + P_K + P_S:
-        _scan(KSCALE, n_s, pid - P_Q - P_K, P_S, OUT, 2, DSCALE, 0, True, STAGE, BLOCK)
+        _scan(KSCALE, n_s, pid - P_Q - P_K, P_S, OUT, 2, 0, True, BLOCK)
     elif pid < P_Q + P_K + P_S + P_W:
-        _scan(W, n_w, pid - P_Q - P_K - P_S, P_W, OUT, 3, DW, 0, False, STAGE, BLOCK)
+        _scan(W, n_w, pid - P_Q - P_K - P_S, P_W, OUT, 3, 0, False, BLOCK)
     else:
         neg = tl.zeros([BLOCK], dtype=tl.int1)
         order = tl.zeros([BLOCK], dtype=tl.int1)
@@ -91,9 +71,6 @@ def _checks_kernel(Q, n_q, K, n_k, KSCALE, n_s, W, n_w, KS, KE, n_t, num_keys, O
             m = i < n_t
             ks = tl.load(KS + i, mask=m, other=0)
             ke = tl.load(KE + i, mask=m, other=0)
-            if STAGE:
-                tl.store(DKS + i, ks, mask=m)
-                tl.store(DKE + i, ke, mask=m)
             neg = neg | (m & (ks < 0))
             order = order | (m & (ks > ke))
             past = past | (m & (ke > num_keys))
@@ -123,27 +100,14 @@ def _flat(x: torch.Tensor) -> tuple[torch.Tensor, int]:
     return x, FP8_BYTES
 
 
-def input_flags(q, k, k_scale, weights, ks, ke, num_keys: int, stage=None) -> torch.Tensor:
-    """The flags of ``reference.input_flags`` in one launch. ``stage``: contiguous tensors shaped
-    like ``(q, k, k_scale, weights, ks, ke)`` (``k_scale``'s None when it is) that the same launch
-    fills with copies of the inputs, for a CUDA graph that reads them at fixed addresses."""
+def input_flags(q, k, k_scale, weights, ks, ke, num_keys: int) -> torch.Tensor:
     out = torch.zeros(NUM_FLAGS + 2, dtype=torch.int64, device=q.device)
     (qf, q_fmt), (kf, k_fmt), (wf, _) = _flat(q), _flat(k), _flat(weights)
     sf = k_scale.reshape(-1) if k_scale is not None else wf[:0]
-    if stage is None:
-        dq, dk, ds, dw, dks, dke = qf, kf, sf, wf, ks, ke           # never written (STAGE=False)
-    else:
-        dq, dk, ds, dw, dks, dke = stage
-        dq, dk, dw = _flat(dq)[0], _flat(dk)[0], dw.reshape(-1)
-        ds = ds.reshape(-1) if ds is not None else dw[:0]
-        if (qf.dtype, kf.dtype) != (dq.dtype, dk.dtype):
-            raise ValueError("stage: its q and k buffers must be laid out like the inputs")
     p_q, p_k, p_s, p_w = _programs(qf.numel()), _programs(kf.numel()), _programs(sf.numel()), _programs(wf.numel())
     _checks_kernel[(p_q + p_k + p_s + p_w + 1,)](
         qf, qf.numel(), kf, kf.numel(), sf, sf.numel(), wf, wf.numel(), ks, ke, ks.numel(), num_keys, out,
-        dq, dk, ds, dw, dks, dke,
-        P_Q=p_q, P_K=p_k, P_S=p_s, P_W=p_w, Q_FMT=q_fmt, K_FMT=k_fmt, STAGE=stage is not None, BLOCK=BLOCK,
-        NF=NUM_FLAGS)
+        P_Q=p_q, P_K=p_k, P_S=p_s, P_W=p_w, Q_FMT=q_fmt, K_FMT=k_fmt, BLOCK=BLOCK, NF=NUM_FLAGS)
     return out
 
 
@@ -153,9 +117,9 @@ def _paged_checks_kernel(Q, n_q, W, n_w, CTX, TABLE, B, P, stride_table, num_pag
                          Q_FMT: tl.constexpr, BLOCK: tl.constexpr, COLS: tl.constexpr):
     pid = tl.program_id(0)
     if pid < P_Q:
-        _scan(Q, n_q, pid, P_Q, OUT, 0, Q, Q_FMT, False, False, BLOCK)
+        _scan(Q, n_q, pid, P_Q, OUT, 0, Q_FMT, False, BLOCK)
     elif pid < P_Q + P_W:
-        _scan(W, n_w, pid - P_Q, P_W, OUT, 1, W, 0, False, False, BLOCK)
+        _scan(W, n_w, pid - P_Q, P_W, OUT, 1, 0, False, BLOCK)
     else:
         b = pid - P_Q - P_W                                  # one program per sequence
         ctx = tl.load(CTX + b)

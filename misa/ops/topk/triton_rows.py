@@ -1,5 +1,5 @@
 """Top-k of short rows (up to ``MAX_WIDTH`` columns) in one launch: one program holds its whole
-row in registers and finds the k-th largest key by an 8-way search on the key range, stopping as
+row in registers and finds the k-th largest key by a 4-way search on the key range, stopping as
 soon as exactly ``k`` keys lie at or above its lower bound; then it writes the winners.
 
 The three-launch top-k (``triton.py``) reads a long row once whatever k is; on the rows decode
@@ -19,17 +19,6 @@ from ..triton_common import ordered_key
 MAX_WIDTH = 16384          # counts share 16-bit fields (< 65536), and the row fits registers
 
 
-@triton.jit
-def _count4(key, m, thr, j, first: tl.constexpr):
-    """Keys (of ``m``) at or above thresholds ``first .. first + 3`` of ``thr``, as four 16-bit
-    fields of one int64, in one block reduction (a ``[W, 4]`` comparison would spill)."""
-    packed = tl.zeros(key.shape, dtype=tl.int64)
-    for i in tl.static_range(4):
-        t = tl.sum(tl.where(j == first + i, thr, 0), axis=0)
-        packed += (m & (key >= t)).to(tl.int64) << (16 * i)
-    return tl.sum(packed, axis=0)
-
-
 @triton.jit(do_not_specialize=["ks_offset", "out_offset", "K"])
 def _short_rows_kernel(X, KS, KE, OUT, CMAP, stride_x, stride_out, stride_cmap, ks_offset, out_offset, K,
                        W: tl.constexpr, HAS_CMAP: tl.constexpr, FINITE_ONLY: tl.constexpr):
@@ -46,19 +35,21 @@ def _short_rows_kernel(X, KS, KE, OUT, CMAP, stride_x, stride_out, stride_cmap, 
     lo = tl.min(tl.where(m, key, 0xFFFFFFFF), axis=0)
     hi = tl.max(tl.where(m, key, 0), axis=0)
     at_lo = n
-    j = tl.arange(0, 8)
-    z = tl.zeros([8], dtype=tl.int32)
-    # invariant: count(key >= lo) >= K (when n > K) and no key above hi matters more than lo. Each
-    # round counts the keys at or above 8 thresholds in two block reductions, four counts packed
-    # as 16-bit fields of an int64 (W < 65536); the reductions are what a round costs, so 8 ways
-    # (3 bits a round) take a third fewer rounds than 4 ways in two int32 reductions.
+    j = tl.arange(0, 4)
+    z = tl.zeros([4], dtype=tl.int32)
+    # invariant: count(key >= lo) >= K (when n > K) and no key above hi matters more than lo
     while (n > K) & (hi > lo) & (at_lo != K):
-        step = (hi - lo) // 8 + 1
+        step = (hi - lo) // 4 + 1
         thr = lo + j.to(tl.uint32) * step
         valid = j.to(tl.uint32) * step <= hi - lo
-        lo_half = _count4(key, m, thr, j, 0)
-        hi_half = _count4(key, m, thr, j, 4)
-        counts = ((tl.where(j < 4, lo_half, hi_half) >> (16 * (j % 4)).to(tl.int64)) & 0xFFFF).to(tl.int32) + z
+        # two thresholds per reduction as 16-bit fields (W < 65536): a [W, 4] comparison spilled
+        t0 = tl.sum(tl.where(j == 0, thr, 0), axis=0)
+        t1 = tl.sum(tl.where(j == 1, thr, 0), axis=0)
+        t2 = tl.sum(tl.where(j == 2, thr, 0), axis=0)
+        t3 = tl.sum(tl.where(j == 3, thr, 0), axis=0)
+        c01 = tl.sum((m & (key >= t0)).to(tl.int32) + ((m & (key >= t1)).to(tl.int32) << 16), axis=0)
+        c23 = tl.sum((m & (key >= t2)).to(tl.int32) + ((m & (key >= t3)).to(tl.int32) << 16), axis=0)
+        counts = tl.where(j == 0, c01 & 0xFFFF, tl.where(j == 1, c01 >> 16, tl.where(j == 2, c23 & 0xFFFF, c23 >> 16))) + z
         ok = valid & (counts >= K)
         best = tl.max(tl.where(ok, j, 0), axis=0)
         new_lo = lo + best.to(tl.uint32) * step
