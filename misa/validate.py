@@ -69,6 +69,18 @@ def check_int(name: str, value, low: int = 1, high: int | None = None) -> int:
     return value
 
 
+LOGITS_DTYPES = (torch.float32, torch.bfloat16)     # the dtypes a prefill selection's logits rows can take
+
+
+def check_logits_dtype(value) -> torch.dtype:
+    """``logits_dtype``: None (float32), ``torch.float32`` or ``torch.bfloat16``."""
+    if value is None:
+        return torch.float32
+    if not isinstance(value, torch.dtype) or value not in LOGITS_DTYPES:
+        _fail("logits_dtype", f"expected torch.float32 or torch.bfloat16, got {value!r}")
+    return value
+
+
 def check_power_of_two(name: str, value: int) -> int:
     check_int(name, value)
     if not power_of_two(value):

@@ -125,6 +125,86 @@ def test_logits_kernel_store_modes(routed):
         run(3)
 
 
+@pytest.mark.parametrize("routed", [False, True])
+def test_logits_kernel_bfloat16_out_is_the_float32_logits_rounded(routed):
+    # a bfloat16 out holds the float32 logits rounded once to nearest even, bit for bit, -inf
+    # outside the ranges kept, untouched columns untouched; whatever the config's store mode
+    # (bfloat16 is stored by tl.store, streaming for mode 2, also in the interpreter)
+    from misa.ops.dsa import triton as dsa_triton
+    from misa.prefill import logits_width
+    # causal: a full first block of queries sees most tiles whole (the unmasked interior stores)
+    t, s, h, d = (40, 600, 16, 64) if not BIG else (700, 9000, 64, 128)
+    q, kv, w, ks, ke = _inputs(t, s, h, d, "causal", seed=13)
+    heads = _random_heads(t, h, 8, seed=14) if routed else None
+    width = logits_width(s)                   # as the selectors size their rows
+    f32 = torch.full((t, width), float("nan"), device=DEVICE)
+    dsa_triton.launch_logits(q, w, kv[0], kv[1], ks, ke, f32, heads=heads)
+    written = ~f32.isnan()
+    want = f32.to(torch.bfloat16)             # torch rounds to nearest even
+    truncated = (f32.view(torch.int32) & -65536).view(torch.float32).to(torch.bfloat16)
+    assert bool((truncated != want)[written].any())          # the rounding shows on these values
+    assert bool((f32[written] == float("-inf")).any())
+    base = dsa_triton.ROUTED_CONFIG if routed else dsa_triton.DEFAULT_CONFIG
+    for store in (0, 1, 2):
+        got = torch.full((t, width), float("nan"), dtype=torch.bfloat16, device=DEVICE)
+        dsa_triton.launch_logits(q, w, kv[0], kv[1], ks, ke, got, heads=heads, config=base._replace(store=store))
+        assert torch.equal(got.isnan(), ~written), store
+        assert torch.equal(got[written].view(torch.int16), want[written].view(torch.int16)), store
+    with pytest.raises(ValueError, match="^out: expected float32 or bfloat16"):
+        dsa_triton.launch_logits(q, w, kv[0], kv[1], ks, ke, got.half(), heads=heads)
+
+
+@pytest.mark.parametrize("path", ["sampled cut", "row histogram"])
+@pytest.mark.parametrize("finite_only", [False, True])
+def test_topk_kernel_bfloat16_rows(path, finite_only):
+    # bfloat16 rows (the selectors' bfloat16 logits) are read widened to float32: the top-k of
+    # their values, the reference's up to which keys tied at the k-th value it keeps. Rows of
+    # bfloat16 noise (8 significant bits) and of a coarse grid of values: ties everywhere. A large
+    # sample (rows shorter than twice it) sends every row down the general path.
+    from misa.ops.topk import triton as topk_triton
+    from misa.ops.topk.reference import select_topk
+    g = torch.Generator().manual_seed(41 + finite_only)
+    t, s, k = (6, 1200, 50) if not BIG else (300, 70000, 2048)
+    x = torch.randn(t, s, generator=g) * 3
+    x[::2] = torch.round(x[::2] * 4) / 4
+    x = x.to(torch.bfloat16)
+    if finite_only:
+        x[torch.rand(t, s, generator=g) < 0.3] = float("-inf")
+    ks, ke = ranges("ragged", t, s, g)
+    ks[:2], ke[:2] = 0, s
+    config = topk_triton.TopkConfig(sample=s) if path == "row histogram" else None
+    call = topk_triton.TopkLaunches(x.to(DEVICE), ks.to(DEVICE), ke.to(DEVICE), k, finite_only=finite_only,
+                                    config=config)
+    call.run()
+    cut = call.cut_keys.cpu()
+    if path == "row histogram":
+        assert bool((cut == 0).all())
+    else:
+        long = (ke - ks) >= 2 * call.cfg.sample
+        count = call.count.cpu()[long]
+        assert bool(long[:2].all()) and bool((cut[long] != 0).all())
+        assert bool((count >= k).all() & (count <= call.cap).all())        # the fast path's select
+    vals = x.float()
+    cols = torch.arange(s)
+    eligible = (cols[None] >= ks[:, None]) & (cols[None] < ke[:, None])
+    if finite_only:
+        eligible &= torch.isfinite(vals)
+    ref = select_topk(vals, eligible, k)
+    got = call.out.cpu().long()
+    tied_at_kth = 0
+    for r in range(t):
+        mine, theirs = got[r][got[r] >= 0], ref[r][ref[r] >= 0]
+        assert mine.numel() == theirs.numel() and bool((got[r][mine.numel():] == -1).all()), r
+        assert mine.unique().numel() == mine.numel() and bool(eligible[r, mine].all()), r
+        assert torch.equal(vals[r, mine].sort().values, vals[r, theirs].sort().values), r
+        if theirs.numel():
+            kth = vals[r, theirs].min()
+            tied_at_kth += int(((vals[r] == kth) & eligible[r]).sum() > (vals[r, theirs] == kth).sum())
+    assert tied_at_kth >= 2                     # rows where the tie at the k-th value leaves keys out
+    with pytest.raises(ValueError, match="^x: the top-k takes float32 or bfloat16"):
+        topk_triton.topk(x.half().to(DEVICE), ks.to(DEVICE), ke.to(DEVICE), k)
+
+
 @pytest.mark.parametrize("kind", ["causal", "ragged", "empty"])
 @pytest.mark.parametrize("k,ties", [(1, False), (100, False), (700, True), (3000, False), (3000, True)])
 def test_topk_kernel(kind, k, ties):

@@ -59,3 +59,19 @@ def test_short_rows_topk_maps_through_cmap_and_offsets():
     for r in range(4):
         cols = plain[r][plain[r] >= 0].long() - 5
         assert set(out[r][out[r] >= 0].tolist()) == set(cmap[r, cols].tolist())
+
+
+@pytest.mark.parametrize("holes", [False, True])
+def test_short_rows_topk_reads_bfloat16_rows(holes):
+    # bfloat16 rows, widened to float32 as they are read: the float32 kernel's pick on the same
+    # values (the one-launch top-k takes ties in column order, so the same keys)
+    from misa.ops.topk.triton_rows import short_rows_topk
+    x, ks, ke = _rows(7, 700, seed=3 + holes, holes=holes)
+    x = x.to(torch.bfloat16)                        # 8 significant bits: ties
+    got = torch.empty(7, 60, dtype=torch.int32, device=DEVICE)
+    short_rows_topk(x, ks, ke, 60, got, finite_only=holes)
+    want = torch.empty_like(got)
+    short_rows_topk(x.float(), ks, ke, 60, want, finite_only=holes)
+    assert torch.equal(got, want)
+    with pytest.raises(ValueError, match="^x: the top-k takes float32 or bfloat16"):
+        short_rows_topk(x.half(), ks, ke, 60, got)

@@ -20,6 +20,17 @@ def sm_count(t: torch.Tensor) -> int:
 
 
 @triton.jit
+def rounded(x, dtype: tl.constexpr):
+    """``x`` (float32) in ``dtype``, rounded to nearest even. For bfloat16 the rounding is done on
+    the bits: Triton's interpreter truncates in its float32 -> bfloat16 cast, the GPU does not."""
+    if dtype == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        x = bits.to(tl.float32, bitcast=True)
+    return x.to(dtype)
+
+
+@triton.jit
 def ordered_key(x):
     """float32 -> uint32 with the same order (-inf smallest)."""
     u = x.to(tl.uint32, bitcast=True)

@@ -3,8 +3,8 @@
 Layout (measured best on Hopper, see docs/benchmarks.md): a key tile sits on the M side of the
 matrix product and the (query, head) pairs on N, so one fp8 MMA scores ``BN`` keys against ``BQ``
 queries times ``NH`` heads; relu, the per-head weight and the head sum run on the accumulator
-before a single float32 store per (query, key). Routed scoring gathers each query's head rows of
-``q`` and ``w`` straight from the full tensors (no copy).
+before a single store per (query, key), float32 or (rounded to nearest even) bfloat16. Routed
+scoring gathers each query's head rows of ``q`` and ``w`` straight from the full tensors (no copy).
 """
 from __future__ import annotations
 
@@ -16,7 +16,8 @@ import triton
 import triton.language as tl
 
 from ..topk.triton import sample_step
-from ..triton_common import INTERPRET, sm_count
+from ..triton_common import INTERPRET, rounded, sm_count
+from ...validate import LOGITS_DTYPES
 
 # Lengths and offsets are not specialised (do_not_specialize): an engine calls these kernels with a
 # different sequence length every step, and each new specialisation would be a compile.
@@ -92,7 +93,14 @@ def _mqa_logits_kernel(
             if HAS_SCALE:
                 logits = logits * tl.load(KSCALE + offs)[:, None]
             if STORE == 0:
-                tl.store(out_rows + col[:, None], logits)
+                tl.store(out_rows + col[:, None], rounded(logits, OUT.dtype.element_ty))
+            elif OUT.dtype.element_ty != tl.float32:
+                # bfloat16 logits: tl.store (no inline PTX), streaming where the config streams
+                stored = rounded(logits, OUT.dtype.element_ty)
+                if STORE == 2:
+                    tl.store(out_rows + col[:, None], stored, cache_modifier=".cs")
+                else:
+                    tl.store(out_rows + col[:, None], stored)
             else:
                 # straight from the accumulator's layout: no round trip through shared memory to
                 # change layouts (tl.store's coalescing always inserts one); each warp store still
@@ -111,7 +119,8 @@ def _mqa_logits_kernel(
             inside = (offs[:, None] >= ks[None, :]) & (offs[:, None] < ke[None, :])
             logits = tl.where(inside, logits, float("-inf"))
             in_out = key_ok[:, None] & ((col >= 0) & (col < out_width))[:, None]
-            tl.store(out_rows + col[:, None], logits, mask=row_ok[None, :] & in_out)
+            tl.store(out_rows + col[:, None], rounded(logits, OUT.dtype.element_ty),
+                     mask=row_ok[None, :] & in_out)
 
 
 class LogitsConfig(NamedTuple):
@@ -120,7 +129,8 @@ class LogitsConfig(NamedTuple):
     bn: int = 64                # keys per tile, on M
     num_warps: int = 4
     num_stages: int = 4
-    store: int = 0              # interior tiles: 0 tl.store, 1 inline PTX, 2 inline PTX streaming (.cs)
+    store: int = 0              # interior tiles: 0 tl.store, 1 inline PTX, 2 inline PTX streaming (.cs);
+                                # bfloat16 logits: tl.store, streaming for 2
     tiles_per_program: int = 0  # key tiles per program (0: just enough programs to fill the GPU once)
 
 
@@ -149,9 +159,11 @@ def launch_logits(q, w, k, k_scale, ks, ke, out, col_offset: int = 0, heads=None
     """Write ``out[t, s - col_offset]`` for the key tiles each block of queries can see.
 
     ``q [T, H, D]`` fp8/bf16, ``w [T, H]`` f32, ``k [S, D]`` fp8/bf16 (``k_scale [S]`` or None),
-    ``heads [T, h]`` int32 for routed scoring (None: all heads), ``out [T, W]`` f32. Columns
-    outside a query's ``[ks, ke)`` but inside its block's tiles get -inf; other columns are not
-    touched, so readers must stay inside ``[ks, ke)``.
+    ``heads [T, h]`` int32 for routed scoring (None: all heads), ``out [T, W]`` f32 or bf16 (the
+    float32 values rounded to nearest even, half the bytes; stored by ``tl.store`` whatever the
+    config's store mode, streaming where it streams). Columns outside a query's ``[ks, ke)`` but
+    inside its block's tiles get -inf; other columns are not touched, so readers must stay inside
+    ``[ks, ke)``.
     """
     t, h_all, d = q.shape
     nh = heads.shape[1] if heads is not None else h_all
@@ -161,7 +173,9 @@ def launch_logits(q, w, k, k_scale, ks, ke, out, col_offset: int = 0, heads=None
     if cfg.store not in (0, 1, 2):
         raise ValueError(f"config: store mode {cfg.store} is not 0 (tl.store) or 1 or 2 (inline PTX, plain or "
                          "streaming)")
-    if cfg.store and not _PTX_OK:
+    if out.dtype not in LOGITS_DTYPES:
+        raise ValueError(f"out: expected float32 or bfloat16 logits, got {out.dtype}")
+    if cfg.store and not _PTX_OK and out.dtype == torch.float32:
         raise ValueError("config: the inline-PTX store needs an NVIDIA GPU (the interpreter cannot run PTX)")
     bq = max(1, cfg.pairs // nh)
     col_unit = 16 if col_offset % 16 == 0 and out.stride(0) % 16 == 0 and out.data_ptr() % 64 == 0 else 1

@@ -24,6 +24,7 @@ import triton
 import triton.language as tl
 
 from ... import quant
+from ..triton_common import rounded
 
 
 @triton.jit
@@ -48,17 +49,6 @@ def _page_sum(VALUES, SCALES, page, count, D: tl.constexpr, DP: tl.constexpr, PA
     return tl.sum(acc, axis=0)
 
 
-@triton.jit
-def _rounded(x, dtype: tl.constexpr):
-    """``x`` (float32) in ``dtype``, rounded to nearest even. For bfloat16 the rounding is done on
-    the bits: Triton's interpreter truncates in its float32 -> bfloat16 cast, the GPU does not."""
-    if dtype == tl.bfloat16:
-        bits = x.to(tl.uint32, bitcast=True)
-        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-        x = bits.to(tl.float32, bitcast=True)
-    return x.to(dtype)
-
-
 @triton.jit(do_not_specialize=["max_pages"])
 def _pool_pages_kernel(VALUES, SCALES, TABLE, CTX, OUT, max_pages, stride_table, stride_table_col,
                        D: tl.constexpr, DP: tl.constexpr, PAGE: tl.constexpr, TOK: tl.constexpr):
@@ -70,7 +60,7 @@ def _pool_pages_kernel(VALUES, SCALES, TABLE, CTX, OUT, max_pages, stride_table,
         page = tl.load(TABLE + seq.to(tl.int64) * stride_table + col * stride_table_col).to(tl.int64)
         d = tl.arange(0, DP)
         total = _page_sum(VALUES, SCALES, page, count, D, DP, PAGE, TOK)
-        tl.store(OUT + page * D + d, _rounded(total, OUT.dtype.element_ty), mask=d < D)
+        tl.store(OUT + page * D + d, rounded(total, OUT.dtype.element_ty), mask=d < D)
 
 
 def _tokens_per_step(dp: int) -> int:
@@ -105,7 +95,7 @@ def _repool_kernel(VALUES, SCALES, SLOTS, OUT, n, D: tl.constexpr, DP: tl.conste
     if (i + 1 >= n) | (following // PAGE != page):
         d = tl.arange(0, DP)
         total = _page_sum(VALUES, SCALES, page, slot - page * PAGE + 1, D, DP, PAGE, TOK)
-        tl.store(OUT + page * D + d, _rounded(total, OUT.dtype.element_ty), mask=d < D)
+        tl.store(OUT + page * D + d, rounded(total, OUT.dtype.element_ty), mask=d < D)
 
 
 def repool_written_pages(kv_cache: torch.Tensor, pooled: torch.Tensor, slots: torch.Tensor) -> None:

@@ -1,6 +1,7 @@
 """Triton top-k: the ``k`` largest columns of each row inside its ``[ks, ke)`` range.
 
-One program per row; floats are mapped to order-preserving uint32 keys.
+One program per row; floats are mapped to order-preserving uint32 keys. Rows are float32 or
+bfloat16 (widened exactly to float32 as they are read; the cut's ``sample=`` stays float32).
 
 Fast path (rows of at least ``2 * SAMPLE`` columns), three launches: (1) a spread-out sample of
 ``SAMPLE`` columns is held in registers (read from the row, or from ``sample=`` values its
@@ -102,6 +103,15 @@ HOLD = 4096
 SELECT_MAXNREG = 96
 
 
+ROW_DTYPES = (torch.float32, torch.bfloat16)     # rows the top-k kernels read (bf16 widened exactly)
+
+
+def check_rows(name: str, x: torch.Tensor) -> None:
+    """A top-k's rows are float32 or bfloat16."""
+    if x.dtype not in ROW_DTYPES:
+        raise ValueError(f"{name}: the top-k takes float32 or bfloat16 rows, got {x.dtype}")
+
+
 def sample_step(width: int, config: TopkConfig | None = None) -> int:
     """The column step of a ``topk`` sample for rows ``width`` wide: about the cut's sample size
     of columns per row."""
@@ -130,7 +140,8 @@ def _position(c, cmap_row, out_offset, HAS_CMAP: tl.constexpr, mask):
 @triton.jit
 def _eligible_keys(x_row, c, ke, FINITE_ONLY: tl.constexpr):
     m = c < ke
-    x = tl.load(x_row + c, mask=m, other=0.0)
+    # bfloat16 rows widen exactly to float32, whose keys order them
+    x = tl.load(x_row + c, mask=m, other=0.0).to(tl.float32)
     if FINITE_ONLY:
         m = m & (x > float("-inf"))
     return _ordered_key(x), m
@@ -268,7 +279,7 @@ def _cut_kernel(X, KS, KE, CUT, COUNT, SRC, stride_x, stride_src, src_step, ks_o
             taken = SAMPLE
             # CHUNK-wide runs of columns spread evenly over the row
             pos = ks + ((i // CHUNK).to(tl.int64) * n // (SAMPLE // CHUNK)).to(tl.int32) + i % CHUNK
-            sample = tl.load(X + row * stride_x + pos, mask=pos < ke, other=float("-inf"))
+            sample = tl.load(X + row * stride_x + pos, mask=pos < ke, other=float("-inf")).to(tl.float32)
         key = _ordered_key(sample)
         expect = (K * 1.0) * taken / (n * 1.0)
         need = tl.minimum((expect + sigmas * tl.sqrt(expect) + slack).to(tl.int32), taken)
@@ -605,7 +616,7 @@ def topk(x: torch.Tensor, ks: torch.Tensor, ke: torch.Tensor, k: int, ks_offset:
          config: TopkConfig | None = None,
          sample: tuple[torch.Tensor, int] | None = None, out: torch.Tensor | None = None,
          buffers: "TopkBuffers | None" = None) -> torch.Tensor:
-    """Top-``k`` columns of ``x [T, W]`` f32 per row, among columns ``[ks - ks_offset, ke - ks_offset)``.
+    """Top-``k`` columns of ``x [T, W]`` f32 or bf16 per row, among columns ``[ks - ks_offset, ke - ks_offset)``.
 
     Returns ``[T, k]`` int32: ``cmap[row, col]`` when ``cmap`` is given, else ``col + out_offset``;
     -1 padded. ``finite_only`` also skips -inf entries (candidate lists with holes). ``config``: a
@@ -667,6 +678,7 @@ class TopkLaunches:
                  sample=None, out=None, buffers=None):
         t, w = x.shape
         dev = x.device
+        check_rows("x", x)
         if sample is not None:
             values, step = sample
             if not isinstance(step, int) or step < 1:

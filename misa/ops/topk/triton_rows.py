@@ -15,6 +15,7 @@ import triton
 import triton.language as tl
 
 from ..triton_common import ordered_key
+from .triton import check_rows
 
 MAX_WIDTH = 16384          # counts share 16-bit fields (< 65536), and the row fits registers
 
@@ -27,7 +28,7 @@ def _short_rows_kernel(X, KS, KE, OUT, CMAP, stride_x, stride_out, stride_cmap, 
     ke = tl.load(KE + row) - ks_offset
     c = tl.arange(0, W)
     m = (c >= ks) & (c < ke)
-    x = tl.load(X + row * stride_x + c, mask=m, other=0.0)
+    x = tl.load(X + row * stride_x + c, mask=m, other=0.0).to(tl.float32)      # bf16 widens exactly
     if FINITE_ONLY:
         m = m & (x > float("-inf"))
     key = ordered_key(x)
@@ -80,9 +81,10 @@ def _short_rows_kernel(X, KS, KE, OUT, CMAP, stride_x, stride_out, stride_cmap, 
 def short_rows_topk(x: torch.Tensor, ks: torch.Tensor, ke: torch.Tensor, k: int, out: torch.Tensor,
                     ks_offset: int = 0, out_offset: int = 0, cmap: torch.Tensor | None = None,
                     finite_only: bool = False) -> torch.Tensor:
-    """Write the top-``k`` of each row of ``x [T, W]`` (W <= ``MAX_WIDTH``) into ``out [T, k]``
-    int32 (see the module docstring); returns ``out``."""
+    """Write the top-``k`` of each row of ``x [T, W]`` f32 or bf16 (W <= ``MAX_WIDTH``) into ``out
+    [T, k]`` int32 (see the module docstring); returns ``out``."""
     t, w = x.shape
+    check_rows("x", x)
     if w > MAX_WIDTH:
         raise ValueError(f"x: rows of {w} columns exceed the short-row top-k's {MAX_WIDTH}")
     if t:
