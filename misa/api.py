@@ -30,8 +30,8 @@ import torch
 
 from . import select
 from .ops.router.reference import ROUTER_STATISTICS
-from .validate import (DeferredChecks, check_hisa_budget, check_inputs, check_int, check_ranges,
-                       check_stage1_k, check_tensor, finish_checks)
+from .validate import (DeferredChecks, check_hisa_budget, check_inputs, check_int, check_logits_dtype,
+                       check_ranges, check_stage1_k, check_tensor, finish_checks)
 
 ROUTER_DOC = "abs-sum (the paper's), gap, sum, max, qnorm, top-blocks"
 
@@ -80,12 +80,16 @@ def _deferred(inp, run):
 
 
 def dsa_select(q, kv, weights, ks, ke, k: int = 2048, *, workspace_bytes: int | None = None,
-               backend: str | None = None) -> torch.Tensor:
+               backend: str | None = None, logits_dtype: torch.dtype | None = None) -> torch.Tensor:
     """The tokens DSA's lightning indexer keeps: the top ``k`` (default 2048) of ``dsa_logits`` per
-    query, ``[T, k]`` int32. Arguments: see the module docstring."""
+    query, ``[T, k]`` int32. ``logits_dtype``: None or ``torch.float32`` (default), or
+    ``torch.bfloat16``: the logits are rounded to bfloat16 (nearest even) before the top-k, which
+    halves their memory and traffic on the kernels; ties at the k-th value become more frequent.
+    Other arguments: see the module docstring."""
     inp = check_inputs(q, kv, weights, ks, ke, defer=True)
     return _deferred(inp, lambda: select.dsa_select(inp, check_int("k", k), check_workspace(workspace_bytes),
-                                                    backend=select.check_backend_arg(backend)))
+                                                    backend=select.check_backend_arg(backend),
+                                                    logits_dtype=check_logits_dtype(logits_dtype)))
 
 
 def route_heads(q, kv, weights, ks, ke, active_heads: int = 8, block_size: int = 1024, *,
@@ -108,13 +112,15 @@ def route_heads(q, kv, weights, ks, ke, active_heads: int = 8, block_size: int =
 
 def misa_select(q, kv, weights, ks, ke, k: int = 2048, active_heads: int = 8, block_size: int = 1024,
                 stage1_k: int | None = None, *, router: str = "abs-sum",
-                workspace_bytes: int | None = None, backend: str | None = None) -> torch.Tensor:
+                workspace_bytes: int | None = None, backend: str | None = None,
+                logits_dtype: torch.dtype | None = None) -> torch.Tensor:
     """MISA: route each query to ``active_heads`` heads (``route_heads``, with ``block_size`` and
     ``router``), score the keys with those heads only, keep the top ``k``: ``[T, k]`` int32.
 
     With ``stage1_k`` (>= k; the paper uses 8192) this is MISA†: keep the top ``stage1_k`` by the
     routed score, re-score them with all heads and return their top ``k``. With ``active_heads ==
-    H`` MISA selects exactly what DSA selects. Other arguments: see the module docstring."""
+    H`` MISA selects exactly what DSA selects. ``logits_dtype``: as for ``dsa_select``, for the
+    routed logits (MISA†'s re-scoring stays float32). Other arguments: see the module docstring."""
     inp = check_inputs(q, kv, weights, ks, ke, defer=True)
 
     def run():
@@ -123,7 +129,8 @@ def misa_select(q, kv, weights, ks, ke, k: int = 2048, active_heads: int = 8, bl
         check_int("block_size", block_size)
         return select.misa_select(inp, k, active_heads, block_size, check_stage1_k(stage1_k, k),
                                   check_router(router), check_workspace(workspace_bytes),
-                                  backend=select.check_backend_arg(backend))
+                                  backend=select.check_backend_arg(backend),
+                                  logits_dtype=check_logits_dtype(logits_dtype))
     return _deferred(inp, run)
 
 

@@ -30,7 +30,8 @@ import torch
 import triton
 
 from .ops import power_of_two
-from .validate import Inputs, check_hisa_budget, check_int, check_power_of_two, check_stage1_k
+from .validate import (Inputs, check_hisa_budget, check_int, check_logits_dtype, check_power_of_two,
+                       check_stage1_k)
 
 SELECTOR_VARIANTS = ("dsa", "misa", "misa-dagger", "hisa")
 
@@ -56,13 +57,18 @@ class PrefillSelector:
     (default 8, a power of two, at most H) routed by ``router`` ("abs-sum" or "gap") over blocks of
     ``block_size`` keys; MISA-dagger also ``stage1_k`` (>= k, required). HISA: ``hisa_block_size``
     and ``hisa_block_k`` (``hisa_block_k * hisa_block_size >= k``). ``workspace_bytes``: as for the
-    checked functions (None: 4 GiB on a GPU, 1 GiB elsewhere).
+    checked functions (None: 4 GiB on a GPU, 1 GiB elsewhere). ``logits_dtype`` (not HISA, which has
+    no logits matrix): ``torch.float32`` or ``torch.bfloat16``, the logits rows the top-k reads
+    (MISA-dagger's stage 1; its re-scoring stays float32). bfloat16 rounds each logit once to nearest
+    even, halving the logits' memory and their write and read traffic; with 8 significant bits, ties
+    at the k-th value are more frequent (either tied key may then be kept).
     """
 
     def __init__(self, variant: str, *, num_heads: int, head_dim: int, k: int = 2048, max_queries: int,
                  max_keys: int, device=None, active_heads: int = 8, block_size: int = 1024,
                  router: str = "abs-sum", stage1_k: int | None = None, hisa_block_size: int = 128,
-                 hisa_block_k: int = 64, workspace_bytes: int | None = None):
+                 hisa_block_k: int = 64, workspace_bytes: int | None = None,
+                 logits_dtype: torch.dtype = torch.float32):
         if variant not in SELECTOR_VARIANTS:
             raise ValueError(f"variant: expected one of {SELECTOR_VARIANTS}, got {variant!r}")
         self.variant = variant
@@ -74,6 +80,10 @@ class PrefillSelector:
         if workspace_bytes is not None:
             check_int("workspace_bytes", workspace_bytes)
         self.workspace_bytes = workspace_bytes
+        self.logits_dtype = check_logits_dtype(logits_dtype)
+        if variant == "hisa" and self.logits_dtype != torch.float32:
+            raise ValueError(f"logits_dtype: 'hisa' scores pooled blocks and has no logits matrix to store in "
+                             f"{logits_dtype}; leave it float32")
         device = torch.device(device if device is not None else "cuda")
         if device.type == "cuda" and device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
@@ -135,7 +145,8 @@ class PrefillSelector:
             # a sample of at most 2 * sample columns (n = ceil(w / (w // sample)) at any width w)
             sample_cols = min(width, 2 * DEFAULT_CONFIG.sample) if n_heads <= SAMPLE_MAX_HEADS else 0
             first_k = self.stage1_k or self.k
-            sizes.update(logits=(width, 0, f32), sample=(sample_cols, 0, f32), sample_scales=(0, sample_cols, f32))
+            sizes.update(logits=(width, 0, self.logits_dtype), sample=(sample_cols, 0, f32),
+                         sample_scales=(0, sample_cols, f32))
             ws["topk"] = (first_k, width)
             if self.routed:
                 sizes.update(heads=(0, self.max_queries * self.active_heads, i32),

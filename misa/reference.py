@@ -13,6 +13,9 @@ absolute positions ``[key_offset, key_offset + W)`` and returns columns relative
 
 Re-scoring here reads the dense DSA logits at the candidates, so a candidate set holding every
 visible key reproduces DSA exactly, and ties go to the lowest position (``select_topk``).
+
+``logits_dtype`` (DSA, MISA and MISA†'s first stage): the dtype the kernels store the logits in
+before their top-k; bfloat16 rounds the float32 logits to it (nearest even) here too.
 """
 from __future__ import annotations
 
@@ -23,8 +26,17 @@ from .ops.router.reference import visible_blocks
 from .ops.topk.reference import select_topk
 
 
-def dsa_select_chunk(q, k, weights, ks, ke, k_top: int, key_offset: int = 0) -> torch.Tensor:
-    logits = dsa_logits(q, k, weights, ks, ke, key_offset)
+def stored_logits(logits: torch.Tensor, logits_dtype: torch.dtype | None) -> torch.Tensor:
+    """float32 ``logits`` as the kernels store them in ``logits_dtype`` (None: float32), read back
+    as float32."""
+    if logits_dtype is None or logits_dtype == torch.float32:
+        return logits
+    return logits.to(logits_dtype).float()
+
+
+def dsa_select_chunk(q, k, weights, ks, ke, k_top: int, key_offset: int = 0,
+                     logits_dtype: torch.dtype | None = None) -> torch.Tensor:
+    logits = stored_logits(dsa_logits(q, k, weights, ks, ke, key_offset), logits_dtype)
     return select_topk(logits, visible_mask(ks, ke, k.shape[0], key_offset), k_top)
 
 
@@ -44,9 +56,9 @@ def _mask_of(cols: torch.Tensor, width: int) -> torch.Tensor:
 
 
 def misa_select_chunk(q, k, weights, heads, ks, ke, k_top: int, stage1_k: int | None,
-                      key_offset: int = 0) -> torch.Tensor:
+                      key_offset: int = 0, logits_dtype: torch.dtype | None = None) -> torch.Tensor:
     """MISA (``stage1_k`` None) or MISA† for routed ``heads [T, h]``."""
-    ihat = routed_logits(q, k, weights, heads, ks, ke, key_offset)
+    ihat = stored_logits(routed_logits(q, k, weights, heads, ks, ke, key_offset), logits_dtype)
     visible = visible_mask(ks, ke, k.shape[0], key_offset)
     if stage1_k is None:
         return select_topk(ihat, visible, k_top)

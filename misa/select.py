@@ -202,15 +202,22 @@ def _prefill_kernels(variant: str, inp: Inputs, k: int, workspace_bytes: int | N
     return out
 
 
-def dsa_select(inp: Inputs, k: int, workspace_bytes: int | None = None, backend: str | None = None) -> torch.Tensor:
+def _logits_option(logits_dtype: torch.dtype | None) -> dict:
+    """The selector option for ``logits_dtype``: none for float32 (the selector's default), so a
+    float32 call finds the same cached selector whether it names the dtype or not."""
+    return {} if logits_dtype is None or logits_dtype == torch.float32 else {"logits_dtype": logits_dtype}
+
+
+def dsa_select(inp: Inputs, k: int, workspace_bytes: int | None = None, backend: str | None = None,
+               logits_dtype: torch.dtype | None = None) -> torch.Tensor:
     if _use_kernels(inp, backend):
-        return _prefill_kernels("dsa", inp, k, workspace_bytes)
+        return _prefill_kernels("dsa", inp, k, workspace_bytes, **_logits_option(logits_dtype))
     inp = finish_checks(inp)
     out = torch.empty(inp.num_queries, k, dtype=torch.int32, device=inp.q.device)
     kf = float_keys(inp)
     for t0, t1, lo, hi in query_chunks(inp, 4 * inp.num_heads + 16, workspace_bytes):
         q, kc, w, ks, ke = _chunk_tensors(inp, kf, t0, t1, lo, hi)
-        out[t0:t1] = _to_absolute(reference.dsa_select_chunk(q, kc, w, ks, ke, k, lo), lo)
+        out[t0:t1] = _to_absolute(reference.dsa_select_chunk(q, kc, w, ks, ke, k, lo, logits_dtype), lo)
     return out
 
 
@@ -247,7 +254,7 @@ def route_heads(inp: Inputs, active_heads: int, block_size: int, router: str = "
 
 def misa_select(inp: Inputs, k: int, active_heads: int, block_size: int, stage1_k: int | None,
                 router: str = "abs-sum", workspace_bytes: int | None = None,
-                backend: str | None = None) -> torch.Tensor:
+                backend: str | None = None, logits_dtype: torch.dtype | None = None) -> torch.Tensor:
     kernels = _use_kernels(inp, backend)
     if kernels and power_of_two(active_heads) and inp.num_heads <= 128:
         # a statistic without a router kernel: the heads come from the reference router (or the
@@ -260,7 +267,7 @@ def misa_select(inp: Inputs, k: int, active_heads: int, block_size: int, stage1_
         variant = "misa" if stage1_k is None else "misa-dagger"
         return _prefill_kernels(variant, inp, k, workspace_bytes, heads=heads, active_heads=active_heads,
                                 block_size=block_size, stage1_k=stage1_k,
-                                router=router if routed_here else "abs-sum")
+                                router=router if routed_here else "abs-sum", **_logits_option(logits_dtype))
     inp = finish_checks(inp)
     heads = route_heads(inp, active_heads, block_size, router, workspace_bytes, backend)
     if kernels:
@@ -272,7 +279,7 @@ def misa_select(inp: Inputs, k: int, active_heads: int, block_size: int, stage1_
     heads_per_pair = inp.num_heads if stage1_k is not None else active_heads
     for t0, t1, lo, hi in query_chunks(inp, 4 * heads_per_pair + 24, workspace_bytes):
         q, kc, w, ks, ke = _chunk_tensors(inp, kf, t0, t1, lo, hi)
-        cols = reference.misa_select_chunk(q, kc, w, heads[t0:t1], ks, ke, k, stage1_k, lo)
+        cols = reference.misa_select_chunk(q, kc, w, heads[t0:t1], ks, ke, k, stage1_k, lo, logits_dtype)
         out[t0:t1] = _to_absolute(cols, lo)
     return out
 

@@ -104,7 +104,8 @@ def _paged(lens, next_n):
 
 def entry_points():
     """(label, call) for what the library runs on the kernels: prefill (fp8, bf16 and mixed
-    operands; a key count off the 16-column grid too) and batched decode."""
+    operands; float32 and bfloat16 logits; a key count off the 16-column grid too) and batched
+    decode."""
     k, s = 2048, 16384                      # rows long enough for the top-k's sample and its bracket
     for kv, q_dtype in (("fp8", "fp8"), ("bf16", "bf16"), ("bf16", "fp8")):
         args = _inputs(64, s, kv, q_dtype)
@@ -114,6 +115,11 @@ def entry_points():
         yield f"misa_select {tag}", lambda a=args: misa.misa_select(*a, k=k)
         yield f"misa_select gap {tag}", lambda a=args: misa.misa_select(*a, k=k, router="gap")
         yield f"MISA-dagger {tag}", lambda a=args: misa.misa_select(*a, k=k, stage1_k=4 * k)
+        bf16 = torch.bfloat16                 # bfloat16 logits rows: their store and the top-k reading them
+        yield f"dsa_select bf16 logits {tag}", lambda a=args: misa.dsa_select(*a, k=k, logits_dtype=bf16)
+        yield f"misa_select bf16 logits {tag}", lambda a=args: misa.misa_select(*a, k=k, logits_dtype=bf16)
+        yield (f"MISA-dagger bf16 logits {tag}",
+               lambda a=args: misa.misa_select(*a, k=k, stage1_k=4 * k, logits_dtype=bf16))
         yield f"hisa_select {tag}", lambda a=args: misa.hisa_select(*a, k=k)
         yield f"input checks {tag}", lambda a=args: checks.input_flags(*a[:1], *a[1], *a[2:], s) \
             if kv == "fp8" else checks.input_flags(a[0], a[1], None, *a[2:], s)

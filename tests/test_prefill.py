@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import misa
-from helpers import as_sets, check_selection, dsa_logits64, make_inputs, set_recall
+from helpers import as_sets, check_pick_from, check_selection, dsa_logits64, make_inputs, set_recall
 
 pytest.importorskip("triton")
 pytestmark = [pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning"),
@@ -38,9 +38,9 @@ def _inputs(seed, t=T, s=S, kind="ragged"):
     return make_inputs(t, s, H, D, kind, seed=seed, device=DEVICE)
 
 
-def _checked(variant, inputs, backend=None, workspace_bytes=None, k=K):
+def _checked(variant, inputs, backend=None, workspace_bytes=None, k=K, **extra):
     o = OPTIONS[variant]
-    opts = dict(backend=backend, workspace_bytes=workspace_bytes)
+    opts = dict(backend=backend, workspace_bytes=workspace_bytes, **extra)
     if variant == "dsa":
         return misa.dsa_select(*inputs, k=k, **opts)
     if variant == "hisa":
@@ -163,7 +163,10 @@ def test_selector_checks_its_arguments():
                      (dict(variant="misa-dagger"), "stage1_k"), (dict(variant="misa-dagger", stage1_k=K - 1), "stage1_k"),
                      (dict(variant="hisa", hisa_block_k=1), "hisa_block_k"),
                      (dict(variant="hisa", hisa_block_size=8, hisa_block_k=4), "hisa_block_k"),
-                     (dict(variant="dsa", workspace_bytes=0), "workspace_bytes")]:
+                     (dict(variant="dsa", workspace_bytes=0), "workspace_bytes"),
+                     (dict(variant="dsa", logits_dtype=torch.float16), "logits_dtype"),
+                     (dict(variant="dsa", logits_dtype="bfloat16"), "logits_dtype"),
+                     (dict(variant="hisa", logits_dtype=torch.bfloat16), "logits_dtype")]:
         with pytest.raises(ValueError, match=f"^{name}:"):
             build(**kw)
     sel = build("dsa", max_queries=20, max_keys=500)
@@ -186,6 +189,115 @@ def test_selector_checks_its_arguments():
         sel.check(q.float(), kv, w, ks, ke)
     with pytest.raises(ValueError, match="^num_queries:"):
         sel.plan(21, 10)
+
+
+BF16 = torch.bfloat16
+SCORED = ["dsa", "misa", "misa-dagger"]          # the variants with a logits matrix
+
+
+def _first_stage(sel, variant, t, s, out):
+    """What the selector's top-k of its logits picked on its last call (one chunk of queries):
+    MISA-dagger's stage-1 candidates, else the selection itself."""
+    return sel.plan(t, s).chunks[0].stage1 if variant == "misa-dagger" else out
+
+
+def _differ_only_in_ties(a, b, rounded):
+    """Two top-k's of the same ``rounded`` scores (float64, per row) differ only in keys at the
+    row's k-th value: rounding keeps the order, so a float32 pick is a top-k of the rounded values
+    too, and any two such picks differ only in which tied keys they keep."""
+    for r, (x, y) in enumerate(zip(as_sets(a), as_sets(b))):
+        if x != y:
+            kth = float(rounded[r, sorted(x)].min())
+            assert all(float(rounded[r, j]) == kth for j in x ^ y), r
+
+
+@pytest.mark.parametrize("variant", SCORED)
+def test_selector_with_bfloat16_logits_is_the_top_k_of_the_rounded_logits(variant):
+    # bfloat16 logits rows: half the bytes; the top-k (MISA-dagger: its stage 1) is one of the
+    # float32 logits rounded to nearest even, differing from the float32 selector's only in keys
+    # tied at the k-th rounded value; MISA-dagger then keeps the top k by all heads (float32) of
+    # its candidates; the checked function runs the same selector
+    from misa import prefill
+    from misa.ops.dsa.triton import launch_logits
+    s = KEYS.get(variant, S)
+    inputs = _inputs(21, s=s)
+    q, kv, w, ks, ke = inputs
+    f32 = _selector(variant, max_keys=s)
+    sel = _selector(variant, max_keys=s, logits_dtype=BF16)
+    assert sel._flat["logits"].dtype == BF16 and sel.chunk_rows == f32.chunk_rows == T
+    assert f32.nbytes - sel.nbytes == 2 * sel._flat["logits"].numel()
+    got = sel(*inputs).clone()
+    want = f32(*inputs)
+    o = OPTIONS[variant]
+    heads = None
+    if variant != "dsa":        # the router kernel the selectors run
+        heads = misa.route_heads(q, kv, w, ks, ke, active_heads=o["active_heads"], block_size=o["block_size"])
+    logits = torch.full((T, s), float("-inf"), device=DEVICE)
+    launch_logits(q, w, kv[0], kv[1], ks, ke, logits, heads=heads)
+    rounded = logits.to(BF16).double().cpu()
+    first = _first_stage(sel, variant, T, s, got)
+    check_selection(first, rounded, ks, ke, o.get("stage1_k", K), rtol=0)
+    _differ_only_in_ties(first, _first_stage(f32, variant, T, s, want), rounded)
+    if variant == "misa-dagger":
+        full = dsa_logits64(q, kv, w, ks, ke)
+        for r, (picked, cand) in enumerate(zip(as_sets(got), as_sets(first))):
+            check_pick_from(picked, cand, K, full[r], rtol=RTOL)
+    prefill.clear_cached_selectors()
+    checked = _checked(variant, inputs, logits_dtype=BF16)
+    assert [c.logits_dtype for c in prefill._SELECTORS.values()] == [BF16]
+    if variant == "misa-dagger":
+        assert min(set_recall(checked, got)) >= 0.9       # stage-1 ties may go either way
+    else:
+        _differ_only_in_ties(checked, got, rounded)
+
+
+@pytest.mark.parametrize("variant", SCORED)
+def test_reference_with_bfloat16_logits_rounds_before_its_top_k(variant):
+    # the reference path rounds its float32 logits to bfloat16 too, ties to the lowest position:
+    # of keys scoring 1.0 and 1.001 (both 1.0 in bfloat16) it keeps the first, float32 the second;
+    # and it keeps the top-k of the float64 formula rounded to bfloat16 (MISA-dagger: its
+    # candidates, then the top k of those by all heads)
+    from misa.ops.topk.reference import select_topk
+    one = torch.ones(1, 1, 1, device=DEVICE)
+    tied = (one, torch.tensor([[1.0], [1.001], [0.5]], device=DEVICE), one[0],
+            torch.zeros(1, dtype=torch.int32, device=DEVICE), torch.full((1,), 3, dtype=torch.int32, device=DEVICE))
+    small = dict(k=1, workspace_bytes=None, backend="reference")
+    if variant != "dsa":
+        small.update(active_heads=1, block_size=2, stage1_k=1 if variant == "misa-dagger" else None)
+    select = misa.dsa_select if variant == "dsa" else misa.misa_select
+    assert select(*tied, **small).tolist() == [[1]]
+    assert select(*tied, **small, logits_dtype=BF16).tolist() == [[0]]
+    s = KEYS.get(variant, S)
+    q, kv, w, ks, ke = inputs = _inputs(22, s=s)
+    o = OPTIONS[variant]
+    heads = None
+    if variant != "dsa":
+        heads = misa.route_heads(q, kv, w, ks, ke, active_heads=o["active_heads"], block_size=o["block_size"],
+                                 backend="reference").cpu()
+    exact = dsa_logits64(q, kv, w, ks, ke, heads=heads)
+    visible = torch.isfinite(exact)
+    first_k = o.get("stage1_k", K)
+
+    def pick(scores):
+        first = select_topk(scores, visible, first_k)
+        if variant != "misa-dagger":
+            return first
+        n = visible.shape[1]                  # the -1 padding lands in an extra column, dropped
+        cand = torch.zeros(T, n + 1, dtype=torch.bool).scatter_(1, torch.where(first >= 0, first, n), True)
+        return select_topk(dsa_logits64(q, kv, w, ks, ke), cand[:, :n], K)
+
+    want = pick(exact.to(BF16).double())
+    got = _checked(variant, inputs, backend="reference", logits_dtype=BF16)
+    assert as_sets(got) == as_sets(want)
+
+
+def test_logits_dtype_is_checked():
+    inputs = _inputs(23, t=4, s=100)
+    for bad in (torch.float16, "bfloat16"):
+        for variant in SCORED:
+            with pytest.raises(ValueError, match="^logits_dtype:"):
+                _checked(variant, inputs, logits_dtype=bad)
+    assert as_sets(_checked("dsa", inputs, logits_dtype=torch.float32)) == as_sets(_checked("dsa", inputs))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need CUDA")
