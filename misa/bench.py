@@ -8,6 +8,13 @@ End to end is each method's ``misa.PrefillSelector`` call (the kernels, into buf
 once); "checked" is the public function on the same inputs (``misa.dsa_select`` and the others:
 validation with its one read-back, the kernels through a cached selector, a copy of the result),
 and its overhead is checked / end to end - 1, both measured in the same run.
+
+``logits_dtype="bfloat16"`` (``misa bench --logits-dtype bfloat16``) adds a row ``<method>-bf16``
+for DSA and each requested method with a logits matrix (not HISA): the same selector storing its
+logits in bfloat16. Besides its time, speed-up and recall of DSA's (float32) selection, such a row
+reports ``<method>-bf16.recall_vs_f32``, the recall of its float32 counterpart's selection: what
+decides whether bfloat16 logits can become the default (they differ only where rounding ties keys
+at the k-th value).
 """
 from __future__ import annotations
 
@@ -25,6 +32,8 @@ from .validate import check_inputs
 from .variants import METHODS as REGISTRY, VARIANTS, check_methods, method_config
 
 METHODS = tuple(REGISTRY)          # the names --methods takes: misa.variants.METHODS
+LOGITS_DTYPES = ("float32", "bfloat16")     # --logits-dtype: bfloat16 adds the -bf16 rows
+BF16 = "-bf16"                              # the suffix of a bfloat16-logits row
 
 
 @dataclass
@@ -43,11 +52,32 @@ class BenchConfig:
     rounds: int = 3           # interleaved timing rounds (each rep_ms / rounds)
     seed: int = 0
     methods: tuple = field(default=METHODS)
+    logits_dtype: str = "float32"     # "bfloat16": also the methods' bfloat16-logits rows
 
     def __post_init__(self):
         if self.rounds < 1:
             raise ValueError(f"rounds: {self.rounds} must be at least 1")
         self.methods = tuple(check_methods(self.methods))
+        if self.logits_dtype not in LOGITS_DTYPES:
+            raise ValueError(f"logits_dtype: expected one of {LOGITS_DTYPES}, got {self.logits_dtype!r}")
+
+
+def bf16_rows(methods, logits_dtype: str) -> dict[str, str]:
+    """The bfloat16-logits rows of a bench of ``methods`` (DSA always among them): ``{row: its
+    float32 method}``, one per method with a logits matrix when ``logits_dtype`` is "bfloat16"."""
+    if logits_dtype != "bfloat16":
+        return {}
+    return {name + BF16: name for name in ["dsa"] + [m for m in methods if m != "dsa"]
+            if not VARIANTS[REGISTRY[name].variant].block_pruned}
+
+
+def row_names(methods, logits_dtype: str) -> list[str]:
+    """Every timed selector in table order: DSA first, each bfloat16 row after its float32 method."""
+    bf16 = bf16_rows(methods, logits_dtype)
+    names = []
+    for name in ["dsa"] + [m for m in methods if m != "dsa"]:
+        names += [name] + ([name + BF16] if name + BF16 in bf16 else [])
+    return names
 
 
 def _time(fn, rep_ms: float) -> float:
@@ -92,7 +122,18 @@ def _run(mc, inp, k: int) -> torch.Tensor:
     return select.misa_select(inp, k, mc.active_heads, mc.block_size, mc.stage1_k, mc.router, mc.workspace_bytes)
 
 
-def _selector(cfg: BenchConfig, mc, seq_len: int, device):
+def _checked(mc, args, k: int, logits_dtype: torch.dtype):
+    """The public function of method ``mc`` on ``args``, as a timer."""
+    if logits_dtype == torch.float32:
+        return lambda: mc.select(*args, k)
+    from . import api
+    opts = dict(workspace_bytes=mc.workspace_bytes, backend=mc.backend, logits_dtype=logits_dtype)
+    if mc.variant == "dsa":
+        return lambda: api.dsa_select(*args, k, **opts)
+    return lambda: api.misa_select(*args, k, mc.active_heads, mc.block_size, mc.stage1_k, router=mc.router, **opts)
+
+
+def _selector(cfg: BenchConfig, mc, seq_len: int, device, logits_dtype: torch.dtype = torch.float32):
     """Method ``mc``'s ``PrefillSelector`` for ``cfg.num_queries`` x ``seq_len``."""
     from .prefill import PrefillSelector
     opts = {}
@@ -102,7 +143,7 @@ def _selector(cfg: BenchConfig, mc, seq_len: int, device):
         opts = dict(hisa_block_size=mc.hisa_block_size, hisa_block_k=mc.hisa_block_k)
     return PrefillSelector(mc.variant, num_heads=cfg.heads, head_dim=cfg.head_dim, k=cfg.k,
                            max_queries=cfg.num_queries, max_keys=seq_len, device=device,
-                           workspace_bytes=mc.workspace_bytes, **opts)
+                           workspace_bytes=mc.workspace_bytes, logits_dtype=logits_dtype, **opts)
 
 
 def _key(name: str) -> str:
@@ -145,16 +186,24 @@ def bench_one(cfg: BenchConfig, seq_len: int, device: torch.device) -> dict:
     sample = lambda heads=None: cut_sample(inp.q, inp.weights, inp.k, inp.k_scale, 0, seq_len, heads=heads)
     timers["dsa.topk"] = lambda: topk(dense_buf, inp.ks, inp.ke, k, sample=sample())
     timers["torch.topk"] = lambda: torch.topk(dense_buf, k, dim=1, sorted=False)
+    bf16 = bf16_rows(cfg.methods, cfg.logits_dtype)        # bfloat16-logits row -> its float32 method
+    if bf16:
+        dense16 = torch.full((t, seq_len), float("-inf"), dtype=torch.bfloat16, device=device)
+        timers["dsa-bf16.logits"] = lambda: launch_logits(inp.q, inp.weights, inp.k, inp.k_scale, inp.ks, inp.ke,
+                                                          dense16)
+        timers["dsa-bf16.logits"]()
+        timers["dsa-bf16.topk"] = lambda: topk(dense16, inp.ks, inp.ke, k, sample=sample())
     # end to end: each method's selector (buffers allocated once, as an engine holds it); checked:
     # the public function (validation and its read-back, a cached selector, a copy of the result)
     args = (inp.q, (inp.k, inp.k_scale), inp.weights, inp.ks, inp.ke)
     runs = {}
-    for name in ["dsa"] + [m for m in cfg.methods if m != "dsa"]:
-        mc = _config(cfg, name)
-        sel = _selector(cfg, mc, seq_len, device)
+    for name in row_names(cfg.methods, cfg.logits_dtype):
+        mc = _config(cfg, bf16.get(name, name))
+        dtype = torch.bfloat16 if name in bf16 else torch.float32
+        sel = _selector(cfg, mc, seq_len, device, logits_dtype=dtype)
         runs[name] = run = (lambda sel: lambda: sel(*args))(sel)
         timers[name + ".e2e"] = run
-        timers[name + ".checked"] = (lambda mc: lambda: mc.select(*w.args, k))(mc)
+        timers[name + ".checked"] = _checked(mc, w.args, k, dtype)
         # memory a call needs: the selector's buffers (and anything a call would allocate beyond them)
         row[name + ".peak_mb"] = sel.nbytes / 2**20 + _peak_mb(run, device)
     ref = runs["dsa"]().clone()
@@ -183,17 +232,21 @@ def bench_one(cfg: BenchConfig, seq_len: int, device: torch.device) -> dict:
                 buf, inp.ks, inp.ke, k1, sample=sample(heads)))(heads, buf, mc.stage1_k)
             cand = topk(buf, inp.ks, inp.ke, mc.stage1_k)
             timers[name + ".rerank"] = (lambda cand: lambda: rerank(inp, cand, k))(cand)
-    for name in cfg.methods:
+    for name in runs:
         if name != "dsa":
             row[name + ".recall"] = float(recall(runs[name](), ref).mean())
+    for name, base in bf16.items():     # each selector returns its own buffer: both stay valid
+        row[name + ".recall_vs_f32"] = float(recall(runs[name](), runs[base]()).mean())
 
     ms, row["ms_rounds"] = _time_rounds(timers, cfg.rep_ms, cfg.rounds)
     row["ms"] = ms
     row["dsa.logits_tflops"] = 2 * h * d * pairs / ms["dsa.logits"] / 1e9
+    if bf16:
+        row["dsa-bf16.logits_tflops"] = 2 * h * d * pairs / ms["dsa-bf16.logits"] / 1e9
     for owner in routed:
         row[owner + ".logits_tflops"] = 2 * cfg.active_heads * d * pairs / ms[owner + ".logits"] / 1e9
         row[f"speedup.{_key(owner)}_scoring"] = ms["dsa.logits"] / (ms[owner + ".router"] + ms[owner + ".logits"])
-    for name in cfg.methods:
+    for name in runs:
         if name != "dsa":
             row[f"speedup.{_key(name)}_e2e"] = ms["dsa.e2e"] / ms[name + ".e2e"]
     row["speedup.topk_vs_torch"] = ms["torch.topk"] / ms["dsa.topk"]
@@ -232,11 +285,17 @@ class Table:
 
 
 def _label(name: str) -> str:
+    if name.endswith(BF16) and name[:-len(BF16)] in REGISTRY:
+        return _label(name[:-len(BF16)]) + " bf16"
     return REGISTRY[name].label if name in REGISTRY else name
 
 
 def _methods(result: dict) -> list[str]:
     return list(result.get("config", {}).get("methods") or METHODS)
+
+
+def _logits_dtype(result: dict) -> str:
+    return result.get("config", {}).get("logits_dtype") or "float32"     # results saved before the option
 
 
 def _f(x, spec: str = ".2f") -> str:
@@ -245,16 +304,19 @@ def _f(x, spec: str = ".2f") -> str:
 
 def bench_tables(result: dict) -> list[Table]:
     """The bench's results as narrow tables (long format: one row per size and method, so the
-    width does not grow with the number of methods): end to end, stages, speed-up summary."""
+    width does not grow with the number of methods): end to end, bfloat16 against float32 logits
+    (where measured), stages, speed-up summary, checked functions."""
     methods = _methods(result)
     owners = stage_owners(methods)
-    e2e, stages = [], []
+    names = row_names(methods, _logits_dtype(result))
+    bf16 = bf16_rows(methods, _logits_dtype(result))
+    e2e, stages, low = [], [], []
     for r in result["rows"]:
         ms = r["ms"]
         keys = str(r["seq_len"])
         dsa_ms = ms.get("dsa.e2e")
         first = True
-        for name in ["dsa"] + [m for m in methods if m != "dsa"]:
+        for name in names:
             t = ms.get(name + ".e2e")
             if t is None:
                 continue
@@ -265,6 +327,10 @@ def bench_tables(result: dict) -> list[Table]:
         dense = ms.get("dsa.logits")
         stages.append([keys, "DSA", "-", _f(dense), _f(r.get("dsa.logits_tflops"), ".0f"), _f(ms.get("dsa.topk")),
                        "-", "1.00"])
+        if "dsa-bf16.logits" in ms:
+            stages.append(["", _label("dsa-bf16"), "-", _f(ms["dsa-bf16.logits"]),
+                           _f(r.get("dsa-bf16.logits_tflops"), ".0f"), _f(ms.get("dsa-bf16.topk")), "-",
+                           _f(dense / ms["dsa-bf16.logits"] if dense else None)])
         stages.append(["", "torch.topk", "-", "-", "-", _f(ms.get("torch.topk")), "-", "-"])
         for name, owner in owners.items():
             router, logits = ms.get(owner + ".router"), ms.get(owner + ".logits")
@@ -275,21 +341,31 @@ def bench_tables(result: dict) -> list[Table]:
                 top, rescore = ms.get(name + ".topk"), None
             stages.append(["", _label(name), _f(router), _f(logits), _f(r.get(owner + ".logits_tflops"), ".0f"),
                            _f(top), _f(rescore), _f(scoring)])
+        first = True
+        for name, base in bf16.items():
+            t, t32 = ms.get(name + ".e2e"), ms.get(base + ".e2e")
+            if t is None or t32 is None:
+                continue
+            base_recall = 1.0 if base == "dsa" else r.get(base + ".recall")
+            low.append([keys if first else "", _label(base), _f(t32), _f(t), _f(t32 / t),
+                        _f(r.get(name + ".recall_vs_f32"), ".4f"), _f(base_recall, ".3f"),
+                        _f(r.get(name + ".recall"), ".3f")])
+            first = False
     checked = []
     for r in result["rows"]:
         ms = r["ms"]
         first = True
-        for name in ["dsa"] + [m for m in methods if m != "dsa"]:
+        for name in names:
             t, c = ms.get(name + ".e2e"), ms.get(name + ".checked")
             if t is None or c is None:
                 continue
             checked.append([str(r["seq_len"]) if first else "", _label(name), _f(t), _f(c),
                             _f(100 * (c / t - 1), "+.1f"), _f(ms.get("checks"), ".3f")])
             first = False
-    others = [m for m in methods if m != "dsa"]
+    others = names[1:]
     summary = [[str(r["seq_len"])] + [_f(r["ms"]["dsa.e2e"] / r["ms"][m + ".e2e"] if m + ".e2e" in r["ms"] else None)
                                       for m in others] for r in result["rows"]]
-    return [
+    tables = [
         Table("End to end (the selector call): ms, x = speed-up over DSA in the same run, recall of DSA's tokens, "
               "MB of device memory the call needs (the selector's buffers)",
               ["keys", "method", "ms", "x DSA", "recall", "MB"], e2e),
@@ -301,6 +377,13 @@ def bench_tables(result: dict) -> list[Table]:
               "kernels, a copy of the result) against the selector alone, ms; overhead in %; checks = the "
               "validation alone", ["keys", "method", "selector", "checked", "overhead %", "checks"], checked),
     ]
+    if low:
+        tables.insert(1, Table(
+            "bfloat16 logits against float32, end to end: ms of each, x = float32 / bfloat16, recall of the "
+            "float32 selection (bf16 differs only in keys tied at the k-th value by rounding; >= 0.995 makes it "
+            "a candidate default), and each one's recall of DSA's float32 selection",
+            ["keys", "method", "f32 ms", "bf16 ms", "x", "vs f32", "f32 DSA", "bf16 DSA"], low))
+    return tables
 
 
 def format_rows(result: dict) -> tuple[list[str], list[list[str]]]:

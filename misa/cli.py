@@ -216,7 +216,9 @@ def bench_report(result: dict) -> str:
                  f"each context, H={c['heads']}, D={c['head_dim']}, k={c['k']}; MISA h={c['active_heads']}, "
                  f"B={c['block_size']}; MISA-dagger k1={c['stage1_k']}; HISA B={c['hisa_block_size']}, "
                  f"m={c['hisa_block_k']}. Medians of triton.testing.do_bench over {c['rounds']} interleaved rounds; "
-                 f"every speed-up is against DSA in the same run.")
+                 f"every speed-up is against DSA in the same run."
+                 + (" Rows 'bf16': the same selector with its logits stored in bfloat16."
+                    if c.get("logits_dtype") == "bfloat16" else ""))
     return "\n".join([head, ""] + [text_table(t.title, t.columns, t.rows, left=t.left) for t in bench_tables(result)])
 
 
@@ -231,7 +233,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
                       k=args.k, active_heads=args.active_heads, block_size=args.block_size,
                       stage1_k=args.stage1_k, hisa_block_size=args.hisa_block_size,
                       hisa_block_k=args.hisa_block_k, rep_ms=args.rep_ms, rounds=args.rounds,
-                      methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()))
+                      methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()),
+                      logits_dtype=args.logits_dtype)
     result = run_bench(cfg, device)
     print(bench_report(result))
     if args.json:
@@ -321,7 +324,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Time every method end to end and stage by stage (router, scoring, top-k) "
                                    "on fresh synthetic fp8 inputs, with medians of many runs, and print speed-ups "
                                    "over dense DSA measured in the same run, recall of DSA's selection and peak "
-                                   "memory, as tables that fit 80 columns.")
+                                   "memory, as tables that fit 80 columns. --logits-dtype bfloat16 adds rows for "
+                                   "the selectors with bfloat16 logits.")
     b.add_argument("--device", default="auto", help="a CUDA device (auto: cuda)")
     b.add_argument("--num-queries", type=int, default=4096, help="causal queries at the end of the context")
     b.add_argument("--context-lens", type=int, nargs="+", default=[16384, 32768, 65536, 131072],
@@ -337,6 +341,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--rounds", type=int, default=3,
                    help="interleaved timing rounds per measurement (each --rep-ms / rounds; the median is reported)")
     b.add_argument("--methods", default=names, help=f"comma-separated, from {', '.join(METHODS)}")
+    b.add_argument("--logits-dtype", choices=["float32", "bfloat16"], default="float32",
+                   help="bfloat16: also time each method that has a logits matrix (DSA, MISA, MISA-dagger; not "
+                        "HISA) with its logits stored in bfloat16 (rows NAME-bf16: half the logits' memory and "
+                        "traffic), with the recall of its float32 selection")
     b.add_argument("--json", default=None, help="also write the full results to this JSON file")
     b.add_argument("--cost-table", default=None, metavar="FILE",
                    help="measure instead every setting `misa calibrate` chooses from, at the largest --context-lens, "
