@@ -29,11 +29,11 @@ from __future__ import annotations
 import torch
 
 from . import select
-from .ops.router.reference import ROUTER_STATISTICS
+from .ops.router.reference import DEFAULT_ROUTER, ROUTER_STATISTICS
 from .validate import (DeferredChecks, check_hisa_budget, check_inputs, check_int, check_logits_dtype,
                        check_ranges, check_stage1_k, check_tensor, finish_checks)
 
-ROUTER_DOC = "abs-sum (the paper's), gap, sum, max, qnorm, top-blocks"
+ROUTER_DOC = "gap (the default), abs-sum (the paper's), sum, max, qnorm, top-blocks"
 
 
 def check_router(router: str) -> str:
@@ -93,16 +93,17 @@ def dsa_select(q, kv, weights, ks, ke, k: int = 2048, *, workspace_bytes: int | 
 
 
 def route_heads(q, kv, weights, ks, ke, active_heads: int = 8, block_size: int = 1024, *,
-                router: str = "abs-sum", workspace_bytes: int | None = None,
+                router: str = DEFAULT_ROUTER, workspace_bytes: int | None = None,
                 backend: str | None = None) -> torch.Tensor:
     """MISA's router: each query's ``active_heads`` (default 8, at most H) heads with the largest
     router score over its visible keys mean-pooled in blocks of ``block_size`` (default 1024).
     ``[T, active_heads]`` int32 head ids, ascending.
 
-    ``router``: the statistic, one of abs-sum (the paper's: ``sum_b |w relu(q . kbar_b)|``), gap
-    (the heads that best separate the block DSA ranks first from the rest), sum, max, qnorm,
-    top-blocks (SPEC section 2). The GPU kernel implements abs-sum and gap; the others run the
-    reference. Other arguments: see the module docstring."""
+    ``router``: the statistic, one of gap (the default: the heads that best separate the block DSA
+    ranks first from the rest), abs-sum (the paper's: ``sum_b |w relu(q . kbar_b)|``), sum, max,
+    qnorm, top-blocks (SPEC section 2). The GPU kernel implements gap and abs-sum; the others run
+    the reference. gap is the default because on trained indexers of a real model it keeps far
+    more of DSA's quality (docs/results.md, "The default router"); abs-sum reproduces the paper. Other arguments: see the module docstring."""
     inp = check_inputs(q, kv, weights, ks, ke)
     check_int("active_heads", active_heads, 1, inp.num_heads)
     check_int("block_size", block_size)
@@ -111,7 +112,7 @@ def route_heads(q, kv, weights, ks, ke, active_heads: int = 8, block_size: int =
 
 
 def misa_select(q, kv, weights, ks, ke, k: int = 2048, active_heads: int = 8, block_size: int = 1024,
-                stage1_k: int | None = None, *, router: str = "abs-sum",
+                stage1_k: int | None = None, *, router: str = DEFAULT_ROUTER,
                 workspace_bytes: int | None = None, backend: str | None = None,
                 logits_dtype: torch.dtype | None = None) -> torch.Tensor:
     """MISA: route each query to ``active_heads`` heads (``route_heads``, with ``block_size`` and

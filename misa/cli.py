@@ -70,10 +70,10 @@ def demo_legend(cfg, heads: int, device: torch.device, rows=None, layers=None, c
     """What the demo table's columns mean, and how to read its times on this device. ``layers``:
     the real workload's layers (one recall column each); ``config_path`` / ``config``: the
     per-layer config of the calibrated row."""
-    from .demo import CALIBRATED, DEFAULT_ROUTER, calibration_target
+    from .demo import CALIBRATED, PAPER_ROUTER, calibration_target
     pad = " " * 10
     method = ("MISA\u2020 is MISA-dagger; MISA (gap router) routes heads by our gap statistic instead of the "
-              f"paper's {DEFAULT_ROUTER} (docs/results.md).")
+              f"paper's {PAPER_ROUTER} (the library's default is gap: docs/results.md).")
     by_name = {r.name: r for r in rows or []}
     if CALIBRATED in by_name and config is not None:
         meta = config.meta or {}

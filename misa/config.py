@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import api, paged
-from .ops.router.reference import ROUTER_STATISTICS
+from .ops.router.reference import DEFAULT_ROUTER, ROUTER_STATISTICS
 from .validate import check_hisa_budget, check_int
 from .select import BACKENDS
 from .variants import VARIANTS
@@ -61,7 +61,7 @@ class MisaConfig:
     decode_active_heads: int | None = None
     block_size: int = 1024
     stage1_k: int | None = None
-    router: str = "abs-sum"
+    router: str = DEFAULT_ROUTER
     hisa_block_size: int = 128
     hisa_block_k: int = 64
     workspace_bytes: int | None = None

@@ -44,6 +44,7 @@ import triton
 
 from . import quant
 from .ops.blocks.reference import kept_blocks
+from .ops.router.reference import DEFAULT_ROUTER
 from .validate import check_hisa_budget, check_int, check_stage1_k
 
 SELECTOR_VARIANTS = ("dsa", "hisa", "misa", "misa-dagger")
@@ -122,7 +123,7 @@ class DecodeSelector:
     prediction, or a prefill chunk's length; see the module docstring for the memory).
     HISA: ``block_size`` (a multiple of the 64-token page, default 64) and ``block_k`` (blocks kept,
     default 64; ``block_k * block_size >= k``). MISA and MISA†: ``active_heads`` (default 8, fewer
-    than ``num_heads``, a power of two) routed by ``router`` ("abs-sum" or "gap") over blocks of
+    than ``num_heads``, a power of two) routed by ``router`` ("gap", the default, or "abs-sum") over blocks of
     ``router_block_size`` tokens (a multiple of 64, default 1024) taken from the pooled-key cache.
     MISA† ("misa-dagger"): ``stage1_k`` (required, at least ``k``), the candidates the routed heads
     keep for all heads to re-score (at most 64 heads); a ``stage1_k`` past ``max_context`` keeps
@@ -131,7 +132,7 @@ class DecodeSelector:
 
     def __init__(self, variant: str = "dsa", *, num_heads: int, head_dim: int, k: int = 2048, max_batch: int,
                  max_context: int, next_n: int = 1, device=None, block_size: int = 64, block_k: int = 64,
-                 active_heads: int = 8, router_block_size: int = 1024, router: str = "abs-sum",
+                 active_heads: int = 8, router_block_size: int = 1024, router: str = DEFAULT_ROUTER,
                  stage1_k: int | None = None):
         if variant not in SELECTOR_VARIANTS:
             raise ValueError(f"variant: expected one of {SELECTOR_VARIANTS}, got {variant!r}")

@@ -27,6 +27,7 @@ from . import graphs, quant, select
 from .api import check_router, check_workspace
 from .ops import power_of_two
 from .ops.rescore import MAX_RESCORE_HEADS
+from .ops.router.reference import DEFAULT_ROUTER
 from .validate import (Inputs, check_hisa_budget, check_int, check_stage1_k, check_tensor, raise_first,
                        value_checks, Q_DTYPES)
 
@@ -144,7 +145,7 @@ def _check_pooled_blocks(pooled, kv_cache, block_size: int):
 
 
 def paged_route_heads(q, kv_cache, weights, context_lens, block_table, active_heads: int = 8,
-                      block_size: int = 1024, *, router: str = "abs-sum", pooled: torch.Tensor | None = None,
+                      block_size: int = 1024, *, router: str = DEFAULT_ROUTER, pooled: torch.Tensor | None = None,
                       backend: str | None = None) -> torch.Tensor:
     """MISA's router over the cache: ``[B * next_n, active_heads]`` int32 head ids, ascending.
     ``active_heads`` (default 8), ``block_size`` (default 1024) and ``router`` as for
@@ -177,7 +178,7 @@ def _route(q, kv_cache, weights, context_lens, block_table, active_heads, block_
 
 def paged_misa_select(q, kv_cache, weights, context_lens, block_table, k: int = 2048,
                       active_heads: int = 8, block_size: int = 1024, stage1_k: int | None = None, *,
-                      router: str = "abs-sum", workspace_bytes: int | None = None,
+                      router: str = DEFAULT_ROUTER, workspace_bytes: int | None = None,
                       pooled: torch.Tensor | None = None, backend: str | None = None) -> torch.Tensor:
     """MISA (or MISA† with ``stage1_k``) over the cache: ``[B * next_n, k]`` int32 positions inside
     each sequence, -1 padded. Arguments as for ``misa.misa_select``; ``pooled`` as for

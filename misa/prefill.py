@@ -30,6 +30,7 @@ import torch
 import triton
 
 from .ops import power_of_two
+from .ops.router.reference import DEFAULT_ROUTER
 from .validate import (Inputs, check_hisa_budget, check_int, check_logits_dtype, check_power_of_two,
                        check_stage1_k)
 
@@ -54,7 +55,7 @@ class PrefillSelector:
     ``variant``: "dsa", "misa", "misa-dagger" or "hisa"; ``num_heads``, ``head_dim``: the indexer's H
     and D (powers of two, what the kernels tile); ``k``: tokens kept per query (default 2048);
     ``max_queries``, ``max_keys``: the largest ``T`` and ``S`` a call may pass. MISA: ``active_heads``
-    (default 8, a power of two, at most H) routed by ``router`` ("abs-sum" or "gap") over blocks of
+    (default 8, a power of two, at most H) routed by ``router`` ("gap", the default, or "abs-sum") over blocks of
     ``block_size`` keys; MISA-dagger also ``stage1_k`` (>= k, required). HISA: ``hisa_block_size``
     and ``hisa_block_k`` (``hisa_block_k * hisa_block_size >= k``). ``workspace_bytes``: as for the
     checked functions (None: 4 GiB on a GPU, 1 GiB elsewhere). ``logits_dtype`` (not HISA, which has
@@ -66,7 +67,7 @@ class PrefillSelector:
 
     def __init__(self, variant: str, *, num_heads: int, head_dim: int, k: int = 2048, max_queries: int,
                  max_keys: int, device=None, active_heads: int = 8, block_size: int = 1024,
-                 router: str = "abs-sum", stage1_k: int | None = None, hisa_block_size: int = 128,
+                 router: str = DEFAULT_ROUTER, stage1_k: int | None = None, hisa_block_size: int = 128,
                  hisa_block_k: int = 64, workspace_bytes: int | None = None,
                  logits_dtype: torch.dtype = torch.float32):
         if variant not in SELECTOR_VARIANTS:

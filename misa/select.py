@@ -33,6 +33,7 @@ from . import quant, reference
 from .ops import power_of_two
 from .ops.dsa import reference as dsa_ref
 from .ops.router import reference as router_ref
+from .ops.router.reference import DEFAULT_ROUTER
 from .ops.topk import reference as topk_ref
 from .validate import Inputs, finish_checks
 
@@ -230,7 +231,7 @@ def _router_kernel_ok(inp: Inputs, router: str) -> tuple[bool, str]:
     return True, ""
 
 
-def route_heads(inp: Inputs, active_heads: int, block_size: int, router: str = "abs-sum",
+def route_heads(inp: Inputs, active_heads: int, block_size: int, router: str = DEFAULT_ROUTER,
                 workspace_bytes: int | None = None, backend: str | None = None) -> torch.Tensor:
     inp = finish_checks(inp)
     if use_kernels(backend, inp.q, (inp.q.dtype, inp.k.dtype)):
@@ -253,7 +254,7 @@ def route_heads(inp: Inputs, active_heads: int, block_size: int, router: str = "
 
 
 def misa_select(inp: Inputs, k: int, active_heads: int, block_size: int, stage1_k: int | None,
-                router: str = "abs-sum", workspace_bytes: int | None = None,
+                router: str = DEFAULT_ROUTER, workspace_bytes: int | None = None,
                 backend: str | None = None, logits_dtype: torch.dtype | None = None) -> torch.Tensor:
     kernels = _use_kernels(inp, backend)
     if kernels and power_of_two(active_heads) and inp.num_heads <= 128:

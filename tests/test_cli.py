@@ -52,9 +52,9 @@ def test_demo_prints_a_table(capsys):
     dsa = misa.dsa_select(*args, k=k)
     sel = {
         "DSA": dsa,
-        "MISA": misa.misa_select(*args, k=k, active_heads=h, block_size=b),
+        "MISA": misa.misa_select(*args, k=k, active_heads=h, block_size=b, router="abs-sum"),
         "MISA (gap router)": misa.misa_select(*args, k=k, active_heads=h, block_size=b, router="gap"),
-        "MISA\u2020": misa.misa_select(*args, k=k, active_heads=h1, block_size=b, stage1_k=k1),
+        "MISA\u2020": misa.misa_select(*args, k=k, active_heads=h1, block_size=b, stage1_k=k1, router="abs-sum"),
         "HISA": misa.hisa_select(*args, k=k, block_size=hb, block_k=hm),
     }
     for method, idx in sel.items():

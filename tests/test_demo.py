@@ -125,7 +125,8 @@ def test_real_table_has_a_recall_column_per_layer_and_a_calibrated_row(monkeypat
     assert rows["calibrated"][1] == "1.0000" and float(rows["calibrated"][2]) < 0.95
     assert abs(float(rows["calibrated"][4]) - worst) <= 5.1e-5
     # MISA's worst query is the worst of any layer
-    misa_worst = min(min(set_recall(misa.misa_select(*per_layer[layer], k=64, active_heads=8, block_size=128),
+    misa_worst = min(min(set_recall(misa.misa_select(*per_layer[layer], k=64, active_heads=8, block_size=128,
+                                                     router="abs-sum"),
                                     misa.dsa_select(*per_layer[layer], k=64))) for layer in per_layer)
     assert abs(float(rows["MISA"][4]) - misa_worst) <= 5.1e-5
     text = " ".join(out.split())
@@ -145,7 +146,7 @@ def test_run_demo_runs_each_layers_own_setting():
     args = {layer: indexer_workload(512, 32, 16, 64, seed=layer).args for layer in (0, 7)}
     workload = realdemo.RealWorkload(args, "fake")
     cfg = realdemo.real_config(torch.device("cpu"), 512, 32, 32)
-    config = misa.MisaConfig(variant="dsa", layers=((7, misa.MisaConfig(variant="misa", active_heads=8,
+    config = misa.MisaConfig(variant="dsa", layers=((7, misa.MisaConfig(variant="misa", active_heads=8, router="abs-sum",
                                                                           block_size=128)),))
     rows = {r.name: r for r in run_demo(cfg, torch.device("cpu"), workload=workload, config=config)}
     assert list(rows) == list(METHODS) + [CALIBRATED]
@@ -346,7 +347,7 @@ def test_real_workload_is_each_layers_indexer_inputs_at_the_last_positions(smoll
                  str(config), "--seq-len", "256", "--num-queries", "24", "--k", "16", "--layers", "1,0"]) == 0
     header, rows = _table(capsys.readouterr().out)
     assert header == ["method", "setting", "L1", "L0", "worst", "ms"]
-    assert rows["L1: MISA"] == ["h=2, B=64"] and rows["L0: DSA"] == ["all 8 heads"]
+    assert rows["L1: MISA (gap)"] == ["h=2, B=64"] and rows["L0: DSA"] == ["all 8 heads"]     # the default router
     assert rows["calibrated"][2] == "1.0000"                           # layer 0 runs DSA
 
 

@@ -18,7 +18,7 @@ def test_pool_keys_means_real_tokens(s, b):
 @pytest.mark.parametrize("h,bs", [(1, 16), (3, 32), (8, 64)])
 def test_route_heads_are_top_router_scores(kind, h, bs):
     q, kv, w, ks, ke = make_inputs(29, 333, 16, 32, kind, seed=h)
-    heads = misa.route_heads(q, kv, w, ks, ke, active_heads=h, block_size=bs)
+    heads = misa.route_heads(q, kv, w, ks, ke, active_heads=h, block_size=bs, router="abs-sum")
     assert heads.shape == (29, h) and heads.dtype == torch.int32
     r = router_scores64(q, kv, w, ks, ke, bs)
     check_routing(heads, r, 1e-5 * r.abs().max().clamp_min(1))
@@ -114,5 +114,6 @@ def test_gap_router_prefers_the_discriminating_head_over_a_loud_uniform_one():
     w = torch.tensor([[-1.0, 0.5]])
     ks = torch.tensor([0], dtype=torch.int32)
     ke = torch.tensor([nb * bs], dtype=torch.int32)
-    assert misa.route_heads(q, k, w, ks, ke, active_heads=1, block_size=bs).tolist() == [[0]]
+    assert misa.route_heads(q, k, w, ks, ke, active_heads=1, block_size=bs, router="abs-sum").tolist() == [[0]]
     assert misa.route_heads(q, k, w, ks, ke, active_heads=1, block_size=bs, router="gap").tolist() == [[1]]
+    assert misa.route_heads(q, k, w, ks, ke, active_heads=1, block_size=bs).tolist() == [[1]]     # the default

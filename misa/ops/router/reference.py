@@ -3,8 +3,9 @@
     kbar[b]  = mean of the dequantised keys of block b (a partial last block averages its real tokens)
     r[t, j]  = sum_b | w[t, j] * relu(q[t, j] . kbar[b]) |    over blocks [floor(ks/B), ceil(ke/B))
 
-``abs-sum`` is the paper's statistic and the default; the others are named options for studying
-the router: ``sum`` (signed), ``max`` (largest block), ``qnorm`` (``|w| * ||q||``, keys
+``abs-sum`` is the paper's statistic; ``gap`` (below) is the library's default (``DEFAULT_ROUTER``:
+on trained indexers of a real model it keeps far more of DSA's quality, see docs/results.md,
+"The default router"); the others are named options for studying the router: ``sum`` (signed), ``max`` (largest block), ``qnorm`` (``|w| * ||q||``, keys
 ignored), ``top-blocks`` (only the query's ``TOP_BLOCKS`` best pooled blocks by the DSA formula
 vote, each with abs-sum: blocks the query will not read cannot pull a head in), ``gap`` (see below).
 
@@ -28,6 +29,7 @@ import torch
 from ..dsa.reference import head_scores
 
 ROUTER_STATISTICS = ("abs-sum", "sum", "max", "qnorm", "top-blocks", "gap")
+DEFAULT_ROUTER = "gap"
 TOP_BLOCKS = 8
 
 
