@@ -162,7 +162,7 @@ def check_recall_against_recomputation(loaded, indexer, recall: dict, md: str):
         # MISA routing all heads scores as DSA does; routing 8 of the 64 loses tokens
         check_selection(misa.misa_select(*args, k=16, active_heads=heads, block_size=32), dsa_logits64(*args),
                         ks, ke, 16)
-        h8 = set_recall(misa.misa_select(*args, k=16, active_heads=8, block_size=32), dsa)
+        h8 = set_recall(misa.misa_select(*args, k=16, active_heads=8, block_size=32, router="abs-sum"), dsa)
         pos = ke.long().tolist()
         window = torch.tensor([list(range(4)) + list(range(e - 12, e)) for e in pos])   # 4 sinks + 12 latest
         sw = set_recall(window, dsa)
