@@ -103,7 +103,8 @@ def route_heads(q, kv, weights, ks, ke, active_heads: int = 8, block_size: int =
     ranks first from the rest), abs-sum (the paper's: ``sum_b |w relu(q . kbar_b)|``), sum, max,
     qnorm, top-blocks (SPEC section 2). The GPU kernel implements gap and abs-sum; the others run
     the reference. gap is the default because on trained indexers of a real model it keeps far
-    more of DSA's quality (docs/results.md, "The default router"); abs-sum reproduces the paper. Other arguments: see the module docstring."""
+    more of DSA's quality (docs/results.md, "The default router"); abs-sum reproduces the paper.
+    Other arguments: see the module docstring."""
     inp = check_inputs(q, kv, weights, ks, ke)
     check_int("active_heads", active_heads, 1, inp.num_heads)
     check_int("block_size", block_size)

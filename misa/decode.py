@@ -123,8 +123,8 @@ class DecodeSelector:
     prediction, or a prefill chunk's length; see the module docstring for the memory).
     HISA: ``block_size`` (a multiple of the 64-token page, default 64) and ``block_k`` (blocks kept,
     default 64; ``block_k * block_size >= k``). MISA and MISA†: ``active_heads`` (default 8, fewer
-    than ``num_heads``, a power of two) routed by ``router`` ("gap", the default, or "abs-sum") over blocks of
-    ``router_block_size`` tokens (a multiple of 64, default 1024) taken from the pooled-key cache.
+    than ``num_heads``, a power of two) routed by ``router`` ("gap", the default, or "abs-sum") over
+    blocks of ``router_block_size`` tokens (a multiple of 64, default 1024) taken from the pooled-key cache.
     MISA† ("misa-dagger"): ``stage1_k`` (required, at least ``k``), the candidates the routed heads
     keep for all heads to re-score (at most 64 heads); a ``stage1_k`` past ``max_context`` keeps
     every cached position.

@@ -261,10 +261,8 @@ def _graph(sel, q, kv_cache, weights, context_lens, block_table, pooled) -> grap
     and ``block_table`` (four copies and one replay of host work per call), and the cache and the
     pooled-key cache in place: calls find it by those caches' addresses. Without a pooled-key cache,
     building one from the cache is part of the graph."""
-    sq, sw, sl, st = inputs = [torch.empty_like(x, memory_format=torch.contiguous_format)
+    sq, sw, sl, st = inputs = [x.clone(memory_format=torch.contiguous_format)
                                for x in (q, weights, context_lens, block_table)]
-    for buf, x in zip(inputs, (q, weights, context_lens, block_table)):
-        buf.copy_(x)
     return graphs.Graph(lambda: sel(sq, kv_cache, sw, sl, st, _pooled_for(sel, pooled, kv_cache, st, sl)), inputs)
 
 

@@ -55,8 +55,8 @@ class PrefillSelector:
     ``variant``: "dsa", "misa", "misa-dagger" or "hisa"; ``num_heads``, ``head_dim``: the indexer's H
     and D (powers of two, what the kernels tile); ``k``: tokens kept per query (default 2048);
     ``max_queries``, ``max_keys``: the largest ``T`` and ``S`` a call may pass. MISA: ``active_heads``
-    (default 8, a power of two, at most H) routed by ``router`` ("gap", the default, or "abs-sum") over blocks of
-    ``block_size`` keys; MISA-dagger also ``stage1_k`` (>= k, required). HISA: ``hisa_block_size``
+    (default 8, a power of two, at most H) routed by ``router`` ("gap", the default, or "abs-sum")
+    over blocks of ``block_size`` keys; MISA-dagger also ``stage1_k`` (>= k, required). HISA: ``hisa_block_size``
     and ``hisa_block_k`` (``hisa_block_k * hisa_block_size >= k``). ``workspace_bytes``: as for the
     checked functions (None: 4 GiB on a GPU, 1 GiB elsewhere). ``logits_dtype`` (not HISA, which has
     no logits matrix): ``torch.float32`` or ``torch.bfloat16``, the logits rows the top-k reads

@@ -146,8 +146,8 @@ def test_run_demo_runs_each_layers_own_setting():
     args = {layer: indexer_workload(512, 32, 16, 64, seed=layer).args for layer in (0, 7)}
     workload = realdemo.RealWorkload(args, "fake")
     cfg = realdemo.real_config(torch.device("cpu"), 512, 32, 32)
-    config = misa.MisaConfig(variant="dsa", layers=((7, misa.MisaConfig(variant="misa", active_heads=8, router="abs-sum",
-                                                                          block_size=128)),))
+    config = misa.MisaConfig(variant="dsa", layers=((7, misa.MisaConfig(variant="misa", active_heads=8,
+                                                                          block_size=128, router="abs-sum")),))
     rows = {r.name: r for r in run_demo(cfg, torch.device("cpu"), workload=workload, config=config)}
     assert list(rows) == list(METHODS) + [CALIBRATED]
     cal, misa_row = rows[CALIBRATED], rows["misa"]

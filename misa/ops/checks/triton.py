@@ -16,15 +16,16 @@ BLOCK = 4096                # elements (fp8 inputs: 4-byte words) per program an
 MAX_PROGRAMS = 1024         # per input: ~8 per SM on an H100, enough loads in flight to stream at full bandwidth
 NUM_FLAGS = len(FLAGS)
 
-FLOAT, FP8_BYTES, FP8_WORDS = 0, 1, 2      # how ``_scan`` reads an input: float elements, fp8 bytes, fp8 in int32 words
+# how ``_scan`` reads an input: float elements, fp8 bytes, fp8 in int32 words (constexpr: the kernels compare them)
+FLOAT, FP8_BYTES, FP8_WORDS = tl.constexpr(0), tl.constexpr(1), tl.constexpr(2)
 
 
 @triton.jit
 def _bad(x, FMT: tl.constexpr):
-    if FMT == 2:                                         # four float8_e4m3fn in a word: any byte S.1111.111
+    if FMT == FP8_WORDS:                                 # four float8_e4m3fn in a word: any byte S.1111.111
         return (((x & 0x7F) == 0x7F) | (((x >> 8) & 0x7F) == 0x7F) | (((x >> 16) & 0x7F) == 0x7F)
                 | (((x >> 24) & 0x7F) == 0x7F))
-    if FMT == 1:
+    if FMT == FP8_BYTES:
         return (x & 0x7F) == 0x7F                        # uint8 view of float8_e4m3fn: NaN
     xf = x.to(tl.float32)
     return (xf != xf) | (tl.abs(xf) == float("inf"))
@@ -57,9 +58,9 @@ def _checks_kernel(Q, n_q, K, n_k, KSCALE, n_s, W, n_w, KS, KE, n_t, num_keys, O
     elif pid < P_Q + P_K:
         _scan(K, n_k, pid - P_Q, P_K, OUT, 1, K_FMT, False, BLOCK)
     elif pid < P_Q + P_K + P_S:
-        _scan(KSCALE, n_s, pid - P_Q - P_K, P_S, OUT, 2, 0, True, BLOCK)
+        _scan(KSCALE, n_s, pid - P_Q - P_K, P_S, OUT, 2, FLOAT, True, BLOCK)
     elif pid < P_Q + P_K + P_S + P_W:
-        _scan(W, n_w, pid - P_Q - P_K - P_S, P_W, OUT, 3, 0, False, BLOCK)
+        _scan(W, n_w, pid - P_Q - P_K - P_S, P_W, OUT, 3, FLOAT, False, BLOCK)
     else:
         neg = tl.zeros([BLOCK], dtype=tl.int1)
         order = tl.zeros([BLOCK], dtype=tl.int1)
@@ -93,11 +94,11 @@ def _flat(x: torch.Tensor) -> tuple[torch.Tensor, int]:
     fill whole aligned words (four bytes per load and compare), else as bytes."""
     x = x.reshape(-1)
     if x.dtype != FP8:
-        return x, FLOAT
+        return x, FLOAT.value
     x = x.view(torch.uint8)
     if x.numel() % 4 == 0 and x.data_ptr() % 4 == 0:
-        return x.view(torch.int32), FP8_WORDS
-    return x, FP8_BYTES
+        return x.view(torch.int32), FP8_WORDS.value
+    return x, FP8_BYTES.value
 
 
 def input_flags(q, k, k_scale, weights, ks, ke, num_keys: int) -> torch.Tensor:
@@ -119,7 +120,7 @@ def _paged_checks_kernel(Q, n_q, W, n_w, CTX, TABLE, B, P, stride_table, num_pag
     if pid < P_Q:
         _scan(Q, n_q, pid, P_Q, OUT, 0, Q_FMT, False, BLOCK)
     elif pid < P_Q + P_W:
-        _scan(W, n_w, pid - P_Q, P_W, OUT, 1, 0, False, BLOCK)
+        _scan(W, n_w, pid - P_Q, P_W, OUT, 1, FLOAT, False, BLOCK)
     else:
         b = pid - P_Q - P_W                                  # one program per sequence
         ctx = tl.load(CTX + b)

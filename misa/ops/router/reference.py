@@ -5,8 +5,8 @@
 
 ``abs-sum`` is the paper's statistic; ``gap`` (below) is the library's default (``DEFAULT_ROUTER``:
 on trained indexers of a real model it keeps far more of DSA's quality, see docs/results.md,
-"The default router"); the others are named options for studying the router: ``sum`` (signed), ``max`` (largest block), ``qnorm`` (``|w| * ||q||``, keys
-ignored), ``top-blocks`` (only the query's ``TOP_BLOCKS`` best pooled blocks by the DSA formula
+"The default router"); the others are named options for studying the router: ``sum`` (signed),
+``max`` (largest block), ``qnorm`` (``|w| * ||q||``, keys ignored), ``top-blocks`` (only the query's ``TOP_BLOCKS`` best pooled blocks by the DSA formula
 vote, each with abs-sum: blocks the query will not read cannot pull a head in), ``gap`` (see below).
 
 ``gap`` keeps the heads that most separate, in DSA's direction, the block DSA would rank first

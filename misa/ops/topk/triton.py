@@ -41,6 +41,7 @@ import triton
 import triton.language as tl
 
 from ..triton_common import INTERPRET, ordered_key as _ordered_key
+from ...validate import LOGITS_DTYPES
 
 
 class TopkConfig(NamedTuple):
@@ -103,12 +104,9 @@ HOLD = 4096
 SELECT_MAXNREG = 96
 
 
-ROW_DTYPES = (torch.float32, torch.bfloat16)     # rows the top-k kernels read (bf16 widened exactly)
-
-
 def check_rows(name: str, x: torch.Tensor) -> None:
-    """A top-k's rows are float32 or bfloat16."""
-    if x.dtype not in ROW_DTYPES:
+    """A top-k's rows are float32 or bfloat16: the logits dtypes (bf16 widened exactly)."""
+    if x.dtype not in LOGITS_DTYPES:
         raise ValueError(f"{name}: the top-k takes float32 or bfloat16 rows, got {x.dtype}")
 
 
