@@ -244,11 +244,14 @@ def _fields_from(value, where: str, base: dict | None = None) -> dict:
 
 
 def _changed_fields(cfg: MisaConfig) -> dict:
-    """The setting fields of ``cfg`` that differ from MisaConfig's defaults (variant always)."""
+    """The setting fields of ``cfg`` that differ from MisaConfig's defaults (variant always, and a
+    routed variant's router always: a file then routes as it was written whatever the library's
+    default router is)."""
+    from .variants import VARIANTS
     out = {"variant": cfg.variant}
     for f in _SETTING_FIELDS[1:]:
         v = getattr(cfg, f)
-        if v != getattr(MisaConfig, f):
+        if v != getattr(MisaConfig, f) or (f == "router" and VARIANTS[cfg.variant].routed):
             out[f] = v
     return out
 

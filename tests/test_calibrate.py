@@ -120,6 +120,22 @@ def test_cost_table_files(tmp_path):
             CostTable.load(bad)
 
 
+def test_config_files_name_every_routed_layers_router():
+    # a written config routes as it was written whatever the library's default router: to_json names
+    # the router of every routed setting, and the shipped calibrated config does too
+    from importlib.resources import files
+    from misa.variants import VARIANTS
+    cfg = misa.MisaConfig(variant="dsa", layers=((1, misa.MisaConfig(variant="misa")),
+                                                 (2, misa.MisaConfig(variant="misa-dagger", stage1_k=4096,
+                                                                     router="abs-sum"))))
+    out = cfg.to_json()
+    assert "router" not in out["default"]
+    assert out["layers"]["1"]["router"] == misa.MisaConfig().router and out["layers"]["2"]["router"] == "abs-sum"
+    shipped = json.loads(files("misa").joinpath("data/smollm2-calibrated.json").read_text())
+    routed = [v for v in shipped["layers"].values() if VARIANTS[v["variant"]].routed]
+    assert routed and all("router" in v for v in routed)
+
+
 def test_per_layer_config_json_errors_name_the_field(tmp_path):
     ok = {"default": {"variant": "dsa"}, "layers": {"1": {"variant": "misa", "active_heads": 4, "router": "gap"}}}
     cfg = misa.MisaConfig.from_json(ok)
