@@ -30,7 +30,7 @@ import torch
 
 from . import select
 from .ops.router.reference import DEFAULT_ROUTER, ROUTER_STATISTICS
-from .validate import (DeferredChecks, check_hisa_budget, check_inputs, check_int, check_logits_dtype,
+from .validate import (LOGITS_DTYPES, DeferredChecks, check_hisa_budget, check_inputs, check_int, check_logits_dtype,
                        check_ranges, check_stage1_k, check_tensor, finish_checks)
 
 ROUTER_DOC = "gap (the default), abs-sum (the paper's), sum, max, qnorm, top-blocks"
@@ -56,10 +56,10 @@ def dsa_logits(q, kv, weights, ks, ke, *, backend: str | None = None) -> torch.T
 
 
 def topk_indices(logits, ks, ke, k: int, *, backend: str | None = None) -> torch.Tensor:
-    """Positions of the ``k`` largest ``logits [T, S]`` (float32, no NaN) inside ``[ks, ke)``
+    """Positions of the ``k`` largest ``logits [T, S]`` (float32 or bfloat16, no NaN) inside ``[ks, ke)``
     (``[T]`` int32 each): ``[T, k]`` int32, -1 padded, exactly ``min(k, ke - ks)`` per row; ties
     at the k-th value may go either way. The kernel is a radix/sample top-k (one read of each row)."""
-    check_tensor("logits", logits, 2, (torch.float32,))
+    check_tensor("logits", logits, 2, LOGITS_DTYPES)
     check_int("k", k)
     checks = DeferredChecks()
     check_ranges(ks, ke, logits.shape[0], logits.shape[1], logits.device, checks)

@@ -6,9 +6,10 @@ from helpers import as_sets, make_inputs
 from misa import MisaConfig
 
 
-def test_defaults_are_the_papers():
+def test_defaults_are_the_papers_sizes_with_the_gap_router():
     cfg = MisaConfig()
     assert (cfg.variant, cfg.active_heads, cfg.block_size, cfg.stage1_k) == ("misa", 8, 1024, None)
+    assert cfg.router == "gap"                  # the paper routes by abs-sum; docs/results.md says why not
     assert cfg.heads(decode=True) == 8
 
 

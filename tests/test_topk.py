@@ -28,6 +28,16 @@ def test_topk_invariants(kind, k, ties):
     check_selection(idx, x.double(), ks, ke, k, rtol=0)
 
 
+@pytest.mark.parametrize("kind", ["causal", "ragged"])
+def test_topk_of_bfloat16_logits_is_the_topk_of_their_values(kind):
+    g = torch.Generator().manual_seed(11)
+    x = _logits(40, 300, 11).bfloat16()           # bf16's 8-bit mantissa: many ties at the k-th value
+    ks, ke = ranges(kind, 40, 300, g)
+    idx = misa.topk_indices(x, ks, ke, 50)
+    assert idx.dtype == torch.int32
+    check_selection(idx, x.double(), ks, ke, 50, rtol=0)
+
+
 def test_topk_ignores_values_outside_the_range():
     # huge values outside [ks, ke) must never be picked
     x = torch.randn(4, 50)
