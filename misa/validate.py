@@ -156,9 +156,11 @@ def value_checks(name: str, *args, read: bool = True):
     PyTorch ops took ~20 launches), the PyTorch reference otherwise or under ``MISA_BACKEND=reference``.
     ``read=False``: the device tensor of flags, queued and not read yet."""
     import os
-    from .ops import checks, kernels_available
+    from .ops import kernels_available
     if args[0].is_cuda and os.environ.get("MISA_BACKEND") != "reference" and kernels_available():
         from .ops.checks import triton as checks
+    else:
+        from .ops import checks
     flags = getattr(checks, name)(*args)
     return flags.tolist() if read else flags                # the one synchronisation
 

@@ -1,5 +1,4 @@
 import pytest
-import torch
 
 import misa
 from helpers import as_sets, check_pick_from, check_selection, dsa_logits64, make_inputs

@@ -5,7 +5,7 @@ import torch
 
 import misa
 from misa.quant import FP8_MAX
-from helpers import FP8, as_sets, make_inputs, paged_batch
+from helpers import FP8, as_sets, paged_batch
 
 
 def e4m3_round(x: torch.Tensor) -> torch.Tensor:

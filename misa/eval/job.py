@@ -21,8 +21,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-
 
 def _out(path: str | None) -> Path | None:
     if not path:

@@ -19,7 +19,7 @@ import torch
 from . import data
 from .common import EvalContext
 from .report import fmt, md_table, write_result
-from .selectors import IN_MODEL, SelectorSettings, check_in_model, describe, display
+from .selectors import SelectorSettings, check_in_model, describe, display
 from .sparse import SparseAttention
 
 NIAH_METHODS = ["dense", "dsa", "misa-h8", "misa-dagger", "hisa", "sink-window"]

@@ -137,7 +137,7 @@ def recall_report(ctx: EvalContext, cfg: RecallConfig, res: dict, out_dir: Path)
     s = cfg.settings
     main_k = cfg.ks[len(cfg.ks) // 2]
     g = ctx.geo
-    md = [f"# Recall of DSA's selection and attention mass, per layer\n",
+    md = ["# Recall of DSA's selection and attention mass, per layer\n",
           f"{ctx.model_path.stem} ({g['layers']} layers) with the DSA indexer named above, context {cfg.context} tokens, "
           f"{res['windows']} held-out windows ({data.heldout_file(ctx.corpus).name}) x {res['queries_per_window']} "
           f"queries spread over each window's second half. Mass = the dense model's attention probability "
