@@ -1,8 +1,6 @@
 """Top-k of short rows (up to ``MAX_WIDTH`` columns) in one launch: one program holds its whole
-row in registers and finds the k-th largest key by radix select: a 256-bin histogram of one 8-bit
-digit per pass, most significant first, among the keys that share the digits found so far; it
-stops as soon as those keys are exactly the ones still needed (at most four passes), then writes
-the winners.
+row in registers and finds the k-th largest key by a 4-way search on the key range, stopping as
+soon as exactly ``k`` keys lie at or above its lower bound; then it writes the winners.
 
 The three-launch top-k (``triton.py``) reads a long row once whatever k is; on the rows decode
 produces (a few thousand candidates or blocks per query, often one query) its launches and
@@ -19,7 +17,7 @@ import triton.language as tl
 from ..triton_common import ordered_key
 from .triton import check_rows
 
-MAX_WIDTH = 16384          # the row fits registers
+MAX_WIDTH = 16384          # counts share 16-bit fields (< 65536), and the row fits registers
 
 
 @triton.jit(do_not_specialize=["ks_offset", "out_offset", "K"])
@@ -35,28 +33,36 @@ def _short_rows_kernel(X, KS, KE, OUT, CMAP, stride_x, stride_out, stride_cmap, 
         m = m & (x > float("-inf"))
     key = ordered_key(x)
     n = tl.sum(m.to(tl.int32), axis=0)
-    bins = tl.arange(0, 256)
-    prefix = tl.zeros([], dtype=tl.uint32)      # the k-th key's bits found so far (under hmask)
-    hmask = tl.zeros([], dtype=tl.uint32)
-    krem = K                                     # the k-th key is the krem-th largest matching prefix
-    shift = 24
-    going = n > K
-    while going:                                 # one 8-bit digit per pass, most significant first
-        h = tl.histogram(((key >> shift) & 0xFF).to(tl.int32), 256, mask=m & ((key & hmask) == prefix))
-        at_or_above = tl.sum(h, axis=0) - tl.cumsum(h, axis=0) + h
-        digit = tl.max(tl.where(at_or_above >= krem, bins, 0), axis=0)
-        krem -= tl.sum(tl.where(bins > digit, h, 0), axis=0)
-        prefix = prefix | (digit.to(tl.uint32) << shift)
-        hmask = hmask | (tl.full([], 0xFF, tl.uint32) << shift)
-        # done when the keys sharing the prefix are exactly the ones still needed
-        going = (shift > 0) & (tl.sum(tl.where(bins == digit, h, 0), axis=0) != krem)
-        shift -= 8
+    lo = tl.min(tl.where(m, key, 0xFFFFFFFF), axis=0)
+    hi = tl.max(tl.where(m, key, 0), axis=0)
+    at_lo = n
+    j = tl.arange(0, 4)
+    z = tl.zeros([4], dtype=tl.int32)
+    # invariant: count(key >= lo) >= K (when n > K) and no key above hi matters more than lo
+    while (n > K) & (hi > lo) & (at_lo != K):
+        step = (hi - lo) // 4 + 1
+        thr = lo + j.to(tl.uint32) * step
+        valid = j.to(tl.uint32) * step <= hi - lo
+        # two thresholds per reduction as 16-bit fields (W < 65536): a [W, 4] comparison spilled
+        t0 = tl.sum(tl.where(j == 0, thr, 0), axis=0)
+        t1 = tl.sum(tl.where(j == 1, thr, 0), axis=0)
+        t2 = tl.sum(tl.where(j == 2, thr, 0), axis=0)
+        t3 = tl.sum(tl.where(j == 3, thr, 0), axis=0)
+        c01 = tl.sum((m & (key >= t0)).to(tl.int32) + ((m & (key >= t1)).to(tl.int32) << 16), axis=0)
+        c23 = tl.sum((m & (key >= t2)).to(tl.int32) + ((m & (key >= t3)).to(tl.int32) << 16), axis=0)
+        counts = tl.where(j == 0, c01 & 0xFFFF, tl.where(j == 1, c01 >> 16, tl.where(j == 2, c23 & 0xFFFF, c23 >> 16))) + z
+        ok = valid & (counts >= K)
+        best = tl.max(tl.where(ok, j, 0), axis=0)
+        new_lo = lo + best.to(tl.uint32) * step
+        has_next = tl.sum((valid & (j == best + 1)).to(tl.int32), axis=0) > 0
+        hi = tl.where(has_next, new_lo + step - 1, hi)
+        lo = new_lo
+        at_lo = tl.sum(tl.where(j == best, counts, 0), axis=0)
     if n <= K:
         take = m
     else:
-        top = key & hmask
-        above = m & (top > prefix)
-        tie = m & (top == prefix)
+        above = m & (key > lo)
+        tie = m & (key == lo)
         room = K - tl.sum(above.to(tl.int32), axis=0)
         take = above | (tie & (tl.cumsum(tie.to(tl.int32), axis=0) <= room))
     pos = tl.cumsum(take.to(tl.int32), axis=0) - 1
@@ -82,7 +88,7 @@ def short_rows_topk(x: torch.Tensor, ks: torch.Tensor, ke: torch.Tensor, k: int,
     if w > MAX_WIDTH:
         raise ValueError(f"x: rows of {w} columns exceed the short-row top-k's {MAX_WIDTH}")
     if t:
-        width = max(256, triton.next_power_of_2(w))   # at least the histogram's bins
+        width = max(16, triton.next_power_of_2(w))
         _short_rows_kernel[(t,)](
             x, ks, ke, out, cmap if cmap is not None else out, x.stride(0), out.stride(0),
             cmap.stride(0) if cmap is not None else 0, ks_offset, out_offset, k,
