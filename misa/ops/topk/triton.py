@@ -691,6 +691,8 @@ class TopkLaunches:
         self.args = (x, ks, ke, k, ks_offset, out_offset, cmap, finite_only)
         self.k = k
         self.cfg = config or DEFAULT_CONFIG
+        if self.cfg.sample & (self.cfg.sample - 1):     # tl.arange's sizes: the GPU refuses others
+            raise ValueError(f"config: sample must be a power of two, got {self.cfg.sample}")
         self.cap = scratch_size(k, w)
         self.compact_cfg = COMPACT_CONFIG
         self.parts = max(1, min(256, w // (self.compact_cfg.steps * self.compact_cfg.block)))
