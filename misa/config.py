@@ -28,6 +28,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from . import api, paged
 from .ops.router.reference import DEFAULT_ROUTER, ROUTER_STATISTICS
 from .validate import check_hisa_budget, check_int
@@ -54,7 +56,10 @@ class MisaConfig:
     ``hisa_block_k`` to HISA. ``stage1_k`` is required by ``"misa-dagger"`` and refused by
     ``"misa"`` (setting it there almost always means MISA-dagger was meant).
     ``workspace_bytes`` bounds the largest intermediate (see ``misa.api``); ``backend`` picks
-    kernels or reference (None: ``"auto"``, see ``misa.api``). Variants: ``misa.variants.VARIANTS``.
+    kernels or reference (None: ``"auto"``, see ``misa.api``). ``logits_dtype``: ``"float32"`` or
+    ``"bfloat16"``, the prefill logits rows of DSA, MISA and MISA-dagger's first stage (``misa.api``;
+    bfloat16 suits MISA-dagger, docs/integration.md); HISA has none and refuses bfloat16.
+    Variants: ``misa.variants.VARIANTS``.
     """
     variant: str = "misa"
     active_heads: int = 8
@@ -66,6 +71,7 @@ class MisaConfig:
     hisa_block_k: int = 64
     workspace_bytes: int | None = None
     backend: str | None = None
+    logits_dtype: str = "float32"
     layers: tuple = ()            # ((layer index, MisaConfig), ...): per-layer settings, see for_layer
     meta: Mapping | None = dataclasses.field(default=None, compare=False, hash=False)   # from_json's "calibration"
 
@@ -204,10 +210,11 @@ class MisaConfig:
         """This variant's selection (``misa.api`` conventions): ``[T, k]`` int32 absolute positions,
         -1 padded. ``decode`` picks ``decode_active_heads``."""
         opts = dict(workspace_bytes=self.workspace_bytes, backend=self.backend)
-        if self.variant == "dsa":
-            return api.dsa_select(q, kv, weights, ks, ke, k, **opts)
         if self.variant == "hisa":
             return api.hisa_select(q, kv, weights, ks, ke, k, self.hisa_block_size, self.hisa_block_k, **opts)
+        opts["logits_dtype"] = LOGITS_DTYPES[self.logits_dtype]
+        if self.variant == "dsa":
+            return api.dsa_select(q, kv, weights, ks, ke, k, **opts)
         return api.misa_select(q, kv, weights, ks, ke, k, self.heads(decode), self.block_size,
                                self.stage1_k, router=self.router, **opts)
 
@@ -226,7 +233,8 @@ class MisaConfig:
 
 CONFIG_FORMAT = "misa-config/1"
 _SETTING_FIELDS = ("variant", "active_heads", "decode_active_heads", "block_size", "stage1_k", "router",
-                   "hisa_block_size", "hisa_block_k", "workspace_bytes", "backend")
+                   "hisa_block_size", "hisa_block_k", "workspace_bytes", "backend", "logits_dtype")
+LOGITS_DTYPES = {"float32": None, "bfloat16": torch.bfloat16}     # logits_dtype -> misa.api's argument
 
 
 def _fields_from(value, where: str, base: dict | None = None) -> dict:
@@ -319,3 +327,8 @@ def _check_fields(values: dict, names: dict) -> None:
         check_int(name("workspace_bytes"), values["workspace_bytes"])
     if values.get("backend") is not None and values["backend"] not in BACKENDS:
         raise ValueError(f"{name('backend')}: expected one of {BACKENDS} or None, got {values['backend']!r}")
+    logits_dtype = values.get("logits_dtype", "float32")
+    if logits_dtype not in LOGITS_DTYPES:
+        raise ValueError(f"{name('logits_dtype')}: expected one of {tuple(LOGITS_DTYPES)}, got {logits_dtype!r}")
+    if variant == "hisa" and logits_dtype != "float32":
+        raise ValueError(f"{name('logits_dtype')}: variant 'hisa' has no logits rows to store in {logits_dtype}")

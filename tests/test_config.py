@@ -98,3 +98,32 @@ def test_decode_heads_apply_only_at_decode():
     cfg = MisaConfig(active_heads=1, decode_active_heads=8, block_size=32)
     assert as_sets(cfg.select(*args, 20, decode=True)) == as_sets(misa.dsa_select(*args, 20))
     assert torch.equal(cfg.select(*args, 20), misa.misa_select(*args, 20, active_heads=1, block_size=32))
+
+
+@pytest.mark.parametrize("variant", ["dsa", "misa", "misa-dagger"])
+def test_logits_dtype_reaches_the_selection(variant):
+    # bfloat16 logits tie keys that float32 orders, so the two selections differ on these inputs:
+    # the config's selection must be the bfloat16 one
+    q, kv, w, ks, ke = make_inputs(96, 700, 8, 32, "causal", seed=5)
+    extra = {"stage1_k": 128} if variant == "misa-dagger" else {}
+    cfg = MisaConfig(variant=variant, active_heads=2, block_size=64, logits_dtype="bfloat16", **extra)
+    got = cfg.select(q, kv, w, ks, ke, 64)
+    if variant == "dsa":
+        want = misa.dsa_select(q, kv, w, ks, ke, 64, logits_dtype=torch.bfloat16)
+        f32 = misa.dsa_select(q, kv, w, ks, ke, 64)
+    else:
+        args = (q, kv, w, ks, ke, 64, 2, 64, extra.get("stage1_k"))
+        want = misa.misa_select(*args, logits_dtype=torch.bfloat16)
+        f32 = misa.misa_select(*args)
+    assert as_sets(got) == as_sets(want)
+    assert as_sets(got) != as_sets(f32)
+    assert MisaConfig.from_json(cfg.to_json()) == cfg
+
+
+def test_logits_dtype_bad_values():
+    with pytest.raises(ValueError, match="^logits_dtype: expected one of"):
+        MisaConfig(logits_dtype="float16")
+    with pytest.raises(ValueError, match="^logits_dtype: variant 'hisa'"):
+        MisaConfig(variant="hisa", logits_dtype="bfloat16")
+    with pytest.raises(ValueError, match="^layers.2.logits_dtype:"):
+        MisaConfig.from_json({"layers": {"2": {"variant": "dsa", "logits_dtype": "bf16"}}})
