@@ -61,11 +61,13 @@ if ! "$PY" -c "import pytest" 2>/dev/null; then
   tests="pytest not installed (put its wheels in .whl/)"
   status=2
 else
-  timeout "${PYTEST_TIMEOUT:-420}" "$PY" -m pytest -q -rfEs -p no:cacheprovider --junitxml="$JUNIT" \
+  # SIGINT at the limit: pytest then stops its workers (which would go on using the card under any
+  # bench that follows) and still prints the failures so far
+  timeout -s INT -k 30 "${PYTEST_TIMEOUT:-420}" "$PY" -m pytest -q -rfEs -p no:cacheprovider --junitxml="$JUNIT" \
     "${workers[@]}" ${PYTEST_ARGS:-} $files >>"$LOG" 2>&1
   rc=$?
   if [ $rc -eq 124 ] || [ $rc -eq 137 ]; then
-    tests="timed out after ${PYTEST_TIMEOUT:-420} s (see $LOG)"
+    tests="timed out after ${PYTEST_TIMEOUT:-420} s: $(grep -E '^[0-9]+ (passed|failed)' "$LOG" | tail -n1) (see $LOG)"
     status=1
   elif [ -f "$JUNIT" ]; then
     tests=$("$PY" - "$JUNIT" <<'EOF'
