@@ -50,10 +50,12 @@ if BIG:
     CASES += [([700, 4000, 30000, 65], 2, 64), ([131072, 9000], 1, 128)]
 
 
-@pytest.mark.parametrize("lens,next_n,block_size,pooled_dtype",
-                         [c + (torch.bfloat16,) for c in CASES] + [CASES[0] + (torch.float32,)])
-def test_block_scores_kernel_like_float64(lens, next_n, block_size, pooled_dtype):
-    # both pooled-cache dtypes: the kernel reads the rows as float32 whatever they are stored in
+@pytest.mark.parametrize("lens,next_n,block_size,pooled_dtype,tile,splits",
+                         [c + (torch.bfloat16, 64, None) for c in CASES] + [CASES[0] + (torch.float32, 64, None),
+                                                                            ([3000, 70], 2, 64, torch.bfloat16, 16, 2)])
+def test_block_scores_kernel_like_float64(lens, next_n, block_size, pooled_dtype, tile, splits):
+    # both pooled-cache dtypes: the kernel reads the rows as float32 whatever they are stored in;
+    # two programs per sequence taking alternate tiles of 16 blocks (47 blocks: three tiles)
     from misa.ops.blocks import triton as blocks_triton
     h, d = (8, 64) if not BIG else (64, 128)
     seqs, q, w, cache, table, clens = _batch(lens, next_n, h, d, seed=sum(lens) + next_n)
@@ -61,7 +63,7 @@ def test_block_scores_kernel_like_float64(lens, next_n, block_size, pooled_dtype
     width = -(-table.shape[1] * 64 // block_size)
     got = torch.full((len(lens) * next_n, width), float("nan"), device=DEVICE)
     ends = torch.empty(len(lens) * next_n, dtype=torch.int32, device=DEVICE)
-    blocks_triton.block_scores(q, pooled, w, clens, table, block_size, got, ends)
+    blocks_triton.block_scores(q, pooled, w, clens, table, block_size, got, ends, tile=tile, splits=splits)
     ref = blocks_ref.block_scores(q.cpu(), pooled.cpu(), w.cpu(), clens.cpu(), table.cpu(), block_size, width)
     visible_end = -(-_ends(clens, next_n) // block_size)
     assert torch.equal(ends.cpu().long(), visible_end)
