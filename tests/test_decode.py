@@ -14,8 +14,8 @@ pytestmark = [pytest.mark.filterwarnings("ignore:invalid value encountered:Runti
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 BIG = DEVICE == "cuda"
-# block means meet q in bf16 on the GPU (float32 in the interpreter, where only the float32 page
-# sums and the order of summation differ from float64)
+# block means meet q in a tf32 MMA on the GPU (float32 in the interpreter, where only the float32
+# page sums and the order of summation differ from float64)
 RTOL = 5e-3 if BIG else 1e-4
 # exact token scores: Hopper's fp8 MMA accumulates in reduced precision (~2e-4 of the largest score)
 EXACT_RTOL = 5e-4 if BIG else 1e-5
