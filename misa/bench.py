@@ -28,11 +28,10 @@ import torch
 from .config import MisaConfig
 from .metrics import recall
 from .synthetic import indexer_workload
-from .validate import check_inputs
+from .validate import LOGITS_DTYPE_NAMES, check_inputs
 from .variants import METHODS as REGISTRY, VARIANTS, check_methods, method_config
 
 METHODS = tuple(REGISTRY)          # the names --methods takes: misa.variants.METHODS
-LOGITS_DTYPES = ("float32", "bfloat16")     # --logits-dtype: bfloat16 adds the -bf16 rows
 BF16 = "-bf16"                              # the suffix of a bfloat16-logits row
 
 
@@ -58,8 +57,8 @@ class BenchConfig:
         if self.rounds < 1:
             raise ValueError(f"rounds: {self.rounds} must be at least 1")
         self.methods = tuple(check_methods(self.methods))
-        if self.logits_dtype not in LOGITS_DTYPES:
-            raise ValueError(f"logits_dtype: expected one of {LOGITS_DTYPES}, got {self.logits_dtype!r}")
+        if self.logits_dtype not in LOGITS_DTYPE_NAMES:      # "bfloat16" adds the -bf16 rows
+            raise ValueError(f"logits_dtype: expected one of {tuple(LOGITS_DTYPE_NAMES)}, got {self.logits_dtype!r}")
 
 
 def bf16_rows(methods, logits_dtype: str) -> dict[str, str]:
@@ -122,18 +121,7 @@ def _run(mc, inp, k: int) -> torch.Tensor:
     return select.misa_select(inp, k, mc.active_heads, mc.block_size, mc.stage1_k, mc.router, mc.workspace_bytes)
 
 
-def _checked(mc, args, k: int, logits_dtype: torch.dtype):
-    """The public function of method ``mc`` on ``args``, as a timer."""
-    if logits_dtype == torch.float32:
-        return lambda: mc.select(*args, k)
-    from . import api
-    opts = dict(workspace_bytes=mc.workspace_bytes, backend=mc.backend, logits_dtype=logits_dtype)
-    if mc.variant == "dsa":
-        return lambda: api.dsa_select(*args, k, **opts)
-    return lambda: api.misa_select(*args, k, mc.active_heads, mc.block_size, mc.stage1_k, router=mc.router, **opts)
-
-
-def _selector(cfg: BenchConfig, mc, seq_len: int, device, logits_dtype: torch.dtype = torch.float32):
+def _selector(cfg: BenchConfig, mc, seq_len: int, device):
     """Method ``mc``'s ``PrefillSelector`` for ``cfg.num_queries`` x ``seq_len``."""
     from .prefill import PrefillSelector
     opts = {}
@@ -143,7 +131,8 @@ def _selector(cfg: BenchConfig, mc, seq_len: int, device, logits_dtype: torch.dt
         opts = dict(hisa_block_size=mc.hisa_block_size, hisa_block_k=mc.hisa_block_k)
     return PrefillSelector(mc.variant, num_heads=cfg.heads, head_dim=cfg.head_dim, k=cfg.k,
                            max_queries=cfg.num_queries, max_keys=seq_len, device=device,
-                           workspace_bytes=mc.workspace_bytes, logits_dtype=logits_dtype, **opts)
+                           workspace_bytes=mc.workspace_bytes, logits_dtype=LOGITS_DTYPE_NAMES[mc.logits_dtype],
+                           **opts)
 
 
 def _key(name: str) -> str:
@@ -199,11 +188,12 @@ def bench_one(cfg: BenchConfig, seq_len: int, device: torch.device) -> dict:
     runs = {}
     for name in row_names(cfg.methods, cfg.logits_dtype):
         mc = _config(cfg, bf16.get(name, name))
-        dtype = torch.bfloat16 if name in bf16 else torch.float32
-        sel = _selector(cfg, mc, seq_len, device, logits_dtype=dtype)
+        if name in bf16:
+            mc = mc.with_options(logits_dtype="bfloat16")
+        sel = _selector(cfg, mc, seq_len, device)
         runs[name] = run = (lambda sel: lambda: sel(*args))(sel)
         timers[name + ".e2e"] = run
-        timers[name + ".checked"] = _checked(mc, w.args, k, dtype)
+        timers[name + ".checked"] = (lambda mc: lambda: mc.select(*w.args, k))(mc)
         # memory a call needs: the selector's buffers (and anything a call would allocate beyond them)
         row[name + ".peak_mb"] = sel.nbytes / 2**20 + _peak_mb(run, device)
     ref = runs["dsa"]().clone()

@@ -280,6 +280,7 @@ def _bench_decode(args: argparse.Namespace, device) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from .eval.data import CORPUS_HELP
+    from .validate import LOGITS_DTYPE_NAMES
     from .variants import METHODS
     names = ",".join(METHODS)
     labels = ", ".join(m.label.replace("\u2020", "-dagger") for m in METHODS.values())
@@ -341,7 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--rounds", type=int, default=3,
                    help="interleaved timing rounds per measurement (each --rep-ms / rounds; the median is reported)")
     b.add_argument("--methods", default=names, help=f"comma-separated, from {', '.join(METHODS)}")
-    b.add_argument("--logits-dtype", choices=["float32", "bfloat16"], default="float32",
+    b.add_argument("--logits-dtype", choices=list(LOGITS_DTYPE_NAMES), default="float32",
                    help="bfloat16: also time each method that has a logits matrix (DSA, MISA, MISA-dagger; not "
                         "HISA) with its logits stored in bfloat16 (rows NAME-bf16: half the logits' memory and "
                         "traffic), with the recall of its float32 selection")

@@ -28,11 +28,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from . import api, paged
 from .ops.router.reference import DEFAULT_ROUTER, ROUTER_STATISTICS
-from .validate import check_hisa_budget, check_int
+from .validate import LOGITS_DTYPE_NAMES, check_hisa_budget, check_int
 from .select import BACKENDS
 from .variants import VARIANTS
 
@@ -212,7 +210,7 @@ class MisaConfig:
         opts = dict(workspace_bytes=self.workspace_bytes, backend=self.backend)
         if self.variant == "hisa":
             return api.hisa_select(q, kv, weights, ks, ke, k, self.hisa_block_size, self.hisa_block_k, **opts)
-        opts["logits_dtype"] = LOGITS_DTYPES[self.logits_dtype]
+        opts["logits_dtype"] = LOGITS_DTYPE_NAMES[self.logits_dtype]
         if self.variant == "dsa":
             return api.dsa_select(q, kv, weights, ks, ke, k, **opts)
         return api.misa_select(q, kv, weights, ks, ke, k, self.heads(decode), self.block_size,
@@ -234,7 +232,6 @@ class MisaConfig:
 CONFIG_FORMAT = "misa-config/1"
 _SETTING_FIELDS = ("variant", "active_heads", "decode_active_heads", "block_size", "stage1_k", "router",
                    "hisa_block_size", "hisa_block_k", "workspace_bytes", "backend", "logits_dtype")
-LOGITS_DTYPES = {"float32": None, "bfloat16": torch.bfloat16}     # logits_dtype -> misa.api's argument
 
 
 def _fields_from(value, where: str, base: dict | None = None) -> dict:
@@ -255,7 +252,6 @@ def _changed_fields(cfg: MisaConfig) -> dict:
     """The setting fields of ``cfg`` that differ from MisaConfig's defaults (variant always, and a
     routed variant's router always: a file then routes as it was written whatever the library's
     default router is)."""
-    from .variants import VARIANTS
     out = {"variant": cfg.variant}
     for f in _SETTING_FIELDS[1:]:
         v = getattr(cfg, f)
@@ -328,7 +324,7 @@ def _check_fields(values: dict, names: dict) -> None:
     if values.get("backend") is not None and values["backend"] not in BACKENDS:
         raise ValueError(f"{name('backend')}: expected one of {BACKENDS} or None, got {values['backend']!r}")
     logits_dtype = values.get("logits_dtype", "float32")
-    if logits_dtype not in LOGITS_DTYPES:
-        raise ValueError(f"{name('logits_dtype')}: expected one of {tuple(LOGITS_DTYPES)}, got {logits_dtype!r}")
+    if logits_dtype not in LOGITS_DTYPE_NAMES:
+        raise ValueError(f"{name('logits_dtype')}: expected one of {tuple(LOGITS_DTYPE_NAMES)}, got {logits_dtype!r}")
     if variant == "hisa" and logits_dtype != "float32":
         raise ValueError(f"{name('logits_dtype')}: variant 'hisa' has no logits rows to store in {logits_dtype}")

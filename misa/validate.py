@@ -70,6 +70,7 @@ def check_int(name: str, value, low: int = 1, high: int | None = None) -> int:
 
 
 LOGITS_DTYPES = (torch.float32, torch.bfloat16)     # the dtypes a prefill selection's logits rows can take
+LOGITS_DTYPE_NAMES = {str(d).removeprefix("torch."): d for d in LOGITS_DTYPES}   # as configs and the CLI spell them
 
 
 def check_logits_dtype(value) -> torch.dtype:
