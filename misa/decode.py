@@ -15,7 +15,8 @@ those scores is kept) and ``"hisa"`` (block-pruned: pooled blocks from the poole
 with all heads, the first, the last and the best ``block_k`` blocks kept, their tokens scored
 exactly, top-k; when the blocks kept cover ``max_context``, the dense path, which selects the
 same). Every stage is one launch (top-k over rows wider than 16384 columns: three) for
-the whole batch.
+the whole batch; where one program scores all of a sequence's blocks (small batch and context),
+the top-m of the blocks runs inside it, one launch fewer.
 
 A selector's buffers are sized by ``max_batch``, ``next_n`` and ``max_context``; each batch size
 gets its own launch plan on first use (allocated then: call once at every batch size before
@@ -229,9 +230,10 @@ class DecodeSelector:
             p.topk.run()
             return p.out
         from .ops.blocks import triton as blocks_triton
-        blocks_triton.block_scores(q, pooled, weights, context_lens, block_table, self.block_size, p.scores,
-                                   p.block_ends)
-        p.top_blocks.run()
+        # at small batch and context the scoring pass takes each row's top-m blocks itself
+        if not blocks_triton.block_scores(q, pooled, weights, context_lens, block_table, self.block_size, p.scores,
+                                          p.block_ends, top=p.top_blocks.out):
+            p.top_blocks.run()
         blocks_triton.chosen_block_logits(q, kv_cache, weights, context_lens, block_table, p.top_blocks.out,
                                           self.block_size, p.cand, p.positions)
         p.topk.run()

@@ -147,6 +147,9 @@ def entry_points():
         for bs in (64, 128):
             yield (f"paged_hisa_select B={bs} next_n={next_n}",
                    lambda a=args, b=bs: misa.paged_hisa_select(*a, k=k, block_size=b, block_k=64))
+        small = _paged([3000, 700, 1500, 2000], next_n)     # one program per sequence: top-m fused
+        yield (f"paged_hisa_select fused top-m next_n={next_n}",
+               lambda a=small: misa.paged_hisa_select(*a, k=512, block_size=64, block_k=16))
         yield (f"paged input checks next_n={next_n}",
                lambda a=args: checks.paged_flags(a[0], a[2], a[3], a[4], a[1].shape[0], 64))
 

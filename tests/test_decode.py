@@ -7,6 +7,7 @@ import torch
 import misa
 from helpers import as_sets, check_pick_from, check_selection, dsa_logits64, paged_batch_on
 from misa.ops.blocks import kept_blocks, reference as blocks_ref
+from misa.ops.topk.triton_rows import short_rows_topk
 
 pytest.importorskip("triton")
 pytestmark = [pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning"),
@@ -63,7 +64,19 @@ def test_block_scores_kernel_like_float64(lens, next_n, block_size, pooled_dtype
     width = -(-table.shape[1] * 64 // block_size)
     got = torch.full((len(lens) * next_n, width), float("nan"), device=DEVICE)
     ends = torch.empty(len(lens) * next_n, dtype=torch.int32, device=DEVICE)
-    blocks_triton.block_scores(q, pooled, w, clens, table, block_size, got, ends, tile=tile, splits=splits)
+    m = 3
+    top = torch.full((len(lens) * next_n, m), -7, dtype=torch.int32, device=DEVICE)
+    fused = blocks_triton.block_scores(q, pooled, w, clens, table, block_size, got, ends, tile=tile, splits=splits,
+                                       top=top)
+    # one program per sequence (every case off the GPU but the two-split one) takes the top-m too,
+    # exactly as the separate top-m would on the scores written
+    assert fused == (splits is None and (DEVICE == "cpu" or width <= 64))
+    if fused:
+        want = torch.empty_like(top)
+        short_rows_topk(got, torch.zeros_like(ends), ends, m, want)
+        assert torch.equal(top, want)
+    else:
+        assert (top == -7).all()
     ref = blocks_ref.block_scores(q.cpu(), pooled.cpu(), w.cpu(), clens.cpu(), table.cpu(), block_size, width)
     visible_end = -(-_ends(clens, next_n) // block_size)
     assert torch.equal(ends.cpu().long(), visible_end)

@@ -27,15 +27,16 @@ import triton.language as tl
 from ... import quant
 from ..dsa import paged_triton
 from ..dsa.triton import mma_cast
+from ..topk.triton_rows import row_topk
 from ..triton_common import load_pair_queries, load_row_queries, sm_count
 
 
-@triton.jit(do_not_specialize=["out_width"])
-def _block_scores_kernel(Q, W, POOLED, TABLE, CTX, OUT, BLOCK_ENDS, out_width,
-                         stride_qb, stride_qn, stride_qh, stride_wt, stride_table, stride_out,
+@triton.jit(do_not_specialize=["out_width", "M"])
+def _block_scores_kernel(Q, W, POOLED, TABLE, CTX, OUT, BLOCK_ENDS, TOP, out_width, M,
+                         stride_qb, stride_qn, stride_qh, stride_wt, stride_table, stride_out, stride_top,
                          N: tl.constexpr, QB: tl.constexpr, H: tl.constexpr, HS: tl.constexpr,
                          D: tl.constexpr, PAGE: tl.constexpr, G: tl.constexpr, TB: tl.constexpr,
-                         CAST: tl.constexpr):
+                         CAST: tl.constexpr, WB: tl.constexpr):
     b = tl.program_id(0)
     pid_s = tl.program_id(1)
     n_split = tl.num_programs(1)
@@ -73,6 +74,18 @@ def _block_scores_kernel(Q, W, POOLED, TABLE, CTX, OUT, BLOCK_ENDS, out_width,
         s = tl.where(blk[:, None] <= last[None, :], s, float("-inf"))
         tl.store(OUT + (b * N + queries)[None, :].to(tl.int64) * stride_out + blk[:, None], s,
                  mask=q_ok[None, :] & ((blk < n_blocks) & (blk < out_width))[:, None])
+    if WB > 0:
+        # this program wrote all its queries' blocks: their top-M here saves the top-m's launch
+        # (the per-call floor at small batch); the barrier makes the rows' stores visible
+        tl.debug_barrier()
+        cb = tl.arange(0, WB)
+        for i in range(0, QB):
+            query = q0 + i
+            if query < N:
+                row = (b * N + query).to(tl.int64)
+                visible = (ctx - N + query) // bsize + 1
+                x = tl.load(OUT + row * stride_out + cb, mask=cb < visible, other=0.0)
+                row_topk(x, cb < visible, TOP + row * stride_top, TOP, 0, M, WB, False)
 
 
 @triton.jit(do_not_specialize=["M"])
@@ -112,13 +125,21 @@ def _heads_padded(h: int, queries: int) -> int:
     return max(triton.next_power_of_2(h), triton.cdiv(16, queries))
 
 
+# the widest block row whose top-m the scoring program takes on (registers of 4 warps)
+FUSED_TOP_WIDTH = 4096
+
+
 def block_scores(q, pooled, weights, context_lens, block_table, block_size: int, out, block_ends,
-                 tile: int = 64, splits: int | None = None) -> None:
+                 tile: int = 64, splits: int | None = None, top=None) -> bool:
     """Write ``out [B * N, >= max blocks]`` (see ``reference.block_scores``; columns past a
-    sequence's blocks untouched) and ``block_ends [B * N]`` int32, each row's visible block count."""
+    sequence's blocks untouched) and ``block_ends [B * N]`` int32, each row's visible block count.
+    ``top [B * N, m]`` int32: where one program walks all of a sequence's blocks (small batch and
+    context, ``splits`` 1), it also writes each row's top-``m`` blocks there, as
+    ``short_rows_topk(out, 0, block_ends, m)`` would, and returns True; else False (the caller's
+    top-m then runs)."""
     b, n, h, d = q.shape
     if b == 0:
-        return
+        return top is not None
     qb, hs = paged_triton.query_tile(n, h)        # long query runs (chunked prefill) in tiles of qb queries
     tiles = triton.cdiv(n, qb)
     g = block_size // quant.PAGE_SIZE
@@ -131,11 +152,16 @@ def block_scores(q, pooled, weights, context_lens, block_table, block_size: int,
     # the means meet q in float32 (tf32 MMA on the GPU): bf16's 8-bit mantissa moved block scores by
     # ~1% where heads cancel, enough to swap near blocks; this pass reads little, its MMA is cheap
     cast = tl.float32
+    width = max(16, triton.next_power_of_2(max_blocks))
+    fuse = top is not None and splits == 1 and width <= FUSED_TOP_WIDTH
     _block_scores_kernel[(b, splits, tiles)](
-        q, weights, pooled, block_table, context_lens, out, block_ends, out.shape[1],
+        q, weights, pooled, block_table, context_lens, out, block_ends, top if fuse else block_ends, out.shape[1],
+        top.shape[1] if fuse else 0,
         q.stride(0), q.stride(1), q.stride(2), weights.stride(0), block_table.stride(0), out.stride(0),
-        N=n, QB=qb, H=h, HS=hs, D=d, PAGE=quant.PAGE_SIZE, G=g, TB=tile, CAST=cast,
+        top.stride(0) if fuse else 0,
+        N=n, QB=qb, H=h, HS=hs, D=d, PAGE=quant.PAGE_SIZE, G=g, TB=tile, CAST=cast, WB=width if fuse else 0,
         num_warps=4, num_stages=2)
+    return fuse
 
 
 def chosen_block_logits(q, kv_cache, weights, context_lens, block_table, blocks, block_size: int, out, positions,

@@ -20,17 +20,12 @@ from .triton import check_rows
 MAX_WIDTH = 16384          # counts share 16-bit fields (< 65536), and the row fits registers
 
 
-@triton.jit(do_not_specialize=["ks_offset", "out_offset", "K"])
-def _short_rows_kernel(X, KS, KE, OUT, CMAP, stride_x, stride_out, stride_cmap, ks_offset, out_offset, K,
-                       W: tl.constexpr, HAS_CMAP: tl.constexpr, FINITE_ONLY: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    ks = tl.load(KS + row) - ks_offset
-    ke = tl.load(KE + row) - ks_offset
+@triton.jit
+def row_topk(x, m, out_row, cmap_row, out_offset, K, W: tl.constexpr, HAS_CMAP: tl.constexpr):
+    """Write the top-``K`` of ``x [W]`` (float32, where ``m``) to ``out_row``: ``cmap_row[col]``
+    or ``col + out_offset``, -1 padded to ``K``; also called inside other kernels that hold a row
+    (the block scores' top-m)."""
     c = tl.arange(0, W)
-    m = (c >= ks) & (c < ke)
-    x = tl.load(X + row * stride_x + c, mask=m, other=0.0).to(tl.float32)      # bf16 widens exactly
-    if FINITE_ONLY:
-        m = m & (x > float("-inf"))
     key = ordered_key(x)
     n = tl.sum(m.to(tl.int32), axis=0)
     lo = tl.min(tl.where(m, key, 0xFFFFFFFF), axis=0)
@@ -67,15 +62,28 @@ def _short_rows_kernel(X, KS, KE, OUT, CMAP, stride_x, stride_out, stride_cmap, 
         take = above | (tie & (tl.cumsum(tie.to(tl.int32), axis=0) <= room))
     pos = tl.cumsum(take.to(tl.int32), axis=0) - 1
     if HAS_CMAP:
-        val = tl.load(CMAP + row * stride_cmap + c, mask=take, other=-1)
+        val = tl.load(cmap_row + c, mask=take, other=-1)
     else:
         val = c + out_offset
-    out_row = OUT + row * stride_out
     tl.store(out_row + pos, val, mask=take)
     total = tl.sum(take.to(tl.int32), axis=0)
     for start in range(total, K, W):              # -1 after the winners
         p = start + c
         tl.store(out_row + p, tl.full([W], -1, tl.int32), mask=p < K)
+
+
+@triton.jit(do_not_specialize=["ks_offset", "out_offset", "K"])
+def _short_rows_kernel(X, KS, KE, OUT, CMAP, stride_x, stride_out, stride_cmap, ks_offset, out_offset, K,
+                       W: tl.constexpr, HAS_CMAP: tl.constexpr, FINITE_ONLY: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    ks = tl.load(KS + row) - ks_offset
+    ke = tl.load(KE + row) - ks_offset
+    c = tl.arange(0, W)
+    m = (c >= ks) & (c < ke)
+    x = tl.load(X + row * stride_x + c, mask=m, other=0.0).to(tl.float32)      # bf16 widens exactly
+    if FINITE_ONLY:
+        m = m & (x > float("-inf"))
+    row_topk(x, m, OUT + row * stride_out, CMAP + row * stride_cmap, out_offset, K, W, HAS_CMAP)
 
 
 def short_rows_topk(x: torch.Tensor, ks: torch.Tensor, ke: torch.Tensor, k: int, out: torch.Tensor,
