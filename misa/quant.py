@@ -19,6 +19,8 @@ token count from the sequence's context length: its mean key is ``pooled[p] / co
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 FP8 = torch.float8_e4m3fn
@@ -78,26 +80,29 @@ def new_paged_kcache(num_pages: int, head_dim: int, device=None) -> torch.Tensor
     return torch.empty(num_pages, PAGE_SIZE, 1, head_dim + 4, dtype=torch.uint8, device=device)
 
 
-def _page_views(cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Views of a cache as (values ``[P, PAGE_SIZE, D]`` uint8, scales ``[P, PAGE_SIZE]`` float32, D)."""
+def paged_head_dim(cache: torch.Tensor) -> int:
+    """D of a paged cache ``[num_pages, PAGE_SIZE, 1, D + 4]`` uint8, checked from its shape alone
+    (the checked decode functions call this every step: no views made)."""
     if cache.dtype != torch.uint8 or cache.ndim < 2 or cache.shape[1] != PAGE_SIZE:
         raise ValueError(f"kv_cache: expected uint8 [num_pages, {PAGE_SIZE}, 1, D + 4], "
                          f"got {tuple(cache.shape)} {cache.dtype}")
     if not cache.is_contiguous():
         raise ValueError("kv_cache: must be contiguous")
-    num_pages = cache.shape[0]
-    per_page = cache[0].numel()
+    per_page = math.prod(cache.shape[1:])
     head_dim = per_page // PAGE_SIZE - 4
     if head_dim <= 0 or per_page != PAGE_SIZE * (head_dim + 4):
         raise ValueError(f"kv_cache: page of {per_page} bytes is not {PAGE_SIZE} * (D + 4)")
-    flat = cache.view(num_pages, per_page)
+    return head_dim
+
+
+def _page_views(cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Views of a cache as (values ``[P, PAGE_SIZE, D]`` uint8, scales ``[P, PAGE_SIZE]`` float32, D)."""
+    head_dim = paged_head_dim(cache)
+    num_pages = cache.shape[0]
+    flat = cache.view(num_pages, PAGE_SIZE * (head_dim + 4))
     values = flat[:, : PAGE_SIZE * head_dim].view(num_pages, PAGE_SIZE, head_dim)
     scales = flat[:, PAGE_SIZE * head_dim:].view(torch.float32)  # [P, PAGE_SIZE]
     return values, scales, head_dim
-
-
-def paged_head_dim(cache: torch.Tensor) -> int:
-    return _page_views(cache)[2]
 
 
 def new_pooled_kcache(num_pages: int, head_dim: int, device=None, dtype: torch.dtype = POOLED_DTYPE) -> torch.Tensor:
