@@ -125,8 +125,10 @@ def test_paged_bad_inputs():
     misa.paged_dsa_select(q, cache, w, lens, table, k=4)
     with pytest.raises(ValueError, match="^q:"):
         misa.paged_dsa_select(q[:, 0], cache, w, lens, table, k=4)
-    with pytest.raises(ValueError, match="^kv_cache:"):
-        misa.paged_dsa_select(q, cache.view(-1, 64, 1, 10), w, lens, table, k=4)
+    wide = torch.cat([cache, cache], 3)
+    for bad in (cache.view(-1, 64, 1, 10), cache.float(), cache.view(-1, 64, 1, 2), wide[..., :cache.shape[3]]):
+        with pytest.raises(ValueError, match="^kv_cache:"):      # D mismatch, dtype, page < D + 4, strides
+            misa.paged_dsa_select(q, bad, w, lens, table, k=4)
     with pytest.raises(ValueError, match="^weights:"):
         misa.paged_dsa_select(q, cache, w[:1], lens, table, k=4)
     with pytest.raises(ValueError, match="^context_lens:"):
