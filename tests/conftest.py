@@ -1,6 +1,8 @@
 import os
 import sys
 
+import pytest
+
 sys.path.insert(0, os.path.dirname(__file__))
 
 try:
@@ -10,3 +12,10 @@ try:
         os.environ.setdefault("TRITON_INTERPRET", "1")
 except ImportError:
     pass
+
+
+@pytest.fixture
+def kernels_on(monkeypatch):
+    """The documented override: every call without an explicit backend runs the kernels (through
+    the interpreter on the CPU). Kernel test files use it for all their tests (pytestmark)."""
+    monkeypatch.setenv("MISA_BACKEND", "triton")

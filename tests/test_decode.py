@@ -5,26 +5,18 @@ import pytest
 import torch
 
 import misa
-from helpers import as_sets, check_pick_from, check_selection, dsa_logits64, paged_batch_on
+from helpers import BIG, DEVICE, EXACT_RTOL, as_sets, check_pick_from, check_selection, dsa_logits64, paged_batch_on
 from misa.ops.blocks import kept_blocks, reference as blocks_ref
 from misa.ops.topk.triton_rows import short_rows_topk
 
 pytest.importorskip("triton")
-pytestmark = [pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning"),
+pytestmark = [pytest.mark.usefixtures("kernels_on"),
+              pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning"),
               pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")]
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-BIG = DEVICE == "cuda"
 # block means meet q in a tf32 MMA on the GPU (float32 in the interpreter, where only the float32
 # page sums and the order of summation differ from float64)
 RTOL = 5e-3 if BIG else 1e-4
-# exact token scores: Hopper's fp8 MMA accumulates in reduced precision (~2e-4 of the largest score)
-EXACT_RTOL = 5e-4 if BIG else 1e-5
-
-
-@pytest.fixture(autouse=True)
-def kernels_on(monkeypatch):
-    monkeypatch.setenv("MISA_BACKEND", "triton")
 
 
 def _batch(lens, next_n, h, d, seed):

@@ -6,22 +6,13 @@ import pytest
 import torch
 
 import misa
-from helpers import as_sets, check_selection, dsa_logits64, paged_batch_on
+from helpers import BIG, DEVICE, EXACT_RTOL, as_sets, check_selection, dsa_logits64, paged_batch_on
 from misa.ops.rescore import reference as rescore_ref
 
 pytest.importorskip("triton")
-pytestmark = [pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning"),
+pytestmark = [pytest.mark.usefixtures("kernels_on"),
+              pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning"),
               pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")]
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-BIG = DEVICE == "cuda"
-# Hopper's fp8 MMA accumulates in reduced precision (~2e-4 of the largest score)
-EXACT_RTOL = 5e-4 if BIG else 1e-5
-
-
-@pytest.fixture(autouse=True)
-def kernels_on(monkeypatch):
-    monkeypatch.setenv("MISA_BACKEND", "triton")
 
 
 def _batch(lens, next_n, h, d, seed):

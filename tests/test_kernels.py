@@ -9,27 +9,18 @@ import torch
 
 import misa
 from misa.validate import check_inputs
-from helpers import (FP8, as_sets, check_pick_from, check_routing, check_selection, dsa_logits64, keys64,
-                     make_inputs, ranges, router_scores64)
+from helpers import (BIG, DEVICE, FP8, as_sets, check_pick_from, check_routing, check_selection, dsa_logits64,
+                     keys64, make_inputs, ranges, router_scores64)
 
 pytest.importorskip("triton")
+pytestmark = pytest.mark.usefixtures("kernels_on")
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-# interpreter runs are slow: keep them small; the GPU runs bigger shapes
-BIG = DEVICE == "cuda"
 # Hopper's fp8 MMA accumulates in reduced precision (about 13 mantissa bits, as DeepGEMM's kernels
 # do too), and the router runs in tf32: on the GPU, scores agree with float64 to ~2e-4 of the
 # largest score. bf16 operands (fp8 widens to bf16 exactly) give exact products accumulated in
 # float32, no worse than fp8's. The interpreter computes in float32, bf16 widened exactly.
 RTOL = 5e-4 if BIG else 1e-5
 ROUTER_RTOL = 3e-3 if BIG else 1e-4
-
-
-@pytest.fixture(autouse=True)
-def kernels_on(monkeypatch):
-    # the documented override: every call without an explicit backend runs the kernels (through
-    # the interpreter on the CPU)
-    monkeypatch.setenv("MISA_BACKEND", "triton")
 
 
 def _inputs(t, s, h, d, kind, seed, kv="fp8", q_dtype=FP8):

@@ -6,24 +6,18 @@ import pytest
 import torch
 
 import misa
-from helpers import check_routing, check_selection, dsa_logits64, keys64, paged_batch_on, router_scores64
+from helpers import DEVICE, check_routing, check_selection, dsa_logits64, keys64, paged_batch_on, router_scores64
 
 pytest.importorskip("triton")
 # unused slots of a sequence's last page hold garbage bytes (build_paged_kcache), some of which
 # decode to NaN or huge scales; the kernel scores them and masks them to -inf, and the
 # interpreter warns
-pytestmark = [pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning"),
+pytestmark = [pytest.mark.usefixtures("kernels_on"),
+              pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning"),
               pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")]
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 RTOL = 5e-4 if DEVICE == "cuda" else 1e-5
 ROUTER_RTOL = 3e-3 if DEVICE == "cuda" else 1e-4     # the router's MMA runs in tf32 on the GPU
-
-
-@pytest.fixture(autouse=True)
-def kernels_on(monkeypatch):
-    # the documented override: calls without an explicit backend run the kernels
-    monkeypatch.setenv("MISA_BACKEND", "triton")
 
 
 def _batch(lens, next_n, h, d, seed):

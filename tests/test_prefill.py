@@ -6,13 +6,13 @@ import pytest
 import torch
 
 import misa
-from helpers import as_sets, check_pick_from, check_selection, dsa_logits64, make_inputs, set_recall
+from helpers import DEVICE, as_sets, check_pick_from, check_selection, dsa_logits64, make_inputs, set_recall
 
 pytest.importorskip("triton")
-pytestmark = [pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning"),
+pytestmark = [pytest.mark.usefixtures("kernels_on"),
+              pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning"),
               pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")]
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 RTOL = 5e-4 if DEVICE == "cuda" else 1e-5
 
 # T, S, H, D, k: ragged ranges, nothing a multiple of a tile (the interpreter's top-k costs ~0.5 s
@@ -27,11 +27,6 @@ OPTIONS = {
     "misa-dagger": dict(active_heads=4, block_size=96, stage1_k=97),
     "hisa": dict(hisa_block_size=32, hisa_block_k=5),
 }
-
-
-@pytest.fixture(autouse=True)
-def kernels_on(monkeypatch):
-    monkeypatch.setenv("MISA_BACKEND", "triton")
 
 
 def _inputs(seed, t=T, s=S, kind="ragged"):
