@@ -8,7 +8,9 @@ routed heads) and MISA† (8 routed heads keeping ``stage1_k`` candidates for al
 each captured in a CUDA graph and timed by replay, the checked functions called eagerly (their
 per-call host cost is eager minus replay; repeated at one shape they replay a graph of their own,
 ``misa/paged.py``), block-pruned m = 64 also from a float32 pooled-key cache, and the recall of
-DSA's selection (for block-pruned also its bound: the recall of the best choice of as many pages). Workload: the
+DSA's selection (for block-pruned also its bound: the recall of the best choice of as many pages).
+Every method is set up and checked first, then all are timed in ``rounds`` interleaved rounds
+(median of the rounds' medians; each round's figures in ``ms_rounds``). Workload: the
 synthetic indexer traffic of ``misa/synthetic.py``, a few distinct sequences repeated over the
 batch, each the last ``next_n`` tokens of a causal sequence.
 """
@@ -20,6 +22,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from . import quant
+from .bench import _time, _time_rounds
 from .decode import DecodeSelector
 from .metrics import page_recall_bound, recall
 from .synthetic import indexer_workload
@@ -37,13 +40,13 @@ class DecodeBenchConfig:
     block_ks: tuple = (32, 64, 128)         # block-pruned: 64-token pages kept
     stage1_k: int = 8192                    # MISA-dagger: candidates the routed heads keep
     distinct: int = 4                       # distinct synthetic sequences, repeated over the batch
-    rep_ms: int = 100
+    rep_ms: int = 100                       # timing per method, over all rounds
+    rounds: int = 3                         # interleaved timing rounds (the median is reported)
     seed: int = 0
 
-
-def _time(fn, rep_ms: float) -> float:
-    import triton.testing
-    return float(triton.testing.do_bench(fn, warmup=25, rep=rep_ms, return_mode="median"))
+    def __post_init__(self):
+        if self.rounds < 1:
+            raise ValueError(f"rounds: {self.rounds} must be at least 1")
 
 
 def _graph(fn):
@@ -92,48 +95,52 @@ def bench_shape(cfg: DecodeBenchConfig, batch: int, context: int, next_n: int, d
     row = {"batch": batch, "context": context, "next_n": next_n}
     common = dict(num_heads=cfg.heads, head_dim=cfg.head_dim, k=cfg.k, max_batch=batch, max_context=context,
                   next_n=next_n, device=device)
+    # every method is captured and checked first, then all are timed in interleaved rounds: a
+    # stretch of host or card noise then slows one round of every method, not one method's figure
+    timers = {}
     buf = torch.empty(batch * next_n, table.shape[1] * quant.PAGE_SIZE, dtype=torch.float32, device=device)
-    logits_ms = _time(_graph(lambda: paged_logits(q, cache, w, lens, table, buf)), cfg.rep_ms)
-    cache_bytes = batch * context * quant.paged_bytes_per_token(cfg.head_dim)
-    row["dsa.logits_ms"] = logits_ms
-    row["dsa.logits_GBps"] = cache_bytes / logits_ms / 1e6
+    timers["dsa.logits_ms"] = _graph(lambda: paged_logits(q, cache, w, lens, table, buf))
     dsa = DecodeSelector("dsa", **common)
-    row["dsa.graph_ms"] = _time(_graph(lambda: dsa(*args)), cfg.rep_ms)
+    timers["dsa.graph_ms"] = _graph(lambda: dsa(*args))
     reference = dsa(*args).clone()
-    row["dsa.eager_ms"] = _time(lambda: misa.paged_dsa_select(*args, k=cfg.k), cfg.rep_ms)
+    timers["dsa.eager_ms"] = lambda: misa.paged_dsa_select(*args, k=cfg.k)
+    selectors = [dsa]            # the graphs write into their selectors' buffers: kept alive until timed
+    wide = None
     for m in cfg.block_ks:
         if m * quant.PAGE_SIZE < cfg.k:
             continue
         sel = DecodeSelector("hisa", block_size=quant.PAGE_SIZE, block_k=m, **common)
+        selectors.append(sel)
         key = f"hisa-m{m}"
-        row[f"{key}.graph_ms"] = _time(_graph(lambda: sel(*args, pooled)), cfg.rep_ms)
-        got = sel(*args, pooled)
-        r = recall(got, reference)
+        timers[f"{key}.graph_ms"] = _graph(lambda sel=sel: sel(*args, pooled))
+        r = recall(sel(*args, pooled), reference)
         row[f"{key}.recall_mean"], row[f"{key}.recall_min"] = float(r.mean()), float(r.min())
         # the best any choice of as many pages could keep: what the workload allows page pruning
         row[f"{key}.oracle_recall_mean"] = float(page_recall_bound(reference, sel.kept).mean())
-        row[f"{key}.speedup"] = row["dsa.graph_ms"] / row[f"{key}.graph_ms"]
         if m == cfg.block_ks[0] or m == 64:
-            row[f"{key}.eager_ms"] = _time(lambda: misa.paged_hisa_select(*args, k=cfg.k, block_size=quant.PAGE_SIZE,
-                                                                          block_k=m, pooled=pooled), cfg.rep_ms)
+            timers[f"{key}.eager_ms"] = lambda m=m: misa.paged_hisa_select(*args, k=cfg.k, block_size=quant.PAGE_SIZE,
+                                                                           block_k=m, pooled=pooled)
         if m == 64:     # the same pages scored from a float32 pooled-key cache (8 bytes a token, not 4)
             wide = misa.pool_paged_kcache(cache, table, lens, dtype=torch.float32)
-            row[f"f32-pooled.{key}.graph_ms"] = _time(_graph(lambda: sel(*args, wide)), cfg.rep_ms)
+            timers[f"f32-pooled.{key}.graph_ms"] = _graph(lambda sel=sel: sel(*args, wide))
             row[f"f32-pooled.{key}.recall_mean"] = float(recall(sel(*args, wide), reference).mean())
-            del wide
     routed = DecodeSelector("misa", active_heads=8, **common)
-    row["misa-h8.graph_ms"] = _time(_graph(lambda: routed(*args, pooled)), cfg.rep_ms)
-    row["misa-h8.eager_ms"] = _time(lambda: misa.paged_misa_select(*args, k=cfg.k, active_heads=8, pooled=pooled),
-                                    cfg.rep_ms)
-    r = recall(routed(*args, pooled), reference)
-    row["misa-h8.recall_mean"] = float(r.mean())
     dagger = DecodeSelector("misa-dagger", active_heads=8, stage1_k=cfg.stage1_k, **common)
-    row["misa-dagger-h8.graph_ms"] = _time(_graph(lambda: dagger(*args, pooled)), cfg.rep_ms)
-    row["misa-dagger-h8.eager_ms"] = _time(lambda: misa.paged_misa_select(*args, k=cfg.k, active_heads=8,
-                                                                          stage1_k=cfg.stage1_k, pooled=pooled),
-                                           cfg.rep_ms)
+    selectors += [routed, dagger]
+    timers["misa-h8.graph_ms"] = _graph(lambda: routed(*args, pooled))
+    timers["misa-h8.eager_ms"] = lambda: misa.paged_misa_select(*args, k=cfg.k, active_heads=8, pooled=pooled)
+    row["misa-h8.recall_mean"] = float(recall(routed(*args, pooled), reference).mean())
+    timers["misa-dagger-h8.graph_ms"] = _graph(lambda: dagger(*args, pooled))
+    timers["misa-dagger-h8.eager_ms"] = lambda: misa.paged_misa_select(*args, k=cfg.k, active_heads=8,
+                                                                       stage1_k=cfg.stage1_k, pooled=pooled)
     r = recall(dagger(*args, pooled), reference)
     row["misa-dagger-h8.recall_mean"], row["misa-dagger-h8.recall_min"] = float(r.mean()), float(r.min())
+    ms, row["ms_rounds"] = _time_rounds(timers, cfg.rep_ms, cfg.rounds)
+    row.update(ms)
+    row["dsa.logits_GBps"] = batch * context * quant.paged_bytes_per_token(cfg.head_dim) / ms["dsa.logits_ms"] / 1e6
+    for name in ms:
+        if name.startswith("hisa-m") and name.endswith(".graph_ms"):
+            row[name[:-len("graph_ms")] + "speedup"] = ms["dsa.graph_ms"] / ms[name]
     return row         # its buffers and graphs go with this frame: the caller empties the cache
 
 

@@ -268,7 +268,8 @@ def _bench_decode(args: argparse.Namespace, device) -> int:
             raise SystemExit(f"--decode-shapes: expected BATCHxCONTEXT such as 64x131072, got {item!r}")
         shapes.append((int(b), int(ctx)))
     cfg = DecodeBenchConfig(shapes=tuple(shapes), next_ns=tuple(args.next_n), heads=args.heads, k=args.k,
-                            block_ks=tuple(args.decode_block_k), stage1_k=args.stage1_k, rep_ms=args.rep_ms)
+                            block_ks=tuple(args.decode_block_k), stage1_k=args.stage1_k, rep_ms=args.rep_ms,
+                            rounds=args.rounds)
     result = run_decode_bench(cfg, device)
     result["date"] = datetime.date.today().isoformat()
     print("\n".join(text_table(t.title, t.columns, t.rows, left=t.left) for t in decode_tables(result)))

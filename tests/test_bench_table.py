@@ -191,3 +191,33 @@ def test_page_recall_bound_is_the_best_choice_of_pages():
     assert float(page_recall_bound(torch.full((1, 4), -1), 2)[0]) == 1.0     # an empty row
     with pytest.raises(ValueError, match="^pages"):
         page_recall_bound(ref, -1)
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")     # garbage bytes in unused cache slots
+def test_decode_bench_shape_plumbing_on_the_cpu(monkeypatch):
+    """The decode bench's captures, recalls, interleaved timing rounds and speed-ups on a tiny shape
+    through the Triton interpreter, with the GPU-only CUDA graph and timing calls replaced: each
+    timer returns the next tick, so a round's figures follow the order the timers run in."""
+    from misa import bench_decode
+    ticks = iter(range(1, 1000))
+    calls = []
+    monkeypatch.setattr(bench, "_time", lambda fn, rep_ms: (calls.append(fn), fn(), float(next(ticks)))[2])
+    monkeypatch.setattr(bench_decode, "_graph", lambda fn: (fn(), fn)[1])
+    cfg = bench_decode.DecodeBenchConfig(heads=16, head_dim=32, k=64, block_ks=(2, 64), stage1_k=128, distinct=1,
+                                         rep_ms=2, rounds=2)
+    row = bench_decode.bench_shape(cfg, 1, 600, 1, torch.device("cpu"))
+    timed = ["dsa.logits_ms", "dsa.graph_ms", "dsa.eager_ms", "hisa-m2.graph_ms", "hisa-m2.eager_ms",
+             "hisa-m64.graph_ms", "hisa-m64.eager_ms", "f32-pooled.hisa-m64.graph_ms", "misa-h8.graph_ms",
+             "misa-h8.eager_ms", "misa-dagger-h8.graph_ms", "misa-dagger-h8.eager_ms"]
+    assert list(row["ms_rounds"]) == timed and len(calls) == 2 * len(timed)
+    for i, name in enumerate(timed):            # interleaved: round r times every method before round r + 1
+        assert row["ms_rounds"][name] == [i + 1.0, len(timed) + i + 1.0]
+        assert row[name] == len(timed) / 2 + i + 1.0                     # the median of its two rounds
+    for m in (2, 64):
+        assert row[f"hisa-m{m}.speedup"] == row["dsa.graph_ms"] / row[f"hisa-m{m}.graph_ms"]
+        assert 0.0 < row[f"hisa-m{m}.recall_mean"] <= row[f"hisa-m{m}.oracle_recall_mean"] + 1e-9
+    assert row["hisa-m64.recall_mean"] == 1.0          # 64 pages cover 600 tokens: the dense path
+    assert 0.0 < row["misa-h8.recall_mean"] <= 1.0 and 0.0 < row["misa-dagger-h8.recall_min"] <= 1.0
+    assert row["dsa.logits_GBps"] > 0
+    with pytest.raises(ValueError, match="^rounds:"):
+        bench_decode.DecodeBenchConfig(rounds=0)
