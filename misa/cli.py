@@ -12,7 +12,7 @@ def _device(name: str | None) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(name)
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA device is available")
+        raise ValueError("--device: cuda asked for, but no CUDA device is available")
     return dev
 
 
@@ -265,7 +265,7 @@ def _bench_decode(args: argparse.Namespace, device) -> int:
     for item in args.decode_shapes:
         b, _, ctx = item.partition("x")
         if not (b.isdigit() and ctx.isdigit()):
-            raise SystemExit(f"--decode-shapes: expected BATCHxCONTEXT such as 64x131072, got {item!r}")
+            raise ValueError(f"--decode-shapes: expected BATCHxCONTEXT such as 64x131072, got {item!r}")
         shapes.append((int(b), int(ctx)))
     cfg = DecodeBenchConfig(shapes=tuple(shapes), next_ns=tuple(args.next_n), heads=args.heads, k=args.k,
                             block_ks=tuple(args.decode_block_k), stage1_k=args.stage1_k, rep_ms=args.rep_ms,

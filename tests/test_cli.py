@@ -2,6 +2,9 @@ import re
 import subprocess
 import sys
 
+import pytest
+import torch
+
 import misa
 from misa.cli import main
 from misa.synthetic import indexer_workload
@@ -75,6 +78,16 @@ def test_demo_prints_a_table(capsys):
 def test_bad_argument_is_a_clean_error(capsys):
     assert main(["demo", "--device", "cpu", "--seq-len", "100", "--num-queries", "200", "--workload", "synthetic"]) == 2
     assert "num_queries" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, name", [(["bench", "--decode", "--device", "cpu", "--decode-shapes", "64by4096"],
+                                          "--decode-shapes"),
+                                         (["bench", "--decode", "--device", "cpu", "--decode-shapes", "x4096"],
+                                          "--decode-shapes")]
+                         + ([(["bench", "--device", "cuda"], "--device")] if not torch.cuda.is_available() else []))
+def test_bad_bench_arguments_name_the_option(argv, name, capsys):
+    assert main(argv) == 2
+    assert capsys.readouterr().err.startswith(f"misa: error: {name}:")
 
 
 def test_help_explains_every_option():
