@@ -105,7 +105,6 @@ def bench_shape(cfg: DecodeBenchConfig, batch: int, context: int, next_n: int, d
     reference = dsa(*args).clone()
     timers["dsa.eager_ms"] = lambda: misa.paged_dsa_select(*args, k=cfg.k)
     selectors = [dsa]            # the graphs write into their selectors' buffers: kept alive until timed
-    wide = None
     for m in cfg.block_ks:
         if m * quant.PAGE_SIZE < cfg.k:
             continue

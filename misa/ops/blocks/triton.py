@@ -83,9 +83,9 @@ def _block_scores_kernel(Q, W, POOLED, TABLE, CTX, OUT, BLOCK_ENDS, TOP, out_wid
             query = q0 + i
             if query < N:
                 row = (b * N + query).to(tl.int64)
-                visible = (ctx - N + query) // bsize + 1
-                x = tl.load(OUT + row * stride_out + cb, mask=cb < visible, other=0.0)
-                row_topk(x, cb < visible, TOP + row * stride_top, TOP, 0, M, WB, False)
+                visible = cb < (ctx - N + query) // bsize + 1         # the query's visible blocks
+                x = tl.load(OUT + row * stride_out + cb, mask=visible, other=0.0)
+                row_topk(x, visible, TOP + row * stride_top, TOP, 0, M, WB, False)
 
 
 @triton.jit(do_not_specialize=["M"])

@@ -40,6 +40,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .. import power_of_two
 from ..triton_common import INTERPRET, ordered_key as _ordered_key
 from ...validate import LOGITS_DTYPES
 
@@ -691,7 +692,7 @@ class TopkLaunches:
         self.args = (x, ks, ke, k, ks_offset, out_offset, cmap, finite_only)
         self.k = k
         self.cfg = config or DEFAULT_CONFIG
-        if self.cfg.sample & (self.cfg.sample - 1):     # tl.arange's sizes: the GPU refuses others
+        if not power_of_two(self.cfg.sample):           # tl.arange's sizes: the GPU refuses others
             raise ValueError(f"config: sample must be a power of two, got {self.cfg.sample}")
         self.cap = scratch_size(k, w)
         self.compact_cfg = COMPACT_CONFIG
