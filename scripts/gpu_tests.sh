@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Every CUDA test and a short `misa bench`, in one call on a GPU machine:
 #   bash scripts/gpu_tests.sh
-# The CUDA test files are found here: those that ask torch.cuda.is_available() or pick "cuda"
-# (tests/test_kernels.py, test_paged_kernel.py, test_gpu_integration.py, test_bench.py today).
+# The CUDA test files are found here: those that ask torch.cuda.is_available(), pick "cuda" or use
+# tests/helpers.py's DEVICE or BIG (which pick the card when there is one).
 # Full logs go to ${OUT:-/tmp}/gpu-tests.log, the bench JSON to ${OUT:-/tmp}/gpu-bench.json, the
 # pytest report to ${OUT:-/tmp}/gpu-tests-junit.xml; the last line printed is one summary:
 #   GPU tests: <card> <date> | pytest: N passed, M failed, K skipped | bench: dsa X ms, misa Yx ...
@@ -58,7 +58,7 @@ log "gpu_tests: $card, $day, $(git rev-parse --short HEAD 2>/dev/null || echo '?
 "$PY" -c "import sys, torch; import triton; print('python', sys.version.split()[0], 'torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.cuda.is_available())" 2>&1 | tee -a "$LOG"
 
 # --- the CUDA test files ---------------------------------------------------------------------
-files=${GPU_TEST_FILES:-$(grep -lE 'torch\.cuda\.is_available|"cuda"' tests/test_*.py | sort | tr '\n' ' ')}
+files=${GPU_TEST_FILES:-$(grep -lE 'torch\.cuda\.is_available|"cuda"|\b(DEVICE|BIG)\b' tests/test_*.py | sort | tr '\n' ' ')}
 log "test files: $files"
 status=0
 if ! "$PY" -c "import pytest" 2>/dev/null; then
