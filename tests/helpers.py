@@ -64,14 +64,23 @@ def keys64(kv) -> torch.Tensor:
 
 
 def dsa_logits64(q, kv, w, ks, ke, heads=None) -> torch.Tensor:
-    """Brute force in float64; ``heads [T, h]`` restricts each query to those heads."""
-    q64, k64, w64 = q.double().cpu(), keys64(kv).cpu(), w.double().cpu()
+    """Brute force in float64; ``heads [T, h]`` restricts each query to those heads. Computed on
+    ``q``'s device (on a GPU run the card's float64 units, not one CPU thread per test worker, do
+    the reference's work), a chunk of queries at a time; returned on the CPU."""
+    dev = q.device
+    q64, k64, w64 = q.double(), keys64(kv).to(dev), w.double().to(dev)
     if heads is not None:
-        idx = heads.long().cpu()
+        idx = heads.long().to(dev)
         q64 = torch.gather(q64, 1, idx[:, :, None].expand(-1, -1, q64.shape[2]))
         w64 = torch.gather(w64, 1, idx)
-    out = torch.einsum("th,ths->ts", w64, torch.einsum("thd,sd->ths", q64, k64).clamp_min(0))
-    pos = torch.arange(k64.shape[0])
+    t, h, s = q64.shape[0], q64.shape[1], k64.shape[0]
+    out = torch.empty(t, s, dtype=torch.float64, device=dev)
+    step = max(1, (64 << 20) // max(1, h * s))        # the [step, h, s] scores: 512 MB at most
+    for i in range(0, t, step):
+        scores = torch.einsum("thd,sd->ths", q64[i:i + step], k64).clamp_min(0)
+        out[i:i + step] = torch.einsum("th,ths->ts", w64[i:i + step], scores)
+    out = out.cpu()
+    pos = torch.arange(s)
     inside = (pos[None] >= ks.cpu().long()[:, None]) & (pos[None] < ke.cpu().long()[:, None])
     return out.masked_fill(~inside, float("-inf"))
 
