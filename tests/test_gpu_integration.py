@@ -12,7 +12,8 @@ import torch
 import misa
 from misa import MisaConfig, engine
 from misa.select import use_kernels
-from helpers import as_sets, check_routing, check_selection, dsa_logits64, keys64, router_scores64
+from helpers import (EXACT_RTOL, ROUTER_RTOL, as_sets, check_routing, check_selection, dsa_logits64, keys64,
+                     router_scores64)
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 transformers = pytest.importorskip("transformers")
@@ -22,10 +23,6 @@ from test_hf_patch import (MODEL_TYPES, TINY, fp8_dsa_and_all_heads_runs, indexe
 
 AGREEMENT = 0.99
 CUDA = torch.device("cuda")
-# scores agree with float64 to ~2e-4 of the row's largest on the GPU (reduced-precision MMA
-# accumulation, tf32 router): the tolerances test_kernels.py uses for its GPU shapes
-RTOL = 5e-4
-ROUTER_RTOL = 3e-3
 
 
 def cuda_model(model_type, seed=0):
@@ -69,7 +66,7 @@ def check_misa_call(cfg: MisaConfig, q, kv, w, ks, ke, k: int, decode: bool, sel
     check_routing(heads, r, ROUTER_RTOL * r.abs().amax(1).clamp_min(1e-12))
     routed = dsa_logits64(q, kv, w, ks, ke, heads=heads.cpu())
     if cfg.stage1_k is None:
-        check_selection(sel, routed, ks, ke, k, rtol=RTOL)
+        check_selection(sel, routed, ks, ke, k, rtol=EXACT_RTOL)
         return
     # MISA-dagger: stage 1 may break exact ties of the routed scores either way, so the candidates
     # are checked against a threshold, not against another call's candidate set
@@ -81,13 +78,13 @@ def check_misa_call(cfg: MisaConfig, q, kv, w, ks, ke, k: int, decode: bool, sel
         assert len(f) == min(k, n_vis) and len(set(f.tolist())) == len(f) and bool(vis[f].all()), t
         if n_vis <= len(f):
             continue
-        tol_r = RTOL * float(routed[t][vis].abs().max())
+        tol_r = EXACT_RTOL * float(routed[t][vis].abs().max())
         thr1 = float(torch.topk(routed[t][vis], min(cfg.stage1_k, n_vis)).values[-1])
         assert float(routed[t, f].min()) >= thr1 - tol_r, t                 # every pick was a candidate
         sure = vis & (routed[t] > thr1 + tol_r)                               # certainly candidates
         sure[f] = False
         if sure.any():                                                        # and the best of them by DSA
-            tol = RTOL * float(full[t][vis].abs().max())
+            tol = EXACT_RTOL * float(full[t][vis].abs().max())
             assert float(full[t, f].min()) >= float(full[t][sure].max()) - tol, t
 
 
@@ -118,15 +115,15 @@ def check_hisa_call(cfg: MisaConfig, q, kv, w, ks, ke, k: int, sel: torch.Tensor
         if picked:
             assert slots > 0 and len(picked) <= slots, t
             thr = sorted((float(blk[t, b]) for b in free), reverse=True)[slots - 1] if len(free) > slots else -1e300
-            tol = RTOL * max(1e-12, float(blk[t, first:last + 1].abs().max()))
+            tol = EXACT_RTOL * max(1e-12, float(blk[t, first:last + 1].abs().max()))
             assert min(float(blk[t, b]) for b in picked) >= thr - tol, t
         cand = {p for b in blocks | {first, last} for p in range(b * bs, (b + 1) * bs) if ks_[t] <= p < ke_[t]}
         vals = full[t]
         if len(cand) > len(got):
-            tol = RTOL * float(vals[torch.isfinite(vals)].abs().max())
+            tol = EXACT_RTOL * float(vals[torch.isfinite(vals)].abs().max())
             assert min(vals[list(got)]) >= max(vals[list(cand - got)]) - tol, t
         if m >= last - first + 1:          # every block kept: exactly DSA, by value
-            check_selection(sel[t:t + 1], full[t:t + 1], ks_[t:t + 1], ke_[t:t + 1], k, rtol=RTOL)
+            check_selection(sel[t:t + 1], full[t:t + 1], ks_[t:t + 1], ke_[t:t + 1], k, rtol=EXACT_RTOL)
 
 
 @pytest.mark.parametrize("model_type", MODEL_TYPES)

@@ -9,18 +9,11 @@ import torch
 
 import misa
 from misa.validate import check_inputs
-from helpers import (BIG, DEVICE, FP8, as_sets, check_pick_from, check_routing, check_selection, dsa_logits64,
-                     keys64, make_inputs, ranges, router_scores64)
+from helpers import (BIG, DEVICE, EXACT_RTOL, FP8, ROUTER_RTOL, as_sets, check_pick_from, check_routing,
+                     check_selection, dsa_logits64, keys64, make_inputs, ranges, router_scores64)
 
 pytest.importorskip("triton")
 pytestmark = pytest.mark.usefixtures("kernels_on")
-
-# Hopper's fp8 MMA accumulates in reduced precision (about 13 mantissa bits, as DeepGEMM's kernels
-# do too), and the router runs in tf32: on the GPU, scores agree with float64 to ~2e-4 of the
-# largest score. bf16 operands (fp8 widens to bf16 exactly) give exact products accumulated in
-# float32, no worse than fp8's. The interpreter computes in float32, bf16 widened exactly.
-RTOL = 5e-4 if BIG else 1e-5
-ROUTER_RTOL = 3e-3 if BIG else 1e-4
 
 
 def _inputs(t, s, h, d, kind, seed, kv="fp8", q_dtype=FP8):
@@ -52,7 +45,7 @@ def test_logits_kernel(t, s, h, d, kind, kv, q_dtype):
     ref = dsa_logits64(q, kvv, w, ks, ke)
     inside = torch.isfinite(ref)
     assert torch.equal(torch.isinf(got.cpu()), ~inside)
-    assert _rel_err(got, ref, inside) < RTOL
+    assert _rel_err(got, ref, inside) < EXACT_RTOL
 
 
 @pytest.mark.parametrize("aligned", [True, False])
@@ -83,7 +76,7 @@ def test_logits_kernel_output_window(aligned, routed):
     got = got[:, pad:pad + width]
     inside = torch.isfinite(ref)
     assert bool((got[~inside].isnan() | (got[~inside] == float("-inf"))).all())
-    assert _rel_err(got, ref, inside) < RTOL
+    assert _rel_err(got, ref, inside) < EXACT_RTOL
 
 
 @pytest.mark.parametrize("routed", [False, True])
@@ -316,7 +309,7 @@ def test_sample_logits_are_the_window_columns(routed):
         assert got.shape == (t, n)
         keys = torch.arange(col_offset, col_offset + width, step)
         have = keys < s                       # columns past the last key are not written
-        assert _rel_err(got[:, have], ref[:, keys[have]], torch.ones(t, int(have.sum()), dtype=torch.bool)) < RTOL
+        assert _rel_err(got[:, have], ref[:, keys[have]], torch.ones(t, int(have.sum()), dtype=torch.bool)) < EXACT_RTOL
 
 
 def test_gathered_scores_sample_is_their_strided_columns():
@@ -485,7 +478,7 @@ def test_misa_kernels(kind, h, stage1_factor):
     heads = misa.route_heads(q, kv, w, ks, ke, active_heads=h, block_size=64)
     idx = misa.misa_select(q, kv, w, ks, ke, k=k, active_heads=h, block_size=64, stage1_k=stage1)
     if stage1 is None:
-        check_selection(idx, dsa_logits64(q, kv, w, ks, ke, heads=heads.cpu()), ks.cpu(), ke.cpu(), k, rtol=RTOL)
+        check_selection(idx, dsa_logits64(q, kv, w, ks, ke, heads=heads.cpu()), ks.cpu(), ke.cpu(), k, rtol=EXACT_RTOL)
     else:
         # Stage 1 breaks exact ties (many keys score exactly 0 with few heads) in the order the
         # parallel compaction meets them, so a second call may keep other tied keys: check against
@@ -499,13 +492,13 @@ def test_misa_kernels(kind, h, stage1_factor):
             assert len(f) == min(k, n_vis) and len(set(f.tolist())) == len(f) and bool(vis[f].all())
             if n_vis <= len(f):
                 continue
-            tol_r = RTOL * float(routed[t_][vis].abs().max())
+            tol_r = EXACT_RTOL * float(routed[t_][vis].abs().max())
             thr1 = float(torch.topk(routed[t_][vis], min(stage1, n_vis)).values[-1])
             assert float(routed[t_, f].min()) >= thr1 - tol_r              # every pick was a candidate
             sure = vis & (routed[t_] > thr1 + tol_r)                      # certainly candidates
             sure[f] = False
             if sure.any():                                                 # and the best of them by DSA
-                tol = RTOL * float(full[t_][vis].abs().max())
+                tol = EXACT_RTOL * float(full[t_][vis].abs().max())
                 assert float(full[t_, f].min()) >= float(full[t_][sure].max()) - tol
 
 
@@ -515,7 +508,7 @@ def test_misa_kernel_all_heads_is_dsa_kernel(kind):
     q, kv, w, ks, ke = _inputs(t, s, 16, 64, kind, seed=3)
     dsa = misa.dsa_select(q, kv, w, ks, ke, k=k)
     m = misa.misa_select(q, kv, w, ks, ke, k=k, active_heads=16, block_size=128)
-    check_selection(dsa, dsa_logits64(q, kv, w, ks, ke), ks.cpu(), ke.cpu(), k, rtol=RTOL)
+    check_selection(dsa, dsa_logits64(q, kv, w, ks, ke), ks.cpu(), ke.cpu(), k, rtol=EXACT_RTOL)
     assert as_sets(m) == as_sets(dsa)      # same kernel, same heads in the same order
 
 
@@ -545,10 +538,10 @@ def test_hisa_kernels(monkeypatch, kind, bs, m):
     q64, w64 = q.double().cpu(), w.double().cpu()
     pooled = block_logits(q64, kbar, w64, vis)
     # the kernel scores the pooled keys rounded to bf16 (relative error up to 2**-8), so a block's
-    # score may move by 2**-8 * sum_h |w_h| |q_h| . |kbar_b| (relu is 1-Lipschitz), and by RTOL of
+    # score may move by 2**-8 * sum_h |w_h| |q_h| . |kbar_b| (relu is 1-Lipschitz), and by EXACT_RTOL of
     # that for the float32 sums
     magnitude = torch.einsum("th,thb->tb", w64.abs(), torch.matmul(q64.abs(), kbar.abs().t()))
-    slack = (2.0 ** -8 + RTOL) * magnitude
+    slack = (2.0 ** -8 + EXACT_RTOL) * magnitude
     full = dsa_logits64(q, kv, w, ks, ke)
     for t_, got in enumerate(as_sets(idx)):
         blocks = sorted(p // bs for p in kept[t_].tolist() if p >= 0)
@@ -569,7 +562,7 @@ def test_hisa_kernels(monkeypatch, kind, bs, m):
         # the pick: the top-k of the kept blocks' visible positions by the exact scores
         row = cand[t_]
         visible = set(row[(row >= ks_[t_]) & (row < ke_[t_])].tolist())
-        check_pick_from(got, visible, k, full[t_], rtol=RTOL)
+        check_pick_from(got, visible, k, full[t_], rtol=EXACT_RTOL)
 
 
 def _kernel_spies(monkeypatch):

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 import misa
-from helpers import DEVICE, check_routing, check_selection, dsa_logits64, keys64, paged_batch_on, router_scores64
+from helpers import (DEVICE, EXACT_RTOL, ROUTER_RTOL, check_routing, check_selection, dsa_logits64, keys64,
+                     paged_batch_on, router_scores64)
 
 pytest.importorskip("triton")
 # unused slots of a sequence's last page hold garbage bytes (build_paged_kcache), some of which
@@ -16,8 +17,6 @@ pytestmark = [pytest.mark.usefixtures("kernels_on"),
               pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning"),
               pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")]
 
-RTOL = 5e-4 if DEVICE == "cuda" else 1e-5
-ROUTER_RTOL = 3e-3 if DEVICE == "cuda" else 1e-4     # the router's MMA runs in tf32 on the GPU
 
 
 def _batch(lens, next_n, h, d, seed):
@@ -56,7 +55,7 @@ def test_paged_kernel_scores_like_float64(next_n, routed, splits):
         # so measure the error against the logits with |w|
         scale = dsa_logits64(q[b], kv, w[rows].abs(), ks, ke, heads=heads[rows] if routed else None)
         err = (got.double()[inside] - ref[inside]).abs().max() / scale[inside].max().clamp_min(1e-12)
-        assert float(err) <= RTOL, (b, float(err))
+        assert float(err) <= EXACT_RTOL, (b, float(err))
         # the rest of the sequence's last page is -inf; columns past its pages are not written
         last = -(-n // misa.PAGE_SIZE) * misa.PAGE_SIZE
         assert bool(torch.isinf(out[rows, n:min(last, out.shape[1])]).all())
@@ -92,14 +91,14 @@ def test_paged_selectors_use_the_kernel_and_agree_with_the_per_sequence_path(mon
     assert torch.equal(fin, torch.isfinite(batched["logits"]))
     # the same scores up to float32 summation order (relative to the largest score)
     scale = float(per_sequence["logits"][fin].abs().max())
-    torch.testing.assert_close(batched["logits"][fin], per_sequence["logits"][fin], rtol=0, atol=RTOL * scale)
+    torch.testing.assert_close(batched["logits"][fin], per_sequence["logits"][fin], rtol=0, atol=EXACT_RTOL * scale)
     heads = misa.paged_route_heads(q, cache, w, clens, table, active_heads=2, block_size=64)
     for b in range(len(lens)):
         rows = slice(b * next_n, (b + 1) * next_n)
         kv, ks, ke = _per_query(seqs, lens, next_n, b)
         for name, hd in (("dsa", None), ("misa", heads[rows])):
             scores = dsa_logits64(q[b], kv, w[rows], ks, ke, heads=hd)
-            check_selection(batched[name][rows], scores, ks, ke, k, rtol=RTOL)
+            check_selection(batched[name][rows], scores, ks, ke, k, rtol=EXACT_RTOL)
 
 
 @pytest.mark.parametrize("block_size", [64, 128, 1024, 48])

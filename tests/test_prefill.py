@@ -6,14 +6,13 @@ import pytest
 import torch
 
 import misa
-from helpers import DEVICE, as_sets, check_pick_from, check_selection, dsa_logits64, make_inputs, set_recall
+from helpers import DEVICE, EXACT_RTOL, as_sets, check_pick_from, check_selection, dsa_logits64, make_inputs, set_recall
 
 pytest.importorskip("triton")
 pytestmark = [pytest.mark.usefixtures("kernels_on"),
               pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning"),
               pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")]
 
-RTOL = 5e-4 if DEVICE == "cuda" else 1e-5
 
 # T, S, H, D, k: ragged ranges, nothing a multiple of a tile (the interpreter's top-k costs ~0.5 s
 # a row: few rows). MISA's keys are wide enough that its top-k's cut takes a sample computed beside
@@ -78,7 +77,7 @@ def _follows_reference(variant, got, inputs):
         heads = None
         if variant == "misa":
             heads = misa.route_heads(q, kv, w, ks, ke, active_heads=2, block_size=64).cpu()
-        check_selection(got, dsa_logits64(q, kv, w, ks, ke, heads=heads), ks, ke, K, rtol=RTOL)
+        check_selection(got, dsa_logits64(q, kv, w, ks, ke, heads=heads), ks, ke, K, rtol=EXACT_RTOL)
     else:       # the reference: the same up to near-ties of the scores
         recall = set_recall(got, _checked(variant, inputs, backend="reference"))
         assert min(recall) >= 0.9 and sum(recall) / len(recall) >= 0.99, recall
@@ -236,7 +235,7 @@ def test_selector_with_bfloat16_logits_is_the_top_k_of_the_rounded_logits(varian
     if variant == "misa-dagger":
         full = dsa_logits64(q, kv, w, ks, ke)
         for r, (picked, cand) in enumerate(zip(as_sets(got), as_sets(first))):
-            check_pick_from(picked, cand, K, full[r], rtol=RTOL)
+            check_pick_from(picked, cand, K, full[r], rtol=EXACT_RTOL)
     prefill.clear_cached_selectors()
     checked = _checked(variant, inputs, logits_dtype=BF16)
     assert [c.logits_dtype for c in prefill._SELECTORS.values()] == [BF16]
