@@ -27,7 +27,8 @@ def test_real_demo_settings_on_the_kernels_match_the_reference():
               for layer in (3, 15, 27)}
     config = misa.MisaConfig(variant="dsa", layers=(
         (3, misa.MisaConfig(variant="misa", active_heads=4, router="gap", block_size=128)),
-        (15, misa.MisaConfig(variant="misa-dagger", active_heads=8, block_size=128, stage1_k=4 * cfg.k)),
+        (15, misa.MisaConfig(variant="misa-dagger", active_heads=8, router="gap", block_size=128,
+                                  stage1_k=4 * cfg.k)),
         (27, misa.MisaConfig(variant="hisa", hisa_block_size=64, hisa_block_k=16))))
     rows = {r.name: r for r in run_demo(cfg, device, workload=_Layers(layers), config=config)}
     assert rows["dsa"].recall_min == 1.0
@@ -40,7 +41,7 @@ def test_real_demo_settings_on_the_kernels_match_the_reference():
             # the kernels and the reference may order fp8 ties differently: a few tokens in 256
             assert abs(row.layer_recall[layer] - float(r.mean())) <= 0.01, (name, layer)
     assert rows[CALIBRATED].layer_recall[3] < 1.0 and rows[CALIBRATED].layer_settings[15] == \
-        ("MISA\u2020", "h=8, B=128, k1=1024")
+        ("MISA\u2020 (gap)", "h=8, B=128, k1=1024")
 
 
 def test_default_demo_on_cuda_is_the_real_model(capsys):
