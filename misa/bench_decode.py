@@ -5,9 +5,9 @@ For every (batch, context, next_n): the card's copy bandwidth (a device-to-devic
 plus written), the dense paged logits alone (bytes of cache read per second, and that as a share
 of the copy figure), DSA's selection, the block-pruned selection for each ``block_k``, MISA (8
 routed heads) and MISA† (8 routed heads keeping ``stage1_k`` candidates for all heads to re-score),
-each captured in a CUDA graph and timed by replay, the checked functions called eagerly (their
-per-call host cost is eager minus replay; repeated at one shape they replay a graph of their own,
-``misa/paged.py``), block-pruned m = 64 also from a float32 pooled-key cache, and the recall of
+each captured in a CUDA graph and timed by replay, the checked functions called eagerly, back
+to back, timed by wall clock per call (host work included: their per-call host cost is eager
+minus replay; repeated at one shape they replay a graph of their own, ``misa/paged.py``), block-pruned m = 64 also from a float32 pooled-key cache, and the recall of
 DSA's selection (for block-pruned also its bound: the recall of the best choice of as many pages).
 Every method is set up and checked first, then all are timed in ``rounds`` interleaved rounds
 (median of the rounds' medians; each round's figures in ``ms_rounds``). Workload: the
@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from . import quant
-from .bench import _time, _time_rounds
+from .bench import HostTimed, _time, _time_rounds
 from .decode import DecodeSelector
 from .metrics import page_recall_bound, recall
 from .synthetic import indexer_workload
@@ -103,7 +103,7 @@ def bench_shape(cfg: DecodeBenchConfig, batch: int, context: int, next_n: int, d
     dsa = DecodeSelector("dsa", **common)
     timers["dsa.graph_ms"] = _graph(lambda: dsa(*args))
     reference = dsa(*args).clone()
-    timers["dsa.eager_ms"] = lambda: misa.paged_dsa_select(*args, k=cfg.k)
+    timers["dsa.eager_ms"] = HostTimed(lambda: misa.paged_dsa_select(*args, k=cfg.k))
     selectors = [dsa]            # the graphs write into their selectors' buffers: kept alive until timed
     for m in cfg.block_ks:
         if m * quant.PAGE_SIZE < cfg.k:
@@ -117,8 +117,8 @@ def bench_shape(cfg: DecodeBenchConfig, batch: int, context: int, next_n: int, d
         # the best any choice of as many pages could keep: what the workload allows page pruning
         row[f"{key}.oracle_recall_mean"] = float(page_recall_bound(reference, sel.kept).mean())
         if m == cfg.block_ks[0] or m == 64:
-            timers[f"{key}.eager_ms"] = lambda m=m: misa.paged_hisa_select(*args, k=cfg.k, block_size=quant.PAGE_SIZE,
-                                                                           block_k=m, pooled=pooled)
+            timers[f"{key}.eager_ms"] = HostTimed(lambda m=m: misa.paged_hisa_select(
+                *args, k=cfg.k, block_size=quant.PAGE_SIZE, block_k=m, pooled=pooled))
         if m == 64:     # the same pages scored from a float32 pooled-key cache (8 bytes a token, not 4)
             wide = misa.pool_paged_kcache(cache, table, lens, dtype=torch.float32)
             timers[f"f32-pooled.{key}.graph_ms"] = _graph(lambda sel=sel: sel(*args, wide))
@@ -127,11 +127,12 @@ def bench_shape(cfg: DecodeBenchConfig, batch: int, context: int, next_n: int, d
     dagger = DecodeSelector("misa-dagger", active_heads=8, stage1_k=cfg.stage1_k, **common)
     selectors += [routed, dagger]
     timers["misa-h8.graph_ms"] = _graph(lambda: routed(*args, pooled))
-    timers["misa-h8.eager_ms"] = lambda: misa.paged_misa_select(*args, k=cfg.k, active_heads=8, pooled=pooled)
+    timers["misa-h8.eager_ms"] = HostTimed(lambda: misa.paged_misa_select(*args, k=cfg.k, active_heads=8,
+                                                                        pooled=pooled))
     row["misa-h8.recall_mean"] = float(recall(routed(*args, pooled), reference).mean())
     timers["misa-dagger-h8.graph_ms"] = _graph(lambda: dagger(*args, pooled))
-    timers["misa-dagger-h8.eager_ms"] = lambda: misa.paged_misa_select(*args, k=cfg.k, active_heads=8,
-                                                                       stage1_k=cfg.stage1_k, pooled=pooled)
+    timers["misa-dagger-h8.eager_ms"] = HostTimed(lambda: misa.paged_misa_select(*args, k=cfg.k, active_heads=8,
+                                                                                 stage1_k=cfg.stage1_k, pooled=pooled))
     r = recall(dagger(*args, pooled), reference)
     row["misa-dagger-h8.recall_mean"], row["misa-dagger-h8.recall_min"] = float(r.mean()), float(r.min())
     ms, row["ms_rounds"] = _time_rounds(timers, cfg.rep_ms, cfg.rounds)

@@ -201,7 +201,10 @@ def test_decode_bench_shape_plumbing_on_the_cpu(monkeypatch):
     from misa import bench_decode
     ticks = iter(range(1, 1000))
     calls = []
+    host_timed = []
     monkeypatch.setattr(bench, "_time", lambda fn, rep_ms: (calls.append(fn), fn(), float(next(ticks)))[2])
+    monkeypatch.setattr(bench, "_time_host", lambda fn, rep_ms: (calls.append(fn), host_timed.append(fn), fn(),
+                                                                 float(next(ticks)))[3])
     monkeypatch.setattr(bench_decode, "_graph", lambda fn: (fn(), fn)[1])
     cfg = bench_decode.DecodeBenchConfig(heads=16, head_dim=32, k=64, block_ks=(2, 64), stage1_k=128, distinct=1,
                                          rep_ms=2, rounds=2)
@@ -210,6 +213,9 @@ def test_decode_bench_shape_plumbing_on_the_cpu(monkeypatch):
              "hisa-m64.graph_ms", "hisa-m64.eager_ms", "f32-pooled.hisa-m64.graph_ms", "misa-h8.graph_ms",
              "misa-h8.eager_ms", "misa-dagger-h8.graph_ms", "misa-dagger-h8.eager_ms"]
     assert list(row["ms_rounds"]) == timed and len(calls) == 2 * len(timed)
+    # the checked (eager) calls by wall clock, host work included; the graphs and kernels by CUDA events
+    assert len(host_timed) == 2 * sum(name.endswith(".eager_ms") for name in timed)
+    assert all(isinstance(fn, bench.HostTimed) for fn in host_timed)
     for i, name in enumerate(timed):            # interleaved: round r times every method before round r + 1
         assert row["ms_rounds"][name] == [i + 1.0, len(timed) + i + 1.0]
         assert row[name] == len(timed) / 2 + i + 1.0                     # the median of its two rounds
