@@ -5,14 +5,15 @@ For every (batch, context, next_n): the card's copy bandwidth (a device-to-devic
 plus written), the dense paged logits alone (bytes of cache read per second, and that as a share
 of the copy figure), DSA's selection, the block-pruned selection for each ``block_k``, MISA (8
 routed heads) and MISA† (8 routed heads keeping ``stage1_k`` candidates for all heads to re-score),
-each captured in a CUDA graph and timed by replay, the checked functions called eagerly, back
-to back, timed by wall clock per call (host work included: their per-call host cost is eager
-minus replay; repeated at one shape they replay a graph of their own, ``misa/paged.py``), block-pruned m = 64 also from a float32 pooled-key cache, and the recall of
-DSA's selection (for block-pruned also its bound: the recall of the best choice of as many pages).
-Every method is set up and checked first, then all are timed in ``rounds`` interleaved rounds
-(median of the rounds' medians; each round's figures in ``ms_rounds``). Workload: the
-synthetic indexer traffic of ``misa/synthetic.py``, a few distinct sequences repeated over the
-batch, each the last ``next_n`` tokens of a causal sequence.
+each captured in a CUDA graph and timed by replay, the checked functions called eagerly, back to
+back, timed by wall clock per call (host work included: their per-call host cost is eager minus
+replay; repeated at one shape they replay a graph of their own, ``misa/paged.py``), block-pruned
+m = 64 also from a float32 pooled-key cache, and the recall of DSA's selection (for block-pruned
+also its bound: the recall of the best choice of as many pages). Every method is set up and
+checked first, then all are timed in ``rounds`` interleaved rounds (median of the rounds' medians;
+each round's figures in ``ms_rounds``). Workload: the synthetic indexer traffic of
+``misa/synthetic.py``, a few distinct sequences repeated over the batch, each the last ``next_n``
+tokens of a causal sequence.
 """
 from __future__ import annotations
 
