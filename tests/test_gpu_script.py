@@ -17,7 +17,8 @@ def reaches_the_card(path: pathlib.Path) -> bool:
                 return True
         elif isinstance(node, ast.Constant) and node.value == "cuda":
             return True
-        elif isinstance(node, ast.Attribute) and node.attr == "is_available" and ast.unparse(node.value) == "torch.cuda":
+        elif (isinstance(node, ast.Attribute) and node.attr == "is_available"
+              and ast.unparse(node.value) == "torch.cuda"):
             return True
     return False
 

@@ -18,7 +18,6 @@ pytestmark = [pytest.mark.usefixtures("kernels_on"),
               pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")]
 
 
-
 def _batch(lens, next_n, h, d, seed):
     return paged_batch_on(DEVICE, lens, next_n, h, d, seed, extra_pages=2)
 
