@@ -9,7 +9,9 @@ each captured in a CUDA graph and timed by replay, the checked functions called 
 back, timed by wall clock per call (host work included: their per-call host cost is eager minus
 replay; repeated at one shape they replay a graph of their own, ``misa/paged.py``), block-pruned
 m = 64 also from a float32 pooled-key cache, and the recall of DSA's selection (for block-pruned
-also its bound: the recall of the best choice of as many pages). Every method is set up and
+also its bound: the recall of the best choice of as many pages). Where DeepGEMM imports with its
+paged logits, dense DSA as engines run it on DeepGEMM (``fp8_paged_mqa_logits`` + ``torch.topk``)
+is timed beside it as the baseline. Every method is set up and
 checked first, then all are timed in ``rounds`` interleaved rounds (median of the rounds' medians;
 each round's figures in ``ms_rounds``). Workload: the synthetic indexer traffic of
 ``misa/synthetic.py``, a few distinct sequences repeated over the batch, each the last ``next_n``
@@ -68,6 +70,51 @@ def copy_bandwidth(device, nbytes: int = 2 << 30, rep_ms: int = 200) -> float:
     return 2 * src.numel() / ms / 1e6
 
 
+def load_deepgemm():
+    """``(deep_gemm, None)`` where DeepGEMM imports and has the paged logits, else ``(None, why)``."""
+    try:
+        import deep_gemm
+    except Exception as e:      # not installed, or built for another torch or CUDA
+        return None, f"deep_gemm not importable ({type(e).__name__}: {e})"
+    if not all(hasattr(deep_gemm, name) for name in ("fp8_paged_mqa_logits", "get_paged_mqa_logits_metadata")):
+        return None, "this deep_gemm build has no fp8_paged_mqa_logits"
+    return deep_gemm, None
+
+
+class DeepGemmDense:
+    """Dense DSA decode as engines run it on DeepGEMM: ``fp8_paged_mqa_logits`` over the same cache
+    (our layout is its layout), each row's positions past its context set to -inf, ``torch.topk``.
+    DeepGEMM takes a context length per row: query ``j`` of a sequence of ``L`` tokens with ``n`` new
+    ones sees ``L - n + 1 + j`` keys. Its schedule metadata is built here once (engines build it
+    once per step for all layers), so ``logits()`` and ``select()`` are launches only: capturable."""
+
+    def __init__(self, deep_gemm, q, kv_cache, weights, context_lens, block_table, k: int):
+        self.dg, self.k = deep_gemm, k
+        b, n = q.shape[:2]
+        self.args = (q.contiguous(), kv_cache, weights.contiguous().float())
+        ends = context_lens.long()[:, None] - n + 1 + torch.arange(n, device=q.device)
+        self.row_lens = ends.to(torch.int32).contiguous()                          # [B, n]
+        self.table = block_table.to(torch.int32).contiguous()
+        self.width = block_table.shape[1] * quant.PAGE_SIZE
+        num_sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 1
+        self.schedule = deep_gemm.get_paged_mqa_logits_metadata(self.row_lens, quant.PAGE_SIZE, num_sms)
+        cols = torch.arange(self.width, device=q.device)
+        self.past_end = cols[None, :] >= self.row_lens.reshape(-1, 1)              # [B * n, width]
+
+    def logits(self) -> torch.Tensor:
+        q, cache, w = self.args
+        return self.dg.fp8_paged_mqa_logits(q, cache, w, self.row_lens, self.table, self.schedule, self.width, False)
+
+    def select(self) -> torch.Tensor:
+        """``[B * n, k]`` int64 positions (unsorted); rows with fewer than ``k`` keys end in -inf picks."""
+        return self.logits().masked_fill_(self.past_end, float("-inf")).topk(self.k, dim=-1, sorted=False).indices
+
+    def positions(self) -> torch.Tensor:
+        """``select()`` as the selectors return it: int32, -1 where a pick is past the row's end."""
+        idx = self.select()
+        return torch.where(idx < self.row_lens.reshape(-1, 1), idx, -1).to(torch.int32)
+
+
 def decode_batch(batch: int, context: int, next_n: int, heads: int, head_dim: int, distinct: int, seed: int,
                  device):
     """``(q [B, n, H, D], weights [B * n, H], kv_cache, block_table, context_lens, pooled)``."""
@@ -87,7 +134,7 @@ def decode_batch(batch: int, context: int, next_n: int, heads: int, head_dim: in
     return q, w, cache, table, lens, pooled
 
 
-def bench_shape(cfg: DecodeBenchConfig, batch: int, context: int, next_n: int, device) -> dict:
+def bench_shape(cfg: DecodeBenchConfig, batch: int, context: int, next_n: int, device, deep_gemm=None) -> dict:
     import misa
     from .ops.dsa.paged_triton import paged_logits
     q, w, cache, table, lens, pooled = decode_batch(batch, context, next_n, cfg.heads, cfg.head_dim, cfg.distinct,
@@ -106,6 +153,18 @@ def bench_shape(cfg: DecodeBenchConfig, batch: int, context: int, next_n: int, d
     reference = dsa(*args).clone()
     timers["dsa.eager_ms"] = HostTimed(lambda: misa.paged_dsa_select(*args, k=cfg.k))
     selectors = [dsa]            # the graphs write into their selectors' buffers: kept alive until timed
+    if deep_gemm is not None:
+        try:
+            dg = DeepGemmDense(deep_gemm, q, cache, w, lens, table, cfg.k)
+            ours = buf.narrow(1, 0, dg.width)
+            theirs = dg.logits()
+            valid = ~dg.past_end
+            row["deepgemm.logits_max_rel_err"] = float((theirs - ours)[valid].abs().max() / ours[valid].abs().max())
+            row["deepgemm.recall_mean"] = float(recall(dg.positions(), reference).mean())
+            timers.update({"deepgemm.logits_ms": _graph(dg.logits), "deepgemm.graph_ms": _graph(dg.select)})
+            selectors.append(dg)
+        except RuntimeError as e:      # a shape or card this DeepGEMM build does not take
+            row["deepgemm.skipped"] = str(e).splitlines()[0][:200]
     for m in cfg.block_ks:
         if m * quant.PAGE_SIZE < cfg.k:
             continue
@@ -138,7 +197,10 @@ def bench_shape(cfg: DecodeBenchConfig, batch: int, context: int, next_n: int, d
     row["misa-dagger-h8.recall_mean"], row["misa-dagger-h8.recall_min"] = float(r.mean()), float(r.min())
     ms, row["ms_rounds"] = _time_rounds(timers, cfg.rep_ms, cfg.rounds)
     row.update(ms)
-    row["dsa.logits_GBps"] = batch * context * quant.paged_bytes_per_token(cfg.head_dim) / ms["dsa.logits_ms"] / 1e6
+    cache_bytes = batch * context * quant.paged_bytes_per_token(cfg.head_dim)
+    row["dsa.logits_GBps"] = cache_bytes / ms["dsa.logits_ms"] / 1e6
+    if "deepgemm.logits_ms" in ms:
+        row["deepgemm.logits_GBps"] = cache_bytes / ms["deepgemm.logits_ms"] / 1e6
     for name in ms:
         if name.startswith("hisa-m") and name.endswith(".graph_ms"):
             row[name[:-len("graph_ms")] + "speedup"] = ms["dsa.graph_ms"] / ms[name]
@@ -149,17 +211,21 @@ def run_decode_bench(cfg: DecodeBenchConfig, device, progress: bool = True) -> d
     device = torch.device(device)
     card = torch.cuda.get_device_name(device)
     copy = copy_bandwidth(device)
+    deep_gemm, why_not = load_deepgemm()
     rows = []
     for batch, context in cfg.shapes:
         for n in cfg.next_ns:
-            row = bench_shape(cfg, batch, context, n, device)
+            row = bench_shape(cfg, batch, context, n, device, deep_gemm)
             torch.cuda.empty_cache()
             row["dsa.logits_share_of_copy"] = row["dsa.logits_GBps"] / copy
+            if "deepgemm.logits_GBps" in row:
+                row["deepgemm.logits_share_of_copy"] = row["deepgemm.logits_GBps"] / copy
             rows.append(row)
             if progress:
                 print(format_row(row), flush=True)
     return {"card": card, "copy_GBps": copy, "config": asdict(cfg), "rows": rows,
-            "torch": torch.__version__}
+            "torch": torch.__version__,
+            "deepgemm": getattr(deep_gemm, "__version__", "unknown version") if deep_gemm else why_not}
 
 
 def format_row(row: dict) -> str:
@@ -167,6 +233,13 @@ def format_row(row: dict) -> str:
             f"({row['dsa.logits_GBps']:.0f} GB/s), dsa graph {row['dsa.graph_ms'] * 1e3:.1f} us / eager "
             f"{row['dsa.eager_ms'] * 1e3:.1f} us")
     parts = [head]
+    if "deepgemm.graph_ms" in row:
+        parts.append(f"  deepgemm logits {row['deepgemm.logits_ms'] * 1e3:.1f} us "
+                     f"({row['deepgemm.logits_GBps']:.0f} GB/s), + topk {row['deepgemm.graph_ms'] * 1e3:.1f} us graph, "
+                     f"recall {row['deepgemm.recall_mean']:.4f}, "
+                     f"logits max rel err {row['deepgemm.logits_max_rel_err']:.1e}")
+    elif "deepgemm.skipped" in row:
+        parts.append(f"  deepgemm skipped: {row['deepgemm.skipped']}")
     for key in sorted(k[:-len('.graph_ms')] for k in row if k.startswith("hisa-") and k.endswith(".graph_ms")):
         bound = row.get(key + ".oracle_recall_mean")
         parts.append(f"  {key}: {row[key + '.graph_ms'] * 1e3:.1f} us graph ({row[key + '.speedup']:.2f}x dsa), "
@@ -192,6 +265,10 @@ def decode_tables(result: dict):
         shape = f"{r['batch']}x{r['context'] // 1024}K n={r['next_n']}"
         rows.append([shape, "DSA dense", f"{r['dsa.graph_ms'] * 1e3:.1f}", f"{r['dsa.eager_ms'] * 1e3:.1f}", "1.00",
                      "1.000", f"{r['dsa.logits_GBps']:.0f} ({r['dsa.logits_share_of_copy']:.0%})"])
+        if "deepgemm.graph_ms" in r:
+            rows.append([shape, "DSA, DeepGEMM logits + torch.topk", f"{r['deepgemm.graph_ms'] * 1e3:.1f}", "-",
+                         f"{r['dsa.graph_ms'] / r['deepgemm.graph_ms']:.2f}", f"{r['deepgemm.recall_mean']:.3f}",
+                         f"{r['deepgemm.logits_GBps']:.0f} ({r['deepgemm.logits_share_of_copy']:.0%})"])
         for key in sorted((k[:-len(".graph_ms")] for k in r if k.startswith("hisa-m") and k.endswith(".graph_ms")),
                           key=lambda k: int(k[len("hisa-m"):])):
             eager = r.get(f"{key}.eager_ms")
@@ -208,8 +285,10 @@ def decode_tables(result: dict):
                          f"{r['misa-dagger-h8.eager_ms'] * 1e3:.1f}",
                          f"{r['dsa.graph_ms'] / r['misa-dagger-h8.graph_ms']:.2f}",
                          f"{r['misa-dagger-h8.recall_mean']:.3f}", ""])
+    dg = result.get("deepgemm")
     return [Table(f"Decode selection per call, us ({result['card']}, copy {result['copy_GBps']:.0f} GB/s); x = DSA "
-                  "graph / method graph; recall of DSA's selection (best: the most any choice of as many pages keeps)",
+                  "graph / method graph; recall of DSA's selection (best: the most any choice of as many pages keeps)"
+                  + (f"; DeepGEMM: {dg}" if dg else ""),
                   ["shape", "method", "graph us", "eager us", "x", "recall", "logits GB/s"], rows)]
 
 

@@ -171,6 +171,15 @@ def test_decode_tables_show_misa_dagger_and_read_older_results():
     assert "misa-dagger-h8 graph 500.0 us" in format_row(row) and "dagger" not in format_row(old)
     assert "float32 pooled cache: 250.0 us graph, recall 0.910" in format_row(row)
     assert table.rows[1][5] == "0.900 (best 0.950)" and "best pages 0.950" in format_row(row)
+    # the DeepGEMM baseline, where it ran, follows dense DSA; where it could not, the line says why
+    row.update({"deepgemm.graph_ms": 0.64, "deepgemm.logits_ms": 0.4, "deepgemm.logits_GBps": 2700.0,
+                "deepgemm.logits_share_of_copy": 0.9, "deepgemm.recall_mean": 1.0, "deepgemm.logits_max_rel_err": 1e-4})
+    result["deepgemm"] = "2.3.0"
+    table, = decode_tables(result)
+    assert table.rows[1] == ["8x128K n=1", "DSA, DeepGEMM logits + torch.topk", "640.0", "-", "1.25", "1.000",
+                             "2700 (90%)"]
+    assert "DeepGEMM: 2.3.0" in table.title and "deepgemm logits 400.0 us (2700 GB/s)" in format_row(row)
+    assert "deepgemm skipped: no" in format_row({**old, "deepgemm.skipped": "no"})
 
 
 def test_page_recall_bound_is_the_best_choice_of_pages():
@@ -208,10 +217,11 @@ def test_decode_bench_shape_plumbing_on_the_cpu(monkeypatch):
     monkeypatch.setattr(bench_decode, "_graph", lambda fn: (fn(), fn)[1])
     cfg = bench_decode.DecodeBenchConfig(heads=16, head_dim=32, k=64, block_ks=(2, 64), stage1_k=128, distinct=1,
                                          rep_ms=2, rounds=2)
-    row = bench_decode.bench_shape(cfg, 1, 600, 1, torch.device("cpu"))
-    timed = ["dsa.logits_ms", "dsa.graph_ms", "dsa.eager_ms", "hisa-m2.graph_ms", "hisa-m2.eager_ms",
-             "hisa-m64.graph_ms", "hisa-m64.eager_ms", "f32-pooled.hisa-m64.graph_ms", "misa-h8.graph_ms",
-             "misa-h8.eager_ms", "misa-dagger-h8.graph_ms", "misa-dagger-h8.eager_ms"]
+    row = bench_decode.bench_shape(cfg, 1, 600, 1, torch.device("cpu"), FakeDeepGemm())
+    timed = ["dsa.logits_ms", "dsa.graph_ms", "dsa.eager_ms", "deepgemm.logits_ms", "deepgemm.graph_ms",
+             "hisa-m2.graph_ms", "hisa-m2.eager_ms", "hisa-m64.graph_ms", "hisa-m64.eager_ms",
+             "f32-pooled.hisa-m64.graph_ms", "misa-h8.graph_ms", "misa-h8.eager_ms", "misa-dagger-h8.graph_ms",
+             "misa-dagger-h8.eager_ms"]
     assert list(row["ms_rounds"]) == timed and len(calls) == 2 * len(timed)
     # the checked (eager) calls by wall clock, host work included; the graphs and kernels by CUDA events
     assert len(host_timed) == 2 * sum(name.endswith(".eager_ms") for name in timed)
@@ -224,6 +234,54 @@ def test_decode_bench_shape_plumbing_on_the_cpu(monkeypatch):
         assert 0.0 < row[f"hisa-m{m}.recall_mean"] <= row[f"hisa-m{m}.oracle_recall_mean"] + 1e-9
     assert row["hisa-m64.recall_mean"] == 1.0          # 64 pages cover 600 tokens: the dense path
     assert 0.0 < row["misa-h8.recall_mean"] <= 1.0 and 0.0 < row["misa-dagger-h8.recall_min"] <= 1.0
-    assert row["dsa.logits_GBps"] > 0
+    assert row["dsa.logits_GBps"] > 0 and row["deepgemm.logits_GBps"] > 0
+    # the baseline's logits agree with ours where a row has keys, and it selects what DSA selects
+    assert row["deepgemm.logits_max_rel_err"] < 1e-5 and row["deepgemm.recall_mean"] == 1.0
     with pytest.raises(ValueError, match="^rounds:"):
         bench_decode.DecodeBenchConfig(rounds=0)
+
+
+class FakeDeepGemm:
+    """DeepGEMM's paged-logits contract as its own test states it, computed in float64: row ``(b, j)``
+    scores the first ``context_lens[b, j]`` keys of sequence ``b`` with ``sum_h w * relu(q_h . k)``;
+    the rest of the row is left as it was (garbage here, large enough to win a top-k)."""
+
+    def __init__(self):
+        self.calls = []
+
+    def get_paged_mqa_logits_metadata(self, context_lens, block_kv, num_sms):
+        assert context_lens.dtype == torch.int32 and context_lens.dim() == 2 and context_lens.is_contiguous()
+        assert block_kv == 64
+        return torch.zeros(num_sms + 1, 2, dtype=torch.int32)
+
+    def fp8_paged_mqa_logits(self, q, kv_cache, weights, context_lens, block_table, schedule_meta, max_context_len,
+                             clean_logits):
+        import misa
+        self.calls.append(max_context_len)
+        b, n, h, _ = q.shape
+        assert q.is_contiguous() and weights.dtype == torch.float32 and weights.shape == (b * n, h)
+        assert block_table.dtype == torch.int32 and not clean_logits and context_lens.shape == (b, n)
+        out = torch.rand(b * n, max_context_len, generator=torch.Generator().manual_seed(len(self.calls))) * 1e6
+        for i in range(b):
+            for j in range(n):
+                length = int(context_lens[i, j])
+                keys = misa.dequantize_keys(*misa.read_paged_kcache(kv_cache, block_table[i], length)).double()
+                scores = (q[i, j].double() @ keys.T).relu() * weights[i * n + j].double()[:, None]
+                out[i * n + j, :length] = scores.sum(0).float()
+        return out
+
+
+@pytest.mark.parametrize("lens,next_n,k", [([5, 700, 1000], 2, 64), ([300, 129], 1, 32)])
+def test_deepgemm_baseline_selects_what_dsa_selects(lens, next_n, k):
+    # the decode bench's DeepGEMM baseline: per-row context lengths, the rows' tails masked, top-k;
+    # a sequence shorter than k keeps all its tokens, -1 padded
+    from misa.bench_decode import DeepGemmDense
+    from helpers import as_sets, paged_batch_on
+    import misa
+    _, q, w, cache, table, clens = paged_batch_on("cpu", lens, next_n, 16, 32, seed=5)
+    dg = DeepGemmDense(FakeDeepGemm(), q, cache, w, clens, table, k)
+    want = misa.paged_dsa_select(q, cache, w, clens, table, k=k, backend="reference")
+    got = dg.positions()
+    assert got.dtype == torch.int32 and got.shape == want.shape
+    assert as_sets(got) == as_sets(want)
+    assert dg.width == table.shape[1] * 64 and dg.dg.calls == [dg.width]
