@@ -28,6 +28,7 @@ from . import quant
 from .bench import HostTimed, _time, _time_rounds
 from .decode import DecodeSelector
 from .metrics import page_recall_bound, recall
+from .paged import _visible_ends
 from .synthetic import indexer_workload
 
 DEFAULT_SHAPES = ((1, 4096), (8, 131072), (64, 131072))
@@ -90,16 +91,15 @@ class DeepGemmDense:
 
     def __init__(self, deep_gemm, q, kv_cache, weights, context_lens, block_table, k: int):
         self.dg, self.k = deep_gemm, k
-        b, n = q.shape[:2]
+        n = q.shape[1]
         self.args = (q.contiguous(), kv_cache, weights.contiguous().float())
-        ends = context_lens.long()[:, None] - n + 1 + torch.arange(n, device=q.device)
-        self.row_lens = ends.to(torch.int32).contiguous()                          # [B, n]
+        self.ends = _visible_ends(context_lens, n)[:, None]                        # [B * n, 1] int32
+        self.row_lens = self.ends.view(-1, n)                                      # [B, n], DeepGEMM's form
         self.table = block_table.to(torch.int32).contiguous()
         self.width = block_table.shape[1] * quant.PAGE_SIZE
         num_sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 1
         self.schedule = deep_gemm.get_paged_mqa_logits_metadata(self.row_lens, quant.PAGE_SIZE, num_sms)
-        cols = torch.arange(self.width, device=q.device)
-        self.past_end = cols[None, :] >= self.row_lens.reshape(-1, 1)              # [B * n, width]
+        self.past_end = torch.arange(self.width, device=q.device)[None, :] >= self.ends   # [B * n, width]
 
     def logits(self) -> torch.Tensor:
         q, cache, w = self.args
@@ -112,7 +112,7 @@ class DeepGemmDense:
     def positions(self) -> torch.Tensor:
         """``select()`` as the selectors return it: int32, -1 where a pick is past the row's end."""
         idx = self.select()
-        return torch.where(idx < self.row_lens.reshape(-1, 1), idx, -1).to(torch.int32)
+        return torch.where(idx < self.ends, idx, -1).to(torch.int32)
 
 
 def decode_batch(batch: int, context: int, next_n: int, heads: int, head_dim: int, distinct: int, seed: int,
@@ -156,7 +156,7 @@ def bench_shape(cfg: DecodeBenchConfig, batch: int, context: int, next_n: int, d
     if deep_gemm is not None:
         try:
             dg = DeepGemmDense(deep_gemm, q, cache, w, lens, table, cfg.k)
-            ours = buf.narrow(1, 0, dg.width)
+            ours = buf.narrow(1, 0, dg.width)        # the dense logits the dsa.logits capture left
             theirs = dg.logits()
             valid = ~dg.past_end
             row["deepgemm.logits_max_rel_err"] = float((theirs - ours)[valid].abs().max() / ours[valid].abs().max())
