@@ -64,6 +64,12 @@ class Graph:
         return self.out
 
 
+def made(selector, key):
+    """The graph of ``selector`` for ``key`` if one has been made, else None (nothing recorded)."""
+    entry = selector.__dict__.get("graphs", {}).get(key)
+    return entry if isinstance(entry, Graph) else None
+
+
 def lookup(selector, key, make):
     """The graph of ``selector`` for ``key``: made by ``make()`` on the second call with this key,
     None on the first (run eagerly) or when graphs are off for the selector."""

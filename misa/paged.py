@@ -15,7 +15,8 @@ a top-``stage1_k`` launch, one re-scoring launch over those candidates with all 
 (``misa/ops/rescore/triton.py``, keys read through the block table) and the final top-k. DSA,
 MISA, MISA-dagger and HISA run through a cached ``misa.DecodeSelector`` (MISA's and MISA-dagger's
 options permitting: power-of-two routed heads fewer than all, blocks of whole pages), which a
-repeated call replays as a CUDA graph (``misa.graphs``). The reference backend and
+repeated call replays as a CUDA graph (``misa.graphs``) that checks its own inputs: from the third
+call at a layout, one replay and one wait for the check flags, no read-back before the launches. The reference backend and
 router statistics without a kernel take the per-sequence path: each sequence's pages are gathered
 into contiguous keys and the prefill path runs sequence by sequence.
 """
@@ -32,9 +33,8 @@ from .validate import (Inputs, check_hisa_budget, check_int, check_stage1_k, che
                        value_checks, Q_DTYPES)
 
 
-def _check_paged(q, kv_cache, weights, context_lens, block_table) -> int:
-    """Raise on bad input; return the longest context. The value checks (``misa.ops.checks``: one
-    launch on a GPU) and that length are read back together, one GPU sync for all of them."""
+def _check_paged_shapes(q, kv_cache, weights, context_lens, block_table) -> None:
+    """Raise on inputs of the wrong kind, shape or device (no read of the values)."""
     check_tensor("q", q, 4, Q_DTYPES)
     b, n, h, d = q.shape
     cache_dim = quant.paged_head_dim(kv_cache)
@@ -53,13 +53,24 @@ def _check_paged(q, kv_cache, weights, context_lens, block_table) -> int:
                     ("block_table", block_table)):
         if x.device != q.device:
             raise ValueError(f"{name}: on {x.device}, q on {q.device}")
-    *bad, longest = value_checks("paged_flags", q, weights, context_lens, block_table, kv_cache.shape[0],
-                                 quant.PAGE_SIZE)
+
+
+def _raise_paged_flags(bad, next_n: int) -> None:
+    """The ``ValueError`` of the first failed value check (``misa.ops.checks.PAGED_FLAGS`` order)."""
     raise_first(bad, (("q", "contains NaN or infinite values"), ("weights", "contains NaN or infinite values"),
-                      ("context_lens", f"every sequence must hold at least next_n ({n}) tokens"),
+                      ("context_lens", f"every sequence must hold at least next_n ({next_n}) tokens"),
                       ("block_table", "too few columns for the longest context"),
                       # the batched kernels read pages through the table unchecked: a stray id must fail here
                       ("block_table", "page id outside the cache")))
+
+
+def _check_paged(q, kv_cache, weights, context_lens, block_table) -> int:
+    """Raise on bad input; return the longest context. The value checks (``misa.ops.checks``: one
+    launch on a GPU) and that length are read back together, one GPU sync for all of them."""
+    _check_paged_shapes(q, kv_cache, weights, context_lens, block_table)
+    *bad, longest = value_checks("paged_flags", q, weights, context_lens, block_table, kv_cache.shape[0],
+                                 quant.PAGE_SIZE)
+    _raise_paged_flags(bad, q.shape[1])
     return longest
 
 
@@ -129,10 +140,7 @@ def paged_dsa_select(q, kv_cache, weights, context_lens, block_table, k: int = 2
     ``[B * next_n, k]`` int32 positions inside each sequence, -1 padded."""
     check_int("k", k)
     if _batched(q, backend):
-        _check_paged(q, kv_cache, weights, context_lens, block_table)
-        if q.shape[0] == 0:
-            return torch.empty(0, k, dtype=torch.int32, device=q.device)
-        return _run(_selector("dsa", q, k, block_table), q, kv_cache, weights, context_lens, block_table)
+        return _select_checked(("dsa", {}), q, kv_cache, weights, context_lens, block_table, k)
     return _paged_select(lambda inp: select.dsa_select(inp, k, backend=backend), q, kv_cache, weights,
                          context_lens, block_table, k)
 
@@ -193,16 +201,16 @@ def paged_misa_select(q, kv_cache, weights, context_lens, block_table, k: int = 
     check_workspace(workspace_bytes)
     _check_pooled_blocks(pooled, kv_cache, block_size)
     if _batched(q, backend) and (stage1_k is None or q.shape[2] <= MAX_RESCORE_HEADS):
-        longest = _check_paged(q, kv_cache, weights, context_lens, block_table)
-        if stage1_k is not None and q.shape[0] == 0:
-            return torch.empty(0, k, dtype=torch.int32, device=q.device)
         if q.shape[0] and _routed_selector_ok(q.shape[2], active_heads, block_size, router):
             # without the pooled-key cache the selector call builds one from the cache (one launch),
             # so selections with and without it are the same
             variant, extra = ("misa-dagger", dict(stage1_k=stage1_k)) if stage1_k is not None else ("misa", {})
-            sel = _selector(variant, q, k, block_table, active_heads=active_heads, router_block_size=block_size,
-                            router=router, **extra)
-            return _run(sel, q, kv_cache, weights, context_lens, block_table, pooled)
+            return _select_checked((variant, dict(active_heads=active_heads, router_block_size=block_size,
+                                                  router=router, **extra)),
+                                   q, kv_cache, weights, context_lens, block_table, k, pooled)
+        longest = _check_paged(q, kv_cache, weights, context_lens, block_table)
+        if stage1_k is not None and q.shape[0] == 0:
+            return torch.empty(0, k, dtype=torch.int32, device=q.device)
         heads = _route(q, kv_cache, weights, context_lens, block_table, active_heads, block_size, router, longest,
                        backend, pooled)
         if stage1_k is None:
@@ -260,10 +268,55 @@ def _graph(sel, q, kv_cache, weights, context_lens, block_table, pooled) -> grap
     """The selector's call in a CUDA graph reading copies of ``q``, ``weights``, ``context_lens``
     and ``block_table`` (four copies and one replay of host work per call), and the cache and the
     pooled-key cache in place: calls find it by those caches' addresses. Without a pooled-key cache,
-    building one from the cache is part of the graph."""
+    building one from the cache is part of the graph.
+
+    The graph checks its inputs first (``graph.checks``: the flags, their pinned host copy and an
+    event after that copy): the check launch also clamps the copied lengths and page ids into the
+    cache (``misa.ops.checks``, ``sanitize``), so the selection it runs on bad input reads only the
+    cache, and a call waits for the flags alone instead of a read-back before its launches."""
     sq, sw, sl, st = inputs = [x.clone(memory_format=torch.contiguous_format)
                                for x in (q, weights, context_lens, block_table)]
-    return graphs.Graph(lambda: sel(sq, kv_cache, sw, sl, st, _pooled_for(sel, pooled, kv_cache, st, sl)), inputs)
+    checks = None
+    if kv_cache.shape[0] >= 1 and block_table.shape[1] * quant.PAGE_SIZE >= q.shape[1]:    # clamping possible
+        from .ops.checks import PAGED_FLAGS
+        from .ops.checks.triton import paged_flags
+        flags = torch.zeros(len(PAGED_FLAGS) + 1, dtype=torch.int64, device=q.device)
+        checks = (flags, torch.zeros(flags.shape, dtype=torch.int64, pin_memory=True), torch.cuda.Event(external=True))
+
+    def run():
+        if checks is not None:
+            paged_flags(sq, sw, sl, st, kv_cache.shape[0], quant.PAGE_SIZE, out=checks[0], sanitize=True)
+            checks[1].copy_(checks[0], non_blocking=True)
+            checks[2].record()
+        return sel(sq, kv_cache, sw, sl, st, _pooled_for(sel, pooled, kv_cache, st, sl))
+
+    graph = graphs.Graph(run, inputs)
+    graph.checks = checks
+    return graph
+
+
+def _graph_key(q, kv_cache, weights, context_lens, block_table, pooled):
+    return (graphs.layout(q), graphs.layout(kv_cache, True), graphs.layout(weights), graphs.layout(context_lens),
+            graphs.layout(block_table), graphs.layout(pooled, True))
+
+
+def _replay_checked(sel, q, kv_cache, weights, context_lens, block_table, pooled=None) -> torch.Tensor | None:
+    """A checked function's whole call as one replay of ``sel``'s graph for these layouts, checks
+    included: the inputs copied in, the replay, a copy of the result, one wait for the flags, then
+    the error of the first failed check or the result. None where there is no such graph yet (the
+    first two calls at a layout, graphs off): the caller checks and runs as ``_run``."""
+    if not graphs.enabled(q):
+        return None
+    graph = graphs.made(sel, _graph_key(q, kv_cache, weights, context_lens, block_table, pooled))
+    if graph is None or graph.checks is None:
+        return None
+    for buf, x in zip(graph.inputs, (q, weights, context_lens, block_table)):
+        buf.copy_(x)
+    out = graph.replay().clone()
+    graph.checks[2].synchronize()
+    *bad, _ = graph.checks[1].tolist()
+    _raise_paged_flags(bad, q.shape[1])
+    return out
 
 
 def _run(sel, q, kv_cache, weights, context_lens, block_table, pooled=None) -> torch.Tensor:
@@ -272,8 +325,7 @@ def _run(sel, q, kv_cache, weights, context_lens, block_table, pooled=None) -> t
     addresses replays a CUDA graph (``misa.graphs``); the first runs the selector as is (a one-off
     call pays no capture)."""
     if graphs.enabled(q):
-        key = (graphs.layout(q), graphs.layout(kv_cache, True), graphs.layout(weights),
-               graphs.layout(context_lens), graphs.layout(block_table), graphs.layout(pooled, True))
+        key = _graph_key(q, kv_cache, weights, context_lens, block_table, pooled)
         graph = graphs.lookup(sel, key, lambda: _graph(sel, q, kv_cache, weights, context_lens, block_table, pooled))
         if graph is not None:
             for buf, x in zip(graph.inputs, (q, weights, context_lens, block_table)):
@@ -281,6 +333,23 @@ def _run(sel, q, kv_cache, weights, context_lens, block_table, pooled=None) -> t
             return graph.replay().clone()
     return sel(q, kv_cache, weights, context_lens, block_table,
                _pooled_for(sel, pooled, kv_cache, block_table, context_lens)).clone()
+
+
+def _select_checked(sel_args: tuple, q, kv_cache, weights, context_lens, block_table, k: int, pooled=None):
+    """The checked selection through the cached ``DecodeSelector`` of ``sel_args`` (``_selector``'s
+    variant and options): a replay that checks its own inputs where one exists, else the checks
+    with their read-back, then ``_run``."""
+    _check_paged_shapes(q, kv_cache, weights, context_lens, block_table)
+    if q.shape[0]:
+        variant, options = sel_args
+        sel = _selector(variant, q, k, block_table, **options)
+        out = _replay_checked(sel, q, kv_cache, weights, context_lens, block_table, pooled)
+        if out is not None:
+            return out
+    _check_paged(q, kv_cache, weights, context_lens, block_table)
+    if q.shape[0] == 0:
+        return torch.empty(0, k, dtype=torch.int32, device=q.device)
+    return _run(sel, q, kv_cache, weights, context_lens, block_table, pooled)
 
 
 def check_pooled(pooled, kv_cache) -> torch.Tensor:
@@ -306,10 +375,7 @@ def paged_hisa_select(q, kv_cache, weights, context_lens, block_table, k: int = 
     check_hisa_budget(k, block_size, block_k)
     _check_pooled_blocks(pooled, kv_cache, block_size)
     if block_size % quant.PAGE_SIZE == 0 and _batched(q, backend):
-        _check_paged(q, kv_cache, weights, context_lens, block_table)
-        if q.shape[0] == 0:
-            return torch.empty(0, k, dtype=torch.int32, device=q.device)
-        sel = _selector("hisa", q, k, block_table, block_size=block_size, block_k=block_k)
-        return _run(sel, q, kv_cache, weights, context_lens, block_table, pooled)
+        return _select_checked(("hisa", dict(block_size=block_size, block_k=block_k)), q, kv_cache, weights,
+                               context_lens, block_table, k, pooled)
     return _paged_select(lambda inp: select.hisa_select(inp, k, block_size, block_k, backend=backend),
                          q, kv_cache, weights, context_lens, block_table, k)

@@ -152,6 +152,9 @@ def entry_points():
                lambda a=small: misa.paged_hisa_select(*a, k=512, block_size=64, block_k=16))
         yield (f"paged input checks next_n={next_n}",
                lambda a=args: checks.paged_flags(a[0], a[2], a[3], a[4], a[1].shape[0], 64))
+        yield (f"paged input checks, clamping, next_n={next_n}",
+               lambda a=args: checks.paged_flags(a[0], a[2], a[3].clone(), a[4].clone(), a[1].shape[0], 64,
+                                                 sanitize=True))
 
 
 def specialise(kernel, args, kwargs):

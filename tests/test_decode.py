@@ -289,6 +289,52 @@ def test_checked_functions_replay_their_graph_with_new_inputs(monkeypatch, fn):
     assert sum(isinstance(g, Graph) for sel in paged._SELECTORS.values() for g in sel.graphs.values()) == 1
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need CUDA")
+@pytest.mark.parametrize("fn", ["dsa", "hisa", "misa"])
+def test_checked_replay_checks_its_own_inputs(monkeypatch, fn):
+    # from the third call at a layout the checked function's graph checks its inputs itself (no
+    # read-back before the launches): bad input still raises the first failed check's ValueError,
+    # the selection run on it reads nothing outside the cache, and the next good call is unchanged
+    from misa import paged
+    lens, next_n, h, d, k = [3000, 9000, 700], 2, 64, 128, 512
+    seqs, q, w, cache, table, clens = _batch(lens, next_n, h, d, seed=41)
+    pooled = misa.pool_paged_kcache(cache, table, clens)
+
+    def call(q, w, clens, table):
+        if fn == "dsa":
+            return misa.paged_dsa_select(q, cache, w, clens, table, k=k)
+        if fn == "hisa":
+            return misa.paged_hisa_select(q, cache, w, clens, table, k=k, block_size=64, block_k=16, pooled=pooled)
+        return misa.paged_misa_select(q, cache, w, clens, table, k=k, active_heads=8, pooled=pooled)
+
+    paged._SELECTORS.clear()
+    want = as_sets(call(q, w, clens, table))            # checked with a read-back, then the capture
+    assert as_sets(call(q, w, clens, table)) == want
+    read_backs = []
+    real = paged._check_paged
+    monkeypatch.setattr(paged, "_check_paged", lambda *a: (read_backs.append(1), real(*a))[1])
+    assert as_sets(call(q, w, clens, table)) == want
+    bad_q = q.clone()
+    bad_q.view(torch.uint8)[1, 0, 5, 7] = 0x7F
+    bad_w = w.clone()
+    bad_w[3, 2] = float("inf")
+    short, long_, outside, negative = clens.clone(), clens.clone(), table.clone(), table.clone()
+    short[2] = 1
+    long_[0] = table.shape[1] * 64 + 1
+    outside[1, 100] = cache.shape[0] + 7
+    negative[0, 3] = -1
+    cases = [((bad_q, w, clens, table), "^q:"), ((q, bad_w, clens, table), "^weights:"),
+             ((q, w, short, table), "^context_lens:"), ((q, w, long_, table), "^block_table: too few columns"),
+             ((q, w, clens, outside), "^block_table: page id outside"),
+             ((q, w, clens, negative), "^block_table: page id outside")]
+    for args, message in cases:
+        with pytest.raises(ValueError, match=message):
+            call(*args)
+        torch.cuda.synchronize()                       # an access outside the cache would fail here
+        assert as_sets(call(q, w, clens, table)) == want, message
+    assert read_backs == []                            # every call above was one checked replay
+
+
 def test_block_pruned_selector_keeping_every_block_runs_dense():
     # blocks kept that cover max_context: the dense path (DSA's selection), fewer launches
     lens, next_n, h, d, k = [200, 77], 1, 8, 64, 32

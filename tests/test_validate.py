@@ -249,3 +249,40 @@ def test_paged_check_kernel_flags_like_the_reference(case):
     assert checks_triton.paged_flags(*args).tolist() == ref
     assert [n for n, bad in zip(PAGED_FLAGS, ref) if bad] == ([] if case in ("good", "unused_column") else [case])
     assert ref[-1] == int(lens.max())
+
+
+def test_paged_check_kernel_sanitizes_like_the_reference():
+    """``sanitize=True`` (the checked decode functions' CUDA graphs check and select in one replay):
+    the flags are those of the inputs as given; then lengths are clamped into what the table can
+    hold and page ids outside the cache in the columns those lengths use become 0, in place, so the
+    selection reads only the cache. Valid entries and unused columns are left as they were."""
+    pytest.importorskip("triton")
+    from misa.ops.checks import paged_flags
+    from misa.ops.checks import triton as checks_triton
+    g = torch.Generator().manual_seed(7)
+    num_pages, cols, n = 80, 9, 2
+    lens = torch.randint(2, cols * 64 + 1, (6,), generator=g).int()
+    lens[0], lens[1], lens[2] = 1, cols * 64 + 130, 0          # too short, longer than the table, empty
+    table = torch.randperm(num_pages, generator=g)[: 6 * cols].view(6, cols).int()
+    table[3, 0], table[4, (int(lens[4]) - 1) // 64] = -3, num_pages + 5       # used columns, outside the cache
+    table[5, cols - 1] = -9 if int(lens[5]) <= (cols - 1) * 64 else table[5, cols - 1]     # unused: kept
+    q = misa.quantize_queries(torch.randn(12, 4, 16, generator=g), torch.randn(12, 4, generator=g))[0]
+    q, w = q.view(6, n, 4, 16), torch.randn(12, 4, generator=g)
+    w[7, 1] = float("inf")
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    want_flags = paged_flags(q, w, lens, table, num_pages, 64).tolist()
+    got = {}
+    for name, fn in (("reference", paged_flags), ("kernel", checks_triton.paged_flags)):
+        l2, t2 = lens.clone().to(dev), table.clone().to(dev)
+        out = torch.full((len(want_flags),), 99, dtype=torch.int64, device=dev)      # reused: stale values
+        flags = fn(q.to(dev), w.to(dev), l2, t2, num_pages, 64, out=out, sanitize=True)
+        assert flags.data_ptr() == out.data_ptr() and flags.tolist() == want_flags, name
+        got[name] = (l2.cpu(), t2.cpu())
+    assert torch.equal(got["kernel"][0], got["reference"][0]) and torch.equal(got["kernel"][1], got["reference"][1])
+    l2, t2 = got["kernel"]
+    assert torch.equal(l2, lens.clamp(n, cols * 64))
+    used = torch.arange(cols)[None, :] < ((l2.long() + 63) // 64)[:, None]
+    assert ((t2 >= 0) & (t2 < num_pages))[used].all()
+    outside = (table < 0) | (table >= num_pages)
+    assert torch.equal(t2[~(used & outside)], table[~(used & outside)])
+    assert (t2[used & outside] == 0).all() and int((used & outside).sum()) >= 2

@@ -32,14 +32,29 @@ def input_flags(q, k, k_scale, weights, ks, ke, num_keys: int) -> torch.Tensor:
 PAGED_FLAGS = ("q", "weights", "context_lens_short", "block_table_narrow", "page_outside_cache")
 
 
-def paged_flags(q, weights, context_lens, block_table, num_pages: int, page_size: int) -> torch.Tensor:
+def paged_flags(q, weights, context_lens, block_table, num_pages: int, page_size: int, *,
+                out: torch.Tensor | None = None, sanitize: bool = False) -> torch.Tensor:
     """The decode inputs' checks: ``PAGED_FLAGS`` then ``max(context_lens)`` (0 for no sequence).
     A sequence must hold at least ``next_n`` tokens; the table must have a column for each of its
-    pages, and those columns must name pages of the cache (columns past them are never read)."""
+    pages, and those columns must name pages of the cache (columns past them are never read).
+
+    ``out``: the int64 vector to write them to (else a new one). ``sanitize``: after checking, clamp
+    ``context_lens`` in place into ``[next_n, columns * page_size]`` and set every page id of the
+    table's columns those lengths use that lies outside ``[0, num_pages)`` to 0, so that a selection
+    run on them reads only the cache whatever the input (needs ``num_pages >= 1`` and
+    ``columns * page_size >= next_n``)."""
     n = q.shape[1]
     pages = (context_lens.long() + page_size - 1) // page_size
-    used = torch.arange(block_table.shape[1], device=q.device)[None, :] < pages[:, None]
+    cols = torch.arange(block_table.shape[1], device=q.device)[None, :]
+    outside = (block_table < 0) | (block_table >= num_pages)
     flags = [not_finite(q), not_finite(weights), (context_lens < n).any(), (pages > block_table.shape[1]).any(),
-             (used & ((block_table < 0) | (block_table >= num_pages))).any()]
+             ((cols < pages[:, None]) & outside).any()]
     longest = context_lens.max() if context_lens.numel() else torch.tensor(0, device=q.device)
-    return torch.stack([f.to(torch.int64) for f in flags] + [longest.to(torch.int64)])
+    result = torch.stack([f.to(torch.int64) for f in flags] + [longest.to(torch.int64)])
+    if sanitize:
+        context_lens.clamp_(n, block_table.shape[1] * page_size)
+        used = cols < ((context_lens.long() + page_size - 1) // page_size)[:, None]
+        block_table.masked_fill_(used & outside, 0)
+    if out is None:
+        return result
+    return out.copy_(result)

@@ -115,7 +115,8 @@ def input_flags(q, k, k_scale, weights, ks, ke, num_keys: int) -> torch.Tensor:
 @triton.jit(do_not_specialize=["n_q", "n_w", "B", "P", "num_pages"])
 def _paged_checks_kernel(Q, n_q, W, n_w, CTX, TABLE, B, P, stride_table, num_pages, OUT,
                          P_Q: tl.constexpr, P_W: tl.constexpr, N: tl.constexpr, PAGE: tl.constexpr,
-                         Q_FMT: tl.constexpr, BLOCK: tl.constexpr, COLS: tl.constexpr):
+                         Q_FMT: tl.constexpr, BLOCK: tl.constexpr, COLS: tl.constexpr,
+                         SANITIZE: tl.constexpr):
     pid = tl.program_id(0)
     if pid < P_Q:
         _scan(Q, n_q, pid, P_Q, OUT, 0, Q_FMT, False, BLOCK)
@@ -135,16 +136,32 @@ def _paged_checks_kernel(Q, n_q, W, n_w, CTX, TABLE, B, P, stride_table, num_pag
             bad = bad | (m & ((page < 0) | (page >= num_pages)))
         tl.atomic_max(OUT + 4, tl.max(bad.to(tl.int64), axis=0))
         tl.atomic_max(OUT + 5, ctx.to(tl.int64))
+        if SANITIZE:            # after the checks: what the selection reads now stays inside the cache
+            ctx = tl.minimum(tl.maximum(ctx, N), P * PAGE)
+            tl.store(CTX + b, ctx)
+            pages = (ctx + PAGE - 1) // PAGE
+            for c0 in range(0, pages, COLS):
+                c = c0 + tl.arange(0, COLS)
+                m = c < pages
+                page = tl.load(TABLE + b.to(tl.int64) * stride_table + c, mask=m, other=0)
+                page = tl.where((page < 0) | (page >= num_pages), 0, page)
+                tl.store(TABLE + b.to(tl.int64) * stride_table + c, page, mask=m)
 
 
-def paged_flags(q, weights, context_lens, block_table, num_pages: int, page_size: int) -> torch.Tensor:
+def paged_flags(q, weights, context_lens, block_table, num_pages: int, page_size: int, *,
+                out: torch.Tensor | None = None, sanitize: bool = False) -> torch.Tensor:
+    """As ``reference.paged_flags`` (``out`` and ``sanitize`` included), in one launch: with ``out``
+    given it allocates nothing and can be captured in a CUDA graph."""
     from .reference import PAGED_FLAGS
-    out = torch.zeros(len(PAGED_FLAGS) + 1, dtype=torch.int64, device=q.device)
+    if out is None:
+        out = torch.zeros(len(PAGED_FLAGS) + 1, dtype=torch.int64, device=q.device)
+    else:
+        out.zero_()
     (qf, q_fmt), wf = _flat(q), weights.reshape(-1)
     p_q, p_w = _programs(qf.numel()), _programs(wf.numel())
     b = context_lens.shape[0]
     _paged_checks_kernel[(p_q + p_w + b,)](
         qf, qf.numel(), wf, wf.numel(), context_lens, block_table, b, block_table.shape[1], block_table.stride(0),
         num_pages, out, P_Q=p_q, P_W=p_w, N=q.shape[1], PAGE=page_size, Q_FMT=q_fmt, BLOCK=BLOCK,
-        COLS=1024)
+        COLS=1024, SANITIZE=sanitize)
     return out
