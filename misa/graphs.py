@@ -44,7 +44,7 @@ def layout(x, where: bool = False):
 class Graph:
     """``run()`` (launches only: no allocation, no host read) captured once, after one warm-up run
     on a side stream (it compiles any kernel the capture would need). ``inputs``: the buffers
-    ``run`` reads, kept alive with the graph; the caller fills them before ``replay``."""
+    ``run`` reads, kept alive with the graph; ``replay`` copies a call's values into them."""
 
     def __init__(self, run, inputs):
         self.inputs = inputs
@@ -58,8 +58,11 @@ class Graph:
         with torch.cuda.graph(self.graph):
             self.out = run()
 
-    def replay(self) -> torch.Tensor:
-        """Replays the graph; its output buffer (overwritten by the next replay)."""
+    def replay(self, *values) -> torch.Tensor:
+        """Copies ``values`` into ``inputs`` (in order) and replays the graph; its output buffer
+        (overwritten by the next replay)."""
+        for buf, x in zip(self.inputs, values, strict=True):
+            buf.copy_(x)
         self.graph.replay()
         return self.out
 

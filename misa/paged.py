@@ -310,9 +310,7 @@ def _replay_checked(sel, q, kv_cache, weights, context_lens, block_table, pooled
     graph = graphs.made(sel, _graph_key(q, kv_cache, weights, context_lens, block_table, pooled))
     if graph is None or graph.checks is None:
         return None
-    for buf, x in zip(graph.inputs, (q, weights, context_lens, block_table)):
-        buf.copy_(x)
-    out = graph.replay().clone()
+    out = graph.replay(q, weights, context_lens, block_table).clone()
     graph.checks[2].synchronize()
     *bad, _ = graph.checks[1].tolist()
     _raise_paged_flags(bad, q.shape[1])
@@ -328,9 +326,7 @@ def _run(sel, q, kv_cache, weights, context_lens, block_table, pooled=None) -> t
         key = _graph_key(q, kv_cache, weights, context_lens, block_table, pooled)
         graph = graphs.lookup(sel, key, lambda: _graph(sel, q, kv_cache, weights, context_lens, block_table, pooled))
         if graph is not None:
-            for buf, x in zip(graph.inputs, (q, weights, context_lens, block_table)):
-                buf.copy_(x)
-            return graph.replay().clone()
+            return graph.replay(q, weights, context_lens, block_table).clone()
     return sel(q, kv_cache, weights, context_lens, block_table,
                _pooled_for(sel, pooled, kv_cache, block_table, context_lens)).clone()
 
