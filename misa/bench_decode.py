@@ -20,6 +20,8 @@ tokens of a causal sequence.
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from dataclasses import asdict, dataclass
 
 import torch
@@ -71,14 +73,33 @@ def copy_bandwidth(device, nbytes: int = 2 << 30, rep_ms: int = 200) -> float:
     return 2 * src.numel() / ms / 1e6
 
 
-def load_deepgemm():
-    """``(deep_gemm, None)`` where DeepGEMM imports and has the paged logits, else ``(None, why)``."""
+# A DeepGEMM build can crash the process instead of raising (one built on the card segfaulted in
+# its schedule metadata): the bench first calls it in a child process, so a crash costs only the row.
+_DEEPGEMM_PROBE = """
+import torch, deep_gemm
+lens = torch.full((1, 1), 64, dtype=torch.int32, device={device!r})
+deep_gemm.get_paged_mqa_logits_metadata(lens, 64, 1)
+"""
+
+
+def load_deepgemm(device="cuda", probe_timeout_s: float = 600.0):
+    """``(deep_gemm, None)`` where DeepGEMM imports, has the paged logits and builds their schedule
+    metadata in a child process on ``device`` without failing, else ``(None, why)``."""
     try:
         import deep_gemm
     except Exception as e:      # not installed, or built for another torch or CUDA
         return None, f"deep_gemm not importable ({type(e).__name__}: {e})"
     if not all(hasattr(deep_gemm, name) for name in ("fp8_paged_mqa_logits", "get_paged_mqa_logits_metadata")):
         return None, "this deep_gemm build has no fp8_paged_mqa_logits"
+    try:
+        res = subprocess.run([sys.executable, "-c", _DEEPGEMM_PROBE.format(device=str(device))],
+                             capture_output=True, text=True, timeout=probe_timeout_s)
+    except subprocess.TimeoutExpired:
+        return None, f"deep_gemm's get_paged_mqa_logits_metadata did not return in {probe_timeout_s:.0f} s"
+    if res.returncode != 0:
+        last = (res.stderr.strip().splitlines() or [""])[-1][:200]
+        how = f"killed by signal {-res.returncode}" if res.returncode < 0 else f"exit {res.returncode}: {last}"
+        return None, f"deep_gemm's get_paged_mqa_logits_metadata failed in a probe process ({how})"
     return deep_gemm, None
 
 
@@ -211,7 +232,7 @@ def run_decode_bench(cfg: DecodeBenchConfig, device, progress: bool = True) -> d
     device = torch.device(device)
     card = torch.cuda.get_device_name(device)
     copy = copy_bandwidth(device)
-    deep_gemm, why_not = load_deepgemm()
+    deep_gemm, why_not = load_deepgemm(device)
     rows = []
     for batch, context in cfg.shapes:
         for n in cfg.next_ns:

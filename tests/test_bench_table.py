@@ -1,4 +1,7 @@
 """``misa bench``'s tables and every command's ``--help``, on any machine (no GPU: fake timings)."""
+import os
+import sys
+
 import pytest
 import torch
 
@@ -285,3 +288,26 @@ def test_deepgemm_baseline_selects_what_dsa_selects(lens, next_n, k):
     assert got.dtype == torch.int32 and got.shape == want.shape
     assert as_sets(got) == as_sets(want)
     assert dg.width == table.shape[1] * 64 and dg.dg.calls == [dg.width]
+
+
+@pytest.mark.parametrize("behaviour,why", [
+    ("crash", "killed by signal 11"), ("raise", "exit 1: RuntimeError: no kernel for this card"),
+    ("missing", "has no fp8_paged_mqa_logits"), ("works", None)])
+def test_deepgemm_is_probed_in_a_child_process(tmp_path, monkeypatch, behaviour, why):
+    # a deep_gemm whose schedule metadata crashes the process (as a build on the card did) or
+    # raises is reported, and the bench goes on without it; a working one is returned
+    from misa import bench_decode
+    body = {"crash": "import os, signal\n    os.kill(os.getpid(), signal.SIGSEGV)",
+            "raise": "raise RuntimeError('no kernel for this card')", "works": "return None", "missing": "return None"}
+    src = f"def get_paged_mqa_logits_metadata(context_lens, block_kv, num_sms):\n    {body[behaviour]}\n"
+    if behaviour != "missing":
+        src += "def fp8_paged_mqa_logits(*args):\n    pass\n"
+    (tmp_path / "deep_gemm.py").write_text(src)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]))
+    monkeypatch.delitem(sys.modules, "deep_gemm", raising=False)
+    module, got = bench_decode.load_deepgemm("cpu")
+    if why is None:
+        assert got is None and module.__name__ == "deep_gemm"
+    else:
+        assert module is None and why in got, got
