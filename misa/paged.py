@@ -64,14 +64,20 @@ def _raise_paged_flags(bad, next_n: int) -> None:
                       ("block_table", "page id outside the cache")))
 
 
-def _check_paged(q, kv_cache, weights, context_lens, block_table) -> int:
-    """Raise on bad input; return the longest context. The value checks (``misa.ops.checks``: one
-    launch on a GPU) and that length are read back together, one GPU sync for all of them."""
-    _check_paged_shapes(q, kv_cache, weights, context_lens, block_table)
+def _check_paged_values(q, kv_cache, weights, context_lens, block_table) -> int:
+    """Raise on bad values of inputs whose shapes passed; return the longest context. The value
+    checks (``misa.ops.checks``: one launch on a GPU) and that length are read back together, one
+    GPU sync for all of them."""
     *bad, longest = value_checks("paged_flags", q, weights, context_lens, block_table, kv_cache.shape[0],
                                  quant.PAGE_SIZE)
     _raise_paged_flags(bad, q.shape[1])
     return longest
+
+
+def _check_paged(q, kv_cache, weights, context_lens, block_table) -> int:
+    """Raise on bad input; return the longest context (one GPU sync)."""
+    _check_paged_shapes(q, kv_cache, weights, context_lens, block_table)
+    return _check_paged_values(q, kv_cache, weights, context_lens, block_table)
 
 
 def _visible_ends(context_lens, n: int) -> torch.Tensor:
@@ -140,7 +146,7 @@ def paged_dsa_select(q, kv_cache, weights, context_lens, block_table, k: int = 2
     ``[B * next_n, k]`` int32 positions inside each sequence, -1 padded."""
     check_int("k", k)
     if _batched(q, backend):
-        return _select_checked(("dsa", {}), q, kv_cache, weights, context_lens, block_table, k)
+        return _select_checked("dsa", {}, q, kv_cache, weights, context_lens, block_table, k)
     return _paged_select(lambda inp: select.dsa_select(inp, k, backend=backend), q, kv_cache, weights,
                          context_lens, block_table, k)
 
@@ -205,8 +211,8 @@ def paged_misa_select(q, kv_cache, weights, context_lens, block_table, k: int = 
             # without the pooled-key cache the selector call builds one from the cache (one launch),
             # so selections with and without it are the same
             variant, extra = ("misa-dagger", dict(stage1_k=stage1_k)) if stage1_k is not None else ("misa", {})
-            return _select_checked((variant, dict(active_heads=active_heads, router_block_size=block_size,
-                                                  router=router, **extra)),
+            return _select_checked(variant, dict(active_heads=active_heads, router_block_size=block_size,
+                                                 router=router, **extra),
                                    q, kv_cache, weights, context_lens, block_table, k, pooled)
         longest = _check_paged(q, kv_cache, weights, context_lens, block_table)
         if stage1_k is not None and q.shape[0] == 0:
@@ -331,18 +337,18 @@ def _run(sel, q, kv_cache, weights, context_lens, block_table, pooled=None) -> t
                _pooled_for(sel, pooled, kv_cache, block_table, context_lens)).clone()
 
 
-def _select_checked(sel_args: tuple, q, kv_cache, weights, context_lens, block_table, k: int, pooled=None):
-    """The checked selection through the cached ``DecodeSelector`` of ``sel_args`` (``_selector``'s
-    variant and options): a replay that checks its own inputs where one exists, else the checks
-    with their read-back, then ``_run``."""
+def _select_checked(variant: str, options: dict, q, kv_cache, weights, context_lens, block_table, k: int,
+                    pooled=None):
+    """The checked selection through the cached ``DecodeSelector`` of ``variant`` and ``options``
+    (``_selector``'s): a replay that checks its own inputs where one exists, else the checks with
+    their read-back, then ``_run``."""
     _check_paged_shapes(q, kv_cache, weights, context_lens, block_table)
     if q.shape[0]:
-        variant, options = sel_args
         sel = _selector(variant, q, k, block_table, **options)
         out = _replay_checked(sel, q, kv_cache, weights, context_lens, block_table, pooled)
         if out is not None:
             return out
-    _check_paged(q, kv_cache, weights, context_lens, block_table)
+    _check_paged_values(q, kv_cache, weights, context_lens, block_table)
     if q.shape[0] == 0:
         return torch.empty(0, k, dtype=torch.int32, device=q.device)
     return _run(sel, q, kv_cache, weights, context_lens, block_table, pooled)
@@ -371,7 +377,7 @@ def paged_hisa_select(q, kv_cache, weights, context_lens, block_table, k: int = 
     check_hisa_budget(k, block_size, block_k)
     _check_pooled_blocks(pooled, kv_cache, block_size)
     if block_size % quant.PAGE_SIZE == 0 and _batched(q, backend):
-        return _select_checked(("hisa", dict(block_size=block_size, block_k=block_k)), q, kv_cache, weights,
+        return _select_checked("hisa", dict(block_size=block_size, block_k=block_k), q, kv_cache, weights,
                                context_lens, block_table, k, pooled)
     return _paged_select(lambda inp: select.hisa_select(inp, k, block_size, block_k, backend=backend),
                          q, kv_cache, weights, context_lens, block_table, k)
