@@ -19,9 +19,9 @@ KEPT = 8            # graphs a selector keeps (and selectors a cache keeps); the
 _SEEN = object()    # a layout called once: the next call like it captures
 
 
-def keep(cache: dict, key, value):
-    """``cache[key] = value``, dropping the oldest entry when ``cache`` holds ``KEPT``."""
-    if key not in cache and len(cache) >= KEPT:
+def keep(cache: dict, key, value, limit: int = KEPT):
+    """``cache[key] = value``, dropping the oldest entry when ``cache`` holds ``limit``."""
+    if key not in cache and len(cache) >= limit:
         cache.pop(next(iter(cache)))
     cache[key] = value
     return value
@@ -48,6 +48,9 @@ class Graph:
 
     def __init__(self, run, inputs):
         self.inputs = inputs
+        # the buffers as bytes: a call's contiguous values go in with one copy launch, not one each
+        self.input_bytes = [x.view(torch.uint8) for x in inputs] if all(
+            x.is_contiguous() and x.dim() and x.numel() for x in inputs) else None
         device = torch.cuda.current_device()
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
@@ -60,9 +63,12 @@ class Graph:
 
     def replay(self, *values) -> torch.Tensor:
         """Copies ``values`` into ``inputs`` (in order) and replays the graph; its output buffer
-        (overwritten by the next replay)."""
-        for buf, x in zip(self.inputs, values, strict=True):
-            buf.copy_(x)
+        (overwritten by the next replay). ``values`` have the shapes and dtypes of ``inputs``."""
+        if self.input_bytes is not None and all(x.is_contiguous() for x in values):
+            torch._foreach_copy_(self.input_bytes, [x.view(torch.uint8) for x in values])
+        else:
+            for buf, x in zip(self.inputs, values, strict=True):
+                buf.copy_(x)
         self.graph.replay()
         return self.out
 

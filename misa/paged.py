@@ -22,6 +22,8 @@ into contiguous keys and the prefill path runs sequence by sequence.
 """
 from __future__ import annotations
 
+import os
+
 import torch
 
 from . import graphs, quant, select
@@ -145,8 +147,12 @@ def paged_dsa_select(q, kv_cache, weights, context_lens, block_table, k: int = 2
     """DSA's decode selection: the top ``k`` (default 2048) cached positions per query,
     ``[B * next_n, k]`` int32 positions inside each sequence, -1 padded."""
     check_int("k", k)
+    call = ("dsa", k, backend)
+    out = _replay_seen(call, q, kv_cache, weights, context_lens, block_table)
+    if out is not None:
+        return out
     if _batched(q, backend):
-        return _select_checked("dsa", {}, q, kv_cache, weights, context_lens, block_table, k)
+        return _select_checked("dsa", {}, q, kv_cache, weights, context_lens, block_table, k, call=call)
     return _paged_select(lambda inp: select.dsa_select(inp, k, backend=backend), q, kv_cache, weights,
                          context_lens, block_table, k)
 
@@ -205,6 +211,10 @@ def paged_misa_select(q, kv_cache, weights, context_lens, block_table, k: int = 
     stage1_k = check_stage1_k(stage1_k, k)
     check_router(router)
     check_workspace(workspace_bytes)
+    call = ("misa", k, active_heads, block_size, stage1_k, router, workspace_bytes, backend)
+    out = _replay_seen(call, q, kv_cache, weights, context_lens, block_table, pooled)
+    if out is not None:
+        return out
     _check_pooled_blocks(pooled, kv_cache, block_size)
     if _batched(q, backend) and (stage1_k is None or q.shape[2] <= MAX_RESCORE_HEADS):
         if q.shape[0] and _routed_selector_ok(q.shape[2], active_heads, block_size, router):
@@ -213,7 +223,7 @@ def paged_misa_select(q, kv_cache, weights, context_lens, block_table, k: int = 
             variant, extra = ("misa-dagger", dict(stage1_k=stage1_k)) if stage1_k is not None else ("misa", {})
             return _select_checked(variant, dict(active_heads=active_heads, router_block_size=block_size,
                                                  router=router, **extra),
-                                   q, kv_cache, weights, context_lens, block_table, k, pooled)
+                                   q, kv_cache, weights, context_lens, block_table, k, pooled, call=call)
         longest = _check_paged(q, kv_cache, weights, context_lens, block_table)
         if stage1_k is not None and q.shape[0] == 0:
             return torch.empty(0, k, dtype=torch.int32, device=q.device)
@@ -245,19 +255,26 @@ def _routed_selector_ok(num_heads: int, active_heads: int, block_size: int, rout
 _SELECTORS: dict = {}
 
 
+def _selector_key(variant: str, q, k: int, block_table, options: dict):
+    b, n, h, d = q.shape
+    return (variant, b, n, h, d, k, block_table.shape[1], q.device, tuple(sorted(options.items())))
+
+
 def _selector(variant: str, q, k: int, block_table, **options):
     """The ``DecodeSelector`` for these shapes, made once and kept (the ``graphs.KEPT`` made last; each
     holds its buffers, e.g. ~40 MB of logits and top-k scratch for 64 x 128K, and its graphs): the
     checked functions then allocate no buffers and set up no launches per call."""
     from .decode import DecodeSelector
     b, n, h, d = q.shape
-    key = (variant, b, n, h, d, k, block_table.shape[1], q.device, tuple(sorted(options.items())))
+    key = _selector_key(variant, q, k, block_table, options)
     sel = _SELECTORS.get(key)
     if sel is None:
         sel = graphs.keep(_SELECTORS, key, DecodeSelector(variant, num_heads=h, head_dim=d, k=k, max_batch=b,
                                                           next_n=n,
                                                           max_context=max(block_table.shape[1], 1) * quant.PAGE_SIZE,
                                                           device=q.device, **options))
+        for sig in [sig for sig, (key, _) in _REPLAYS.items() if key not in _SELECTORS]:
+            del _REPLAYS[sig]       # a dropped selector's graphs go with it
     return sel
 
 
@@ -272,7 +289,7 @@ def _pooled_for(sel, pooled, kv_cache, block_table, context_lens):
 
 def _graph(sel, q, kv_cache, weights, context_lens, block_table, pooled) -> graphs.Graph:
     """The selector's call in a CUDA graph reading copies of ``q``, ``weights``, ``context_lens``
-    and ``block_table`` (four copies and one replay of host work per call), and the cache and the
+    and ``block_table`` (one copy launch and one replay of host work per call), and the cache and the
     pooled-key cache in place: calls find it by those caches' addresses. Without a pooled-key cache,
     building one from the cache is part of the graph.
 
@@ -306,21 +323,66 @@ def _graph_key(q, kv_cache, weights, context_lens, block_table, pooled):
             graphs.layout(block_table), graphs.layout(pooled, True))
 
 
-def _replay_checked(sel, q, kv_cache, weights, context_lens, block_table, pooled=None) -> torch.Tensor | None:
+def _replay_checked(sel, q, kv_cache, weights, context_lens, block_table, pooled=None):
     """A checked function's whole call as one replay of ``sel``'s graph for these layouts, checks
-    included: the inputs copied in, the replay, a copy of the result, one wait for the flags, then
-    the error of the first failed check or the result. None where there is no such graph yet (the
+    included (``_replay``), and that graph's key; None where there is no such graph yet (the
     first two calls at a layout, graphs off): the caller checks and runs as ``_run``."""
     if not graphs.enabled(q):
         return None
-    graph = graphs.made(sel, _graph_key(q, kv_cache, weights, context_lens, block_table, pooled))
+    key = _graph_key(q, kv_cache, weights, context_lens, block_table, pooled)
+    graph = graphs.made(sel, key)
     if graph is None or graph.checks is None:
         return None
+    return _replay(graph, q, weights, context_lens, block_table), key
+
+
+def _replay(graph, q, weights, context_lens, block_table) -> torch.Tensor:
+    """The inputs copied in, the replay, a copy of the result, one wait for the flags, then the
+    error of the first failed check or the result."""
     out = graph.replay(q, weights, context_lens, block_table).clone()
     graph.checks[2].synchronize()
     *bad, _ = graph.checks[1].tolist()
     _raise_paged_flags(bad, q.shape[1])
     return out
+
+
+# A checked call's signature -> (selector key, graph key) of the graph that served it. A call with
+# the same signature would pass the same shape checks and find the same selector and graph, so it
+# goes straight to ``_replay``: its host work is the copies, the replay and the wait.
+_REPLAYS: dict = {}
+
+
+def _signature(call, q, kv_cache, weights, context_lens, block_table, pooled):
+    """What a checked call's shape checks, backend choice, selector and graph depend on (``call``:
+    the function and its other arguments); None for arguments that are not tensors."""
+    if not isinstance(q, torch.Tensor):
+        return None
+    try:
+        return (call, os.environ.get("MISA_BACKEND"), os.environ.get("MISA_GRAPHS"),
+                q.shape, q.dtype, q.device, weights.shape, weights.dtype, weights.device,
+                context_lens.shape, context_lens.dtype, context_lens.device,
+                block_table.shape, block_table.dtype, block_table.device,
+                kv_cache.data_ptr(), kv_cache.shape, kv_cache.stride(), kv_cache.dtype, kv_cache.device,
+                None if pooled is None else (pooled.data_ptr(), pooled.shape, pooled.stride(), pooled.dtype,
+                                             pooled.device),
+                q.stride(), weights.stride(), context_lens.stride(), block_table.stride())
+    except AttributeError:      # not tensors: the full checks name the argument
+        return None
+
+
+def _replay_seen(call, q, kv_cache, weights, context_lens, block_table, pooled=None) -> torch.Tensor | None:
+    """The checked selection of a call whose signature an earlier call's replay served, by the same
+    replay (its checks included); None otherwise."""
+    if not _REPLAYS:
+        return None
+    hit = _REPLAYS.get(_signature(call, q, kv_cache, weights, context_lens, block_table, pooled))
+    if hit is None or torch.cuda.is_current_stream_capturing():
+        return None
+    sel = _SELECTORS.get(hit[0])
+    graph = graphs.made(sel, hit[1]) if sel is not None else None
+    if graph is None:
+        return None
+    return _replay(graph, q, weights, context_lens, block_table)
 
 
 def _run(sel, q, kv_cache, weights, context_lens, block_table, pooled=None) -> torch.Tensor:
@@ -338,15 +400,19 @@ def _run(sel, q, kv_cache, weights, context_lens, block_table, pooled=None) -> t
 
 
 def _select_checked(variant: str, options: dict, q, kv_cache, weights, context_lens, block_table, k: int,
-                    pooled=None):
+                    pooled=None, *, call=None):
     """The checked selection through the cached ``DecodeSelector`` of ``variant`` and ``options``
-    (``_selector``'s): a replay that checks its own inputs where one exists, else the checks with
-    their read-back, then ``_run``."""
+    (``_selector``'s): a replay that checks its own inputs where one exists (kept for the public
+    call ``call``'s signature, ``_replay_seen``), else the checks with their read-back, then ``_run``."""
     _check_paged_shapes(q, kv_cache, weights, context_lens, block_table)
     if q.shape[0]:
         sel = _selector(variant, q, k, block_table, **options)
-        out = _replay_checked(sel, q, kv_cache, weights, context_lens, block_table, pooled)
-        if out is not None:
+        replayed = _replay_checked(sel, q, kv_cache, weights, context_lens, block_table, pooled)
+        if replayed is not None:
+            out, graph_key = replayed
+            if call is not None:
+                graphs.keep(_REPLAYS, _signature(call, q, kv_cache, weights, context_lens, block_table, pooled),
+                            (_selector_key(variant, q, k, block_table, options), graph_key), graphs.KEPT ** 2)
             return out
     _check_paged_values(q, kv_cache, weights, context_lens, block_table)
     if q.shape[0] == 0:
@@ -375,9 +441,13 @@ def paged_hisa_select(q, kv_cache, weights, context_lens, block_table, k: int = 
     check_int("k", k)
     check_int("block_size", block_size)
     check_hisa_budget(k, block_size, block_k)
+    call = ("hisa", k, block_size, block_k, backend)
+    out = _replay_seen(call, q, kv_cache, weights, context_lens, block_table, pooled)
+    if out is not None:
+        return out
     _check_pooled_blocks(pooled, kv_cache, block_size)
     if block_size % quant.PAGE_SIZE == 0 and _batched(q, backend):
         return _select_checked("hisa", dict(block_size=block_size, block_k=block_k), q, kv_cache, weights,
-                               context_lens, block_table, k, pooled)
+                               context_lens, block_table, k, pooled, call=call)
     return _paged_select(lambda inp: select.hisa_select(inp, k, block_size, block_k, backend=backend),
                          q, kv_cache, weights, context_lens, block_table, k)

@@ -335,6 +335,59 @@ def test_checked_replay_checks_its_own_inputs(monkeypatch, fn):
     assert read_backs == []                            # every call above was one checked replay
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need CUDA")
+@pytest.mark.parametrize("fn", ["dsa", "hisa", "misa"])
+def test_checked_call_repeating_a_signature_goes_straight_to_the_replay(monkeypatch, fn):
+    # once a layout replays, a call with the same shapes, dtypes, devices, cache and arguments skips
+    # the shape checks and the lookups; a call differing in any of them takes the full path again,
+    # so bad arguments still get their ValueError and an environment override still applies
+    from misa import paged
+    lens, next_n, h, d, k = [3000, 9000, 700], 2, 64, 128, 512
+    seqs, q, w, cache, table, clens = _batch(lens, next_n, h, d, seed=43)
+    pooled = misa.pool_paged_kcache(cache, table, clens)
+
+    def call(q, w, clens, table, **kw):
+        if fn == "dsa":
+            return misa.paged_dsa_select(q, cache, w, clens, table, k=k, **kw)
+        if fn == "hisa":
+            return misa.paged_hisa_select(q, cache, w, clens, table, k=k, block_size=64, block_k=16, pooled=pooled,
+                                          **kw)
+        return misa.paged_misa_select(q, cache, w, clens, table, k=k, active_heads=8, pooled=pooled, **kw)
+
+    paged._SELECTORS.clear()
+    want = as_sets(call(q, w, clens, table))
+    for _ in range(2):
+        assert as_sets(call(q, w, clens, table)) == want
+    full_path = []
+    real = paged._check_paged_shapes
+    monkeypatch.setattr(paged, "_check_paged_shapes", lambda *a: (full_path.append(1), real(*a))[1])
+    g = torch.Generator().manual_seed(3)
+    w2 = torch.randn(w.shape, generator=g).to("cuda")
+    with monkeypatch.context() as m:
+        m.setenv("MISA_GRAPHS", "0")
+        want2 = as_sets(call(q, w2, clens, table))
+    full_path.clear()
+    assert as_sets(call(q, w2, clens, table)) == want2 and as_sets(call(q, w, clens, table)) == want
+    assert full_path == []                             # same signature: straight to the replay
+    for bad, message in ((dict(w=w.double()), "^weights:"), (dict(w=w.tolist()), "^weights:"),
+                         (dict(clens=clens.long()), "^context_lens:"), (dict(table=table[:2]), "^block_table:"),
+                         (dict(w=w.cpu()), "^weights:")):
+        args = dict(q=q, w=w, clens=clens, table=table) | bad
+        with pytest.raises(ValueError, match=message):
+            call(**args)
+    # the same values in another layout (q a strided view): the full path, then its own replay
+    wide = torch.empty((q.shape[0], 2 * next_n) + q.shape[2:], dtype=q.dtype, device=q.device)
+    wide[:, :next_n] = q
+    q_view = wide[:, :next_n]
+    for _ in range(3):
+        assert as_sets(call(q_view, w, clens, table)) == want
+    per_sequence = []
+    real_seq = paged._paged_select
+    monkeypatch.setattr(paged, "_paged_select", lambda *a: (per_sequence.append(1), real_seq(*a))[1])
+    monkeypatch.setenv("MISA_BACKEND", "reference")     # the override applies to a repeated call too
+    assert call(q, w, clens, table).shape == (len(lens) * next_n, k) and per_sequence == [1]
+
+
 def test_block_pruned_selector_keeping_every_block_runs_dense():
     # blocks kept that cover max_context: the dense path (DSA's selection), fewer launches
     lens, next_n, h, d, k = [200, 77], 1, 8, 64, 32
