@@ -170,17 +170,21 @@ def test_decode_tables_show_misa_dagger_and_read_older_results():
     table, = decode_tables(result)
     methods = [r[1] for r in table.rows]
     assert methods == ["DSA dense", "block-pruned m=64", "MISA h=8", "MISA† h=8 k1=4096", "DSA dense", "MISA h=8"]
-    assert table.rows[3][2:6] == ["500.0", "600.0", "1.60", "0.990"]
+    assert table.rows[3][2:7] == ["500.0", "600.0", "1.60", "1.60", "0.990"]   # no DeepGEMM: best dense is ours
     assert "misa-dagger-h8 graph 500.0 us" in format_row(row) and "dagger" not in format_row(old)
     assert "float32 pooled cache: 250.0 us graph, recall 0.910" in format_row(row)
-    assert table.rows[1][5] == "0.900 (best 0.950)" and "best pages 0.950" in format_row(row)
+    assert table.rows[1][6] == "0.900 (best 0.950)" and "best pages 0.950" in format_row(row)
     # the DeepGEMM baseline, where it ran, follows dense DSA; where it could not, the line says why
     row.update({"deepgemm.graph_ms": 0.64, "deepgemm.logits_ms": 0.4, "deepgemm.logits_GBps": 2700.0,
                 "deepgemm.logits_share_of_copy": 0.9, "deepgemm.recall_mean": 1.0, "deepgemm.logits_max_rel_err": 1e-4})
     result["deepgemm"] = "2.3.0"
+    row.update({"deepgemm-ourtopk.graph_ms": 0.5, "deepgemm-ourtopk.recall_mean": 1.0, "best-dense.graph_ms": 0.5})
     table, = decode_tables(result)
-    assert table.rows[1] == ["8x128K n=1", "DSA, DeepGEMM logits + torch.topk", "640.0", "-", "1.25", "1.000",
+    assert table.rows[1] == ["8x128K n=1", "DSA, DeepGEMM logits + torch.topk", "640.0", "-", "1.25", "0.78", "1.000",
                              "2700 (90%)"]
+    assert table.rows[2] == ["8x128K n=1", "DSA, DeepGEMM logits + our top-k", "500.0", "-", "1.60", "1.00", "1.000", ""]
+    assert table.rows[0][4:6] == ["1.00", "0.62"] and table.rows[3][4:6] == ["4.00", "2.50"]   # block-pruned m=64
+    assert "deepgemm logits + our topk 500.0 us graph, recall 1.0000" in format_row(row)
     assert "DeepGEMM: 2.3.0" in table.title and "deepgemm logits 400.0 us (2700 GB/s)" in format_row(row)
     assert "deepgemm skipped: no" in format_row({**old, "deepgemm.skipped": "no"})
 
@@ -222,7 +226,7 @@ def test_decode_bench_shape_plumbing_on_the_cpu(monkeypatch):
                                          rep_ms=2, rounds=2)
     row = bench_decode.bench_shape(cfg, 1, 600, 1, torch.device("cpu"), FakeDeepGemm())
     timed = ["dsa.logits_ms", "dsa.graph_ms", "dsa.eager_ms", "deepgemm.logits_ms", "deepgemm.graph_ms",
-             "hisa-m2.graph_ms", "hisa-m2.eager_ms", "hisa-m64.graph_ms", "hisa-m64.eager_ms",
+             "deepgemm-ourtopk.graph_ms", "hisa-m2.graph_ms", "hisa-m2.eager_ms", "hisa-m64.graph_ms", "hisa-m64.eager_ms",
              "f32-pooled.hisa-m64.graph_ms", "misa-h8.graph_ms", "misa-h8.eager_ms", "misa-dagger-h8.graph_ms",
              "misa-dagger-h8.eager_ms"]
     assert list(row["ms_rounds"]) == timed and len(calls) == 2 * len(timed)
@@ -232,14 +236,18 @@ def test_decode_bench_shape_plumbing_on_the_cpu(monkeypatch):
     for i, name in enumerate(timed):            # interleaved: round r times every method before round r + 1
         assert row["ms_rounds"][name] == [i + 1.0, len(timed) + i + 1.0]
         assert row[name] == len(timed) / 2 + i + 1.0                     # the median of its two rounds
+    assert row["best-dense.graph_ms"] == min(row[n] for n in ("dsa.graph_ms", "deepgemm.graph_ms",
+                                                              "deepgemm-ourtopk.graph_ms"))
     for m in (2, 64):
         assert row[f"hisa-m{m}.speedup"] == row["dsa.graph_ms"] / row[f"hisa-m{m}.graph_ms"]
+        assert row[f"hisa-m{m}.speedup_vs_best_dense"] == row["best-dense.graph_ms"] / row[f"hisa-m{m}.graph_ms"]
         assert 0.0 < row[f"hisa-m{m}.recall_mean"] <= row[f"hisa-m{m}.oracle_recall_mean"] + 1e-9
     assert row["hisa-m64.recall_mean"] == 1.0          # 64 pages cover 600 tokens: the dense path
     assert 0.0 < row["misa-h8.recall_mean"] <= 1.0 and 0.0 < row["misa-dagger-h8.recall_min"] <= 1.0
     assert row["dsa.logits_GBps"] > 0 and row["deepgemm.logits_GBps"] > 0
     # the baseline's logits agree with ours where a row has keys, and it selects what DSA selects
     assert row["deepgemm.logits_max_rel_err"] < 1e-5 and row["deepgemm.recall_mean"] == 1.0
+    assert row["deepgemm-ourtopk.recall_mean"] == 1.0
     with pytest.raises(ValueError, match="^rounds:"):
         bench_decode.DecodeBenchConfig(rounds=0)
 
@@ -288,6 +296,8 @@ def test_deepgemm_baseline_selects_what_dsa_selects(lens, next_n, k):
     assert got.dtype == torch.int32 and got.shape == want.shape
     assert as_sets(got) == as_sets(want)
     assert dg.width == table.shape[1] * 64 and dg.dg.calls == [dg.width]
+    ours = dg.select_our_topk()                      # our top-k on its logits: the tails past each row's end unread
+    assert ours.dtype == torch.int32 and ours.shape == want.shape and as_sets(ours) == as_sets(want)
 
 
 @pytest.mark.parametrize("behaviour,why", [
