@@ -27,38 +27,55 @@ def _per_query(seqs, lens, next_n, b):
     return seqs[b], torch.zeros_like(ke), ke
 
 
-@pytest.mark.parametrize("next_n", [1, 2, 3])
-@pytest.mark.parametrize("routed", [False, True])
-@pytest.mark.parametrize("splits", [None, 3])
-def test_paged_kernel_scores_like_float64(next_n, routed, splits):
+def _check_scores(lens, next_n, h, d, routed_heads, splits, seed):
+    """``paged_logits`` against float64 per query, -inf past each query's end and on the rest of
+    its sequence's last page, columns past its pages untouched."""
     from misa.ops.dsa.paged_triton import paged_logits
-    lens = [70, 129, 300, 5] if DEVICE == "cpu" else [700, 1290, 3000, 64, 9000]
-    h, d = (8, 64) if DEVICE == "cpu" else (64, 128)
-    seqs, q, w, cache, table, clens = _batch(lens, next_n, h, d, seed=next_n + 10 * routed)
+    seqs, q, w, cache, table, clens = _batch(lens, next_n, h, d, seed=seed)
     heads = None
-    if routed:      # any valid head set per query, distinct and ascending, as the router gives
+    if routed_heads:      # any valid head set per query, distinct and ascending, as the router gives
         g = torch.Generator().manual_seed(3)
-        heads = torch.sort(torch.stack([torch.randperm(h, generator=g)[:3] for _ in range(q.shape[0] * next_n)]),
-                           dim=1).values.int().to(DEVICE)
+        heads = torch.sort(torch.stack([torch.randperm(h, generator=g)[:routed_heads]
+                                        for _ in range(q.shape[0] * next_n)]), dim=1).values.int().to(DEVICE)
     out = torch.full((len(lens) * next_n, max(lens) + 10), float("nan"), device=DEVICE)
     paged_logits(q, cache, w, clens, table, out, heads=heads, splits=splits)
     out = out.cpu()
     for b, n in enumerate(lens):
         rows = slice(b * next_n, (b + 1) * next_n)
         kv, ks, ke = _per_query(seqs, lens, next_n, b)
-        ref = dsa_logits64(q[b], kv, w[rows], ks, ke, heads=heads[rows] if routed else None)
+        ref = dsa_logits64(q[b], kv, w[rows], ks, ke, heads=heads[rows] if routed_heads else None)
         got = out[rows, :n]
         inside = torch.isfinite(ref)
         assert bool(torch.isinf(got[~inside]).all()) and bool((got[~inside] < 0).all())
         # the MMA's rounding scales with the heads' terms before they cancel (weights of both signs),
         # so measure the error against the logits with |w|
-        scale = dsa_logits64(q[b], kv, w[rows].abs(), ks, ke, heads=heads[rows] if routed else None)
+        scale = dsa_logits64(q[b], kv, w[rows].abs(), ks, ke, heads=heads[rows] if routed_heads else None)
         err = (got.double()[inside] - ref[inside]).abs().max() / scale[inside].max().clamp_min(1e-12)
         assert float(err) <= EXACT_RTOL, (b, float(err))
         # the rest of the sequence's last page is -inf; columns past its pages are not written
         last = -(-n // misa.PAGE_SIZE) * misa.PAGE_SIZE
         assert bool(torch.isinf(out[rows, n:min(last, out.shape[1])]).all())
         assert bool(torch.isnan(out[rows, last:]).all())
+
+
+@pytest.mark.parametrize("next_n", [1, 2, 3])
+@pytest.mark.parametrize("routed", [False, True])
+@pytest.mark.parametrize("splits", [None, 3])
+def test_paged_kernel_scores_like_float64(next_n, routed, splits):
+    lens = [70, 129, 300, 5] if DEVICE == "cpu" else [700, 1290, 3000, 64, 9000]
+    h, d = (8, 64) if DEVICE == "cpu" else (64, 128)
+    _check_scores(lens, next_n, h, d, 3 if routed else 0, splits, seed=next_n + 10 * routed)
+
+
+@pytest.mark.parametrize("h,next_n,routed_heads", [(16, 2, 0), (32, 2, 16), (128, 5, 0)])
+def test_paged_kernel_two_query_tiles_score_like_float64(h, next_n, routed_heads):
+    # tiles of two queries with >= 16 heads run one MMA per query; with 128 heads five queries
+    # make three tiles, the last holding one query
+    from misa.ops.dsa.paged_triton import one_mma_per_query, query_tile
+    qb, _ = query_tile(next_n, routed_heads or h)
+    assert qb == 2 and one_mma_per_query(qb, routed_heads or h)
+    lens = [70, 129, 300, 5] if DEVICE == "cpu" else [700, 1290, 3000, 64, 9000]
+    _check_scores(lens, next_n, h, 32 if DEVICE == "cpu" else 128, routed_heads, 3, seed=h + next_n)
 
 
 @pytest.mark.parametrize("next_n", [1, 2])
