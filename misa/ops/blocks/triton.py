@@ -36,22 +36,16 @@ def _block_scores_kernel(Q, W, POOLED, TABLE, CTX, OUT, BLOCK_ENDS, TOP, out_wid
                          stride_qb, stride_qn, stride_qh, stride_wt, stride_table, stride_out, stride_top,
                          N: tl.constexpr, QB: tl.constexpr, H: tl.constexpr, HS: tl.constexpr,
                          D: tl.constexpr, PAGE: tl.constexpr, G: tl.constexpr, TB: tl.constexpr,
-                         CAST: tl.constexpr, WB: tl.constexpr, PER_QUERY: tl.constexpr):
+                         CAST: tl.constexpr, WB: tl.constexpr):
     b = tl.program_id(0)
     pid_s = tl.program_id(1)
     n_split = tl.num_programs(1)
     q0 = tl.program_id(2) * QB                                  # this program's tile of queries
     d = tl.arange(0, D)
     ctx = tl.load(CTX + b)
-    if PER_QUERY:       # two queries, one MMA each (as the dense paged kernel)
-        qt0, w0 = load_pair_queries(Q, W, W, b, q0, stride_qb, stride_qn, stride_qh, stride_wt, 0,
-                                    N, 1, H, HS, D, False, CAST)
-        qt1, w1 = load_pair_queries(Q, W, W, b, q0 + 1, stride_qb, stride_qn, stride_qh, stride_wt, 0,
-                                    N, 1, H, HS, D, False, CAST)
-    else:
-        # (head, query) pairs head-major, as the dense paged kernel
-        qt, w = load_pair_queries(Q, W, W, b, q0, stride_qb, stride_qn, stride_qh, stride_wt, 0,
-                                  N, QB, H, HS, D, False, CAST)                 # [D, HS * QB], [HS * QB]
+    # (head, query) pairs head-major, as the dense paged kernel: the head sum stays in-thread
+    qt, w = load_pair_queries(Q, W, W, b, q0, stride_qb, stride_qn, stride_qh, stride_wt, 0,
+                              N, QB, H, HS, D, False, CAST)                     # [D, HS * QB], [HS * QB]
 
     queries = q0 + tl.arange(0, QB)
     q_ok = queries < N
@@ -71,23 +65,15 @@ def _block_scores_kernel(Q, W, POOLED, TABLE, CTX, OUT, BLOCK_ENDS, TOP, out_wid
             page = tl.load(TABLE + b * stride_table + lp, mask=has, other=0).to(tl.int64)
             sums += tl.load(POOLED + page[:, None] * D + d[None, :], mask=has[:, None], other=0.0).to(tl.float32)
         count = tl.minimum(ctx - blk * bsize, bsize)
-        kbar = (sums / tl.maximum(count, 1).to(tl.float32)[:, None]).to(CAST)
-        if PER_QUERY:
-            row = (b * N + q0).to(tl.int64)
-            _store_block_row(kbar, qt0, w0, blk, (ctx - N + q0) // bsize, OUT + row * stride_out,
-                             tl.minimum(n_blocks, out_width))
-            # a last tile holding one query writes no second row
-            _store_block_row(kbar, qt1, w1, blk, (ctx - N + q0 + 1) // bsize, OUT + (row + 1) * stride_out,
-                             tl.where(q0 + 1 < N, tl.minimum(n_blocks, out_width), 0))
-        else:
-            acc = tl.dot(kbar, qt)                              # [TB, HS * QB]
-            acc = tl.maximum(acc, 0.0) * w[None, :]
-            s = tl.sum(tl.reshape(acc, (TB, HS, QB)), axis=1)  # [TB, QB]
-            forced = (blk[:, None] == 0) | (blk[:, None] == last[None, :])
-            s = tl.where(forced, float("inf"), s)
-            s = tl.where(blk[:, None] <= last[None, :], s, float("-inf"))
-            tl.store(OUT + (b * N + queries)[None, :].to(tl.int64) * stride_out + blk[:, None], s,
-                     mask=q_ok[None, :] & ((blk < n_blocks) & (blk < out_width))[:, None])
+        kbar = sums / tl.maximum(count, 1).to(tl.float32)[:, None]
+        acc = tl.dot(kbar.to(CAST), qt)                         # [TB, HS * QB]
+        acc = tl.maximum(acc, 0.0) * w[None, :]
+        s = tl.sum(tl.reshape(acc, (TB, HS, QB)), axis=1)      # [TB, QB]
+        forced = (blk[:, None] == 0) | (blk[:, None] == last[None, :])
+        s = tl.where(forced, float("inf"), s)
+        s = tl.where(blk[:, None] <= last[None, :], s, float("-inf"))
+        tl.store(OUT + (b * N + queries)[None, :].to(tl.int64) * stride_out + blk[:, None], s,
+                 mask=q_ok[None, :] & ((blk < n_blocks) & (blk < out_width))[:, None])
     if WB > 0:
         # this program wrote all its queries' blocks: their top-M here saves the top-m's launch
         # (the per-call floor at small batch); the barrier makes the rows' stores visible
@@ -100,15 +86,6 @@ def _block_scores_kernel(Q, W, POOLED, TABLE, CTX, OUT, BLOCK_ENDS, TOP, out_wid
                 visible = cb < (ctx - N + query) // bsize + 1         # the query's visible blocks
                 x = tl.load(OUT + row * stride_out + cb, mask=visible, other=0.0)
                 row_topk(x, visible, TOP + row * stride_top, TOP, 0, M, WB, False)
-
-
-@triton.jit
-def _store_block_row(kbar, qt, w, blk, last, OUT_ROW, width):
-    """One query's block scores: +inf for its first and last visible block, -inf past the last,
-    columns from ``width`` on not written."""
-    s = tl.sum(tl.maximum(tl.dot(kbar, qt), 0.0) * w[None, :], axis=1)
-    s = tl.where((blk == 0) | (blk == last), float("inf"), s)
-    tl.store(OUT_ROW + blk, tl.where(blk <= last, s, float("-inf")), mask=blk < width)
 
 
 @triton.jit(do_not_specialize=["M"])
@@ -164,9 +141,6 @@ def block_scores(q, pooled, weights, context_lens, block_table, block_size: int,
     if b == 0:
         return top is not None
     qb, hs = paged_triton.query_tile(n, h)        # long query runs (chunked prefill) in tiles of qb queries
-    per_query = paged_triton.one_mma_per_query(qb, h)
-    if per_query:
-        hs = triton.next_power_of_2(h)
     tiles = triton.cdiv(n, qb)
     g = block_size // quant.PAGE_SIZE
     max_blocks = triton.cdiv(block_table.shape[1], g)
@@ -186,7 +160,7 @@ def block_scores(q, pooled, weights, context_lens, block_table, block_size: int,
         q.stride(0), q.stride(1), q.stride(2), weights.stride(0), block_table.stride(0), out.stride(0),
         top.stride(0) if fuse else 0,
         N=n, QB=qb, H=h, HS=hs, D=d, PAGE=quant.PAGE_SIZE, G=g, TB=tile, CAST=cast, WB=width if fuse else 0,
-        PER_QUERY=per_query, num_warps=4, num_stages=2)
+        num_warps=4, num_stages=2)
     return fuse
 
 
