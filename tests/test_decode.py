@@ -43,23 +43,32 @@ if BIG:
     CASES += [([700, 4000, 30000, 65], 2, 64), ([131072, 9000], 1, 128)]
 
 
-@pytest.mark.parametrize("lens,next_n,block_size,pooled_dtype,tile,splits",
-                         [c + (torch.bfloat16, 64, None) for c in CASES] + [CASES[0] + (torch.float32, 64, None),
-                                                                            ([3000, 70], 2, 64, torch.bfloat16, 16, 2)])
-def test_block_scores_kernel_like_float64(lens, next_n, block_size, pooled_dtype, tile, splits):
+@pytest.mark.parametrize("lens,next_n,block_size,pooled_dtype,tile,splits,heads",
+                         [c + (torch.bfloat16, 64, None, None) for c in CASES]
+                         + [CASES[0] + (torch.float32, 64, None, None),
+                            ([3000, 70], 2, 64, torch.bfloat16, 16, 2, None),
+                            ([129, 1025, 70], 2, 64, torch.bfloat16, 64, None, 16),
+                            ([300, 90], 5, 64, torch.bfloat16, 16, 2, 128)])
+def test_block_scores_kernel_like_float64(lens, next_n, block_size, pooled_dtype, tile, splits, heads):
     # both pooled-cache dtypes: the kernel reads the rows as float32 whatever they are stored in;
-    # two programs per sequence taking alternate tiles of 16 blocks (47 blocks: three tiles)
+    # two programs per sequence taking alternate tiles of 16 blocks (47 blocks: three tiles); 16 and
+    # 128 heads, queries whose visible ends cross a block boundary (129, 1025 tokens), and five
+    # queries at 128 heads (three tiles of two, the last holding one query)
     from misa.ops.blocks import triton as blocks_triton
     h, d = (8, 64) if not BIG else (64, 128)
+    h = heads or h
     seqs, q, w, cache, table, clens = _batch(lens, next_n, h, d, seed=sum(lens) + next_n)
     pooled = pooled_sums(cache, table, clens, pooled_dtype)
     width = -(-table.shape[1] * 64 // block_size)
-    got = torch.full((len(lens) * next_n, width), float("nan"), device=DEVICE)
+    # one row more than the queries: nothing may be written past the last query's row
+    got = torch.full((len(lens) * next_n + 1, width), float("nan"), device=DEVICE)
     ends = torch.empty(len(lens) * next_n, dtype=torch.int32, device=DEVICE)
     m = 3
     top = torch.full((len(lens) * next_n, m), -7, dtype=torch.int32, device=DEVICE)
     fused = blocks_triton.block_scores(q, pooled, w, clens, table, block_size, got, ends, tile=tile, splits=splits,
                                        top=top)
+    assert bool(got[-1].isnan().all())
+    got = got[:-1]
     # one program per sequence (every case off the GPU but the two-split one) takes the top-m too,
     # exactly as the separate top-m would on the scores written
     assert fused == (splits is None and (DEVICE == "cpu" or width <= 64))
