@@ -299,16 +299,17 @@ def test_checked_functions_replay_their_graph_with_new_inputs(monkeypatch, fn):
     assert sum(isinstance(g, Graph) for sel in paged._SELECTORS.values() for g in sel.graphs.values()) == 1
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need CUDA")
-@pytest.mark.parametrize("fn", ["dsa", "hisa", "misa"])
-def test_checked_replay_checks_its_own_inputs(monkeypatch, fn):
-    # from the third call at a layout the checked function's graph checks its inputs itself (no
-    # read-back before the launches): bad input still raises the first failed check's ValueError,
-    # the selection run on it reads nothing outside the cache, and the next good call is unchanged
+CHECKED_LENS, CHECKED_NEXT_N, CHECKED_K = [3000, 9000, 700], 2, 512
+
+
+def _checked_setup(fn, seed):
+    """A batch of three sequences with two new tokens each (64 heads, D = 128), its pooled-key
+    cache, and the checked public function ``fn`` ("dsa", "hisa" or "misa") over its cache as
+    ``call(q, w, clens, table)``; the kept selectors cleared."""
     from misa import paged
-    lens, next_n, h, d, k = [3000, 9000, 700], 2, 64, 128, 512
-    seqs, q, w, cache, table, clens = _batch(lens, next_n, h, d, seed=41)
+    _, q, w, cache, table, clens = _batch(CHECKED_LENS, CHECKED_NEXT_N, 64, 128, seed=seed)
     pooled = misa.pool_paged_kcache(cache, table, clens)
+    k = CHECKED_K
 
     def call(q, w, clens, table):
         if fn == "dsa":
@@ -318,6 +319,17 @@ def test_checked_replay_checks_its_own_inputs(monkeypatch, fn):
         return misa.paged_misa_select(q, cache, w, clens, table, k=k, active_heads=8, pooled=pooled)
 
     paged._SELECTORS.clear()
+    return call, q, w, cache, table, clens
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need CUDA")
+@pytest.mark.parametrize("fn", ["dsa", "hisa", "misa"])
+def test_checked_replay_checks_its_own_inputs(monkeypatch, fn):
+    # from the third call at a layout the checked function's graph checks its inputs itself (no
+    # read-back before the launches): bad input still raises the first failed check's ValueError,
+    # the selection run on it reads nothing outside the cache, and the next good call is unchanged
+    from misa import paged
+    call, q, w, cache, table, clens = _checked_setup(fn, seed=41)
     want = as_sets(call(q, w, clens, table))            # checked with a read-back, then the capture
     assert as_sets(call(q, w, clens, table)) == want
     read_backs = []
@@ -352,19 +364,8 @@ def test_checked_call_repeating_a_signature_goes_straight_to_the_replay(monkeypa
     # the shape checks and the lookups; a call differing in any of them takes the full path again,
     # so bad arguments still get their ValueError and an environment override still applies
     from misa import paged
-    lens, next_n, h, d, k = [3000, 9000, 700], 2, 64, 128, 512
-    seqs, q, w, cache, table, clens = _batch(lens, next_n, h, d, seed=43)
-    pooled = misa.pool_paged_kcache(cache, table, clens)
-
-    def call(q, w, clens, table, **kw):
-        if fn == "dsa":
-            return misa.paged_dsa_select(q, cache, w, clens, table, k=k, **kw)
-        if fn == "hisa":
-            return misa.paged_hisa_select(q, cache, w, clens, table, k=k, block_size=64, block_k=16, pooled=pooled,
-                                          **kw)
-        return misa.paged_misa_select(q, cache, w, clens, table, k=k, active_heads=8, pooled=pooled, **kw)
-
-    paged._SELECTORS.clear()
+    call, q, w, cache, table, clens = _checked_setup(fn, seed=43)
+    next_n = CHECKED_NEXT_N
     want = as_sets(call(q, w, clens, table))
     for _ in range(2):
         assert as_sets(call(q, w, clens, table)) == want
@@ -395,7 +396,7 @@ def test_checked_call_repeating_a_signature_goes_straight_to_the_replay(monkeypa
     real_seq = paged._paged_select
     monkeypatch.setattr(paged, "_paged_select", lambda *a: (per_sequence.append(1), real_seq(*a))[1])
     monkeypatch.setenv("MISA_BACKEND", "reference")     # the override applies to a repeated call too
-    assert call(q, w, clens, table).shape == (len(lens) * next_n, k) and per_sequence == [1]
+    assert call(q, w, clens, table).shape == (len(CHECKED_LENS) * next_n, CHECKED_K) and per_sequence == [1]
 
 
 def test_block_pruned_selector_keeping_every_block_runs_dense():
