@@ -273,7 +273,7 @@ def _selector(variant: str, q, k: int, block_table, **options):
                                                           next_n=n,
                                                           max_context=max(block_table.shape[1], 1) * quant.PAGE_SIZE,
                                                           device=q.device, **options))
-        for sig in [sig for sig, (key, _) in _REPLAYS.items() if key not in _SELECTORS]:
+        for sig in [sig for sig, (sel_key, _) in _REPLAYS.items() if sel_key not in _SELECTORS]:
             del _REPLAYS[sig]       # a dropped selector's graphs go with it
     return sel
 
@@ -354,18 +354,13 @@ _REPLAYS: dict = {}
 
 def _signature(call, q, kv_cache, weights, context_lens, block_table, pooled):
     """What a checked call's shape checks, backend choice, selector and graph depend on (``call``:
-    the function and its other arguments); None for arguments that are not tensors."""
-    if not isinstance(q, torch.Tensor):
-        return None
+    the function and its other arguments): the graph's key, the tensors' devices and the
+    environment's overrides; None for arguments that are not tensors."""
     try:
         return (call, os.environ.get("MISA_BACKEND"), os.environ.get("MISA_GRAPHS"),
-                q.shape, q.dtype, q.device, weights.shape, weights.dtype, weights.device,
-                context_lens.shape, context_lens.dtype, context_lens.device,
-                block_table.shape, block_table.dtype, block_table.device,
-                kv_cache.data_ptr(), kv_cache.shape, kv_cache.stride(), kv_cache.dtype, kv_cache.device,
-                None if pooled is None else (pooled.data_ptr(), pooled.shape, pooled.stride(), pooled.dtype,
-                                             pooled.device),
-                q.stride(), weights.stride(), context_lens.stride(), block_table.stride())
+                _graph_key(q, kv_cache, weights, context_lens, block_table, pooled),
+                q.device, kv_cache.device, weights.device, context_lens.device, block_table.device,
+                None if pooled is None else pooled.device)
     except AttributeError:      # not tensors: the full checks name the argument
         return None
 

@@ -299,6 +299,30 @@ def test_checked_functions_replay_their_graph_with_new_inputs(monkeypatch, fn):
     assert sum(isinstance(g, Graph) for sel in paged._SELECTORS.values() for g in sel.graphs.values()) == 1
 
 
+def test_checked_call_signature_tells_apart_what_the_full_path_depends_on(monkeypatch):
+    # a repeated checked call skips to its replay only on an equal signature: equal for the same
+    # layouts with new values, different for another dtype, stride, shape, cache, pooled cache,
+    # argument or environment override, None for an argument that is not a tensor
+    from misa.paged import _signature
+    _, q, w, cache, table, clens = _batch([70, 129], 2, 8, 64, seed=7)
+    pooled = misa.pool_paged_kcache(cache, table, clens)
+    call = ("dsa", 64, None)
+    base = _signature(call, q, cache, w, clens, table, pooled)
+    assert base is not None
+    assert _signature(call, q.clone(), cache, torch.randn_like(w), clens.clone(), table.clone(), pooled) == base
+    wide = torch.empty(w.shape[0], 2 * w.shape[1])
+    wide[:, : w.shape[1]] = w
+    others = [(call, q, cache, w.double(), clens, table, pooled),
+              (call, q, cache, wide[:, : w.shape[1]], clens, table, pooled),
+              (call, q, cache, w, clens, table[:, :-1], pooled), (call, q, cache.clone(), w, clens, table, pooled),
+              (call, q, cache, w, clens, table, pooled.clone()), (call, q, cache, w, clens, table, None),
+              (("dsa", 32, None), q, cache, w, clens, table, pooled)]
+    assert all(_signature(*args) != base for args in others)
+    assert _signature(call, q, cache, w.tolist(), clens, table, pooled) is None
+    monkeypatch.setenv("MISA_BACKEND", "reference")
+    assert _signature(call, q, cache, w, clens, table, pooled) != base
+
+
 CHECKED_LENS, CHECKED_NEXT_N, CHECKED_K = [3000, 9000, 700], 2, 512
 
 

@@ -113,9 +113,7 @@ def paged_logits(q, kv_cache, weights, context_lens, block_table, out, heads=Non
     heads = heads.contiguous() if heads is not None else None
     nh = heads.shape[1] if heads is not None else h_all
     qb, hs = query_tile(n, nh)
-    per_query = one_mma_per_query(qb, nh)
-    if per_query:
-        hs = triton.next_power_of_2(nh)
+    per_query = one_mma_per_query(qb, nh)       # query_tile's head slots are then the heads, unpadded
     tiles = triton.cdiv(n, qb)
     flat = kv_cache.reshape(-1)
     values = flat.view(quant.FP8)
