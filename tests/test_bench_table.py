@@ -158,6 +158,7 @@ def test_decode_tables_show_misa_dagger_and_read_older_results():
     from misa.bench_decode import DecodeBenchConfig, decode_tables, format_row
     row = {"batch": 8, "context": 131072, "next_n": 1, "dsa.logits_ms": 0.5, "dsa.logits_GBps": 2500.0,
            "dsa.logits_share_of_copy": 0.8, "dsa.graph_ms": 0.8, "dsa.eager_ms": 0.9,
+           "dsa.eager_overhead_ms": 0.05,
            "misa-h8.graph_ms": 0.4, "misa-h8.eager_ms": 0.5, "misa-h8.recall_mean": 0.95,
            "misa-dagger-h8.graph_ms": 0.5, "misa-dagger-h8.eager_ms": 0.6, "misa-dagger-h8.recall_mean": 0.99,
            "misa-dagger-h8.recall_min": 0.97}
@@ -171,6 +172,7 @@ def test_decode_tables_show_misa_dagger_and_read_older_results():
     methods = [r[1] for r in table.rows]
     assert methods == ["DSA dense", "block-pruned m=64", "MISA h=8", "MISA† h=8 k1=4096", "DSA dense", "MISA h=8"]
     assert table.rows[3][2:7] == ["500.0", "600.0", "1.60", "1.60", "0.990"]   # no DeepGEMM: best dense is ours
+    assert table.rows[0][3] == "900.0 (+50.0)" and table.rows[1][3] == "-"    # what the checked call adds
     assert "misa-dagger-h8 graph 500.0 us" in format_row(row) and "dagger" not in format_row(old)
     assert "float32 pooled cache: 250.0 us graph, recall 0.910" in format_row(row)
     assert table.rows[1][6] == "0.900 (best 0.950)" and "best pages 0.950" in format_row(row)
@@ -229,10 +231,16 @@ def test_decode_bench_shape_plumbing_on_the_cpu(monkeypatch):
              "deepgemm-ourtopk.graph_ms", "hisa-m2.graph_ms", "hisa-m2.eager_ms", "hisa-m64.graph_ms", "hisa-m64.eager_ms",
              "f32-pooled.hisa-m64.graph_ms", "misa-h8.graph_ms", "misa-h8.eager_ms", "misa-dagger-h8.graph_ms",
              "misa-dagger-h8.eager_ms"]
+    eager = [name[:-len(".eager_ms")] for name in timed if name.endswith(".eager_ms")]
+    timed += [f"{method}.replay_wall_ms" for method in eager]
     assert list(row["ms_rounds"]) == timed and len(calls) == 2 * len(timed)
-    # the checked (eager) calls by wall clock, host work included; the graphs and kernels by CUDA events
-    assert len(host_timed) == 2 * sum(name.endswith(".eager_ms") for name in timed)
+    # the checked (eager) calls by wall clock, host work included, and their graphs' replays timed the
+    # same way beside them; the graphs and kernels by CUDA events
+    assert len(host_timed) == 2 * 2 * len(eager)
     assert all(isinstance(fn, bench.HostTimed) for fn in host_timed)
+    for method in eager:
+        assert calls[timed.index(f"{method}.replay_wall_ms")].fn is calls[timed.index(f"{method}.graph_ms")]
+        assert row[f"{method}.eager_overhead_ms"] == row[f"{method}.eager_ms"] - row[f"{method}.replay_wall_ms"]
     for i, name in enumerate(timed):            # interleaved: round r times every method before round r + 1
         assert row["ms_rounds"][name] == [i + 1.0, len(timed) + i + 1.0]
         assert row[name] == len(timed) / 2 + i + 1.0                     # the median of its two rounds
