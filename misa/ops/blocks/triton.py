@@ -28,7 +28,7 @@ from ... import quant
 from ..dsa import paged_triton
 from ..dsa.triton import mma_cast
 from ..topk.triton_rows import row_topk
-from ..triton_common import load_pair_queries, load_row_queries, sm_count
+from ..triton_common import INTERPRET, load_pair_queries, load_row_queries, sm_count
 
 
 @triton.jit(do_not_specialize=["out_width", "M"])
@@ -56,19 +56,29 @@ def _block_scores_kernel(Q, W, POOLED, TABLE, CTX, OUT, BLOCK_ENDS, TOP, out_wid
         tl.store(BLOCK_ENDS + b * N + queries, last + 1, mask=q_ok)
     n_blocks = tl.cdiv(ctx, bsize)
     jb = tl.arange(0, TB)
+    if G == 1:      # this program's first tile's table entries
+        page = tl.load(TABLE + b * stride_table + pid_s * TB + jb, mask=pid_s * TB + jb < n_blocks, other=0)
     for t in range(pid_s, tl.cdiv(n_blocks, TB), n_split):
         blk = t * TB + jb
-        sums = tl.zeros([TB, D], dtype=tl.float32)
-        for g in tl.static_range(G):
-            lp = blk * G + g
-            has = lp * PAGE < ctx
-            page = tl.load(TABLE + b * stride_table + lp, mask=has, other=0).to(tl.int64)
-            sums += tl.load(POOLED + page[:, None] * D + d[None, :], mask=has[:, None], other=0.0).to(tl.float32)
-        count = tl.minimum(ctx - blk * bsize, bsize)
-        kbar = sums / tl.maximum(count, 1).to(tl.float32)[:, None]
-        acc = tl.dot(kbar.to(CAST), qt)                         # [TB, HS * QB]
+        count = tl.minimum(ctx - blk * bsize, bsize).to(tl.float32)
+        if G == 1:
+            # one page a block: its pooled row goes into the MMA as loaded, the 1/count after the
+            # MMA (relu commutes with it); the next tile's table entries load before this MMA
+            rows = tl.load(POOLED + page.to(tl.int64)[:, None] * D + d[None, :], mask=(blk < n_blocks)[:, None],
+                           other=0.0)
+            nxt = blk + n_split * TB
+            page = tl.load(TABLE + b * stride_table + nxt, mask=nxt < n_blocks, other=0)
+            acc = tl.dot(rows.to(CAST), qt)                     # [TB, HS * QB]
+        else:
+            sums = tl.zeros([TB, D], dtype=tl.float32)
+            for g in tl.static_range(G):
+                lp = blk * G + g
+                has = lp * PAGE < ctx
+                pg = tl.load(TABLE + b * stride_table + lp, mask=has, other=0).to(tl.int64)
+                sums += tl.load(POOLED + pg[:, None] * D + d[None, :], mask=has[:, None], other=0.0).to(tl.float32)
+            acc = tl.dot(sums.to(CAST), qt)
         acc = tl.maximum(acc, 0.0) * w[None, :]
-        s = tl.sum(tl.reshape(acc, (TB, HS, QB)), axis=1)      # [TB, QB]
+        s = tl.sum(tl.reshape(acc, (TB, HS, QB)), axis=1) / tl.maximum(count, 1.0)[:, None]     # [TB, QB]
         forced = (blk[:, None] == 0) | (blk[:, None] == last[None, :])
         s = tl.where(forced, float("inf"), s)
         s = tl.where(blk[:, None] <= last[None, :], s, float("-inf"))
@@ -145,13 +155,14 @@ def block_scores(q, pooled, weights, context_lens, block_table, block_size: int,
     g = block_size // quant.PAGE_SIZE
     max_blocks = triton.cdiv(block_table.shape[1], g)
     if splits is None:
-        # ~4 programs per SM: each walks its tiles through a chain of dependent loads (table, then
-        # pooled rows), so more in flight hide latency (64 x 128K, H100: 39 us at 512 programs,
-        # 49 us at 320, 42 us at 1024)
-        splits = max(1, min(triton.cdiv(max_blocks, tile), triton.cdiv(4 * sm_count(q), b * tiles)))
-    # the means meet q in float32 (tf32 MMA on the GPU): bf16's 8-bit mantissa moved block scores by
-    # ~1% where heads cancel, enough to swap near blocks; this pass reads little, its MMA is cheap
-    cast = tl.float32
+        # ~2 programs per SM (64 x 128K, H100, one page a block: 23-25 us at 256 programs, 23-28
+        # at 512, 24-30 at 1024)
+        splits = max(1, min(triton.cdiv(max_blocks, tile), triton.cdiv(2 * sm_count(q), b * tiles)))
+    # One page a block: its bfloat16 page sum meets q (fp8 or bf16, widened exactly) in a bf16 MMA
+    # with float32 sums, exact products, twice tf32's rate (64 x 128K, H100: 23 against 44 us).
+    # Several pages a block, or a float32 pooled cache: float32 sums in a tf32 MMA, since rounding
+    # them to bf16 moved block scores by ~1% where heads cancel, enough to swap near blocks.
+    cast = tl.bfloat16 if g == 1 and pooled.dtype == torch.bfloat16 and not INTERPRET else tl.float32
     width = max(16, triton.next_power_of_2(max_blocks))
     fuse = top is not None and splits == 1 and width <= FUSED_TOP_WIDTH
     _block_scores_kernel[(b, splits, tiles)](
@@ -160,7 +171,7 @@ def block_scores(q, pooled, weights, context_lens, block_table, block_size: int,
         q.stride(0), q.stride(1), q.stride(2), weights.stride(0), block_table.stride(0), out.stride(0),
         top.stride(0) if fuse else 0,
         N=n, QB=qb, H=h, HS=hs, D=d, PAGE=quant.PAGE_SIZE, G=g, TB=tile, CAST=cast, WB=width if fuse else 0,
-        num_warps=4, num_stages=2)
+        num_warps=4, num_stages=3)
     return fuse
 
 
@@ -180,7 +191,7 @@ def chosen_block_logits(q, kv_cache, weights, context_lens, block_table, blocks,
         q, weights, flat.view(quant.FP8), flat.view(torch.float32), block_table, context_lens, blocks, out, positions,
         m, q.stride(0), q.stride(1), q.stride(2), weights.stride(0), block_table.stride(0), blocks.stride(0),
         out.stride(0), N=n, H=h, HS=hs, D=d, PAGE=quant.PAGE_SIZE, G=g, CAST=mma_cast(q.dtype, quant.FP8),
-        num_warps=4, num_stages=3)
+        num_warps=4, num_stages=2)      # 3 stages: 27 against 25 us at 64 x 128K, H100
 
 
 @triton.jit(do_not_specialize=["T", "block_size"])
