@@ -3,8 +3,9 @@ cached selector; issuing its launches one by one from Python costs more than the
 themselves at decode sizes. So a call that repeats an earlier one's selector, input layouts and
 cache addresses replays a graph of the selector instead: its inputs are copied into buffers the
 graph reads, the graph replays, and the result is copied out. The first call at a layout runs
-eagerly, the second captures. Graphs live on their selector (``selector.graphs``), so dropping a
-selector drops them. ``MISA_GRAPHS=0`` turns them off.
+eagerly, the second captures. Graphs live on their selector (``selector.graphs``, up to
+``GRAPHS_KEPT``: one per cache a model's layers call it with), so dropping a selector drops them.
+``MISA_GRAPHS=0`` turns them off.
 
 (The checked prefill functions issue their launches directly: they do not wait for the selection,
 so the next call's launches overlap it, and copying their large inputs into a graph cost more.)
@@ -15,7 +16,10 @@ import os
 
 import torch
 
-KEPT = 8            # graphs a selector keeps (and selectors a cache keeps); the oldest goes first
+KEPT = 8            # selectors a cache keeps; the oldest goes first
+# graphs a selector keeps: one per cache and layout, so a model whose layers each have their own
+# cache replays in every layer (the graphs share their input buffers: ``misa.paged._graph``)
+GRAPHS_KEPT = 512
 _SEEN = object()    # a layout called once: the next call like it captures
 
 
@@ -87,5 +91,5 @@ def lookup(selector, key, make):
     if entry is _SEEN:
         entry = graphs[key] = make()
     if entry is None:
-        keep(graphs, key, _SEEN)
+        keep(graphs, key, _SEEN, GRAPHS_KEPT)
     return entry

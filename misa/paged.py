@@ -296,15 +296,26 @@ def _graph(sel, q, kv_cache, weights, context_lens, block_table, pooled) -> grap
     The graph checks its inputs first (``graph.checks``: the flags, their pinned host copy and an
     event after that copy): the check launch also clamps the copied lengths and page ids into the
     cache (``misa.ops.checks``, ``sanitize``), so the selection it runs on bad input reads only the
-    cache, and a call waits for the flags alone instead of a read-back before its launches."""
-    sq, sw, sl, st = inputs = [x.clone(memory_format=torch.contiguous_format)
-                               for x in (q, weights, context_lens, block_table)]
-    checks = None
-    if kv_cache.shape[0] >= 1 and block_table.shape[1] * quant.PAGE_SIZE >= q.shape[1]:    # clamping possible
-        from .ops.checks import PAGED_FLAGS
-        from .ops.checks.triton import paged_flags
-        flags = torch.zeros(len(PAGED_FLAGS) + 1, dtype=torch.int64, device=q.device)
-        checks = (flags, torch.zeros(flags.shape, dtype=torch.int64, pin_memory=True), torch.cuda.Event(external=True))
+    cache, and a call waits for the flags alone instead of a read-back before its launches.
+
+    The selector's graphs over other caches (a model's layers) share these input buffers and flags:
+    a call copies its values in, replays and waits on one stream, so a graph per layer holds no
+    buffers of its own (bar the pooled-key cache it builds where a call passes none)."""
+    from .ops.checks.triton import paged_flags
+    clamp = kv_cache.shape[0] >= 1 and block_table.shape[1] * quant.PAGE_SIZE >= q.shape[1]   # clamping possible
+    shared = sel.__dict__.setdefault("graph_inputs", {})
+    layout = (tuple(graphs.layout(x) for x in (q, weights, context_lens, block_table)), clamp)
+    if layout not in shared:
+        inputs = [x.clone(memory_format=torch.contiguous_format) for x in (q, weights, context_lens, block_table)]
+        checks = None
+        if clamp:
+            from .ops.checks import PAGED_FLAGS
+            flags = torch.zeros(len(PAGED_FLAGS) + 1, dtype=torch.int64, device=q.device)
+            checks = (flags, torch.zeros(flags.shape, dtype=torch.int64, pin_memory=True),
+                      torch.cuda.Event(external=True))
+        graphs.keep(shared, layout, (inputs, checks))
+    inputs, checks = shared[layout]
+    sq, sw, sl, st = inputs
 
     def run():
         if checks is not None:
@@ -407,7 +418,8 @@ def _select_checked(variant: str, options: dict, q, kv_cache, weights, context_l
             out, graph_key = replayed
             if call is not None:
                 graphs.keep(_REPLAYS, _signature(call, q, kv_cache, weights, context_lens, block_table, pooled),
-                            (_selector_key(variant, q, k, block_table, options), graph_key), graphs.KEPT ** 2)
+                            (_selector_key(variant, q, k, block_table, options), graph_key),
+                            graphs.KEPT * graphs.GRAPHS_KEPT)
             return out
     _check_paged_values(q, kv_cache, weights, context_lens, block_table)
     if q.shape[0] == 0:

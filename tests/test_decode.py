@@ -302,6 +302,41 @@ def test_checked_functions_replay_their_graph_with_new_inputs(monkeypatch, fn):
     assert sum(isinstance(g, Graph) for sel in paged._SELECTORS.values() for g in sel.graphs.values()) == 1
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need CUDA")
+@pytest.mark.parametrize("fn", ["dsa", "hisa"])
+def test_checked_calls_over_many_layers_caches_each_replay(monkeypatch, fn):
+    # a model's layers call the checked function at one shape, each with its own cache: every layer
+    # gets a graph of its own (more layers than selectors are kept), all of them reading one set of
+    # input buffers, and from the third step on every call is one checked replay
+    from misa import paged
+    from misa.graphs import Graph
+    layers = [_batch(CHECKED_LENS, CHECKED_NEXT_N, 64, 128, seed=60 + i)[1:] for i in range(12)]
+    pools = [misa.pool_paged_kcache(cache, table, clens) for _, _, cache, table, clens in layers]
+
+    def call(q, w, cache, table, clens, pooled):
+        if fn == "dsa":
+            return misa.paged_dsa_select(q, cache, w, clens, table, k=CHECKED_K)
+        return misa.paged_hisa_select(q, cache, w, clens, table, k=CHECKED_K, block_size=64, block_k=16,
+                                      pooled=pooled)
+
+    paged._SELECTORS.clear()
+    with monkeypatch.context() as m:
+        m.setenv("MISA_GRAPHS", "0")
+        want = [as_sets(call(*layer, pooled)) for layer, pooled in zip(layers, pools)]
+    read_backs = []
+    real = paged._check_paged
+    monkeypatch.setattr(paged, "_check_paged", lambda *a: (read_backs.append(1), real(*a))[1])
+    for step in range(3):
+        read_backs.clear()
+        for i, (layer, pooled) in enumerate(zip(layers, pools)):
+            assert as_sets(call(*layer, pooled)) == want[i], (step, i)
+    assert read_backs == []
+    sel, = paged._SELECTORS.values()
+    made = [g for g in sel.graphs.values() if isinstance(g, Graph)]
+    assert len(made) == len(layers)
+    assert len({g.inputs[0].data_ptr() for g in made}) == 1 and len({id(g.checks) for g in made}) == 1
+
+
 def test_checked_call_signature_tells_apart_what_the_full_path_depends_on(monkeypatch):
     # a repeated checked call skips to its replay only on an equal signature: equal for the same
     # layouts with new values, different for another dtype, stride, shape, cache, pooled cache,
