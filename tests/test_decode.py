@@ -96,20 +96,37 @@ def test_block_scores_kernel_like_float64(lens, next_n, block_size, pooled_dtype
         assert torch.isneginf(got[r, n:nblk]).all()                 # blocks past the visible end
 
 
-@pytest.mark.parametrize("lens,next_n,block_size", CASES[:2])
-def test_chosen_block_logits_kernel_like_float64(lens, next_n, block_size):
+@pytest.mark.parametrize("lens,next_n,block_size,shared,splits",
+                         [c + (False, None) for c in CASES[:2]]
+                         + [(CASES[1][0], 2, 128, True, None), ([65, 129, 1000, 3], 2, 64, True, 2),
+                            ([65, 129, 1000, 3], 2, 64, True, None), ([300, 4000], 2, 64, True, 3)])
+def test_chosen_block_logits_kernel_like_float64(lens, next_n, block_size, shared, splits):
+    # with two queries a sequence one program scores both rows (a block both keep read once):
+    # lists sharing most blocks in other slots, blocks only one query keeps, empty slots on either
+    # side, and a last block only the second query sees (65 and 129 tokens); splits taking every
+    # second or third slot
     from misa.ops.blocks import triton as blocks_triton
     h, d = 8, 64
-    seqs, q, w, cache, table, clens = _batch(lens, next_n, h, d, seed=7 + next_n)
+    seqs, q, w, cache, table, clens = _batch(lens, next_n, h, d, seed=7 + next_n + len(lens))
     g = torch.Generator().manual_seed(3)
-    rows, m = len(lens) * next_n, 3
-    nblk = -(-clens.cpu().repeat_interleave(next_n) // block_size)
+    rows, m = len(lens) * next_n, 5 if shared else 3
+    visible = (clens.cpu().long()[:, None] - next_n + 1 + torch.arange(next_n)).reshape(-1)
+    nblk = -(-visible // block_size)
     # m block slots per row: random distinct visible blocks, -1 (an empty slot) where fewer exist
-    blocks = torch.tensor([(torch.randperm(int(nb), generator=g)[:m].tolist() + [-1] * m)[:m] for nb in nblk],
-                          dtype=torch.int32, device=DEVICE)
-    scores = torch.empty(rows, m * block_size, device=DEVICE)
-    pos = torch.empty(rows, m * block_size, dtype=torch.int32, device=DEVICE)
-    blocks_triton.chosen_block_logits(q, cache, w, clens, table, blocks, block_size, scores, pos)
+    lists = [(torch.randperm(int(nb), generator=g)[:m].tolist() + [-1] * m)[:m] for nb in nblk]
+    if shared:      # the second query keeps the first's blocks in another order, one of them swapped
+        for r in range(0, rows, 2):
+            other = [lists[r][i] for i in torch.randperm(m, generator=g).tolist()]
+            spare = [x for x in range(int(nblk[r + 1])) if x not in other]
+            if spare and r % 4 == 0:
+                other[int(torch.randint(m, (1,), generator=g))] = spare[-1]      # the last: maybe q1's only
+            elif r % 4 == 2:
+                other[int(torch.randint(m, (1,), generator=g))] = -1
+            lists[r + 1] = other
+    blocks = torch.tensor(lists, dtype=torch.int32, device=DEVICE)
+    scores = torch.full((rows, m * block_size), float("nan"), device=DEVICE)
+    pos = torch.full((rows, m * block_size), -7, dtype=torch.int32, device=DEVICE)
+    blocks_triton.chosen_block_logits(q, cache, w, clens, table, blocks, block_size, scores, pos, splits=splits)
     ref_s, ref_p = blocks_ref.chosen_block_logits(q.cpu(), cache.cpu(), w.cpu(), clens.cpu(), table.cpu(),
                                                   blocks.cpu(), block_size)
     assert torch.equal(pos.cpu(), ref_p)
