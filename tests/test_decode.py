@@ -101,7 +101,7 @@ def test_block_scores_kernel_like_float64(lens, next_n, block_size, pooled_dtype
                          + [(CASES[1][0], 2, 128, True, None), ([65, 129, 1000, 3], 2, 64, True, 2),
                             ([65, 129, 1000, 3], 2, 64, True, None), ([300, 4000], 2, 64, True, 3)])
 def test_chosen_block_logits_kernel_like_float64(lens, next_n, block_size, shared, splits):
-    # with two queries a sequence one program scores both rows (a block both keep read once):
+    # every column of every row written (outputs start as NaN and -7): with two queries a sequence,
     # lists sharing most blocks in other slots, blocks only one query keeps, empty slots on either
     # side, and a last block only the second query sees (65 and 129 tokens); splits taking every
     # second or third slot

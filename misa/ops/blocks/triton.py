@@ -130,70 +130,6 @@ def _chosen_blocks_kernel(Q, W, VALUES, SCALES, TABLE, CTX, BLOCKS, OUT, POS, M,
         tl.store(POS + out_row + col, tl.where(ok, pos, -1))
 
 
-@triton.jit(do_not_specialize=["M"])
-def _chosen_blocks_pair_kernel(Q, W, VALUES, SCALES, TABLE, CTX, BLOCKS, OUT, POS, M,
-                               stride_qb, stride_qn, stride_qh, stride_wt, stride_table, stride_blk, stride_out,
-                               H: tl.constexpr, HS: tl.constexpr, D: tl.constexpr, PAGE: tl.constexpr,
-                               G: tl.constexpr, MP: tl.constexpr, CAST: tl.constexpr):
-    # next_n = 2: the two queries of a sequence mostly keep the same blocks. Slot j of query 0's
-    # list reads its page once and scores it for both queries (query 1 writes it at the slot where
-    # its own list holds that block, if it does); slot j of query 1's list is read only when query
-    # 0's list lacks that block. Every column of both rows is written once, as the per-row kernel writes it.
-    b = tl.program_id(0)
-    pid_s = tl.program_id(1)
-    n_split = tl.num_programs(1)
-    r0 = 2 * b
-    ctx = tl.load(CTX + b)
-    ke0 = ctx - 1                                              # query 0 sees one key less than query 1
-    d = tl.arange(0, D)
-    qt0, w0 = load_row_queries(Q, W, r0, stride_qb, stride_qn, stride_qh, stride_wt, 2, H, HS, D, CAST)
-    qt1, w1 = load_row_queries(Q, W, r0 + 1, stride_qb, stride_qn, stride_qh, stride_wt, 2, H, HS, D, CAST)
-    slots = tl.arange(0, MP)
-    row0 = BLOCKS + r0.to(tl.int64) * stride_blk
-    list0 = tl.load(row0 + slots, mask=slots < M, other=-2)
-    list1 = tl.load(row0 + stride_blk + slots, mask=slots < M, other=-2)
-    off = tl.arange(0, PAGE)
-    page_bytes = PAGE * (D + 4)
-    out0 = r0.to(tl.int64) * stride_out
-    out1 = out0 + stride_out
-    for j in range(pid_s, M * G, n_split):                    # (block slot, page of the block)
-        blk = tl.load(row0 + j // G)
-        where1 = tl.min(tl.where((list1 == blk) & (blk >= 0), slots, MP), axis=0)   # its slot in query 1's list
-        lp = blk * G + j % G
-        pos = lp * PAGE + off                                  # negative for an empty slot (blk = -1)
-        ok1 = (pos >= 0) & (pos < ke0 + 1)
-        ok0 = ok1 & (pos < ke0)
-        page = tl.load(TABLE + b * stride_table + lp, mask=(lp >= 0) & (lp * PAGE < ke0 + 1), other=0).to(tl.int64)
-        k = tl.load(VALUES + page * page_bytes + off[:, None] * D + d[None, :], mask=ok1[:, None], other=0.0)
-        if CAST is not None:
-            k = k.to(CAST)
-        scale = tl.load(SCALES + page * (page_bytes // 4) + (PAGE * D) // 4 + off, mask=ok1, other=0.0)
-        s0 = tl.sum(tl.maximum(tl.dot(k, qt0), 0.0) * w0[None, :], axis=1)
-        col = j * PAGE + off
-        tl.store(OUT + out0 + col, tl.where(ok0, s0 * scale, float("-inf")))
-        tl.store(POS + out0 + col, tl.where(ok0, pos, -1))
-        if where1 < MP:
-            s1 = tl.sum(tl.maximum(tl.dot(k, qt1), 0.0) * w1[None, :], axis=1)
-            col1 = (where1 * G + j % G) * PAGE + off
-            tl.store(OUT + out1 + col1, tl.where(ok1, s1 * scale, float("-inf")))
-            tl.store(POS + out1 + col1, tl.where(ok1, pos, -1))
-        # query 1's slot j: a block query 0 does not keep (or an empty slot) is scored here alone
-        blk1 = tl.load(row0 + stride_blk + j // G)
-        if tl.sum(((list0 == blk1) & (blk1 >= 0)).to(tl.int32), axis=0) == 0:
-            lp1 = blk1 * G + j % G
-            pos1 = lp1 * PAGE + off
-            ok = (pos1 >= 0) & (pos1 < ke0 + 1)
-            page1 = tl.load(TABLE + b * stride_table + lp1, mask=(lp1 >= 0) & (lp1 * PAGE < ke0 + 1),
-                            other=0).to(tl.int64)
-            k1 = tl.load(VALUES + page1 * page_bytes + off[:, None] * D + d[None, :], mask=ok[:, None], other=0.0)
-            if CAST is not None:
-                k1 = k1.to(CAST)
-            scale1 = tl.load(SCALES + page1 * (page_bytes // 4) + (PAGE * D) // 4 + off, mask=ok, other=0.0)
-            s1 = tl.sum(tl.maximum(tl.dot(k1, qt1), 0.0) * w1[None, :], axis=1)
-            tl.store(OUT + out1 + col, tl.where(ok, s1 * scale1, float("-inf")))
-            tl.store(POS + out1 + col, tl.where(ok, pos1, -1))
-
-
 def _heads_padded(h: int, queries: int) -> int:
     """Head slots: a power of two, and at least 16 (head, query) pairs: the MMA's smallest N."""
     return max(triton.next_power_of_2(h), triton.cdiv(16, queries))
@@ -239,14 +175,9 @@ def block_scores(q, pooled, weights, context_lens, block_table, block_size: int,
     return fuse
 
 
-# next_n = 2: both queries' block lists held in registers for the membership tests, up to this many
-PAIR_MAX_BLOCKS = 1024
-
-
 def chosen_block_logits(q, kv_cache, weights, context_lens, block_table, blocks, block_size: int, out, positions,
                         splits: int | None = None) -> None:
-    """Write ``out`` / ``positions [B * N, m * block_size]`` (see ``reference.chosen_block_logits``).
-    With two queries a sequence, a block both keep is read once for both."""
+    """Write ``out`` / ``positions [B * N, m * block_size]`` (see ``reference.chosen_block_logits``)."""
     b, n, h, d = q.shape
     rows, m = blocks.shape
     if rows == 0:
@@ -254,15 +185,6 @@ def chosen_block_logits(q, kv_cache, weights, context_lens, block_table, blocks,
     g = block_size // quant.PAGE_SIZE
     hs = _heads_padded(h, 1)
     flat = kv_cache.reshape(-1)
-    if n == 2 and m <= PAIR_MAX_BLOCKS:
-        if splits is None:
-            splits = max(1, min(m * g, triton.cdiv(4 * sm_count(q), b)))
-        _chosen_blocks_pair_kernel[(b, splits)](
-            q, weights, flat.view(quant.FP8), flat.view(torch.float32), block_table, context_lens, blocks, out,
-            positions, m, q.stride(0), q.stride(1), q.stride(2), weights.stride(0), block_table.stride(0),
-            blocks.stride(0), out.stride(0), H=h, HS=hs, D=d, PAGE=quant.PAGE_SIZE, G=g,
-            MP=max(16, triton.next_power_of_2(m)), CAST=mma_cast(q.dtype, quant.FP8), num_warps=4, num_stages=2)
-        return
     if splits is None:
         splits = max(1, min(m * g, triton.cdiv(4 * sm_count(q), rows)))
     _chosen_blocks_kernel[(rows, splits)](
