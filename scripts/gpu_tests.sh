@@ -5,8 +5,11 @@
 # tests/helpers.py's DEVICE or BIG (which pick the card when there is one).
 # Full logs go to ${OUT:-/tmp}/gpu-tests.log, the bench JSON to ${OUT:-/tmp}/gpu-bench.json, the
 # pytest report to ${OUT:-/tmp}/gpu-tests-junit.xml; the last line printed is one summary:
-#   GPU tests: <card> <date> | pytest: N passed, M failed, K skipped | bench: dsa X ms, misa Yx ...
-#   | decode: dsa X us, block-pruned Y us, misa-dagger Z us (CUDA graphs)
+#   GPU tests: <card> <date> tree <digest> | pytest: N passed, M failed, K skipped | bench: dsa X ms,
+#   misa Yx ... | decode: dsa X us, block-pruned Y us, misa-dagger Z us (CUDA graphs)
+# <digest> names the code that ran: a hash of the package, tests and scripts as they are on disk (a
+# copy of the tree on a GPU machine may carry stale git metadata); `bash scripts/gpu_tests.sh
+# --digest` prints it for a checkout.
 # Exit status: 0 when every test passed (or skipped) and the bench ran or was skipped for want of
 # CUDA; 1 when a test failed or errored, pytest timed out, or the bench failed on a CUDA machine;
 # 2 when pytest is missing.
@@ -21,6 +24,9 @@
 # GPU_BENCH=0 first, then the other files.
 set -uo pipefail
 cd "$(dirname "$0")/.."
+digest=$(find misa tests scripts -type f \( -name '*.py' -o -name '*.sh' -o -name '*.json' -o -name '*.safetensors' \) \
+           -print0 | LC_ALL=C sort -z | xargs -0 sha1sum | sha1sum | cut -c1-12)
+if [ "${1:-}" = "--digest" ]; then echo "$digest"; exit 0; fi
 PY=${PYTHON:-python3}
 DEST=${OUT:-/tmp}
 mkdir -p "$DEST"
@@ -54,7 +60,7 @@ if [ -z "$card" ]; then
   card=$("$PY" -c "import torch; print(torch.cuda.get_device_name() if torch.cuda.is_available() else 'no CUDA')" 2>/dev/null || echo "no CUDA")
 fi
 day=$(date -u +%Y-%m-%dT%H:%MZ)
-log "gpu_tests: $card, $day, $(git rev-parse --short HEAD 2>/dev/null || echo '?')$(git diff --quiet 2>/dev/null || echo '+changes')"
+log "gpu_tests: $card, $day, tree $digest, git $(git rev-parse --short HEAD 2>/dev/null || echo '?')$(git diff --quiet 2>/dev/null || echo '+changes')"
 "$PY" -c "import sys, torch; import triton; print('python', sys.version.split()[0], 'torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.cuda.is_available())" 2>&1 | tee -a "$LOG"
 
 # --- the CUDA test files ---------------------------------------------------------------------
@@ -169,6 +175,6 @@ EOF
   fi
 fi
 
-summary="GPU tests: $card $day | pytest: $tests | bench: $bench | decode: $decode"
+summary="GPU tests: $card $day tree $digest | pytest: $tests | bench: $bench | decode: $decode"
 log "$summary"
 exit $status
