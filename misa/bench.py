@@ -9,12 +9,14 @@ once); "checked" is the public function on the same inputs (``misa.dsa_select`` 
 validation with its one read-back, the kernels through a cached selector, a copy of the result),
 and its overhead is checked / end to end - 1, both measured in the same run.
 
-``logits_dtype="bfloat16"`` (``misa bench --logits-dtype bfloat16``) adds a row ``<method>-bf16``
-for DSA and each requested method with a logits matrix (not HISA): the same selector storing its
-logits in bfloat16. Besides its time, speed-up and recall of DSA's (float32) selection, such a row
-reports ``<method>-bf16.recall_vs_f32``, the recall of its float32 counterpart's selection: what
-decides whether bfloat16 logits can become the default (they differ only where rounding ties keys
-at the k-th value).
+Each method runs with its default logits dtype (float32, bfloat16 for MISA-dagger's first stage:
+``misa.validate.DEFAULT_LOGITS_DTYPES``). ``compare_logits_dtypes`` (``misa bench
+--compare-logits-dtypes``) adds for DSA and each requested method with a logits matrix (not HISA)
+a row in the other dtype, ``<method>-bf16`` or ``<method>-f32``: the same selector storing its
+logits in bfloat16 or float32. Besides its time, speed-up and recall of DSA's (float32)
+selection, the bfloat16 row of each pair reports ``.recall_vs_f32``, the recall of the float32
+selection: what decides which dtype is the default (they differ only where rounding ties keys at
+the k-th value).
 """
 from __future__ import annotations
 
@@ -28,11 +30,11 @@ import torch
 from .config import MisaConfig
 from .metrics import recall
 from .synthetic import indexer_workload
-from .validate import LOGITS_DTYPE_NAMES, check_inputs
+from .validate import LOGITS_DTYPE_NAMES, check_inputs, logits_dtype_for
 from .variants import METHODS as REGISTRY, VARIANTS, check_methods, method_config
 
 METHODS = tuple(REGISTRY)          # the names --methods takes: misa.variants.METHODS
-BF16 = "-bf16"                              # the suffix of a bfloat16-logits row
+BF16, F32 = "-bf16", "-f32"        # suffixes of the rows in the logits dtype other than the method's default
 
 
 @dataclass
@@ -51,32 +53,57 @@ class BenchConfig:
     rounds: int = 3           # interleaved timing rounds (each rep_ms / rounds)
     seed: int = 0
     methods: tuple = field(default=METHODS)
-    logits_dtype: str = "float32"     # "bfloat16": also the methods' bfloat16-logits rows
+    compare_logits_dtypes: bool = False     # also each method's row in the other logits dtype
 
     def __post_init__(self):
         if self.rounds < 1:
             raise ValueError(f"rounds: {self.rounds} must be at least 1")
         self.methods = tuple(check_methods(self.methods))
-        if self.logits_dtype not in LOGITS_DTYPE_NAMES:      # "bfloat16" adds the -bf16 rows
-            raise ValueError(f"logits_dtype: expected one of {tuple(LOGITS_DTYPE_NAMES)}, got {self.logits_dtype!r}")
+        if not isinstance(self.compare_logits_dtypes, bool):
+            raise ValueError(f"compare_logits_dtypes: expected a bool, got {self.compare_logits_dtypes!r}")
 
 
-def bf16_rows(methods, logits_dtype: str) -> dict[str, str]:
-    """The bfloat16-logits rows of a bench of ``methods`` (DSA always among them): ``{row: its
-    float32 method}``, one per method with a logits matrix when ``logits_dtype`` is "bfloat16"."""
-    if logits_dtype != "bfloat16":
+DTYPE_NAMES = {d: n for n, d in LOGITS_DTYPE_NAMES.items()}
+
+
+def default_logits_dtype(name: str) -> str:
+    """Method ``name``'s logits dtype when none is given, as configs spell it."""
+    return DTYPE_NAMES[logits_dtype_for(REGISTRY[name].variant)]
+
+
+def dtype_rows(methods, compare: bool) -> dict[str, tuple[str, str]]:
+    """The rows a bench of ``methods`` (DSA always among them) adds with ``compare``: ``{row:
+    (method, logits dtype)}``, one per method with a logits matrix, in the dtype other than its
+    default."""
+    if not compare:
         return {}
-    return {name + BF16: name for name in ["dsa"] + [m for m in methods if m != "dsa"]
-            if not VARIANTS[REGISTRY[name].variant].block_pruned}
+    out = {}
+    for name in ["dsa"] + [m for m in methods if m != "dsa"]:
+        if not VARIANTS[REGISTRY[name].variant].block_pruned:
+            other = "float32" if default_logits_dtype(name) == "bfloat16" else "bfloat16"
+            out[name + (F32 if other == "float32" else BF16)] = (name, other)
+    return out
 
 
-def row_names(methods, logits_dtype: str) -> list[str]:
-    """Every timed selector in table order: DSA first, each bfloat16 row after its float32 method."""
-    bf16 = bf16_rows(methods, logits_dtype)
+def row_names(methods, compare: bool) -> list[str]:
+    """Every timed selector in table order: DSA first, each method's other-dtype row after it."""
+    extra = dtype_rows(methods, compare)
     names = []
     for name in ["dsa"] + [m for m in methods if m != "dsa"]:
-        names += [name] + ([name + BF16] if name + BF16 in bf16 else [])
+        names += [name] + [row for row, (method, _) in extra.items() if method == name]
     return names
+
+
+def dtype_pairs(dtypes: dict[str, str]) -> dict[str, tuple[str, str]]:
+    """From each timed row's logits dtype: ``{method: (its float32 row, its bfloat16 row)}`` for the
+    methods timed in both."""
+    pairs = {}
+    for row, dtype in dtypes.items():
+        method = row.removesuffix(BF16).removesuffix(F32) if row.endswith((BF16, F32)) else row
+        if method != row and method in dtypes:
+            f32, b16 = (row, method) if dtype == "float32" else (method, row)
+            pairs[method] = (f32, b16)
+    return pairs
 
 
 def _time(fn, rep_ms: float) -> float:
@@ -164,10 +191,10 @@ def _selector(cfg: BenchConfig, mc, seq_len: int, device):
         opts = dict(active_heads=mc.active_heads, block_size=mc.block_size, router=mc.router, stage1_k=mc.stage1_k)
     elif mc.variant == "hisa":
         opts = dict(hisa_block_size=mc.hisa_block_size, hisa_block_k=mc.hisa_block_k)
+    dtype = None if mc.logits_dtype is None else LOGITS_DTYPE_NAMES[mc.logits_dtype]
     return PrefillSelector(mc.variant, num_heads=cfg.heads, head_dim=cfg.head_dim, k=cfg.k,
                            max_queries=cfg.num_queries, max_keys=seq_len, device=device,
-                           workspace_bytes=mc.workspace_bytes, logits_dtype=LOGITS_DTYPE_NAMES[mc.logits_dtype],
-                           **opts)
+                           workspace_bytes=mc.workspace_bytes, logits_dtype=dtype, **opts)
 
 
 def _key(name: str) -> str:
@@ -210,8 +237,8 @@ def bench_one(cfg: BenchConfig, seq_len: int, device: torch.device) -> dict:
     sample = lambda heads=None: cut_sample(inp.q, inp.weights, inp.k, inp.k_scale, 0, seq_len, heads=heads)
     timers["dsa.topk"] = lambda: topk(dense_buf, inp.ks, inp.ke, k, sample=sample())
     timers["torch.topk"] = lambda: torch.topk(dense_buf, k, dim=1, sorted=False)
-    bf16 = bf16_rows(cfg.methods, cfg.logits_dtype)        # bfloat16-logits row -> its float32 method
-    if bf16:
+    extra = dtype_rows(cfg.methods, cfg.compare_logits_dtypes)     # other-dtype row -> (method, dtype)
+    if extra:
         dense16 = torch.full((t, seq_len), float("-inf"), dtype=torch.bfloat16, device=device)
         timers["dsa-bf16.logits"] = lambda: launch_logits(inp.q, inp.weights, inp.k, inp.k_scale, inp.ks, inp.ke,
                                                           dense16)
@@ -221,10 +248,14 @@ def bench_one(cfg: BenchConfig, seq_len: int, device: torch.device) -> dict:
     # the public function (validation and its read-back, a cached selector, a copy of the result)
     args = (inp.q, (inp.k, inp.k_scale), inp.weights, inp.ks, inp.ke)
     runs = {}
-    for name in row_names(cfg.methods, cfg.logits_dtype):
-        mc = _config(cfg, bf16.get(name, name))
-        if name in bf16:
-            mc = mc.with_options(logits_dtype="bfloat16")
+    row["logits_dtypes"] = dtypes = {}
+    for name in row_names(cfg.methods, cfg.compare_logits_dtypes):
+        method, dtype = extra.get(name, (name, None))
+        mc = _config(cfg, method)
+        if dtype is not None:
+            mc = mc.with_options(logits_dtype=dtype)
+        if not VARIANTS[mc.variant].block_pruned:
+            dtypes[name] = dtype or default_logits_dtype(method)
         sel = _selector(cfg, mc, seq_len, device)
         runs[name] = run = (lambda sel: lambda: sel(*args))(sel)
         timers[name + ".e2e"] = run
@@ -249,6 +280,9 @@ def bench_one(cfg: BenchConfig, seq_len: int, device: torch.device) -> dict:
                                                                        router=mc.router))(mc)
             timers[name + ".logits"] = fill
         heads, buf = routed[owner]
+        if default_logits_dtype(name) == "bfloat16":
+            # the top-k reads the rows this method stores (the routed logits' timer stays its owner's)
+            buf = buf.to(torch.bfloat16)
         if mc.stage1_k is None:
             timers[name + ".topk"] = (lambda heads, buf: lambda: topk(buf, inp.ks, inp.ke, k,
                                                                       sample=sample(heads)))(heads, buf)
@@ -260,13 +294,13 @@ def bench_one(cfg: BenchConfig, seq_len: int, device: torch.device) -> dict:
     for name in runs:
         if name != "dsa":
             row[name + ".recall"] = float(recall(runs[name](), ref).mean())
-    for name, base in bf16.items():     # each selector returns its own buffer: both stay valid
-        row[name + ".recall_vs_f32"] = float(recall(runs[name](), runs[base]()).mean())
+    for f32, b16 in dtype_pairs(dtypes).values():     # each selector returns its own buffer: both stay valid
+        row[b16 + ".recall_vs_f32"] = float(recall(runs[b16](), runs[f32]()).mean())
 
     ms, row["ms_rounds"] = _time_rounds(timers, cfg.rep_ms, cfg.rounds)
     row["ms"] = ms
     row["dsa.logits_tflops"] = 2 * h * d * pairs / ms["dsa.logits"] / 1e9
-    if bf16:
+    if extra:
         row["dsa-bf16.logits_tflops"] = 2 * h * d * pairs / ms["dsa-bf16.logits"] / 1e9
     for owner in routed:
         row[owner + ".logits_tflops"] = 2 * cfg.active_heads * d * pairs / ms[owner + ".logits"] / 1e9
@@ -310,8 +344,9 @@ class Table:
 
 
 def _label(name: str) -> str:
-    if name.endswith(BF16) and name[:-len(BF16)] in REGISTRY:
-        return _label(name[:-len(BF16)]) + " bf16"
+    for suffix in (BF16, F32):
+        if name.endswith(suffix) and name[:-len(suffix)] in REGISTRY:
+            return _label(name[:-len(suffix)]) + " " + suffix[1:]
     return REGISTRY[name].label if name in REGISTRY else name
 
 
@@ -319,8 +354,26 @@ def _methods(result: dict) -> list[str]:
     return list(result.get("config", {}).get("methods") or METHODS)
 
 
-def _logits_dtype(result: dict) -> str:
-    return result.get("config", {}).get("logits_dtype") or "float32"     # results saved before the option
+def _row_dtypes(result: dict, r: dict) -> dict[str, str]:
+    """Each timed row's logits dtype, as the row recorded it; results saved before rows did so
+    timed every method in float32, and with ``logits_dtype: bfloat16`` each one's "-bf16" row too."""
+    if "logits_dtypes" in r:
+        return r["logits_dtypes"]
+    methods = [m for m in ["dsa"] + [m for m in _methods(result) if m != "dsa"]
+               if not VARIANTS[REGISTRY[m].variant].block_pruned]
+    out = {m: "float32" for m in methods}
+    if result.get("config", {}).get("logits_dtype") == "bfloat16":
+        out.update({m + BF16: "bfloat16" for m in methods})
+    return out
+
+
+def _row_names(result: dict, r: dict) -> list[str]:
+    """The rows of one size in table order: DSA first, each method's other-dtype row after it."""
+    dtypes = _row_dtypes(result, r)
+    names = []
+    for name in ["dsa"] + [m for m in _methods(result) if m != "dsa"]:
+        names += [name] + [row for row in dtypes if row != name and row in (name + BF16, name + F32)]
+    return names
 
 
 def _f(x, spec: str = ".2f") -> str:
@@ -333,11 +386,10 @@ def bench_tables(result: dict) -> list[Table]:
     (where measured), stages, speed-up summary, checked functions."""
     methods = _methods(result)
     owners = stage_owners(methods)
-    names = row_names(methods, _logits_dtype(result))
-    bf16 = bf16_rows(methods, _logits_dtype(result))
     e2e, stages, low = [], [], []
     for r in result["rows"]:
         ms = r["ms"]
+        names = _row_names(result, r)
         keys = str(r["seq_len"])
         dsa_ms = ms.get("dsa.e2e")
         first = True
@@ -367,27 +419,26 @@ def bench_tables(result: dict) -> list[Table]:
             stages.append(["", _label(name), _f(router), _f(logits), _f(r.get(owner + ".logits_tflops"), ".0f"),
                            _f(top), _f(rescore), _f(scoring)])
         first = True
-        for name, base in bf16.items():
-            t, t32 = ms.get(name + ".e2e"), ms.get(base + ".e2e")
+        for method, (f32, b16) in dtype_pairs(_row_dtypes(result, r)).items():
+            t, t32 = ms.get(b16 + ".e2e"), ms.get(f32 + ".e2e")
             if t is None or t32 is None:
                 continue
-            base_recall = 1.0 if base == "dsa" else r.get(base + ".recall")
-            low.append([keys if first else "", _label(base), _f(t32), _f(t), _f(t32 / t),
-                        _f(r.get(name + ".recall_vs_f32"), ".4f"), _f(base_recall, ".3f"),
-                        _f(r.get(name + ".recall"), ".3f")])
+            recall_f32, recall_b16 = (1.0 if n == "dsa" else r.get(n + ".recall") for n in (f32, b16))
+            low.append([keys if first else "", _label(method), _f(t32), _f(t), _f(t32 / t),
+                        _f(r.get(b16 + ".recall_vs_f32"), ".4f"), _f(recall_f32, ".3f"), _f(recall_b16, ".3f")])
             first = False
     checked = []
     for r in result["rows"]:
         ms = r["ms"]
         first = True
-        for name in names:
+        for name in _row_names(result, r):
             t, c = ms.get(name + ".e2e"), ms.get(name + ".checked")
             if t is None or c is None:
                 continue
             checked.append([str(r["seq_len"]) if first else "", _label(name), _f(t), _f(c),
                             _f(100 * (c / t - 1), "+.1f"), _f(ms.get("checks"), ".3f")])
             first = False
-    others = names[1:]
+    others = [m for m in methods if m != "dsa"]
     summary = [[str(r["seq_len"])] + [_f(r["ms"]["dsa.e2e"] / r["ms"][m + ".e2e"] if m + ".e2e" in r["ms"] else None)
                                       for m in others] for r in result["rows"]]
     tables = [

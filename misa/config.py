@@ -55,8 +55,9 @@ class MisaConfig:
     ``"misa"`` (setting it there almost always means MISA-dagger was meant).
     ``workspace_bytes`` bounds the largest intermediate (see ``misa.api``); ``backend`` picks
     kernels or reference (None: ``"auto"``, see ``misa.api``). ``logits_dtype``: ``"float32"`` or
-    ``"bfloat16"``, the prefill logits rows of DSA, MISA and MISA-dagger's first stage (``misa.api``;
-    bfloat16 suits MISA-dagger, docs/integration.md); HISA has none and refuses bfloat16.
+    ``"bfloat16"``, the prefill logits rows of DSA, MISA and MISA-dagger's first stage (``misa.api``);
+    None: the variant's default, bfloat16 for MISA-dagger and float32 for the others
+    (``misa.validate.DEFAULT_LOGITS_DTYPES``); HISA has none and refuses bfloat16.
     Variants: ``misa.variants.VARIANTS``.
     """
     variant: str = "misa"
@@ -69,7 +70,7 @@ class MisaConfig:
     hisa_block_k: int = 64
     workspace_bytes: int | None = None
     backend: str | None = None
-    logits_dtype: str = "float32"
+    logits_dtype: str | None = None
     layers: tuple = ()            # ((layer index, MisaConfig), ...): per-layer settings, see for_layer
     meta: Mapping | None = dataclasses.field(default=None, compare=False, hash=False)   # from_json's "calibration"
 
@@ -210,7 +211,7 @@ class MisaConfig:
         opts = dict(workspace_bytes=self.workspace_bytes, backend=self.backend)
         if self.variant == "hisa":
             return api.hisa_select(q, kv, weights, ks, ke, k, self.hisa_block_size, self.hisa_block_k, **opts)
-        opts["logits_dtype"] = LOGITS_DTYPE_NAMES[self.logits_dtype]
+        opts["logits_dtype"] = None if self.logits_dtype is None else LOGITS_DTYPE_NAMES[self.logits_dtype]
         if self.variant == "dsa":
             return api.dsa_select(q, kv, weights, ks, ke, k, **opts)
         return api.misa_select(q, kv, weights, ks, ke, k, self.heads(decode), self.block_size,
@@ -323,8 +324,9 @@ def _check_fields(values: dict, names: dict) -> None:
         check_int(name("workspace_bytes"), values["workspace_bytes"])
     if values.get("backend") is not None and values["backend"] not in BACKENDS:
         raise ValueError(f"{name('backend')}: expected one of {BACKENDS} or None, got {values['backend']!r}")
-    logits_dtype = values.get("logits_dtype", "float32")
-    if logits_dtype not in LOGITS_DTYPE_NAMES:
-        raise ValueError(f"{name('logits_dtype')}: expected one of {tuple(LOGITS_DTYPE_NAMES)}, got {logits_dtype!r}")
-    if variant == "hisa" and logits_dtype != "float32":
+    logits_dtype = values.get("logits_dtype")
+    if logits_dtype is not None and logits_dtype not in LOGITS_DTYPE_NAMES:
+        raise ValueError(f"{name('logits_dtype')}: expected one of {tuple(LOGITS_DTYPE_NAMES)} or None, "
+                         f"got {logits_dtype!r}")
+    if variant == "hisa" and logits_dtype not in (None, "float32"):
         raise ValueError(f"{name('logits_dtype')}: variant 'hisa' has no logits rows to store in {logits_dtype}")

@@ -203,7 +203,8 @@ def paged_misa_select(q, kv_cache, weights, context_lens, block_table, k: int = 
     """MISA (or MISA† with ``stage1_k``) over the cache: ``[B * next_n, k]`` int32 positions inside
     each sequence, -1 padded. Arguments as for ``misa.misa_select``; ``pooled`` as for
     ``paged_route_heads``. On the kernels the router's blocks come from the pooled-key cache, built
-    from the cache for this call when ``pooled`` is None, so selections with and without it agree."""
+    from the cache for this call when ``pooled`` is None, so selections with and without it agree.
+    MISA†'s first stage ranks float32 logits here (``misa_select`` stores bfloat16 by default)."""
     check_int("k", k)
     check_tensor("q", q, 4, Q_DTYPES)
     check_int("active_heads", active_heads, 1, q.shape[2])
@@ -240,8 +241,11 @@ def paged_misa_select(q, kv_cache, weights, context_lens, block_table, k: int = 
                                torch.empty(cand.shape, dtype=torch.float32, device=q.device))
         zeros = torch.zeros(cand.shape[0], dtype=torch.int32, device=q.device)
         return topk(scores, zeros, torch.full_like(zeros, cand.shape[1]), k, cmap=cand, finite_only=True)
+    # decode's first stage keeps float32 logits (the kernels' too): its rows are few, and the time
+    # goes into reading the cache, not the logits
     return _paged_select(lambda inp: select.misa_select(inp, k, active_heads, block_size, stage1_k, router,
-                                                        workspace_bytes, backend=backend),
+                                                        workspace_bytes, backend=backend,
+                                                        logits_dtype=torch.float32),
                          q, kv_cache, weights, context_lens, block_table, k)
 
 

@@ -31,7 +31,7 @@ import triton
 
 from .ops import power_of_two
 from .ops.router.reference import DEFAULT_ROUTER
-from .validate import (Inputs, check_hisa_budget, check_int, check_logits_dtype, check_power_of_two,
+from .validate import (Inputs, check_hisa_budget, check_int, check_power_of_two, logits_dtype_for,
                        check_stage1_k)
 
 SELECTOR_VARIANTS = ("dsa", "misa", "misa-dagger", "hisa")
@@ -60,16 +60,17 @@ class PrefillSelector:
     and ``hisa_block_k`` (``hisa_block_k * hisa_block_size >= k``). ``workspace_bytes``: as for the
     checked functions (None: 4 GiB on a GPU, 1 GiB elsewhere). ``logits_dtype`` (not HISA, which has
     no logits matrix): ``torch.float32`` or ``torch.bfloat16``, the logits rows the top-k reads
-    (MISA-dagger's stage 1; its re-scoring stays float32). bfloat16 rounds each logit once to nearest
-    even, halving the logits' memory and their write and read traffic; with 8 significant bits, ties
-    at the k-th value are more frequent (either tied key may then be kept).
+    (MISA-dagger's stage 1; its re-scoring stays float32); None: bfloat16 for MISA-dagger, float32
+    for DSA and MISA (``misa.validate.DEFAULT_LOGITS_DTYPES``). bfloat16 rounds each logit once to
+    nearest even, halving the logits' memory and their write and read traffic; with 8 significant
+    bits, ties at the k-th value are more frequent (either tied key may then be kept).
     """
 
     def __init__(self, variant: str, *, num_heads: int, head_dim: int, k: int = 2048, max_queries: int,
                  max_keys: int, device=None, active_heads: int = 8, block_size: int = 1024,
                  router: str = DEFAULT_ROUTER, stage1_k: int | None = None, hisa_block_size: int = 128,
                  hisa_block_k: int = 64, workspace_bytes: int | None = None,
-                 logits_dtype: torch.dtype = torch.float32):
+                 logits_dtype: torch.dtype | None = None):
         if variant not in SELECTOR_VARIANTS:
             raise ValueError(f"variant: expected one of {SELECTOR_VARIANTS}, got {variant!r}")
         self.variant = variant
@@ -81,7 +82,7 @@ class PrefillSelector:
         if workspace_bytes is not None:
             check_int("workspace_bytes", workspace_bytes)
         self.workspace_bytes = workspace_bytes
-        self.logits_dtype = check_logits_dtype(logits_dtype)
+        self.logits_dtype = logits_dtype_for(variant, logits_dtype)
         if variant == "hisa" and self.logits_dtype != torch.float32:
             raise ValueError(f"logits_dtype: 'hisa' scores pooled blocks and has no logits matrix to store in "
                              f"{logits_dtype}; leave it float32")

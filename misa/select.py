@@ -35,7 +35,7 @@ from .ops.dsa import reference as dsa_ref
 from .ops.router import reference as router_ref
 from .ops.router.reference import DEFAULT_ROUTER
 from .ops.topk import reference as topk_ref
-from .validate import Inputs, finish_checks
+from .validate import Inputs, finish_checks, logits_dtype_for
 
 DEFAULT_WORKSPACE_BYTES = 1 << 30        # CPU references
 DEFAULT_GPU_WORKSPACE_BYTES = 4 << 30    # kernels: a 4096 x 131072 selection in one chunk
@@ -203,16 +203,19 @@ def _prefill_kernels(variant: str, inp: Inputs, k: int, workspace_bytes: int | N
     return out
 
 
-def _logits_option(logits_dtype: torch.dtype | None) -> dict:
-    """The selector option for ``logits_dtype``: none for float32 (the selector's default), so a
-    float32 call finds the same cached selector whether it names the dtype or not."""
-    return {} if logits_dtype is None or logits_dtype == torch.float32 else {"logits_dtype": logits_dtype}
+def _logits_option(variant: str, logits_dtype: torch.dtype | None) -> dict:
+    """The selector option for ``logits_dtype``: none for the variant's default, so a call finds the
+    same cached selector whether it names the default dtype or not."""
+    if logits_dtype_for(variant, logits_dtype) == logits_dtype_for(variant):
+        return {}
+    return {"logits_dtype": logits_dtype}
 
 
 def dsa_select(inp: Inputs, k: int, workspace_bytes: int | None = None, backend: str | None = None,
                logits_dtype: torch.dtype | None = None) -> torch.Tensor:
     if _use_kernels(inp, backend):
-        return _prefill_kernels("dsa", inp, k, workspace_bytes, **_logits_option(logits_dtype))
+        return _prefill_kernels("dsa", inp, k, workspace_bytes, **_logits_option("dsa", logits_dtype))
+    logits_dtype = logits_dtype_for("dsa", logits_dtype)
     inp = finish_checks(inp)
     out = torch.empty(inp.num_queries, k, dtype=torch.int32, device=inp.q.device)
     kf = float_keys(inp)
@@ -257,6 +260,7 @@ def misa_select(inp: Inputs, k: int, active_heads: int, block_size: int, stage1_
                 router: str = DEFAULT_ROUTER, workspace_bytes: int | None = None,
                 backend: str | None = None, logits_dtype: torch.dtype | None = None) -> torch.Tensor:
     kernels = _use_kernels(inp, backend)
+    variant = "misa" if stage1_k is None else "misa-dagger"
     if kernels and power_of_two(active_heads) and inp.num_heads <= 128:
         # a statistic without a router kernel: the heads come from the reference router (or the
         # "triton" backend refuses, in route_heads), then the selector's kernels score with them
@@ -265,11 +269,11 @@ def misa_select(inp: Inputs, k: int, active_heads: int, block_size: int, stage1_
         if not routed_here:
             inp = finish_checks(inp)
             heads = route_heads(inp, active_heads, block_size, router, workspace_bytes, backend)
-        variant = "misa" if stage1_k is None else "misa-dagger"
         return _prefill_kernels(variant, inp, k, workspace_bytes, heads=heads, active_heads=active_heads,
                                 block_size=block_size, stage1_k=stage1_k,
-                                router=router if routed_here else "abs-sum", **_logits_option(logits_dtype))
+                                router=router if routed_here else "abs-sum", **_logits_option(variant, logits_dtype))
     inp = finish_checks(inp)
+    logits_dtype = logits_dtype_for(variant, logits_dtype)
     heads = route_heads(inp, active_heads, block_size, router, workspace_bytes, backend)
     if kernels:
         use_kernels(backend, inp.q, (), False, f"active_heads must be a power of two, got {active_heads}"

@@ -73,13 +73,25 @@ LOGITS_DTYPES = (torch.float32, torch.bfloat16)     # the dtypes a prefill selec
 LOGITS_DTYPE_NAMES = {str(d).removeprefix("torch."): d for d in LOGITS_DTYPES}   # as configs and the CLI spell them
 
 
-def check_logits_dtype(value) -> torch.dtype:
-    """``logits_dtype``: None (float32), ``torch.float32`` or ``torch.bfloat16``."""
-    if value is None:
-        return torch.float32
-    if not isinstance(value, torch.dtype) or value not in LOGITS_DTYPES:
+# The logits rows each variant stores unless told otherwise. MISA-dagger's first stage only picks
+# candidates that all heads then re-score in float32: in bfloat16 its selection keeps 0.9995 of the
+# float32 one and is faster (docs/benchmarks.md); DSA's and MISA's final top-k read the rows
+# directly, and bfloat16 ties move 0.8% of their picks, so they stay float32.
+DEFAULT_LOGITS_DTYPES = {"misa-dagger": torch.bfloat16}
+
+
+def check_logits_dtype(value) -> torch.dtype | None:
+    """``logits_dtype``: None (the variant's default, ``logits_dtype_for``), ``torch.float32`` or
+    ``torch.bfloat16``."""
+    if value is not None and (not isinstance(value, torch.dtype) or value not in LOGITS_DTYPES):
         _fail("logits_dtype", f"expected torch.float32 or torch.bfloat16, got {value!r}")
     return value
+
+
+def logits_dtype_for(variant: str, value=None) -> torch.dtype:
+    """The logits dtype ``variant`` stores: ``value`` checked, or the variant's default for None."""
+    value = check_logits_dtype(value)
+    return DEFAULT_LOGITS_DTYPES.get(variant, torch.float32) if value is None else value
 
 
 def check_power_of_two(name: str, value: int) -> int:

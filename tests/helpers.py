@@ -168,6 +168,35 @@ def check_pick_from(got: set, cand: set, k: int, scores: torch.Tensor, rtol: flo
         assert float(scores[list(got)].min()) >= float(scores[list(rest)].max()) - tol
 
 
+# bfloat16 logits rows (MISA-dagger's first stage by default): each score rounded to 8 significant
+# bits, off by at most 2**-9 of itself, so two compared scores by 2**-8 of the row's largest
+BF16_LOGITS_RTOL = 2.0 ** -8
+
+
+def check_dagger_selection(sel, routed, full, k: int, stage1_k: int, stage1_rtol: float) -> None:
+    """A MISA-dagger selection by value, against float64 ``routed`` scores (its routed heads) and
+    ``full`` ones (all heads): every pick was a candidate (within ``stage1_rtol`` of the row's
+    largest routed score of the routed top-``stage1_k``), and the picks are the best by all heads
+    of the certain candidates. Stage 1 may break ties of the routed scores (exact ones, and those
+    bfloat16 rows make) either way, so the candidates are checked against a threshold, not
+    against another call's candidate set."""
+    for t, row in enumerate(sel.cpu().long()):
+        f = row[row >= 0]
+        vis = torch.isfinite(routed[t])
+        n_vis = int(vis.sum())
+        assert len(f) == min(k, n_vis) and len(set(f.tolist())) == len(f) and bool(vis[f].all()), t
+        if n_vis <= len(f):
+            continue
+        tol_r = stage1_rtol * float(routed[t][vis].abs().max())
+        thr1 = float(torch.topk(routed[t][vis], min(stage1_k, n_vis)).values[-1])
+        assert float(routed[t, f].min()) >= thr1 - tol_r, t                 # every pick was a candidate
+        sure = vis & (routed[t] > thr1 + tol_r)                               # certainly candidates
+        sure[f] = False
+        if sure.any():                                                        # and the best of them by DSA
+            tol = EXACT_RTOL * float(full[t][vis].abs().max())
+            assert float(full[t, f].min()) >= float(full[t][sure].max()) - tol, t
+
+
 def paged_batch(lens, next_n: int, h: int, d: int, g: torch.Generator, extra_pages: int = 0):
     """Random fp8 keys per sequence, ``next_n`` queries and weights each, packed into a paged cache:
     ``(seqs [(k_fp8, k_scale)], qs [[next_n, H, D]], ws [[next_n, H]], cache, table, context_lens)``."""

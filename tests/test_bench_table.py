@@ -10,9 +10,9 @@ from misa.cli import WIDTH, bench_report, main, text_table
 from misa.variants import METHODS
 
 
-def fake_result(methods=bench.METHODS, sizes=(16384, 131072), logits_dtype="float32") -> dict:
+def fake_result(methods=bench.METHODS, sizes=(16384, 131072), compare=False) -> dict:
     """What ``run_bench`` returns, with made-up numbers under the keys ``bench_one`` writes."""
-    cfg = bench.BenchConfig(context_lens=sizes, methods=tuple(methods), logits_dtype=logits_dtype)
+    cfg = bench.BenchConfig(context_lens=sizes, methods=tuple(methods), compare_logits_dtypes=compare)
     owners = bench.stage_owners(cfg.methods)
     rows = []
     for i, s in enumerate(sizes):
@@ -31,10 +31,17 @@ def fake_result(methods=bench.METHODS, sizes=(16384, 131072), logits_dtype="floa
             if name != "dsa":
                 ms[name + ".e2e"] = 0.6 + i
                 row[name + ".recall"], row[name + ".peak_mb"] = 0.9, 3456.0
-        for name in bench.bf16_rows(cfg.methods, logits_dtype):
+        extra = bench.dtype_rows(cfg.methods, compare)
+        for name in extra:
             ms[name + ".e2e"] = 0.5 + i
-            row[name + ".recall"], row[name + ".recall_vs_f32"], row[name + ".peak_mb"] = 0.89, 0.9967, 2345.0
-        if logits_dtype == "bfloat16":
+            row[name + ".recall"], row[name + ".peak_mb"] = 0.89, 2345.0
+        row["logits_dtypes"] = dtypes = {name: dtype for name, (_, dtype) in extra.items()}
+        for name in ["dsa", *cfg.methods]:
+            if name != "hisa":
+                dtypes[name] = bench.default_logits_dtype(name)
+        for _, b16 in bench.dtype_pairs(dtypes).values():
+            row[b16 + ".recall_vs_f32"] = 0.9967
+        if compare:
             ms["dsa-bf16.logits"], ms["dsa-bf16.topk"], row["dsa-bf16.logits_tflops"] = 0.8 + 7 * i, 0.3 + i, 1100.0
         row["ms"], row["ms_rounds"] = ms, {k: [v] * 3 for k, v in ms.items()}
         rows.append(row)
@@ -49,9 +56,9 @@ def _check_width(text: str):
 
 
 @pytest.mark.parametrize("methods", [bench.METHODS, ("dsa", "misa-dagger"), ("hisa",)])
-@pytest.mark.parametrize("logits_dtype", ["float32", "bfloat16"])
-def test_bench_tables_fit_80_columns(methods, logits_dtype):
-    result = fake_result(methods, logits_dtype=logits_dtype)
+@pytest.mark.parametrize("compare", [False, True])
+def test_bench_tables_fit_80_columns(methods, compare):
+    result = fake_result(methods, compare=compare)
     out = bench_report(result)
     _check_width(out)
     for name in methods:
@@ -59,25 +66,44 @@ def test_bench_tables_fit_80_columns(methods, logits_dtype):
     assert "131072" in out and "x DSA" in out and "scoring x" in out
     cols, rows = bench.format_rows(result)
     assert all(len(r) == len(cols) for r in rows)
-    # one end-to-end row per size and method (DSA always, as the reference), and with bfloat16
-    # logits one more for each method but HISA
+    # one end-to-end row per size and method (DSA always, as the reference), and comparing the
+    # logits dtypes one more for each method but HISA
     names = {"dsa", *methods}
-    extra = len(names - {"hisa"}) if logits_dtype == "bfloat16" else 0
+    extra = len(names - {"hisa"}) if compare else 0
     assert len(rows) == len(result["rows"]) * (len(names) + extra)
-    assert ("DSA bf16" in out and "0.9967" in out and "vs f32" in out) == (logits_dtype == "bfloat16")
-    assert "HISA bf16" not in out
+    assert ("DSA bf16" in out and "0.9967" in out and "vs f32" in out) == compare
+    assert ("MISA\u2020 f32" in out) == (compare and "misa-dagger" in methods)
+    assert "HISA bf16" not in out and "HISA f32" not in out
 
 
-def test_bench_bf16_rows_follow_their_float32_method():
-    assert bench.row_names(["misa-dagger", "hisa", "misa"], "bfloat16") == [
-        "dsa", "dsa-bf16", "misa-dagger", "misa-dagger-bf16", "hisa", "misa", "misa-bf16"]
-    assert bench.bf16_rows(["misa"], "bfloat16") == {"dsa-bf16": "dsa", "misa-bf16": "misa"}
-    assert bench.row_names(["misa"], "float32") == ["dsa", "misa"] and not bench.bf16_rows(["misa"], "float32")
-    with pytest.raises(ValueError, match="^logits_dtype"):
-        bench.BenchConfig(logits_dtype="float16")
-    old = fake_result(("dsa", "misa"))
-    del old["config"]["logits_dtype"]             # saved before the option: float32 rows only
-    assert len(bench.format_rows(old)[1]) == 2 * len(old["rows"])
+def test_bench_other_dtype_rows_follow_their_method():
+    # MISA-dagger's default is bfloat16: its other row is float32
+    assert bench.row_names(["misa-dagger", "hisa", "misa"], True) == [
+        "dsa", "dsa-bf16", "misa-dagger", "misa-dagger-f32", "hisa", "misa", "misa-bf16"]
+    assert bench.dtype_rows(["misa"], True) == {"dsa-bf16": ("dsa", "bfloat16"), "misa-bf16": ("misa", "bfloat16")}
+    assert bench.row_names(["misa"], False) == ["dsa", "misa"] and not bench.dtype_rows(["misa"], False)
+    assert bench.dtype_pairs({"dsa": "float32", "dsa-bf16": "bfloat16", "misa-dagger": "bfloat16",
+                              "misa-dagger-f32": "float32", "misa": "float32"}) == {
+        "dsa": ("dsa", "dsa-bf16"), "misa-dagger": ("misa-dagger-f32", "misa-dagger")}
+    with pytest.raises(ValueError, match="^compare_logits_dtypes"):
+        bench.BenchConfig(compare_logits_dtypes="bfloat16")
+
+
+def test_bench_tables_read_results_saved_before_rows_named_their_dtype():
+    """Older results: every method in float32, and with ``logits_dtype: bfloat16`` a "-bf16" row
+    each (MISA-dagger's included)."""
+    old = fake_result(("dsa", "misa", "misa-dagger"))
+    for r in old["rows"]:
+        del r["logits_dtypes"]
+    del old["config"]["compare_logits_dtypes"]
+    assert len(bench.format_rows(old)[1]) == 3 * len(old["rows"])
+    old["config"]["logits_dtype"] = "bfloat16"
+    for r in old["rows"]:
+        for name in ("dsa", "misa", "misa-dagger"):
+            r["ms"][name + "-bf16.e2e"], r[name + "-bf16.recall_vs_f32"] = 0.5, 0.9931
+    out = bench_report(old)
+    assert len(bench.format_rows(old)[1]) == 6 * len(old["rows"])
+    assert "MISA\u2020 bf16" in out and "0.9931" in out and "MISA\u2020 f32" not in out
 
 
 def test_stage_rows_share_the_first_stage_of_the_same_router():
@@ -117,12 +143,18 @@ def test_bench_one_bf16_rows_on_the_cpu(monkeypatch):
     monkeypatch.setattr(bench, "_time", lambda fn, rep_ms: (fn(), 1.0)[1])
     monkeypatch.setattr(bench, "_peak_mb", lambda fn, device: (fn(), 0.0)[1])
     cfg = bench.BenchConfig(num_queries=8, context_lens=(256,), heads=16, k=16, active_heads=4, block_size=64,
-                            rep_ms=2, rounds=1, methods=("misa",), logits_dtype="bfloat16")
+                            stage1_k=32, rep_ms=2, rounds=1, methods=("misa", "misa-dagger"),
+                            compare_logits_dtypes=True)
     row = bench.bench_one(cfg, 256, torch.device("cpu"))
-    for name in ("dsa-bf16", "misa-bf16"):
+    assert row["logits_dtypes"] == {"dsa": "float32", "dsa-bf16": "bfloat16", "misa": "float32",
+                                    "misa-bf16": "bfloat16", "misa-dagger": "bfloat16", "misa-dagger-f32": "float32"}
+    for name in ("dsa-bf16", "misa-bf16", "misa-dagger-f32"):
         assert {name + ".e2e", name + ".checked"} <= set(row["ms"])
-        assert 0.0 < row[name + ".recall"] <= 1.0 and 0.9 <= row[name + ".recall_vs_f32"] <= 1.0
+        assert 0.0 < row[name + ".recall"] <= 1.0
         assert row[f"speedup.{name.replace('-', '_')}_e2e"] == 1.0
+    for name in ("dsa-bf16", "misa-bf16", "misa-dagger"):       # the bfloat16 row of each pair
+        assert 0.9 <= row[name + ".recall_vs_f32"] <= 1.0
+    assert "misa-dagger-f32.recall_vs_f32" not in row
     assert {"dsa-bf16.logits", "dsa-bf16.topk"} <= set(row["ms"])
     from dataclasses import asdict
     _check_width(bench_report({"gpu": "cpu", "date": "-", "config": asdict(cfg), "rows": [row]}))
@@ -131,7 +163,7 @@ def test_bench_one_bf16_rows_on_the_cpu(monkeypatch):
 @pytest.mark.parametrize("argv, shown", [
     (["demo"], ["(default: auto)", "(default: 0)", "(default: real 4096 on CPU, 8192 on GPU; synthetic 8192 on CPU, 32768 on GPU)"]),
     (["bench"], ["(default: 4096)", "(default: 2048)", "(default: 1024)", "(default: 8192)", "(default: 200)",
-                 "(default: 3)", "dsa, misa", "--logits-dtype {float32,bfloat16}", "(default: float32)"]),
+                 "(default: 3)", "dsa, misa", "--compare-logits-dtypes"]),
     (["warmup"], ["(default: 64)", "(default: 128)", "(default: 256)", "(default: 0.8)", "(default: 0.001)"]),
     (["eval", "recall"], ["(default: 128)", "(default: abs-sum)", "(default: misa-results)", "2048 CPU"]),
     (["eval", "niah"], ["(default: 11 CUDA, 3 CPU)", "(default: 8 CUDA, 1 CPU)"]),

@@ -114,10 +114,17 @@ def test_logits_dtype_reaches_the_selection(variant):
     else:
         args = (q, kv, w, ks, ke, 64, 2, 64, extra.get("stage1_k"))
         want = misa.misa_select(*args, logits_dtype=torch.bfloat16)
-        f32 = misa.misa_select(*args)
+        f32 = misa.misa_select(*args, logits_dtype=torch.float32)
     assert as_sets(got) == as_sets(want)
     assert as_sets(got) != as_sets(f32)
     assert MisaConfig.from_json(cfg.to_json()) == cfg
+    # unset, the variant's default: bfloat16 for MISA-dagger's first stage, float32 for the others
+    default = cfg.with_options(logits_dtype=None)
+    assert as_sets(default.select(q, kv, w, ks, ke, 64)) == as_sets(want if variant == "misa-dagger" else f32)
+    assert "logits_dtype" not in default.to_json()["default"]
+    explicit = cfg.with_options(logits_dtype="float32")
+    assert as_sets(explicit.select(q, kv, w, ks, ke, 64)) == as_sets(f32)
+    assert MisaConfig.from_json(explicit.to_json()) == explicit
 
 
 def test_logits_dtype_bad_values():

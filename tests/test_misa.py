@@ -1,4 +1,5 @@
 import pytest
+import torch
 
 import misa
 from helpers import as_sets, check_pick_from, check_selection, dsa_logits64, make_inputs
@@ -15,14 +16,17 @@ def test_misa_select_is_topk_of_routed_formula(kind, h):
 
 @pytest.mark.parametrize("kind", ["causal", "ragged", "empty"])
 @pytest.mark.parametrize("h", [1, 4])
-def test_misa_dagger_reranks_stage1_candidates(kind, h):
+@pytest.mark.parametrize("dtype", [None, torch.float32])
+def test_misa_dagger_reranks_stage1_candidates(kind, h, dtype):
+    # stage 1 is MISA's top stage1_k of the routed logits, stored in bfloat16 by default
     q, kv, w, ks, ke = make_inputs(31, 333, 16, 32, kind, seed=10 + h)
     heads = misa.route_heads(q, kv, w, ks, ke, active_heads=h, block_size=64)
     routed = dsa_logits64(q, kv, w, ks, ke, heads=heads)
     full = dsa_logits64(q, kv, w, ks, ke)
-    stage1 = misa.misa_select(q, kv, w, ks, ke, k=90, active_heads=h, block_size=64)
-    idx = misa.misa_select(q, kv, w, ks, ke, k=40, active_heads=h, block_size=64, stage1_k=90)
-    check_selection(stage1, routed, ks, ke, 90)
+    stored = torch.bfloat16 if dtype is None else dtype
+    stage1 = misa.misa_select(q, kv, w, ks, ke, k=90, active_heads=h, block_size=64, logits_dtype=stored)
+    idx = misa.misa_select(q, kv, w, ks, ke, k=40, active_heads=h, block_size=64, stage1_k=90, logits_dtype=dtype)
+    check_selection(stage1, routed if dtype else routed.to(stored).double(), ks, ke, 90)
     # the final pick is the top 40 of the stage-1 candidates by the full formula
     for t, (cand, final) in enumerate(zip(as_sets(stage1), as_sets(idx))):
         check_pick_from(final, cand, 40, full[t])

@@ -216,8 +216,10 @@ def test_selector_with_bfloat16_logits_is_the_top_k_of_the_rounded_logits(varian
     s = KEYS.get(variant, S)
     inputs = _inputs(21, s=s)
     q, kv, w, ks, ke = inputs
-    f32 = _selector(variant, max_keys=s)
+    f32 = _selector(variant, max_keys=s, logits_dtype=torch.float32)
     sel = _selector(variant, max_keys=s, logits_dtype=BF16)
+    # the default: bfloat16 for MISA-dagger's first stage, float32 for the others
+    assert _selector(variant, max_keys=s).logits_dtype == (BF16 if variant == "misa-dagger" else torch.float32)
     assert sel._flat["logits"].dtype == BF16 and sel.chunk_rows == f32.chunk_rows == T
     assert f32.nbytes - sel.nbytes == 2 * sel._flat["logits"].numel()
     got = sel(*inputs).clone()
@@ -259,8 +261,10 @@ def test_reference_with_bfloat16_logits_rounds_before_its_top_k(variant):
     if variant != "dsa":
         small.update(active_heads=1, block_size=2, stage1_k=1 if variant == "misa-dagger" else None)
     select = misa.dsa_select if variant == "dsa" else misa.misa_select
-    assert select(*tied, **small).tolist() == [[1]]
+    assert select(*tied, **small, logits_dtype=torch.float32).tolist() == [[1]]
     assert select(*tied, **small, logits_dtype=BF16).tolist() == [[0]]
+    # by default MISA-dagger's first stage stores bfloat16, the others float32
+    assert select(*tied, **small).tolist() == ([[0]] if variant == "misa-dagger" else [[1]])
     s = KEYS.get(variant, S)
     q, kv, w, ks, ke = inputs = _inputs(22, s=s)
     o = OPTIONS[variant]
