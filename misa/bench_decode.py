@@ -131,11 +131,14 @@ class DeepGemmDense:
         return self.logits().masked_fill_(self.past_end, float("-inf")).topk(self.k, dim=-1, sorted=False).indices
 
     def select_our_topk(self) -> torch.Tensor:
-        """DeepGEMM's logits and our top-k (``misa.ops.topk``, the one the selectors run): dense
-        DSA from the faster stage of each, ``[B * n, k]`` int32 positions, -1 padded."""
-        from .ops.topk.triton import topk
+        """DeepGEMM's logits and our top-k, dispatched as the selectors dispatch it (one launch for
+        rows that fit the short-row kernel, else the long-row top-k): dense DSA from the faster
+        stage of each, ``[B * n, k]`` int32 positions, -1 padded."""
+        from .decode import _topk
         ends = self.ends.view(-1)
-        return topk(self.logits(), torch.zeros_like(ends), ends, self.k)
+        call = _topk(self.logits(), torch.zeros_like(ends), ends, self.k)
+        call.run()
+        return call.out
 
     def positions(self) -> torch.Tensor:
         """``select()`` as the selectors return it: int32, -1 where a pick is past the row's end."""

@@ -323,10 +323,14 @@ class FakeDeepGemm:
 
 
 @pytest.mark.parametrize("lens,next_n,k", [([5, 700, 1000], 2, 64), ([300, 129], 1, 32)])
-def test_deepgemm_baseline_selects_what_dsa_selects(lens, next_n, k):
+def test_deepgemm_baseline_selects_what_dsa_selects(lens, next_n, k, monkeypatch):
     # the decode bench's DeepGEMM baseline: per-row context lengths, the rows' tails masked, top-k;
     # a sequence shorter than k keeps all its tokens, -1 padded
     from misa.bench_decode import DeepGemmDense
+    from misa.ops.topk import triton_rows
+    short = []
+    real = triton_rows.short_rows_topk
+    monkeypatch.setattr(triton_rows, "short_rows_topk", lambda *a, **kw: short.append(1) or real(*a, **kw))
     from helpers import as_sets, paged_batch_on
     import misa
     _, q, w, cache, table, clens = paged_batch_on("cpu", lens, next_n, 16, 32, seed=5)
@@ -338,6 +342,7 @@ def test_deepgemm_baseline_selects_what_dsa_selects(lens, next_n, k):
     assert dg.width == table.shape[1] * 64 and dg.dg.calls == [dg.width]
     ours = dg.select_our_topk()                      # our top-k on its logits: the tails past each row's end unread
     assert ours.dtype == torch.int32 and ours.shape == want.shape and as_sets(ours) == as_sets(want)
+    assert short == [1]             # rows this short take the one-launch top-k, as the selectors do
 
 
 @pytest.mark.parametrize("behaviour,why", [
