@@ -71,6 +71,20 @@ def default_logits_dtype(name: str) -> str:
     return DTYPE_NAMES[logits_dtype_for(REGISTRY[name].variant)]
 
 
+def _dsa_first(methods) -> list[str]:
+    """``methods`` with DSA, the reference every row is measured against, first."""
+    return ["dsa"] + [m for m in methods if m != "dsa"]
+
+
+def _table_order(methods, rows) -> list[str]:
+    """DSA first, then each method, each followed by those of ``rows`` that time it in its other
+    logits dtype."""
+    names = []
+    for name in _dsa_first(methods):
+        names += [name] + [row for row in rows if row in (name + BF16, name + F32)]
+    return names
+
+
 def dtype_rows(methods, compare: bool) -> dict[str, tuple[str, str]]:
     """The rows a bench of ``methods`` (DSA always among them) adds with ``compare``: ``{row:
     (method, logits dtype)}``, one per method with a logits matrix, in the dtype other than its
@@ -78,7 +92,7 @@ def dtype_rows(methods, compare: bool) -> dict[str, tuple[str, str]]:
     if not compare:
         return {}
     out = {}
-    for name in ["dsa"] + [m for m in methods if m != "dsa"]:
+    for name in _dsa_first(methods):
         if not VARIANTS[REGISTRY[name].variant].block_pruned:
             other = "float32" if default_logits_dtype(name) == "bfloat16" else "bfloat16"
             out[name + (F32 if other == "float32" else BF16)] = (name, other)
@@ -87,11 +101,7 @@ def dtype_rows(methods, compare: bool) -> dict[str, tuple[str, str]]:
 
 def row_names(methods, compare: bool) -> list[str]:
     """Every timed selector in table order: DSA first, each method's other-dtype row after it."""
-    extra = dtype_rows(methods, compare)
-    names = []
-    for name in ["dsa"] + [m for m in methods if m != "dsa"]:
-        names += [name] + [row for row, (method, _) in extra.items() if method == name]
-    return names
+    return _table_order(methods, dtype_rows(methods, compare))
 
 
 def dtype_pairs(dtypes: dict[str, str]) -> dict[str, tuple[str, str]]:
@@ -191,10 +201,9 @@ def _selector(cfg: BenchConfig, mc, seq_len: int, device):
         opts = dict(active_heads=mc.active_heads, block_size=mc.block_size, router=mc.router, stage1_k=mc.stage1_k)
     elif mc.variant == "hisa":
         opts = dict(hisa_block_size=mc.hisa_block_size, hisa_block_k=mc.hisa_block_k)
-    dtype = None if mc.logits_dtype is None else LOGITS_DTYPE_NAMES[mc.logits_dtype]
     return PrefillSelector(mc.variant, num_heads=cfg.heads, head_dim=cfg.head_dim, k=cfg.k,
                            max_queries=cfg.num_queries, max_keys=seq_len, device=device,
-                           workspace_bytes=mc.workspace_bytes, logits_dtype=dtype, **opts)
+                           workspace_bytes=mc.workspace_bytes, logits_dtype=mc.torch_logits_dtype, **opts)
 
 
 def _key(name: str) -> str:
@@ -359,8 +368,7 @@ def _row_dtypes(result: dict, r: dict) -> dict[str, str]:
     timed every method in float32, and with ``logits_dtype: bfloat16`` each one's "-bf16" row too."""
     if "logits_dtypes" in r:
         return r["logits_dtypes"]
-    methods = [m for m in ["dsa"] + [m for m in _methods(result) if m != "dsa"]
-               if not VARIANTS[REGISTRY[m].variant].block_pruned]
+    methods = [m for m in _dsa_first(_methods(result)) if not VARIANTS[REGISTRY[m].variant].block_pruned]
     out = {m: "float32" for m in methods}
     if result.get("config", {}).get("logits_dtype") == "bfloat16":
         out.update({m + BF16: "bfloat16" for m in methods})
@@ -369,11 +377,7 @@ def _row_dtypes(result: dict, r: dict) -> dict[str, str]:
 
 def _row_names(result: dict, r: dict) -> list[str]:
     """The rows of one size in table order: DSA first, each method's other-dtype row after it."""
-    dtypes = _row_dtypes(result, r)
-    names = []
-    for name in ["dsa"] + [m for m in _methods(result) if m != "dsa"]:
-        names += [name] + [row for row in dtypes if row != name and row in (name + BF16, name + F32)]
-    return names
+    return _table_order(_methods(result), _row_dtypes(result, r))
 
 
 def _f(x, spec: str = ".2f") -> str:

@@ -199,6 +199,11 @@ class MisaConfig:
                 raise ValueError(f"hisa_{e}") from None
         return self
 
+    @property
+    def torch_logits_dtype(self):
+        """``logits_dtype`` as the torch dtype the selections take (None: the variant's default)."""
+        return None if self.logits_dtype is None else LOGITS_DTYPE_NAMES[self.logits_dtype]
+
     def heads(self, decode: bool) -> int:
         """Active heads for prefill, or for decode when ``decode_active_heads`` is set."""
         if decode and self.decode_active_heads is not None:
@@ -211,7 +216,7 @@ class MisaConfig:
         opts = dict(workspace_bytes=self.workspace_bytes, backend=self.backend)
         if self.variant == "hisa":
             return api.hisa_select(q, kv, weights, ks, ke, k, self.hisa_block_size, self.hisa_block_k, **opts)
-        opts["logits_dtype"] = None if self.logits_dtype is None else LOGITS_DTYPE_NAMES[self.logits_dtype]
+        opts["logits_dtype"] = self.torch_logits_dtype
         if self.variant == "dsa":
             return api.dsa_select(q, kv, weights, ks, ke, k, **opts)
         return api.misa_select(q, kv, weights, ks, ke, k, self.heads(decode), self.block_size,

@@ -12,6 +12,7 @@ import torch
 import misa
 from misa import MisaConfig, engine
 from misa.select import use_kernels
+from misa.validate import logits_dtype_for
 from helpers import (BF16_LOGITS_RTOL, EXACT_RTOL, ROUTER_RTOL, as_sets, check_dagger_selection, check_routing,
                      check_selection, dsa_logits64, keys64, router_scores64)
 
@@ -68,7 +69,8 @@ def check_misa_call(cfg: MisaConfig, q, kv, w, ks, ke, k: int, decode: bool, sel
     if cfg.stage1_k is None:
         check_selection(sel, routed, ks, ke, k, rtol=EXACT_RTOL)
         return
-    stage1_rtol = EXACT_RTOL + (BF16_LOGITS_RTOL if cfg.logits_dtype in (None, "bfloat16") else 0.0)
+    bf16 = logits_dtype_for(cfg.variant, cfg.torch_logits_dtype) == torch.bfloat16
+    stage1_rtol = EXACT_RTOL + (BF16_LOGITS_RTOL if bf16 else 0.0)
     check_dagger_selection(sel, routed, dsa_logits64(q, kv, w, ks, ke), k, cfg.stage1_k, stage1_rtol)
 
 
