@@ -134,9 +134,9 @@ class DeepGemmDense:
         """DeepGEMM's logits and our top-k, dispatched as the selectors dispatch it (one launch for
         rows that fit the short-row kernel, else the long-row top-k): dense DSA from the faster
         stage of each, ``[B * n, k]`` int32 positions, -1 padded."""
-        from .decode import _topk
+        from .ops.topk.launches import topk_launch
         ends = self.ends.view(-1)
-        call = _topk(self.logits(), torch.zeros_like(ends), ends, self.k)
+        call = topk_launch(self.logits(), torch.zeros_like(ends), ends, self.k)
         call.run()
         return call.out
 

@@ -46,35 +46,11 @@ import triton
 from . import quant
 from .ops.blocks.reference import kept_blocks
 from .ops.router.reference import DEFAULT_ROUTER
+from .ops.topk.launches import topk_launch
 from .validate import check_hisa_budget, check_int, check_stage1_k
 
 SELECTOR_VARIANTS = ("dsa", "hisa", "misa", "misa-dagger")
 ROUTED_VARIANTS = ("misa", "misa-dagger")
-
-
-class _RowsTopk:
-    """The top-k of rows of at most ``MAX_WIDTH`` columns in one launch, with the interface of
-    ``TopkLaunches`` (``run()``, ``out``) that the plans use."""
-
-    def __init__(self, x, ks, ke, k, cmap=None, finite_only=False):
-        self.args = (x, ks, ke, k)
-        self.cmap, self.finite_only = cmap, finite_only
-        self.out = torch.empty(x.shape[0], k, dtype=torch.int32, device=x.device)
-
-    def run(self):
-        from .ops.topk.triton_rows import short_rows_topk
-        x, ks, ke, k = self.args
-        short_rows_topk(x, ks, ke, k, self.out, cmap=self.cmap, finite_only=self.finite_only)
-
-
-def _topk(x, ks, ke, k, **options):
-    """Short rows (decode's candidates and blocks, short contexts): one launch; long rows: the
-    three-launch top-k, which reads a long row once."""
-    from .ops.topk.triton import TopkLaunches
-    from .ops.topk.triton_rows import MAX_WIDTH
-    if x.shape[1] <= MAX_WIDTH:
-        return _RowsTopk(x, ks, ke, k, **options)
-    return TopkLaunches(x, ks, ke, k, **options)
 
 
 class _Plan:
@@ -92,25 +68,25 @@ class _Plan:
             if sel.variant == "misa-dagger":
                 # stage 1: the routed logits' top candidates; stage 2: all heads re-score them and
                 # the top-k of those scores maps back to positions through the candidate list
-                self.stage1 = _topk(self.logits, self.zeros, self.ends, sel.stage1_width)
+                self.stage1 = topk_launch(self.logits, self.zeros, self.ends, sel.stage1_width)
                 self.cand_scores = torch.empty(rows, sel.stage1_width, dtype=torch.float32, device=dev)
                 self.width = torch.full((rows,), sel.stage1_width, **i32)
-                self.topk = _topk(self.cand_scores, self.zeros, self.width, sel.k, cmap=self.stage1.out,
+                self.topk = topk_launch(self.cand_scores, self.zeros, self.width, sel.k, cmap=self.stage1.out,
                                   finite_only=True)
             else:
-                self.topk = _topk(self.logits, self.zeros, self.ends, sel.k)
+                self.topk = topk_launch(self.logits, self.zeros, self.ends, sel.k)
             if sel.variant in ROUTED_VARIANTS:
                 self.heads = torch.empty(rows, sel.active_heads, **i32)
                 self.kbar = torch.empty(batch, sel.router_blocks, sel.head_dim, dtype=torch.float32, device=dev)
         else:
             self.block_ends = torch.empty(rows, **i32)
             self.scores = torch.empty(rows, max(sel.max_blocks, 1), dtype=torch.float32, device=dev)
-            self.top_blocks = _topk(self.scores, self.zeros, self.block_ends, sel.kept)
+            self.top_blocks = topk_launch(self.scores, self.zeros, self.block_ends, sel.kept)
             width = sel.kept * sel.block_size
             self.cand = torch.empty(rows, width, dtype=torch.float32, device=dev)
             self.positions = torch.empty(rows, width, **i32)
             self.width = torch.full((rows,), width, **i32)
-            self.topk = _topk(self.cand, self.zeros, self.width, sel.k, cmap=self.positions, finite_only=True)
+            self.topk = topk_launch(self.cand, self.zeros, self.width, sel.k, cmap=self.positions, finite_only=True)
         self.out = self.topk.out
 
 
