@@ -72,7 +72,7 @@ class _Plan:
                 self.cand_scores = torch.empty(rows, sel.stage1_width, dtype=torch.float32, device=dev)
                 self.width = torch.full((rows,), sel.stage1_width, **i32)
                 self.topk = topk_launch(self.cand_scores, self.zeros, self.width, sel.k, cmap=self.stage1.out,
-                                  finite_only=True)
+                                        finite_only=True)
             else:
                 self.topk = topk_launch(self.logits, self.zeros, self.ends, sel.k)
             if sel.variant in ROUTED_VARIANTS:

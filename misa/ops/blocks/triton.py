@@ -155,9 +155,9 @@ def block_scores(q, pooled, weights, context_lens, block_table, block_size: int,
     g = block_size // quant.PAGE_SIZE
     max_blocks = triton.cdiv(block_table.shape[1], g)
     if splits is None:
-        # ~2 programs per SM (64 x 128K, H100, one page a block: 23-25 us at 256 programs, 23-28
-        # at 512, 24-30 at 1024)
-        splits = max(1, min(triton.cdiv(max_blocks, tile), triton.cdiv(2 * sm_count(q), b * tiles)))
+        # at most 2 programs per SM, one wave (64 x 128K, H100, one page a block: 23-25 us at 256
+        # programs, 23-28 at 512, 24-30 at 1024; rounding up gave 320, a second partial wave)
+        splits = max(1, min(triton.cdiv(max_blocks, tile), (2 * sm_count(q)) // (b * tiles)))
     # One page a block: its bfloat16 page sum meets q (fp8 or bf16, widened exactly) in a bf16 MMA
     # with float32 sums, exact products, twice tf32's rate (64 x 128K, H100: 23 against 44 us).
     # Several pages a block, or a float32 pooled cache: float32 sums in a tf32 MMA, since rounding
