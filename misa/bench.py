@@ -193,6 +193,14 @@ def _run(mc, inp, k: int) -> torch.Tensor:
     return select.misa_select(inp, k, mc.active_heads, mc.block_size, mc.stage1_k, mc.router, mc.workspace_bytes)
 
 
+def row_config(cfg: BenchConfig, name: str):
+    """The ``MisaConfig`` of a bench row: a method, or its row in the other logits dtype
+    (``<method>-bf16`` / ``<method>-f32``, from ``row_names``)."""
+    method, dtype = dtype_rows(cfg.methods, True).get(name, (name, None))
+    mc = _config(cfg, method)
+    return mc if dtype is None else mc.with_options(logits_dtype=dtype)
+
+
 def _selector(cfg: BenchConfig, mc, seq_len: int, device):
     """Method ``mc``'s ``PrefillSelector`` for ``cfg.num_queries`` x ``seq_len``."""
     from .prefill import PrefillSelector
@@ -260,9 +268,7 @@ def bench_one(cfg: BenchConfig, seq_len: int, device: torch.device) -> dict:
     row["logits_dtypes"] = dtypes = {}
     for name in row_names(cfg.methods, cfg.compare_logits_dtypes):
         method, dtype = extra.get(name, (name, None))
-        mc = _config(cfg, method)
-        if dtype is not None:
-            mc = mc.with_options(logits_dtype=dtype)
+        mc = row_config(cfg, name)
         if not VARIANTS[mc.variant].block_pruned:
             dtypes[name] = dtype or default_logits_dtype(method)
         sel = _selector(cfg, mc, seq_len, device)

@@ -228,16 +228,32 @@ def cmd_bench(args: argparse.Namespace) -> int:
     device = _device(args.device)
     if args.decode:
         return _bench_decode(args, device)
-    if args.cost_table:
-        return _bench_costs(args, device)
     cfg = BenchConfig(num_queries=args.num_queries, context_lens=tuple(args.context_lens), heads=args.heads,
                       k=args.k, active_heads=args.active_heads, block_size=args.block_size,
                       stage1_k=args.stage1_k, hisa_block_size=args.hisa_block_size,
                       hisa_block_k=args.hisa_block_k, rep_ms=args.rep_ms, rounds=args.rounds,
                       methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()),
                       compare_logits_dtypes=args.compare_logits_dtypes)
+    if args.cost_table:
+        return _bench_costs(args, device)
+    if args.profile:
+        return _bench_profile(cfg, args, device)
     result = run_bench(cfg, device)
     print(bench_report(result))
+    if args.json:
+        save(result, args.json)
+        print(f"wrote {args.json}")
+    return 0
+
+
+def _bench_profile(cfg, args: argparse.Namespace, device) -> int:
+    from .bench import save
+    from .bench_profile import profile_selectors, profile_tables
+    result = profile_selectors(cfg, device)
+    print(_wrap(f"misa bench --profile on {result['gpu']} ({result['date']})"))
+    for t in profile_tables(result):
+        print()
+        print(text_table(t.title, t.columns, t.rows, left=t.left))
     if args.json:
         save(result, args.json)
         print(f"wrote {args.json}")
@@ -352,6 +368,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--cost-table", default=None, metavar="FILE",
                    help="measure instead every setting `misa calibrate` chooses from, at the largest --context-lens, "
                         "and write the cost table to FILE")
+    b.add_argument("--profile", action="store_true",
+                   help="show instead each method's GPU time per call kernel by kernel (torch.profiler over ten "
+                        "calls of its selector) at the largest --context-lens; with --compare-logits-dtypes, of "
+                        "the other-dtype rows too")
     b.add_argument("--decode", action="store_true",
                    help="time paged decode selection instead (DSA, block-pruned, MISA and MISA-dagger; CUDA "
                         "graphs and eager)")
