@@ -3,6 +3,7 @@ import pytest
 import torch
 
 from misa.bench import METHODS, BenchConfig, format_rows, run_bench
+from misa.bench_profile import profile_selectors
 
 
 def test_bad_methods_and_devices_name_the_argument():
@@ -29,3 +30,21 @@ def test_every_method_runs():
     assert row["misa-dagger.recall"] >= row["misa.recall"] - 0.01
     cols, rows = format_rows(res)
     assert len(rows[0]) == len(cols)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="profiles the GPU kernels")
+def test_profile_finds_each_methods_kernels():
+    cfg = BenchConfig(num_queries=256, context_lens=(20000,), k=256, stage1_k=1024, rep_ms=5,
+                      methods=("misa", "misa-dagger", "hisa"))
+    res = profile_selectors(cfg, torch.device("cuda"), calls=4)
+    kernels = {name: {k["name"]: k for k in m["kernels"]} for name, m in res["methods"].items()}
+    for name in ("dsa", "misa", "misa-dagger"):
+        assert {"_mqa_logits_kernel", "_select_kernel"} <= set(kernels[name]), name
+    assert "_route_kernel" not in kernels["dsa"] and "_gather_logits_kernel" not in kernels["misa"]
+    assert kernels["misa"]["_route_kernel"]["launches"] == 1.0
+    assert "_gather_logits_kernel" in kernels["misa-dagger"]
+    for name, m in res["methods"].items():
+        total_us = sum(k["us"] for k in m["kernels"])
+        assert 0 < total_us and m["ms"] > 0, name
+        # every kernel profiled runs inside the call: their sum cannot exceed it by much
+        assert total_us <= 1.5e3 * m["ms"], name

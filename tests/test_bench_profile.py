@@ -1,5 +1,5 @@
-"""``misa bench --profile``: kernel times summed per call, its tables, its plumbing on the CPU with
-the profiler replaced, and on a GPU the kernels each method really launches."""
+"""``misa bench --profile`` on any machine: kernel times summed per call, its tables, its plumbing
+through the interpreter with the profiler replaced (``tests/test_bench.py`` profiles a GPU)."""
 import pytest
 import torch
 
@@ -68,21 +68,3 @@ def test_profile_plumbing_on_the_cpu(monkeypatch):
     from misa.cli import text_table
     for t in tables:
         _check_width(text_table(t.title, t.columns, t.rows, left=t.left))
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="profiles the GPU kernels")
-def test_profile_finds_each_methods_kernels():
-    cfg = BenchConfig(num_queries=256, context_lens=(20000,), k=256, stage1_k=1024, rep_ms=5,
-                      methods=("misa", "misa-dagger", "hisa"))
-    res = bp.profile_selectors(cfg, torch.device("cuda"), calls=4)
-    kernels = {name: {k["name"]: k for k in m["kernels"]} for name, m in res["methods"].items()}
-    for name in ("dsa", "misa", "misa-dagger"):
-        assert {"_mqa_logits_kernel", "_select_kernel"} <= set(kernels[name]), name
-    assert "_route_kernel" not in kernels["dsa"] and "_gather_logits_kernel" not in kernels["misa"]
-    assert kernels["misa"]["_route_kernel"]["launches"] == 1.0
-    assert "_gather_logits_kernel" in kernels["misa-dagger"]
-    for name, m in res["methods"].items():
-        total_us = sum(k["us"] for k in m["kernels"])
-        assert 0 < total_us and m["ms"] > 0, name
-        # every kernel profiled runs inside the call: their sum cannot exceed it by much
-        assert total_us <= 1.5e3 * m["ms"], name
