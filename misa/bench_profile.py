@@ -22,15 +22,15 @@ from .validate import check_inputs
 STAGES = {
     "_pool_keys_kernel": "router: key pooling",
     "_route_kernel": "router: head choice",
-    "_mqa_logits_kernel": "logits (and the cut's sample)",
+    "_mqa_logits_kernel": "logits (+ cut's sample)",
     "_cut_kernel": "top-k: cut",
     "_compact_kernel": "top-k: compaction",
     "_select_kernel": "top-k: select",
     "_short_rows_kernel": "top-k: short rows",
-    "_gather_logits_kernel": "re-scoring with all heads",
+    "_gather_logits_kernel": "all heads on candidates",
     "_pool_blocks_kernel": "blocks: pooling",
     "_prefill_block_ranges_kernel": "blocks: ranges",
-    "_force_edge_blocks_kernel": "blocks: first and last kept",
+    "_force_edge_blocks_kernel": "blocks: first and last",
     "_block_positions_kernel": "blocks: key positions",
     "_checks_kernel": "input checks",
 }
@@ -101,15 +101,23 @@ def _profile_methods(cfg: BenchConfig, device: torch.device, calls: int) -> dict
     return methods
 
 
+def short_name(name: str, width: int = 30) -> str:
+    """A kernel's name cut to ``width`` characters: PyTorch's templated names lose their arguments."""
+    if len(name) <= width:
+        return name
+    cut = min((i for i in (name.find("<"), name.find("(")) if i > 0), default=width)
+    return name[:min(cut, width - 5)] + "<...>"
+
+
 def profile_tables(result: dict) -> list[Table]:
     """One table per method: its kernels' GPU time per call, their sum, and the call's time."""
     c = result["config"]
     tables = []
     for name, m in result["methods"].items():
-        rows = [[k["stage"], k["name"], f"{k['us']:.1f}", f"{k['launches']:g}"] for k in m["kernels"]]
+        rows = [[k["stage"], short_name(k["name"]), f"{k['us']:.1f}", f"{k['launches']:g}"] for k in m["kernels"]]
         rows.append(["all kernels", "", f"{sum(k['us'] for k in m['kernels']):.1f}", ""])
         rows.append(["the call (do_bench)", "", f"{1e3 * m['ms']:.1f}", ""])
         tables.append(Table(f"{_label(name)}, {c['num_queries']} queries x {result['seq_len']} keys: GPU time per "
                             f"call by kernel, us ({result['calls']} profiled calls)",
-                            ["stage", "kernel", "us", "launches"], rows))
+                            ["stage", "kernel", "us", "launches"], rows, left=2))
     return tables

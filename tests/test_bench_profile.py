@@ -18,6 +18,9 @@ def test_kernel_times_sum_each_kernels_launches_per_call_slowest_first():
     assert [r.us for r in rows] == [511.0, 32.0, 2.0]
     assert [r.launches for r in rows] == [2.0, 1.0, 0.5]
     assert [r.stage for r in rows] == [bp.STAGES["_mqa_logits_kernel"], "top-k: select", "-"]
+    long = "void at::native::elementwise_kernel<128, 2, " + "x" * 300 + ">(int)"
+    assert bp.short_name(long) == "void at::native::elementw<...>"
+    assert bp.short_name("y" * 60) == "y" * 25 + "<...>" and bp.short_name("_cut_kernel") == "_cut_kernel"
     for bad in (0, -1, 2.0, True):
         with pytest.raises(ValueError, match="calls"):
             bp.kernel_times(events, bad)
