@@ -340,14 +340,13 @@ def run_bench(cfg: BenchConfig, device: torch.device, progress: bool = True) -> 
         sizes = track(sizes, description="misa bench")
     for s in sizes:
         rows.append(bench_one(cfg, s, device))
-    return {
-        "gpu": torch.cuda.get_device_name(device),
-        "date": time.strftime("%Y-%m-%d"),
-        "torch": torch.__version__,
-        "triton": __import__("triton").__version__,
-        "config": asdict(cfg),
-        "rows": rows,
-    }
+    return {**run_info(cfg, device), "rows": rows}
+
+
+def run_info(cfg: BenchConfig, device: torch.device) -> dict:
+    """What a saved bench result records about its run: card, date, versions, config."""
+    return {"gpu": torch.cuda.get_device_name(device), "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
+            "triton": __import__("triton").__version__, "config": asdict(cfg)}
 
 
 @dataclass

@@ -9,12 +9,11 @@ the same call, so the gap between it and the kernels' sum is launch and idle tim
 from __future__ import annotations
 
 import collections
-import time
 from dataclasses import asdict, dataclass
 
 import torch
 
-from .bench import BenchConfig, Table, _label, _selector, _time, row_config, row_names
+from .bench import BenchConfig, Table, _label, _selector, _time, row_config, row_names, run_info
 from .synthetic import indexer_workload
 from .validate import check_inputs
 
@@ -74,11 +73,7 @@ def profile_selectors(cfg: BenchConfig, device: torch.device, calls: int = 10) -
     if device.type != "cuda":
         raise ValueError("device: misa bench --profile reads the GPU's kernel times and needs a CUDA device")
     return {
-        "gpu": torch.cuda.get_device_name(device),
-        "date": time.strftime("%Y-%m-%d"),
-        "torch": torch.__version__,
-        "triton": __import__("triton").__version__,
-        "config": asdict(cfg),
+        **run_info(cfg, device),
         "seq_len": max(cfg.context_lens),
         "calls": calls,
         "methods": _profile_methods(cfg, device, calls),
