@@ -267,10 +267,9 @@ def bench_one(cfg: BenchConfig, seq_len: int, device: torch.device) -> dict:
     runs = {}
     row["logits_dtypes"] = dtypes = {}
     for name in row_names(cfg.methods, cfg.compare_logits_dtypes):
-        method, dtype = extra.get(name, (name, None))
         mc = row_config(cfg, name)
         if not VARIANTS[mc.variant].block_pruned:
-            dtypes[name] = dtype or default_logits_dtype(method)
+            dtypes[name] = DTYPE_NAMES[logits_dtype_for(mc.variant, mc.torch_logits_dtype)]
         sel = _selector(cfg, mc, seq_len, device)
         runs[name] = run = (lambda sel: lambda: sel(*args))(sel)
         timers[name + ".e2e"] = run

@@ -91,7 +91,7 @@ def _profile_methods(cfg: BenchConfig, device: torch.device, calls: int) -> dict
         run = (lambda sel: lambda: sel(*args))(sel)
         ms = _time(run, cfg.rep_ms)
         methods[name] = {"ms": ms, "kernels": [asdict(k) for k in kernel_times(_kernel_events(run, calls), calls)]}
-        del sel, run
+        del sel, run          # one selector's buffers on the card at a time
         torch.cuda.empty_cache()
     return methods
 

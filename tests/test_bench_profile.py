@@ -47,7 +47,13 @@ def test_profile_plumbing_on_the_cpu(monkeypatch):
     monkeypatch.setattr(bp, "_time", lambda fn, rep_ms: (fn(), 0.125)[1])
     dtypes = []
     build = bp._selector
-    monkeypatch.setattr(bp, "_selector", lambda *a: (dtypes.append(build(*a).logits_dtype), build(*a))[1])
+
+    def recording_selector(*a):
+        sel = build(*a)
+        dtypes.append(sel.logits_dtype)
+        return sel
+
+    monkeypatch.setattr(bp, "_selector", recording_selector)
     cfg = BenchConfig(num_queries=8, context_lens=(128, 256), heads=16, k=16, active_heads=4, block_size=64,
                       stage1_k=32, hisa_block_size=32, hisa_block_k=4, rep_ms=2, rounds=1,
                       methods=("misa", "misa-dagger", "hisa"), compare_logits_dtypes=True)
