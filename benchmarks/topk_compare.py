@@ -20,8 +20,9 @@ import triton.testing
 from misa.ops.topk import triton as topk_mod
 
 
-TUNABLE = ("WAYS", "SCRATCH_BLOCK", "COMPACT_CONFIG", "DEFAULT_CONFIG", "SAMPLE_CHUNK", "CUT_WARPS", "CUT_SIGMAS",
-           "CUT_SLACK", "EARLY_EXIT", "BRACKET", "BRACKET_SIGMAS", "BRACKET_MIN", "HOLD", "SELECT_MAXNREG")   # module constants of the kernel
+TUNABLE = ("WAYS", "SCRATCH_BLOCK", "COMPACT_CONFIG", "BF16_GRAIN", "DEFAULT_CONFIG",
+           "SAMPLE_CHUNK", "CUT_WARPS", "CUT_SIGMAS", "CUT_SLACK", "EARLY_EXIT", "BRACKET", "BRACKET_SIGMAS",
+           "BRACKET_MIN", "HOLD", "SELECT_MAXNREG")   # module constants of the kernel
 
 
 def bench(fn):

@@ -247,6 +247,32 @@ def test_topk_kernel_variants(monkeypatch, kind, variant):
     assert bool((call.cut_keys.cpu()[long] != 0).all())         # the long rows took the sampled path
 
 
+@pytest.mark.parametrize("search", ["bracket", "held", "in memory"])
+@pytest.mark.parametrize("shift", [0.0, -3.0])
+def test_topk_kernel_on_bfloat16_rows_at_each_search(monkeypatch, search, shift):
+    # bfloat16 rows: the searches stop at one bfloat16 value and move onto its key, whose low 16
+    # bits are clear for positive values and set for negative ones (shift -3: the k-th value is
+    # negative); every fast-path search (the bracket, the scratch held in registers or read from
+    # memory) must still pick a top-k of the values, ties at the k-th value included
+    from misa.ops.topk import triton as topk_triton
+    if search == "bracket":
+        monkeypatch.setattr(topk_triton, "BRACKET_MIN", 0)
+    elif search == "in memory":
+        monkeypatch.setattr(topk_triton, "BRACKET", 0)
+        monkeypatch.setattr(topk_triton, "HOLD", 0)
+    g = torch.Generator().manual_seed(23 + int(shift))
+    t, s, k = (24, 7003, 90) if not BIG else (300, 70003, 2048)
+    x = (torch.randn(t, s, generator=g) + shift).bfloat16()
+    ks, ke = ranges("ragged", t, s, g)
+    call = topk_triton.TopkLaunches(x.to(DEVICE), ks.to(DEVICE), ke.to(DEVICE), k)
+    call.run()
+    check_selection(call.out, x.double(), ks, ke, k, rtol=0)
+    long = ((ke - ks) >= 2 * call.cfg.sample) & ((ke - ks) > k)
+    assert bool((call.cut_keys.cpu()[long] != 0).all())         # the long rows took the sampled path
+    kth = torch.stack([x[r, call.out[r].cpu().long()].double().min() for r in range(t) if long[r]])
+    assert bool((kth < 0).all()) if shift < 0 else bool((kth > 0).all())
+
+
 @pytest.mark.parametrize("kind", ["causal", "ragged"])
 @pytest.mark.parametrize("source", ["the row's columns", "noise", "a constant"])
 def test_topk_kernel_with_a_sample(kind, source):

@@ -57,6 +57,7 @@ class CompactConfig(NamedTuple):
     block: int = 256            # columns per step
     num_warps: int = 1
     steps: int = 16             # steps per program: a row takes width / (steps * block) programs (1 to 256)
+    maxnreg: int | None = 64    # register cap (ptxas .maxnreg); None: the compiler's choice
 
 
 # Four warps: one warp was slightly faster at k = 2048 but slower at k = 8192 (whole top-k 3.67 ms
@@ -75,7 +76,10 @@ SAMPLE_CHUNK = 1
 SCRATCH_BLOCK = 1024
 # One warp per compaction program: no cross-warp reductions or barriers around each step's atomic,
 # and many programs per SM (whole top-k 1.48 ms against 1.72 for 1024 x 4 warps x 8 steps, 4096 x
-# 128K, k = 2048, H200).
+# 128K, k = 2048, H200). Capped at 64 registers, 32 programs fit an SM: bfloat16 rows 0.59 ms
+# against 0.62 uncapped, float32 unchanged (MISA's 4096 x 128K logits, H100). bfloat16 rows read
+# at ~1.8 TB/s against float32's 2.7: wider steps (512 columns, one or two warps) and a load of the
+# next step issued before each atomic were all slower (0.70-0.76 ms).
 COMPACT_CONFIG = CompactConfig()
 CUT_WARPS = 4                   # 1 or 2 made no difference
 # The cut sits CUT_SIGMAS binomial standard deviations plus CUT_SLACK above the k-th value's
@@ -103,6 +107,10 @@ HOLD = 4096
 # programs per SM. 96 registers: five programs per SM; 80 spills more (select 0.42 vs 0.45 ms at
 # k = 8192 of 128K, H200).
 SELECT_MAXNREG = 96
+# bfloat16 rows: the select's searches stop once their range holds one bfloat16 value, instead of
+# narrowing the 16 low key bits every such value shares (with ties at the k-th value, the early exit
+# rarely fires and they ran to the last bit)
+BF16_GRAIN = True
 
 
 def check_rows(name: str, x: torch.Tensor) -> None:
@@ -229,25 +237,45 @@ def _search_step(hi, lo, WAYS: tl.constexpr):
 
 
 @triton.jit
-def _search_held(key, m, lo, hi, above, at_lo, offset, need, stop_at, WAYS: tl.constexpr):
+def _two_keys_fit(lo, hi, GRAIN: tl.constexpr):
+    """Whether ``[lo, hi]`` can hold two distinct keys. Keys of bfloat16 values (``GRAIN`` = 16)
+    differ in their top 16 bits, so a range within one such class holds one key at most."""
+    return (hi >> GRAIN) > (lo >> GRAIN)
+
+
+@triton.jit
+def _class_key(lo, GRAIN: tl.constexpr):
+    """The one key a range narrowed to ``lo``'s class can hold: a bfloat16 value's key has its low
+    16 bits clear when positive (top bit set), all set when negative (``GRAIN`` = 0: ``lo``)."""
+    if GRAIN > 0:
+        top = lo >> GRAIN
+        low = tl.where((top >> (31 - GRAIN)) == 1, 0, (1 << GRAIN) - 1).to(tl.uint32)
+        lo = (top << GRAIN) | low
+    return lo
+
+
+@triton.jit
+def _search_held(key, m, lo, hi, above, at_lo, offset, need, stop_at, WAYS: tl.constexpr, GRAIN: tl.constexpr):
     """The search over keys held in registers (``key[m]``), plus ``offset`` keys known to lie above
     ``hi``: from count(>= lo) = ``at_lo`` and count(> hi) = ``above``, narrow to the largest t with
     count(>= t) >= ``need``, or stop once count(>= lo) == ``stop_at``. Returns (lo, above, at_lo)."""
-    while (hi > lo) & (at_lo != stop_at):
+    while _two_keys_fit(lo, hi, GRAIN) & (at_lo != stop_at):
         step = _search_step(hi, lo, WAYS)
         counts = _count_at_least(key, m, lo, step, WAYS) + offset
         lo, hi, above, at_lo = _narrow(counts, lo, hi, above, step, need, WAYS)
+    # narrowed to one class, [lo, hi] holds its one key (count(>= lo) > count(> hi)): move lo onto it
+    lo = tl.where(_two_keys_fit(lo, hi, GRAIN), lo, _class_key(lo, GRAIN))
     return lo, above, at_lo
 
 
 @triton.jit
-def _sample_quantile(key, need, WAYS: tl.constexpr, EARLY_EXIT: tl.constexpr):
+def _sample_quantile(key, need, WAYS: tl.constexpr, EARLY_EXIT: tl.constexpr, GRAIN: tl.constexpr):
     """A key t with exactly the keys of ``key`` at or above it that are at or above its
     ``need``-th largest (``need`` <= its size): that key itself, or, with ``EARLY_EXIT``, any t
     below it that no key lies between."""
     none = tl.zeros([], dtype=tl.int32)
     lo, _, _ = _search_held(key, tl.full(key.shape, 1, tl.int1), tl.min(key, axis=0), tl.max(key, axis=0), none,
-                            none + key.shape[0], none, need, need if EARLY_EXIT else -1, WAYS)
+                            none + key.shape[0], none, need, need if EARLY_EXIT else -1, WAYS, GRAIN)
     return lo
 
 
@@ -282,7 +310,7 @@ def _cut_kernel(X, KS, KE, CUT, COUNT, SRC, stride_x, stride_src, src_step, ks_o
         key = _ordered_key(sample)
         expect = (K * 1.0) * taken / (n * 1.0)
         need = tl.minimum((expect + sigmas * tl.sqrt(expect) + slack).to(tl.int32), taken)
-        cut = _sample_quantile(key, need, WAYS, EARLY_EXIT)
+        cut = _sample_quantile(key, need, WAYS, EARLY_EXIT, 0)
     tl.store(CUT + row, cut.to(tl.int32, bitcast=True))
     tl.store(COUNT + row, 0)
 
@@ -322,7 +350,7 @@ def _compact_kernel(X, KS, KE, CUT, COUNT, SCR_KEY, SCR_COL, stride_x, stride_sc
 
 @triton.jit
 def _bracket_bounds(scr_key, n_scr, K, bracket_sigmas, SBLOCK: tl.constexpr, WAYS: tl.constexpr,
-                    EARLY_EXIT: tl.constexpr):
+                    EARLY_EXIT: tl.constexpr, GRAIN: tl.constexpr):
     """Keys ``t_lo <= t_hi`` bracketing the scratch's k-th largest, from a sample spread over it."""
     slane = tl.arange(0, SBLOCK)
     sj = slane * tl.maximum(n_scr // SBLOCK, 1)
@@ -334,11 +362,11 @@ def _bracket_bounds(scr_key, n_scr, K, bracket_sigmas, SBLOCK: tl.constexpr, WAY
     margin = bracket_sigmas * tl.sqrt(rank * (1.0 - frac)) + 2.0
     need_lo = tl.minimum((rank + margin).to(tl.int32) + 1, n_s)
     need_hi = (rank - margin).to(tl.int32)
-    t_lo = _sample_quantile(skey, need_lo, WAYS, EARLY_EXIT)
+    t_lo = _sample_quantile(skey, need_lo, WAYS, EARLY_EXIT, GRAIN)
     has_hi = need_hi >= 1
     t_hi = t_lo
     if has_hi:
-        t_hi = _sample_quantile(skey, need_hi, WAYS, EARLY_EXIT)
+        t_hi = _sample_quantile(skey, need_hi, WAYS, EARLY_EXIT, GRAIN)
     return t_lo, t_hi, has_hi
 
 
@@ -376,34 +404,35 @@ def _bracket_pass(scr_key, scr_col, br_row, out_row, cmap_row, out_offset, n_scr
 
 @triton.jit
 def _search_bracket(br_row, n_in, n_hi, t_lo, t_hi, has_hi, K, stop_at, BRACKET: tl.constexpr,
-                    WAYS: tl.constexpr):
+                    WAYS: tl.constexpr, GRAIN: tl.constexpr):
     """The held search over the bracket's ``n_in`` keys, with ``n_hi`` more above them."""
     bj = tl.arange(0, BRACKET)
     b_ok = bj < n_in
     bkey = tl.load(br_row + bj, mask=b_ok, other=0).to(tl.uint32, bitcast=True)
     return _search_held(bkey, b_ok, t_lo, tl.where(has_hi, t_hi - 1, tl.max(bkey, axis=0)), n_hi, n_hi + n_in,
-                        n_hi, K, stop_at, WAYS)
+                        n_hi, K, stop_at, WAYS, GRAIN)
 
 
 @triton.jit
-def _search_hold(scr_key, n_scr, lo, K, stop_at, HOLD: tl.constexpr, WAYS: tl.constexpr):
+def _search_hold(scr_key, n_scr, lo, K, stop_at, HOLD: tl.constexpr, WAYS: tl.constexpr, GRAIN: tl.constexpr):
     """The held search over a short scratch, loaded whole: read once instead of once per pass."""
     hj = tl.arange(0, HOLD)
     h_ok = hj < n_scr
     hkey = tl.load(scr_key + hj, mask=h_ok, other=0).to(tl.uint32, bitcast=True)
     zero = tl.zeros([], dtype=tl.int32)
-    return _search_held(hkey, h_ok, lo, tl.max(hkey, axis=0), zero, n_scr, zero, K, stop_at, WAYS)
+    return _search_held(hkey, h_ok, lo, tl.max(hkey, axis=0), zero, n_scr, zero, K, stop_at, WAYS, GRAIN)
 
 
 @triton.jit
-def _search_scratch(scr_key, n_scr, lo, hi, above, at_lo, K, stop_at, SBLOCK: tl.constexpr, WAYS: tl.constexpr):
+def _search_scratch(scr_key, n_scr, lo, hi, above, at_lo, K, stop_at, SBLOCK: tl.constexpr, WAYS: tl.constexpr,
+                    GRAIN: tl.constexpr):
     """The search over the key range [cut, max] of the scratch in memory, a pass per narrowing."""
     slane = tl.arange(0, SBLOCK)
     for start in range(0, n_scr, SBLOCK):
         j = start + slane
         key = tl.load(scr_key + j, mask=j < n_scr, other=0).to(tl.uint32, bitcast=True)
         hi = tl.maximum(hi, tl.max(key, axis=0))
-    while (hi > lo) & (at_lo != stop_at):
+    while _two_keys_fit(lo, hi, GRAIN) & (at_lo != stop_at):
         step = _search_step(hi, lo, WAYS)
         counts = tl.zeros([WAYS], dtype=tl.int32)
         for start in range(0, n_scr, SBLOCK):
@@ -412,6 +441,7 @@ def _search_scratch(scr_key, n_scr, lo, hi, above, at_lo, K, stop_at, SBLOCK: tl
             key = tl.load(scr_key + j, mask=m, other=0).to(tl.uint32, bitcast=True)
             counts += _count_at_least_2d(key, m, lo, step, WAYS)
         lo, hi, above, at_lo = _narrow(counts, lo, hi, above, step, K, WAYS)
+    lo = tl.where(_two_keys_fit(lo, hi, GRAIN), lo, _class_key(lo, GRAIN))
     return lo, above, at_lo
 
 
@@ -506,9 +536,10 @@ def _select_kernel(X, KS, KE, OUT, CMAP, CUT, COUNT, SCR_KEY, SCR_COL, BR,
                    bracket_sigmas,
                    BLOCK: tl.constexpr, SBLOCK: tl.constexpr, WAYS: tl.constexpr,
                    HAS_CMAP: tl.constexpr, FINITE_ONLY: tl.constexpr, EARLY_EXIT: tl.constexpr,
-                   BRACKET: tl.constexpr, BRACKET_MIN: tl.constexpr, HOLD: tl.constexpr):
+                   BRACKET: tl.constexpr, BRACKET_MIN: tl.constexpr, HOLD: tl.constexpr, GRAIN: tl.constexpr):
     """Per row: the k-th largest key of its scratch (fast path) or of the row (general path), then
-    the winners."""
+    the winners. ``GRAIN``: 16 for bfloat16 rows (their keys differ in the top 16 bits: a search
+    stops there instead of narrowing bits every key shares), else 0."""
     row = tl.program_id(0).to(tl.int64)
     x_row = X + row * stride_x
     out_row = OUT + row * stride_out
@@ -547,14 +578,15 @@ def _select_kernel(X, KS, KE, OUT, CMAP, CUT, COUNT, SCR_KEY, SCR_COL, BR,
             if n_scr >= BRACKET_MIN:
                 # a sample of the scratch brackets the k-th key, [t_lo, t_hi); one pass moves the few
                 # keys inside it aside, where the search runs held in registers
-                t_lo, t_hi, has_hi = _bracket_bounds(scr_key, n_scr, K, bracket_sigmas, SBLOCK, WAYS, EARLY_EXIT)
+                t_lo, t_hi, has_hi = _bracket_bounds(scr_key, n_scr, K, bracket_sigmas, SBLOCK, WAYS, EARLY_EXIT,
+                                                           GRAIN)
                 br_row = BR + row * stride_br
                 n_hi, n_in = _bracket_pass(scr_key, scr_col, br_row, out_row, cmap_row, out_offset, n_scr, K,
                                            t_lo, t_hi, has_hi, SBLOCK, BRACKET, HAS_CMAP)
                 if (n_hi < K) & (n_hi + n_in >= K) & (n_in <= BRACKET):
                     tl.debug_barrier()              # the bracket, written above, read back
                     lo, above, at_lo = _search_bracket(br_row, n_in, n_hi, t_lo, t_hi, has_hi, K, stop_at,
-                                                       BRACKET, WAYS)
+                                                       BRACKET, WAYS, GRAIN)
                     # the final pass then takes the bracket's winners, after the n_hi written above
                     fin_key = br_row
                     fin_col = br_row + BRACKET
@@ -564,11 +596,12 @@ def _select_kernel(X, KS, KE, OUT, CMAP, CUT, COUNT, SCR_KEY, SCR_COL, BR,
         if HOLD > 0:
             if (searched == 0) & (n_scr <= HOLD):
                 # a short scratch (MISA-dagger's 8192-column rows keep ~2.4k)
-                lo, above, at_lo = _search_hold(scr_key, n_scr, lo, K, stop_at, HOLD, WAYS)
+                lo, above, at_lo = _search_hold(scr_key, n_scr, lo, K, stop_at, HOLD, WAYS, GRAIN)
                 searched = 1
         if searched == 0:
             # no bracket (or the sample missed)
-            lo, above, at_lo = _search_scratch(scr_key, n_scr, lo, hi, above, at_lo, K, stop_at, SBLOCK, WAYS)
+            lo, above, at_lo = _search_scratch(scr_key, n_scr, lo, hi, above, at_lo, K, stop_at, SBLOCK, WAYS,
+                                                GRAIN)
         prefix = lo                 # the k-th largest key, or a key no winner lies below
         k_rem = K - above
         if at_lo == K:
@@ -730,7 +763,7 @@ class TopkLaunches:
         _compact_kernel[(x.shape[0], self.parts)](
             x, ks, ke, self.cut_keys, self.count, self.scr_key, self.scr_col, x.stride(0),
             self.scr_key.stride(0), ks_offset, self.cap, BLOCK=self.compact_cfg.block, FINITE_ONLY=finite_only,
-            num_warps=self.compact_cfg.num_warps)
+            num_warps=self.compact_cfg.num_warps, maxnreg=self.compact_cfg.maxnreg)
 
     def select(self):
         x, ks, ke, k, ks_offset, out_offset, cmap, finite_only = self.args
@@ -741,7 +774,8 @@ class TopkLaunches:
             ks_offset, out_offset, k, self.cap, BRACKET_SIGMAS,
             BLOCK=self.cfg.block, SBLOCK=SCRATCH_BLOCK, WAYS=WAYS, HAS_CMAP=cmap is not None,
             FINITE_ONLY=finite_only, EARLY_EXIT=EARLY_EXIT, BRACKET=BRACKET, BRACKET_MIN=BRACKET_MIN,
-            HOLD=HOLD, num_warps=self.cfg.num_warps, maxnreg=SELECT_MAXNREG,
+            HOLD=HOLD, GRAIN=16 if x.dtype == torch.bfloat16 and BF16_GRAIN else 0, num_warps=self.cfg.num_warps,
+            maxnreg=SELECT_MAXNREG,
         )
 
 
