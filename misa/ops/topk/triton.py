@@ -244,13 +244,14 @@ def _two_keys_fit(lo, hi, GRAIN: tl.constexpr):
 
 
 @triton.jit
-def _class_key(lo, GRAIN: tl.constexpr):
-    """The one key a range narrowed to ``lo``'s class can hold: a bfloat16 value's key has its low
-    16 bits clear when positive (top bit set), all set when negative (``GRAIN`` = 0: ``lo``)."""
+def _onto_key(lo, hi, GRAIN: tl.constexpr):
+    """A search's final ``lo``: once ``[lo, hi]`` lies within one class it holds that class's one key
+    (count(>= lo) > count(> hi)), so ``lo`` moves onto it. A bfloat16 value's key has its low 16 bits
+    clear when positive (top bit set), all set when negative. ``GRAIN`` = 0: ``lo`` as it is."""
     if GRAIN > 0:
         top = lo >> GRAIN
         low = tl.where((top >> (31 - GRAIN)) == 1, 0, (1 << GRAIN) - 1).to(tl.uint32)
-        lo = (top << GRAIN) | low
+        lo = tl.where(_two_keys_fit(lo, hi, GRAIN), lo, (top << GRAIN) | low)
     return lo
 
 
@@ -263,9 +264,7 @@ def _search_held(key, m, lo, hi, above, at_lo, offset, need, stop_at, WAYS: tl.c
         step = _search_step(hi, lo, WAYS)
         counts = _count_at_least(key, m, lo, step, WAYS) + offset
         lo, hi, above, at_lo = _narrow(counts, lo, hi, above, step, need, WAYS)
-    # narrowed to one class, [lo, hi] holds its one key (count(>= lo) > count(> hi)): move lo onto it
-    lo = tl.where(_two_keys_fit(lo, hi, GRAIN), lo, _class_key(lo, GRAIN))
-    return lo, above, at_lo
+    return _onto_key(lo, hi, GRAIN), above, at_lo
 
 
 @triton.jit
@@ -441,8 +440,7 @@ def _search_scratch(scr_key, n_scr, lo, hi, above, at_lo, K, stop_at, SBLOCK: tl
             key = tl.load(scr_key + j, mask=m, other=0).to(tl.uint32, bitcast=True)
             counts += _count_at_least_2d(key, m, lo, step, WAYS)
         lo, hi, above, at_lo = _narrow(counts, lo, hi, above, step, K, WAYS)
-    lo = tl.where(_two_keys_fit(lo, hi, GRAIN), lo, _class_key(lo, GRAIN))
-    return lo, above, at_lo
+    return _onto_key(lo, hi, GRAIN), above, at_lo
 
 
 @triton.jit
