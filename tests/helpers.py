@@ -37,6 +37,17 @@ def ranges(kind: str, t: int, s: int, g: torch.Generator):
     return ks.int(), ke.int()
 
 
+def use_topk_search(monkeypatch, search: str) -> None:
+    """Send the top-k's long rows to one fast-path search: "bracket" (even on short scratches),
+    "held" (the defaults at test sizes: the scratch held in registers) or "in memory"."""
+    from misa.ops.topk import triton as topk_triton
+    if search == "bracket":
+        monkeypatch.setattr(topk_triton, "BRACKET_MIN", 0)
+    elif search == "in memory":
+        monkeypatch.setattr(topk_triton, "BRACKET", 0)
+        monkeypatch.setattr(topk_triton, "HOLD", 0)
+
+
 def make_inputs(t: int, s: int, h: int, d: int, kind: str = "causal", seed: int = 0, kv: str = "fp8",
                 q_dtype=FP8, device="cpu"):
     """Random ``(q, kv, weights, ks, ke)``; q scales are folded into weights as the engines do."""

@@ -11,7 +11,7 @@ import misa
 from misa.validate import check_inputs
 from helpers import (BF16_LOGITS_RTOL, BIG, DEVICE, EXACT_RTOL, FP8, ROUTER_RTOL, as_sets, check_dagger_selection,
                      check_pick_from, check_routing, check_selection, dsa_logits64, keys64, make_inputs, ranges,
-                     router_scores64)
+                     router_scores64, use_topk_search)
 
 pytest.importorskip("triton")
 pytestmark = pytest.mark.usefixtures("kernels_on")
@@ -255,11 +255,7 @@ def test_topk_kernel_on_bfloat16_rows_at_each_search(monkeypatch, search, shift)
     # negative); every fast-path search (the bracket, the scratch held in registers or read from
     # memory) must still pick a top-k of the values, ties at the k-th value included
     from misa.ops.topk import triton as topk_triton
-    if search == "bracket":
-        monkeypatch.setattr(topk_triton, "BRACKET_MIN", 0)
-    elif search == "in memory":
-        monkeypatch.setattr(topk_triton, "BRACKET", 0)
-        monkeypatch.setattr(topk_triton, "HOLD", 0)
+    use_topk_search(monkeypatch, search)
     g = torch.Generator().manual_seed(23 + int(shift))
     t, s, k = (24, 7003, 90) if not BIG else (300, 70003, 2048)
     x = (torch.randn(t, s, generator=g) + shift).bfloat16()
