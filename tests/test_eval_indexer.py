@@ -114,7 +114,7 @@ def test_chunked_warmup_loss_and_gradients_match_the_plain_formula(sparse):
     idx.zero_grad()
     from contextlib import nullcontext
     got, dense = _layer_loss(idx, cap, torch.arange(t), 0.35, sparse, 5, 8, nullcontext())
-    assert torch.allclose(got, ref.detach(), rtol=1e-9)
+    assert torch.allclose(got, ref.detach(), rtol=1e-6)       # the logits are float32
     assert dense >= 0
     for n, p in idx.named_parameters():
         assert torch.allclose(p.grad, want[n], rtol=1e-5, atol=1e-9), n   # logits are float32
