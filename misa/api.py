@@ -84,8 +84,10 @@ def dsa_select(q, kv, weights, ks, ke, k: int = 2048, *, workspace_bytes: int | 
     """The tokens DSA's lightning indexer keeps: the top ``k`` (default 2048) of ``dsa_logits`` per
     query, ``[T, k]`` int32. ``logits_dtype``: None or ``torch.float32`` (default), or
     ``torch.bfloat16``: the logits are rounded to bfloat16 (nearest even) before the top-k, which
-    halves their memory and traffic on the kernels; ties at the k-th value become more frequent.
-    Other arguments: see the module docstring."""
+    halves their memory and traffic on the kernels; the keys tied at the k-th bfloat16 value are
+    then scored again in float32, so the selection is the float32 one (up to the float32 scores'
+    summation order, and classes of more than 256 tied keys). Other arguments: see the module
+    docstring."""
     inp = check_inputs(q, kv, weights, ks, ke, defer=True)
     return _deferred(inp, lambda: select.dsa_select(inp, check_int("k", k), check_workspace(workspace_bytes),
                                                     backend=select.check_backend_arg(backend),
@@ -122,7 +124,8 @@ def misa_select(q, kv, weights, ks, ke, k: int = 2048, active_heads: int = 8, bl
     With ``stage1_k`` (>= k; the paper uses 8192) this is MISA†: keep the top ``stage1_k`` by the
     routed score, re-score them with all heads and return their top ``k``. With ``active_heads ==
     H`` MISA selects exactly what DSA selects. ``logits_dtype``: as for ``dsa_select``, for the
-    routed logits (MISA†'s re-scoring stays float32). Other arguments: see the module docstring."""
+    routed logits; MISA†'s stage 1 keeps either of two keys tied at its k1-th bfloat16 value (its
+    re-scoring is float32). Other arguments: see the module docstring."""
     inp = check_inputs(q, kv, weights, ks, ke, defer=True)
 
     def run():

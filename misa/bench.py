@@ -464,8 +464,8 @@ def bench_tables(result: dict) -> list[Table]:
     if low:
         tables.insert(1, Table(
             "bfloat16 logits against float32, end to end: ms of each, x = float32 / bfloat16, recall of the "
-            "float32 selection (bf16 differs only in keys tied at the k-th value by rounding; >= 0.995 makes it "
-            "a candidate default), and each one's recall of DSA's float32 selection",
+            "float32 selection (DSA and MISA rank the keys rounding ties at the k-th value in float32; "
+            "MISA-dagger's stage 1 keeps either), and each one's recall of DSA's float32 selection",
             ["keys", "method", "f32 ms", "bf16 ms", "x", "vs f32", "f32 DSA", "bf16 DSA"], low))
     return tables
 

@@ -63,7 +63,10 @@ class PrefillSelector:
     (MISA-dagger's stage 1; its re-scoring stays float32); None: bfloat16 for MISA-dagger, float32
     for DSA and MISA (``misa.validate.DEFAULT_LOGITS_DTYPES``). bfloat16 rounds each logit once to
     nearest even, halving the logits' memory and their write and read traffic; with 8 significant
-    bits, ties at the k-th value are more frequent (either tied key may then be kept).
+    bits, keys tie at the k-th value. DSA and MISA then score the tied keys again in float32
+    (``misa.ops.ties``) and keep what the float32 logits keep (a class of more than
+    ``misa.ops.topk.triton.TIE_CAP`` tied keys keeps its first arrivals); MISA-dagger's stage 1
+    keeps either tied key, its margin.
     """
 
     def __init__(self, variant: str, *, num_heads: int, head_dim: int, k: int = 2048, max_queries: int,
@@ -322,6 +325,7 @@ class PrefillSelector:
         all heads and cut to ``k``)."""
         from .ops.dsa import triton as dsa_t
         from .ops.rescore import triton as rescore_t
+        from .ops.ties import triton as ties_t
         from .ops.topk import triton as topk_t
         if self.routed and heads is None:
             if self.all_heads is not None:
@@ -342,7 +346,12 @@ class PrefillSelector:
                 cand = topk_t.topk(c.logits, ks, ke, self.stage1_k, sample=sample, out=c.stage1, buffers=c.topk)
                 rescore_t.rerank(inp, cand, self.k, c.rows, out=out[c.rows], buffers=c.rerank)
             else:
-                topk_t.topk(c.logits, ks, ke, self.k, sample=sample, out=out[c.rows], buffers=c.topk)
+                ties = self.logits_dtype != torch.float32
+                topk_t.topk(c.logits, ks, ke, self.k, sample=sample, out=out[c.rows], buffers=c.topk,
+                            record_ties=ties)
+                if ties:
+                    # the keys tied at the k-th bfloat16 value, ranked by their float32 scores
+                    ties_t.break_ties(q, w, inp.k, inp.k_scale, out[c.rows], c.topk.ties, heads=chunk_heads)
 
     def _hisa(self, inp: Inputs, p, out) -> None:
         """HISA: pooled-block scores with all heads (the dense logits kernel on the bf16 mean keys),

@@ -14,8 +14,10 @@ absolute positions ``[key_offset, key_offset + W)`` and returns columns relative
 Re-scoring here reads the dense DSA logits at the candidates, so a candidate set holding every
 visible key reproduces DSA exactly, and ties go to the lowest position (``select_topk``).
 
-``logits_dtype`` (DSA, MISA and MISA†'s first stage): the dtype the kernels store the logits in
-before their top-k; bfloat16 rounds the float32 logits to it (nearest even) here too.
+``logits_dtype`` (MISA†'s first stage): the dtype the kernels store the logits in before its
+top-k; bfloat16 rounds the float32 logits to it (nearest even) here too. DSA and MISA with bfloat16
+logits select what float32 logits select: rounding keeps order, so only keys tied at the k-th
+bfloat16 value can differ, and the kernels rank those by their float32 scores (``misa.ops.ties``).
 """
 from __future__ import annotations
 
@@ -36,7 +38,8 @@ def stored_logits(logits: torch.Tensor, logits_dtype: torch.dtype | None) -> tor
 
 def dsa_select_chunk(q, k, weights, ks, ke, k_top: int, key_offset: int = 0,
                      logits_dtype: torch.dtype | None = None) -> torch.Tensor:
-    logits = stored_logits(dsa_logits(q, k, weights, ks, ke, key_offset), logits_dtype)
+    """DSA's selection (any ``logits_dtype``: the float32 one, see the module docstring)."""
+    logits = dsa_logits(q, k, weights, ks, ke, key_offset)
     return select_topk(logits, visible_mask(ks, ke, k.shape[0], key_offset), k_top)
 
 
@@ -57,12 +60,13 @@ def _mask_of(cols: torch.Tensor, width: int) -> torch.Tensor:
 
 def misa_select_chunk(q, k, weights, heads, ks, ke, k_top: int, stage1_k: int | None,
                       key_offset: int = 0, logits_dtype: torch.dtype | None = None) -> torch.Tensor:
-    """MISA (``stage1_k`` None) or MISA† for routed ``heads [T, h]``."""
-    ihat = stored_logits(routed_logits(q, k, weights, heads, ks, ke, key_offset), logits_dtype)
+    """MISA (``stage1_k`` None) or MISA† for routed ``heads [T, h]``; ``logits_dtype`` rounds MISA†'s
+    stage-1 logits (MISA selects as float32 whatever it is, see the module docstring)."""
+    ihat = routed_logits(q, k, weights, heads, ks, ke, key_offset)
     visible = visible_mask(ks, ke, k.shape[0], key_offset)
     if stage1_k is None:
         return select_topk(ihat, visible, k_top)
-    stage1 = select_topk(ihat, visible, stage1_k)
+    stage1 = select_topk(stored_logits(ihat, logits_dtype), visible, stage1_k)
     return rerank_mask(_mask_of(stage1, k.shape[0]), q, k, weights, ks, ke, k_top, key_offset)
 
 

@@ -35,10 +35,11 @@ from misa.ops.topk import triton as topk, triton_rows as topk_rows  # noqa: E402
 from misa.ops.blocks import triton as blocks  # noqa: E402
 from misa.ops.checks import triton as checks  # noqa: E402
 from misa.ops.pool import triton as pool  # noqa: E402
+from misa.ops.ties import triton as ties  # noqa: E402
 
 HOPPER = GPUTarget("cuda", 90, 32)
 MODULES = {"dsa": dsa, "paged": paged_triton, "rescore": rescore, "router": router, "topk": topk,
-           "topk_rows": topk_rows, "blocks": blocks, "checks": checks, "pool": pool}
+           "topk_rows": topk_rows, "blocks": blocks, "checks": checks, "pool": pool, "ties": ties}
 TYPES = {torch.float8_e4m3fn: "fp8e4nv", torch.bfloat16: "bf16", torch.float32: "fp32", torch.int32: "i32",
          torch.int64: "i64", torch.uint8: "u8"}
 # each kernel's shipped configs ("module.NAME"), and the launch setting each of their fields becomes

@@ -35,5 +35,6 @@ def test_every_shipped_launch_compiles_for_hopper():
     ok = [line for line in out.splitlines() if line.startswith("ok   ")]
     assert len(ok) == n, out                    # every variant listed compiled, none skipped
     for kernel in ("_mqa_logits_kernel", "_paged_logits_kernel", "_gather_logits_kernel", "_pool_keys_kernel",
-                   "_paged_pool_keys_kernel", "_route_kernel", "_cut_kernel", "_compact_kernel", "_select_kernel"):
+                   "_paged_pool_keys_kernel", "_route_kernel", "_cut_kernel", "_compact_kernel", "_select_kernel",
+                   "_break_ties_kernel"):
         assert any(line.split()[1] == kernel for line in ok), kernel

@@ -101,12 +101,23 @@ def test_decode_heads_apply_only_at_decode():
 
 
 @pytest.mark.parametrize("variant", ["dsa", "misa", "misa-dagger"])
-def test_logits_dtype_reaches_the_selection(variant):
-    # bfloat16 logits tie keys that float32 orders, so the two selections differ on these inputs:
-    # the config's selection must be the bfloat16 one
+def test_logits_dtype_reaches_the_selection(variant, monkeypatch):
+    # the config's dtype is the one the selection runs with (DSA and MISA select as float32 either
+    # way, so it is watched on its way in); MISA-dagger's stage 1 ties keys that float32 orders,
+    # so there the two selections differ on these inputs and the config's must be the bfloat16 one
+    from misa import select
     q, kv, w, ks, ke = make_inputs(96, 700, 8, 32, "causal", seed=5)
     extra = {"stage1_k": 128} if variant == "misa-dagger" else {}
     cfg = MisaConfig(variant=variant, active_heads=2, block_size=64, logits_dtype="bfloat16", **extra)
+    name = "dsa_select" if variant == "dsa" else "misa_select"
+    seen = []
+    inner = getattr(select, name)
+
+    def watched(*args, **options):
+        seen.append(options.get("logits_dtype"))
+        return inner(*args, **options)
+
+    monkeypatch.setattr(select, name, watched)
     got = cfg.select(q, kv, w, ks, ke, 64)
     if variant == "dsa":
         want = misa.dsa_select(q, kv, w, ks, ke, 64, logits_dtype=torch.bfloat16)
@@ -115,15 +126,20 @@ def test_logits_dtype_reaches_the_selection(variant):
         args = (q, kv, w, ks, ke, 64, 2, 64, extra.get("stage1_k"))
         want = misa.misa_select(*args, logits_dtype=torch.bfloat16)
         f32 = misa.misa_select(*args, logits_dtype=torch.float32)
+    assert seen[0] == torch.bfloat16
     assert as_sets(got) == as_sets(want)
-    assert as_sets(got) != as_sets(f32)
+    assert (as_sets(got) != as_sets(f32)) == (variant == "misa-dagger")
     assert MisaConfig.from_json(cfg.to_json()) == cfg
     # unset, the variant's default: bfloat16 for MISA-dagger's first stage, float32 for the others
     default = cfg.with_options(logits_dtype=None)
+    seen.clear()
     assert as_sets(default.select(q, kv, w, ks, ke, 64)) == as_sets(want if variant == "misa-dagger" else f32)
+    assert seen == [None]
     assert "logits_dtype" not in default.to_json()["default"]
     explicit = cfg.with_options(logits_dtype="float32")
+    seen.clear()
     assert as_sets(explicit.select(q, kv, w, ks, ke, 64)) == as_sets(f32)
+    assert seen == [torch.float32]
     assert MisaConfig.from_json(explicit.to_json()) == explicit
 
 

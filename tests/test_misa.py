@@ -18,13 +18,14 @@ def test_misa_select_is_topk_of_routed_formula(kind, h):
 @pytest.mark.parametrize("h", [1, 4])
 @pytest.mark.parametrize("dtype", [None, torch.float32])
 def test_misa_dagger_reranks_stage1_candidates(kind, h, dtype):
-    # stage 1 is MISA's top stage1_k of the routed logits, stored in bfloat16 by default
+    # stage 1 is the top stage1_k of the routed logits, stored in bfloat16 by default (MISA-dagger
+    # keeping all of them returns it)
     q, kv, w, ks, ke = make_inputs(31, 333, 16, 32, kind, seed=10 + h)
     heads = misa.route_heads(q, kv, w, ks, ke, active_heads=h, block_size=64)
     routed = dsa_logits64(q, kv, w, ks, ke, heads=heads)
     full = dsa_logits64(q, kv, w, ks, ke)
     stored = torch.bfloat16 if dtype is None else dtype
-    stage1 = misa.misa_select(q, kv, w, ks, ke, k=90, active_heads=h, block_size=64, logits_dtype=stored)
+    stage1 = misa.misa_select(q, kv, w, ks, ke, k=90, active_heads=h, block_size=64, stage1_k=90, logits_dtype=dtype)
     idx = misa.misa_select(q, kv, w, ks, ke, k=40, active_heads=h, block_size=64, stage1_k=90, logits_dtype=dtype)
     check_selection(stage1, routed if dtype else routed.to(stored).double(), ks, ke, 90)
     # the final pick is the top 40 of the stage-1 candidates by the full formula

@@ -206,13 +206,14 @@ def _differ_only_in_ties(a, b, rounded):
 
 
 @pytest.mark.parametrize("variant", SCORED)
-def test_selector_with_bfloat16_logits_is_the_top_k_of_the_rounded_logits(variant):
-    # bfloat16 logits rows: half the bytes; the top-k (MISA-dagger: its stage 1) is one of the
-    # float32 logits rounded to nearest even, differing from the float32 selector's only in keys
-    # tied at the k-th rounded value; MISA-dagger then keeps the top k by all heads (float32) of
-    # its candidates; the checked function runs the same selector
+def test_selector_with_bfloat16_logits(variant):
+    # bfloat16 logits rows: half the bytes. DSA and MISA score the keys tied at the k-th bfloat16
+    # value again in float32 and select what float32 logits select; MISA-dagger's stage 1 is a
+    # top-k of the rounded logits (either of two tied keys), then the top k by all heads (float32)
+    # of its candidates; the checked function runs the same selector
     from misa import prefill
     from misa.ops.dsa.triton import launch_logits
+    from misa.ops.topk.triton import TIE_CAP
     s = KEYS.get(variant, S)
     inputs = _inputs(21, s=s)
     q, kv, w, ks, ke = inputs
@@ -228,31 +229,36 @@ def test_selector_with_bfloat16_logits_is_the_top_k_of_the_rounded_logits(varian
     heads = None
     if variant != "dsa":        # the router kernel the selectors run
         heads = misa.route_heads(q, kv, w, ks, ke, active_heads=o["active_heads"], block_size=o["block_size"])
+    prefill.clear_cached_selectors()
+    checked = _checked(variant, inputs, logits_dtype=BF16)
+    assert [c.logits_dtype for c in prefill._SELECTORS.values()] == [BF16]
+    if variant != "misa-dagger":
+        exact = dsa_logits64(q, kv, w, ks, ke, heads=heads.cpu() if heads is not None else None)
+        check_selection(got, exact, ks, ke, K, rtol=EXACT_RTOL)
+        check_selection(checked, exact, ks, ke, K, rtol=EXACT_RTOL)
+        # the rounding did tie keys at the k-th value that the selector then ranked
+        ties = sel.plan(T, s).chunks[0].topk.ties.cpu()
+        n, taken = ties[:, TIE_CAP], ties[:, TIE_CAP + 1]
+        assert int(((taken > 0) & (taken < n)).sum()) >= 1
+        return
     logits = torch.full((T, s), float("-inf"), device=DEVICE)
     launch_logits(q, w, kv[0], kv[1], ks, ke, logits, heads=heads)
     rounded = logits.to(BF16).double().cpu()
     first = _first_stage(sel, variant, T, s, got)
-    check_selection(first, rounded, ks, ke, o.get("stage1_k", K), rtol=0)
+    check_selection(first, rounded, ks, ke, o["stage1_k"], rtol=0)
     _differ_only_in_ties(first, _first_stage(f32, variant, T, s, want), rounded)
-    if variant == "misa-dagger":
-        full = dsa_logits64(q, kv, w, ks, ke)
-        for r, (picked, cand) in enumerate(zip(as_sets(got), as_sets(first))):
-            check_pick_from(picked, cand, K, full[r], rtol=EXACT_RTOL)
-    prefill.clear_cached_selectors()
-    checked = _checked(variant, inputs, logits_dtype=BF16)
-    assert [c.logits_dtype for c in prefill._SELECTORS.values()] == [BF16]
-    if variant == "misa-dagger":
-        assert min(set_recall(checked, got)) >= 0.9       # stage-1 ties may go either way
-    else:
-        _differ_only_in_ties(checked, got, rounded)
+    full = dsa_logits64(q, kv, w, ks, ke)
+    for r, (picked, cand) in enumerate(zip(as_sets(got), as_sets(first))):
+        check_pick_from(picked, cand, K, full[r], rtol=EXACT_RTOL)
+    assert min(set_recall(checked, got)) >= 0.9       # stage-1 ties may go either way
 
 
 @pytest.mark.parametrize("variant", SCORED)
-def test_reference_with_bfloat16_logits_rounds_before_its_top_k(variant):
-    # the reference path rounds its float32 logits to bfloat16 too, ties to the lowest position:
-    # of keys scoring 1.0 and 1.001 (both 1.0 in bfloat16) it keeps the first, float32 the second;
-    # and it keeps the top-k of the float64 formula rounded to bfloat16 (MISA-dagger: its
-    # candidates, then the top k of those by all heads)
+def test_reference_with_bfloat16_logits(variant):
+    # the reference path selects as the kernels do: DSA and MISA as float32 (of keys scoring 1.0
+    # and 1.001, both 1.0 in bfloat16, they keep the second); MISA-dagger's stage 1 rounds its
+    # float32 logits to bfloat16, ties to the lowest position (it keeps the first), and keeps the
+    # top-k of the float64 formula rounded to bfloat16, then the top k of those by all heads
     from misa.ops.topk.reference import select_topk
     one = torch.ones(1, 1, 1, device=DEVICE)
     tied = (one, torch.tensor([[1.0], [1.001], [0.5]], device=DEVICE), one[0],
@@ -261,10 +267,11 @@ def test_reference_with_bfloat16_logits_rounds_before_its_top_k(variant):
     if variant != "dsa":
         small.update(active_heads=1, block_size=2, stage1_k=1 if variant == "misa-dagger" else None)
     select = misa.dsa_select if variant == "dsa" else misa.misa_select
+    rounds = variant == "misa-dagger"
     assert select(*tied, **small, logits_dtype=torch.float32).tolist() == [[1]]
-    assert select(*tied, **small, logits_dtype=BF16).tolist() == [[0]]
+    assert select(*tied, **small, logits_dtype=BF16).tolist() == ([[0]] if rounds else [[1]])
     # by default MISA-dagger's first stage stores bfloat16, the others float32
-    assert select(*tied, **small).tolist() == ([[0]] if variant == "misa-dagger" else [[1]])
+    assert select(*tied, **small).tolist() == ([[0]] if rounds else [[1]])
     s = KEYS.get(variant, S)
     q, kv, w, ks, ke = inputs = _inputs(22, s=s)
     o = OPTIONS[variant]
@@ -284,7 +291,7 @@ def test_reference_with_bfloat16_logits_rounds_before_its_top_k(variant):
         cand = torch.zeros(T, n + 1, dtype=torch.bool).scatter_(1, torch.where(first >= 0, first, n), True)
         return select_topk(dsa_logits64(q, kv, w, ks, ke), cand[:, :n], K)
 
-    want = pick(exact.to(BF16).double())
+    want = pick(exact.to(BF16).double() if rounds else exact)
     got = _checked(variant, inputs, backend="reference", logits_dtype=BF16)
     assert as_sets(got) == as_sets(want)
 

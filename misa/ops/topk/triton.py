@@ -10,7 +10,9 @@ plus ``CUT_SIGMAS`` standard deviations) becomes the row's cut; (2) several prog
 stream it once and move every element at or above the cut into a scratch buffer (slots handed out
 by an atomic counter); (3) one program per row finds the k-th largest key of the scratch and writes
 the winners. A long row is read once (plus a sample), whatever k is. Ties at the threshold are then
-broken in arrival order (SPEC allows either way).
+broken in arrival order (SPEC allows either way) and fill a row's last slots; ``record_ties`` also
+writes down the whole class of keys equal to the k-th (``TIE_CAP`` of them at most) so that a later
+pass can break the tie by a finer score (``misa.ops.ties``: bfloat16 logits rescored in float32).
 
 Both quantiles (of the sample and of the scratch) are found by a ``WAYS``-ary search on the key
 range actually present ([cut, max]), each pass counting the keys at or above ``WAYS`` thresholds
@@ -111,6 +113,12 @@ SELECT_MAXNREG = 96
 # narrowing the 16 low key bits every such value shares (with ties at the k-th value, the early exit
 # rarely fires and they ran to the last bit)
 BF16_GRAIN = True
+# ``record_ties``: the class of keys equal to a row's k-th key that is written down, at most (a
+# bfloat16 row of MISA's logits at 4096 x 128K, k = 2048, ties ~30 keys at its 2048th value)
+TIE_CAP = 256
+# a row's record: the class (output values), its size, the ties taken, then room for as many scores
+# (``misa.ops.ties`` keeps the class's float32 scores there)
+TIE_WIDTH = 2 * TIE_CAP + 2
 
 
 def check_rows(name: str, x: torch.Tensor) -> None:
@@ -502,9 +510,11 @@ def _split_at_bin(x_row, out_row, cmap_row, scr_key, scr_col, out_offset, ks, ke
 
 
 @triton.jit
-def _write_winners(fin_key, fin_col, n_fin, out_row, out0, cmap_row, out_offset, prefix, k_rem,
-                   SBLOCK: tl.constexpr, HAS_CMAP: tl.constexpr):
-    """The final pass: every key above ``prefix`` and its first ``k_rem`` ties, from slot ``out0`` on."""
+def _write_winners(fin_key, fin_col, n_fin, out_row, out0, cmap_row, out_offset, prefix, k_rem, K, tie_row,
+                   SBLOCK: tl.constexpr, HAS_CMAP: tl.constexpr, RECORD_TIES: tl.constexpr, TIE_CAP: tl.constexpr):
+    """The final pass: every key above ``prefix`` from slot ``out0`` on, and its first ``k_rem``
+    ties in the last ``k_rem`` slots. ``RECORD_TIES``: every tie's output value (the first
+    ``TIE_CAP``), their number and ``k_rem`` into ``tie_row``."""
     slane = tl.arange(0, SBLOCK)
     n_tie = 0
     n_above = 0
@@ -514,27 +524,33 @@ def _write_winners(fin_key, fin_col, n_fin, out_row, out0, cmap_row, out_offset,
         key = tl.load(fin_key + j, mask=m, other=0).to(tl.uint32, bitcast=True)
         c = tl.load(fin_col + j, mask=m, other=0)
         tie = m & (key == prefix)
-        # one scan and one reduction for both ranks (16-bit fields; SBLOCK < 65536): a taken
-        # entry's slot is the keys above it so far plus the ties taken so far
+        # one scan and one reduction for both ranks (16-bit fields; SBLOCK < 65536)
         above = m & (key > prefix)
         packed = tie.to(tl.int32) + (above.to(tl.int32) << 16)
         scan = tl.cumsum(packed, axis=0)
         rank = n_tie + (scan & 0xFFFF)
         take = above | (tie & (rank <= k_rem))
-        pos = out0 + n_above + (scan >> 16) + tl.minimum(rank, k_rem) - 1
+        pos = tl.where(above, out0 + n_above + (scan >> 16) - 1, K - k_rem + rank - 1)
         tot = tl.sum(packed, axis=0)
         n_tie += tot & 0xFFFF
         n_above += tot >> 16
-        tl.store(out_row + pos, _position(c, cmap_row, out_offset, HAS_CMAP, take), mask=take)
+        val = _position(c, cmap_row, out_offset, HAS_CMAP, take | tie)
+        tl.store(out_row + pos, val, mask=take)
+        if RECORD_TIES:
+            tl.store(tie_row + rank - 1, val, mask=tie & (rank <= TIE_CAP))
+    if RECORD_TIES:
+        tl.store(tie_row + TIE_CAP, n_tie)
+        tl.store(tie_row + TIE_CAP + 1, k_rem)
 
 
 @triton.jit(do_not_specialize=["ks_offset", "out_offset", "K", "CAP"])
-def _select_kernel(X, KS, KE, OUT, CMAP, CUT, COUNT, SCR_KEY, SCR_COL, BR,
+def _select_kernel(X, KS, KE, OUT, CMAP, CUT, COUNT, SCR_KEY, SCR_COL, BR, TIES,
                    stride_x, stride_out, stride_cmap, stride_scr, stride_br, ks_offset, out_offset, K, CAP,
                    bracket_sigmas,
                    BLOCK: tl.constexpr, SBLOCK: tl.constexpr, WAYS: tl.constexpr,
                    HAS_CMAP: tl.constexpr, FINITE_ONLY: tl.constexpr, EARLY_EXIT: tl.constexpr,
-                   BRACKET: tl.constexpr, BRACKET_MIN: tl.constexpr, HOLD: tl.constexpr, GRAIN: tl.constexpr):
+                   BRACKET: tl.constexpr, BRACKET_MIN: tl.constexpr, HOLD: tl.constexpr, GRAIN: tl.constexpr,
+                   RECORD_TIES: tl.constexpr, TIE_CAP: tl.constexpr, TIE_WIDTH: tl.constexpr):
     """Per row: the k-th largest key of its scratch (fast path) or of the row (general path), then
     the winners. ``GRAIN``: 16 for bfloat16 rows (their keys differ in the top 16 bits: a search
     stops there instead of narrowing bits every key shares), else 0."""
@@ -603,7 +619,9 @@ def _select_kernel(X, KS, KE, OUT, CMAP, CUT, COUNT, SCR_KEY, SCR_COL, BR,
         prefix = lo                 # the k-th largest key, or a key no winner lies below
         k_rem = K - above
         if at_lo == K:
-            k_rem = K               # every key at prefix is a winner
+            # every key at or above lo is a winner: all "above" prefix, no tie to break
+            prefix = lo - 1
+            k_rem = 0
     else:
         n_scr = 0
         h = _row_histogram(x_row, ks, ke, BLOCK, FINITE_ONLY)
@@ -638,14 +656,15 @@ def _select_kernel(X, KS, KE, OUT, CMAP, CUT, COUNT, SCR_KEY, SCR_COL, BR,
     # (a bracket that missed may have written winners already: their slots are written again
     # below, after the barrier)
     tl.debug_barrier()
-    _write_winners(fin_key, fin_col, n_fin, out_row, out0, cmap_row, out_offset, prefix, k_rem, SBLOCK, HAS_CMAP)
+    _write_winners(fin_key, fin_col, n_fin, out_row, out0, cmap_row, out_offset, prefix, k_rem, K,
+                   TIES + row * TIE_WIDTH, SBLOCK, HAS_CMAP, RECORD_TIES, TIE_CAP)
 
 
 def topk(x: torch.Tensor, ks: torch.Tensor, ke: torch.Tensor, k: int, ks_offset: int = 0,
          out_offset: int = 0, cmap: torch.Tensor | None = None, finite_only: bool = False,
          config: TopkConfig | None = None,
          sample: tuple[torch.Tensor, int] | None = None, out: torch.Tensor | None = None,
-         buffers: "TopkBuffers | None" = None) -> torch.Tensor:
+         buffers: "TopkBuffers | None" = None, record_ties: bool = False) -> torch.Tensor:
     """Top-``k`` columns of ``x [T, W]`` f32 or bf16 per row, among columns ``[ks - ks_offset, ke - ks_offset)``.
 
     Returns ``[T, k]`` int32: ``cmap[row, col]`` when ``cmap`` is given, else ``col + out_offset``;
@@ -656,10 +675,14 @@ def topk(x: torch.Tensor, ks: torch.Tensor, ke: torch.Tensor, k: int, ks_offset:
     contiguous buffer instead of thousands of scattered sectors per row). The sample only steers
     the speed: any values give the same selection. ``out`` (``[T, k]`` int32, unit column stride)
     and ``buffers`` (``TopkWorkspace.buffers``): written into instead of allocated, so the call
-    allocates nothing (``misa.PrefillSelector``).
+    allocates nothing (``misa.PrefillSelector``). ``record_ties``: each row's ties at its k-th
+    value, which fill its last slots, are written down in ``buffers.ties`` (``[T, TIE_WIDTH]``: the
+    class's output values, up to ``TIE_CAP``, then its size and the ties taken, then scratch for
+    ``break_ties``; nothing to break
+    where the size is 0 or at most the ties taken) for ``misa.ops.ties.break_ties``.
     """
     call = TopkLaunches(x, ks, ke, k, ks_offset, out_offset, cmap, finite_only, config, sample, out=out,
-                        buffers=buffers)
+                        buffers=buffers, record_ties=record_ties)
     call.run()
     return call.out
 
@@ -671,6 +694,7 @@ class TopkBuffers(NamedTuple):
     bracket: torch.Tensor       # [rows, 2 * BRACKET] int32: the select's bracket, keys then columns
     cut_keys: torch.Tensor      # [rows] int32: each row's cut, 0 = none
     count: torch.Tensor         # [rows] int32: scratch entries per row
+    ties: torch.Tensor          # [rows, TIE_WIDTH] int32: the tie class at the k-th value (``record_ties``)
 
 
 class TopkWorkspace:
@@ -685,19 +709,20 @@ class TopkWorkspace:
 
     @staticmethod
     def numel(rows: int, k: int, width: int) -> int:
-        return rows * (2 * scratch_size(k, width) + max(2 * BRACKET, 1) + 2)
+        return rows * (2 * scratch_size(k, width) + max(2 * BRACKET, 1) + 2 + TIE_WIDTH)
 
     def buffers(self, rows: int, width: int) -> TopkBuffers:
         if rows > self.rows or width > self.width:
             raise ValueError(f"rows: a workspace for {self.rows} x {self.width} cannot hold {rows} x {width}")
         cap = scratch_size(self.k, width)
-        sizes = (rows * cap, rows * cap, rows * self.bracket_width, rows, rows)
+        sizes = (rows * cap, rows * cap, rows * self.bracket_width, rows, rows, rows * TIE_WIDTH)
         parts, start = [], 0
         for n in sizes:
             parts.append(self.flat[start:start + n])
             start += n
         return TopkBuffers(parts[0].view(rows, cap), parts[1].view(rows, cap),
-                           parts[2].view(rows, self.bracket_width), parts[3], parts[4])
+                           parts[2].view(rows, self.bracket_width), parts[3], parts[4],
+                           parts[5].view(rows, TIE_WIDTH))
 
 
 class TopkLaunches:
@@ -705,7 +730,7 @@ class TopkLaunches:
     them one by one)."""
 
     def __init__(self, x, ks, ke, k, ks_offset=0, out_offset=0, cmap=None, finite_only=False, config=None,
-                 sample=None, out=None, buffers=None):
+                 sample=None, out=None, buffers=None, record_ties=False):
         t, w = x.shape
         dev = x.device
         check_rows("x", x)
@@ -737,7 +762,8 @@ class TopkLaunches:
         elif buffers.scr_key.shape != (t, self.cap) or buffers.bracket.shape[1] < max(2 * BRACKET, 1):
             raise ValueError(f"buffers: scratch {tuple(buffers.scr_key.shape)} does not fit {t} rows of {w} "
                              f"columns at k = {k} (TopkWorkspace.buffers({t}, {w}))")
-        self.scr_key, self.scr_col, self.bracket, self.cut_keys, self.count = buffers
+        self.scr_key, self.scr_col, self.bracket, self.cut_keys, self.count, self.ties = buffers
+        self.record_ties = record_ties
 
     def run(self):
         """The three launches."""
@@ -767,12 +793,13 @@ class TopkLaunches:
         x, ks, ke, k, ks_offset, out_offset, cmap, finite_only = self.args
         _select_kernel[(x.shape[0],)](
             x, ks, ke, self.out, cmap if cmap is not None else self.out, self.cut_keys, self.count,
-            self.scr_key, self.scr_col, self.bracket, x.stride(0), self.out.stride(0),
+            self.scr_key, self.scr_col, self.bracket, self.ties, x.stride(0), self.out.stride(0),
             cmap.stride(0) if cmap is not None else 0, self.scr_key.stride(0), self.bracket.stride(0),
             ks_offset, out_offset, k, self.cap, BRACKET_SIGMAS,
             BLOCK=self.cfg.block, SBLOCK=SCRATCH_BLOCK, WAYS=WAYS, HAS_CMAP=cmap is not None,
             FINITE_ONLY=finite_only, EARLY_EXIT=EARLY_EXIT, BRACKET=BRACKET, BRACKET_MIN=BRACKET_MIN,
-            HOLD=HOLD, GRAIN=16 if x.dtype == torch.bfloat16 and BF16_GRAIN else 0, num_warps=self.cfg.num_warps,
+            HOLD=HOLD, GRAIN=16 if x.dtype == torch.bfloat16 and BF16_GRAIN else 0,
+            RECORD_TIES=self.record_ties, TIE_CAP=TIE_CAP, TIE_WIDTH=TIE_WIDTH, num_warps=self.cfg.num_warps,
             maxnreg=SELECT_MAXNREG,
         )
 
