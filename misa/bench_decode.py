@@ -19,7 +19,6 @@ tokens of a causal sequence.
 """
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 from dataclasses import asdict, dataclass
@@ -349,8 +348,3 @@ def decode_tables(result: dict):
                   "selection (best: the most any choice of as many pages keeps); eager: the checked call, wall clock, "
                   "(+ what it adds to its graph replayed back to back the same way)" + (f"; DeepGEMM: {dg}" if dg else ""),
                   ["shape", "method", "graph us", "eager us", "x", "x best", "recall", "logits GB/s"], rows)]
-
-
-def save(result: dict, path: str) -> None:
-    with open(path, "w") as f:
-        json.dump(result, f, indent=1)

@@ -223,40 +223,43 @@ def bench_report(result: dict) -> str:
     return "\n".join([head, ""] + [text_table(t.title, t.columns, t.rows, left=t.left) for t in bench_tables(result)])
 
 
+def _write_json(result: dict, path: str | None) -> None:
+    """``--json``: the full results, as every bench mode writes them."""
+    if path:
+        from .bench import save
+        save(result, path)
+        print(f"wrote {path}")
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
-    from .bench import BenchConfig, run_bench, save
+    from .bench import BenchConfig, run_bench
     device = _device(args.device)
     if args.decode:
         return _bench_decode(args, device)
+    if args.cost_table:         # measures calibrate's settings: no --methods
+        return _bench_costs(args, device)
     cfg = BenchConfig(num_queries=args.num_queries, context_lens=tuple(args.context_lens), heads=args.heads,
                       k=args.k, active_heads=args.active_heads, block_size=args.block_size,
                       stage1_k=args.stage1_k, hisa_block_size=args.hisa_block_size,
                       hisa_block_k=args.hisa_block_k, rep_ms=args.rep_ms, rounds=args.rounds,
                       methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()),
                       compare_logits_dtypes=args.compare_logits_dtypes)
-    if args.cost_table:
-        return _bench_costs(args, device)
     if args.profile:
         return _bench_profile(cfg, args, device)
     result = run_bench(cfg, device)
     print(bench_report(result))
-    if args.json:
-        save(result, args.json)
-        print(f"wrote {args.json}")
+    _write_json(result, args.json)
     return 0
 
 
 def _bench_profile(cfg, args: argparse.Namespace, device) -> int:
-    from .bench import save
     from .bench_profile import profile_selectors, profile_tables
     result = profile_selectors(cfg, device)
     print(_wrap(f"misa bench --profile on {result['gpu']} ({result['date']})"))
     for t in profile_tables(result):
         print()
         print(text_table(t.title, t.columns, t.rows, left=t.left))
-    if args.json:
-        save(result, args.json)
-        print(f"wrote {args.json}")
+    _write_json(result, args.json)
     return 0
 
 
@@ -277,7 +280,7 @@ def _bench_costs(args: argparse.Namespace, device) -> int:
 
 def _bench_decode(args: argparse.Namespace, device) -> int:
     import datetime
-    from .bench_decode import DecodeBenchConfig, decode_tables, run_decode_bench, save
+    from .bench_decode import DecodeBenchConfig, decode_tables, run_decode_bench
     shapes = []
     for item in args.decode_shapes:
         b, _, ctx = item.partition("x")
@@ -290,9 +293,7 @@ def _bench_decode(args: argparse.Namespace, device) -> int:
     result = run_decode_bench(cfg, device)
     result["date"] = datetime.date.today().isoformat()
     print("\n".join(text_table(t.title, t.columns, t.rows, left=t.left) for t in decode_tables(result)))
-    if args.json:
-        save(result, args.json)
-        print(f"wrote {args.json}")
+    _write_json(result, args.json)
     return 0
 
 
