@@ -36,9 +36,8 @@ def stored_logits(logits: torch.Tensor, logits_dtype: torch.dtype | None) -> tor
     return logits.to(logits_dtype).float()
 
 
-def dsa_select_chunk(q, k, weights, ks, ke, k_top: int, key_offset: int = 0,
-                     logits_dtype: torch.dtype | None = None) -> torch.Tensor:
-    """DSA's selection (any ``logits_dtype``: the float32 one, see the module docstring)."""
+def dsa_select_chunk(q, k, weights, ks, ke, k_top: int, key_offset: int = 0) -> torch.Tensor:
+    """DSA's selection, whatever dtype the kernels store its logits in (see the module docstring)."""
     logits = dsa_logits(q, k, weights, ks, ke, key_offset)
     return select_topk(logits, visible_mask(ks, ke, k.shape[0], key_offset), k_top)
 

@@ -90,7 +90,7 @@ def test_break_ties_kernel_matches_reference(kv, routed):
     for r, (n, taken) in enumerate(sizes):
         ties[r, :min(n, TIE_CAP)] = torch.randperm(s, generator=g)[:min(n, TIE_CAP)].int()
         ties[r, TIE_CAP], ties[r, TIE_CAP + 1] = n, taken
-    want = reference.break_ties(q.float(), k_dq, w, out, ties, heads=heads)
+    want = reference.break_ties(q.double(), k_dq.double(), w.double(), out, ties, heads=heads)
     dev = lambda x: x.to(DEVICE) if x is not None else None          # noqa: E731
     got = out.clone().to(DEVICE)
     assert break_ties(dev(q), dev(w), dev(k8), dev(scale), got, dev(ties), heads=dev(heads)) is got

@@ -678,8 +678,8 @@ def topk(x: torch.Tensor, ks: torch.Tensor, ke: torch.Tensor, k: int, ks_offset:
     allocates nothing (``misa.PrefillSelector``). ``record_ties``: each row's ties at its k-th
     value, which fill its last slots, are written down in ``buffers.ties`` (``[T, TIE_WIDTH]``: the
     class's output values, up to ``TIE_CAP``, then its size and the ties taken, then scratch for
-    ``break_ties``; nothing to break
-    where the size is 0 or at most the ties taken) for ``misa.ops.ties.break_ties``.
+    ``break_ties``; nothing to break where the size is 0 or at most the ties taken) for
+    ``misa.ops.ties.break_ties``.
     """
     call = TopkLaunches(x, ks, ke, k, ks_offset, out_offset, cmap, finite_only, config, sample, out=out,
                         buffers=buffers, record_ties=record_ties)
