@@ -231,7 +231,7 @@ def stage_owners(methods) -> dict[str, str]:
 
 
 def bench_one(cfg: BenchConfig, seq_len: int, device: torch.device) -> dict:
-    from .ops.dsa.triton import cut_sample, cut_step, launch_logits, scored_topk
+    from .ops.dsa.triton import cut_sample, launch_logits
     from .ops.rescore.triton import rerank
     from .ops.router.triton import route_heads
     from .ops.topk.triton import topk
@@ -253,14 +253,6 @@ def bench_one(cfg: BenchConfig, seq_len: int, device: torch.device) -> dict:
     # the top-k as the selections run it, with its cut's sample where they compute one (cut_sample)
     sample = lambda heads=None: cut_sample(inp.q, inp.weights, inp.k, inp.k_scale, 0, seq_len, heads=heads)
     timers["dsa.topk"] = lambda: topk(dense_buf, inp.ks, inp.ke, k, sample=sample())
-    # the two fused (the selections' path, dsa.triton.FUSED_COMPACTION): the sample, the cut, the
-    # scoring that moves the candidates, the scoring of missed blocks, the select
-    fused_sample = lambda heads=None: cut_sample(inp.q, inp.weights, inp.k, inp.k_scale, 0, seq_len, heads=heads,
-                                                 fused=True)
-    fused = cut_step(seq_len, h, fused=True) > 0                  # rows long enough to sample
-    if fused:
-        timers["dsa.scored_topk"] = lambda: scored_topk(inp.q, inp.weights, inp.k, inp.k_scale, inp.ks, inp.ke,
-                                                        dense_buf, k, sample=fused_sample())
     timers["torch.topk"] = lambda: torch.topk(dense_buf, k, dim=1, sorted=False)
     extra = dtype_rows(cfg.methods, cfg.compare_logits_dtypes)     # other-dtype row -> (method, dtype)
     if extra:
@@ -305,10 +297,6 @@ def bench_one(cfg: BenchConfig, seq_len: int, device: torch.device) -> dict:
         if default_logits_dtype(name) == "bfloat16":
             # the top-k reads the rows this method stores (the routed logits' timer stays its owner's)
             buf = buf.to(torch.bfloat16)
-        if fused:
-            timers[name + ".scored_topk"] = (lambda heads, buf, k1: lambda: scored_topk(
-                inp.q, inp.weights, inp.k, inp.k_scale, inp.ks, inp.ke, buf, k1, heads=heads,
-                sample=fused_sample(heads)))(heads, buf, mc.stage1_k or k)
         if mc.stage1_k is None:
             timers[name + ".topk"] = (lambda heads, buf: lambda: topk(buf, inp.ks, inp.ke, k,
                                                                       sample=sample(heads)))(heads, buf)
@@ -423,12 +411,12 @@ def bench_tables(result: dict) -> list[Table]:
             first = False
         dense = ms.get("dsa.logits")
         stages.append([keys, "DSA", "-", _f(dense), _f(r.get("dsa.logits_tflops"), ".0f"), _f(ms.get("dsa.topk")),
-                       _f(ms.get("dsa.scored_topk")), "-", "1.00"])
+                       "-", "1.00"])
         if "dsa-bf16.logits" in ms:
             stages.append(["", _label("dsa-bf16"), "-", _f(ms["dsa-bf16.logits"]),
-                           _f(r.get("dsa-bf16.logits_tflops"), ".0f"), _f(ms.get("dsa-bf16.topk")), "-", "-",
+                           _f(r.get("dsa-bf16.logits_tflops"), ".0f"), _f(ms.get("dsa-bf16.topk")), "-",
                            _f(dense / ms["dsa-bf16.logits"] if dense else None)])
-        stages.append(["", "torch.topk", "-", "-", "-", _f(ms.get("torch.topk")), "-", "-", "-"])
+        stages.append(["", "torch.topk", "-", "-", "-", _f(ms.get("torch.topk")), "-", "-"])
         for name, owner in owners.items():
             router, logits = ms.get(owner + ".router"), ms.get(owner + ".logits")
             scoring = dense / (router + logits) if dense and router is not None and logits is not None else None
@@ -437,7 +425,7 @@ def bench_tables(result: dict) -> list[Table]:
             else:
                 top, rescore = ms.get(name + ".topk"), None
             stages.append(["", _label(name), _f(router), _f(logits), _f(r.get(owner + ".logits_tflops"), ".0f"),
-                           _f(top), _f(ms.get(name + ".scored_topk")), _f(rescore), _f(scoring)])
+                           _f(top), _f(rescore), _f(scoring)])
         first = True
         for method, (f32, b16) in dtype_pairs(_row_dtypes(result, r)).items():
             t, t32 = ms.get(b16 + ".e2e"), ms.get(f32 + ".e2e")
@@ -466,10 +454,8 @@ def bench_tables(result: dict) -> list[Table]:
               "MB of device memory the call needs (the selector's buffers)",
               ["keys", "method", "ms", "x DSA", "recall", "MB"], e2e),
         Table("Stages, ms (TFLOP/s of the scoring; scoring x = DSA logits / (router + logits); MISA-dagger: "
-              "top-k = its stage-1 top-k1, then the re-scoring with all heads; fused = the logits and the "
-              "top-k as the selections run them, the top-k's candidates moved by the scoring: sample, cut, "
-              "scoring, the select)",
-              ["keys", "method", "router", "logits", "TFLOP/s", "top-k", "fused", "re-score", "scoring x"], stages),
+              "top-k = its stage-1 top-k1, then the re-scoring with all heads)",
+              ["keys", "method", "router", "logits", "TFLOP/s", "top-k", "re-score", "scoring x"], stages),
         Table("Speed-up over DSA, end to end (x)", ["keys"] + [_label(m) for m in others], summary, left=1),
         Table("Checked functions (misa.dsa_select, misa_select, hisa_select: validation with one read-back, the "
               "kernels, a copy of the result) against the selector alone, ms; overhead in %; checks = the "
