@@ -66,17 +66,14 @@ class PrefillSelector:
     bits, keys tie at the k-th value. DSA and MISA then score the tied keys again in float32
     (``misa.ops.ties``) and keep what the float32 logits keep (a class of more than
     ``misa.ops.topk.triton.TIE_CAP`` tied keys keeps its first arrivals); MISA-dagger's stage 1
-    keeps either tied key, its margin. ``fuse_compaction`` (not HISA; None:
-    ``misa.ops.dsa.triton.FUSED_COMPACTION``): the scoring moves the top-k's candidates itself and
-    stores logits only for the blocks of queries whose top-k cut missed (``scored_topk``), instead
-    of storing every logit for the top-k to read again; the same selection either way.
+    keeps either tied key, its margin.
     """
 
     def __init__(self, variant: str, *, num_heads: int, head_dim: int, k: int = 2048, max_queries: int,
                  max_keys: int, device=None, active_heads: int = 8, block_size: int = 1024,
                  router: str = DEFAULT_ROUTER, stage1_k: int | None = None, hisa_block_size: int = 128,
                  hisa_block_k: int = 64, workspace_bytes: int | None = None,
-                 logits_dtype: torch.dtype | None = None, fuse_compaction: bool | None = None):
+                 logits_dtype: torch.dtype | None = None):
         if variant not in SELECTOR_VARIANTS:
             raise ValueError(f"variant: expected one of {SELECTOR_VARIANTS}, got {variant!r}")
         self.variant = variant
@@ -89,8 +86,6 @@ class PrefillSelector:
             check_int("workspace_bytes", workspace_bytes)
         self.workspace_bytes = workspace_bytes
         self.logits_dtype = logits_dtype_for(variant, logits_dtype)
-        from .ops.dsa.triton import FUSED_COMPACTION
-        self.fused = FUSED_COMPACTION if fuse_compaction is None else bool(fuse_compaction)
         if variant == "hisa" and self.logits_dtype != torch.float32:
             raise ValueError(f"logits_dtype: 'hisa' scores pooled blocks and has no logits matrix to store in "
                              f"{logits_dtype}; leave it float32")
@@ -153,7 +148,7 @@ class PrefillSelector:
             width = logits_width(self.max_keys)
             n_heads = self.active_heads if self.routed else self.num_heads
             # a sample of at most 2 * sample columns (n = ceil(w / (w // sample)) at any width w)
-            sample_cols = min(width, 2 * DEFAULT_CONFIG.sample) if n_heads <= SAMPLE_MAX_HEADS or self.fused else 0
+            sample_cols = min(width, 2 * DEFAULT_CONFIG.sample) if n_heads <= SAMPLE_MAX_HEADS else 0
             first_k = self.stage1_k or self.k
             sizes.update(logits=(width, 0, self.logits_dtype), sample=(sample_cols, 0, f32),
                          sample_scales=(0, sample_cols, f32))
@@ -227,7 +222,7 @@ class PrefillSelector:
             rerank_width = self.kept * self.hisa_block_size
         else:
             width = logits_width(s)
-            step = cut_step(width, self.active_heads if self.routed else self.num_heads, self.fused)
+            step = cut_step(width, self.active_heads if self.routed else self.num_heads)
             if step:     # the sample's every-key range: one per plan, as its key count depends on s
                 p.sample_ends = torch.full((rows,), sampled_keys(s, 0, width, step), dtype=torch.int32,
                                            device=self.device)
@@ -342,23 +337,18 @@ class PrefillSelector:
         for c in p.chunks:
             q, w, ks, ke = inp.q[c.rows], inp.weights[c.rows], inp.ks[c.rows], inp.ke[c.rows]
             chunk_heads = heads[c.rows] if heads is not None else None
-            # the top-k's cut samples every step-th column: computed from the keys, it costs ~1/step
-            # of the logits instead of thousands of scattered sector reads per row
+            dsa_t.launch_logits(q, w, inp.k, inp.k_scale, ks, ke, c.logits, 0, heads=chunk_heads)
+            # the top-k's cut samples every step-th column: computed from the keys (routed heads), it
+            # costs ~1/step of the logits instead of thousands of scattered sector reads per row
             sample = dsa_t.cut_sample(q, w, inp.k, inp.k_scale, 0, c.logits.shape[1], heads=chunk_heads,
-                                      buffers=c.sample, fused=self.fused)
-            ties = self.logits_dtype != torch.float32 and not self.stage1_k
-            first_k, first_out = (self.stage1_k, c.stage1) if self.stage1_k else (self.k, out[c.rows])
-            if sample is not None and self.fused:
-                # the top-k's candidates move as the keys are scored: no pass over stored logits
-                cand = dsa_t.scored_topk(q, w, inp.k, inp.k_scale, ks, ke, c.logits, first_k, heads=chunk_heads,
-                                         sample=sample, out=first_out, buffers=c.topk, record_ties=ties)
-            else:
-                dsa_t.launch_logits(q, w, inp.k, inp.k_scale, ks, ke, c.logits, 0, heads=chunk_heads)
-                cand = topk_t.topk(c.logits, ks, ke, first_k, sample=sample, out=first_out, buffers=c.topk,
-                                   record_ties=ties)
+                                      buffers=c.sample)
             if self.stage1_k:
+                cand = topk_t.topk(c.logits, ks, ke, self.stage1_k, sample=sample, out=c.stage1, buffers=c.topk)
                 rescore_t.rerank(inp, cand, self.k, c.rows, out=out[c.rows], buffers=c.rerank)
             else:
+                ties = self.logits_dtype != torch.float32
+                topk_t.topk(c.logits, ks, ke, self.k, sample=sample, out=out[c.rows], buffers=c.topk,
+                            record_ties=ties)
                 if ties:
                     # the keys tied at the k-th bfloat16 value, ranked by their float32 scores
                     ties_t.break_ties(q, w, inp.k, inp.k_scale, out[c.rows], c.topk.ties, heads=chunk_heads)

@@ -15,8 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ..topk.triton import Candidates, sample_step
-from ..triton_common import INTERPRET, ordered_key, rounded, sm_count
+from ..topk.triton import sample_step
+from ..triton_common import INTERPRET, rounded, sm_count
 from ...validate import LOGITS_DTYPES
 
 # Lengths and offsets are not specialised (do_not_specialize): an engine calls these kernels with a
@@ -32,14 +32,14 @@ def mma_cast(*dtypes):
     return None
 
 
-@triton.jit(do_not_specialize=["T", "S", "col_offset", "out_width", "K_TOP", "CAP"])
+@triton.jit(do_not_specialize=["T", "S", "col_offset", "out_width"])
 def _mqa_logits_kernel(
-    Q, W, HEADS, K, KSCALE, KS, KE, OUT, CUT, COUNT, SCR_KEY, SCR_COL,
-    T, S, col_offset, out_width, K_TOP, CAP,
-    stride_qt, stride_qh, stride_wt, stride_ht, stride_k, stride_out, stride_scr,
+    Q, W, HEADS, K, KSCALE, KS, KE, OUT,
+    T, S, col_offset, out_width,
+    stride_qt, stride_qh, stride_wt, stride_ht, stride_k, stride_out,
     NH: tl.constexpr, D: tl.constexpr, BQ: tl.constexpr, BN: tl.constexpr,
     ROUTED: tl.constexpr, HAS_SCALE: tl.constexpr, CAST: tl.constexpr, COL_UNIT: tl.constexpr,
-    STORE: tl.constexpr, WRITE: tl.constexpr, MOVE: tl.constexpr, MISSED_ONLY: tl.constexpr,
+    STORE: tl.constexpr,
 ):
     pid_q = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -79,17 +79,6 @@ def _mqa_logits_kernel(
     out_rows = OUT + rows[None, :].to(tl.int64) * stride_out
     first = lo // BN
     last = tl.cdiv(hi, BN)
-    if MISSED_ONLY:
-        # only blocks holding a row whose top-k will read the logits (its cut missed: no cut, fewer
-        # than K_TOP candidates, or more than the scratch holds) score their keys
-        cut_m = tl.load(CUT + rows, mask=row_ok, other=1)
-        n_m = tl.load(COUNT + rows, mask=row_ok, other=K_TOP)
-        missed = row_ok & ((cut_m == 0) | (n_m < K_TOP) | (n_m > CAP))
-        if tl.max(missed.to(tl.int32), axis=0) == 0:
-            last = first
-    if MOVE:
-        cut_q = tl.load(CUT + rows, mask=row_ok, other=0).to(tl.uint32, bitcast=True)
-        scr_rows = rows.to(tl.int64) * stride_scr
     for tile in range(first + pid_s, last, n_split):
         offs = tile * BN + tl.arange(0, BN)
         key_ok = offs < S
@@ -103,60 +92,35 @@ def _mqa_logits_kernel(
         if (tile * BN >= fast_lo) & (tile * BN + BN <= fast_hi):
             if HAS_SCALE:
                 logits = logits * tl.load(KSCALE + offs)[:, None]
-            if MOVE:
-                _move_candidates(rounded(logits, OUT.dtype.element_ty).to(tl.float32), col, row_ok[None, :], cut_q,
-                                 rows, scr_rows, COUNT, SCR_KEY, SCR_COL, CAP)
-            if WRITE:
-                if STORE == 0:
-                    tl.store(out_rows + col[:, None], rounded(logits, OUT.dtype.element_ty))
-                elif OUT.dtype.element_ty != tl.float32:
-                    # bfloat16 logits: tl.store (no inline PTX), streaming where the config streams
-                    stored = rounded(logits, OUT.dtype.element_ty)
-                    if STORE == 2:
-                        tl.store(out_rows + col[:, None], stored, cache_modifier=".cs")
-                    else:
-                        tl.store(out_rows + col[:, None], stored)
+            if STORE == 0:
+                tl.store(out_rows + col[:, None], rounded(logits, OUT.dtype.element_ty))
+            elif OUT.dtype.element_ty != tl.float32:
+                # bfloat16 logits: tl.store (no inline PTX), streaming where the config streams
+                stored = rounded(logits, OUT.dtype.element_ty)
+                if STORE == 2:
+                    tl.store(out_rows + col[:, None], stored, cache_modifier=".cs")
                 else:
-                    # straight from the accumulator's layout: no round trip through shared memory to
-                    # change layouts (tl.store's coalescing always inserts one); each warp store still
-                    # fills whole 32-byte sectors (8 keys of 4 queries). 2: streaming (.cs), the
-                    # logits are read once, by the top-k, long after this
-                    addr = (out_rows + col[:, None]).to(tl.int64, bitcast=True)
-                    if STORE == 1:
-                        tl.inline_asm_elementwise("st.global.f32 [$1], $2; mov.u32 $0, 0;", "=r,l,f", [addr, logits],
-                                                  dtype=tl.int32, is_pure=False, pack=1)
-                    else:
-                        tl.inline_asm_elementwise("st.global.cs.f32 [$1], $2; mov.u32 $0, 0;", "=r,l,f", [addr, logits],
-                                                  dtype=tl.int32, is_pure=False, pack=1)
+                    tl.store(out_rows + col[:, None], stored)
+            else:
+                # straight from the accumulator's layout: no round trip through shared memory to
+                # change layouts (tl.store's coalescing always inserts one); each warp store still
+                # fills whole 32-byte sectors (8 keys of 4 queries). 2: streaming (.cs), the
+                # logits are read once, by the top-k, long after this
+                addr = (out_rows + col[:, None]).to(tl.int64, bitcast=True)
+                if STORE == 1:
+                    tl.inline_asm_elementwise("st.global.f32 [$1], $2; mov.u32 $0, 0;", "=r,l,f", [addr, logits],
+                                              dtype=tl.int32, is_pure=False, pack=1)
+                else:
+                    tl.inline_asm_elementwise("st.global.cs.f32 [$1], $2; mov.u32 $0, 0;", "=r,l,f", [addr, logits],
+                                              dtype=tl.int32, is_pure=False, pack=1)
         else:
             if HAS_SCALE:
                 logits = logits * tl.load(KSCALE + offs, mask=key_ok, other=0.0)[:, None]
             inside = (offs[:, None] >= ks[None, :]) & (offs[:, None] < ke[None, :])
             logits = tl.where(inside, logits, float("-inf"))
             in_out = key_ok[:, None] & ((col >= 0) & (col < out_width))[:, None]
-            stored = rounded(logits, OUT.dtype.element_ty)
-            if MOVE:
-                _move_candidates(stored.to(tl.float32), col, row_ok[None, :] & in_out & inside, cut_q,
-                                 rows, scr_rows, COUNT, SCR_KEY, SCR_COL, CAP)
-            if WRITE:
-                tl.store(out_rows + col[:, None], stored, mask=row_ok[None, :] & in_out)
-
-
-@triton.jit
-def _move_candidates(values, col, ok, cut_q, rows, scr_rows, COUNT, SCR_KEY, SCR_COL, CAP):
-    """The top-k's compaction on a scored tile ``values [BN keys, BQ queries]`` (float32, as
-    stored): every visible (``ok``) value whose order key is at or above its query's cut (0: no cut)
-    goes to that query's scratch, in a slot handed out by the query's counter."""
-    key = ordered_key(values)
-    keep = ok & (key >= cut_q[None, :]) & (cut_q != 0)[None, :]
-    # per query of the tile: one atomic for its count, then the slots in key order
-    n_keep = tl.sum(keep.to(tl.int32), axis=0)
-    base = tl.atomic_add(COUNT + rows, n_keep, mask=n_keep > 0, sem="relaxed")
-    slot = base[None, :] + tl.cumsum(keep.to(tl.int32), axis=0) - 1
-    put = keep & (slot < CAP)
-    dest = scr_rows[None, :] + slot
-    tl.store(SCR_KEY + dest, key.to(tl.int32, bitcast=True), mask=put)
-    tl.store(SCR_COL + dest, col[:, None] + tl.zeros_like(slot), mask=put)
+            tl.store(out_rows + col[:, None], rounded(logits, OUT.dtype.element_ty),
+                     mask=row_ok[None, :] & in_out)
 
 
 class LogitsConfig(NamedTuple):
@@ -191,8 +155,7 @@ def key_splits(n_blocks: int, key_tiles: int, tiles_per_program: int, device) ->
 
 
 def launch_logits(q, w, k, k_scale, ks, ke, out, col_offset: int = 0, heads=None, config=None,
-                  splits: int | None = None, candidates: "Candidates | None" = None, store: bool = True,
-                  missed_only: bool = False) -> torch.Tensor:
+                  splits: int | None = None) -> torch.Tensor:
     """Write ``out[t, s - col_offset]`` for the key tiles each block of queries can see.
 
     ``q [T, H, D]`` fp8/bf16, ``w [T, H]`` f32, ``k [S, D]`` fp8/bf16 (``k_scale [S]`` or None),
@@ -201,16 +164,7 @@ def launch_logits(q, w, k, k_scale, ks, ke, out, col_offset: int = 0, heads=None
     config's store mode, streaming where it streams). Columns outside a query's ``[ks, ke)`` but
     inside its block's tiles get -inf; other columns are not touched, so readers must stay inside
     ``[ks, ke)``.
-
-    ``candidates`` (a top-k's cut and scratch, ``TopkLaunches.candidates``, for ``out``'s columns):
-    each visible value at or above its row's cut also goes to the row's scratch, as the top-k's
-    compaction would move it from ``out``; ``store=False`` then leaves ``out`` unwritten. With
-    ``missed_only`` (after such a call) only the blocks of queries holding a row whose cut missed
-    (no cut, fewer than k candidates, or more than the scratch holds: the rows the top-k's select
-    reads whole) score and write ``out``, nothing else.
     """
-    if (store is False or missed_only) and candidates is None:
-        raise ValueError("candidates: store=False and missed_only need the top-k's candidates")
     t, h_all, d = q.shape
     nh = heads.shape[1] if heads is not None else h_all
     if t == 0:
@@ -229,20 +183,13 @@ def launch_logits(q, w, k, k_scale, ks, ke, out, col_offset: int = 0, heads=None
     n_blocks = triton.cdiv(t, bq)
     if splits is None:      # programs per block of queries (key_splits)
         splits = key_splits(n_blocks, triton.cdiv(k.shape[0], cfg.bn), cfg.tiles_per_program, q)
-    cand = candidates
-    if cand is not None and (cand.keys.shape[0] != t or cand.cut.shape[0] != t):
-        raise ValueError(f"candidates: a top-k's scratch for {cand.keys.shape[0]} rows, not the {t} queries")
     _mqa_logits_kernel[(n_blocks, splits)](
         q, w, heads if heads is not None else ks, k, k_scale if k_scale is not None else w, ks, ke, out,
-        *((cand.cut, cand.count, cand.keys, cand.cols) if cand is not None else (ks, ks, ks, ks)),
         t, k.shape[0], col_offset // col_unit, out.shape[1],
-        cand.k if cand is not None else 0, cand.keys.shape[1] if cand is not None else 0,
         q.stride(0), q.stride(1), w.stride(0), heads.stride(0) if heads is not None else 0, k.stride(0),
-        out.stride(0), cand.keys.stride(0) if cand is not None else 0,
+        out.stride(0),
         NH=nh, D=d, BQ=bq, BN=cfg.bn, ROUTED=heads is not None, HAS_SCALE=k_scale is not None,
-        CAST=cast, COL_UNIT=col_unit, STORE=cfg.store, WRITE=store or missed_only,
-        MOVE=cand is not None and not missed_only, MISSED_ONLY=missed_only,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        CAST=cast, COL_UNIT=col_unit, STORE=cfg.store, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out
 
@@ -297,55 +244,25 @@ def _every_key(t: int, n: int, device: torch.device):
 
 # Heads per query up to which a selection computes its top-k's sample with sample_logits: 8 routed
 # heads take ~0.05 ms where the cut's scattered loads take ~0.21 (4096 x 128K, H200); with all 64
-# heads the sample costs about what it saves, unless the compaction is fused into the scoring
-# (FUSED_COMPACTION), whose cut must exist before the logits do.
+# heads the sample costs about what it saves.
 SAMPLE_MAX_HEADS = 16
-# Selections move their top-k's candidates as they score (launch_logits(candidates=...)) instead of
-# storing every logit and compacting them in a second pass over the stored rows (scored_topk).
-FUSED_COMPACTION = True
 
 
-def cut_step(width: int, n_heads: int, fused: bool = False) -> int:
+def cut_step(width: int, n_heads: int) -> int:
     """The column step of ``cut_sample``'s sample for a window ``width`` wide scored with ``n_heads``
-    heads per query, or 0 where it computes none; ``fused``: for ``scored_topk``, at any head count."""
+    heads per query, or 0 where it computes none."""
     step = sample_step(width)
-    return 0 if step == 1 or (n_heads > SAMPLE_MAX_HEADS and not fused) else step
+    return 0 if step == 1 or n_heads > SAMPLE_MAX_HEADS else step
 
 
-def cut_sample(q, w, k, k_scale, col_offset: int, width: int, heads=None, buffers: SampleBuffers | None = None,
-               fused: bool = False):
+def cut_sample(q, w, k, k_scale, col_offset: int, width: int, heads=None, buffers: SampleBuffers | None = None):
     """The ``topk`` sample ``(values, step)`` for a ``launch_logits`` window, or None where the
-    top-k's own cut is as cheap: rows too short to sample, or (unless ``fused``: for
-    ``scored_topk``) too many heads per query. ``buffers``: as for ``sample_logits``."""
-    step = cut_step(width, heads.shape[1] if heads is not None else q.shape[1], fused)
+    top-k's own cut is as cheap: rows too short to sample, or too many heads per query.
+    ``buffers``: as for ``sample_logits``."""
+    step = cut_step(width, heads.shape[1] if heads is not None else q.shape[1])
     if not step:
         return None
     return sample_logits(q, w, k, k_scale, col_offset, width, step, heads=heads, buffers=buffers), step
-
-
-def scored_topk(q, w, k, k_scale, ks, ke, logits, k_top: int, heads=None, sample=None, out=None, buffers=None,
-                record_ties: bool = False, store: bool = False) -> torch.Tensor:
-    """``topk(launch_logits(...), ks, ke, k_top)`` with the top-k's compaction in the scoring: the
-    cut from ``sample`` (``cut_sample``, required), one scoring pass that moves each row's
-    candidates into the top-k's scratch without storing ``logits`` (``store=False``), a pass that
-    scores and stores only the blocks of queries holding a row whose cut missed (none, mostly),
-    then the top-k's select. ``logits [T, W]`` (W >= the keys, 0-based columns) is the rows'
-    buffer, read only for those rows; ``store=True`` stores every row in the one scoring pass
-    instead. The other arguments are ``launch_logits``'s and ``topk``'s; same selection as the
-    two unfused (up to the order of ties at the k-th value, which the top-k's atomics set in
-    either). Reads nothing back, allocates nothing given ``out`` and ``buffers``."""
-    from ..topk.triton import TopkLaunches
-    if sample is None:
-        raise ValueError("sample: scored_topk cuts each row before it is scored: pass cut_sample(..., fused=True)")
-    call = TopkLaunches(logits, ks, ke, k_top, sample=sample, out=out, buffers=buffers, record_ties=record_ties)
-    if call.out.shape[0]:
-        call.cut()
-        cand = call.candidates()
-        launch_logits(q, w, k, k_scale, ks, ke, logits, heads=heads, candidates=cand, store=store)
-        if not store:
-            launch_logits(q, w, k, k_scale, ks, ke, logits, heads=heads, candidates=cand, missed_only=True)
-        call.run(compacted=True)
-    return call.out
 
 
 def dsa_logits(inp) -> torch.Tensor:

@@ -697,18 +697,6 @@ class TopkBuffers(NamedTuple):
     ties: torch.Tensor          # [rows, TIE_WIDTH] int32: the tie class at the k-th value (``record_ties``)
 
 
-class Candidates(NamedTuple):
-    """A ``topk`` call's cut and scratch, handed to the producer of its rows
-    (``misa.ops.dsa.triton.launch_logits(candidates=...)``), which moves each row's values at or
-    above the cut into the scratch as it computes them: the compaction's pass over the stored rows
-    is then skipped (``TopkLaunches.run(compacted=True)``)."""
-    cut: torch.Tensor           # [rows] int32: each row's cut (an order key; 0: none, the row is read whole)
-    count: torch.Tensor         # [rows] int32: values moved per row (zeroed by the cut)
-    keys: torch.Tensor          # [rows, cap] int32: their order keys
-    cols: torch.Tensor          # [rows, cap] int32: their columns
-    k: int
-
-
 class TopkWorkspace:
     """Scratch for ``topk`` calls of up to ``rows`` rows of up to ``width`` columns, allocated once
     and viewed at each call's size by ``buffers``: callers that must not allocate per call (a
@@ -777,23 +765,12 @@ class TopkLaunches:
         self.scr_key, self.scr_col, self.bracket, self.cut_keys, self.count, self.ties = buffers
         self.record_ties = record_ties
 
-    def run(self, compacted: bool = False):
-        """The three launches; ``compacted``: the cut already ran and the rows' producer moved the
-        candidates (``candidates``), only the select is left."""
+    def run(self):
+        """The three launches."""
         if self.out.shape[0]:
-            if not compacted:
-                self.cut()
-                self.compact()
+            self.cut()
+            self.compact()
             self.select()
-
-    def candidates(self) -> Candidates:
-        """The cut and scratch a producer of the rows fills in place of ``compact`` (after ``cut``).
-        A row whose cut missed (no cut, fewer than k values at or above it, or more than the scratch
-        holds) is read whole by the select: its producer must then write it (``launch_logits(...,
-        missed_only=True)``)."""
-        if self.sample_src is None:
-            raise ValueError("sample: a top-k whose rows are not written yet cuts from its producer's sample")
-        return Candidates(self.cut_keys, self.count, self.scr_key, self.scr_col, self.k)
 
     def cut(self):
         """The sample cut per row; also zeroes the scratch counters."""
