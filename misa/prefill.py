@@ -64,8 +64,9 @@ class PrefillSelector:
     for DSA and MISA (``misa.validate.DEFAULT_LOGITS_DTYPES``). bfloat16 rounds each logit once to
     nearest even, halving the logits' memory and their write and read traffic; with 8 significant
     bits, keys tie at the k-th value. DSA and MISA then score the tied keys again in float32
-    (``misa.ops.ties``) and keep what the float32 logits keep (a class of more than
-    ``misa.ops.topk.triton.TIE_CAP`` tied keys keeps its first arrivals); MISA-dagger's stage 1
+    (``misa.ops.ties``) and keep what the float32 logits keep, up to keys whose float32 scores
+    differ in the fp8 MMA's last bits (a class of more than ``misa.ops.topk.triton.TIE_CAP`` tied
+    keys keeps its first arrivals); MISA-dagger's stage 1
     keeps either tied key, its margin.
     """
 
