@@ -66,8 +66,7 @@ class PrefillSelector:
     bits, keys tie at the k-th value. DSA and MISA then score the tied keys again in float32
     (``misa.ops.ties``) and keep what the float32 logits keep, up to keys whose float32 scores
     differ in the fp8 MMA's last bits (a class of more than ``misa.ops.topk.triton.TIE_CAP`` tied
-    keys keeps its first arrivals); MISA-dagger's stage 1
-    keeps either tied key, its margin.
+    keys keeps its first arrivals); MISA-dagger's stage 1 keeps either tied key, its margin.
     """
 
     def __init__(self, variant: str, *, num_heads: int, head_dim: int, k: int = 2048, max_queries: int,
