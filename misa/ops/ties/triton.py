@@ -11,7 +11,10 @@ import triton.language as tl
 
 from ..dsa.triton import mma_cast
 from ..topk.triton import TIE_CAP, TIE_WIDTH
-from ..triton_common import ordered_key
+from ..triton_common import load_pair_queries, ordered_key
+
+# keys of the class scored per MMA
+TILE = 32
 
 
 @triton.jit
@@ -24,18 +27,10 @@ def _break_ties_kernel(Q, W, HEADS, K, KSCALE, OUT, TIES, stride_qt, stride_qh, 
     n = tl.load(rec + CAP)
     taken = tl.load(rec + CAP + 1)
     if (taken > 0) & (taken < n) & (n <= CAP):
-        slot = tl.arange(0, HS)
         d = tl.arange(0, D)
-        s_ok = slot < NH
-        if ROUTED:
-            head = tl.load(HEADS + t * stride_ht + slot, mask=s_ok, other=0)
-        else:
-            head = tl.where(s_ok, slot, 0)
-        q = tl.load(Q + t * stride_qt + head[:, None] * stride_qh + d[None, :], mask=s_ok[:, None], other=0.0)
-        w = tl.load(W + t * stride_wt + head, mask=s_ok, other=0.0)          # padded slots weigh 0
-        if CAST is not None:
-            q = q.to(CAST)
-        qt = tl.trans(q)
+        # the row's query as the paged kernels load one: padded head slots weigh 0
+        qt, w = load_pair_queries(Q, W, HEADS, t, 0, stride_qt, 0, stride_qh, stride_wt, stride_ht,
+                                  N=1, QB=1, NH=NH, HS=HS, D=D, ROUTED=ROUTED, CAST=CAST)
         scores = rec + CAP + 2
         for c0 in range(0, n, BT):
             j = c0 + tl.arange(0, BT)
@@ -78,6 +73,6 @@ def break_ties(q: torch.Tensor, weights: torch.Tensor, k: torch.Tensor, k_scale:
         q, weights, heads if heads is not None else ties, k, k_scale if k_scale is not None else weights, out,
         ties, q.stride(0), q.stride(1), weights.stride(0), heads.stride(0) if heads is not None else 0,
         k.stride(0), out.stride(0), ties.stride(0), out.shape[1],
-        NH=nh, HS=max(16, triton.next_power_of_2(nh)), D=d, BT=32, CAP=TIE_CAP, ROUTED=heads is not None,
+        NH=nh, HS=max(16, triton.next_power_of_2(nh)), D=d, BT=TILE, CAP=TIE_CAP, ROUTED=heads is not None,
         HAS_SCALE=k_scale is not None, CAST=mma_cast(q.dtype, k.dtype), num_warps=4)
     return out
