@@ -75,8 +75,9 @@ LOGITS_DTYPE_NAMES = {str(d).removeprefix("torch."): d for d in LOGITS_DTYPES}  
 
 # The logits rows each variant stores unless told otherwise. MISA-dagger's first stage only picks
 # candidates that all heads then re-score in float32: in bfloat16 its selection keeps 0.9995 of the
-# float32 one and is faster (docs/benchmarks.md); DSA's and MISA's final top-k read the rows
-# directly, and bfloat16 ties move 0.8% of their picks, so they stay float32.
+# float32 one and is faster (docs/benchmarks.md). DSA's and MISA's final top-k read the rows
+# directly; in bfloat16 their ties are re-scored in float32 (misa.ops.ties), which keeps 0.9996 of
+# the float32 selection, and they stay float32 (the gain is small: docs/benchmarks.md).
 DEFAULT_LOGITS_DTYPES = {"misa-dagger": torch.bfloat16}
 
 
