@@ -86,8 +86,8 @@ def dsa_select(q, kv, weights, ks, ke, k: int = 2048, *, workspace_bytes: int | 
     ``torch.bfloat16``: the logits are rounded to bfloat16 (nearest even) before the top-k, which
     halves their memory and traffic on the kernels; the keys tied at the k-th bfloat16 value are
     then scored again in float32, so the selection is the float32 one (up to keys whose float32
-    scores differ only in the fp8 MMAs' last bits, and classes of more than 256 tied keys). Other arguments: see the module
-    docstring."""
+    scores differ only in the fp8 MMAs' last bits, and classes of more than 256 tied keys). Other
+    arguments: see the module docstring."""
     inp = check_inputs(q, kv, weights, ks, ke, defer=True)
     return _deferred(inp, lambda: select.dsa_select(inp, check_int("k", k), check_workspace(workspace_bytes),
                                                     backend=select.check_backend_arg(backend),
