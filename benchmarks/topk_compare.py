@@ -6,6 +6,8 @@ each variant's selection is checked against torch.topk by value before it is tim
 
     python benchmarks/topk_compare.py --out topk.json
     python benchmarks/topk_compare.py --out topk.json --sizes 131072:2048 --variants WAYS=8,SAMPLE_CHUNK=1+WAYS=8
+    python benchmarks/topk_compare.py --out topk-bf16.json --dtype bfloat16 --sizes 131072:2048 --sample \
+        --variants COMPACT_CONFIG=256/1/16/64/1,COMPACT_CONFIG=512/1/16/None,COMPACT_CONFIG=1024/1/4/None/1
 """
 from __future__ import annotations
 
@@ -108,6 +110,9 @@ def main():
                          "with /, several constants joined by +)")
     ap.add_argument("--variant-sizes", default="131072:2048", help="keys:k pairs at which the variants run")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds of the variants")
+    ap.add_argument("--num-queries", type=int, default=4096, help="rows")
+    ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                    help="the rows' dtype (MISA's logits are written in it, as logits_dtype= does)")
     ap.add_argument("--sample", action="store_true",
                     help="on MISA's logits also time the top-k given its cut's sample (sample_logits), and "
                          "run the variants with it")
@@ -121,11 +126,12 @@ def main():
             name, value = part.split("=")
             if name not in TUNABLE:
                 ap.error(f"--variants: {name!r} is not one of {TUNABLE}")
-            vals = tuple(float(v) if "." in v else int(v) for v in value.split("/"))
+            vals = tuple(None if v == "None" else float(v) if "." in v else int(v) for v in value.split("/"))
             base = getattr(topk_mod, name)
             change[name] = type(base)(*vals) if isinstance(base, tuple) else vals[0]     # configs: named tuples
         grid.append(change)
     dev = torch.device("cuda")
+    dtype = getattr(torch, args.dtype)
     try:
         previous = importlib.import_module("topk_previous")
     except ImportError:
@@ -137,9 +143,9 @@ def main():
 
     results = {"gpu": torch.cuda.get_device_name(), "rows": []}
     for s, k in sizes:
-        t = 4096
+        t = args.num_queries
         if s == 8192:      # MISA-dagger's second stage: 8192 candidates, no range
-            x = torch.randn(t, s, device=dev)
+            x = torch.randn(t, s, device=dev).to(dtype)
             ks = torch.zeros(t, dtype=torch.int32, device=dev)
             ke = torch.full((t,), s, dtype=torch.int32, device=dev)
             kind = "randn"
@@ -147,7 +153,7 @@ def main():
         else:
             inp = check_inputs(*indexer_workload(s, t, 64, 128, seed=1, device=dev).args)
             heads = route_heads(inp, 8, 1024)
-            x = torch.full((t, s), float("-inf"), device=dev)
+            x = torch.full((t, s), float("-inf"), device=dev, dtype=dtype)
             launch_logits(inp.q, inp.weights, inp.k, inp.k_scale, inp.ks, inp.ke, x, heads=heads)
             ks, ke = inp.ks, inp.ke
             kind = "misa-logits"
@@ -156,7 +162,7 @@ def main():
                 step = topk_mod.sample_step(s)
                 return sample_logits(inp.q, inp.weights, inp.k, inp.k_scale, 0, s, step, heads=heads), step
             sample = make_sample() if args.sample else None
-        row = {"keys": s, "k": k, "input": kind}
+        row = {"keys": s, "k": k, "input": kind, "dtype": args.dtype}
         if sample is not None:
             row["sample_launch_ms"] = bench(make_sample)
             row["with_sample_ok"] = same_by_value(topk_mod.topk(x, ks, ke, k, sample=sample), x, k)

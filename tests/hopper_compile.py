@@ -53,7 +53,8 @@ SHIPPED = {
     "_route_kernel": (("router.DEFAULT_CONFIG", "router.GAP_CONFIG"),
                       {"blocks": "NBT", "num_warps": "num_warps", "precision": "PRECISION", "num_stages": "num_stages"}),
     "_cut_kernel": (("topk.DEFAULT_CONFIG",), {"sample": "SAMPLE"}),
-    "_compact_kernel": (("topk.COMPACT_CONFIG",), {"block": "BLOCK", "num_warps": "num_warps", "maxnreg": "maxnreg"}),
+    "_compact_kernel": (("topk.COMPACT_CONFIG",), {"block": "BLOCK", "num_warps": "num_warps", "maxnreg": "maxnreg",
+                                                "count_first": "COUNT_FIRST"}),
     "_select_kernel": (("topk.DEFAULT_CONFIG",), {"block": "BLOCK", "num_warps": "num_warps"}),
 }
 DEFAULT_OPTIONS = {"num_warps": 4, "num_stages": 3, "maxnreg": None}      # Triton's, for launches that omit them

@@ -215,10 +215,12 @@ def test_topk_kernel(kind, k, ties):
 
 @pytest.mark.parametrize("kind", ["causal", "ragged"])
 @pytest.mark.parametrize("variant", ["samples of 64-byte runs", "four-warp compaction", "searches to the end",
-                                     "no bracket", "bracket overflows", "bracket on short scratches"])
+                                     "count-first compaction", "no bracket", "bracket overflows",
+                                     "bracket on short scratches"])
 def test_topk_kernel_variants(monkeypatch, kind, variant):
     # tuning variants the benchmarks switch between: the cut's sample of 16-column runs spread over
-    # the row (SAMPLE_CHUNK = 16), compaction programs of four warps and 1024-column steps, and
+    # the row (SAMPLE_CHUNK = 16), compaction programs of four warps and 1024-column steps or
+    # counting their survivors before taking slots for all of them at once, and
     # searches that narrow to one key instead of stopping at exactly k keys (EARLY_EXIT = False),
     # and the select without its sampled bracket or with one too small for the keys inside it
     # (both search the whole scratch)
@@ -234,6 +236,8 @@ def test_topk_kernel_variants(monkeypatch, kind, variant):
         monkeypatch.setattr(topk_triton, "BRACKET_MIN", 0)
     elif variant == "bracket on short scratches":
         monkeypatch.setattr(topk_triton, "BRACKET_MIN", 0)
+    elif variant == "count-first compaction":
+        monkeypatch.setattr(topk_triton, "COMPACT_CONFIG", topk_triton.CompactConfig(steps=4, count_first=True))
     else:
         monkeypatch.setattr(topk_triton, "COMPACT_CONFIG", topk_triton.CompactConfig(block=1024, num_warps=4, steps=8))
     g = torch.Generator().manual_seed(21)
@@ -369,12 +373,14 @@ def test_cut_sample_is_computed_only_where_it_pays():
     assert dsa_triton.cut_sample(q, w, kv[0], kv[1], 0, 100, heads=heads) is None            # too short
 
 
+@pytest.mark.parametrize("count_first", [False, True])
 @pytest.mark.parametrize("order", ["ascending", "descending", "one hot span"])
-def test_topk_kernel_on_rows_whose_winners_sit_together(order):
+def test_topk_kernel_on_rows_whose_winners_sit_together(monkeypatch, order, count_first):
     # the compaction's programs each stream one span of a row: here one span holds all the winners
     # and the others none (sorted rows, or a block of large values), and every row still takes
     # the sampled fast path
     from misa.ops.topk import triton as topk_triton
+    monkeypatch.setattr(topk_triton, "COMPACT_CONFIG", topk_triton.CompactConfig(count_first=count_first))
     g = torch.Generator().manual_seed(len(order))
     t, s, k = (6, 9000, 300) if not BIG else (64, 70000, 2048)
     x = torch.randn(t, s, generator=g)

@@ -60,6 +60,9 @@ class CompactConfig(NamedTuple):
     num_warps: int = 1
     steps: int = 16             # steps per program: a row takes width / (steps * block) programs (1 to 256)
     maxnreg: int | None = 64    # register cap (ptxas .maxnreg); None: the compiler's choice
+    # one atomic per program (count the span's survivors, then read the span again to write them)
+    # instead of one per step; a sweep option (benchmarks/topk_compare.py), off in the shipped config
+    count_first: bool = False
 
 
 # Four warps: one warp was slightly faster at k = 2048 but slower at k = 8192 (whole top-k 3.67 ms
@@ -322,11 +325,23 @@ def _cut_kernel(X, KS, KE, CUT, COUNT, SRC, stride_x, stride_src, src_step, ks_o
     tl.store(COUNT + row, 0)
 
 
+@triton.jit
+def _store_survivors(key, keep, c, base, scr_key, scr_col, CAP):
+    """A step's kept keys and columns into scratch slots ``base`` on; returns their number."""
+    spos = base + tl.cumsum(keep.to(tl.int32), axis=0) - 1
+    ok = keep & (spos < CAP)
+    tl.store(scr_key + spos, key.to(tl.int32, bitcast=True), mask=ok)
+    tl.store(scr_col + spos, c, mask=ok)
+    return tl.sum(keep.to(tl.int32), axis=0)
+
+
 @triton.jit(do_not_specialize=["ks_offset", "CAP"])
 def _compact_kernel(X, KS, KE, CUT, COUNT, SCR_KEY, SCR_COL, stride_x, stride_scr, ks_offset, CAP,
-                    BLOCK: tl.constexpr, FINITE_ONLY: tl.constexpr):
+                    BLOCK: tl.constexpr, FINITE_ONLY: tl.constexpr, COUNT_FIRST: tl.constexpr):
     """Every element at or above its row's cut goes to the row's scratch; several programs share a
-    row (a counter in memory hands out scratch slots), so the row streams at full bandwidth."""
+    row (a counter in memory hands out scratch slots), so the row streams at full bandwidth.
+    ``COUNT_FIRST``: a program counts its span's survivors, takes their slots with one atomic and
+    reads the span again (from L2) to write them, instead of waiting on an atomic every step."""
     row = tl.program_id(0).to(tl.int64)
     part = tl.program_id(1)
     n_parts = tl.num_programs(1)
@@ -339,20 +354,32 @@ def _compact_kernel(X, KS, KE, CUT, COUNT, SCR_KEY, SCR_COL, stride_x, stride_sc
         hi = tl.minimum(lo + per, ke)
         lane = tl.arange(0, BLOCK)
         x_row = X + row * stride_x
-        for start in range(lo, hi, BLOCK):
-            c = start + lane
-            key, m = _eligible_keys(x_row, c, hi, FINITE_ONLY)
-            keep = m & (key >= cut)
-            n_keep = tl.sum(keep.to(tl.int32), axis=0)
-            if n_keep > 0:
-                # relaxed: the slots only need to be distinct; the default acq_rel would also wait
-                # for this program's earlier scratch stores before every atomic (compaction 0.92
-                # -> 0.82 ms at k = 8192 of 128K, H200)
-                base = tl.atomic_add(COUNT + row, n_keep, sem="relaxed")
-                spos = base + tl.cumsum(keep.to(tl.int32), axis=0) - 1
-                ok = keep & (spos < CAP)
-                tl.store(SCR_KEY + row * stride_scr + spos, key.to(tl.int32, bitcast=True), mask=ok)
-                tl.store(SCR_COL + row * stride_scr + spos, c, mask=ok)
+        scr_key = SCR_KEY + row * stride_scr
+        scr_col = SCR_COL + row * stride_scr
+        if COUNT_FIRST:
+            n = tl.zeros([BLOCK], dtype=tl.int32)
+            for start in range(lo, hi, BLOCK):
+                key, m = _eligible_keys(x_row, start + lane, hi, FINITE_ONLY)
+                n += (m & (key >= cut)).to(tl.int32)
+            total = tl.sum(n, axis=0)
+            if total > 0:
+                base = tl.atomic_add(COUNT + row, total, sem="relaxed")
+                for start in range(lo, hi, BLOCK):
+                    c = start + lane
+                    key, m = _eligible_keys(x_row, c, hi, FINITE_ONLY)
+                    base += _store_survivors(key, m & (key >= cut), c, base, scr_key, scr_col, CAP)
+        else:
+            for start in range(lo, hi, BLOCK):
+                c = start + lane
+                key, m = _eligible_keys(x_row, c, hi, FINITE_ONLY)
+                keep = m & (key >= cut)
+                n_keep = tl.sum(keep.to(tl.int32), axis=0)
+                if n_keep > 0:
+                    # relaxed: the slots only need to be distinct; the default acq_rel would also
+                    # wait for this program's earlier scratch stores before every atomic (compaction
+                    # 0.92 -> 0.82 ms at k = 8192 of 128K, H200)
+                    base = tl.atomic_add(COUNT + row, n_keep, sem="relaxed")
+                    _store_survivors(key, keep, c, base, scr_key, scr_col, CAP)
 
 
 @triton.jit
@@ -787,7 +814,8 @@ class TopkLaunches:
         _compact_kernel[(x.shape[0], self.parts)](
             x, ks, ke, self.cut_keys, self.count, self.scr_key, self.scr_col, x.stride(0),
             self.scr_key.stride(0), ks_offset, self.cap, BLOCK=self.compact_cfg.block, FINITE_ONLY=finite_only,
-            num_warps=self.compact_cfg.num_warps, maxnreg=self.compact_cfg.maxnreg)
+            COUNT_FIRST=bool(self.compact_cfg.count_first), num_warps=self.compact_cfg.num_warps,
+            maxnreg=self.compact_cfg.maxnreg)
 
     def select(self):
         x, ks, ke, k, ks_offset, out_offset, cmap, finite_only = self.args
