@@ -5,6 +5,8 @@ timed; failures to compile (too much shared memory, ...) are recorded, not fatal
     python benchmarks/sweep_kernels.py --out sweep.json [--budget-s 240]
     python benchmarks/sweep_kernels.py --out sweep.json --work routed8 --logits-only \
         --logits-configs 256/64/4/3/2/32,256/64/4/4/0
+    python benchmarks/sweep_kernels.py --out router.json --work routed8 --logits-only --router gap \
+        --router-configs 128/32/4/tf32x3,128/32/8/tf32x3,64/32/4/tf32x3,128/16/8/tf32x3
 """
 from __future__ import annotations
 
@@ -38,6 +40,8 @@ def main():
     ap.add_argument("--logits-only", action="store_true", help="skip the router, top-k and gather sweeps")
     ap.add_argument("--router-configs", default="",
                     help="router configs to time instead of the grid (pairs/blocks-per-step/warps/precision[/stages])")
+    ap.add_argument("--router", default="abs-sum", choices=("abs-sum", "gap"),
+                    help="the routing statistic whose configs are timed (the logits use its heads)")
     ap.add_argument("--splits", default="0",
                     help="programs per block of queries to time each logits config with (0: the kernel's own choice)")
     ap.add_argument("--pool-configs", default="",
@@ -66,7 +70,7 @@ def main():
         heads = None
         if h:
             from misa.ops.router.triton import route_heads
-            heads = route_heads(inp, h, 1024)
+            heads = route_heads(inp, h, 1024, router=args.router)
             results.setdefault("router", [])
             router_grid = [RouteConfig(*c) for c in itertools.product((128, 256), (32, 64), (4, 8),
                                                                       ("tf32x3", "tf32", "ieee"))]
@@ -92,7 +96,7 @@ def main():
                     break
                 rec = {"config": cfg}
                 try:
-                    fn = lambda: route_heads(inp, h, 1024, config=cfg)
+                    fn = lambda: route_heads(inp, h, 1024, config=cfg, router=args.router)
                     rec["agree"] = float((fn() == heads).all(1).float().mean())
                     rec["ms"] = bench(fn)
                 except Exception as e:  # noqa: BLE001
